@@ -1,0 +1,2 @@
+//! The `qoq` binary.
+fn main() {}

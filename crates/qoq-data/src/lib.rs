@@ -1,0 +1,1 @@
+//! qoq-data (work in progress).

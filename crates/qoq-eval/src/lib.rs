@@ -1,0 +1,1 @@
+//! qoq-eval (work in progress).

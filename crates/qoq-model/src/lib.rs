@@ -1,0 +1,1 @@
+//! qoq-model (work in progress).

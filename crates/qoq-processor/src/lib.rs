@@ -1,0 +1,1 @@
+//! qoq-processor (work in progress).

@@ -1,0 +1,1 @@
+//! qoq-reward (work in progress).

@@ -1,0 +1,1 @@
+//! qoq-rl (work in progress).
