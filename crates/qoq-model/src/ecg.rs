@@ -1,0 +1,1 @@
+//! ECG-JEPA encoder (work in progress).

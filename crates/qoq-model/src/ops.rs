@@ -1,0 +1,150 @@
+//! Numerical building blocks in two flavours.
+//!
+//! candle's fused `softmax_last_dim`, `rms_norm` and `layer_norm` kernels record **no gradient and
+//! raise no error** when used under autograd. Every block therefore takes a [`ForwardMode`]:
+//! [`ForwardMode::Train`] composes differentiable primitives, [`ForwardMode::Inference`] may use
+//! the fused kernels. Tests assert both give the same values.
+
+use candle_core::{D, DType, Result, Tensor};
+
+/// Which implementation of the numerical blocks a forward pass uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ForwardMode {
+    /// Differentiable composed ops (gradients flow through every op).
+    Train,
+    /// Fused kernels where candle has them (no gradients).
+    #[default]
+    Inference,
+}
+
+/// Softmax over the last dimension, computed in f32 and cast back to the input dtype.
+pub fn softmax_last_dim(x: &Tensor, mode: ForwardMode) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let y = match mode {
+        ForwardMode::Inference => candle_nn::ops::softmax_last_dim(&x)?,
+        ForwardMode::Train => {
+            let max = x.max_keepdim(D::Minus1)?.detach();
+            let e = x.broadcast_sub(&max)?.exp()?;
+            let s = e.sum_keepdim(D::Minus1)?;
+            e.broadcast_div(&s)?
+        }
+    };
+    y.to_dtype(dtype)
+}
+
+/// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`, in f32.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, mode: ForwardMode) -> Result<Tensor> {
+    let dtype = x.dtype();
+    match mode {
+        ForwardMode::Inference => {
+            let xf = x.to_dtype(DType::F32)?;
+            let wf = weight.to_dtype(DType::F32)?;
+            candle_nn::ops::rms_norm(&xf, &wf, eps as f32)?.to_dtype(dtype)
+        }
+        ForwardMode::Train => {
+            let xf = x.to_dtype(DType::F32)?;
+            let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+            let y = xf.broadcast_div(&(var + eps)?.sqrt()?)?;
+            y.to_dtype(dtype)?.broadcast_mul(weight)
+        }
+    }
+}
+
+/// LayerNorm over the last dimension with affine weight and bias, in f32.
+pub fn layer_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    mode: ForwardMode,
+) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let wf = weight.to_dtype(DType::F32)?;
+    let bf = bias.to_dtype(DType::F32)?;
+    let y = match mode {
+        ForwardMode::Inference => candle_nn::ops::layer_norm(&xf, &wf, &bf, eps as f32)?,
+        ForwardMode::Train => {
+            let mean = xf.mean_keepdim(D::Minus1)?;
+            let xc = xf.broadcast_sub(&mean)?;
+            let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+            xc.broadcast_div(&(var + eps)?.sqrt()?)?
+                .broadcast_mul(&wf)?
+                .broadcast_add(&bf)?
+        }
+    };
+    y.to_dtype(dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn composed_and_fused_blocks_agree() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = (Tensor::randn(0f32, 3.0, (2, 5, 16), &dev)? + 1.0)?;
+        let w = Tensor::randn(1f32, 0.1, 16, &dev)?;
+        let b = Tensor::randn(0f32, 0.1, 16, &dev)?;
+        let pairs = [
+            (
+                softmax_last_dim(&x, ForwardMode::Train)?,
+                softmax_last_dim(&x, ForwardMode::Inference)?,
+            ),
+            (
+                rms_norm(&x, &w, 1e-6, ForwardMode::Train)?,
+                rms_norm(&x, &w, 1e-6, ForwardMode::Inference)?,
+            ),
+            (
+                layer_norm(&x, &w, &b, 1e-5, ForwardMode::Train)?,
+                layer_norm(&x, &w, &b, 1e-5, ForwardMode::Inference)?,
+            ),
+        ];
+        for (a, f) in pairs {
+            assert!(max_abs(&a, &f) < 1e-5);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn train_mode_blocks_propagate_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 8), &dev)?)?;
+        let w = Var::from_tensor(&Tensor::ones(8, DType::F32, &dev)?)?;
+        let b = Var::from_tensor(&Tensor::zeros(8, DType::F32, &dev)?)?;
+        let target = Tensor::randn(0f32, 1.0, (3, 8), &dev)?;
+        let y = softmax_last_dim(
+            &layer_norm(
+                &rms_norm(x.as_tensor(), w.as_tensor(), 1e-6, ForwardMode::Train)?,
+                w.as_tensor(),
+                b.as_tensor(),
+                1e-5,
+                ForwardMode::Train,
+            )?,
+            ForwardMode::Train,
+        )?;
+        let loss = (y * target)?.sum_all()?;
+        let grads = loss.backward()?;
+        for v in [&x, &w, &b] {
+            let g = grads.get(v.as_tensor()).expect("gradient recorded");
+            let n = g.sqr()?.sum_all()?.to_scalar::<f32>()?;
+            assert!(n.is_finite() && n > 0.0, "gradient norm {n}");
+        }
+        Ok(())
+    }
+}

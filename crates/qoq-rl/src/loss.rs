@@ -1,0 +1,1 @@
+//! Policy loss (work in progress).
