@@ -183,7 +183,10 @@ mod tests {
 
     #[test]
     fn overall_excludes_ecg_as_the_paper_does() {
-        let vision: Vec<_> = Domain::PAPER_ORDER.iter().filter(|d| d.is_vision()).collect();
+        let vision: Vec<_> = Domain::PAPER_ORDER
+            .iter()
+            .filter(|d| d.is_vision())
+            .collect();
         assert_eq!(vision.len(), 8);
         assert!(!Domain::Ecg.is_vision());
     }

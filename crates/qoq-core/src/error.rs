@@ -15,7 +15,11 @@ pub enum Error {
     },
     /// A mask's pixel buffer does not match its declared size.
     #[error("segmentation mask of {width}x{height} needs {} pixels, got {len}", width * height)]
-    MaskSize { width: usize, height: usize, len: usize },
+    MaskSize {
+        width: usize,
+        height: usize,
+        len: usize,
+    },
     /// A model config file could not be parsed.
     #[error("config {path}: {message}")]
     Config { path: String, message: String },

@@ -477,7 +477,7 @@ fn clip_mean() -> [f32; 3] {
     [0.481_454_66, 0.457_827_5, 0.408_210_73]
 }
 fn clip_std() -> [f32; 3] {
-    [0.268_629_54, 0.261_302_58, 0.275_777_1]
+    [0.268_629_54, 0.261_302_6, 0.275_777_1]
 }
 
 #[cfg(test)]
@@ -525,7 +525,9 @@ mod tests {
     #[test]
     fn bad_mrope_section_is_refused() {
         let bad = TINY_FLAT.replace("[2, 3, 3]", "[2, 3, 4]");
-        let err = serde_json::from_str::<QwenVlConfig>(&bad).unwrap_err().to_string();
+        let err = serde_json::from_str::<QwenVlConfig>(&bad)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("mrope_section"), "{err}");
     }
 
@@ -553,8 +555,8 @@ mod tests {
         assert_eq!(c.vision.out_hidden_size, 3584);
         assert_eq!(c.time_series_token_id, Some(151665));
         assert_eq!(c.time_series, TimeSeriesConfig::default());
-        let pp = PreprocessorConfig::from_file(&p.with_file_name("preprocessor_config.json"))
-            .unwrap();
+        let pp =
+            PreprocessorConfig::from_file(&p.with_file_name("preprocessor_config.json")).unwrap();
         assert_eq!(pp, PreprocessorConfig::default());
     }
 }

@@ -159,7 +159,8 @@ mod tests {
         )
         .unwrap();
         assert!(ScoredGroup::new(g.clone(), vec![RewardScore::total(1.0)]).is_err());
-        let s = ScoredGroup::new(g, vec![RewardScore::total(1.0), RewardScore::total(0.5)]).unwrap();
+        let s =
+            ScoredGroup::new(g, vec![RewardScore::total(1.0), RewardScore::total(0.5)]).unwrap();
         assert_eq!(s.rewards(), vec![1.0, 0.5]);
     }
 }

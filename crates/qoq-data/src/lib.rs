@@ -1,1 +1,12 @@
-//! qoq-data (work in progress).
+//! qoq-data: readers for the clinical inputs of qoq-med-rs.
+//!
+//! * [`manifest`]: JSONL manifests in the released schema (spec §2.1), with the reference's
+//!   derivation of `data_source` / `dataset` and its `<image>` placeholder rules, streamed through
+//!   a byte-offset index with a seeded shuffle and a resumable [`manifest::Cursor`].
+//! * [`check`]: validation of every row of a manifest, with a per-domain / per-dataset summary.
+
+pub mod check;
+pub mod error;
+pub mod manifest;
+
+pub use error::{Error, Result};

@@ -1,0 +1,62 @@
+//! `qoq data ...`: manifests and clinical files.
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use qoq_data::manifest::ManifestConfig;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Validate every row of a JSONL manifest (files exist and decode, labels present) and print
+    /// a per-domain / per-dataset summary. Exits 1 when any row is bad, listing them by line.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The manifest (JSONL in the released schema; paths relative to its folder).
+    pub manifest: PathBuf,
+    /// Manifest reader options as a JSON object (key names, video_frames, ...), e.g.
+    /// '{"prompt_key": "question"}'.
+    #[arg(long)]
+    pub config: Option<String>,
+    /// Do not draw a progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn run(cmd: DataCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        DataCommand::Check(a) => check(a),
+    }
+}
+
+fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
+    let cfg: ManifestConfig = match &a.config {
+        Some(js) => serde_json::from_str(js).context("--config is not a valid manifest config")?,
+        None => ManifestConfig::default(),
+    };
+    let bar = if a.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} rows {per_sec}")
+                .expect("static template"),
+        );
+        bar
+    };
+    let report = qoq_data::check::check_manifest(&a.manifest, cfg, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })
+    .with_context(|| format!("checking {}", a.manifest.display()))?;
+    bar.finish_and_clear();
+    print!("{report}");
+    Ok(if report.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

@@ -1,1 +1,0 @@
-//! qoq-eval (work in progress).

@@ -1,1 +1,0 @@
-//! ECG-JEPA encoder (work in progress).

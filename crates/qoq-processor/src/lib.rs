@@ -1,1 +1,0 @@
-//! qoq-processor (work in progress).

@@ -1,1 +1,0 @@
-//! qoq-reward (work in progress).

@@ -1,1 +1,0 @@
-//! Advantage estimators (work in progress).

@@ -1,1 +1,0 @@
-//! Policy loss (work in progress).

