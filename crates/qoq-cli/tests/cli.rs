@@ -59,3 +59,41 @@ fn unreadable_manifest_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("/nonexistent/m.jsonl"), "{stderr}");
 }
+
+#[test]
+fn data_convert_writes_rows_that_data_check_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("derm/ham");
+    std::fs::create_dir_all(&img).unwrap();
+    std::fs::write(img.join("a.png"), b"").unwrap();
+    let ann = dir.path().join("annotation_train.jsonl");
+    std::fs::write(
+        &ann,
+        r#"{"images": ["ham/a.png"], "conversations": [{"from": "human", "value": "q"}], "label": "benign"}"#,
+    )
+    .unwrap();
+    let out_path = dir.path().join("train.jsonl");
+    let out = qoq()
+        .args(["data", "convert", "--image-prefix", "derm"])
+        .arg(&ann)
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let check = qoq()
+        .args(["data", "check", "--quiet"])
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    // the row converts and parses; its (empty) image file does not decode, which check reports
+    assert!(
+        stdout.contains("derm") && stdout.contains("ham"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("line 1: cannot decode image"), "{stdout}");
+}

@@ -3,9 +3,11 @@
 //! * [`manifest`]: JSONL manifests in the released schema (spec §2.1), with the reference's
 //!   derivation of `data_source` / `dataset` and its `<image>` placeholder rules, streamed through
 //!   a byte-offset index with a seeded shuffle and a resumable [`manifest::Cursor`].
+//! * [`convert`]: CLIMB annotation files to the training schema.
 //! * [`check`]: validation of every row of a manifest, with a per-domain / per-dataset summary.
 
 pub mod check;
+pub mod convert;
 pub mod error;
 pub mod manifest;
 

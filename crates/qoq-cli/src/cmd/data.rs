@@ -11,6 +11,21 @@ pub enum DataCommand {
     /// Validate every row of a JSONL manifest (files exist and decode, labels present) and print
     /// a per-domain / per-dataset summary. Exits 1 when any row is bad, listing them by line.
     Check(CheckArgs),
+    /// Convert CLIMB's LLaVA-style annotation_{split}.jsonl to the training schema
+    /// (problem / answer / images). Bad rows are skipped and listed by line; exit 1 if any.
+    Convert(ConvertArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// CLIMB annotation file (JSONL with images, conversations, label).
+    pub input: PathBuf,
+    /// Output manifest in the training schema.
+    pub output: PathBuf,
+    /// Prefix for every image path, e.g. `chest_xray` so paths read
+    /// `<data_source>/<dataset>/...` relative to the output's folder.
+    #[arg(long, default_value = "")]
+    pub image_prefix: String,
 }
 
 #[derive(Debug, Args)]
@@ -29,7 +44,35 @@ pub struct CheckArgs {
 pub fn run(cmd: DataCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         DataCommand::Check(a) => check(a),
+        DataCommand::Convert(a) => convert(a),
     }
+}
+
+fn convert(a: ConvertArgs) -> anyhow::Result<ExitCode> {
+    let input = std::fs::File::open(&a.input)
+        .with_context(|| format!("cannot open {}", a.input.display()))?;
+    let output = std::fs::File::create(&a.output)
+        .with_context(|| format!("cannot create {}", a.output.display()))?;
+    let stats = qoq_data::convert::convert_climb(
+        std::io::BufReader::new(input),
+        &a.input,
+        &a.image_prefix,
+        std::io::BufWriter::new(output),
+    )?;
+    println!(
+        "converted {} rows to {}, skipped {}",
+        stats.converted,
+        a.output.display(),
+        stats.skipped.len()
+    );
+    for (line, reason) in &stats.skipped {
+        println!("  {}:{line}: {reason}", a.input.display());
+    }
+    Ok(if stats.skipped.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
