@@ -19,6 +19,9 @@ enum Command {
     /// Manifests and clinical files: validate, convert.
     #[command(subcommand)]
     Data(cmd::data::DataCommand),
+    /// Benchmarks of the pipeline's stages.
+    #[command(subcommand)]
+    Bench(cmd::bench::BenchCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -32,6 +35,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Data(c) => cmd::data::run(c),
+        Command::Bench(c) => cmd::bench::run(c),
     };
     match result {
         Ok(code) => code,

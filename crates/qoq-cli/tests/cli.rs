@@ -97,3 +97,18 @@ fn data_convert_writes_rows_that_data_check_reads() {
     );
     assert!(stdout.contains("line 1: cannot decode image"), "{stdout}");
 }
+
+#[test]
+fn bench_manifest_reports_rows_per_second() {
+    let out = qoq()
+        .args(["bench", "manifest", "--rows", "2000"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("manifest scan: 2000 rows"), "{stdout}");
+}
