@@ -1,9 +1,8 @@
 //! `qoq data check`: validate every row of a manifest and summarise it per domain and dataset.
 //!
 //! Every bad row is reported (by line number, with the reason); checking never stops at the
-//! first. 2D images are decoded with the `image` crate; other referenced files (volumes, ECG
-//! records, masks of other formats) are checked for existence and, for WFDB headers, for their
-//! signal files.
+//! first. 2D images are decoded with the `image` crate and WFDB ECG records with [`crate::wfdb`];
+//! other referenced files (volumes, other ECG formats) are checked for existence only so far.
 
 use crate::error::Result;
 use crate::manifest::{Manifest, ManifestConfig};
@@ -64,24 +63,7 @@ fn check_file(path: &Path) -> std::result::Result<(), String> {
     if DECODABLE.contains(&ext.as_str()) {
         image::open(path).map_err(|e| format!("cannot decode image {}: {e}", path.display()))?;
     } else if ext == "hea" {
-        let header = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read WFDB header {}: {e}", path.display()))?;
-        for line in header.lines().skip(1) {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            if let Some(file) = line.split_whitespace().next() {
-                let dat = path.with_file_name(file);
-                if !dat.is_file() {
-                    return Err(format!(
-                        "WFDB header {} names signal file {} which is missing",
-                        path.display(),
-                        dat.display()
-                    ));
-                }
-            }
-        }
+        crate::wfdb::read_record(path).map_err(|e| format!("cannot read WFDB record: {e}"))?;
     }
     Ok(())
 }

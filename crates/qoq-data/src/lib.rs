@@ -4,11 +4,13 @@
 //!   derivation of `data_source` / `dataset` and its `<image>` placeholder rules, streamed through
 //!   a byte-offset index with a seeded shuffle and a resumable [`manifest::Cursor`].
 //! * [`convert`]: CLIMB annotation files to the training schema.
+//! * [`wfdb`]: WFDB ECG records (formats 16 and 212), read and written.
 //! * [`check`]: validation of every row of a manifest, with a per-domain / per-dataset summary.
 
 pub mod check;
 pub mod convert;
 pub mod error;
 pub mod manifest;
+pub mod wfdb;
 
 pub use error::{Error, Result};
