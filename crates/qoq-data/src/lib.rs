@@ -5,12 +5,14 @@
 //!   a byte-offset index with a seeded shuffle and a resumable [`manifest::Cursor`].
 //! * [`convert`]: CLIMB annotation files to the training schema.
 //! * [`wfdb`]: WFDB ECG records (formats 16 and 212), read and written.
+//! * [`vision`]: the reference's dataset-side image resize, masks and box rescaling.
 //! * [`check`]: validation of every row of a manifest, with a per-domain / per-dataset summary.
 
 pub mod check;
 pub mod convert;
 pub mod error;
 pub mod manifest;
+pub mod vision;
 pub mod wfdb;
 
 pub use error::{Error, Result};
