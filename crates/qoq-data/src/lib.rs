@@ -6,10 +6,12 @@
 //! * [`convert`]: CLIMB annotation files to the training schema.
 //! * [`wfdb`]: WFDB ECG records (formats 16 and 212), read and written.
 //! * [`vision`]: the reference's dataset-side image resize, masks and box rescaling.
+//! * [`ecg`]: ECG lead selection, scipy-equal FFT resampling, the model's (8, 2500) input.
 //! * [`check`]: validation of every row of a manifest, with a per-domain / per-dataset summary.
 
 pub mod check;
 pub mod convert;
+pub mod ecg;
 pub mod error;
 pub mod manifest;
 pub mod vision;

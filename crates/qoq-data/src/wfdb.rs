@@ -41,6 +41,15 @@ pub struct WfdbRecord {
 }
 
 impl WfdbRecord {
+    /// The record as an [`crate::ecg::EcgSignal`] in physical units, leads named by the header.
+    pub fn to_signal(&self) -> crate::ecg::EcgSignal {
+        crate::ecg::EcgSignal {
+            fs: self.header.fs,
+            leads: self.header.signals.iter().map(|s| s.name.clone()).collect(),
+            data: self.physical(),
+        }
+    }
+
     /// Physical values (`(adc - baseline) / gain`) per signal.
     pub fn physical(&self) -> Vec<Vec<f32>> {
         self.header
@@ -349,6 +358,10 @@ mod tests {
             })
             .collect();
         assert_eq!(peaks.len(), 12);
+        let input =
+            crate::ecg::to_model_input(&r.to_signal(), crate::ecg::EcgConvention::EcgJepa, false)
+                .unwrap();
+        assert_eq!(input.len(), 8 * 2500);
         for w in peaks.windows(2) {
             assert!(
                 (w[1] - w[0]).abs_diff(400) <= 2,
