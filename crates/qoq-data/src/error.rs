@@ -12,7 +12,10 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// A manifest line is not a valid row.
+    /// A file (image, mask, ECG record) is unreadable or malformed as a whole.
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    /// A line of a text file (manifest row, header line) is invalid.
     #[error("{path}:{line}: {message}")]
     Row {
         path: PathBuf,
@@ -26,6 +29,13 @@ impl Error {
         Error::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    pub(crate) fn file(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::File {
+            path: path.into(),
+            message: message.into(),
         }
     }
 }

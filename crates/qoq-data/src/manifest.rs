@@ -11,7 +11,7 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::{Component, Path, PathBuf};
 
 /// Key names and options of the manifest reader (the reference's `data` config keys).
@@ -370,9 +370,7 @@ impl Manifest {
         file.seek(SeekFrom::Start(offset))
             .map_err(|e| Error::io(&self.path, e))?;
         let mut text = String::new();
-        file.by_ref()
-            .take(u64::MAX)
-            .read_line(&mut text)
+        file.read_line(&mut text)
             .map_err(|e| Error::io(&self.path, e))?;
         self.decode(&text, line)
     }

@@ -70,11 +70,8 @@ pub fn rescale_bbox(bbox: [f64; 4], from: (u32, u32), to: (u32, u32)) -> [f64; 4
 /// resized to `(h, w)` instead, reproducing the reference's defect for non-square images
 /// (spec §4.3); leave it off unless reproducing the released code.
 pub fn load_mask(path: &Path, size: (u32, u32), wh_swap_bug: bool) -> Result<SegMask> {
-    let img = image::open(path).map_err(|e| Error::Row {
-        path: path.to_path_buf(),
-        line: 0,
-        message: format!("cannot decode mask image: {e}"),
-    })?;
+    let img = image::open(path)
+        .map_err(|e| Error::file(path, format!("cannot decode mask image: {e}")))?;
     let gray = match &img {
         DynamicImage::ImageLuma8(g) => g.clone(),
         other => {
@@ -88,11 +85,8 @@ pub fn load_mask(path: &Path, size: (u32, u32), wh_swap_bug: bool) -> Result<Seg
     let (w, h) = if wh_swap_bug { (size.1, size.0) } else { size };
     let resized = resize_nearest_gray(&gray, w, h);
     let (w, h) = resized.dimensions();
-    SegMask::new(w as usize, h as usize, resized.into_raw()).map_err(|e| Error::Row {
-        path: path.to_path_buf(),
-        line: 0,
-        message: e.to_string(),
-    })
+    SegMask::new(w as usize, h as usize, resized.into_raw())
+        .map_err(|e| Error::file(path, e.to_string()))
 }
 
 #[cfg(test)]

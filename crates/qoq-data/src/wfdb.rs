@@ -202,7 +202,10 @@ pub fn read_record(hea: &Path) -> Result<WfdbRecord> {
         match files.iter_mut().find(|(f, _, _)| *f == s.file) {
             Some((_, fmt, idx)) => {
                 if *fmt != s.format {
-                    return Err(bad(hea, 0, format!("signals in {} mix formats", s.file)));
+                    return Err(Error::file(
+                        hea,
+                        format!("signals in {} mix formats", s.file),
+                    ));
                 }
                 idx.push(i)
             }
@@ -215,7 +218,10 @@ pub fn read_record(hea: &Path) -> Result<WfdbRecord> {
         let values = match format {
             16 => {
                 if bytes.len() % 2 != 0 {
-                    return Err(bad(&path, 0, "format 16 file has an odd number of bytes"));
+                    return Err(Error::file(
+                        &path,
+                        "format 16 file has an odd number of bytes",
+                    ));
                 }
                 bytes
                     .chunks_exact(2)
@@ -238,9 +244,8 @@ pub fn read_record(hea: &Path) -> Result<WfdbRecord> {
         let k = idx.len();
         let frames = values.len() / k;
         if header.n_samples > 0 && frames < header.n_samples {
-            return Err(bad(
+            return Err(Error::file(
                 &path,
-                0,
                 format!(
                     "header promises {} samples per signal but {} holds only {frames}",
                     header.n_samples,
@@ -272,15 +277,14 @@ pub fn write_record(
 ) -> Result<PathBuf> {
     let hea = dir.join(format!("{name}.hea"));
     if signals.len() != adc.len() || signals.is_empty() {
-        return Err(bad(
+        return Err(Error::file(
             &hea,
-            0,
             "one (name, gain, baseline) per signal is needed",
         ));
     }
     let n = adc[0].len();
     if adc.iter().any(|a| a.len() != n) {
-        return Err(bad(&hea, 0, "all signals need the same length"));
+        return Err(Error::file(&hea, "all signals need the same length"));
     }
     let (lo, hi) = if format == 212 {
         (-2048, 2047)
@@ -288,12 +292,11 @@ pub fn write_record(
         (-32768, 32767)
     };
     if format != 16 && format != 212 {
-        return Err(bad(&hea, 0, format!("cannot write format {format}")));
+        return Err(Error::file(&hea, format!("cannot write format {format}")));
     }
     if let Some(v) = adc.iter().flatten().find(|v| **v < lo || **v > hi) {
-        return Err(bad(
+        return Err(Error::file(
             &hea,
-            0,
             format!("value {v} does not fit format {format}"),
         ));
     }
