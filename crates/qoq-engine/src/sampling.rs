@@ -1,0 +1,462 @@
+//! Token sampling from one row of logits.
+//!
+//! Order of the logit processors, as in vLLM's sampler (which the reference rolls out with, spec §7):
+//! repetition penalty (HF/vLLM rule: a seen token's positive logit is divided by the penalty, a
+//! negative one multiplied), logit bias (the reference adds -100 to `<|image_pad|>`), temperature,
+//! top-k, top-p (nucleus, smallest set whose probability reaches `top_p`), min-p (drop tokens whose
+//! probability is below `min_p` times the largest), then one draw. Temperature 0 means greedy.
+//!
+//! The log-probability returned with each token is the one the trainer recomputes: the log-softmax
+//! of the raw logits at temperature 1 with no processor applied (spec §7: "old log-probs are
+//! recomputed by the FSDP actor with logits / temperature (1.0)").
+//!
+//! Nucleus sampling never sorts the whole vocabulary: it selects the largest `k` candidates with a
+//! partial selection, doubling `k` until they hold `top_p` of the mass, which is a few dozen tokens
+//! for a trained model's distributions instead of a 152k-entry sort per token.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// Sampling settings for one request. Defaults are the reference's rollout settings (spec §7).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingParams {
+    /// Softmax temperature; 0 gives greedy decoding.
+    pub temperature: f32,
+    /// Nucleus mass in (0, 1]; 1 disables.
+    pub top_p: f32,
+    /// Keep only the `top_k` largest logits; 0 (or the reference's -1, read as 0) disables.
+    pub top_k: usize,
+    /// Drop tokens with probability below `min_p` times the largest; 0 disables.
+    pub min_p: f32,
+    /// Repetition penalty over prompt and generated tokens; 1 disables.
+    pub repetition_penalty: f32,
+    /// Added to the logits of the given tokens before anything else but the penalty.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Base seed; each sequence derives its own stream from it (see [`Sampler::new`]).
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 1.0,
+            top_p: 0.99,
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: vec![(151_655, -100.0)],
+            seed: 1,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding with no other processor.
+    pub fn greedy() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            logit_bias: Vec::new(),
+            ..SamplingParams::default()
+        }
+    }
+
+    /// Check ranges; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Err(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            ));
+        }
+        if let Some((t, b)) = self.logit_bias.iter().find(|(_, b)| !b.is_finite()) {
+            return Err(format!("logit_bias for token {t} is not finite ({b})"));
+        }
+        Ok(())
+    }
+}
+
+/// One sampled token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    /// Log-probability under the raw logits at temperature 1 (what the trainer recomputes).
+    pub logprob: f32,
+}
+
+/// The sampler of one sequence: its parameters and its own random stream.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: ChaCha8Rng,
+    // Scratch buffers reused across tokens.
+    work: Vec<f32>,
+    idx: Vec<u32>,
+}
+
+impl Sampler {
+    /// A sampler for rollout `rollout` of the request whose stream id is `stream` (e.g. the prompt's
+    /// index in the dataset), seeded from `params.seed`. The same (seed, stream, rollout) always
+    /// gives the same tokens, whichever other sequences are decoded alongside.
+    pub fn new(params: SamplingParams, stream: u64, rollout: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
+        rng.set_stream(stream.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ rollout);
+        Sampler {
+            params,
+            rng,
+            work: Vec::new(),
+            idx: Vec::new(),
+        }
+    }
+
+    /// The parameters.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// The random stream's state, for checkpoints: (word position). Restore with [`Self::restore`].
+    pub fn word_pos(&self) -> u128 {
+        self.rng.get_word_pos()
+    }
+
+    /// Continue a stream from a saved word position.
+    pub fn restore(&mut self, word_pos: u128) {
+        self.rng.set_word_pos(word_pos);
+    }
+
+    /// Sample the next token from `logits` (one vocabulary row) given the tokens seen so far
+    /// (prompt and generated, for the repetition penalty). Non-finite logits are treated as -inf;
+    /// if no token is finite the lowest id is returned with log-probability -inf, never a panic.
+    pub fn sample(&mut self, logits: &[f32], seen: &[u32]) -> Sampled {
+        let logprob_of = raw_logprobs(logits);
+        let p = &self.params;
+        self.work.clear();
+        self.work.extend(
+            logits
+                .iter()
+                .map(|&x| if x.is_finite() { x } else { f32::NEG_INFINITY }),
+        );
+        let w = &mut self.work;
+        if p.repetition_penalty != 1.0 {
+            // Each distinct seen token once.
+            let mut seen_sorted: Vec<u32> = seen.to_vec();
+            seen_sorted.sort_unstable();
+            seen_sorted.dedup();
+            for &t in &seen_sorted {
+                if let Some(x) = w.get_mut(t as usize) {
+                    *x = if *x > 0.0 {
+                        *x / p.repetition_penalty
+                    } else {
+                        *x * p.repetition_penalty
+                    };
+                }
+            }
+        }
+        for &(t, b) in &p.logit_bias {
+            if let Some(x) = w.get_mut(t as usize) {
+                *x += b;
+            }
+        }
+        let token = if p.temperature == 0.0 {
+            argmax(w)
+        } else {
+            let inv_t = 1.0 / p.temperature;
+            let max = w.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            if max == f32::NEG_INFINITY {
+                0
+            } else {
+                // Unnormalised probabilities in f32; candidates restricted progressively.
+                for x in w.iter_mut() {
+                    *x = ((*x - max) * inv_t).exp();
+                }
+                let total: f64 = w.iter().map(|&x| x as f64).sum();
+                candidates(w, &mut self.idx, p.top_k, p.top_p, p.min_p, total);
+                let mass: f64 = self.idx.iter().map(|&i| w[i as usize] as f64).sum();
+                let u = self.rng.random::<f64>() * mass;
+                let mut acc = 0.0;
+                let mut pick = *self.idx.last().unwrap_or(&0);
+                for &i in &self.idx {
+                    acc += w[i as usize] as f64;
+                    if u < acc {
+                        pick = i;
+                        break;
+                    }
+                }
+                pick
+            }
+        };
+        Sampled {
+            token,
+            logprob: logprob_of(token),
+        }
+    }
+}
+
+/// A closure giving log-softmax(logits)[t] at temperature 1.
+fn raw_logprobs(logits: &[f32]) -> impl Fn(u32) -> f32 + '_ {
+    let max = logits
+        .iter()
+        .cloned()
+        .filter(|x| x.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let lse = if max == f32::NEG_INFINITY {
+        f64::INFINITY
+    } else {
+        max as f64
+            + logits
+                .iter()
+                .filter(|x| x.is_finite())
+                .map(|&x| ((x - max) as f64).exp())
+                .sum::<f64>()
+                .ln()
+    };
+    move |t| match logits.get(t as usize) {
+        Some(&x) if x.is_finite() => (x as f64 - lse) as f32,
+        _ => f32::NEG_INFINITY,
+    }
+}
+
+fn argmax(w: &[f32]) -> u32 {
+    let mut best = 0usize;
+    for (i, &x) in w.iter().enumerate() {
+        if x > w[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Fill `idx` with the surviving candidates in descending probability (ties: lower id first).
+fn candidates(w: &[f32], idx: &mut Vec<u32>, top_k: usize, top_p: f32, min_p: f32, total: f64) {
+    let n = w.len();
+    let desc = |a: &u32, b: &u32| w[*b as usize].total_cmp(&w[*a as usize]).then(a.cmp(b));
+    let cap = if top_k == 0 { n } else { top_k.min(n) };
+    // With top-k the nucleus is taken inside the whole top-k set, so select all of it at once.
+    let mut k = if top_k > 0 { cap } else { n.min(64) };
+    loop {
+        idx.clear();
+        idx.extend(0..n as u32);
+        if k < n {
+            idx.select_nth_unstable_by(k - 1, desc);
+            idx.truncate(k);
+        }
+        idx.sort_unstable_by(desc);
+        let mass: f64 = idx.iter().map(|&i| w[i as usize] as f64).sum();
+        if top_p >= 1.0 && k >= cap {
+            break;
+        }
+        if k >= cap || mass >= top_p as f64 * total {
+            break;
+        }
+        k = (2 * k).min(cap);
+    }
+    if top_p < 1.0 {
+        // Keep the smallest prefix whose mass reaches top_p of the whole distribution (vLLM
+        // renormalises after top-k first: the nucleus is taken within the top-k set).
+        let denom: f64 = if top_k == 0 {
+            total
+        } else {
+            idx.iter().map(|&i| w[i as usize] as f64).sum()
+        };
+        let mut acc = 0.0;
+        let mut keep = idx.len();
+        for (j, &i) in idx.iter().enumerate() {
+            acc += w[i as usize] as f64;
+            if acc >= top_p as f64 * denom {
+                keep = j + 1;
+                break;
+            }
+        }
+        idx.truncate(keep.max(1));
+    }
+    // Zero-probability tokens (-inf logits) are never candidates.
+    let nonzero = idx.iter().take_while(|&&i| w[i as usize] > 0.0).count();
+    idx.truncate(nonzero.max(1));
+    if min_p > 0.0 {
+        let top = w[idx[0] as usize];
+        let keep = idx
+            .iter()
+            .take_while(|&&i| w[i as usize] >= min_p * top)
+            .count();
+        idx.truncate(keep.max(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(t: f32, top_p: f32, top_k: usize, min_p: f32) -> SamplingParams {
+        SamplingParams {
+            temperature: t,
+            top_p,
+            top_k,
+            min_p,
+            repetition_penalty: 1.0,
+            logit_bias: vec![],
+            seed: 7,
+        }
+    }
+
+    #[test]
+    fn greedy_picks_the_argmax_and_reports_the_raw_logprob() {
+        let logits = [0.0f32, 2.0, 1.0];
+        let mut s = Sampler::new(SamplingParams::greedy(), 0, 0);
+        let out = s.sample(&logits, &[]);
+        assert_eq!(out.token, 1);
+        let lse = (1f64 + 2f64.exp() + 1f64.exp()).ln();
+        assert!((out.logprob as f64 - (2.0 - lse)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn frequencies_follow_the_softmax_at_temperature_one() {
+        let logits = [0.0f32, 1.0, 2.0, -1.0];
+        let z: f64 = logits.iter().map(|&x| (x as f64).exp()).sum();
+        let mut s = Sampler::new(params(1.0, 1.0, 0, 0.0), 3, 1);
+        let n = 200_000;
+        let mut counts = [0usize; 4];
+        for _ in 0..n {
+            counts[s.sample(&logits, &[]).token as usize] += 1;
+        }
+        for i in 0..4 {
+            let want = (logits[i] as f64).exp() / z;
+            let got = counts[i] as f64 / n as f64;
+            assert!((got - want).abs() < 0.005, "token {i}: {got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn temperature_sharpens_and_top_k_one_is_greedy() {
+        let logits = [0.0f32, 1.0, 0.5];
+        let mut s = Sampler::new(params(1.0, 1.0, 1, 0.0), 0, 0);
+        assert!((0..100).all(|_| s.sample(&logits, &[]).token == 1));
+        let mut cold = Sampler::new(params(0.05, 1.0, 0, 0.0), 0, 0);
+        let hits = (0..1000)
+            .filter(|_| cold.sample(&logits, &[]).token == 1)
+            .count();
+        assert!(hits > 990, "{hits}");
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_nucleus() {
+        // probabilities 0.5, 0.3, 0.2 (as logits of their logs)
+        let logits = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
+        let mut s = Sampler::new(params(1.0, 0.75, 0, 0.0), 0, 0);
+        let seen: std::collections::BTreeSet<u32> =
+            (0..2000).map(|_| s.sample(&logits, &[]).token).collect();
+        assert_eq!(seen, [0, 1].into_iter().collect());
+        let mut s = Sampler::new(params(1.0, 0.5, 0, 0.0), 0, 0);
+        assert!((0..500).all(|_| s.sample(&logits, &[]).token == 0));
+    }
+
+    #[test]
+    fn nucleus_over_a_large_flat_vocabulary_widens_its_search() {
+        // 1000 equal tokens: top_p 0.5 must keep 500 of them, beyond the first 64-token window.
+        let logits = vec![0.0f32; 1000];
+        let mut s = Sampler::new(params(1.0, 0.5, 0, 0.0), 0, 0);
+        let seen: std::collections::BTreeSet<u32> =
+            (0..20_000).map(|_| s.sample(&logits, &[]).token).collect();
+        assert!(seen.len() > 450 && seen.len() <= 500, "{}", seen.len());
+        assert!(seen.iter().all(|&t| t < 500), "ties keep the lower ids");
+    }
+
+    #[test]
+    fn min_p_drops_unlikely_tokens() {
+        let logits = [0.0f32, -1.0, -5.0];
+        let mut s = Sampler::new(params(1.0, 1.0, 0, 0.1), 0, 0);
+        assert!((0..3000).all(|_| s.sample(&logits, &[]).token != 2));
+    }
+
+    #[test]
+    fn repetition_penalty_follows_the_hf_rule_and_bias_masks_a_token() {
+        // Token 0 (logit 2) seen with penalty 4 -> 0.5 < token 1 (1.0); token 2 (-1) seen -> -4.
+        let logits = [2.0f32, 1.0, -1.0];
+        let mut p = SamplingParams::greedy();
+        p.repetition_penalty = 4.0;
+        let mut s = Sampler::new(p.clone(), 0, 0);
+        assert_eq!(s.sample(&logits, &[0, 0, 2]).token, 1);
+        p.repetition_penalty = 1.0;
+        p.logit_bias = vec![(0, -100.0)];
+        let mut s = Sampler::new(p, 0, 0);
+        let out = s.sample(&logits, &[]);
+        assert_eq!(out.token, 1);
+        // The reported log-prob ignores the processors.
+        let lse = (2f64.exp() + 1f64.exp() + (-1f64).exp()).ln();
+        assert!((out.logprob as f64 - (1.0 - lse)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn streams_are_independent_of_each_other_and_reproducible() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let run = |stream, rollout, interleave: bool| {
+            let mut s = Sampler::new(params(1.0, 0.99, 0, 0.0), stream, rollout);
+            let mut other = Sampler::new(params(1.0, 0.99, 0, 0.0), 99, 0);
+            (0..20)
+                .map(|_| {
+                    if interleave {
+                        other.sample(&logits, &[]);
+                    }
+                    s.sample(&logits, &[]).token
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(1, 0, false), run(1, 0, true));
+        assert_ne!(run(1, 0, false), run(1, 1, false));
+        assert_ne!(run(1, 0, false), run(2, 0, false));
+    }
+
+    #[test]
+    fn a_restored_stream_continues_identically() {
+        let logits: Vec<f32> = (0..30).map(|i| (i as f32 * 0.7).cos()).collect();
+        let mut a = Sampler::new(params(1.0, 1.0, 0, 0.0), 4, 2);
+        for _ in 0..5 {
+            a.sample(&logits, &[]);
+        }
+        let pos = a.word_pos();
+        let mut b = Sampler::new(params(1.0, 1.0, 0, 0.0), 4, 2);
+        b.restore(pos);
+        for _ in 0..10 {
+            assert_eq!(a.sample(&logits, &[]), b.sample(&logits, &[]));
+        }
+    }
+
+    #[test]
+    fn hostile_logits_never_panic() {
+        let mut s = Sampler::new(params(1.0, 0.9, 3, 0.2), 0, 0);
+        let out = s.sample(
+            &[f32::NAN, f32::NEG_INFINITY, f32::INFINITY],
+            &[7, 1_000_000],
+        );
+        assert_eq!(out.token, 0);
+        assert_eq!(out.logprob, f32::NEG_INFINITY);
+        let out = s.sample(&[f32::NAN, 1.0, f32::NEG_INFINITY], &[]);
+        assert_eq!(out.token, 1);
+        assert!(out.logprob.abs() < 1e-6);
+        assert!(s.sample(&[], &[]).logprob.is_infinite());
+    }
+
+    #[test]
+    fn invalid_params_name_the_field() {
+        let mut p = SamplingParams::default();
+        p.top_p = 0.0;
+        assert!(p.validate().unwrap_err().contains("top_p"));
+        p = SamplingParams::default();
+        p.temperature = -1.0;
+        assert!(p.validate().unwrap_err().contains("temperature"));
+        assert!(SamplingParams::default().validate().is_ok());
+    }
+}
