@@ -451,11 +451,15 @@ mod tests {
 
     #[test]
     fn invalid_params_name_the_field() {
-        let mut p = SamplingParams::default();
-        p.top_p = 0.0;
+        let p = SamplingParams {
+            top_p: 0.0,
+            ..SamplingParams::default()
+        };
         assert!(p.validate().unwrap_err().contains("top_p"));
-        p = SamplingParams::default();
-        p.temperature = -1.0;
+        let p = SamplingParams {
+            temperature: -1.0,
+            ..SamplingParams::default()
+        };
         assert!(p.validate().unwrap_err().contains("temperature"));
         assert!(SamplingParams::default().validate().is_ok());
     }
