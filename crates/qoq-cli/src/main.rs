@@ -22,6 +22,18 @@ enum Command {
     /// Benchmarks of the pipeline's stages.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
+    /// Score model responses with the QoQ medical reward (one JSON line per case).
+    Reward(cmd::reward::RewardArgs),
+    /// Metrics with the paper's conventions over a predictions file.
+    Metrics(cmd::metrics::MetricsArgs),
+    /// Advantages of training steps' rollouts (GRPO, DRPO, ...), state carried across steps.
+    Advantage(cmd::advantage::AdvantageArgs),
+    /// Run the model on saved inputs and write its logits.
+    Logits(cmd::logits::LogitsArgs),
+    /// Turn manifest rows into model-ready arrays.
+    Process(cmd::process::ProcessArgs),
+    /// Write the synthetic imbalanced clinical world (images, volumes, ECGs, manifests).
+    Synth(cmd::synth::SynthArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -29,13 +41,19 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,jpeg2k=warn,openjp2=warn")),
         )
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Data(c) => cmd::data::run(c),
         Command::Bench(c) => cmd::bench::run(c),
+        Command::Reward(a) => cmd::reward::run(a),
+        Command::Metrics(a) => cmd::metrics::run(a),
+        Command::Advantage(a) => cmd::advantage::run(a),
+        Command::Logits(a) => cmd::logits::run(a),
+        Command::Process(a) => cmd::process::run(a),
+        Command::Synth(a) => cmd::synth::run(a),
     };
     match result {
         Ok(code) => code,

@@ -95,7 +95,10 @@ fn data_convert_writes_rows_that_data_check_reads() {
         stdout.contains("derm") && stdout.contains("ham"),
         "{stdout}"
     );
-    assert!(stdout.contains("line 1: cannot decode image"), "{stdout}");
+    assert!(
+        stdout.contains("line 1: ") && stdout.contains("a.png: cannot decode image"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -111,4 +114,117 @@ fn bench_manifest_reports_rows_per_second() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("manifest scan: 2000 rows"), "{stdout}");
+}
+
+/// A real file from the test-data cache (`scripts/fetch-testdata.sh`); fails when absent.
+fn testdata(rel: &str) -> std::path::PathBuf {
+    let root = match std::env::var_os("QOQ_TESTDATA") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.testdata"),
+    };
+    let p = root.join(rel);
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/fetch-testdata.sh first",
+        p.display()
+    );
+    p
+}
+
+fn npy_f32(shape: (usize, usize), values: &[f32]) -> Vec<u8> {
+    let mut header = format!(
+        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {}), }}",
+        shape.0, shape.1
+    );
+    while !(10 + header.len() + 1).is_multiple_of(64) {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((header.len() as u16).to_le_bytes());
+    out.extend(header.as_bytes());
+    out.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    out
+}
+
+#[test]
+fn data_check_decodes_dicom_volumes_and_ecg_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let put = |to: &str, from: &std::path::Path| {
+        let dst = dir.path().join(to);
+        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        std::fs::copy(from, dst).unwrap();
+    };
+    put("ct/small/ct.dcm", &testdata("dicom/CT_small.dcm"));
+    put("mri/emri/multi.dcm", &testdata("dicom/emri_small_RLE.dcm"));
+    put("mri/brain/t1.nii.gz", &testdata("volumes/example4d.nii.gz"));
+    put("ecg/dicom/ecg.dcm", &testdata("ecg/waveform_ecg.dcm"));
+    std::fs::create_dir_all(dir.path().join("ecg/arr")).unwrap();
+    let samples: Vec<f32> = (0..12 * 100).map(|i| (i as f32 * 0.01).sin()).collect();
+    std::fs::write(
+        dir.path().join("ecg/arr/x.npy"),
+        npy_f32((100, 12), &samples),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("ecg/arr/x.csv"), "I,II\n0.1,0.2\n0.3,0.4\n").unwrap();
+    let rows = [
+        r#"{"problem": "q", "answer": "a", "images": ["ct/small/ct.dcm"]}"#,
+        r#"{"problem": "q", "answer": "b", "images": ["mri/emri/multi.dcm"]}"#,
+        r#"{"problem": "q", "answer": "b", "videos": ["mri/brain/t1.nii.gz"]}"#,
+        r#"{"problem": "q", "answer": "Normal", "time-series": ["ecg/dicom/ecg.dcm"], "dataset": "dcm"}"#,
+        r#"{"problem": "q", "answer": "MI", "time-series": ["ecg/arr/x.npy"], "dataset": "arr"}"#,
+        r#"{"problem": "q", "answer": "MI", "time-series": ["ecg/arr/x.csv"], "dataset": "arr"}"#,
+    ];
+    let manifest = dir.path().join("m.jsonl");
+    std::fs::write(&manifest, rows.join("\n")).unwrap();
+    let out = qoq()
+        .args(["data", "check", "--quiet", "--window", "-600,1500"])
+        .args(["--ecg", r#"{"fs": 500, "orientation": "samples_by_leads"}"#])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("rows: 6, bad rows: 0"), "{stdout}");
+    assert!(
+        stdout.contains("mri") && stdout.contains("emri"),
+        "{stdout}"
+    );
+
+    // a corrupt volume and a CSV with a non-number are named by line
+    std::fs::write(dir.path().join("mri/brain/t1.nii.gz"), b"junk").unwrap();
+    std::fs::write(dir.path().join("ecg/arr/x.csv"), "I,II\n0.1,zz\n").unwrap();
+    let out = qoq()
+        .args(["data", "check", "--quiet", "--ecg", r#"{"fs": 500}"#])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("line 3:") && stdout.contains("cannot read NIfTI"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("line 6:") && stdout.contains("not a number"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn data_check_rejects_a_bad_window() {
+    let manifest = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/mini/manifest.jsonl"
+    );
+    let out = qoq()
+        .args(["data", "check", "--quiet", "--window", "40", manifest])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--window"));
 }

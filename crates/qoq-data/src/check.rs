@@ -1,12 +1,18 @@
 //! `qoq data check`: validate every row of a manifest and summarise it per domain and dataset.
 //!
 //! Every bad row is reported (by line number, with the reason); checking never stops at the
-//! first. 2D images are decoded with the `image` crate and WFDB ECG records with [`crate::wfdb`];
-//! other referenced files (volumes, other ECG formats) are checked for existence only so far.
+//! first. Every referenced file is decoded: images (PNG/JPEG/... and DICOM, all frames), volumes
+//! (NIfTI, NRRD), ECG files (WFDB, DICOM waveform, `.npy` / `.npz`, CSV) and masks. Files are
+//! decoded in parallel (rayon) in blocks of rows; the report keeps manifest order.
+//! Videos in other formats (`.mp4`, ...) and time series in other formats (`torch.save`d `.pt`
+//! tensors, `.mat`, ...) are checked for existence only (no decoder here).
 
+use crate::ecg_io::EcgLoadOptions;
 use crate::error::Result;
 use crate::manifest::{Manifest, ManifestConfig};
+use crate::vision::ImageLoadOptions;
 use qoq_core::ClinicalSample;
+use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -48,27 +54,66 @@ impl CheckReport {
     }
 }
 
-const DECODABLE: [&str; 9] = [
-    "png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp", "gif", "pgm",
-];
+/// How referenced files are decoded while checking.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CheckOptions {
+    /// DICOM windowing and frames per volume.
+    pub image: ImageLoadOptions,
+    /// ECG array / CSV options. Without `fs`, arrays and CSV files are checked for structure
+    /// and values only (their sampling frequency is not known).
+    pub ecg: EcgLoadOptions,
+}
 
-fn check_file(path: &Path) -> std::result::Result<(), String> {
+fn ext_of(path: &Path) -> String {
+    path.extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default()
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Role {
+    Image,
+    Video,
+    Series,
+    Mask,
+}
+
+fn check_file(path: &Path, role: Role, opts: &CheckOptions) -> std::result::Result<(), String> {
     if !path.is_file() {
         return Err(format!("missing file {}", path.display()));
     }
-    let ext = path
-        .extension()
-        .map(|e| e.to_string_lossy().to_ascii_lowercase())
-        .unwrap_or_default();
-    if DECODABLE.contains(&ext.as_str()) {
-        image::open(path).map_err(|e| format!("cannot decode image {}: {e}", path.display()))?;
-    } else if ext == "hea" {
-        crate::wfdb::read_record(path).map_err(|e| format!("cannot read WFDB record: {e}"))?;
+    let ext = ext_of(path);
+    match role {
+        Role::Series => {
+            let decodable = matches!(ext.as_str(), "hea" | "dcm" | "npy" | "npz" | "csv")
+                || crate::dicom::has_dicm_magic(path);
+            if !decodable {
+                return Ok(());
+            }
+            let mut ecg = opts.ecg.clone();
+            ecg.fs.get_or_insert(1.0);
+            let sig = crate::ecg_io::load_ecg(path, &ecg).map_err(|e| e.to_string())?;
+            if sig.data.iter().all(|l| l.is_empty()) {
+                return Err(format!("{}: the ECG has no samples", path.display()));
+            }
+        }
+        Role::Video if !crate::volume::is_volume(path) && !crate::dicom::has_dicm_magic(path) => {}
+        Role::Mask if crate::volume::is_volume(path) => {
+            crate::volume::read_volume(path).map_err(|e| e.to_string())?;
+        }
+        _ => {
+            let images =
+                crate::vision::load_images(path, &opts.image).map_err(|e| e.to_string())?;
+            if images.is_empty() {
+                return Err(format!("{}: no frames", path.display()));
+            }
+        }
     }
     Ok(())
 }
 
-fn check_sample(s: &ClinicalSample) -> Vec<String> {
+/// Decode every file a sample names; the problems found (empty when the row is good).
+pub fn check_sample(s: &ClinicalSample, opts: &CheckOptions) -> Vec<String> {
     let mut problems = Vec::new();
     if s.answer.trim().is_empty() {
         problems.push("empty answer".to_string());
@@ -76,21 +121,36 @@ fn check_sample(s: &ClinicalSample) -> Vec<String> {
     let files = s
         .images
         .iter()
-        .chain(&s.videos)
-        .chain(&s.time_series)
-        .chain(s.segmentation_path.iter());
-    for f in files {
-        if let Err(e) = check_file(f) {
+        .map(|p| (p, Role::Image))
+        .chain(s.videos.iter().map(|p| (p, Role::Video)))
+        .chain(s.time_series.iter().map(|p| (p, Role::Series)))
+        .chain(s.segmentation_path.iter().map(|p| (p, Role::Mask)));
+    for (f, role) in files {
+        if let Err(e) = check_file(f, role, opts) {
             problems.push(e);
         }
     }
     problems
 }
 
-/// Validate every row of `path`. `progress` is called with (rows done, rows total).
+/// Rows decoded per parallel block.
+const BLOCK: usize = 256;
+
+/// Validate every row of `path` with default [`CheckOptions`]. `progress` is called with
+/// (rows done, rows total).
 pub fn check_manifest(
     path: &Path,
     cfg: ManifestConfig,
+    progress: impl FnMut(usize, usize),
+) -> Result<CheckReport> {
+    check_manifest_with(path, cfg, &CheckOptions::default(), progress)
+}
+
+/// Validate every row of `path`, decoding files under `opts` on the rayon pool.
+pub fn check_manifest_with(
+    path: &Path,
+    cfg: ManifestConfig,
+    opts: &CheckOptions,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<CheckReport> {
     let manifest = Manifest::open(path, cfg)?;
@@ -100,38 +160,65 @@ pub fn check_manifest(
         rows: total,
         ..CheckReport::default()
     };
-    for (done, row) in manifest.rows()?.enumerate() {
-        match row {
-            Err(crate::Error::Row { line, message, .. }) => {
-                report.bad.push(BadRow {
-                    line,
-                    reason: message,
-                });
-            }
-            Err(e) => return Err(e),
-            Ok(sample) => {
-                let key = (
-                    sample.data_source.as_source().to_string(),
-                    sample.dataset.clone(),
-                );
-                let problems = check_sample(&sample);
-                let g = report.groups.entry(key).or_default();
-                g.rows += 1;
-                for label in sample.answer.split(", ") {
-                    *g.classes.entry(label.trim().to_string()).or_default() += 1;
-                }
-                if !problems.is_empty() {
-                    g.bad_files += 1;
-                    report.bad.push(BadRow {
-                        line: sample.line,
-                        reason: problems.join("; "),
-                    });
-                }
-            }
+    let mut rows = manifest.rows()?;
+    let mut done = 0;
+    loop {
+        let block: Vec<Result<ClinicalSample>> = rows.by_ref().take(BLOCK).collect();
+        if block.is_empty() {
+            break;
         }
-        progress(done + 1, total);
+        let checked: Vec<(Result<ClinicalSample>, Vec<String>)> = block
+            .into_par_iter()
+            .map(|row| {
+                let problems = match &row {
+                    Ok(sample) => check_sample(sample, opts),
+                    Err(_) => Vec::new(),
+                };
+                (row, problems)
+            })
+            .collect();
+        for (row, problems) in checked {
+            done += 1;
+            absorb(&mut report, row, problems)?;
+            progress(done, total);
+        }
     }
     Ok(report)
+}
+
+fn absorb(
+    report: &mut CheckReport,
+    row: Result<ClinicalSample>,
+    problems: Vec<String>,
+) -> Result<()> {
+    match row {
+        Err(crate::Error::Row { line, message, .. }) => {
+            report.bad.push(BadRow {
+                line,
+                reason: message,
+            });
+        }
+        Err(e) => return Err(e),
+        Ok(sample) => {
+            let key = (
+                sample.data_source.as_source().to_string(),
+                sample.dataset.clone(),
+            );
+            let g = report.groups.entry(key).or_default();
+            g.rows += 1;
+            for label in sample.answer.split(", ") {
+                *g.classes.entry(label.trim().to_string()).or_default() += 1;
+            }
+            if !problems.is_empty() {
+                g.bad_files += 1;
+                report.bad.push(BadRow {
+                    line: sample.line,
+                    reason: problems.join("; "),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 impl fmt::Display for CheckReport {

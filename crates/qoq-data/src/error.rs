@@ -15,6 +15,16 @@ pub enum Error {
     /// A file (image, mask, ECG record) is unreadable or malformed as a whole.
     #[error("{path}: {message}")]
     File { path: PathBuf, message: String },
+    /// A DICOM file whose pixel data is encoded in a transfer syntax this build cannot decode.
+    #[error("{path}: unsupported transfer syntax {uid} ({name})")]
+    UnsupportedTransferSyntax {
+        /// The DICOM file.
+        path: PathBuf,
+        /// The transfer syntax UID.
+        uid: String,
+        /// Its name in the DICOM standard.
+        name: String,
+    },
     /// A line of a text file (manifest row, header line) is invalid.
     #[error("{path}:{line}: {message}")]
     Row {

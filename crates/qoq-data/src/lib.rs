@@ -7,14 +7,22 @@
 //! * [`wfdb`]: WFDB ECG records (formats 16 and 212), read and written.
 //! * [`vision`]: the reference's dataset-side image resize, masks and box rescaling.
 //! * [`ecg`]: ECG lead selection, scipy-equal FFT resampling, the model's (8, 2500) input.
+//! * [`ecg_io`]: ECG files (WFDB, DICOM waveform, `.npy` / `.npz`, CSV) to one signal type.
+//! * [`dicom`]: DICOM images (windowed 8-bit frames) and 12-lead ECG waveforms.
+//! * [`volume`]: NIfTI-1/2 and NRRD volumes to the reference's sampled frames and masks.
+//! * [`npy`]: NumPy `.npy` / `.npz` arrays.
 //! * [`check`]: validation of every row of a manifest, with a per-domain / per-dataset summary.
 
 pub mod check;
 pub mod convert;
+pub mod dicom;
 pub mod ecg;
+pub mod ecg_io;
 pub mod error;
 pub mod manifest;
+pub mod npy;
 pub mod vision;
+pub mod volume;
 pub mod wfdb;
 
 pub use error::{Error, Result};

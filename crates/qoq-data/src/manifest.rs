@@ -38,6 +38,9 @@ pub struct ManifestConfig {
     pub video_frames: usize,
     /// Fail when the image key is absent, as the reference does (`row_dict['images']`).
     pub require_image_key: bool,
+    /// Training-time loading ([`Manifest::training_rows`]) skips rows that fail to decode,
+    /// counting them with their line numbers, instead of stopping at the first.
+    pub skip_bad_rows: bool,
 }
 
 impl Default for ManifestConfig {
@@ -53,6 +56,7 @@ impl Default for ManifestConfig {
             dataset_key: "dataset".into(),
             video_frames: 2,
             require_image_key: false,
+            skip_bad_rows: false,
         }
     }
 }
@@ -313,6 +317,30 @@ impl Manifest {
         &self.path
     }
 
+    /// The reader options this manifest was opened with.
+    pub fn config(&self) -> &ManifestConfig {
+        &self.cfg
+    }
+
+    /// The seeded, resumable training stream ([`Manifest::shuffled`]) that skips and records
+    /// bad rows when the config's `skip_bad_rows` is set; otherwise bad rows are yielded as
+    /// errors. It stops (returns `None`) if a whole epoch's worth of rows in a row is bad.
+    pub fn training_rows(
+        &self,
+        seed: u64,
+        cursor: Cursor,
+    ) -> Result<SkipBadRows<ShuffledRows<'_>>> {
+        let rows = self.shuffled(seed, cursor)?;
+        Ok(SkipBadRows::new(rows, self.cfg.skip_bad_rows, self.len()))
+    }
+
+    /// Every row in file order, skipping and recording the bad ones.
+    pub fn rows_skipping_bad(
+        &self,
+    ) -> Result<SkipBadRows<impl Iterator<Item = Result<ClinicalSample>> + '_>> {
+        Ok(SkipBadRows::new(self.rows()?, true, self.len()))
+    }
+
     /// Decode one JSON line into a sample, with errors naming the file and line.
     fn decode(&self, text: &str, line: u64) -> Result<ClinicalSample> {
         let row_err = |message: String| Error::Row {
@@ -404,6 +432,101 @@ impl Iterator for ShuffledRows<'_> {
         let row = self.manifest.read_row(&mut self.file, index);
         self.cursor.position += 1;
         Some((self.cursor, row))
+    }
+}
+
+/// A row that was skipped while loading.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedRow {
+    /// 1-based line number in the manifest.
+    pub line: u64,
+    /// Why the row was skipped.
+    pub reason: String,
+}
+
+/// An item of a row stream: a decoded row, possibly with a cursor.
+pub trait RowItem {
+    /// The (line, reason) of a bad row; `None` for a good row or a fatal (I/O) error.
+    fn bad_row(&self) -> Option<(u64, &str)>;
+}
+
+impl RowItem for Result<ClinicalSample> {
+    fn bad_row(&self) -> Option<(u64, &str)> {
+        match self {
+            Err(Error::Row { line, message, .. }) => Some((*line, message.as_str())),
+            _ => None,
+        }
+    }
+}
+
+impl RowItem for (Cursor, Result<ClinicalSample>) {
+    fn bad_row(&self) -> Option<(u64, &str)> {
+        self.1.bad_row()
+    }
+}
+
+/// A row stream that, when enabled, skips bad rows and records them (see
+/// [`Manifest::training_rows`]). I/O errors are always passed through.
+#[derive(Debug)]
+pub struct SkipBadRows<I> {
+    inner: I,
+    enabled: bool,
+    /// Consecutive skips after which the stream ends (every row of an epoch is bad).
+    max_consecutive: usize,
+    skipped: Vec<SkippedRow>,
+}
+
+impl<I> SkipBadRows<I> {
+    /// Wrap `inner`; `enabled = false` passes every item through.
+    pub fn new(inner: I, enabled: bool, max_consecutive: usize) -> Self {
+        Self {
+            inner,
+            enabled,
+            max_consecutive: max_consecutive.max(1),
+            skipped: Vec::new(),
+        }
+    }
+
+    /// The rows skipped so far, in the order they were met (a row met in several epochs is
+    /// listed each time).
+    pub fn skipped(&self) -> &[SkippedRow] {
+        &self.skipped
+    }
+
+    /// How many rows were skipped so far.
+    pub fn skipped_count(&self) -> usize {
+        self.skipped.len()
+    }
+}
+
+impl<I> Iterator for SkipBadRows<I>
+where
+    I: Iterator,
+    I::Item: RowItem,
+{
+    type Item = I::Item;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut consecutive = 0;
+        loop {
+            let item = self.inner.next()?;
+            if !self.enabled {
+                return Some(item);
+            }
+            match item.bad_row() {
+                Some((line, reason)) => {
+                    self.skipped.push(SkippedRow {
+                        line,
+                        reason: reason.to_string(),
+                    });
+                    consecutive += 1;
+                    if consecutive >= self.max_consecutive {
+                        return None;
+                    }
+                }
+                None => return Some(item),
+            }
+        }
     }
 }
 
@@ -530,6 +653,49 @@ mod tests {
             "{err}"
         );
         assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 3);
+    }
+
+    #[test]
+    fn bad_rows_are_skipped_and_counted_when_asked() {
+        let (_d, path) = write_manifest(6, Some(3));
+        let m = Manifest::open(&path, ManifestConfig::default()).unwrap();
+        let mut rows = m.rows_skipping_bad().unwrap();
+        let good: Vec<_> = rows.by_ref().map(|r| r.unwrap().problem).collect();
+        assert_eq!(good.len(), 5);
+        assert_eq!(rows.skipped_count(), 1);
+        assert_eq!(rows.skipped()[0].line, 7);
+        assert!(rows.skipped()[0].reason.contains("malformed JSON"));
+        // training stream: off by default (the error is yielded), on with skip_bad_rows
+        let strict: Vec<_> = m
+            .training_rows(1, Cursor::default())
+            .unwrap()
+            .take(6)
+            .collect();
+        assert_eq!(strict.iter().filter(|(_, r)| r.is_err()).count(), 1);
+        let cfg = ManifestConfig {
+            skip_bad_rows: true,
+            ..ManifestConfig::default()
+        };
+        let m = Manifest::open(&path, cfg).unwrap();
+        let mut train = m.training_rows(1, Cursor::default()).unwrap();
+        let first: Vec<_> = train.by_ref().take(11).collect();
+        assert!(first.iter().all(|(_, r)| r.is_ok()));
+        // epochs 0 and 1 were passed in full; epoch 2 perhaps met its bad row already
+        assert!((2..=3).contains(&train.skipped_count()));
+        assert_eq!(first[10].0.epoch, 2);
+        assert!(train.skipped().iter().all(|s| s.line == 7));
+        // a manifest of only bad rows ends instead of spinning
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("bad.jsonl");
+        std::fs::write(&bad, "{x\n{y\n").unwrap();
+        let cfg = ManifestConfig {
+            skip_bad_rows: true,
+            ..ManifestConfig::default()
+        };
+        let m = Manifest::open(&bad, cfg).unwrap();
+        let mut train = m.training_rows(0, Cursor::default()).unwrap();
+        assert!(train.next().is_none());
+        assert_eq!(train.skipped_count(), 2);
     }
 
     #[test]

@@ -4,11 +4,51 @@
 //! Nearest-neighbour resampling is written here (not `image::imageops`) to follow PIL's
 //! `Image.resize(..., NEAREST)` sampling rule, `src = floor((dst + 0.5) * in / out)`, which the
 //! reference uses for both images and masks; the parity test pins it against PIL output.
+//!
+//! [`load_images`] opens what one manifest path yields: a PIL-readable image, every frame of a
+//! DICOM image ([`crate::dicom`]), or the sampled frames of a volume ([`crate::volume`]).
 
 use crate::error::{Error, Result};
 use image::{DynamicImage, GrayImage, RgbImage};
 use qoq_core::SegMask;
 use std::path::Path;
+
+/// What decides how non-8-bit sources become images.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ImageLoadOptions {
+    /// DICOM VOI windowing.
+    pub windowing: crate::dicom::Windowing,
+    /// Frames sampled from a volume (the manifest's `video_frames`).
+    pub video_frames: usize,
+}
+
+impl Default for ImageLoadOptions {
+    fn default() -> Self {
+        Self {
+            windowing: crate::dicom::Windowing::FromFile,
+            video_frames: 2,
+        }
+    }
+}
+
+/// Load the images one path yields: DICOM (`.dcm`, or the `DICM` magic) gives every frame,
+/// NIfTI / NRRD volumes give `video_frames` sampled slices, anything else is one image decoded
+/// by the `image` crate (PNG, JPEG, BMP, TIFF, WebP, GIF, PGM).
+pub fn load_images(path: &Path, opts: &ImageLoadOptions) -> Result<Vec<DynamicImage>> {
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    if crate::volume::is_volume(path) {
+        return crate::volume::read_volume_frames(path, opts.video_frames);
+    }
+    if ext == "dcm" || ext == "dicom" || crate::dicom::has_dicm_magic(path) {
+        return crate::dicom::read_image(path, opts.windowing);
+    }
+    let img =
+        image::open(path).map_err(|e| Error::file(path, format!("cannot decode image: {e}")))?;
+    Ok(vec![img])
+}
 
 /// Target size of the reference's `process_image` for a `w x h` image: scale down when above
 /// `max_pixels`, then up when below `min_pixels`, truncating with `int()` each time.

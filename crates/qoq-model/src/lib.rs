@@ -1,6 +1,30 @@
 //! qoq-model: Qwen2.5-VL with the QoQ-Med ECG path, in candle.
+//!
+//! [`ClinicalVlm`] (spec §5.3-5.5) = the vision tower ([`vision`]), the ECG-JEPA encoder and
+//! projector ([`ecg`]) and the Qwen2 decoder with M-RoPE ([`text`]), joined by one splice helper
+//! ([`splice`]). [`loading`] reads HF checkpoints in both key layouts; [`train`] and [`lora`] hold
+//! the training switches (trainable `Var`s, freezing, LoRA adapters, merged saving).
 
 /// Composed (differentiable) and fused numerical blocks, selected by [`ForwardMode`].
 pub mod ops;
 
 pub use ops::ForwardMode;
+
+/// ECG-JEPA encoder and projector.
+pub mod ecg;
+
+/// Qwen2.5-VL vision tower.
+pub mod vision;
+
+pub mod error;
+pub mod inputs;
+pub mod loading;
+pub mod lora;
+pub mod model;
+pub mod splice;
+pub mod text;
+pub mod train;
+
+pub use error::{Error, Result};
+pub use inputs::ModelInputs;
+pub use model::ClinicalVlm;

@@ -7,6 +7,15 @@
 
 use candle_core::{D, DType, Result, Tensor};
 
+/// The dtype a block computes in: f64 stays f64 (finite-difference checks), all else is f32.
+pub fn compute_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 /// Which implementation of the numerical blocks a forward pass uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ForwardMode {
@@ -17,10 +26,11 @@ pub enum ForwardMode {
     Inference,
 }
 
-/// Softmax over the last dimension, computed in f32 and cast back to the input dtype.
+/// Softmax over the last dimension, computed in f32 (f64 for f64 input) and cast back to the input
+/// dtype.
 pub fn softmax_last_dim(x: &Tensor, mode: ForwardMode) -> Result<Tensor> {
     let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
+    let x = x.to_dtype(compute_dtype(dtype))?;
     let y = match mode {
         ForwardMode::Inference => candle_nn::ops::softmax_last_dim(&x)?,
         ForwardMode::Train => {
@@ -33,17 +43,19 @@ pub fn softmax_last_dim(x: &Tensor, mode: ForwardMode) -> Result<Tensor> {
     y.to_dtype(dtype)
 }
 
-/// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`, in f32.
+/// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`, in f32 (f64 for f64
+/// input).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, mode: ForwardMode) -> Result<Tensor> {
     let dtype = x.dtype();
+    let work = compute_dtype(dtype);
     match mode {
         ForwardMode::Inference => {
-            let xf = x.to_dtype(DType::F32)?;
-            let wf = weight.to_dtype(DType::F32)?;
+            let xf = x.to_dtype(work)?;
+            let wf = weight.to_dtype(work)?;
             candle_nn::ops::rms_norm(&xf, &wf, eps as f32)?.to_dtype(dtype)
         }
         ForwardMode::Train => {
-            let xf = x.to_dtype(DType::F32)?;
+            let xf = x.to_dtype(work)?;
             let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
             let y = xf.broadcast_div(&(var + eps)?.sqrt()?)?;
             y.to_dtype(dtype)?.broadcast_mul(weight)
@@ -51,7 +63,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, mode: ForwardMode) -> Res
     }
 }
 
-/// LayerNorm over the last dimension with affine weight and bias, in f32.
+/// LayerNorm over the last dimension with affine weight and bias, in f32 (f64 for f64 input).
 pub fn layer_norm(
     x: &Tensor,
     weight: &Tensor,
@@ -60,9 +72,10 @@ pub fn layer_norm(
     mode: ForwardMode,
 ) -> Result<Tensor> {
     let dtype = x.dtype();
-    let xf = x.to_dtype(DType::F32)?;
-    let wf = weight.to_dtype(DType::F32)?;
-    let bf = bias.to_dtype(DType::F32)?;
+    let work = compute_dtype(dtype);
+    let xf = x.to_dtype(work)?;
+    let wf = weight.to_dtype(work)?;
+    let bf = bias.to_dtype(work)?;
     let y = match mode {
         ForwardMode::Inference => candle_nn::ops::layer_norm(&xf, &wf, &bf, eps as f32)?,
         ForwardMode::Train => {

@@ -36,9 +36,37 @@ pub struct CheckArgs {
     /// '{"prompt_key": "question"}'.
     #[arg(long)]
     pub config: Option<String>,
+    /// ECG load options for arrays / CSV as a JSON object (fs, orientation, leads, npz_key,
+    /// offset, gain, dicom_item), e.g. '{"fs": 500, "orientation": "samples_by_leads"}'.
+    #[arg(long)]
+    pub ecg: Option<String>,
+    /// DICOM windowing: `file` (the file's window, else min-max), `minmax`, or
+    /// `CENTER,WIDTH` in modality units (e.g. `-600,1500`).
+    #[arg(long, default_value = "file", allow_hyphen_values = true)]
+    pub window: String,
     /// Do not draw a progress bar.
     #[arg(long)]
     pub quiet: bool,
+}
+
+fn parse_window(s: &str) -> anyhow::Result<qoq_data::dicom::Windowing> {
+    use qoq_data::dicom::Windowing;
+    Ok(match s {
+        "file" => Windowing::FromFile,
+        "minmax" => Windowing::MinMax,
+        _ => {
+            let (c, w) = s
+                .split_once(',')
+                .context("--window must be `file`, `minmax` or CENTER,WIDTH")?;
+            let center: f64 = c
+                .trim()
+                .parse()
+                .context("--window centre is not a number")?;
+            let width: f64 = w.trim().parse().context("--window width is not a number")?;
+            anyhow::ensure!(width >= 1.0, "--window width must be at least 1");
+            Windowing::Fixed { center, width }
+        }
+    })
 }
 
 pub fn run(cmd: DataCommand) -> anyhow::Result<ExitCode> {
@@ -90,7 +118,17 @@ fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
         );
         bar
     };
-    let report = qoq_data::check::check_manifest(&a.manifest, cfg, |done, total| {
+    let opts = qoq_data::check::CheckOptions {
+        image: qoq_data::vision::ImageLoadOptions {
+            windowing: parse_window(&a.window)?,
+            video_frames: cfg.video_frames,
+        },
+        ecg: match &a.ecg {
+            Some(js) => serde_json::from_str(js).context("--ecg is not valid ECG load options")?,
+            None => Default::default(),
+        },
+    };
+    let report = qoq_data::check::check_manifest_with(&a.manifest, cfg, &opts, |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })

@@ -1,4 +1,10 @@
 //! One module per subcommand; each is a thin layer over library calls.
 
+pub mod advantage;
 pub mod bench;
 pub mod data;
+pub mod logits;
+pub mod metrics;
+pub mod process;
+pub mod reward;
+pub mod synth;

@@ -1,0 +1,340 @@
+//! ECG-JEPA time-series encoder and projector (spec §5.2, §5.3).
+//!
+//! Reference: QoQ-Med `modeling_time_series_qwen2_5_vl.py::TimeSeriesEmbedding`, which wraps the
+//! ECG-JEPA `MaskTransformer` (`ecg_jepa.py`) and keeps only its `.encoder`; the forward pass is
+//! `Linear(embed_dim -> hidden)(encoder.representation(x))`.
+//!
+//! `representation(x)` with `x: (b, c = 8 leads, p * t = 2500 samples)`:
+//! 1. each lead is cut into `p` patches of `t` samples: `(b, c*p, t)`, lead-major tokens;
+//! 2. `W_P: Linear(t -> d)`;
+//! 3. for every block: `x = block(x + pos_embed)` (the fixed 2-D sin-cos table is re-added before
+//!    every block and is not trainable);
+//! 4. pre-norm blocks `x + Attn(LN1(x))`, `x + MLP(LN2(x))` where attention is masked so token
+//!    `(l, p)` sees `(l', p')` only if `l == l'` or `p == p'` (cross-attention mask);
+//! 5. final LayerNorm and mean over all `c*p` tokens.
+//!
+//! Checkpoint keys (below the `time_series_embedding` prefix): `encoder.W_P`, `encoder.pos_embed`,
+//! `encoder.encoder_blocks.blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`,
+//! `encoder.norm`, `linear`.
+
+use crate::ops::{self, ForwardMode};
+use candle_core::{DType, Device, Module, Result, Tensor, bail};
+use candle_nn::{Linear, VarBuilder};
+use qoq_core::hf_config::TimeSeriesConfig;
+
+/// Affine LayerNorm whose implementation follows [`ForwardMode`].
+#[derive(Debug, Clone)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps,
+        })
+    }
+
+    /// `(.., d) -> (.., d)`.
+    fn forward(&self, x: &Tensor, mode: ForwardMode) -> Result<Tensor> {
+        ops::layer_norm(x, &self.weight, &self.bias, self.eps, mode)
+    }
+}
+
+/// `nn.Linear` with an optional bias, loaded under the checkpoint key `vb`.
+fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    let weight = vb.get((out_dim, in_dim), "weight")?;
+    let bias = if bias {
+        Some(vb.get(out_dim, "bias")?)
+    } else {
+        None
+    };
+    Ok(Linear::new(weight, bias))
+}
+
+/// ECG-JEPA multi-head self-attention (`ecg_jepa.py::Attention`), with an additive mask.
+#[derive(Debug, Clone)]
+struct EcgAttention {
+    qkv: Linear,
+    proj: Linear,
+    num_heads: usize,
+    head_dim: usize,
+}
+
+impl EcgAttention {
+    fn new(dim: usize, num_heads: usize, qkv_bias: bool, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            qkv: linear(dim, 3 * dim, qkv_bias, vb.pp("qkv"))?,
+            proj: linear(dim, dim, true, vb.pp("proj"))?,
+            num_heads,
+            head_dim: dim / num_heads,
+        })
+    }
+
+    /// `x: (b, n, d)`, `mask: (n, n)` f32 additive (0 or -inf) -> `(b, n, d)`.
+    fn forward(&self, x: &Tensor, mask: &Tensor, mode: ForwardMode) -> Result<Tensor> {
+        let (b, n, d) = x.dims3()?;
+        let qkv = self
+            .qkv
+            .forward(x)? // (b, n, 3d)
+            .reshape((b, n, 3, self.num_heads, self.head_dim))?
+            .permute((2, 0, 3, 1, 4))?; // (3, b, h, n, hd)
+        let q = qkv.get(0)?.contiguous()?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let logits = (q.matmul(&k.t()?)? * scale)?; // (b, h, n, n)
+        let logits = logits.to_dtype(DType::F32)?.broadcast_add(mask)?;
+        let probs = ops::softmax_last_dim(&logits, mode)?.to_dtype(v.dtype())?;
+        let out = probs
+            .matmul(&v)? // (b, h, n, hd)
+            .transpose(1, 2)?
+            .reshape((b, n, d))?;
+        self.proj.forward(&out)
+    }
+}
+
+/// `Linear -> GELU (exact erf) -> Linear` (`ecg_jepa.py::Mlp`).
+#[derive(Debug, Clone)]
+struct EcgMlp {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl EcgMlp {
+    /// `(.., d) -> (.., d)`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&self.fc1.forward(x)?.gelu_erf()?)
+    }
+}
+
+/// Pre-norm transformer block (`ecg_jepa.py::Block`).
+#[derive(Debug, Clone)]
+struct EcgBlock {
+    norm1: LayerNorm,
+    attn: EcgAttention,
+    norm2: LayerNorm,
+    mlp: EcgMlp,
+}
+
+impl EcgBlock {
+    fn new(cfg: &TimeSeriesConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.embed_dim;
+        let hidden = mlp_hidden(cfg);
+        Ok(Self {
+            norm1: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("norm1"))?,
+            attn: EcgAttention::new(d, cfg.num_heads, cfg.qkv_bias, vb.pp("attn"))?,
+            norm2: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("norm2"))?,
+            mlp: EcgMlp {
+                fc1: linear(d, hidden, true, vb.pp("mlp.fc1"))?,
+                fc2: linear(hidden, d, true, vb.pp("mlp.fc2"))?,
+            },
+        })
+    }
+
+    /// `(b, n, d) -> (b, n, d)`.
+    fn forward(&self, x: &Tensor, mask: &Tensor, mode: ForwardMode) -> Result<Tensor> {
+        let x = (x + self
+            .attn
+            .forward(&self.norm1.forward(x, mode)?, mask, mode)?)?;
+        &x + self.mlp.forward(&self.norm2.forward(&x, mode)?)?
+    }
+}
+
+/// MLP width of the ECG-JEPA blocks: `int(embed_dim * mlp_ratio)` as in `ecg_jepa.py`.
+fn mlp_hidden(cfg: &TimeSeriesConfig) -> usize {
+    (cfg.embed_dim as f64 * cfg.mlp_ratio) as usize
+}
+
+/// The ECG-JEPA cross-attention mask (`MaskTransformer._cross_attention_mask`) as an additive
+/// `(c*p, c*p)` f32 tensor: 0 where token `(l, p)` may see `(l', p')` (same lead or same time
+/// patch), `-inf` elsewhere. Tokens are lead-major: index `l * p_count + p`.
+pub fn cross_attention_mask(leads: usize, patches: usize, device: &Device) -> Result<Tensor> {
+    let n = leads * patches;
+    let mut data = vec![f32::NEG_INFINITY; n * n];
+    for i in 0..n {
+        let (li, pi) = (i / patches, i % patches);
+        for j in 0..n {
+            let (lj, pj) = (j / patches, j % patches);
+            if li == lj || pi == pj {
+                data[i * n + j] = 0.0;
+            }
+        }
+    }
+    Tensor::from_vec(data, (n, n), device)
+}
+
+/// The fixed 2-D sin-cos positional table of ECG-JEPA (`pos_encoding.py::get_2d_sincos_pos_embed`
+/// with `grid_h = leads`, `grid_w = patches`), `(leads * patches, dim)` in f64 precision then f32.
+///
+/// Row `l * patches + p` is `concat(E(p), E(l))` where `E(x) = [sin(x w_k), cos(x w_k)]`,
+/// `w_k = 10000^(-k / (dim/4))`, `k = 0..dim/4` (spec §5.2 step 4). `dim` must be a multiple of 4.
+pub fn sincos_pos_embed(
+    dim: usize,
+    leads: usize,
+    patches: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    if !dim.is_multiple_of(4) {
+        bail!("ECG-JEPA sin-cos positional embedding needs embed_dim divisible by 4, got {dim}");
+    }
+    let quarter = dim / 4;
+    let omega: Vec<f64> = (0..quarter)
+        .map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64))
+        .collect();
+    let one_d = |pos: usize, out: &mut Vec<f32>| {
+        for w in &omega {
+            out.push((pos as f64 * w).sin() as f32);
+        }
+        for w in &omega {
+            out.push((pos as f64 * w).cos() as f32);
+        }
+    };
+    let mut data = Vec::with_capacity(leads * patches * dim);
+    for l in 0..leads {
+        for p in 0..patches {
+            one_d(p, &mut data);
+            one_d(l, &mut data);
+        }
+    }
+    Tensor::from_vec(data, (leads * patches, dim), device)
+}
+
+/// `encoder.pos_embed`, stored either as `(c*p, d)` or as upstream's `(1, c*p, d)` parameter;
+/// returned as `(1, c*p, d)`.
+fn load_pos_embed(n: usize, d: usize, vb: &VarBuilder) -> Result<Tensor> {
+    match vb.get((n, d), "pos_embed") {
+        Ok(t) => t.unsqueeze(0),
+        Err(flat_err) => vb.get((1, n, d), "pos_embed").map_err(|_| flat_err),
+    }
+}
+
+/// The ECG-JEPA encoder (`ecg_jepa.py::MaskTransformer`, `representation` path only).
+#[derive(Debug, Clone)]
+struct MaskTransformer {
+    w_p: Linear,
+    /// `(1, c*p, d)`, fixed (detached in every forward, as `requires_grad=False` upstream).
+    pos_embed: Tensor,
+    blocks: Vec<EcgBlock>,
+    norm: LayerNorm,
+    /// `(c*p, c*p)` additive f32 mask.
+    mask: Tensor,
+    cfg: TimeSeriesConfig,
+}
+
+impl MaskTransformer {
+    fn new(cfg: &TimeSeriesConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.embed_dim;
+        if cfg.num_heads == 0 || !d.is_multiple_of(cfg.num_heads) {
+            bail!(
+                "time_series_config: embed_dim {d} is not a multiple of num_heads {}",
+                cfg.num_heads
+            );
+        }
+        let n = cfg.leads * cfg.patches_per_lead;
+        let blocks = (0..cfg.depth)
+            .map(|i| EcgBlock::new(cfg, vb.pp(format!("encoder_blocks.blocks.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            w_p: linear(cfg.patch_size, d, true, vb.pp("W_P"))?,
+            pos_embed: load_pos_embed(n, d, &vb)?,
+            blocks,
+            norm: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("norm"))?,
+            mask: cross_attention_mask(cfg.leads, cfg.patches_per_lead, vb.device())?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// `representation(x)`: `(b, c, p*t)` -> `(b, d)`.
+    fn representation(&self, x: &Tensor, mode: ForwardMode) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let dims = x.dims();
+        if dims.len() != 3 || dims[1] != cfg.leads || dims[2] != cfg.samples() {
+            bail!(
+                "ECG input must have shape (batch, {} leads, {} samples), got {:?}",
+                cfg.leads,
+                cfg.samples(),
+                dims
+            );
+        }
+        let b = dims[0];
+        let n = cfg.leads * cfg.patches_per_lead;
+        let x = x
+            .to_dtype(self.pos_embed.dtype())?
+            .reshape((b, n, cfg.patch_size))?; // (b, c*p, t), lead-major
+        let mut h = self.w_p.forward(&x)?; // (b, n, d)
+        let pos = self.pos_embed.detach(); // (1, n, d)
+        for blk in &self.blocks {
+            h = blk.forward(&h.broadcast_add(&pos)?, &self.mask, mode)?;
+        }
+        self.norm.forward(&h, mode)?.mean(1) // (b, d)
+    }
+}
+
+/// QoQ-Med's `TimeSeriesEmbedding`: the ECG-JEPA encoder followed by a linear projector into the
+/// language model's hidden size (one token per ECG).
+#[derive(Debug, Clone)]
+pub struct TimeSeriesEmbedding {
+    encoder: MaskTransformer,
+    linear: Linear,
+}
+
+impl TimeSeriesEmbedding {
+    /// Load from `vb` at the prefix `time_series_embedding`; `out_dim` is the LLM hidden size.
+    pub fn new(cfg: &TimeSeriesConfig, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            encoder: MaskTransformer::new(cfg, vb.pp("encoder"))?,
+            linear: linear(cfg.embed_dim, out_dim, true, vb.pp("linear"))?,
+        })
+    }
+
+    /// The encoder representation before the projector: `(b, leads, samples)` -> `(b, embed_dim)`.
+    pub fn encode(&self, x: &Tensor, mode: ForwardMode) -> Result<Tensor> {
+        self.encoder.representation(x, mode)
+    }
+
+    /// Encoder then projector: `(b, leads, samples)` -> `(b, out_dim)`.
+    pub fn forward(&self, x: &Tensor, mode: ForwardMode) -> Result<Tensor> {
+        self.linear.forward(&self.encode(x, mode)?)
+    }
+
+    /// The fixed positional table as loaded from the checkpoint, `(1, c*p, d)`.
+    pub fn pos_embed(&self) -> &Tensor {
+        &self.encoder.pos_embed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cross_mask_allows_same_lead_or_same_patch_only() -> Result<()> {
+        let m = cross_attention_mask(3, 4, &Device::Cpu)?.to_vec2::<f32>()?;
+        // token (1, 2) = 6
+        let row = &m[6];
+        for (j, v) in row.iter().enumerate() {
+            let ok = j / 4 == 1 || j % 4 == 2;
+            assert_eq!(*v == 0.0, ok, "column {j}");
+            assert_eq!(v.is_infinite(), !ok, "column {j}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn sincos_table_encodes_patch_then_lead() -> Result<()> {
+        let t = sincos_pos_embed(8, 2, 3, &Device::Cpu)?.to_vec2::<f32>()?;
+        // row for lead 1, patch 2: first half E(2), second half E(1); quarter = 2, w = [1, 0.01]
+        let row = &t[3 + 2];
+        let e = |x: f64| [x.sin(), (x * 0.01).sin(), x.cos(), (x * 0.01).cos()];
+        let want: Vec<f64> = e(2.0).into_iter().chain(e(1.0)).collect();
+        for (a, b) in row.iter().zip(want) {
+            assert!((*a as f64 - b).abs() < 1e-6, "{a} vs {b}");
+        }
+        Ok(())
+    }
+}

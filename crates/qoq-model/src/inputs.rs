@@ -1,0 +1,122 @@
+//! [`ModelInputs`]: what one forward pass of [`crate::ClinicalVlm`] consumes (spec §4.2, §5.1,
+//! §5.5). Position ids are supplied by the caller (the processor's `get_rope_index`), as in the
+//! reference actor, which passes them explicitly.
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Tensor};
+
+/// Inputs of one forward pass.
+#[derive(Debug, Clone)]
+pub struct ModelInputs {
+    /// `(b, s)` token ids, u32 or i64.
+    pub input_ids: Tensor,
+    /// `(b, s)`, 1 for real tokens and 0 for (left) padding; `None` means no padding.
+    pub attention_mask: Option<Tensor>,
+    /// `(3, b, s)` M-RoPE position ids (temporal, height, width).
+    pub position_ids: Tensor,
+    /// `(patches, 1176)` flattened image patches of all images, in order.
+    pub pixel_values: Option<Tensor>,
+    /// `(t, h, w)` patch grid of each image.
+    pub image_grid_thw: Vec<[usize; 3]>,
+    /// `(patches, 1176)` flattened video patches of all videos, in order.
+    pub pixel_values_videos: Option<Tensor>,
+    /// `(t, h, w)` patch grid of each video.
+    pub video_grid_thw: Vec<[usize; 3]>,
+    /// `(b, 8, 2500)` ECG of each sample (one `<|time_series_pad|>` token per sample).
+    pub time_series_data: Option<Tensor>,
+}
+
+impl ModelInputs {
+    /// Text-only inputs.
+    pub fn text(input_ids: Tensor, attention_mask: Option<Tensor>, position_ids: Tensor) -> Self {
+        Self {
+            input_ids,
+            attention_mask,
+            position_ids,
+            pixel_values: None,
+            image_grid_thw: Vec::new(),
+            pixel_values_videos: None,
+            video_grid_thw: Vec::new(),
+            time_series_data: None,
+        }
+    }
+
+    /// `(b, s)`, after checking that all shapes agree.
+    pub fn validate(&self) -> Result<(usize, usize)> {
+        let bad = |field: &'static str, message: String| Error::Input { field, message };
+        let (b, s) = self.input_ids.dims2().map_err(|_| {
+            bad(
+                "input_ids",
+                format!("must be (b, s), got {:?}", self.input_ids.shape()),
+            )
+        })?;
+        if !matches!(self.input_ids.dtype(), DType::U32 | DType::I64) {
+            return Err(bad(
+                "input_ids",
+                format!("integer dtype expected, got {:?}", self.input_ids.dtype()),
+            ));
+        }
+        if let Some(m) = &self.attention_mask
+            && m.dims() != [b, s]
+        {
+            return Err(bad(
+                "attention_mask",
+                format!("must be ({b}, {s}), got {:?}", m.shape()),
+            ));
+        }
+        if self.position_ids.dims() != [3, b, s] {
+            return Err(bad(
+                "position_ids",
+                format!("must be (3, {b}, {s}), got {:?}", self.position_ids.shape()),
+            ));
+        }
+        for (field, pv, grids) in [
+            ("pixel_values", &self.pixel_values, &self.image_grid_thw),
+            (
+                "pixel_values_videos",
+                &self.pixel_values_videos,
+                &self.video_grid_thw,
+            ),
+        ] {
+            let patches: usize = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
+            match pv {
+                Some(p) => {
+                    let rows = p
+                        .dims2()
+                        .map_err(|_| {
+                            bad(
+                                field,
+                                format!("must be (patches, dim), got {:?}", p.shape()),
+                            )
+                        })?
+                        .0;
+                    if rows != patches {
+                        return Err(bad(
+                            field,
+                            format!("{rows} patch rows but the grids hold {patches}"),
+                        ));
+                    }
+                }
+                None if !grids.is_empty() => {
+                    return Err(bad(field, "grids given without pixel values".into()));
+                }
+                None => {}
+            }
+        }
+        if let Some(ts) = &self.time_series_data {
+            let (tb, _, _) = ts.dims3().map_err(|_| {
+                bad(
+                    "time_series_data",
+                    format!("must be (b, leads, samples), got {:?}", ts.shape()),
+                )
+            })?;
+            if tb != b {
+                return Err(bad(
+                    "time_series_data",
+                    format!("{tb} series for a batch of {b}"),
+                ));
+            }
+        }
+        Ok((b, s))
+    }
+}

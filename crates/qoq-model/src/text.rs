@@ -1,0 +1,384 @@
+//! The Qwen2 decoder of Qwen2.5-VL with multimodal rotary embeddings (spec §5.5).
+//!
+//! Reference: transformers 4.51.3 `models/qwen2_5_vl/modeling_qwen2_5_vl.py`:
+//! `Qwen2_5_VLRotaryEmbedding`, `apply_multimodal_rotary_pos_emb`, `Qwen2_5_VLAttention` (eager),
+//! `Qwen2MLP`, `Qwen2RMSNorm`, `Qwen2_5_VLDecoderLayer`, `Qwen2_5_VLModel` and its
+//! `_update_causal_mask`. Field and `vb.pp` names equal the checkpoint keys under `model.`.
+
+use crate::lora::{LoraBuilder, Proj};
+use crate::ops::{self, ForwardMode};
+use candle_core::{D, DType, Device, Module, Result, Tensor};
+use candle_nn::{Embedding, VarBuilder};
+use qoq_core::hf_config::TextConfig;
+
+/// M-RoPE frequencies: `inv_freq[k] = theta^(-2k/head_dim)` and the `mrope_section` split of the
+/// frequency channels over the temporal, height and width position axes.
+#[derive(Debug, Clone)]
+pub struct MropeRotary {
+    inv_freq: Tensor, // (head_dim/2,) f32
+    section: Vec<usize>,
+}
+
+/// Per-forward cosine and sine tables.
+#[derive(Debug, Clone)]
+pub struct RopeTables {
+    cos_half: Tensor, // (b, s, head_dim/2), model dtype, contiguous
+    sin_half: Tensor,
+    cos_full: Tensor, // (b, 1, s, head_dim), model dtype
+    sin_full: Tensor,
+}
+
+impl MropeRotary {
+    /// Frequencies for `cfg.head_dim()` and `cfg.rope_theta`.
+    pub fn new(cfg: &TextConfig, dev: &Device) -> Result<Self> {
+        let dim = cfg.head_dim();
+        let inv: Vec<f32> = (0..dim)
+            .step_by(2)
+            .map(|i| (1.0 / cfg.rope_theta.powf(i as f64 / dim as f64)) as f32)
+            .collect();
+        let section = cfg.rope_scaling.mrope_section.clone();
+        if section.len() != 3 || section.iter().sum::<usize>() != dim / 2 {
+            candle_core::bail!(
+                "mrope_section {section:?} must have 3 entries summing to {}",
+                dim / 2
+            );
+        }
+        Ok(Self {
+            inv_freq: Tensor::new(inv, dev)?,
+            section,
+        })
+    }
+
+    /// `position_ids: (3, b, s)` (any integer or float dtype) → tables in `dtype`.
+    ///
+    /// Channel `j < head_dim/2` takes its angle from axis 0 (t) for `j < section[0]`, axis 1 (h)
+    /// for the next `section[1]` channels and axis 2 (w) for the rest; the second half repeats the
+    /// first (`rotate_half` convention).
+    pub fn tables(&self, position_ids: &Tensor, dtype: DType) -> Result<RopeTables> {
+        let (three, _b, _s) = position_ids.dims3()?;
+        if three != 3 {
+            candle_core::bail!(
+                "position_ids must be (3, b, s), got {:?}",
+                position_ids.shape()
+            );
+        }
+        let half = self.inv_freq.dim(0)?;
+        let pos = position_ids.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?; // (3, b, s, 1)
+        let freqs = pos.broadcast_mul(&self.inv_freq.reshape((1, 1, 1, half))?)?; // (3, b, s, half)
+        let mut parts = Vec::with_capacity(3);
+        let mut off = 0;
+        for (axis, &n) in self.section.iter().enumerate() {
+            parts.push(freqs.get(axis)?.narrow(D::Minus1, off, n)?);
+            off += n;
+        }
+        let f = Tensor::cat(&parts, D::Minus1)?; // (b, s, half)
+        let cos_half = f.cos()?.to_dtype(dtype)?.contiguous()?;
+        let sin_half = f.sin()?.to_dtype(dtype)?.contiguous()?;
+        let cos_full = Tensor::cat(&[&cos_half, &cos_half], D::Minus1)?.unsqueeze(1)?;
+        let sin_full = Tensor::cat(&[&sin_half, &sin_half], D::Minus1)?.unsqueeze(1)?;
+        Ok(RopeTables {
+            cos_half,
+            sin_half,
+            cos_full,
+            sin_full,
+        })
+    }
+}
+
+fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+}
+
+/// `x: (b, heads, s, head_dim)` rotated by the tables: `x·cos + rotate_half(x)·sin`.
+pub fn apply_rope(x: &Tensor, t: &RopeTables, mode: ForwardMode) -> Result<Tensor> {
+    match mode {
+        ForwardMode::Inference => {
+            candle_nn::rotary_emb::rope(&x.contiguous()?, &t.cos_half, &t.sin_half)
+        }
+        ForwardMode::Train => {
+            x.broadcast_mul(&t.cos_full)? + rotate_half(x)?.broadcast_mul(&t.sin_full)?
+        }
+    }
+}
+
+/// Attention mask `(b, 1, s, s)` as u8: 1 where query `i` may see key `j` (`j <= i` and key `j`
+/// not padding), 0 elsewhere — `_update_causal_mask` of the reference.
+///
+/// `attention_mask: (b, s)`, 1 = real token, 0 = padding (left padding in practice).
+pub fn causal_padding_mask(
+    attention_mask: Option<&Tensor>,
+    b: usize,
+    s: usize,
+    dev: &Device,
+) -> Result<Tensor> {
+    let keep: Option<Vec<Vec<f32>>> = match attention_mask {
+        Some(m) => Some(m.to_dtype(DType::F32)?.to_vec2::<f32>()?),
+        None => None,
+    };
+    let mut data = vec![0u8; b * s * s];
+    for bi in 0..b {
+        for i in 0..s {
+            for j in 0..=i {
+                let pad = keep.as_ref().is_some_and(|k| k[bi][j] == 0.0);
+                if !pad {
+                    data[(bi * s + i) * s + j] = 1;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(data, (b, 1, s, s), dev)
+}
+
+/// Replace masked attention logits by the dtype's minimum (`masked_fill`, as the reference's
+/// additive `finfo.min` mask): a query whose keys are all masked (a left-pad position) attends
+/// uniformly, and masked logits pass no gradient.
+fn mask_scores(scores: &Tensor, allowed: &Tensor) -> Result<Tensor> {
+    // f32's minimum also for f64 logits: the value HF uses for f32 models.
+    let neg = Tensor::new(f64::from(f32::MIN), scores.device())?
+        .to_dtype(scores.dtype())?
+        .broadcast_as(scores.shape())?;
+    allowed
+        .broadcast_as(scores.shape())?
+        .where_cond(scores, &neg)
+}
+
+/// `Qwen2RMSNorm`.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    /// `weight: (dim,)` at `vb`.
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?,
+            eps,
+        })
+    }
+
+    /// `(..., dim)` → `(..., dim)`.
+    pub fn forward(&self, x: &Tensor, mode: ForwardMode) -> Result<Tensor> {
+        ops::rms_norm(x, &self.weight, self.eps, mode)
+    }
+}
+
+fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x);
+    }
+    let (b, kv, s, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .expand((b, kv, n_rep, s, d))?
+        .reshape((b, kv * n_rep, s, d))
+}
+
+/// Grouped-query self-attention with q/k/v biases and M-RoPE.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q_proj: Proj,
+    k_proj: Proj,
+    v_proj: Proj,
+    o_proj: Proj,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    /// Projections at `vb` (`self_attn`).
+    pub fn new(cfg: &TextConfig, vb: VarBuilder, lora: Option<&LoraBuilder>) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let hd = cfg.head_dim();
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        Ok(Self {
+            q_proj: Proj::new(h, nh * hd, true, "q_proj", vb.clone(), lora)?,
+            k_proj: Proj::new(h, nkv * hd, true, "k_proj", vb.clone(), lora)?,
+            v_proj: Proj::new(h, nkv * hd, true, "v_proj", vb.clone(), lora)?,
+            o_proj: Proj::new(nh * hd, h, false, "o_proj", vb, lora)?,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+        })
+    }
+
+    /// `x: (b, s, hidden)`, `mask: (b, 1, s, s)` u8 (1 = may attend) → `(b, s, hidden)`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        mask: &Tensor,
+        mode: ForwardMode,
+    ) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let split = |t: Tensor, n: usize| -> Result<Tensor> {
+            t.reshape((b, s, n, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split(self.q_proj.forward(x)?, self.num_heads)?; // (b, nh, s, hd)
+        let k = split(self.k_proj.forward(x)?, self.num_kv_heads)?; // (b, nkv, s, hd)
+        let v = split(self.v_proj.forward(x)?, self.num_kv_heads)?;
+        let q = apply_rope(&q, rope, mode)?;
+        let k = apply_rope(&k, rope, mode)?;
+        let n_rep = self.num_heads / self.num_kv_heads;
+        let k = repeat_kv(k, n_rep)?.contiguous()?; // (b, nh, s, hd)
+        let v = repeat_kv(v, n_rep)?.contiguous()?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?; // (b, nh, s, s)
+        let work = ops::compute_dtype(x.dtype());
+        let scores = mask_scores(&scores.to_dtype(work)?, mask)?;
+        let probs = ops::softmax_last_dim(&scores, mode)?.to_dtype(x.dtype())?;
+        let out = probs.matmul(&v)?; // (b, nh, s, hd)
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, s, self.num_heads * self.head_dim))?;
+        self.o_proj.forward(&out)
+    }
+
+    fn projs(&self) -> [&Proj; 4] {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
+    }
+}
+
+/// SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    gate_proj: Proj,
+    up_proj: Proj,
+    down_proj: Proj,
+}
+
+impl Mlp {
+    /// Projections at `vb` (`mlp`).
+    pub fn new(cfg: &TextConfig, vb: VarBuilder, lora: Option<&LoraBuilder>) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: Proj::new(h, i, false, "gate_proj", vb.clone(), lora)?,
+            up_proj: Proj::new(h, i, false, "up_proj", vb.clone(), lora)?,
+            down_proj: Proj::new(i, h, false, "down_proj", vb, lora)?,
+        })
+    }
+
+    /// `(b, s, hidden)` → `(b, s, hidden)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = self.gate_proj.forward(x)?.silu()?;
+        self.down_proj.forward(&(g * self.up_proj.forward(x)?)?)
+    }
+}
+
+/// Pre-norm decoder layer.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    /// Layer at `vb` (`layers.{i}`).
+    pub fn new(cfg: &TextConfig, vb: VarBuilder, lora: Option<&LoraBuilder>) -> Result<Self> {
+        Ok(Self {
+            self_attn: Attention::new(cfg, vb.pp("self_attn"), lora)?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"), lora)?,
+            input_layernorm: RmsNorm::new(
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                vb.pp("input_layernorm"),
+            )?,
+            post_attention_layernorm: RmsNorm::new(
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                vb.pp("post_attention_layernorm"),
+            )?,
+        })
+    }
+
+    /// `(b, s, hidden)` → `(b, s, hidden)`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        mask: &Tensor,
+        mode: ForwardMode,
+    ) -> Result<Tensor> {
+        let h = self.input_layernorm.forward(x, mode)?;
+        let x = (x + self.self_attn.forward(&h, rope, mask, mode)?)?;
+        let h = self.post_attention_layernorm.forward(&x, mode)?;
+        x + self.mlp.forward(&h)?
+    }
+}
+
+/// `Qwen2_5_VLModel`: token embeddings, decoder layers and the final norm (checkpoint prefix
+/// `model.`).
+#[derive(Debug, Clone)]
+pub struct TextModel {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    rotary: MropeRotary,
+}
+
+impl TextModel {
+    /// Build at `vb` (`model`), with LoRA adapters when `lora` is given.
+    pub fn new(cfg: &TextConfig, vb: VarBuilder, lora: Option<&LoraBuilder>) -> Result<Self> {
+        let embed_tokens =
+            candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::new(cfg, vb.pp("layers").pp(i), lora))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))?,
+            rotary: MropeRotary::new(cfg, vb.device())?,
+        })
+    }
+
+    /// The embedding matrix `(vocab, hidden)` (for tied `lm_head`).
+    pub fn embed_weight(&self) -> &Tensor {
+        self.embed_tokens.embeddings()
+    }
+
+    /// `input_ids: (b, s)` u32 → `(b, s, hidden)`.
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.embed_tokens.forward(input_ids)
+    }
+
+    /// `inputs_embeds: (b, s, hidden)`, `position_ids: (3, b, s)`, `attention_mask: (b, s)` →
+    /// last hidden states after the final norm, `(b, s, hidden)`.
+    pub fn forward_embeds(
+        &self,
+        inputs_embeds: &Tensor,
+        position_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        mode: ForwardMode,
+    ) -> Result<Tensor> {
+        let (b, s, _) = inputs_embeds.dims3()?;
+        let rope = self.rotary.tables(position_ids, inputs_embeds.dtype())?;
+        let mask = causal_padding_mask(attention_mask, b, s, inputs_embeds.device())?;
+        let mut x = inputs_embeds.clone();
+        for layer in &self.layers {
+            x = layer.forward(&x, &rope, &mask, mode)?;
+        }
+        self.norm.forward(&x, mode)
+    }
+
+    /// All projections that carry a LoRA adapter.
+    pub fn adapted_projs(&self) -> Vec<&Proj> {
+        self.layers
+            .iter()
+            .flat_map(|l| {
+                let mut v: Vec<&Proj> = l.self_attn.projs().to_vec();
+                v.extend([&l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj]);
+                v
+            })
+            .filter(|p| p.has_adapter())
+            .collect()
+    }
+}

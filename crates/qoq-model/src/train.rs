@@ -1,0 +1,206 @@
+//! Training support: parameters as `Var`s where trainable, freezing switches per component, and
+//! saving (with LoRA adapters merged) under the checkpoint's key names (spec §6).
+//!
+//! Reference: `verl/workers/fsdp_workers.py::_build_model_optimizer` (`freeze_vision_tower`,
+//! `freeze_llm`, `freeze_time_series_encoder`, all false by default).
+
+use crate::error::{Error, Result};
+use crate::model::ClinicalVlm;
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use candle_nn::VarBuilder;
+use candle_nn::var_builder::SimpleBackend;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// Which components are frozen (their parameters are plain tensors and get no gradient).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Freeze {
+    /// `visual.*`.
+    #[serde(default)]
+    pub vision_tower: bool,
+    /// `time_series_embedding.*` (ECG-JEPA encoder and projector).
+    #[serde(default)]
+    pub time_series_encoder: bool,
+    /// `model.*` and `lm_head.*` (the decoder; also freeze it when training LoRA adapters).
+    #[serde(default)]
+    pub llm: bool,
+}
+
+/// The component a parameter (flat-layout name) belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    /// `visual.*`.
+    VisionTower,
+    /// `time_series_embedding.*`.
+    TimeSeriesEncoder,
+    /// Everything else (`model.*`, `lm_head.*`).
+    Llm,
+}
+
+impl Component {
+    /// Component of a parameter name.
+    pub fn of(name: &str) -> Self {
+        if name.starts_with("visual.") {
+            Component::VisionTower
+        } else if name.starts_with("time_series_embedding.") {
+            Component::TimeSeriesEncoder
+        } else {
+            Component::Llm
+        }
+    }
+}
+
+impl Freeze {
+    /// Whether the parameter `name` is trained. ECG-JEPA's fixed sin-cos table (`pos_embed`, a
+    /// `requires_grad=False` parameter upstream) never is.
+    pub fn trains(&self, name: &str) -> bool {
+        if name.ends_with(".pos_embed") {
+            return false;
+        }
+        match Component::of(name) {
+            Component::VisionTower => !self.vision_tower,
+            Component::TimeSeriesEncoder => !self.time_series_encoder,
+            Component::Llm => !self.llm,
+        }
+    }
+}
+
+/// One model parameter.
+#[derive(Debug, Clone)]
+pub enum Param {
+    /// Receives gradients.
+    Trainable(Var),
+    /// Fixed.
+    Frozen(Tensor),
+}
+
+impl Param {
+    /// The value.
+    pub fn tensor(&self) -> &Tensor {
+        match self {
+            Param::Trainable(v) => v.as_tensor(),
+            Param::Frozen(t) => t,
+        }
+    }
+}
+
+/// All parameters the model took, by checkpoint (flat-layout) name.
+#[derive(Debug, Clone, Default)]
+pub struct ParamStore(Arc<Mutex<BTreeMap<String, Param>>>);
+
+impl ParamStore {
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, BTreeMap<String, Param>>> {
+        self.0
+            .lock()
+            .map_err(|_| Error::Config("parameter store poisoned".into()))
+    }
+
+    /// `(name, var)` of every trainable parameter, sorted by name.
+    pub fn trainable(&self) -> Result<Vec<(String, Var)>> {
+        Ok(self
+            .lock()?
+            .iter()
+            .filter_map(|(n, p)| match p {
+                Param::Trainable(v) => Some((n.clone(), v.clone())),
+                Param::Frozen(_) => None,
+            })
+            .collect())
+    }
+
+    /// `(name, value)` of every parameter, sorted by name.
+    pub fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(self
+            .lock()?
+            .iter()
+            .map(|(n, p)| (n.clone(), p.tensor().clone()))
+            .collect())
+    }
+}
+
+struct TrainBackend<'a> {
+    inner: VarBuilder<'a>,
+    store: ParamStore,
+    freeze: Freeze,
+}
+
+impl SimpleBackend for TrainBackend<'_> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let mut m = self
+            .store
+            .0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("parameter store poisoned".into()))?;
+        if let Some(p) = m.get(name) {
+            return Ok(p.tensor().clone());
+        }
+        let t = self
+            .inner
+            .get_with_hints_dtype(s, name, h, dtype)?
+            .to_device(dev)?;
+        let p = if self.freeze.trains(name) {
+            Param::Trainable(Var::from_tensor(&t)?)
+        } else {
+            Param::Frozen(t.detach())
+        };
+        let out = p.tensor().clone();
+        m.insert(name.to_string(), p);
+        Ok(out)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.inner.get_unchecked_dtype(name, dtype)?.to_device(dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(name)
+    }
+}
+
+/// Wrap a weight source (checkpoint or `VarMap`, at its root) so that every parameter the model
+/// takes becomes a `Var` unless its component is frozen; the returned store lists them.
+pub fn trainable_var_builder<'a>(
+    inner: VarBuilder<'a>,
+    freeze: Freeze,
+) -> (VarBuilder<'a>, ParamStore) {
+    let store = ParamStore::default();
+    let dtype = inner.dtype();
+    let dev = inner.device().clone();
+    let backend = TrainBackend {
+        inner,
+        store: store.clone(),
+        freeze,
+    };
+    (
+        VarBuilder::from_backend(Box::new(backend), dtype, dev),
+        store,
+    )
+}
+
+/// Write every parameter of `store` to a safetensors file under its checkpoint name, with the
+/// LoRA adapters of `model` merged into their base weights (`W + alpha/r · B A`).
+pub fn save_merged(model: &ClinicalVlm, store: &ParamStore, path: &Path) -> Result<()> {
+    let mut out: HashMap<String, Tensor> = store.tensors()?.into_iter().collect();
+    for p in model.adapted_projs() {
+        if let Some((name, w)) = p.merged_weight()? {
+            if !out.contains_key(&name) {
+                return Err(Error::Config(format!(
+                    "adapter base weight {name} not in the store"
+                )));
+            }
+            out.insert(name, w);
+        }
+    }
+    candle_core::safetensors::save(&out, path).map_err(|e| Error::Checkpoint {
+        path: path.to_path_buf(),
+        message: format!("cannot write: {e}"),
+    })
+}

@@ -1,0 +1,25 @@
+//! qoq-processor: the QoQ-Med processor (spec §3, §4, §5.1, §5.5), tensor-free.
+//!
+//! It turns a `ClinicalSample` into model-ready plain arrays, the way the reference's
+//! `RLHFDataset.__getitem__` with `TimeSeriesQwen2_5_VLProcessor` does:
+//! * [`tokenizer`]: `tokenizer.json` with the Qwen2.5-VL added tokens and `<|time_series_pad|>`;
+//! * [`prompt`]: the format prompt and the chat template (`minijinja`);
+//! * [`image`]: Qwen2-VL `smart_resize`, bicubic resize, normalisation, patch flattening;
+//! * [`rope`]: M-RoPE position ids, HF `Qwen2_5_VLForConditionalGeneration.get_rope_index`;
+//! * [`processor`]: samples to [`processor::ProcessedSample`], collation to
+//!   [`processor::ProcessedBatch`].
+//!
+//! The crate has no tensor dependency (ARCHITECTURE.md places the processor inside qoq-model; it
+//! is a separate crate so its tests build without candle). The model crate turns its arrays into
+//! tensors.
+
+pub mod error;
+pub mod image;
+pub mod processor;
+pub mod prompt;
+pub mod rope;
+pub mod tokenizer;
+
+pub use error::{Error, Result};
+pub use processor::{ProcessedBatch, ProcessedSample, Processor, ProcessorOptions, Truncation};
+pub use tokenizer::QoqTokenizer;
