@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Time the reference QoQ medical reward (our faithful port of the released
 `medical_compute_score`, tools/fixtures/reward.py, torch tensors in the mask branch as released)
-on a cases file, and print one JSON line: {"responses", "seconds", "responses_per_s"}.
+on a cases file, and print one JSON line: {"responses", "seconds", "responses_per_s"} for the
+fastest of --reps passes over the cases.
 
 Usage: python3 tools/bench/reward_ref.py CASES.jsonl [--reps N]
 The cases are tools/fixtures/reward.py's format (response, answer, optional inline mask rows,
@@ -38,19 +39,20 @@ def load(path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("cases")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(1)
     cases = load(args.cases)
     for c in cases[:50]:  # warm-up
         medical_compute_score(*c)
-    t0 = time.perf_counter()
+    best = float("inf")  # best of the repetitions: the least disturbed by other load
     for _ in range(args.reps):
+        t0 = time.perf_counter()
         for c in cases:
             medical_compute_score(*c)
-    dt = time.perf_counter() - t0
-    n = len(cases) * args.reps
-    print(json.dumps({"responses": n, "seconds": dt, "responses_per_s": n / dt}))
+        best = min(best, time.perf_counter() - t0)
+    n = len(cases)
+    print(json.dumps({"responses": n, "seconds": best, "responses_per_s": n / best}))
 
 
 if __name__ == "__main__":

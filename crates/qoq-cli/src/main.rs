@@ -32,6 +32,8 @@ enum Command {
     Logits(cmd::logits::LogitsArgs),
     /// Turn manifest rows into model-ready arrays.
     Process(cmd::process::ProcessArgs),
+    /// Evaluate responses with every reasoning trace kept; compare runs.
+    Eval(cmd::eval::EvalArgs),
     /// Write the synthetic imbalanced clinical world (images, volumes, ECGs, manifests).
     Synth(cmd::synth::SynthArgs),
 }
@@ -40,8 +42,9 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,jpeg2k=warn,openjp2=warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("info,jpeg2k=warn,openjp2=warn")
+            }),
         )
         .init();
     let cli = Cli::parse();
@@ -54,6 +57,7 @@ fn main() -> std::process::ExitCode {
         Command::Logits(a) => cmd::logits::run(a),
         Command::Process(a) => cmd::process::run(a),
         Command::Synth(a) => cmd::synth::run(a),
+        Command::Eval(a) => cmd::eval::run(a),
     };
     match result {
         Ok(code) => code,

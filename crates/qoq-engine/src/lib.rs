@@ -3,10 +3,13 @@
 //! [`sampling`] is the per-sequence sampler (the vLLM `SamplingParams` the reference uses, spec §7,
 //! plus greedy, top-k, min-p and repetition penalty), seeded per sequence so that the same seed gives
 //! the same tokens whatever else shares the batch. [`stop`] decides when a sequence ends and builds
-//! the response mask the trainer uses (1 up to and including the first EOS).
+//! the response mask the trainer uses (1 up to and including the first EOS). [`generate`] runs
+//! the model with a key/value cache: n rollouts per prompt, continuous batching across prompts.
 
+pub mod generate;
 pub mod sampling;
 pub mod stop;
 
+pub use generate::{GenerateConfig, Generated, GroupRequest, generate};
 pub use sampling::{Sampled, Sampler, SamplingParams};
 pub use stop::{StopCondition, response_mask};

@@ -120,3 +120,56 @@ impl ModelInputs {
         Ok((b, s))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn base() -> ModelInputs {
+        let dev = Device::Cpu;
+        ModelInputs::text(
+            Tensor::zeros((2, 5), DType::I64, &dev).unwrap(),
+            Some(Tensor::ones((2, 5), DType::I64, &dev).unwrap()),
+            Tensor::zeros((3, 2, 5), DType::I64, &dev).unwrap(),
+        )
+    }
+
+    #[test]
+    fn inconsistent_shapes_name_the_field() {
+        assert_eq!(base().validate().unwrap(), (2, 5));
+        let dev = Device::Cpu;
+        let mut m = base();
+        m.position_ids = Tensor::zeros((2, 5), DType::I64, &dev).unwrap();
+        assert!(
+            m.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("position_ids")
+        );
+        let mut m = base();
+        m.pixel_values = Some(Tensor::zeros((16, 1176), DType::F32, &dev).unwrap());
+        m.image_grid_thw = vec![[1, 2, 4]];
+        let e = m.validate().unwrap_err().to_string();
+        assert!(e.contains("pixel_values") && e.contains("16"), "{e}");
+        let mut m = base();
+        m.video_grid_thw = vec![[1, 2, 2]];
+        assert!(
+            m.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("pixel_values_videos")
+        );
+        let mut m = base();
+        m.time_series_data = Some(Tensor::zeros((1, 8, 2500), DType::F32, &dev).unwrap());
+        assert!(
+            m.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("time_series_data")
+        );
+        let mut m = base();
+        m.input_ids = Tensor::zeros((2, 5), DType::F32, &dev).unwrap();
+        assert!(m.validate().unwrap_err().to_string().contains("input_ids"));
+    }
+}

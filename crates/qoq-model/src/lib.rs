@@ -28,3 +28,4 @@ pub mod train;
 pub use error::{Error, Result};
 pub use inputs::ModelInputs;
 pub use model::ClinicalVlm;
+pub use text::KvCache;

@@ -13,7 +13,7 @@ use crate::inputs::ModelInputs;
 use crate::lora::{LoraBuilder, Proj};
 use crate::ops::ForwardMode;
 use crate::splice::{Placeholder, splice_features};
-use crate::text::TextModel;
+use crate::text::{KvCache, TextModel};
 use crate::vision::VisionTower;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
@@ -171,6 +171,46 @@ impl ClinicalVlm {
     pub fn forward(&self, inputs: &ModelInputs, mode: ForwardMode) -> Result<Tensor> {
         let h = self.forward_hidden(inputs, mode)?;
         self.logits_from_hidden(&h)
+    }
+
+    /// Run the prompt and fill `cache` (which must be empty): logits of the last position of each
+    /// row, `(b, vocab)`. Rows are left-padded, so the last position is every row's last token.
+    /// Image, video and ECG features are computed here once.
+    pub fn prefill(
+        &self,
+        inputs: &ModelInputs,
+        cache: &mut KvCache,
+        mode: ForwardMode,
+    ) -> Result<Tensor> {
+        if !cache.is_empty() {
+            return Err(Error::Config("prefill needs an empty kv cache".into()));
+        }
+        let embeds = self.embed_inputs(inputs, mode)?;
+        let h = self.model.forward_embeds_cached(
+            &embeds,
+            &inputs.position_ids,
+            inputs.attention_mask.as_ref(),
+            cache,
+            mode,
+        )?; // (b, s, hidden)
+        let s = h.dim(1)?;
+        self.logits_from_hidden(&h.narrow(1, s - 1, 1)?.squeeze(1)?)
+    }
+
+    /// One decoding step: `input_ids: (b, 1)` (the tokens sampled last), `position_ids:
+    /// (3, b, 1)` → logits `(b, vocab)`; `cache` grows by one position.
+    pub fn decode_step(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        cache: &mut KvCache,
+        mode: ForwardMode,
+    ) -> Result<Tensor> {
+        let embeds = self.model.embed(&input_ids.to_dtype(DType::U32)?)?; // (b, 1, hidden)
+        let h = self
+            .model
+            .forward_embeds_cached(&embeds, position_ids, None, cache, mode)?;
+        self.logits_from_hidden(&h.squeeze(1)?)
     }
 
     /// Decoder projections that carry LoRA adapters.

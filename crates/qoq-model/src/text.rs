@@ -132,6 +132,136 @@ pub fn causal_padding_mask(
     Tensor::from_vec(data, (b, 1, s, s), dev)
 }
 
+/// Keys and values of every decoder layer for a batch of sequences, with the key padding mask,
+/// so that generation runs the prompt once (prefill) and then one token at a time (decode).
+/// Keys are stored after rotary embedding and before the grouped-query repeat:
+/// `(b, kv_heads, t, head_dim)` per layer.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// `(b, t)` u8, 1 = a real key, 0 = left padding.
+    key_mask: Option<Tensor>,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Cached positions per sequence (0 when empty).
+    pub fn len(&self) -> usize {
+        self.key_mask
+            .as_ref()
+            .and_then(|m| m.dim(1).ok())
+            .unwrap_or(0)
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Sequences in the cache (0 when empty).
+    pub fn batch_size(&self) -> usize {
+        self.key_mask
+            .as_ref()
+            .and_then(|m| m.dim(0).ok())
+            .unwrap_or(0)
+    }
+
+    /// The cache of the given rows only (e.g. to free finished sequences, or `[0; n]` to share
+    /// one prompt's prefill among its `n` rollouts).
+    pub fn select(&self, rows: &[u32]) -> Result<KvCache> {
+        if self.is_empty() {
+            return Ok(self.clone());
+        }
+        let dev = self.key_mask.as_ref().map(|m| m.device().clone());
+        let idx = Tensor::new(rows, dev.as_ref().unwrap_or(&Device::Cpu))?;
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| match l {
+                Some((k, v)) => Ok(Some((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?))),
+                None => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let key_mask = match &self.key_mask {
+            Some(m) => Some(m.index_select(&idx, 0)?),
+            None => None,
+        };
+        Ok(KvCache { layers, key_mask })
+    }
+}
+
+impl KvCache {
+    /// Join caches of different sequences into one batch (rows of `parts[0]` first). Shorter
+    /// caches are left-padded with masked zero keys, so every row keeps its own positions.
+    pub fn concat(parts: &[&KvCache]) -> Result<KvCache> {
+        let parts: Vec<&KvCache> = parts.iter().copied().filter(|c| !c.is_empty()).collect();
+        let Some(first) = parts.first() else {
+            return Ok(KvCache::new());
+        };
+        let t = parts.iter().map(|c| c.len()).max().unwrap_or(0);
+        let n_layers = first.layers.len();
+        if parts.iter().any(|c| c.layers.len() != n_layers) {
+            candle_core::bail!("kv caches of different depths cannot be joined");
+        }
+        let pad = |x: &Tensor, dim: usize| -> Result<Tensor> {
+            let have = x.dim(dim)?;
+            if have == t {
+                return Ok(x.clone());
+            }
+            let mut shape = x.dims().to_vec();
+            shape[dim] = t - have;
+            let z = Tensor::zeros(shape, x.dtype(), x.device())?;
+            Tensor::cat(&[&z, x], dim)
+        };
+        let mut layers = Vec::with_capacity(n_layers);
+        for l in 0..n_layers {
+            let mut ks = Vec::new();
+            let mut vs = Vec::new();
+            for c in &parts {
+                match &c.layers[l] {
+                    Some((k, v)) => {
+                        ks.push(pad(k, 2)?);
+                        vs.push(pad(v, 2)?);
+                    }
+                    None => candle_core::bail!("kv cache layer {l} is empty"),
+                }
+            }
+            layers.push(Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)));
+        }
+        let masks = parts
+            .iter()
+            .map(|c| pad(c.key_mask.as_ref().expect("non-empty cache has a mask"), 1))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache {
+            layers,
+            key_mask: Some(Tensor::cat(&masks, 0)?),
+        })
+    }
+}
+
+/// Attention mask `(b, 1, s, past + s)` as u8 for `s` new queries after `past` cached keys: query
+/// `i` may see key `j` when `j <= past + i` and key `j` is not padding.
+pub fn causal_padding_mask_with_past(key_mask: &Tensor, s: usize) -> Result<Tensor> {
+    let (b, total) = key_mask.dims2()?;
+    let past = total - s;
+    let keep = key_mask.to_dtype(DType::U8)?.to_vec2::<u8>()?;
+    let mut data = vec![0u8; b * s * total];
+    for bi in 0..b {
+        for i in 0..s {
+            for j in 0..=(past + i) {
+                if keep[bi][j] != 0 {
+                    data[(bi * s + i) * total + j] = 1;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(data, (b, 1, s, total), key_mask.device())
+}
+
 /// Replace masked attention logits by the dtype's minimum (`masked_fill`, as the reference's
 /// additive `finfo.min` mask): a query whose keys are all masked (a left-pad position) attends
 /// uniformly, and masked logits pass no gradient.
@@ -240,6 +370,48 @@ impl Attention {
         self.o_proj.forward(&out)
     }
 
+    /// As [`Attention::forward`] for `s` new tokens after the keys in `cache` (which receives the
+    /// new keys and values): `x: (b, s, hidden)`, `rope` for the new positions, `mask:
+    /// (b, 1, s, past + s)` → `(b, s, hidden)`.
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        mask: &Tensor,
+        cache: &mut Option<(Tensor, Tensor)>,
+        mode: ForwardMode,
+    ) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let split = |t: Tensor, n: usize| -> Result<Tensor> {
+            t.reshape((b, s, n, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split(self.q_proj.forward(x)?, self.num_heads)?; // (b, nh, s, hd)
+        let k = split(self.k_proj.forward(x)?, self.num_kv_heads)?; // (b, nkv, s, hd)
+        let v = split(self.v_proj.forward(x)?, self.num_kv_heads)?;
+        let q = apply_rope(&q, rope, mode)?;
+        let k = apply_rope(&k, rope, mode)?;
+        let (k, v) = match cache.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        }; // (b, nkv, past + s, hd)
+        *cache = Some((k.clone(), v.clone()));
+        let n_rep = self.num_heads / self.num_kv_heads;
+        let k = repeat_kv(k, n_rep)?.contiguous()?; // (b, nh, t, hd)
+        let v = repeat_kv(v, n_rep)?.contiguous()?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?; // (b, nh, s, t)
+        let work = ops::compute_dtype(x.dtype());
+        let scores = mask_scores(&scores.to_dtype(work)?, mask)?;
+        let probs = ops::softmax_last_dim(&scores, mode)?.to_dtype(x.dtype())?;
+        let out = probs.matmul(&v)?; // (b, nh, s, hd)
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, s, self.num_heads * self.head_dim))?;
+        self.o_proj.forward(&out)
+    }
+
     fn projs(&self) -> [&Proj; 4] {
         [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
     }
@@ -314,6 +486,23 @@ impl DecoderLayer {
     }
 }
 
+impl DecoderLayer {
+    /// As [`DecoderLayer::forward`] with this layer's entry of a [`KvCache`].
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        mask: &Tensor,
+        cache: &mut Option<(Tensor, Tensor)>,
+        mode: ForwardMode,
+    ) -> Result<Tensor> {
+        let h = self.input_layernorm.forward(x, mode)?;
+        let x = (x + self.self_attn.forward_cached(&h, rope, mask, cache, mode)?)?;
+        let h = self.post_attention_layernorm.forward(&x, mode)?;
+        x + self.mlp.forward(&h)?
+    }
+}
+
 /// `Qwen2_5_VLModel`: token embeddings, decoder layers and the final norm (checkpoint prefix
 /// `model.`).
 #[derive(Debug, Clone)]
@@ -365,6 +554,47 @@ impl TextModel {
         let mut x = inputs_embeds.clone();
         for layer in &self.layers {
             x = layer.forward(&x, &rope, &mask, mode)?;
+        }
+        self.norm.forward(&x, mode)
+    }
+
+    /// As [`TextModel::forward_embeds`] for `s` new positions after those in `cache`, which is
+    /// extended: `inputs_embeds: (b, s, hidden)`, `position_ids: (3, b, s)` of the new positions,
+    /// `attention_mask: (b, s)` of the new positions (1 = real, 0 = left padding) → `(b, s,
+    /// hidden)`. The cache must be empty or hold the same `b` sequences.
+    pub fn forward_embeds_cached(
+        &self,
+        inputs_embeds: &Tensor,
+        position_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        mode: ForwardMode,
+    ) -> Result<Tensor> {
+        let (b, s, _) = inputs_embeds.dims3()?;
+        if !cache.is_empty() && cache.batch_size() != b {
+            candle_core::bail!(
+                "kv cache holds {} sequences, the step has {b}",
+                cache.batch_size()
+            );
+        }
+        let dev = inputs_embeds.device();
+        let new_mask = match attention_mask {
+            Some(m) => m.to_dtype(DType::U8)?,
+            None => Tensor::ones((b, s), DType::U8, dev)?,
+        };
+        let key_mask = match cache.key_mask.take() {
+            Some(old) => Tensor::cat(&[&old, &new_mask], 1)?,
+            None => new_mask,
+        };
+        let mask = causal_padding_mask_with_past(&key_mask, s)?;
+        cache.key_mask = Some(key_mask);
+        if cache.layers.len() != self.layers.len() {
+            cache.layers = vec![None; self.layers.len()];
+        }
+        let rope = self.rotary.tables(position_ids, inputs_embeds.dtype())?;
+        let mut x = inputs_embeds.clone();
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward_cached(&x, &rope, &mask, kv, mode)?;
         }
         self.norm.forward(&x, mode)
     }

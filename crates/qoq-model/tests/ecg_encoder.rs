@@ -297,28 +297,3 @@ fn finite_differences_agree_with_backprop_in_f64() -> Result<()> {
     }
     Ok(())
 }
-
-#[test]
-#[ignore = "real-width (768 / 12 / 16) timing run; cargo test -- --ignored"]
-fn real_width_encoder_runs_on_a_batch_of_two() -> Result<()> {
-    let dev = Device::Cpu;
-    let cfg = TimeSeriesConfig::default();
-    let vm = VarMap::new();
-    let model = TimeSeriesEmbedding::new(
-        &cfg,
-        3584,
-        VarBuilder::from_varmap(&vm, DType::F32, &dev).pp(PREFIX),
-    )?;
-    // every parameter N(0, 0.02), written in place into the model's variables
-    for var in vm.all_vars() {
-        var.set(&Tensor::randn(0f32, 0.02, var.shape(), &dev)?)?;
-    }
-    let x = Tensor::randn(0f32, 1.0, (2, 8, 2500), &dev)?;
-    let start = std::time::Instant::now();
-    let out = model.forward(&x, ForwardMode::Inference)?;
-    let secs = start.elapsed().as_secs_f64();
-    eprintln!("real-width ECG-JEPA encoder + projector, batch 2, CPU f32: {secs:.2} s");
-    assert_eq!(out.dims(), &[2, 3584]);
-    assert!(out.abs()?.sum_all()?.to_scalar::<f32>()?.is_finite());
-    Ok(())
-}

@@ -75,7 +75,13 @@ fn video_placeholders_take_video_features() {
     let ids: Vec<Vec<i64>> = inputs.input_ids.to_vec2().unwrap();
     let swapped: Vec<i64> = ids[0]
         .iter()
-        .map(|&t| if t == i64::from(cfg.image_token_id) { i64::from(cfg.video_token_id) } else { t })
+        .map(|&t| {
+            if t == i64::from(cfg.image_token_id) {
+                i64::from(cfg.video_token_id)
+            } else {
+                t
+            }
+        })
         .collect();
     let n = swapped.len();
     inputs.input_ids = candle_core::Tensor::from_vec(swapped, (1, n), &Device::Cpu).unwrap();

@@ -63,10 +63,19 @@ fn main() {
         fixtures.join("images/fundus_60x60.png"),
     ];
     let (mn, mx) = (p.opts.dataset_min_pixels, p.opts.dataset_max_pixels);
+    let stage = std::cell::RefCell::new([0f64; 3]);
     let one = |f: &Path| {
+        let t0 = Instant::now();
         let img: DynamicImage = image::open(f).unwrap();
+        let t1 = Instant::now();
         let img = qoq_data::vision::process_image(&img, mn, mx);
-        p.process_parts("bench", QUESTION, &[img], None).unwrap()
+        let t2 = Instant::now();
+        let out = p.process_parts("bench", QUESTION, &[img], None).unwrap();
+        let mut st = stage.borrow_mut();
+        st[0] += (t1 - t0).as_secs_f64();
+        st[1] += (t2 - t1).as_secs_f64();
+        st[2] += t2.elapsed().as_secs_f64();
+        out
     };
     for f in &files {
         one(f); // warm-up
@@ -79,8 +88,32 @@ fn main() {
         }
     }
     let img_s = start.elapsed().as_secs_f64();
+    let st = *stage.borrow();
     let n_img = rounds * files.len();
 
+    if std::env::var_os("BENCH_PROBE").is_some() {
+        let img = image::open(&files[0]).unwrap();
+        let img = qoq_data::vision::process_image(&img, mn, mx);
+        let (tw, th) = p.image.target_size(img.width(), img.height()).unwrap();
+        let t = Instant::now();
+        for _ in 0..20 {
+            std::hint::black_box(p.image.resize(&img, tw, th).unwrap());
+        }
+        let r = p.image.resize(&img, tw, th).unwrap();
+        let t_resize = t.elapsed().as_secs_f64() / 20.0;
+        let t = Instant::now();
+        for _ in 0..20 {
+            std::hint::black_box(p.image.flatten(std::slice::from_ref(&r)));
+        }
+        let t_flatten = t.elapsed().as_secs_f64() / 20.0;
+        let t = Instant::now();
+        for _ in 0..20 {
+            let pr = p.prompt.prompt(QUESTION, true).unwrap();
+            std::hint::black_box(p.tokenizer.encode(&pr).unwrap());
+        }
+        let t_text = t.elapsed().as_secs_f64() / 20.0;
+        eprintln!("retina {tw}x{th}: resize {t_resize:.4} s, flatten {t_flatten:.4} s, prompt+encode {t_text:.5} s");
+    }
     let rec = root().join("examples/mini/ecg/demo-ecg/rec_003.hea");
     let n_ecg = rounds * 20;
     let start = Instant::now();
@@ -97,6 +130,7 @@ fn main() {
         "image_seconds": img_s,
         "images_per_s": n_img as f64 / img_s,
         "tokens": tokens,
+        "seconds_decode_resize_process": [st[0], st[1], st[2]],
         "ecgs": n_ecg,
         "ecg_seconds": ecg_s,
         "ecgs_per_s": n_ecg as f64 / ecg_s,

@@ -17,15 +17,15 @@ pub enum Error {
     /// An input is inconsistent (placeholder counts, grid sizes, shapes); `what` names it.
     #[error("{what}: {message}")]
     Invalid { what: String, message: String },
-    /// A prompt does not fit the length limit without cutting image or ECG tokens.
+    /// A prompt is longer than the limit and the truncation policy refuses to cut it.
     #[error(
-        "sample {sample}: prompt has {len} tokens, more than max_prompt_length {max}; \
-         truncating would cut image/ECG tokens"
+        "sample {sample}: prompt has {len} tokens, more than max_prompt_length {max}; {reason}"
     )]
     TooLong {
         sample: String,
         len: usize,
         max: usize,
+        reason: String,
     },
     /// An error of the data layer (image, ECG record, manifest).
     #[error(transparent)]

@@ -29,13 +29,15 @@ use qoq_core::hf_config::{PreprocessorConfig, QwenVlConfig};
 use qoq_data::ecg::{EcgConvention, MODEL_LEADS, MODEL_SAMPLES};
 use qoq_data::ecg_io::EcgLoadOptions;
 use qoq_data::vision::ImageLoadOptions;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// Number of floats of one ECG input (8 × 2500).
 pub const ECG_LEN: usize = MODEL_LEADS.len() * MODEL_SAMPLES;
 
 /// What to do with a prompt longer than `max_prompt_length`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Truncation {
     /// Refuse it (an error naming the sample).
     #[default]
@@ -45,8 +47,10 @@ pub enum Truncation {
     Right,
 }
 
-/// Options of the processor (the reference's `data` config).
-#[derive(Debug, Clone)]
+/// Options of the processor (the reference's `data` config); the `[processor]` section of a run
+/// file (unknown keys are refused; missing keys take the defaults below).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ProcessorOptions {
     /// Source of the format prompt template; `None` gives the plain chat prompt.
     pub format_prompt: Option<String>,
@@ -66,7 +70,8 @@ pub struct ProcessorOptions {
     pub ecg_zscore: bool,
     /// Options for ECG formats without metadata.
     pub ecg_load: EcgLoadOptions,
-    /// Options for DICOM / volume images.
+    /// Options for DICOM / volume images (set from the manifest config, not from the file).
+    #[serde(skip)]
     pub image_load: ImageLoadOptions,
     /// The reference's handling of missing files: a missing image becomes a white image and a
     /// missing ECG zeros. When false, a missing file is an error.
@@ -397,18 +402,21 @@ impl Processor {
         ];
         let cut_is_safe =
             |v: &[u32]| v.len() <= max || !v[max..].iter().any(|t| protected.contains(t));
-        match self.opts.truncation {
+        let reason = match self.opts.truncation {
             Truncation::Right if cut_is_safe(&s.input_ids) && cut_is_safe(&s.raw_prompt_ids) => {
                 s.input_ids.truncate(max);
                 s.raw_prompt_ids.truncate(max);
-                Ok(())
+                return Ok(());
             }
-            _ => Err(Error::TooLong {
-                sample: s.id.clone(),
-                len: s.input_ids.len(),
-                max,
-            }),
-        }
+            Truncation::Right => "a right cut would drop image/ECG tokens",
+            Truncation::Error => "truncation is off",
+        };
+        Err(Error::TooLong {
+            sample: s.id.clone(),
+            len: s.input_ids.len(),
+            max,
+            reason: reason.into(),
+        })
     }
 
     /// Collate samples: left-pad to the longest (or to `pad_to` when longer), concatenate images

@@ -10,6 +10,24 @@
 //! The ECG token `<|time_series_pad|>` is ordinary text (one position).
 //! Padded positions (attention mask 0) are set to 1, as HF does; positions are computed over the
 //! unpadded tokens only, so left padding does not shift them.
+//!
+//! ```
+//! use qoq_processor::rope::{RopeIndexConfig, continuation_positions, get_rope_index};
+//! let cfg = RopeIndexConfig {
+//!     image_token_id: 151655,
+//!     video_token_id: 151656,
+//!     vision_start_token_id: 151652,
+//!     spatial_merge_size: 2,
+//!     tokens_per_second: 2.0,
+//! };
+//! // text, <|vision_start|>, 4 image pads (a 1x4x4 patch grid merges to 2x2), <|vision_end|>, text
+//! let ids = vec![9, 151652, 151655, 151655, 151655, 151655, 151653, 9];
+//! let r = get_rope_index(&cfg, &[ids], None, &[[1, 4, 4]], &[], &[]).unwrap();
+//! assert_eq!(r.position_ids[0][1], vec![0, 1, 2, 2, 3, 3, 4, 5]); // height axis
+//! assert_eq!(r.position_ids[0][2], vec![0, 1, 2, 3, 2, 3, 4, 5]); // width axis
+//! let next = continuation_positions(r.last_positions(0).unwrap(), 2);
+//! assert_eq!(next[0], vec![6, 7]);
+//! ```
 
 use crate::error::{Error, Result};
 use qoq_core::hf_config::QwenVlConfig;
@@ -436,5 +454,41 @@ mod tests {
             continuation_positions([8, 6, 7], 3),
             [vec![9, 10, 11], vec![7, 8, 9], vec![8, 9, 10]]
         );
+    }
+
+    proptest::proptest! {
+        /// Left padding never changes the positions of the real tokens, padded positions are 1,
+        /// and (with vision blocks) the delta is the real tokens' max position + 1 - the padded
+        /// length. (HF's text-only branch takes the max over the padded 1s too.)
+        #[test]
+        fn padding_is_transparent(
+            blocks in proptest::collection::vec((0usize..4, 1usize..3, 1usize..4, 1usize..4), 0..4),
+            tail in 0usize..5,
+            pad in 0usize..6,
+        ) {
+            let mut ids = Vec::new();
+            let mut grids = Vec::new();
+            for (text, t, h, w) in &blocks {
+                ids.extend(std::iter::repeat_n(7u32, *text));
+                ids.push(VS);
+                ids.extend(std::iter::repeat_n(IMG, t * h * w));
+                ids.push(VE);
+                grids.push([*t, 2 * h, 2 * w]);
+            }
+            ids.extend(std::iter::repeat_n(8u32, tail));
+            let alone = get_rope_index(&cfg(), std::slice::from_ref(&ids), None, &grids, &[], &[]).unwrap();
+            let mut padded = vec![0u32; pad];
+            padded.extend(&ids);
+            let mask: Vec<u32> = (0..padded.len()).map(|i| u32::from(i >= pad)).collect();
+            let r = get_rope_index(&cfg(), &[padded.clone()], Some(&[mask]), &grids, &[], &[]).unwrap();
+            for a in 0..3 {
+                proptest::prop_assert!(r.position_ids[0][a][..pad].iter().all(|&p| p == 1));
+                proptest::prop_assert_eq!(&r.position_ids[0][a][pad..], &alone.position_ids[0][a][..]);
+            }
+            if !grids.is_empty() {
+                let max = alone.position_ids[0].iter().flatten().copied().max().unwrap();
+                proptest::prop_assert_eq!(r.deltas[0], max + 1 - padded.len() as i64);
+            }
+        }
     }
 }

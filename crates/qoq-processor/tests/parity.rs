@@ -387,3 +387,70 @@ fn llama_cpp_qwen2_vocab_strings_tokenize_to_their_ids() {
         assert_eq!(&t.encode(text).unwrap(), ids, "string {i}: {text:?}");
     }
 }
+
+#[test]
+fn video_frames_pair_up_as_in_hf_video_path() {
+    let bytes = std::fs::read(fixtures().join("image_parity.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let proc = ImageProcessor::new(PreprocessorConfig::default());
+    let g = load_png("gen_70x50.png");
+    let frames = [
+        g.clone(),
+        image::imageops::flip_horizontal(&g),
+        image::imageops::flip_vertical(&g),
+    ];
+    let v = proc.preprocess_frames(&frames).unwrap();
+    let grid: Vec<usize> = i64s(&st, "video3.grid")
+        .iter()
+        .map(|&x| x as usize)
+        .collect();
+    assert_eq!(v.grid_thw.to_vec(), grid);
+    let (max, _) = diff(&v.pixel_values, &f32s(&st, "video3.fast"));
+    assert!(max < FAST_TOL, "max {max}");
+}
+
+#[test]
+fn rope_index_matches_hf_with_videos_seconds_and_left_padding() {
+    use qoq_processor::rope::{RopeIndexConfig, get_rope_index};
+    let case = &read_json(&fixtures().join("real_cases.json"))["rope_video"];
+    let rows =
+        |k: &str| -> Vec<Vec<u32>> { case[k].as_array().unwrap().iter().map(u32s).collect() };
+    let cfg = RopeIndexConfig {
+        image_token_id: 151655,
+        video_token_id: 151656,
+        vision_start_token_id: 151652,
+        spatial_merge_size: 2,
+        tokens_per_second: 2.0,
+    };
+    let secs: Vec<f64> = case["second_per_grid_ts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let r = get_rope_index(
+        &cfg,
+        &rows("input_ids"),
+        Some(&rows("attention_mask")),
+        &grids(&case["image_grid_thw"]),
+        &grids(&case["video_grid_thw"]),
+        &secs,
+    )
+    .unwrap();
+    let want: Vec<i64> = case["position_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|axis| axis.as_array().unwrap().iter())
+        .flat_map(|row| row.as_array().unwrap().iter())
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    assert_eq!(r.to_axis_major(), want);
+    let deltas: Vec<i64> = case["rope_deltas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    assert_eq!(r.deltas, deltas);
+}

@@ -151,7 +151,7 @@ fn collation_left_pads_and_rope_skips_padding() {
     assert!(row0_t[..pad].iter().all(|&v| v == 1));
     assert_eq!(row0_t[pad], 0);
     // The same sample alone gives the same positions on its tokens.
-    let alone = p.collate(&[a.clone()], None).unwrap();
+    let alone = p.collate(std::slice::from_ref(&a), None).unwrap();
     assert_eq!(&row0_t[pad..], &alone.position_ids[..a.input_ids.len()]);
     assert_eq!(batch.raw_prompt_ids[1], b.raw_prompt_ids);
 }
@@ -249,4 +249,16 @@ fn user_templates_replace_the_defaults() {
         "{}",
         s.prompt
     );
+}
+
+#[test]
+fn options_deserialise_with_defaults_and_refuse_unknown_keys() {
+    let o: ProcessorOptions =
+        serde_json::from_str(r#"{"max_prompt_length": 100, "truncation": "right"}"#).unwrap();
+    assert_eq!(o.max_prompt_length, 100);
+    assert_eq!(o.truncation, Truncation::Right);
+    assert_eq!(o.dataset_max_pixels, 524_288);
+    assert!(o.format_prompt.as_deref().unwrap().contains("list od"));
+    let err = serde_json::from_str::<ProcessorOptions>(r#"{"max_prompt_lenght": 1}"#).unwrap_err();
+    assert!(err.to_string().contains("max_prompt_lenght"), "{err}");
 }

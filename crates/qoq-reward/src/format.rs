@@ -14,20 +14,29 @@ pub fn parse_json_block(text: &str) -> Cow<'_, str> {
     let Some(first) = FENCE.find(bytes) else {
         return Cow::Borrowed(text);
     };
-    let exotic = memchr::memchr3(b'\r', 0x0b, 0x0c, bytes).is_some()
-        || memchr::memchr3(0x1c, 0x1d, 0x1e, bytes).is_some()
-        || memchr::memchr2(0xc2, 0xe2, bytes).is_some();
-    if exotic {
-        return parse_json_block_slow(text);
-    }
-    // '\n' is the only line break: visit just the lines that hold a fence
+    let has_exotic = |b: &[u8]| {
+        memchr::memchr3(b'\r', 0x0b, 0x0c, b).is_some()
+            || memchr::memchr3(0x1c, 0x1d, 0x1e, b).is_some()
+            || memchr::memchr2(0xc2, 0xe2, b).is_some()
+    };
+    // Only lines holding a fence can match. With '\n' as the only line break around them (a
+    // break elsewhere in the text changes no such line) they are found between '\n's; any other
+    // break nearby falls back to the full Python line split.
     let mut at = first;
     loop {
         let start = memchr::memrchr(b'\n', &bytes[..at]).map_or(0, |k| k + 1);
         let end = memchr::memchr(b'\n', &bytes[at..]).map_or(bytes.len(), |k| at + k);
+        if has_exotic(&bytes[start..end]) {
+            return parse_json_block_slow(text);
+        }
         let line = &text[start..end];
         if line == "```json" || py_strip(line) == "```" {
             let rest = text.get(end + 1..).unwrap_or("");
+            // the joined remainder is cut at its first fence: only that part must be plain
+            let cut = FENCE.find(rest.as_bytes()).unwrap_or(rest.len());
+            if has_exotic(&rest.as_bytes()[..cut]) {
+                return parse_json_block_slow(text);
+            }
             let joined = rest.strip_suffix('\n').unwrap_or(rest);
             return Cow::Borrowed(match FENCE.find(joined.as_bytes()) {
                 Some(k) => &joined[..k],
@@ -122,6 +131,15 @@ fn valid_item(item: &PyValue) -> bool {
 /// up to 0.4 for the share of valid `{"bbox_2d", "label"}` items. The additions happen in the
 /// reference's order so the floating-point sum is identical.
 pub fn format_score(text: &str) -> f64 {
+    format_score_cached(text).0
+}
+
+/// The `json.loads` result of a block, keyed by the block without JSON's own end whitespace
+/// (`json.loads(s)` equals `json.loads(s.trim_matches([' ', '\t', '\n', '\r']))`).
+pub type JsonMemo = Option<(String, Result<PyValue, JsonError>)>;
+
+/// [`format_score`], also returning its `json.loads` result for reuse by the IoU's extraction.
+pub fn format_score_cached(text: &str) -> (f64, JsonMemo) {
     let mut s = 0.0;
     if let Some(k) = FENCE.find(text.as_bytes()) {
         s += 0.2;
@@ -131,31 +149,33 @@ pub fn format_score(text: &str) -> f64 {
     }
     let js = parse_json_block(text);
     if js.is_empty() {
-        return s;
+        return (s, None);
     }
-    let parsed = match json_loads(&js) {
+    let loaded = json_loads(&js);
+    let key = js.trim_matches([' ', '\t', '\n', '\r']).to_string();
+    let mut literal = None;
+    let parsed = match &loaded {
         Ok(v) => {
             s += 0.2;
             v
         }
-        Err(JsonError::Other) => return s,
+        Err(JsonError::Other) => return (s, Some((key, loaded))),
         Err(JsonError::Decode) => match literal_eval(&js.replace('\'', "\"")) {
             Ok(v) => {
                 s += 0.1;
-                v
+                literal.insert(v)
             }
-            Err(_) => return s,
+            Err(_) => return (s, Some((key, loaded))),
         },
     };
-    let PyValue::List(items) = parsed else {
-        return s;
-    };
-    s += 0.1;
-    let valid = items.iter().filter(|it| valid_item(it)).count();
-    if !items.is_empty() {
-        s += 0.4 * (valid as f64 / items.len() as f64);
+    if let PyValue::List(items) = parsed {
+        s += 0.1;
+        let valid = items.iter().filter(|it| valid_item(it)).count();
+        if !items.is_empty() {
+            s += 0.4 * (valid as f64 / items.len() as f64);
+        }
     }
-    s
+    (s, Some((key, loaded)))
 }
 
 #[cfg(test)]

@@ -118,9 +118,22 @@ pub fn fenced_blocks(text: &str) -> Vec<&str> {
 /// `ast.literal_eval` accepts. `Err(Raised)` where the reference raises out of the reward
 /// (a `RecursionError`/`ValueError` from `json.loads`).
 pub fn extract_json(text: &str) -> Result<Option<PyValue>, Raised> {
+    extract_json_cached(text, None)
+}
+
+/// [`extract_json`] reusing the format score's `json.loads` result for an identical block.
+pub fn extract_json_cached(
+    text: &str,
+    mut memo: crate::format::JsonMemo,
+) -> Result<Option<PyValue>, Raised> {
     let blocks = fenced_blocks(text);
     for m in &blocks {
-        match json_loads(py_strip(m)) {
+        let m = py_strip(m);
+        let loaded = match memo.take_if(|(k, _)| k == m) {
+            Some((_, r)) => r,
+            None => json_loads(m),
+        };
+        match loaded {
             Ok(v) => return Ok(Some(v)),
             Err(JsonError::Decode) => continue,
             Err(JsonError::Other) => return Err(Raised),
@@ -597,6 +610,25 @@ mod tests {
         assert!((f - (1.0 + 25.0 / 175.0) / 2.0).abs() < 1e-15);
         let f = fixed_iou(&boxes("[[0,0,10,10],[5,5,15,15]]"), None, g, IouReduce::Max);
         assert_eq!(f, 1.0);
+    }
+
+    #[test]
+    fn a_scalar_box_zeroes_the_reference_but_not_the_fixed_iou() {
+        let m = golden_mask();
+        // len(5) raises TypeError in the reference: the whole IoU becomes 0
+        let p = boxes("[[10,10,29,29], 5]");
+        assert_eq!(reference_iou(&p, Some(&m), None), Err(Raised));
+        assert_eq!(fixed_iou(&p, Some(&m), None, IouReduce::Mean), 0.5);
+        assert_eq!(fixed_iou(&p, Some(&m), None, IouReduce::Max), 1.0);
+        // int("10") works in the reference's mask branch; int(NaN) skips the box
+        let p = boxes("[[\"10\", \" 10 \", 29.9, true], [NaN, 0, 1, 1]]");
+        let v = reference_iou(&p, Some(&m), None).unwrap();
+        // box x 10..=29, y 1..=10 (true is 1, corners swapped): 20 of 580 pixels
+        let want = (20.0f32 / 580.0) / 2.0;
+        assert_eq!(v, RefIou::F32(want));
+        // four scalar boxes are wrapped into one box by the reference
+        let p = boxes("[10, 10, 29, 29]");
+        assert_eq!(reference_iou(&p, Some(&m), None), Ok(RefIou::F32(1.0)));
     }
 
     #[test]

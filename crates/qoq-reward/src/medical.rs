@@ -9,9 +9,9 @@
 //! `iou_reduce = "max"` (the paper's best box).
 
 use crate::error::{Error, Result};
-use crate::format::format_score;
+use crate::format::format_score_cached;
 use crate::iou::{
-    IouReduce, MaskIndex, RefIou, collect_bboxes, extract_json, fixed_iou, reference_iou,
+    IouReduce, MaskIndex, RefIou, collect_bboxes, extract_json_cached, fixed_iou, reference_iou,
 };
 use crate::text::standard_score;
 use qoq_core::{ClinicalSample, RewardScore, SegMask};
@@ -193,14 +193,19 @@ impl QoqMedicalReward {
         gt_bbox: Option<[f64; 4]>,
     ) -> RewardScore {
         let standard = standard_score(response, answer);
-        let format = format_score(response);
-        let n_chars = response.chars().count();
+        let (format, memo) = format_score_cached(response);
+        // characters (Python's len); a UTF-8 character has at most 4 bytes
+        let n_chars = if response.len() > 4 * 600 {
+            response.len()
+        } else {
+            response.chars().count()
+        };
         let length = if n_chars > 600 {
             1.0
         } else {
             n_chars as f64 * 0.001
         };
-        let json = extract_json(response);
+        let json = extract_json_cached(response, memo);
         let pred = match &json {
             Ok(Some(v)) if v.truthy() => collect_bboxes(v),
             _ => Vec::new(),

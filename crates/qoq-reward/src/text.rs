@@ -53,16 +53,13 @@ const BOXED: &str = "\\boxed{";
 
 /// Prebuilt substring finders (building a searcher per call costs more than the search).
 pub(crate) mod finders {
-    use memchr::memmem::{Finder, FinderRev};
+    use memchr::memmem::Finder;
     use std::sync::LazyLock;
 
     /// "```".
     pub static FENCE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"```"));
     /// "```json".
     pub static FENCE_JSON: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"```json"));
-    /// Last "\\boxed{".
-    pub static BOXED_REV: LazyLock<FinderRev<'static>> =
-        LazyLock::new(|| FinderRev::new(super::BOXED.as_bytes()));
 }
 
 /// The content of the **last** `\boxed{...}` with nested braces balanced, stripped, or `None`
@@ -74,7 +71,11 @@ pub fn extract_boxed(text: &str) -> Option<String> {
 
 /// Borrowing form of [`extract_boxed`].
 pub fn extract_boxed_str(text: &str) -> Option<&str> {
-    let start = finders::BOXED_REV.rfind(text.as_bytes())?;
+    // the last "\\boxed{": walk back over the (rare) '{' bytes with SIMD memrchr
+    let bytes = text.as_bytes();
+    let start = memchr::memrchr_iter(b'{', bytes)
+        .find(|&k| k + 1 >= BOXED.len() && &bytes[k + 1 - BOXED.len()..=k] == BOXED.as_bytes())
+        .map(|k| k + 1 - BOXED.len())?;
     let content = &text[start + BOXED.len()..];
     let mut depth: i64 = 0;
     for (i, b) in content.bytes().enumerate() {

@@ -111,6 +111,14 @@ fn main() {
         sorted[(sorted.len() * 99 / 100).min(sorted.len() - 1)] * 1e3,
         sorted[sorted.len() - 1] * 1e3
     );
+    let mut slow: Vec<(f64, usize)> = times.iter().copied().zip(0..).collect();
+    slow.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let slow: Vec<String> = slow
+        .iter()
+        .take(5)
+        .map(|(t, s)| format!("step {s}: {:.1} ms", t * 1e3))
+        .collect();
+    println!("slowest steps: {}", slow.join(", "));
     println!(
         "{:>9} {:>6} {:>14} {:>14} {:>14} {:>12} {:>12} {:>12}",
         "history",

@@ -1,9 +1,14 @@
 //! Reinforcement learning: advantage estimators (spec §9) and the policy loss (spec §10).
 
 pub mod advantage;
+pub mod checkpoint;
+pub mod config;
 pub mod error;
 pub mod kmeans;
 pub mod loss;
+pub mod metrics_log;
 pub mod optim;
+pub mod rng;
+pub mod tensorboard;
 
 pub use error::{Error, Result};

@@ -199,3 +199,22 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn summary_engine_memory_stays_bounded_while_the_exact_one_grows() {
+    let mut rs = RandomState::new(10);
+    let mut fast = Drpo::new(small_summary());
+    let mut exact = Drpo::new(DrpoConfig::reference());
+    let mut at = Vec::new();
+    for step in 0..60 {
+        let rows = synth(&mut rs, step, 40, 3);
+        fast.step(&rows).unwrap();
+        exact.record(&rows).unwrap();
+        if step == 29 || step == 59 {
+            at.push((fast.stored_items(), exact.stored_items()));
+        }
+    }
+    // 3 domains × at most 48 cells; the exact history holds 2 items per question.
+    assert!(at[0].0 <= 3 * 48 && at[1].0 <= 3 * 48, "{at:?}");
+    assert_eq!(at[1].1, 2 * 60 * 40);
+}

@@ -189,3 +189,19 @@ fn elbow_rule_unit_cases() {
     assert_eq!(elbow_code(&[0.70375, 0.413333, 0.1225, 0.0], 0.10), 4);
     assert_eq!(elbow_code(&[5.0, 3.0], 0.10), 2);
 }
+
+#[test]
+fn a_step_of_another_width_is_rejected_and_leaves_the_history_untouched() {
+    let mut d = Drpo::new(DrpoConfig::reference());
+    d.step(&step1()).unwrap();
+    let saved = d.save().unwrap();
+    let mut rows = step2();
+    rows.retain(|r| r.uid == "q8");
+    rows.pop();
+    let mut mixed = step_rows(&[("q9", "C", [0.1, 0.2, 0.3, 0.4, 0.5])])[..4].to_vec();
+    mixed.extend(rows);
+    let e = d.step(&mixed).unwrap_err();
+    assert!(e.to_string().contains("\"B\""), "{e}");
+    assert_eq!(d.save().unwrap(), saved);
+    assert_close(&d.step(&step2()).unwrap().advantages, &STEP2, 1e-5);
+}

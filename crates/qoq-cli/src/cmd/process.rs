@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
+/// `qoq process` arguments.
 #[derive(Debug, Args)]
 pub struct ProcessArgs {
     /// Model folder with config.json, preprocessor_config.json and tokenizer.json.
@@ -79,6 +80,7 @@ fn bytes_i64(v: impl IntoIterator<Item = i64>) -> Vec<u8> {
     v.into_iter().flat_map(i64::to_le_bytes).collect()
 }
 
+/// Process every manifest row, collate them into one batch and write it as safetensors.
 pub fn run(args: ProcessArgs) -> anyhow::Result<ExitCode> {
     let mcfg: ManifestConfig = match &args.config {
         Some(js) => serde_json::from_str(js).context("--config is not a manifest config object")?,

@@ -15,6 +15,8 @@
 //!   warm-started from the previous step's centroids for every k. Inertias differ from the exact
 //!   ones by the within-cell scatter (added back), partitions agree whenever no cell straddles a
 //!   cluster boundary. Domains are clustered in parallel (rayon).
+//! * Both engines fit k = 1, 2, ... only until the elbow condition fires (the reference fits every
+//!   k up to k_cap; later fits cannot change the chosen k, and each fit is independent).
 //! * Robust by default: no NaN or infinity leaves the estimator; each guard is counted in
 //!   [`DrpoMetrics`]. `reference_nan = true` disables every guard, reproducing the reference's NaNs.
 
@@ -378,8 +380,6 @@ impl DomainHistory {
     }
 
     fn push(&mut self, uid: &str, v: &[f32], step: u64, cfg: &DrpoConfig) {
-        let idx = self.q_ids.len();
-        self.first_row.entry(uid.to_string()).or_insert(idx);
         self.count += 1;
         let vf: Vec<f64> = v.iter().map(|&x| x as f64).collect();
         if self.sum.is_empty() {
@@ -396,6 +396,8 @@ impl DomainHistory {
         if let Some(s) = &mut self.summary {
             s.add(&vf, 1.0, cfg.summary_max_cells);
         } else {
+            let idx = self.q_ids.len();
+            self.first_row.entry(uid.to_string()).or_insert(idx);
             self.rows.extend_from_slice(v);
             self.q_ids.push(uid.to_string());
             self.row_step.push(step);
@@ -594,6 +596,18 @@ impl Drpo {
         })
     }
 
+    /// Items held in memory for the history (stored question rows, uid lookups, summary cells),
+    /// summed over domains: grows with the history for the exact engine, stays bounded for the
+    /// summary engine.
+    pub fn stored_items(&self) -> usize {
+        self.domains
+            .values()
+            .map(|h| {
+                h.q_ids.len() + h.first_row.len() + h.summary.as_ref().map_or(0, |s| s.counts.len())
+            })
+            .sum()
+    }
+
     /// Rebuilds the lookup tables not stored in checkpoints (call after deserialising).
     pub fn rebuild_indices(&mut self) {
         for h in self.domains.values_mut() {
@@ -669,7 +683,21 @@ impl Drpo {
             .iter()
             .map(|m| rows[*m.last().expect("non-empty")].domain.as_str())
             .collect();
-        // 3. history update.
+        // 3. history update (checked first, so a rejected step leaves the state untouched).
+        if cfg.mode != DrpoMode::PerStep {
+            for d in &q_domain {
+                if let Some(h) = self.domains.get(*d)
+                    && h.n != n
+                {
+                    return Err(Error::HistoryWidth {
+                        step,
+                        domain: d.to_string(),
+                        got: n,
+                        expected: h.n,
+                    });
+                }
+            }
+        }
         if let DrpoMode::PerStep = cfg.mode {
             self.domains.clear();
         }

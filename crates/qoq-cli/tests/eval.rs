@@ -1,0 +1,116 @@
+//! `qoq eval` on the synthetic world with precomputed responses: artefacts, resume, compare.
+
+use std::io::Write;
+use std::process::Command;
+
+fn qoq() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_qoq"))
+}
+
+#[test]
+fn eval_scores_responses_resumes_and_compares() {
+    let dir = tempfile::tempdir().unwrap();
+    let world = dir.path().join("world");
+    let cfg = qoq_synth::WorldConfig {
+        image_size: 28,
+        volume_slices: 2,
+        largest_domain_rows: 10,
+        domain_imbalance: 5.0,
+        test_per_class: 2,
+        ecg_seconds: 1.0,
+        ..Default::default()
+    };
+    qoq_synth::generate(&cfg, &world).unwrap();
+    let test = world.join("test.jsonl");
+    // Answer every row correctly except the first of each dataset (given a wrong label).
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = std::fs::File::create(dir.path().join("gens.jsonl")).unwrap();
+    let mut n = 0;
+    for line in std::fs::read_to_string(&test).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let ds = v["dataset"].as_str().unwrap().to_string();
+        let ans = if seen.insert(ds) {
+            "Wrong label"
+        } else {
+            v["answer"].as_str().unwrap()
+        };
+        let bbox = v
+            .get("bbox")
+            .cloned()
+            .unwrap_or(serde_json::json!([0, 0, 1, 1]));
+        let resp = format!(
+            "<think>I see the finding.</think>\n```json\n[{{\"bbox_2d\": {bbox}, \"label\": \"finding\"}}]\n```\n\\boxed{{{ans}}}"
+        );
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({"id": v["id"], "response": resp})
+        )
+        .unwrap();
+        n += 1;
+    }
+    drop(out);
+    let run = dir.path().join("run");
+    let args = |limit: Option<&str>| {
+        let mut c = qoq();
+        c.args(["eval", "--data"])
+            .arg(&test)
+            .arg("--responses")
+            .arg(dir.path().join("gens.jsonl"))
+            .arg("--out")
+            .arg(&run);
+        if let Some(l) = limit {
+            c.args(["--limit", l]);
+        }
+        c.output().unwrap()
+    };
+    // A first, limited run stands in for an interrupted one; the second completes it.
+    let o = args(Some("5"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = args(None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains(&format!("{n} rows evaluated (5 resumed)")),
+        "{stderr}"
+    );
+    let traces = std::fs::read_to_string(run.join("traces.jsonl")).unwrap();
+    assert_eq!(traces.lines().count(), n);
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("metrics.json")).unwrap()).unwrap();
+    let acc = metrics["val/accuracy"].as_f64().unwrap();
+    assert!(acc > 0.6 && acc < 1.0, "accuracy {acc}");
+    // The ground-truth box around a round lesion covers it with IoU pi/4 or so.
+    let iou = metrics["chest_xray/mean_iou"].as_f64().unwrap();
+    assert!(iou > 0.6 && iou < 1.0, "iou {iou}");
+    assert!(run.join("report.md").exists() && run.join("domains.png").exists());
+    assert!(run.join("confusion/ecg__synth-ecg-rhythm.png").exists());
+
+    let o = qoq()
+        .arg("eval")
+        .arg("--compare")
+        .arg(&run)
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        table.contains("| val/accuracy |") && table.contains("+0.0000"),
+        "{table}"
+    );
+
+    // A response file without a row's id is an error naming the sample.
+    std::fs::write(dir.path().join("empty.jsonl"), "").unwrap();
+    let o = qoq()
+        .args(["eval", "--data"])
+        .arg(&test)
+        .arg("--responses")
+        .arg(dir.path().join("empty.jsonl"))
+        .arg("--out")
+        .arg(dir.path().join("run2"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no response for sample"));
+}

@@ -1,0 +1,238 @@
+//! Cached generation equals full forwards: prefill a prompt prefix, then decode the remaining
+//! tokens one at a time; the logits at every step equal those of one forward over the whole
+//! sequence (text only, images, ECG with left padding). Selecting rows of a cache equals running
+//! those rows alone.
+
+mod support;
+
+use candle_core::{D, DType, Device, IndexOp, Tensor};
+use qoq_model::loading::load_model;
+use qoq_model::{ForwardMode, KvCache, ModelInputs};
+use support::*;
+
+fn prefix(inputs: &ModelInputs, n: usize) -> ModelInputs {
+    let mut p = inputs.clone();
+    p.input_ids = inputs.input_ids.narrow(1, 0, n).unwrap();
+    p.attention_mask = inputs
+        .attention_mask
+        .as_ref()
+        .map(|m| m.narrow(1, 0, n).unwrap());
+    p.position_ids = inputs.position_ids.narrow(2, 0, n).unwrap();
+    p
+}
+
+#[test]
+fn prefill_then_decode_equals_one_full_forward() {
+    let (_, model) = load_model(&tiny_dir(), DType::F32, &Device::Cpu).unwrap();
+    let all = cases();
+    for name in CASES {
+        let (inputs, _) = case_inputs(&all, name);
+        let full = model.forward(&inputs, ForwardMode::Inference).unwrap(); // (b, s, v)
+        let s = inputs.input_ids.dim(1).unwrap();
+        let k = 3;
+        let mut cache = KvCache::new();
+        let first = model
+            .prefill(&prefix(&inputs, s - k), &mut cache, ForwardMode::Inference)
+            .unwrap();
+        let d = max_abs(&first, &full.i((.., s - k - 1, ..)).unwrap());
+        assert!(d < 1e-4, "{name}: prefill logits differ by {d}");
+        for j in s - k..s {
+            let ids = inputs.input_ids.narrow(1, j, 1).unwrap();
+            let pos = inputs.position_ids.narrow(2, j, 1).unwrap();
+            let step = model
+                .decode_step(&ids, &pos, &mut cache, ForwardMode::Inference)
+                .unwrap();
+            let d = max_abs(&step, &full.i((.., j, ..)).unwrap());
+            assert!(d < 1e-4, "{name}: decode logits at {j} differ by {d}");
+        }
+        assert_eq!(cache.len(), s);
+        // The training forward agrees through the cache too.
+        let mut c2 = KvCache::new();
+        let t = model.prefill(&inputs, &mut c2, ForwardMode::Train).unwrap();
+        assert!(
+            max_abs(&t, &full.i((.., s - 1, ..)).unwrap()) < 1e-4,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn selecting_cache_rows_equals_decoding_those_rows_alone() {
+    let (_, model) = load_model(&tiny_dir(), DType::F32, &Device::Cpu).unwrap();
+    let all = cases();
+    // The ECG case is a batch of two, left padded.
+    let (inputs, _) = case_inputs(&all, "ecg_image_text");
+    let b = inputs.input_ids.dim(0).unwrap();
+    assert!(b >= 2);
+    let mut cache = KvCache::new();
+    let logits = model
+        .prefill(&inputs, &mut cache, ForwardMode::Inference)
+        .unwrap();
+    let next = logits.argmax(D::Minus1).unwrap().unsqueeze(1).unwrap(); // (b, 1)
+    let last = inputs
+        .position_ids
+        .max_keepdim(2)
+        .unwrap()
+        .to_dtype(DType::I64)
+        .unwrap(); // (3, b, 1)
+    let pos = (last + 1.0).unwrap();
+    // Row 1 alone, through a one-row cache.
+    let mut one = cache.select(&[1]).unwrap();
+    assert_eq!(one.batch_size(), 1);
+    let alone = model
+        .decode_step(
+            &next.narrow(0, 1, 1).unwrap(),
+            &pos.narrow(1, 1, 1).unwrap(),
+            &mut one,
+            ForwardMode::Inference,
+        )
+        .unwrap();
+    let both = model
+        .decode_step(&next, &pos, &mut cache, ForwardMode::Inference)
+        .unwrap();
+    let d = max_abs(&alone, &both.narrow(0, 1, 1).unwrap());
+    assert!(d < 1e-5, "row 1 alone differs by {d}");
+    // A cache shared by n rollouts of one prompt (rows repeated) decodes each like the original.
+    let mut shared = KvCache::new();
+    let p0 = model
+        .prefill(&prefix_row(&inputs, 0), &mut shared, ForwardMode::Inference)
+        .unwrap();
+    let mut rep = shared.select(&[0, 0, 0]).unwrap();
+    let ids = Tensor::new(&[[5u32], [6], [7]], &Device::Cpu).unwrap();
+    let p = pos
+        .narrow(1, 0, 1)
+        .unwrap()
+        .broadcast_as((3, 3, 1))
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    let out = model
+        .decode_step(&ids, &p, &mut rep, ForwardMode::Inference)
+        .unwrap();
+    assert_eq!(out.dims(), &[3, p0.dim(1).unwrap()]);
+    let mut solo = shared.select(&[0]).unwrap();
+    let r = model
+        .decode_step(
+            &Tensor::new(&[[6u32]], &Device::Cpu).unwrap(),
+            &p.narrow(1, 1, 1).unwrap(),
+            &mut solo,
+            ForwardMode::Inference,
+        )
+        .unwrap();
+    assert!(max_abs(&r, &out.narrow(0, 1, 1).unwrap()) < 1e-5);
+    // A mismatched batch is refused.
+    let mut wrong = shared.clone();
+    assert!(
+        model
+            .decode_step(&ids, &p, &mut wrong, ForwardMode::Inference)
+            .is_err()
+    );
+}
+
+/// Row `r` of a batch, without its left padding.
+fn prefix_row(inputs: &ModelInputs, r: usize) -> ModelInputs {
+    let mut p = inputs.clone();
+    let mask: Vec<i64> = inputs
+        .attention_mask
+        .as_ref()
+        .unwrap()
+        .to_dtype(DType::I64)
+        .unwrap()
+        .i(r)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let start = mask.iter().position(|&m| m == 1).unwrap();
+    let n = mask.len() - start;
+    p.input_ids = inputs
+        .input_ids
+        .i(r..r + 1)
+        .unwrap()
+        .narrow(1, start, n)
+        .unwrap();
+    p.attention_mask = None;
+    p.position_ids = inputs
+        .position_ids
+        .narrow(1, r, 1)
+        .unwrap()
+        .narrow(2, start, n)
+        .unwrap();
+    p.time_series_data = inputs
+        .time_series_data
+        .as_ref()
+        .map(|t| t.i(r..r + 1).unwrap());
+    // Keep only this row's images: the fixture's ECG case has one image per row.
+    if let Some(pv) = &inputs.pixel_values {
+        let per: Vec<usize> = inputs
+            .image_grid_thw
+            .iter()
+            .map(|g| g[0] * g[1] * g[2])
+            .collect();
+        let off: usize = per[..r].iter().sum();
+        p.pixel_values = Some(pv.narrow(0, off, per[r]).unwrap());
+        p.image_grid_thw = vec![inputs.image_grid_thw[r]];
+    }
+    p
+}
+
+#[test]
+fn joined_caches_of_different_lengths_decode_like_separate_ones() {
+    let (_, model) = load_model(&tiny_dir(), DType::F32, &Device::Cpu).unwrap();
+    let all = cases();
+    let (a_in, _) = case_inputs(&all, "text_only");
+    let (b_in, _) = case_inputs(&all, "image_text");
+    let a_in = prefix_row(&with_mask(a_in), 0);
+    let b_in = prefix_row(&with_mask(b_in), 0);
+    let (mut ca, mut cb) = (KvCache::new(), KvCache::new());
+    model
+        .prefill(&a_in, &mut ca, ForwardMode::Inference)
+        .unwrap();
+    model
+        .prefill(&b_in, &mut cb, ForwardMode::Inference)
+        .unwrap();
+    assert_ne!(ca.len(), cb.len());
+    let next_pos = |i: &ModelInputs| {
+        (i.position_ids
+            .max_keepdim(2)
+            .unwrap()
+            .to_dtype(DType::I64)
+            .unwrap()
+            + 1.0)
+            .unwrap()
+    };
+    let (pa, pb) = (next_pos(&a_in), next_pos(&b_in));
+    let ids = Tensor::new(&[[9u32], [11]], &Device::Cpu).unwrap();
+    let mut joined = KvCache::concat(&[&ca, &cb]).unwrap();
+    assert_eq!(joined.batch_size(), 2);
+    let pos = Tensor::cat(&[&pa, &pb], 1).unwrap();
+    let both = model
+        .decode_step(&ids, &pos, &mut joined, ForwardMode::Inference)
+        .unwrap();
+    let a = model
+        .decode_step(
+            &ids.narrow(0, 0, 1).unwrap(),
+            &pa,
+            &mut ca,
+            ForwardMode::Inference,
+        )
+        .unwrap();
+    let b = model
+        .decode_step(
+            &ids.narrow(0, 1, 1).unwrap(),
+            &pb,
+            &mut cb,
+            ForwardMode::Inference,
+        )
+        .unwrap();
+    assert!(max_abs(&a, &both.narrow(0, 0, 1).unwrap()) < 1e-5);
+    assert!(max_abs(&b, &both.narrow(0, 1, 1).unwrap()) < 1e-5);
+}
+
+/// The same inputs with an explicit all-ones attention mask.
+fn with_mask(mut i: ModelInputs) -> ModelInputs {
+    if i.attention_mask.is_none() {
+        i.attention_mask =
+            Some(Tensor::ones(i.input_ids.dims(), DType::I64, &Device::Cpu).unwrap());
+    }
+    i
+}

@@ -1,0 +1,194 @@
+//! Run configuration: the shipped files parse, defaults are the reference's (spec §11),
+//! overrides change fields, unknown keys are errors that name them.
+
+use qoq_rl::advantage::Estimator;
+use qoq_rl::advantage::drpo::DrpoMode;
+use qoq_rl::config::{ConfigError, EstimatorKind, RunConfig, apply_override};
+use qoq_rl::loss::config::{KlEstimator, LossAggMode};
+use qoq_rl::optim::LrSchedule;
+use std::path::PathBuf;
+
+fn configs_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs")
+}
+
+#[test]
+fn defaults_equal_the_reference_7b_yaml() {
+    let c = RunConfig::default();
+    // rollout (spec §7, §11)
+    assert_eq!(c.rollout.n, 5);
+    assert_eq!((c.rollout.temperature, c.rollout.top_p), (1.0, 0.99));
+    assert_eq!((c.rollout.top_k, c.rollout.seed), (-1, 1));
+    assert_eq!(
+        (c.rollout.val_override.temperature, c.rollout.val_override.n),
+        (0.5, 1)
+    );
+    assert_eq!(c.rollout.gpu_memory_utilization, 0.6);
+    // data
+    assert_eq!(
+        (c.data.max_prompt_length, c.data.max_response_length),
+        (4000, 4000)
+    );
+    assert_eq!(
+        (c.data.rollout_batch_size, c.data.val_batch_size),
+        (512, 1024)
+    );
+    assert_eq!((c.data.max_pixels, c.data.min_pixels), (524_288, 65_536));
+    assert_eq!((c.data.shuffle, c.data.seed), (true, 1));
+    assert_eq!(c.data.manifest.video_frames, 2);
+    // algorithm
+    assert_eq!(c.algorithm.estimator, EstimatorKind::Grpo);
+    assert_eq!(c.algorithm.grpo_eps, 1e-6);
+    assert_eq!(c.algorithm.kl.kl_coef, 1e-4);
+    assert_eq!(c.algorithm.kl.kl_penalty, KlEstimator::LowVarKl);
+    assert!(c.algorithm.kl.use_kl_loss);
+    assert_eq!((c.algorithm.drpo.k_max, c.algorithm.drpo.tol), (10, 0.10));
+    assert_eq!(c.algorithm.drpo.mode, DrpoMode::Reference);
+    // actor (spec §10)
+    assert_eq!(c.actor.global_batch_size, 128);
+    assert_eq!(c.actor.micro_batch_size_per_device_for_update, 2);
+    assert_eq!(c.actor.micro_batch_size_per_device_for_experience, 8);
+    assert_eq!(c.actor.ppo_epochs, 1);
+    assert_eq!(c.actor.optim.lr, 1e-6);
+    assert_eq!(c.actor.optim.weight_decay, 1e-2);
+    assert_eq!((c.actor.optim.beta1, c.actor.optim.beta2), (0.9, 0.999));
+    assert_eq!(c.actor.optim.max_grad_norm, Some(1.0));
+    assert_eq!(
+        c.actor.optim.schedule,
+        LrSchedule::Constant { warmup_steps: 0 }
+    );
+    assert_eq!(
+        (
+            c.actor.policy_loss.clip_ratio_low,
+            c.actor.policy_loss.clip_ratio_high,
+            c.actor.policy_loss.clip_ratio_dual
+        ),
+        (0.2, 0.3, 3.0)
+    );
+    assert_eq!(c.actor.policy_loss.loss_agg_mode, LossAggMode::TokenMean);
+    // trainer
+    assert_eq!(c.trainer.total_episodes, 3);
+    assert_eq!(
+        (
+            c.trainer.val_freq,
+            c.trainer.save_freq,
+            c.trainer.save_limit
+        ),
+        (5, 30, 3)
+    );
+    assert_eq!(c.trainer.n_gpus_per_node, 8);
+    // spec §16.6 sanity counts
+    assert_eq!(c.rollouts_per_step(), 2560);
+    assert_eq!(c.rollouts_per_optimizer_step(), 640);
+    assert_eq!(c.optimizer_steps_per_step(), 4);
+    assert_eq!(c.gradient_accumulation(), 40);
+}
+
+#[test]
+fn shipped_configs_parse_and_validate() {
+    let c = RunConfig::load(&configs_dir().join("qoq_med_7b_drpo.toml"), &[]).unwrap();
+    assert_eq!(c.algorithm.estimator, EstimatorKind::Drpo);
+    assert!(matches!(c.algorithm.build_estimator(), Estimator::Drpo(_)));
+    assert_eq!(c.actor.optim.lr, 1e-6);
+    assert_eq!(c.rollout.n, 5);
+    assert_eq!(c.gradient_accumulation(), 40);
+    let t = RunConfig::load(&configs_dir().join("tiny_cpu.toml"), &[]).unwrap();
+    assert_eq!(t.trainer.world_size(), 1);
+    assert!(t.rollouts_per_step() < 100, "{}", t.rollouts_per_step());
+}
+
+#[test]
+fn resolved_toml_round_trips() {
+    let c = RunConfig::load(&configs_dir().join("qoq_med_7b_drpo.toml"), &[]).unwrap();
+    let text = c.to_toml_string().unwrap();
+    eprintln!("{text}");
+    let back = RunConfig::from_toml_str(&text, "<resolved>").unwrap();
+    assert_eq!(back, c);
+}
+
+#[test]
+fn overrides_change_fields_with_inferred_types() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("run.toml");
+    std::fs::write(
+        &p,
+        "[data]\ntrain_files = \"train.jsonl\"\nval_files = \"val.jsonl\"\n",
+    )
+    .unwrap();
+    let c = RunConfig::load(
+        &p,
+        &[
+            "algorithm.estimator=drpo".into(),
+            "algorithm.drpo.k_max=3".into(),
+            "actor.optim.lr=5e-5".into(),
+            "actor.optim.weight_decay=0".into(),
+            "rollout.temperature=1".into(),
+            "algorithm.kl.use_kl_loss=false".into(),
+            "trainer.max_steps=7".into(),
+            // a tagged variant with fields is set whole, as an inline table
+            "algorithm.drpo.mode={type = \"window\", steps = 4}".into(),
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.algorithm.estimator, EstimatorKind::Drpo);
+    assert_eq!(c.algorithm.drpo.k_max, 3);
+    assert_eq!(c.actor.optim.lr, 5e-5);
+    assert_eq!(c.actor.optim.weight_decay, 0.0);
+    assert!(!c.algorithm.kl.use_kl_loss);
+    assert_eq!(c.trainer.max_steps, Some(7));
+    assert_eq!(c.algorithm.drpo.mode, DrpoMode::Window { steps: 4 });
+}
+
+#[test]
+fn unknown_keys_are_errors_naming_them() {
+    let mut doc: toml::Value = toml::from_str("[data]\ntrain_files = \"t.jsonl\"\n").unwrap();
+    let e = apply_override(&mut doc, "algorithm.estimatr", "drpo").unwrap_err();
+    assert!(matches!(e, ConfigError::UnknownKey { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains("algorithm.estimatr"), "{msg}");
+    assert!(msg.contains("estimator"), "known keys listed: {msg}");
+    let e = apply_override(&mut doc, "trainer.nope.deeper", "1").unwrap_err();
+    assert!(e.to_string().contains("trainer.nope.deeper"), "{e}");
+    // a known key with a value of the wrong type names the key
+    let e = apply_override(&mut doc, "rollout.n", "many").unwrap_err();
+    assert!(matches!(e, ConfigError::BadOverride { .. }), "{e}");
+    assert!(e.to_string().contains("rollout.n"), "{e}");
+    // the document is unchanged by failed overrides
+    assert!(doc.get("algorithm").is_none());
+    // an unknown key in a file is an error naming it
+    let e = RunConfig::from_toml_str("[trainer]\nsave_freqq = 3\n", "run.toml").unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("run.toml") && msg.contains("save_freqq"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn validation_names_the_field() {
+    let mut c = RunConfig::default();
+    c.data.train_files = "t.jsonl".into();
+    c.data.val_files = "v.jsonl".into();
+    c.validate().unwrap();
+    c.actor.micro_batch_size_per_device_for_update = 3;
+    let e = c.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("actor.micro_batch_size_per_device_for_update"),
+        "{e}"
+    );
+    let mut c2 = RunConfig::default();
+    c2.data.train_files = "t.jsonl".into();
+    let e = c2.validate().unwrap_err().to_string();
+    assert!(e.contains("data.val_files"), "{e}");
+}
+
+#[test]
+fn the_7b_recipe_differs_from_the_defaults_only_in_estimator_and_paths() {
+    let mut c = RunConfig::load(&configs_dir().join("qoq_med_7b_drpo.toml"), &[]).unwrap();
+    assert_eq!(c.data.train_files, "data/climb/geom_train.jsonl");
+    c.algorithm.estimator = EstimatorKind::Grpo;
+    c.data.train_files.clear();
+    c.data.val_files.clear();
+    c.trainer.out_dir = RunConfig::default().trainer.out_dir;
+    assert_eq!(c, RunConfig::default());
+}
