@@ -32,6 +32,8 @@ enum Command {
     Logits(cmd::logits::LogitsArgs),
     /// Turn manifest rows into model-ready arrays.
     Process(cmd::process::ProcessArgs),
+    /// Run one case end to end: images, ECG and a question in; reasoning, boxes and answer out.
+    Infer(cmd::infer::InferArgs),
     /// Evaluate responses with every reasoning trace kept; compare runs.
     Eval(cmd::eval::EvalArgs),
     /// Write the synthetic imbalanced clinical world (images, volumes, ECGs, manifests).
@@ -58,6 +60,7 @@ fn main() -> std::process::ExitCode {
         Command::Process(a) => cmd::process::run(a),
         Command::Synth(a) => cmd::synth::run(a),
         Command::Eval(a) => cmd::eval::run(a),
+        Command::Infer(a) => cmd::infer::run(a),
     };
     match result {
         Ok(code) => code,

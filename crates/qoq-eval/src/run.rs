@@ -111,7 +111,9 @@ pub struct EvalOutcome {
     pub metrics_path: PathBuf,
 }
 
-fn reasoning_of(response: &str) -> String {
+/// The reasoning part of a response: inside `<think>...</think>` when present, else the text
+/// before the last `\boxed{`.
+pub fn reasoning_of(response: &str) -> String {
     if let (Some(a), Some(b)) = (response.find("<think>"), response.rfind("</think>"))
         && a + 7 <= b
     {
@@ -123,7 +125,8 @@ fn reasoning_of(response: &str) -> String {
     }
 }
 
-fn boxes_of(response: &str) -> Vec<[f64; 4]> {
+/// The `bbox_2d` boxes of the first parseable JSON block of a response.
+pub fn boxes_of(response: &str) -> Vec<[f64; 4]> {
     match qoq_reward::iou::extract_json(response) {
         Ok(Some(v)) => qoq_reward::iou::collect_bboxes(&v)
             .iter()

@@ -204,3 +204,21 @@ pub fn save_merged(model: &ClinicalVlm, store: &ParamStore, path: &Path) -> Resu
         message: format!("cannot write: {e}"),
     })
 }
+
+/// Write a randomly initialised checkpoint of `cfg` into `dir`: `config.json` and
+/// `model.safetensors` in the QoQ key layout (candle's default initialisations: Kaiming-uniform
+/// linears, normal embeddings, unit norms). For tiny demo and test models; `load_model` reads it.
+pub fn write_random_checkpoint(cfg: &qoq_core::hf_config::QwenVlConfig, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let vm = candle_nn::VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let (vb, store) = trainable_var_builder(vb, Freeze::default());
+    let model = ClinicalVlm::new(cfg, vb)?;
+    save_merged(&model, &store, &dir.join("model.safetensors"))?;
+    let path = dir.join("config.json");
+    let text = serde_json::to_string_pretty(cfg).map_err(|e| Error::Config(e.to_string()))?;
+    std::fs::write(&path, text).map_err(|source| Error::Io { path, source })
+}

@@ -10,6 +10,11 @@
 //! Run: `cargo bench -p qoq-processor --bench processor` (`BENCH_ROUNDS`, default 25, rounds
 //! over the 4 images; `PROCESSOR_REF_JSON=/tmp/ref.json` adds the ratio to the Python
 //! reference's output of `python3 tools/bench/processor_ref.py --out /tmp/ref.json`).
+//! `seconds_decode_resize_process` splits the image time into file decoding, the dataset-side
+//! resize and the processor; `BENCH_PROBE=1` also times the retina's bicubic resize, patch
+//! flattening and prompt + tokenisation separately. Compare single-threaded runs
+//! (`RAYON_NUM_THREADS=1` here, `--threads 1` there) as well as default ones: on a small loaded
+//! machine torch's thread pool can cost the reference several times its single-thread speed.
 
 use image::DynamicImage;
 use qoq_core::hf_config::{PreprocessorConfig, QwenVlConfig};
@@ -112,7 +117,9 @@ fn main() {
             std::hint::black_box(p.tokenizer.encode(&pr).unwrap());
         }
         let t_text = t.elapsed().as_secs_f64() / 20.0;
-        eprintln!("retina {tw}x{th}: resize {t_resize:.4} s, flatten {t_flatten:.4} s, prompt+encode {t_text:.5} s");
+        eprintln!(
+            "retina {tw}x{th}: resize {t_resize:.4} s, flatten {t_flatten:.4} s, prompt+encode {t_text:.5} s"
+        );
     }
     let rec = root().join("examples/mini/ecg/demo-ecg/rec_003.hea");
     let n_ecg = rounds * 20;

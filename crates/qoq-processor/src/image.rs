@@ -142,17 +142,17 @@ pub fn resize_bicubic_aa(img: &RgbImage, width: u32, height: u32) -> RgbImage {
     let mut tmp = vec![0u8; sh * dw * 3];
     tmp.par_chunks_mut(dw * 3).enumerate().for_each(|(y, row)| {
         let line = &src[y * sw * 3..(y + 1) * sw * 3];
-        for (x, (xmin, w)) in wx.taps.iter().enumerate() {
-            let mut acc = [half_x; 3];
-            for (k, &wk) in w.iter().enumerate() {
-                let p = (xmin + k) * 3;
-                acc[0] += line[p] as i32 * wk;
-                acc[1] += line[p + 1] as i32 * wk;
-                acc[2] += line[p + 2] as i32 * wk;
+        for ((xmin, w), px) in wx.taps.iter().zip(row.chunks_exact_mut(3)) {
+            let (mut a0, mut a1, mut a2) = (half_x, half_x, half_x);
+            let window = &line[xmin * 3..(xmin + w.len()) * 3];
+            for (p, &wk) in window.chunks_exact(3).zip(w) {
+                a0 += p[0] as i32 * wk;
+                a1 += p[1] as i32 * wk;
+                a2 += p[2] as i32 * wk;
             }
-            for c in 0..3 {
-                row[x * 3 + c] = clip8(acc[c], wx.precision);
-            }
+            px[0] = clip8(a0, wx.precision);
+            px[1] = clip8(a1, wx.precision);
+            px[2] = clip8(a2, wx.precision);
         }
     });
     // Height pass.

@@ -445,6 +445,8 @@ impl RunConfig {
             origin: origin.clone(),
             message: e.to_string(),
         })?;
+        // The file alone must be valid, so that its errors are not blamed on an override.
+        Self::from_value(doc.clone(), &origin)?;
         for o in overrides {
             let (key, value) = split_override(o)?;
             apply_override(&mut doc, key, value)?;

@@ -80,6 +80,9 @@ pub enum MetricsLogError {
         /// The cause.
         source: std::io::Error,
     },
+    /// Writing the TensorBoard events failed.
+    #[error(transparent)]
+    Tensorboard(#[from] crate::tensorboard::TensorboardError),
     /// A complete (newline-terminated) line is not a metrics record.
     #[error("{path}:{line}: {reason}")]
     BadLine {
@@ -274,6 +277,73 @@ impl MetricsLog {
     }
 }
 
+/// Both sinks of a run directory: `RUN_DIR/metrics.jsonl` and, when enabled, TensorBoard events
+/// under `RUN_DIR/tensorboard/`.
+#[derive(Debug)]
+pub struct RunLog {
+    jsonl: MetricsLog,
+    events: Option<crate::tensorboard::EventWriter>,
+}
+
+impl RunLog {
+    /// Opens the sinks of `run_dir` (created if needed). `resume_step` is the step of the
+    /// checkpoint a resumed run starts from (`None` for a fresh run, which empties the log);
+    /// returns the metrics records kept from earlier steps. A resumed run starts a new event file
+    /// that begins with a session-start marker at `resume_step + 1`, so TensorBoard hides the
+    /// killed run's later events.
+    pub fn open(
+        run_dir: &Path,
+        tensorboard: bool,
+        resume_step: Option<u64>,
+    ) -> Result<(Self, Vec<MetricsRecord>)> {
+        std::fs::create_dir_all(run_dir).map_err(|source| MetricsLogError::Io {
+            path: run_dir.to_path_buf(),
+            source,
+        })?;
+        let path = run_dir.join("metrics.jsonl");
+        let (jsonl, kept) = match resume_step {
+            Some(_) => MetricsLog::resume(&path, resume_step)?,
+            None => (MetricsLog::create(&path)?, Vec::new()),
+        };
+        let events = if tensorboard {
+            let mut w = crate::tensorboard::EventWriter::create(&run_dir.join("tensorboard"))?;
+            if let Some(s) = resume_step {
+                // TensorBoard drops the killed run's events from step s + 1 on.
+                w.add_session_start(s as i64 + 1)?;
+                w.flush()?;
+            }
+            Some(w)
+        } else {
+            None
+        };
+        Ok((Self { jsonl, events }, kept))
+    }
+
+    /// Logs one step to every sink (stamped now) and flushes them.
+    pub fn log(&mut self, step: u64, metrics: &BTreeMap<String, f64>) -> Result<()> {
+        let record = MetricsRecord {
+            step,
+            wall_time: crate::tensorboard::now_wall_time(),
+            metrics: metrics.clone(),
+        };
+        self.jsonl.append(&record)?;
+        if let Some(ev) = &mut self.events {
+            ev.add_scalars_at(
+                record.wall_time,
+                step as i64,
+                metrics.iter().map(|(k, &v)| (k.as_str(), v)),
+            )?;
+            ev.flush()?;
+        }
+        Ok(())
+    }
+
+    /// The event file, when TensorBoard is on.
+    pub fn event_file(&self) -> Option<&Path> {
+        self.events.as_ref().map(|e| e.path())
+    }
+}
+
 /// Every metric as a `(step, value)` series, steps in file order.
 pub fn series(records: &[MetricsRecord]) -> BTreeMap<String, Vec<(f64, f64)>> {
     let mut out: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
@@ -401,6 +471,27 @@ mod tests {
             s[names::REWARD_OVERALL],
             vec![(1.0, 0.1), (2.0, 0.2), (3.0, 0.33)]
         );
+    }
+
+    #[test]
+    fn run_log_writes_both_sinks_and_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, kept) = RunLog::open(dir.path(), true, None).unwrap();
+        assert!(kept.is_empty());
+        for s in 1..=3u64 {
+            let m: BTreeMap<String, f64> = [(names::PG_LOSS.to_string(), s as f64)].into();
+            log.log(s, &m).unwrap();
+        }
+        let events = crate::tensorboard::read_events(log.event_file().unwrap()).unwrap();
+        assert_eq!(
+            events.scalars.iter().map(|e| e.step).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        drop(log);
+        let (_, kept) = RunLog::open(dir.path(), false, Some(2)).unwrap();
+        assert_eq!(kept.iter().map(|r| r.step).collect::<Vec<_>>(), vec![1, 2]);
+        let records = read_records(&dir.path().join("metrics.jsonl")).unwrap();
+        assert_eq!(records.len(), 2);
     }
 
     #[test]

@@ -149,6 +149,21 @@ pub fn encode_scalar_event(wall_time: f64, step: i64, scalars: &[(&str, f32)]) -
     out
 }
 
+/// `Event{wall_time, step, session_log: SessionLog{status: START}}` (`Event.session_log` = 7,
+/// `SessionLog.status` = 1, `START` = 1). TensorBoard's reader, on meeting it, drops every
+/// event already read with a step at or above `step`: written when a resumed run restarts at
+/// `step`, it hides the stale tail of the killed run.
+pub fn encode_session_start_event(wall_time: f64, step: i64) -> Vec<u8> {
+    let mut out = Vec::new();
+    put_wall_time(&mut out, wall_time);
+    if step != 0 {
+        out.push(0x10);
+        put_varint(&mut out, step as u64);
+    }
+    put_bytes(&mut out, 7, &[0x08, 0x01]);
+    out
+}
+
 /// Seconds since the Unix epoch as TensorBoard stores them.
 pub fn now_wall_time() -> f64 {
     SystemTime::now()
@@ -166,24 +181,28 @@ pub struct EventWriter {
 
 impl EventWriter {
     /// Creates `dir` if needed and a new event file in it
-    /// (`events.out.tfevents.{unix seconds}.qoq.{pid}`), writing the file-version record.
+    /// (`events.out.tfevents.{unix seconds}.qoq.{pid}.{n}`, `n` counting this process's files,
+    /// so names sort in creation order), writing the file-version record.
     pub fn create(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|source| TensorboardError::Io {
             path: dir.to_path_buf(),
             source,
         })?;
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let wall = now_wall_time();
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = dir.join(format!(
-            "events.out.tfevents.{}.qoq.{}",
+            "events.out.tfevents.{:010}.qoq.{}.{n}",
             wall as u64,
             std::process::id()
         ));
         Self::create_file(&path, wall)
     }
 
-    /// Creates the event file `path` with a file-version record stamped `wall_time`.
+    /// Creates the event file `path` (which must not exist) with a file-version record stamped
+    /// `wall_time`.
     pub fn create_file(path: &Path, wall_time: f64) -> Result<Self> {
-        let file = File::create(path).map_err(|source| TensorboardError::Io {
+        let file = File::create_new(path).map_err(|source| TensorboardError::Io {
             path: path.to_path_buf(),
             source,
         })?;
@@ -229,6 +248,11 @@ impl EventWriter {
     ) -> Result<()> {
         let values: Vec<(&str, f32)> = scalars.into_iter().map(|(t, v)| (t, v as f32)).collect();
         self.write_record(&encode_scalar_event(wall_time, step, &values))
+    }
+
+    /// Marks a restart at `step` (see [`encode_session_start_event`]), stamped now.
+    pub fn add_session_start(&mut self, step: i64) -> Result<()> {
+        self.write_record(&encode_session_start_event(now_wall_time(), step))
     }
 
     /// Flushes buffered records to the file.

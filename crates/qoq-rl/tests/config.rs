@@ -101,7 +101,7 @@ fn shipped_configs_parse_and_validate() {
 fn resolved_toml_round_trips() {
     let c = RunConfig::load(&configs_dir().join("qoq_med_7b_drpo.toml"), &[]).unwrap();
     let text = c.to_toml_string().unwrap();
-    eprintln!("{text}");
+    assert!(text.contains("[algorithm.drpo]") && text.contains("type = \"qoq_medical\""));
     let back = RunConfig::from_toml_str(&text, "<resolved>").unwrap();
     assert_eq!(back, c);
 }

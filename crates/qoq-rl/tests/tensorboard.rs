@@ -6,8 +6,8 @@
 //! `python tools/fixtures/tensorboard_read.py read /some/dir --expect /some/dir/expected.json`.
 
 use qoq_rl::tensorboard::{
-    EventWriter, TensorboardError, encode_file_version_event, encode_scalar_event, frame_record,
-    read_events,
+    EventWriter, TensorboardError, encode_file_version_event, encode_scalar_event,
+    encode_session_start_event, frame_record, read_events,
 };
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -54,6 +54,14 @@ fn records_match_tensorboards_own_writer_byte_for_byte() {
         ))),
         fv["record_hex"].as_str().unwrap()
     );
+    let ss = &f["session_start"];
+    assert_eq!(
+        hex(&frame_record(&encode_session_start_event(
+            ss["wall_time"].as_f64().unwrap(),
+            ss["step"].as_i64().unwrap()
+        ))),
+        ss["record_hex"].as_str().unwrap()
+    );
     for case in ["scalar", "negative_step"] {
         assert_eq!(
             hex(&scalar_record(&f[case])),
@@ -99,6 +107,24 @@ fn written_files_read_back_and_corruption_is_detected() {
         let want = expected[&e.tag][(e.step - 1) as usize];
         assert_eq!(e.value, want.1 as f32, "{} @ {}", e.tag, e.step);
     }
+    // a run killed after step 20 and resumed from its step-15 checkpoint: a new file starts
+    // with a session-start marker at 16 and re-logs 16..=20; TensorBoard shows the new values
+    let mut w2 = EventWriter::create(&dir).unwrap();
+    assert_ne!(w2.path(), path.as_path());
+    w2.add_session_start(16).unwrap();
+    for step in 16..=20i64 {
+        let v = -(step as f64);
+        w2.add_scalars(step, [("actor/pg_loss", v)]).unwrap();
+        expected.get_mut("actor/pg_loss").unwrap()[(step - 1) as usize] = (step, v);
+    }
+    drop(w2);
+    for tag in [
+        "actor/kl_loss",
+        "reward/overall",
+        "val/test_score/chest_xray",
+    ] {
+        expected.get_mut(tag).unwrap().truncate(15);
+    }
     if let Some(k) = keep {
         std::fs::write(
             k.join("expected.json"),
@@ -124,4 +150,27 @@ fn written_files_read_back_and_corruption_is_detected() {
     std::fs::write(&bad, &std::fs::read(&path).unwrap()[..n - 3]).unwrap();
     let e = read_events(&bad).unwrap_err().to_string();
     assert!(e.contains("record 20") && e.contains("corrupt"), "{e}");
+}
+
+proptest::proptest! {
+    #[test]
+    fn any_scalar_event_reads_back(
+        step in proptest::num::i64::ANY,
+        wall in 0.0f64..4.0e9,
+        values in proptest::collection::vec(("[a-z_/ ]{0,24}", proptest::num::f32::ANY), 0..6),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.out.tfevents.prop");
+        let mut w = EventWriter::create_file(&path, wall).unwrap();
+        w.add_scalars_at(wall, step, values.iter().map(|(t, v)| (t.as_str(), *v as f64))).unwrap();
+        drop(w);
+        let back = read_events(&path).unwrap();
+        proptest::prop_assert_eq!(back.scalars.len(), values.len());
+        for (e, (t, v)) in back.scalars.iter().zip(&values) {
+            proptest::prop_assert_eq!(e.step, step);
+            proptest::prop_assert_eq!(e.wall_time, wall);
+            proptest::prop_assert_eq!(&e.tag, t);
+            proptest::prop_assert_eq!(e.value.to_bits(), v.to_bits());
+        }
+    }
 }

@@ -4,6 +4,7 @@ pub mod advantage;
 pub mod bench;
 pub mod data;
 pub mod eval;
+pub mod infer;
 pub mod logits;
 pub mod metrics;
 pub mod process;
