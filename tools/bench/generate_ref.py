@@ -43,6 +43,10 @@ def main():
         vision_config=dict(depth=2, hidden_size=1280, intermediate_size=3420, num_heads=16,
                            out_hidden_size=896, fullatt_block_indexes=[1], window_size=112),
         attn_implementation="sdpa",
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
     )
     model = Qwen2_5_VLForConditionalGeneration(cfg).eval().float()
     for case, prompts, n in [("1x1", 1, 1), ("16x5", 16, 5)]:

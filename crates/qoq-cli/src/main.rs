@@ -34,6 +34,8 @@ enum Command {
     Process(cmd::process::ProcessArgs),
     /// Run one case end to end: images, ECG and a question in; reasoning, boxes and answer out.
     Infer(cmd::infer::InferArgs),
+    /// Training curves (one PNG per metric group) from a run's metrics.jsonl.
+    Plot(cmd::plot::PlotArgs),
     /// Evaluate responses with every reasoning trace kept; compare runs.
     Eval(cmd::eval::EvalArgs),
     /// Write the synthetic imbalanced clinical world (images, volumes, ECGs, manifests).
@@ -61,6 +63,7 @@ fn main() -> std::process::ExitCode {
         Command::Synth(a) => cmd::synth::run(a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Infer(a) => cmd::infer::run(a),
+        Command::Plot(a) => cmd::plot::run(a),
     };
     match result {
         Ok(code) => code,

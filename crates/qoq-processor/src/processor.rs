@@ -346,7 +346,11 @@ impl Processor {
                 }
                 other => other,
             })?;
-            pixel_values.extend_from_slice(&v.pixel_values);
+            if pixel_values.is_empty() {
+                pixel_values = v.pixel_values;
+            } else {
+                pixel_values.extend_from_slice(&v.pixel_values);
+            }
             image_grid_thw.push(v.grid_thw);
         }
         let merge2 = self.image.cfg.merge_size * self.image.cfg.merge_size;

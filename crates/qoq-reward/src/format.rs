@@ -1,9 +1,9 @@
 //! The graded JSON-bbox format score, `medical.py::evaluate_bbox_format` (spec §8.4), and the
 //! `parse_json` fence stripping it uses.
 
-use crate::pyvalue::{JsonError, PyValue, json_loads, literal_eval};
+use crate::pyvalue::{JsonError, LiteralError, PyValue, json_loads, literal_eval};
 use crate::text::finders::{FENCE, FENCE_JSON};
-use crate::text::{py_splitlines, py_strip};
+use crate::text::{py_is_space, py_splitlines, py_strip};
 use std::borrow::Cow;
 
 /// `parse_json`: the text after the first line that is exactly "```json" or strips to "```",
@@ -134,12 +134,44 @@ pub fn format_score(text: &str) -> f64 {
     format_score_cached(text).0
 }
 
-/// The `json.loads` result of a block, keyed by the block without JSON's own end whitespace
-/// (`json.loads(s)` equals `json.loads(s.trim_matches([' ', '\t', '\n', '\r']))`).
-pub type JsonMemo = Option<(String, Result<PyValue, JsonError>)>;
+/// What the format score parsed, handed to the IoU's extraction, which usually parses the same
+/// block again.
+#[derive(Debug, Default)]
+pub struct ParseMemo<'a> {
+    /// `json.loads` of a block, keyed by the block without JSON's own end whitespace
+    /// (`json.loads(s)` equals `json.loads(s.trim_matches([' ', '\t', '\n', '\r']))`).
+    json: Option<(Cow<'a, str>, Result<PyValue, JsonError>)>,
+    /// `ast.literal_eval` of a quote-swapped block, keyed by that exact string.
+    literal: Option<(String, Result<PyValue, LiteralError>)>,
+}
 
-/// [`format_score`], also returning its `json.loads` result for reuse by the IoU's extraction.
-pub fn format_score_cached(text: &str) -> (f64, JsonMemo) {
+impl ParseMemo<'_> {
+    /// `json.loads(s)`, reusing the memo when it holds `s`'s result.
+    pub fn json_loads(&mut self, s: &str) -> Result<PyValue, JsonError> {
+        match self.json.take_if(|(k, _)| k == s) {
+            Some((_, r)) => r,
+            None => json_loads(s),
+        }
+    }
+
+    /// `ast.literal_eval(s)` for an `s` without trailing whitespace, reusing the memo when it
+    /// holds `s` or `s + "\n"` (one trailing newline after a non-blank last line changes
+    /// nothing for CPython's tokenizer).
+    pub fn literal_eval(&mut self, s: &str) -> Result<PyValue, LiteralError> {
+        let hit = |k: &String| k == s || k.strip_suffix('\n') == Some(s);
+        if s.ends_with(py_is_space) {
+            return literal_eval(s);
+        }
+        match self.literal.take_if(|(k, _)| hit(k)) {
+            Some((_, r)) => r,
+            None => literal_eval(s),
+        }
+    }
+}
+
+/// [`format_score`], also returning what it parsed for reuse by the IoU's extraction.
+pub fn format_score_cached(text: &str) -> (f64, ParseMemo<'_>) {
+    let mut memo = ParseMemo::default();
     let mut s = 0.0;
     if let Some(k) = FENCE.find(text.as_bytes()) {
         s += 0.2;
@@ -149,24 +181,41 @@ pub fn format_score_cached(text: &str) -> (f64, JsonMemo) {
     }
     let js = parse_json_block(text);
     if js.is_empty() {
-        return (s, None);
+        return (s, memo);
     }
     let loaded = json_loads(&js);
-    let key = js.trim_matches([' ', '\t', '\n', '\r']).to_string();
-    let mut literal = None;
-    let parsed = match &loaded {
+    let key = match &js {
+        Cow::Borrowed(b) => Cow::Borrowed(b.trim_matches([' ', '\t', '\n', '\r'])),
+        Cow::Owned(o) => Cow::Owned(o.trim_matches([' ', '\t', '\n', '\r']).to_string()),
+    };
+    let parsed = match loaded {
         Ok(v) => {
             s += 0.2;
-            v
-        }
-        Err(JsonError::Other) => return (s, Some((key, loaded))),
-        Err(JsonError::Decode) => match literal_eval(&js.replace('\'', "\"")) {
-            Ok(v) => {
-                s += 0.1;
-                literal.insert(v)
+            memo.json = Some((key, Ok(v)));
+            match &memo.json {
+                Some((_, Ok(v))) => v,
+                _ => return (s, memo),
             }
-            Err(_) => return (s, Some((key, loaded))),
-        },
+        }
+        Err(e @ JsonError::Other) => {
+            memo.json = Some((key, Err(e)));
+            return (s, memo);
+        }
+        Err(e @ JsonError::Decode) => {
+            memo.json = Some((key, Err(e)));
+            let swapped = js.replace('\'', "\"");
+            let lit = literal_eval(&swapped);
+            let ok = lit.is_ok();
+            memo.literal = Some((swapped, lit));
+            if !ok {
+                return (s, memo);
+            }
+            s += 0.1;
+            match &memo.literal {
+                Some((_, Ok(v))) => v,
+                _ => return (s, memo),
+            }
+        }
     };
     if let PyValue::List(items) = parsed {
         s += 0.1;
@@ -175,7 +224,7 @@ pub fn format_score_cached(text: &str) -> (f64, JsonMemo) {
             s += 0.4 * (valid as f64 / items.len() as f64);
         }
     }
-    (s, Some((key, loaded)))
+    (s, memo)
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //! The mask branch never draws a box mask: a summed-area table of the mask ([`MaskIndex`])
 //! gives the intersection of any inclusive pixel box in O(1).
 
-use crate::pyvalue::{JsonError, PyInt, PyValue, json_loads, literal_eval, py_int_from_str};
+use crate::pyvalue::{JsonError, PyInt, PyValue, py_int_from_str};
 use crate::text::{py_is_space, py_strip};
 use qoq_core::SegMask;
 use std::cmp::Ordering;
@@ -118,29 +118,24 @@ pub fn fenced_blocks(text: &str) -> Vec<&str> {
 /// `ast.literal_eval` accepts. `Err(Raised)` where the reference raises out of the reward
 /// (a `RecursionError`/`ValueError` from `json.loads`).
 pub fn extract_json(text: &str) -> Result<Option<PyValue>, Raised> {
-    extract_json_cached(text, None)
+    extract_json_cached(text, crate::format::ParseMemo::default())
 }
 
-/// [`extract_json`] reusing the format score's `json.loads` result for an identical block.
+/// [`extract_json`] reusing what the format score parsed.
 pub fn extract_json_cached(
     text: &str,
-    mut memo: crate::format::JsonMemo,
+    mut memo: crate::format::ParseMemo<'_>,
 ) -> Result<Option<PyValue>, Raised> {
     let blocks = fenced_blocks(text);
     for m in &blocks {
-        let m = py_strip(m);
-        let loaded = match memo.take_if(|(k, _)| k == m) {
-            Some((_, r)) => r,
-            None => json_loads(m),
-        };
-        match loaded {
+        match memo.json_loads(py_strip(m)) {
             Ok(v) => return Ok(Some(v)),
             Err(JsonError::Decode) => continue,
             Err(JsonError::Other) => return Err(Raised),
         }
     }
     for m in &blocks {
-        if let Ok(v) = literal_eval(&py_strip(m).replace('\'', "\"")) {
+        if let Ok(v) = memo.literal_eval(&py_strip(m).replace('\'', "\"")) {
             return Ok(Some(v));
         }
     }
@@ -557,6 +552,7 @@ pub fn box_iou(a: [f64; 4], b: [f64; 4]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pyvalue::json_loads;
 
     fn golden_mask() -> MaskIndex {
         let mut d = vec![0u8; 40 * 40];

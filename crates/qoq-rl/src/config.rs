@@ -399,6 +399,18 @@ impl TrainerConfig {
         usize::try_from(self.save_limit).ok()
     }
 
+    /// Whether step `step` (1-based) validates: every `val_freq` steps, and after the last step
+    /// when it was not a validation step already (EasyR1 `fit`).
+    pub fn is_val_step(&self, step: u64, last_step: u64) -> bool {
+        (self.val_freq > 0 && step.is_multiple_of(self.val_freq)) || step == last_step
+    }
+
+    /// Whether step `step` (1-based) saves a checkpoint: every `save_freq` steps, and after the
+    /// last step.
+    pub fn is_save_step(&self, step: u64, last_step: u64) -> bool {
+        (self.save_freq > 0 && step.is_multiple_of(self.save_freq)) || step == last_step
+    }
+
     /// Data-parallel ranks (`n_gpus_per_node · nnodes`).
     pub fn world_size(&self) -> usize {
         self.n_gpus_per_node * self.nnodes
@@ -488,6 +500,15 @@ impl RunConfig {
             policy: self.actor.policy_loss,
             kl: self.algorithm.kl,
         }
+    }
+
+    /// Training steps of the run (spec §11): `max_steps` when set, else
+    /// `⌊train_rows / rollout_batch_size⌋ · total_episodes` (the dataloader drops the last
+    /// partial batch).
+    pub fn training_steps(&self, train_rows: usize) -> u64 {
+        self.trainer.max_steps.unwrap_or_else(|| {
+            (train_rows / self.data.rollout_batch_size) as u64 * self.trainer.total_episodes
+        })
     }
 
     /// Rollouts per optimiser step: `global_batch_size · n` (640 in the reference).

@@ -192,3 +192,23 @@ fn the_7b_recipe_differs_from_the_defaults_only_in_estimator_and_paths() {
     c.trainer.out_dir = RunConfig::default().trainer.out_dir;
     assert_eq!(c, RunConfig::default());
 }
+
+#[test]
+fn step_counts_and_schedules_follow_the_reference_loop() {
+    let mut c = RunConfig::default();
+    // 2,000 rows / 512 per step = 3 full batches (drop_last) × 3 episodes
+    assert_eq!(c.training_steps(2000), 9);
+    let vals: Vec<u64> = (1..=12).filter(|&s| c.trainer.is_val_step(s, 12)).collect();
+    assert_eq!(vals, vec![5, 10, 12]);
+    let saves: Vec<u64> = (1..=61)
+        .filter(|&s| c.trainer.is_save_step(s, 61))
+        .collect();
+    assert_eq!(saves, vec![30, 60, 61]);
+    c.trainer.max_steps = Some(4);
+    c.trainer.val_freq = 0;
+    assert_eq!(c.training_steps(2000), 4);
+    assert!(!c.trainer.is_val_step(3, 4) && c.trainer.is_val_step(4, 4));
+    assert_eq!(c.trainer.keep_last(), Some(3));
+    c.trainer.save_limit = -1;
+    assert_eq!(c.trainer.keep_last(), None);
+}

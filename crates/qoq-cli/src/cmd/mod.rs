@@ -7,6 +7,7 @@ pub mod eval;
 pub mod infer;
 pub mod logits;
 pub mod metrics;
+pub mod plot;
 pub mod process;
 pub mod reward;
 pub mod synth;
