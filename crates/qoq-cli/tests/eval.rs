@@ -114,3 +114,61 @@ fn eval_scores_responses_resumes_and_compares() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("no response for sample"));
 }
+
+#[test]
+fn eval_generates_with_a_model_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let world = dir.path().join("world");
+    let cfg = qoq_synth::WorldConfig {
+        image_size: 28,
+        volume_slices: 2,
+        largest_domain_rows: 10,
+        domain_imbalance: 5.0,
+        test_per_class: 1,
+        ecg_seconds: 10.0,
+        ..Default::default()
+    };
+    qoq_synth::generate(&cfg, &world).unwrap();
+    // A tiny random checkpoint with the processor fixture's tokenizer.
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../qoq-processor/tests/fixtures/tiny_model");
+    let model = dir.path().join("model");
+    let mcfg = qoq_core::hf_config::QwenVlConfig::from_file(&src.join("config.json")).unwrap();
+    qoq_model::train::write_random_checkpoint(&mcfg, &model).unwrap();
+    for f in ["config.json", "preprocessor_config.json", "tokenizer.json"] {
+        std::fs::copy(src.join(f), model.join(f)).unwrap();
+    }
+    let run = dir.path().join("run");
+    let eval = |limit: &str| {
+        qoq()
+            .args(["eval", "--model"])
+            .arg(&model)
+            .arg("--data")
+            .arg(world.join("test.jsonl"))
+            .arg("--out")
+            .arg(&run)
+            .args([
+                "--max-new-tokens",
+                "4",
+                "--batch-size",
+                "3",
+                "--limit",
+                limit,
+            ])
+            .output()
+            .unwrap()
+    };
+    let o = eval("4");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = eval("7");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("7 rows evaluated (4 resumed)"), "{stderr}");
+    let traces = std::fs::read_to_string(run.join("traces.jsonl")).unwrap();
+    assert_eq!(traces.lines().count(), 7);
+    for l in traces.lines() {
+        let t: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert!(t["tokens"].as_u64().unwrap() <= 4);
+    }
+    assert!(run.join("metrics.json").exists() && run.join("report.md").exists());
+}

@@ -6,6 +6,10 @@
 //!   writes `traces.jsonl`, `metrics.json`, `report.md`, `confusion/*.png`, `domains.png`.
 //!   Boxes are read in the pixel coordinates of the original first image; masks are loaded at
 //!   their native size. Interrupted runs resume.
+//! * `qoq eval --model DIR --data test.jsonl --out RUN_DIR [--temperature 0.5] [--n 1]` generates
+//!   with the model (processor, prefill, cached batched decoding) and writes the same artefacts.
+//!   Boxes are then in the pixels of the image the model saw: masks are loaded at that size and
+//!   ground-truth boxes rescaled to it (spec §4.3). Only `--n 1` is supported so far.
 //! * `qoq eval --compare RUN_A RUN_B` prints both runs' metrics side by side with B - A.
 
 use anyhow::{Context, bail};
@@ -24,8 +28,30 @@ pub struct EvalArgs {
     #[arg(long, required_unless_present = "compare")]
     data: Option<PathBuf>,
     /// Precomputed responses: JSON lines `{"id", "response"}`.
-    #[arg(long, required_unless_present = "compare")]
+    #[arg(long, conflicts_with = "model")]
     responses: Option<PathBuf>,
+    /// Generate with this model folder (config.json, weights, preprocessor_config.json,
+    /// tokenizer.json) instead of reading responses.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Sampling temperature for --model (the reference validates at 0.5).
+    #[arg(long, default_value_t = 0.5)]
+    temperature: f32,
+    /// Nucleus mass for --model.
+    #[arg(long, default_value_t = 0.99)]
+    top_p: f32,
+    /// Responses per sample for --model.
+    #[arg(long, default_value_t = 1)]
+    n: usize,
+    /// Tokens to generate at most per response.
+    #[arg(long, default_value_t = 1024)]
+    max_new_tokens: usize,
+    /// Samples decoded together (prompts per batch; rows = prompts x n).
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
     /// Run directory (created; an existing run there is resumed).
     #[arg(long, required_unless_present = "compare")]
     out: Option<PathBuf>,
@@ -103,12 +129,30 @@ pub fn run(a: EvalArgs) -> anyhow::Result<ExitCode> {
         print!("{}", compare_runs(&runs[0], &runs[1])?);
         return Ok(ExitCode::SUCCESS);
     }
-    let (Some(data), Some(responses), Some(out)) = (&a.data, &a.responses, &a.out) else {
-        bail!("--data, --responses and --out are required unless --compare is given");
+    let (Some(data), Some(out)) = (&a.data, &a.out) else {
+        bail!("--data and --out are required unless --compare is given");
     };
-    let by_id = read_responses(responses)?;
+    if a.model.is_none() && a.responses.is_none() {
+        bail!("give --responses FILE or --model DIR");
+    }
     let manifest = qoq_data::manifest::Manifest::open(data, Default::default())
         .with_context(|| format!("opening {}", data.display()))?;
+    let reward = qoq_reward::QoqMedicalReward::new(qoq_reward::MedicalConfig::default())?;
+    let opts = EvalOptions {
+        limit: a.limit,
+        extraction: if a.reward_extraction {
+            Extraction::Reward
+        } else {
+            Extraction::Evaluation
+        },
+        batch_size: a.batch_size.max(1),
+        ..EvalOptions::default()
+    };
+    if let Some(model_dir) = &a.model {
+        return eval_with_model(&a, model_dir, &manifest, &reward, out, &opts);
+    }
+    let responses = a.responses.as_ref().expect("checked above");
+    let by_id = read_responses(responses)?;
     let rows = manifest
         .rows()?
         .map(|r| r.map_err(|e| qoq_eval::Error::Other(e.to_string())));
@@ -116,7 +160,6 @@ pub fn run(a: EvalArgs) -> anyhow::Result<ExitCode> {
         by_id,
         path: responses.clone(),
     };
-    let reward = qoq_reward::QoqMedicalReward::new(qoq_reward::MedicalConfig::default())?;
     let mask_of = |s: &ClinicalSample| {
         s.segmentation_path
             .as_ref()
@@ -128,16 +171,157 @@ pub fn run(a: EvalArgs) -> anyhow::Result<ExitCode> {
                 }
             })
     };
-    let opts = EvalOptions {
-        limit: a.limit,
-        extraction: if a.reward_extraction {
-            Extraction::Reward
-        } else {
-            Extraction::Evaluation
-        },
-        ..EvalOptions::default()
-    };
     let outcome = run_eval(rows, &mut responder, &reward, &mask_of, out, &opts)
+        .with_context(|| format!("evaluating into {}", out.display()))?;
+    print!("{}", outcome.report.to_markdown());
+    eprintln!(
+        "{} rows evaluated ({} resumed); artefacts in {}",
+        outcome.generated + outcome.resumed,
+        outcome.resumed,
+        out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Generates with the model: each batch of samples is processed, its prompts decoded together.
+struct EngineResponder {
+    processor: qoq_processor::processor::Processor,
+    model: qoq_model::ClinicalVlm,
+    cfg: qoq_engine::GenerateConfig,
+    n: usize,
+    /// Dataset-side size of each sample's first image, for masks and boxes.
+    sizes: std::sync::Arc<std::sync::Mutex<HashMap<String, (u32, u32)>>>,
+    /// Row counter: the random stream of each prompt.
+    next_stream: u64,
+}
+
+impl Responder for EngineResponder {
+    fn respond(&mut self, batch: &[ClinicalSample]) -> qoq_eval::Result<Vec<Generation>> {
+        let err = |e: String| qoq_eval::Error::Other(e);
+        let mut requests = Vec::with_capacity(batch.len());
+        for s in batch {
+            let ps = self
+                .processor
+                .process_sample(s)
+                .map_err(|e| err(format!("sample {} (line {}): {e}", s.id, s.line)))?;
+            if let Some(sz) = ps.image_sizes.first()
+                && let Ok(mut m) = self.sizes.lock()
+            {
+                m.insert(s.id.0.clone(), *sz);
+            }
+            let b = self
+                .processor
+                .collate(std::slice::from_ref(&ps), None)
+                .map_err(|e| err(e.to_string()))?;
+            let inputs = crate::cmd::infer::model_inputs(&b, self.model.device())
+                .map_err(|e| err(e.to_string()))?;
+            requests.push(qoq_engine::GroupRequest {
+                inputs,
+                n: self.n,
+                stream: self.next_stream,
+            });
+            self.next_stream += 1;
+        }
+        let out = qoq_engine::generate(&self.model, &requests, &self.cfg, |_, _, _| {})
+            .map_err(|e| err(e.to_string()))?;
+        let mut gens = Vec::new();
+        for group in out {
+            // One generation per sample (`--n 1`).
+            for g in group.into_iter().take(1) {
+                let text = self
+                    .processor
+                    .tokenizer
+                    .decode(&g.tokens, true)
+                    .map_err(|e| err(e.to_string()))?;
+                gens.push(Generation {
+                    text,
+                    tokens: g.tokens.len(),
+                    finish: g.finish,
+                });
+            }
+        }
+        Ok(gens)
+    }
+}
+
+fn eval_with_model(
+    a: &EvalArgs,
+    model_dir: &std::path::Path,
+    manifest: &qoq_data::manifest::Manifest,
+    reward: &qoq_reward::QoqMedicalReward,
+    out: &std::path::Path,
+    opts: &EvalOptions,
+) -> anyhow::Result<ExitCode> {
+    if a.n != 1 {
+        bail!(
+            "--n {} is not supported yet: evaluation traces one response per sample",
+            a.n
+        );
+    }
+    let processor = qoq_processor::processor::Processor::from_model_dir(
+        model_dir,
+        None,
+        qoq_processor::processor::ProcessorOptions::default(),
+    )
+    .with_context(|| format!("loading the processor of {}", model_dir.display()))?;
+    let (cfg, model) = qoq_model::loading::load_model(
+        model_dir,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .with_context(|| format!("loading the model in {}", model_dir.display()))?;
+    let ids = processor.tokenizer.ids;
+    let gen_cfg = qoq_engine::GenerateConfig {
+        sampling: qoq_engine::SamplingParams {
+            temperature: a.temperature,
+            top_p: a.top_p,
+            seed: a.seed,
+            logit_bias: vec![(cfg.image_token_id, -100.0)],
+            ..qoq_engine::SamplingParams::default()
+        },
+        stop: qoq_engine::StopCondition {
+            eos: vec![ids.im_end, ids.endoftext],
+            max_new_tokens: a.max_new_tokens,
+        },
+        max_batch_rows: opts.batch_size * a.n,
+    };
+    let sizes = std::sync::Arc::new(std::sync::Mutex::new(HashMap::new()));
+    let mut responder = EngineResponder {
+        processor,
+        model,
+        cfg: gen_cfg,
+        n: a.n,
+        sizes: sizes.clone(),
+        next_stream: 0,
+    };
+    let (min_px, max_px) = (
+        responder.processor.opts.dataset_min_pixels,
+        responder.processor.opts.dataset_max_pixels,
+    );
+    // Ground-truth boxes live in the original first image's pixels: rescale them to the
+    // dataset-side size the model sees (spec §4.3).
+    let rows = manifest.rows()?.map(move |r| {
+        let mut s = r.map_err(|e| qoq_eval::Error::Other(e.to_string()))?;
+        if let (Some(b), Some(img)) = (s.bbox, s.images.first())
+            && let Ok((w, h)) = image::image_dimensions(img)
+        {
+            let to = qoq_data::vision::dataset_resize_dims(w, h, min_px, max_px);
+            s.bbox = Some(qoq_data::vision::rescale_bbox(b, (w, h), to));
+        }
+        Ok(s)
+    });
+    let mask_of = |s: &ClinicalSample| {
+        let path = s.segmentation_path.as_ref()?;
+        let size = sizes.lock().ok()?.get(&s.id.0).copied()?;
+        match qoq_data::vision::load_mask(path, size, false) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!("{e}; IoU for sample {} falls back to its box", s.id);
+                None
+            }
+        }
+    };
+    let outcome = run_eval(rows, &mut responder, reward, &mask_of, out, opts)
         .with_context(|| format!("evaluating into {}", out.display()))?;
     print!("{}", outcome.report.to_markdown());
     eprintln!(
