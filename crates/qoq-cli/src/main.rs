@@ -40,6 +40,10 @@ enum Command {
     Eval(cmd::eval::EvalArgs),
     /// Write the synthetic imbalanced clinical world (images, volumes, ECGs, manifests).
     Synth(cmd::synth::SynthArgs),
+    /// OpenAI-compatible HTTP server (chat completions, streaming, images, ECG).
+    Serve(cmd::serve::ServeArgs),
+    /// RL training of a run file (rollouts, rewards, advantages, updates, checkpoints).
+    Train(cmd::train::TrainArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -64,6 +68,8 @@ fn main() -> std::process::ExitCode {
         Command::Eval(a) => cmd::eval::run(a),
         Command::Infer(a) => cmd::infer::run(a),
         Command::Plot(a) => cmd::plot::run(a),
+        Command::Serve(a) => cmd::serve::run(a),
+        Command::Train(a) => cmd::train::run(a),
     };
     match result {
         Ok(code) => code,

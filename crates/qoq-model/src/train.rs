@@ -206,9 +206,22 @@ pub fn save_merged(model: &ClinicalVlm, store: &ParamStore, path: &Path) -> Resu
 }
 
 /// Write a randomly initialised checkpoint of `cfg` into `dir`: `config.json` and
-/// `model.safetensors` in the QoQ key layout (candle's default initialisations: Kaiming-uniform
-/// linears, normal embeddings, unit norms). For tiny demo and test models; `load_model` reads it.
+/// `model.safetensors` in the QoQ key layout, initialised as HF's `_init_weights` does: every
+/// matrix (linear, embedding, patch projection) from N(0, 0.02), biases zero, norm weights one,
+/// ECG-JEPA's fixed sin-cos table. Deterministic: seed 0 (see [`write_random_checkpoint_seeded`]).
+/// For tiny demo and test models; `load_model` reads it.
 pub fn write_random_checkpoint(cfg: &qoq_core::hf_config::QwenVlConfig, dir: &Path) -> Result<()> {
+    write_random_checkpoint_seeded(cfg, dir, 0)
+}
+
+/// [`write_random_checkpoint`] with a seed: the same seed gives byte-identical weights (candle's
+/// own CPU random generator cannot be seeded, so the values come from a splitmix64 stream per
+/// parameter name, turned normal by Box-Muller).
+pub fn write_random_checkpoint_seeded(
+    cfg: &qoq_core::hf_config::QwenVlConfig,
+    dir: &Path,
+    seed: u64,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|source| Error::Io {
         path: dir.to_path_buf(),
         source,
@@ -217,8 +230,61 @@ pub fn write_random_checkpoint(cfg: &qoq_core::hf_config::QwenVlConfig, dir: &Pa
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
     let (vb, store) = trainable_var_builder(vb, Freeze::default());
     let model = ClinicalVlm::new(cfg, vb)?;
-    save_merged(&model, &store, &dir.join("model.safetensors"))?;
+    for (name, var) in store.trainable()? {
+        let t = var.as_tensor();
+        let value = if t.rank() >= 2 {
+            let n = t.elem_count();
+            let mut state = seed ^ fnv1a(name.as_bytes());
+            let v: Vec<f32> = (0..n).map(|_| 0.02 * normal(&mut state)).collect();
+            Tensor::from_vec(v, t.shape(), t.device())?
+        } else if name.ends_with("bias") {
+            t.zeros_like()?
+        } else {
+            continue; // norm weights keep their hint (one)
+        };
+        var.set(&value)?;
+    }
+    let weights = dir.join("model.safetensors");
+    save_merged(&model, &store, &weights)?;
+    if cfg.has_time_series() {
+        let ts = &cfg.time_series;
+        // ECG-JEPA's fixed 2-D sin-cos table is a buffer, not a learnt weight.
+        let key = "time_series_embedding.encoder.pos_embed";
+        let mut all = candle_core::safetensors::load(&weights, &Device::Cpu)?;
+        if let Some(old) = all.get(key) {
+            let table = crate::ecg::sincos_pos_embed(
+                ts.embed_dim,
+                ts.leads,
+                ts.patches_per_lead,
+                &Device::Cpu,
+            )?
+            .reshape(old.shape())?;
+            all.insert(key.to_string(), table);
+            candle_core::safetensors::save(&all, &weights)?;
+        }
+    }
     let path = dir.join("config.json");
     let text = serde_json::to_string_pretty(cfg).map_err(|e| Error::Config(e.to_string()))?;
     std::fs::write(&path, text).map_err(|source| Error::Io { path, source })
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A standard normal draw (Box-Muller on two uniform doubles in (0, 1]).
+fn normal(state: &mut u64) -> f32 {
+    let u = |s: &mut u64| ((splitmix64(s) >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+    let (a, b) = (u(state), u(state));
+    ((-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos()) as f32
 }

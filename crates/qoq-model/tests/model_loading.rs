@@ -265,3 +265,33 @@ fn tied_embeddings_request_no_lm_head() {
     let want = weights["model.embed_tokens.weight"].sum(1).unwrap();
     assert!(max_abs(&got, &want) < 1e-4);
 }
+
+#[test]
+fn a_random_checkpoint_has_no_all_zero_matrix_and_loads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = qoq_model::loading::read_config(&support::tiny_dir()).unwrap();
+    qoq_model::train::write_random_checkpoint(&cfg, dir.path()).unwrap();
+    let t =
+        candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
+    for (name, w) in &t {
+        if w.rank() >= 2 {
+            let m = w
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(m > 0.0, "{name} is all zeros");
+        }
+    }
+    let (_, model) = qoq_model::loading::load_model(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(model.config().text.hidden_size, cfg.text.hidden_size);
+    // Deterministic: the same seed gives the same bytes, another seed other weights.
+    let again = tempfile::tempdir().unwrap();
+    qoq_model::train::write_random_checkpoint(&cfg, again.path()).unwrap();
+    let bytes = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert_eq!(bytes(dir.path()), bytes(again.path()));
+    qoq_model::train::write_random_checkpoint_seeded(&cfg, again.path(), 7).unwrap();
+    assert_ne!(bytes(dir.path()), bytes(again.path()));
+}

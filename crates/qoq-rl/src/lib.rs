@@ -10,5 +10,6 @@ pub mod metrics_log;
 pub mod optim;
 pub mod rng;
 pub mod tensorboard;
+pub mod trainer;
 
 pub use error::{Error, Result};

@@ -10,4 +10,6 @@ pub mod metrics;
 pub mod plot;
 pub mod process;
 pub mod reward;
+pub mod serve;
 pub mod synth;
+pub mod train;

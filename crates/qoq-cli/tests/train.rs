@@ -1,0 +1,159 @@
+//! `qoq train` end to end: two steps of tiny_cpu-like settings on a tiny random model, a
+//! checkpoint, `--resume`, and one SFT step.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A model folder: the processor fixture's files plus random weights for its config.
+fn tiny_model(dir: &Path) -> PathBuf {
+    let src = repo().join("crates/qoq-processor/tests/fixtures/tiny_model");
+    let m = dir.join("model");
+    std::fs::create_dir_all(&m).unwrap();
+    let cfg = qoq_core::hf_config::QwenVlConfig::from_file(&src.join("config.json")).unwrap();
+    qoq_model::train::write_random_checkpoint(&cfg, &m).unwrap();
+    for f in ["config.json", "preprocessor_config.json", "tokenizer.json"] {
+        std::fs::copy(src.join(f), m.join(f)).unwrap();
+    }
+    m
+}
+
+fn train(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_qoq"))
+        .arg("train")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn train_runs_two_steps_checkpoints_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let img = repo().join("examples/mini/derm/demo-derm/case_001.png");
+    let manifest = dir.path().join("train.jsonl");
+    let mut rows = String::new();
+    for i in 0..4 {
+        rows.push_str(&format!(
+            "{{\"problem\": \"<image>Case {i}. What is the diagnosis?Answer with one of the following:\\nbenign\\nmalignant\", \"answer\": \"benign\", \"images\": [\"{}\"], \"dataset\": \"demo-derm\"}}\n",
+            img.display()
+        ));
+    }
+    std::fs::write(&manifest, rows).unwrap();
+    let out = dir.path().join("run");
+    let run_toml = dir.path().join("run.toml");
+    std::fs::write(
+        &run_toml,
+        format!(
+            r#"
+[data]
+train_files = "{m}"
+val_files = "{m}"
+max_prompt_length = 512
+max_response_length = 8
+rollout_batch_size = 2
+max_pixels = 12544
+min_pixels = 3136
+
+[model]
+model_path = "{model}"
+master_dtype = "f32"
+compute_dtype = "f32"
+gradient_checkpointing = false
+
+[rollout]
+n = 2
+
+[algorithm]
+estimator = "drpo"
+
+[algorithm.drpo]
+engine = "exact"
+k_max = 3
+
+[actor]
+global_batch_size = 1
+micro_batch_size_per_device_for_update = 2
+micro_batch_size_per_device_for_experience = 2
+
+[actor.optim]
+lr = 1e-5
+
+[trainer]
+total_episodes = 1
+max_steps = 6
+save_freq = 2
+save_limit = 2
+n_gpus_per_node = 1
+out_dir = "{out}"
+"#,
+            m = manifest.display(),
+            model = model.display(),
+            out = out.display(),
+        ),
+    )
+    .unwrap();
+    let o = train(&[
+        "--config".as_ref(),
+        run_toml.as_os_str(),
+        "--set".as_ref(),
+        "trainer.max_steps=2".as_ref(),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("step 2/2"), "{stderr}");
+    let ck = out.join("checkpoint_step_2");
+    assert!(ck.join("model.safetensors").is_file(), "{stderr}");
+    assert!(ck.join("optimizer.safetensors").is_file());
+    let recs = qoq_rl::metrics_log::read_records(&out.join("metrics.jsonl")).unwrap();
+    assert_eq!(recs.iter().map(|r| r.step).collect::<Vec<_>>(), vec![1, 2]);
+    for key in [
+        "reward/overall",
+        "actor/pg_loss",
+        "actor/grad_norm",
+        "actor/lr",
+    ] {
+        assert!(recs[1].metrics[key].is_finite(), "{key}");
+    }
+    // The metrics of the saved state match the log.
+    let state = qoq_rl::checkpoint::Checkpoint::open(&ck)
+        .unwrap()
+        .trainer_state()
+        .unwrap();
+    assert_eq!(state.step, 2);
+    assert_eq!(
+        state.metrics["reward/overall"],
+        recs[1].metrics["reward/overall"]
+    );
+
+    // Resuming continues with the saved config (max_steps 2): nothing left to do.
+    let o = train(&["--resume".as_ref(), out.as_os_str()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let recs = qoq_rl::metrics_log::read_records(&out.join("metrics.jsonl")).unwrap();
+    assert_eq!(recs.len(), 2);
+
+    // SFT mode on the same run file.
+    let sft_out = dir.path().join("sft");
+    let o = train(&[
+        "--config".as_ref(),
+        run_toml.as_os_str(),
+        "--sft".as_ref(),
+        "--set".as_ref(),
+        "trainer.max_steps=1".as_ref(),
+        "--set".as_ref(),
+        format!("trainer.out_dir={}", sft_out.display()).as_ref(),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("sft loss"), "{stderr}");
+    let recs = qoq_rl::metrics_log::read_records(&sft_out.join("metrics.jsonl")).unwrap();
+    assert!(recs[0].metrics["sft/loss"] > 0.0);
+
+    // Bad invocations fail with a message.
+    let o = train(&[]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--config"));
+}

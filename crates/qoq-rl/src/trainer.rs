@@ -1,0 +1,1078 @@
+//! The RL training loop (spec §10-§12; reference `verl/trainer/ray_trainer.py::fit` with
+//! `verl/workers/actor/dp_actor.py::update_policy`).
+//!
+//! One [`Trainer::step`]:
+//! 1. draws `data.rollout_batch_size` prompts from the manifest in its seeded, resumable order;
+//! 2. processes them and samples `rollout.n` responses per prompt with [`qoq_engine::generate`];
+//!    each prompt's random stream id is `epoch · rows + row index`, so a rollout depends only on
+//!    the weights, the seed and the row (resumed runs sample the same tokens);
+//! 3. decodes and scores the responses with the configured reward (segmentation masks are loaded
+//!    at the processed image size);
+//! 4. computes advantages with the configured estimator (domain key `algorithm.drpo.domain_key`);
+//! 5. updates the policy: mini-batches of `actor.global_batch_size · n` rollouts, each split in
+//!    micro-batches of `actor.micro_batch_size_per_device_for_update`; every micro-batch runs a
+//!    Train-mode forward on prompt (left-padded) + response (right-padded), takes the response
+//!    tokens' log-probs and the actor loss divided by the number of micro-batches, and
+//!    accumulates gradients; AdamW steps once per mini-batch (a non-finite gradient norm skips
+//!    the step and is counted);
+//! 6. logs the reference metric names ([`crate::metrics_log::names`]) and, every
+//!    `trainer.save_freq` steps, writes an atomic checkpoint.
+//!
+//! Simplifications of this core, all documented in the metrics or errors they affect:
+//! - one PPO epoch: the old log-probs are the sampler's log-probs of the drawn tokens (raw logits,
+//!   temperature 1, computed with the KV cache), so the ratio starts at 1 up to rounding between
+//!   the cached decode and the full training forward; `actor.ppo_epochs` must be 1;
+//! - the KL reference policy is the initial checkpoint at `model.model_path`, loaded frozen when
+//!   `algorithm.kl` puts the KL in the loss;
+//! - `rollout.image_pad_logit_bias` is applied to the video and ECG placeholder tokens too (a
+//!   sampled placeholder cannot be re-encoded by the training forward; should one be sampled
+//!   anyway it is fed as padding and masked out of the loss);
+//! - no KL-in-reward, no validation loop, single device (`n_gpus_per_node` only
+//!   enters the config's batch-size checks).
+//!
+//! Besides the reference metric names, each step logs `timing_s/gen`, `timing_s/update_actor`,
+//! `prompt_length/mean` and the cumulative `actor/skipped_steps`.
+//!
+//! There is no mutable random state: sampling seeds derive from `(rollout.seed, stream, rollout)`
+//! and the data order from `(data.seed, epoch)`, so the checkpoint's `rng.json` is empty.
+
+use crate::advantage::{Estimator, RolloutReward};
+use crate::checkpoint::{self, Checkpoint, CheckpointData, TrainerState};
+use crate::config::{DtypeName, RunConfig};
+use crate::loss::{
+    ActorLossInputs, KlTerm, PolicyLossInputs, compute_actor_loss, log_probs_from_logits,
+};
+use crate::metrics_log::{MetricsRecord, RunLog, names};
+use crate::optim::{AdamW, GradAccumulator};
+use crate::rng::RngStates;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use qoq_core::{ClinicalSample, FinishReason};
+use qoq_data::manifest::{Cursor, Manifest};
+use qoq_engine::{GenerateConfig, Generated, GroupRequest, SamplingParams, StopCondition};
+use qoq_model::train::{Freeze, ParamStore, trainable_var_builder};
+use qoq_model::{ClinicalVlm, ForwardMode, ModelInputs};
+use qoq_processor::processor::{ProcessedBatch, ProcessedSample, Processor, ProcessorOptions};
+use qoq_reward::{MaskIndex, RewardFn, RewardInput};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Metric: optimiser steps skipped so far because of a non-finite gradient norm.
+pub const SKIPPED_STEPS: &str = "actor/skipped_steps";
+/// Metric: token-mean cross-entropy of the SFT targets ([`Trainer::sft_step`]).
+pub const SFT_LOSS: &str = "sft/loss";
+
+/// The SFT target of an answer: an empty reasoning block, then the boxed answer (the response
+/// format the reward's format score expects).
+pub fn sft_target(answer: &str) -> String {
+    format!("<think>\n</think>\n\\boxed{{{answer}}}")
+}
+
+/// Metric: seconds spent generating the step's rollouts (reference `timing_s/gen`).
+pub const TIMING_GEN: &str = "timing_s/gen";
+/// Metric: seconds spent in the policy update (reference `timing_s/update_actor`).
+pub const TIMING_UPDATE: &str = "timing_s/update_actor";
+/// Metric: mean prompt length in tokens (image and ECG placeholders included).
+pub const PROMPT_LENGTH_MEAN: &str = "prompt_length/mean";
+
+/// Errors of the trainer; each names the step, file or field concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainerError {
+    /// The run configuration is invalid or unsupported by this trainer.
+    #[error("config: {0}")]
+    Config(String),
+    /// A manifest row could not be read or processed.
+    #[error("step {step}: manifest {path}: {message}")]
+    Data {
+        step: u64,
+        path: PathBuf,
+        message: String,
+    },
+    /// Loading or running the model failed.
+    #[error("model: {0}")]
+    Model(String),
+    /// Generation failed.
+    #[error("step {step}: generation: {message}")]
+    Generate { step: u64, message: String },
+    /// Advantage estimation failed.
+    #[error("step {step}: advantages: {source}")]
+    Advantage {
+        step: u64,
+        #[source]
+        source: crate::Error,
+    },
+    /// The loss failed.
+    #[error("step {step}: loss: {source}")]
+    Loss {
+        step: u64,
+        #[source]
+        source: crate::loss::LossError,
+    },
+    /// A checkpoint could not be written or read.
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+    /// The metrics log failed.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics_log::MetricsLogError),
+    /// A tensor operation failed.
+    #[error("tensor: {0}")]
+    Tensor(#[from] candle_core::Error),
+}
+
+/// Result of the trainer.
+pub type Result<T> = std::result::Result<T, TrainerError>;
+
+fn model_err(e: impl std::fmt::Display) -> TrainerError {
+    TrainerError::Model(e.to_string())
+}
+
+/// What one [`Trainer::step`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepOutcome {
+    /// The step just completed (1-based).
+    pub step: u64,
+    /// Its metrics, as logged.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// One prompt of a step with its rollouts.
+struct PromptGroup {
+    stream: u64,
+    sample: ClinicalSample,
+    processed: ProcessedSample,
+    mask: Option<MaskIndex>,
+    rollouts: Vec<Generated>,
+}
+
+/// The RL trainer: model, optimiser, estimator, data cursor and logs of one run.
+pub struct Trainer {
+    cfg: RunConfig,
+    config_toml: String,
+    out_dir: PathBuf,
+    device: Device,
+    processor: Processor,
+    model: ClinicalVlm,
+    store: ParamStore,
+    ref_model: Option<ClinicalVlm>,
+    opt: AdamW,
+    estimator: Estimator,
+    reward: Box<dyn RewardFn>,
+    manifest: Manifest,
+    cursor: Cursor,
+    state: TrainerState,
+    log: RunLog,
+    records: Vec<MetricsRecord>,
+    sft: bool,
+}
+
+fn dtype_of(d: DtypeName) -> DType {
+    match d {
+        DtypeName::F32 => DType::F32,
+        DtypeName::Bf16 => DType::BF16,
+        DtypeName::F16 => DType::F16,
+    }
+}
+
+impl Trainer {
+    /// A fresh run of `cfg` writing into `trainer.out_dir`, scored by the configured reward.
+    pub fn new(cfg: RunConfig) -> Result<Self> {
+        let reward = cfg
+            .reward
+            .build()
+            .map_err(|e| TrainerError::Config(format!("reward: {e}")))?;
+        Self::with_reward(cfg, reward)
+    }
+
+    /// A fresh run scored by `reward` instead of the configured one.
+    pub fn with_reward(cfg: RunConfig, reward: Box<dyn RewardFn>) -> Result<Self> {
+        let out_dir = PathBuf::from(&cfg.trainer.out_dir);
+        let model_dir = PathBuf::from(&cfg.model.model_path);
+        let dtype = dtype_of(cfg.model.master_dtype);
+        let (vb, _) = qoq_model::loading::checkpoint_var_builder(&model_dir, dtype, &Device::Cpu)
+            .map_err(|e| model_err(format!("{}: {e}", model_dir.display())))?;
+        Self::build(cfg, reward, vb, out_dir, None)
+    }
+
+    /// Resumes the run whose checkpoint is `dir` (`<out_dir>/checkpoint_step_N`): weights,
+    /// optimiser, estimator, cursor, trainer state and config come from it; the metrics log in
+    /// the parent folder is truncated to the checkpoint's step.
+    pub fn resume(dir: &Path) -> Result<Self> {
+        Self::resume_inner(dir, None)
+    }
+
+    /// [`Trainer::resume`] with a reward other than the configured one.
+    pub fn resume_with_reward(dir: &Path, reward: Box<dyn RewardFn>) -> Result<Self> {
+        Self::resume_inner(dir, Some(reward))
+    }
+
+    fn resume_inner(dir: &Path, reward: Option<Box<dyn RewardFn>>) -> Result<Self> {
+        let ck = Checkpoint::open(dir)?;
+        let text = ck.config_toml()?;
+        let cfg = RunConfig::from_toml_str(
+            &text,
+            &dir.join(checkpoint::files::CONFIG).display().to_string(),
+        )
+        .map_err(|e| TrainerError::Config(e.to_string()))?;
+        let reward = match reward {
+            Some(r) => r,
+            None => cfg
+                .reward
+                .build()
+                .map_err(|e| TrainerError::Config(format!("reward: {e}")))?,
+        };
+        let dtype = dtype_of(cfg.model.master_dtype);
+        let weights = ck.model(&Device::Cpu)?;
+        let vb = VarBuilder::from_tensors(weights, dtype, &Device::Cpu);
+        let out_dir = dir
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Self::build(cfg, reward, vb, out_dir, Some(&ck))
+    }
+
+    fn build(
+        cfg: RunConfig,
+        reward: Box<dyn RewardFn>,
+        vb: VarBuilder<'static>,
+        out_dir: PathBuf,
+        ck: Option<&Checkpoint>,
+    ) -> Result<Self> {
+        cfg.validate()
+            .map_err(|e| TrainerError::Config(e.to_string()))?;
+        if cfg.actor.ppo_epochs != 1 {
+            return Err(TrainerError::Config(format!(
+                "actor.ppo_epochs = {}: this trainer reuses the sampler's log-probs as the old \
+                 policy and supports 1 only",
+                cfg.actor.ppo_epochs
+            )));
+        }
+        let device = Device::Cpu;
+        let model_dir = PathBuf::from(&cfg.model.model_path);
+        let model_cfg = qoq_model::loading::read_config(&model_dir).map_err(model_err)?;
+        let opts = ProcessorOptions {
+            dataset_min_pixels: cfg.data.min_pixels as u64,
+            dataset_max_pixels: cfg.data.max_pixels as u64,
+            max_prompt_length: cfg.data.max_prompt_length,
+            missing_files_as_placeholders: false,
+            ..ProcessorOptions::default()
+        };
+        let processor = Processor::from_model_dir(
+            &model_dir,
+            cfg.model.tokenizer_path.as_deref().map(Path::new),
+            opts,
+        )
+        .map_err(|e| model_err(format!("processor of {}: {e}", model_dir.display())))?;
+        let freeze = Freeze {
+            vision_tower: cfg.model.freeze_vision_tower,
+            time_series_encoder: cfg.model.freeze_time_series_encoder,
+            llm: cfg.model.freeze_llm,
+        };
+        let (vb, store) = trainable_var_builder(vb, freeze);
+        let model = ClinicalVlm::new(&model_cfg, vb).map_err(model_err)?;
+        let ref_model = if cfg.algorithm.kl.kl_in_loss() {
+            let dtype = dtype_of(cfg.model.master_dtype);
+            let (_, m) =
+                qoq_model::loading::load_model(&model_dir, dtype, &device).map_err(model_err)?;
+            Some(m)
+        } else {
+            None
+        };
+        let params = store.trainable().map_err(model_err)?;
+        if params.is_empty() {
+            return Err(TrainerError::Config(
+                "model: every component is frozen; nothing to train".into(),
+            ));
+        }
+        let mut opt = AdamW::new(params, cfg.actor.optim.clone())?;
+        let manifest_path = PathBuf::from(&cfg.data.train_files);
+        let manifest = Manifest::open(&manifest_path, cfg.data.manifest.clone()).map_err(|e| {
+            TrainerError::Data {
+                step: 0,
+                path: manifest_path.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        if manifest.len() < cfg.data.rollout_batch_size {
+            return Err(TrainerError::Config(format!(
+                "{}: {} rows, fewer than data.rollout_batch_size = {}",
+                manifest_path.display(),
+                manifest.len(),
+                cfg.data.rollout_batch_size
+            )));
+        }
+        let config_toml = cfg
+            .to_toml_string()
+            .map_err(|e| TrainerError::Config(e.to_string()))?;
+        let (estimator, cursor, state, resume_step) = match ck {
+            Some(ck) => {
+                if ck.has_optimizer() {
+                    ck.load_optimizer(&mut opt)?;
+                }
+                let est = Estimator::load_state(&ck.estimator_json()?).map_err(|source| {
+                    TrainerError::Advantage {
+                        step: ck.step(),
+                        source,
+                    }
+                })?;
+                let state = ck.trainer_state()?;
+                (est, ck.cursor()?, state, Some(ck.step()))
+            }
+            None => (
+                cfg.algorithm.build_estimator(),
+                Cursor::default(),
+                TrainerState::default(),
+                None,
+            ),
+        };
+        let (log, records) = RunLog::open(&out_dir, cfg.trainer.tensorboard, resume_step)?;
+        Ok(Self {
+            cfg,
+            config_toml,
+            out_dir,
+            device,
+            processor,
+            model,
+            store,
+            ref_model,
+            opt,
+            estimator,
+            reward,
+            manifest,
+            cursor,
+            state,
+            log,
+            records,
+            sft: false,
+        })
+    }
+
+    /// The run configuration.
+    pub fn config(&self) -> &RunConfig {
+        &self.cfg
+    }
+
+    /// Steps completed so far.
+    pub fn step_count(&self) -> u64 {
+        self.state.step
+    }
+
+    /// Where the data stream stands.
+    pub fn cursor(&self) -> Cursor {
+        self.cursor
+    }
+
+    /// The optimiser (steps taken, steps skipped).
+    pub fn optimizer(&self) -> &AdamW {
+        &self.opt
+    }
+
+    /// The run folder (metrics log, checkpoints).
+    pub fn out_dir(&self) -> &Path {
+        &self.out_dir
+    }
+
+    /// The policy being trained.
+    pub fn model(&self) -> &ClinicalVlm {
+        &self.model
+    }
+
+    /// Every parameter's current value by checkpoint name, LoRA adapters merged.
+    pub fn weights(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out: HashMap<String, Tensor> = self
+            .store
+            .tensors()
+            .map_err(model_err)?
+            .into_iter()
+            .collect();
+        for p in self.model.adapted_projs() {
+            if let Some((name, w)) = p.merged_weight().map_err(model_err)? {
+                out.insert(name, w);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The metrics records of this run so far (kept ones of a resumed run included).
+    pub fn records(&self) -> &[MetricsRecord] {
+        &self.records
+    }
+
+    /// Steps the configuration asks for (`trainer.max_steps` or episodes × batches).
+    pub fn total_steps(&self) -> u64 {
+        self.cfg.training_steps(self.manifest.len())
+    }
+
+    /// Runs steps until [`Trainer::total_steps`], checkpointing on save steps (and the last);
+    /// returns the last step's outcome (`None` when there was nothing left to do).
+    pub fn run(&mut self) -> Result<Option<StepOutcome>> {
+        let last = self.total_steps();
+        let mut out = None;
+        while self.state.step < last {
+            let o = if self.sft {
+                self.sft_step()?
+            } else {
+                self.step()?
+            };
+            if self.cfg.trainer.is_save_step(o.step, last) {
+                self.save_checkpoint()?;
+            }
+            out = Some(o);
+        }
+        Ok(out)
+    }
+
+    /// Writes `<out_dir>/checkpoint_step_<step>` and prunes old ones per `trainer.save_limit`.
+    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        let weights = self.weights()?;
+        let rng = RngStates::default();
+        let data = CheckpointData {
+            model: &weights,
+            optimizer: Some(&self.opt),
+            estimator: &self.estimator,
+            rng: &rng,
+            cursor: self.cursor,
+            trainer_state: &self.state,
+            config_toml: &self.config_toml,
+        };
+        let dir = checkpoint::save(&self.out_dir, &data)?;
+        checkpoint::prune(&self.out_dir, self.cfg.trainer.keep_last())?;
+        Ok(dir)
+    }
+
+    /// Draws the step's prompts: `(stream id, sample)` in the seeded order.
+    fn draw(&mut self, step: u64) -> Result<Vec<(u64, ClinicalSample)>> {
+        let want = self.cfg.data.rollout_batch_size;
+        let seed = self.cfg.data.seed;
+        let rows = self.manifest.len() as u64;
+        let path = self.manifest.path().to_path_buf();
+        let data_err = |message: String| TrainerError::Data {
+            step,
+            path: path.clone(),
+            message,
+        };
+        let mut out = Vec::with_capacity(want);
+        let mut order: Option<(u64, Vec<u32>)> = None;
+        let mut next = self.cursor;
+        let iter = self
+            .manifest
+            .shuffled(seed, self.cursor)
+            .map_err(|e| data_err(e.to_string()))?;
+        for (after, row) in iter {
+            let sample = row.map_err(|e| data_err(e.to_string()))?;
+            // The row index: the position just consumed in `after`'s epoch order.
+            let epoch = after.epoch;
+            if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                order = Some((epoch, self.manifest.epoch_order(seed, epoch)));
+            }
+            let index = order
+                .as_ref()
+                .map_or(0, |(_, o)| o[after.position as usize - 1]);
+            next = after;
+            out.push((epoch * rows + u64::from(index), sample));
+            if out.len() == want {
+                break;
+            }
+        }
+        if out.len() < want {
+            return Err(data_err(format!(
+                "the stream ended after {} of {want} rows",
+                out.len()
+            )));
+        }
+        self.cursor = next;
+        Ok(out)
+    }
+
+    fn sampling(&self) -> GenerateConfig {
+        let r = &self.cfg.rollout;
+        let ids = self.processor.tokenizer.ids;
+        // The reference biases `<|image_pad|>`; the video and ECG placeholders get the same
+        // bias here, as a sampled placeholder cannot be re-encoded by the training forward.
+        let placeholders = self.placeholder_ids();
+        GenerateConfig {
+            sampling: SamplingParams {
+                temperature: r.temperature as f32,
+                top_p: r.top_p as f32,
+                top_k: usize::try_from(r.top_k).unwrap_or(0),
+                seed: r.seed,
+                logit_bias: if r.image_pad_logit_bias != 0.0 {
+                    placeholders
+                        .iter()
+                        .map(|&t| (t, r.image_pad_logit_bias as f32))
+                        .collect()
+                } else {
+                    Vec::new()
+                },
+                ..SamplingParams::default()
+            },
+            stop: StopCondition {
+                eos: if r.ignore_eos {
+                    Vec::new()
+                } else {
+                    vec![ids.im_end, ids.endoftext]
+                },
+                max_new_tokens: self.cfg.data.max_response_length,
+            },
+            max_batch_rows: self.cfg.rollouts_per_step(),
+        }
+    }
+
+    /// Whether [`Trainer::run`] takes supervised steps ([`Trainer::sft_step`]) instead of RL
+    /// steps. Not saved in checkpoints: set it again after [`Trainer::resume`].
+    pub fn set_sft(&mut self, sft: bool) {
+        self.sft = sft;
+    }
+
+    /// One supervised fine-tuning step on the same data stream: the target of each drawn row is
+    /// [`sft_target`] of its answer followed by `<|im_end|>`; the loss is the token-mean
+    /// cross-entropy of the target tokens given the prompt, accumulated over micro-batches of
+    /// `actor.micro_batch_size_per_device_for_update` prompts, with one AdamW step per
+    /// `actor.global_batch_size` prompts. Logs `sft/loss` (mean over micro-batches),
+    /// `actor/grad_norm`, `actor/lr` and `actor/skipped_steps`.
+    pub fn sft_step(&mut self) -> Result<StepOutcome> {
+        let t0 = Instant::now();
+        let step = self.state.step + 1;
+        let drawn = self.draw(step)?;
+        let path = self.manifest.path().to_path_buf();
+        let data_err = |message: String| TrainerError::Data {
+            step,
+            path: path.clone(),
+            message,
+        };
+        let im_end = self.processor.tokenizer.ids.im_end;
+        let mut rows: Vec<(ProcessedSample, Vec<u32>)> = Vec::with_capacity(drawn.len());
+        for (_, sample) in &drawn {
+            let processed = self
+                .processor
+                .process_sample(sample)
+                .map_err(|e| data_err(format!("line {}: {e}", sample.line)))?;
+            let mut target = self
+                .processor
+                .tokenizer
+                .encode(&sft_target(&sample.answer))
+                .map_err(|e| data_err(format!("line {}: {e}", sample.line)))?;
+            target.truncate(self.cfg.data.max_response_length.saturating_sub(1));
+            target.push(im_end);
+            rows.push((processed, target));
+        }
+        let mini = self.cfg.actor.global_batch_size.max(1);
+        let micro = self.cfg.actor.micro_batch_size_per_device_for_update.max(1);
+        let pad = self.processor.tokenizer.ids.endoftext;
+        let (mut loss_sum, mut losses) = (0.0, 0usize);
+        let (mut norm_sum, mut lr_last, mut opt_steps) = (0.0, 0.0, 0usize);
+        for mb in rows.chunks(mini) {
+            let parts: Vec<&[(ProcessedSample, Vec<u32>)]> = mb.chunks(micro).collect();
+            let count = parts.len() as f64;
+            let mut acc = GradAccumulator::new();
+            for ub in parts {
+                let prompts: Vec<ProcessedSample> = ub.iter().map(|(p, _)| p.clone()).collect();
+                let batch = self
+                    .processor
+                    .collate(&prompts, None)
+                    .map_err(|e| data_err(e.to_string()))?;
+                let targets: Vec<&[u32]> = ub.iter().map(|(_, t)| t.as_slice()).collect();
+                let r_len = targets.iter().map(|t| t.len()).max().unwrap_or(1);
+                let inputs = batch_to_inputs(&batch, &targets, r_len, pad, &self.device)?;
+                let b = ub.len();
+                let mut labels = vec![pad; b * r_len];
+                let mut mask = vec![0f32; b * r_len];
+                for (i, t) in targets.iter().enumerate() {
+                    for (j, &tok) in t.iter().enumerate() {
+                        labels[i * r_len + j] = tok;
+                        mask[i * r_len + j] = 1.0;
+                    }
+                }
+                let labels = Tensor::from_vec(labels, (b, r_len), &self.device)?;
+                let mask = Tensor::from_vec(mask, (b, r_len), &self.device)?;
+                let s = batch.seq_len();
+                let hidden = self
+                    .model
+                    .forward_hidden(&inputs, ForwardMode::Train)
+                    .map_err(model_err)?
+                    .narrow(1, s - 1, r_len)?;
+                let logits = self
+                    .model
+                    .logits_from_hidden(&hidden)
+                    .map_err(model_err)?
+                    .to_dtype(DType::F32)?;
+                let lp = log_probs_from_logits(&logits, &labels)
+                    .map_err(|source| TrainerError::Loss { step, source })?;
+                let loss = lp.mul(&mask)?.sum_all()?.neg()?.affine(
+                    1.0 / mask.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64,
+                    0.0,
+                )?;
+                loss_sum += f64::from(loss.to_scalar::<f32>()?);
+                losses += 1;
+                let grads = (loss / count)?.backward()?;
+                acc.add(self.opt.grads_of(&grads))?;
+            }
+            let report = self.opt.step(&acc.take())?;
+            if report.grad_norm.is_finite() {
+                norm_sum += report.grad_norm;
+            }
+            lr_last = report.lr;
+            opt_steps += 1;
+        }
+        let mut m: BTreeMap<String, f64> = BTreeMap::new();
+        m.insert(SFT_LOSS.into(), loss_sum / losses.max(1) as f64);
+        m.insert(names::GRAD_NORM.into(), norm_sum / opt_steps.max(1) as f64);
+        m.insert(names::LR.into(), lr_last);
+        m.insert(SKIPPED_STEPS.into(), self.opt.skipped() as f64);
+        m.insert(names::TIME_PER_STEP.into(), t0.elapsed().as_secs_f64());
+        self.finish_step(step, m)
+    }
+
+    fn finish_step(&mut self, step: u64, m: BTreeMap<String, f64>) -> Result<StepOutcome> {
+        self.log.log(step, &m)?;
+        self.records.push(MetricsRecord {
+            step,
+            wall_time: 0.0,
+            metrics: m.clone(),
+        });
+        self.state.step = step;
+        self.state.episode = self.cursor.epoch;
+        self.state.optimizer_steps = self.opt.steps();
+        self.state.metrics = m.clone();
+        Ok(StepOutcome { step, metrics: m })
+    }
+
+    /// Token ids the model replaces by encoder features.
+    fn placeholder_ids(&self) -> Vec<u32> {
+        let c = self.model.config();
+        let mut v = vec![c.image_token_id, c.video_token_id];
+        v.extend(c.time_series_token_id);
+        v
+    }
+
+    /// One training step (rollout, reward, advantages, update, metrics).
+    pub fn step(&mut self) -> Result<StepOutcome> {
+        let t0 = Instant::now();
+        let step = self.state.step + 1;
+        let drawn = self.draw(step)?;
+        let manifest_path = self.manifest.path().to_path_buf();
+        let data_err = |message: String| TrainerError::Data {
+            step,
+            path: manifest_path.clone(),
+            message,
+        };
+
+        // 1. Process and sample.
+        let mut groups: Vec<PromptGroup> = Vec::with_capacity(drawn.len());
+        let mut requests = Vec::with_capacity(drawn.len());
+        for (stream, sample) in drawn {
+            let processed = self
+                .processor
+                .process_sample(&sample)
+                .map_err(|e| data_err(format!("line {}: {e}", sample.line)))?;
+            let batch = self
+                .processor
+                .collate(std::slice::from_ref(&processed), None)
+                .map_err(|e| data_err(format!("line {}: {e}", sample.line)))?;
+            let inputs = batch_to_inputs(&batch, &[], 0, 0, &self.device)?;
+            let mask = match (&sample.segmentation_path, processed.image_sizes.first()) {
+                (Some(p), Some(&size)) => {
+                    let m = qoq_data::vision::load_mask(p, size, self.cfg.data.mask_wh_swap_bug)
+                        .map_err(|e| data_err(format!("line {}: {e}", sample.line)))?;
+                    Some(MaskIndex::new(&m))
+                }
+                _ => None,
+            };
+            requests.push(GroupRequest {
+                inputs,
+                n: self.cfg.rollout.n,
+                stream,
+            });
+            groups.push(PromptGroup {
+                stream,
+                sample,
+                processed,
+                mask,
+                rollouts: Vec::new(),
+            });
+        }
+        let t_gen = Instant::now();
+        let gen_cfg = self.sampling();
+        let generated = qoq_engine::generate(&self.model, &requests, &gen_cfg, |_, _, _| {})
+            .map_err(|e| TrainerError::Generate {
+                step,
+                message: e.to_string(),
+            })?;
+        drop(requests);
+        for (g, r) in groups.iter_mut().zip(generated) {
+            g.rollouts = r;
+        }
+
+        let gen_s = t_gen.elapsed().as_secs_f64();
+
+        // 2. Decode and score.
+        let mut texts: Vec<String> = Vec::new();
+        for g in &groups {
+            for r in &g.rollouts {
+                texts.push(
+                    self.processor
+                        .tokenizer
+                        .decode(&r.tokens, true)
+                        .map_err(|e| data_err(format!("decoding a response: {e}")))?,
+                );
+            }
+        }
+        let n = self.cfg.rollout.n;
+        let inputs: Vec<RewardInput<'_>> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let g = &groups[i / n];
+                RewardInput {
+                    response: t,
+                    sample: &g.sample,
+                    mask: g.mask.as_ref(),
+                }
+            })
+            .collect();
+        let scores = self.reward.score_batch(&inputs);
+        drop(inputs);
+
+        // 3. Advantages.
+        let key = self.cfg.algorithm.drpo.domain_key;
+        let rows: Vec<RolloutReward> = scores
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let g = &groups[i / n];
+                RolloutReward {
+                    // The stream id keeps a row drawn twice in one step (across an epoch end) in
+                    // two groups.
+                    uid: format!("{}#{}", g.sample.id.0, g.stream),
+                    domain: g.sample.domain_key(key),
+                    reward: s.overall,
+                    kl: None,
+                }
+            })
+            .collect();
+        let adv = self
+            .estimator
+            .step(&rows)
+            .map_err(|source| TrainerError::Advantage { step, source })?;
+
+        // 4. Policy update.
+        let t_update = Instant::now();
+        let flat: Vec<(usize, &Generated)> = groups
+            .iter()
+            .enumerate()
+            .flat_map(|(gi, g)| g.rollouts.iter().map(move |r| (gi, r)))
+            .collect();
+        let mini = self.cfg.rollouts_per_optimizer_step().max(1);
+        let micro = self.cfg.actor.micro_batch_size_per_device_for_update.max(1);
+        let loss_cfg = self.cfg.loss_config();
+        let mut loss_sums: BTreeMap<&'static str, (f64, usize)> = BTreeMap::new();
+        let (mut norm_sum, mut lr_last, mut opt_steps) = (0.0, 0.0, 0usize);
+        for (mi, mb) in flat.chunks(mini).enumerate() {
+            let micro_batches: Vec<&[(usize, &Generated)]> = mb.chunks(micro).collect();
+            let count = micro_batches.len() as f64;
+            let mut acc = GradAccumulator::new();
+            for (ui, ub) in micro_batches.iter().enumerate() {
+                let base = mi * mini + ui * micro;
+                let advs = &adv.advantages[base..base + ub.len()];
+                let out = self.micro_loss(step, &groups, ub, advs, &loss_cfg)?;
+                for (name, v) in out.metrics.entries() {
+                    let e = loss_sums.entry(name).or_insert((0.0, 0));
+                    e.0 += v;
+                    e.1 += 1;
+                }
+                let scaled = (out.loss / count)?;
+                let grads = scaled.backward()?;
+                acc.add(self.opt.grads_of(&grads))?;
+            }
+            let report = self.opt.step(&acc.take())?;
+            if report.grad_norm.is_finite() {
+                norm_sum += report.grad_norm;
+            }
+            lr_last = report.lr;
+            opt_steps += 1;
+        }
+
+        // 5. Metrics.
+        let update_s = t_update.elapsed().as_secs_f64();
+        let mut m: BTreeMap<String, f64> = BTreeMap::new();
+        m.insert(TIMING_GEN.into(), gen_s);
+        m.insert(TIMING_UPDATE.into(), update_s);
+        for (name, (s, c)) in &loss_sums {
+            m.insert((*name).to_string(), s / *c as f64);
+        }
+        m.insert(names::GRAD_NORM.into(), norm_sum / opt_steps.max(1) as f64);
+        m.insert(names::LR.into(), lr_last);
+        m.insert(SKIPPED_STEPS.into(), self.opt.skipped() as f64);
+        let total = scores.len().max(1) as f64;
+        let mean =
+            |f: &dyn Fn(&qoq_core::RewardScore) -> f64| scores.iter().map(f).sum::<f64>() / total;
+        m.insert(names::REWARD_OVERALL.into(), mean(&|s| s.overall));
+        m.insert(names::REWARD_STANDARD.into(), mean(&|s| s.standard_score));
+        m.insert(names::REWARD_IOU.into(), mean(&|s| s.iou_score));
+        m.insert(names::REWARD_FORMAT.into(), mean(&|s| s.format_score));
+        m.insert(names::REWARD_LENGTH.into(), mean(&|s| s.length_score));
+        m.insert(names::SCORE_MEAN.into(), mean(&|s| s.overall));
+        let mut per_domain: BTreeMap<&str, (f64, usize)> = BTreeMap::new();
+        for (r, s) in rows.iter().zip(&scores) {
+            let e = per_domain.entry(&r.domain).or_insert((0.0, 0));
+            e.0 += s.overall;
+            e.1 += 1;
+        }
+        for (d, (s, c)) in per_domain {
+            m.insert(names::domain_reward(d), s / c as f64);
+        }
+        m.insert(
+            names::ADVANTAGES_MEAN.into(),
+            adv.advantages.iter().sum::<f64>() / adv.advantages.len().max(1) as f64,
+        );
+        let lens: Vec<usize> = flat.iter().map(|(_, r)| r.tokens.len()).collect();
+        m.insert(
+            names::RESPONSE_LENGTH_MEAN.into(),
+            lens.iter().sum::<usize>() as f64 / lens.len().max(1) as f64,
+        );
+        let clipped = flat
+            .iter()
+            .filter(|(_, r)| r.finish == FinishReason::Length)
+            .count();
+        m.insert(
+            names::RESPONSE_LENGTH_CLIP_RATIO.into(),
+            clipped as f64 / flat.len().max(1) as f64,
+        );
+        m.insert(
+            PROMPT_LENGTH_MEAN.into(),
+            groups
+                .iter()
+                .map(|g| g.processed.input_ids.len())
+                .sum::<usize>() as f64
+                / groups.len().max(1) as f64,
+        );
+        m.insert(names::TIME_PER_STEP.into(), t0.elapsed().as_secs_f64());
+
+        self.finish_step(step, m)
+    }
+
+    /// The actor loss of one micro-batch (graph attached to the trainable parameters).
+    fn micro_loss(
+        &self,
+        step: u64,
+        groups: &[PromptGroup],
+        ub: &[(usize, &Generated)],
+        advs: &[f64],
+        loss_cfg: &crate::loss::LossConfig,
+    ) -> Result<crate::loss::PolicyLossOutput> {
+        let prompts: Vec<ProcessedSample> = ub
+            .iter()
+            .map(|(gi, _)| groups[*gi].processed.clone())
+            .collect();
+        let batch = self
+            .processor
+            .collate(&prompts, None)
+            .map_err(|e| TrainerError::Data {
+                step,
+                path: self.manifest.path().to_path_buf(),
+                message: e.to_string(),
+            })?;
+        // A sampled placeholder token (possible when its logit bias is off) would be taken for a
+        // feature slot: it is fed as padding and left out of the loss.
+        let pad = self.processor.tokenizer.ids.endoftext;
+        let placeholders = self.placeholder_ids();
+        let cleaned: Vec<Vec<u32>> = ub
+            .iter()
+            .map(|(_, r)| {
+                r.tokens
+                    .iter()
+                    .map(|t| if placeholders.contains(t) { pad } else { *t })
+                    .collect()
+            })
+            .collect();
+        let responses: Vec<&[u32]> = cleaned.iter().map(Vec::as_slice).collect();
+        let r_len = responses.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
+        let inputs = batch_to_inputs(&batch, &responses, r_len, pad, &self.device)?;
+        let s = batch.seq_len();
+        let b = ub.len();
+        let mut labels = vec![pad; b * r_len];
+        let mut mask = vec![0f32; b * r_len];
+        let mut old = vec![0f32; b * r_len];
+        let mut adv = vec![0f32; b * r_len];
+        for (i, (_, r)) in ub.iter().enumerate() {
+            for (j, (&t, &lp)) in r.tokens.iter().zip(&r.logprobs).enumerate() {
+                labels[i * r_len + j] = t;
+                mask[i * r_len + j] = if placeholders.contains(&t) { 0.0 } else { 1.0 };
+                old[i * r_len + j] = lp;
+            }
+            for j in 0..r_len {
+                adv[i * r_len + j] = advs[i] as f32;
+            }
+        }
+        let dev = &self.device;
+        let labels = Tensor::from_vec(labels, (b, r_len), dev)?;
+        let mask = Tensor::from_vec(mask, (b, r_len), dev)?;
+        let old = Tensor::from_vec(old, (b, r_len), dev)?;
+        let adv = Tensor::from_vec(adv, (b, r_len), dev)?;
+        // Hidden state at position p predicts token p + 1: positions s-1 .. s-1+r_len.
+        let hidden = self
+            .model
+            .forward_hidden(&inputs, ForwardMode::Train)
+            .map_err(model_err)?
+            .narrow(1, s - 1, r_len)?;
+        let logits = self
+            .model
+            .logits_from_hidden(&hidden)
+            .map_err(model_err)?
+            .to_dtype(DType::F32)?;
+        let lp = log_probs_from_logits(&logits, &labels)
+            .map_err(|source| TrainerError::Loss { step, source })?;
+        let ref_lp = match &self.ref_model {
+            Some(rm) => {
+                let h = rm
+                    .forward_hidden(&inputs, ForwardMode::Inference)
+                    .map_err(model_err)?
+                    .narrow(1, s - 1, r_len)?;
+                let l = rm
+                    .logits_from_hidden(&h)
+                    .map_err(model_err)?
+                    .to_dtype(DType::F32)?;
+                Some(
+                    log_probs_from_logits(&l, &labels)
+                        .map_err(|source| TrainerError::Loss { step, source })?
+                        .detach(),
+                )
+            }
+            None => None,
+        };
+        let inputs = ActorLossInputs {
+            policy: PolicyLossInputs {
+                old_log_probs: &old,
+                log_probs: &lp,
+                advantages: &adv,
+                response_mask: &mask,
+            },
+            kl: ref_lp.as_ref().map(KlTerm::RefLogProbs),
+        };
+        compute_actor_loss(&inputs, loss_cfg).map_err(|source| TrainerError::Loss { step, source })
+    }
+}
+
+/// Tensors of a collated prompt batch, each row extended by its response (right-padded with
+/// `pad` to `r_len`, masked out; pass `&[]` for the prompt alone). Response positions continue
+/// each row's largest prompt position on all three M-RoPE axes, as in generation (spec §5.5).
+pub fn batch_to_inputs(
+    b: &ProcessedBatch,
+    responses: &[&[u32]],
+    r_len: usize,
+    pad: u32,
+    dev: &Device,
+) -> Result<ModelInputs> {
+    let (n, s) = (b.batch_size(), b.seq_len());
+    if !responses.is_empty() && responses.len() != n {
+        return Err(TrainerError::Config(format!(
+            "batch_to_inputs: {} responses for a batch of {n}",
+            responses.len()
+        )));
+    }
+    let r_len = if responses.is_empty() { 0 } else { r_len };
+    let t = s + r_len;
+    let mut ids = Vec::with_capacity(n * t);
+    let mut mask = Vec::with_capacity(n * t);
+    let mut pos = vec![0i64; 3 * n * t];
+    for i in 0..n {
+        ids.extend_from_slice(&b.input_ids[i]);
+        mask.extend_from_slice(&b.attention_mask[i]);
+        let mut max_pos = i64::MIN;
+        for a in 0..3 {
+            let src = &b.position_ids[a * n * s + i * s..a * n * s + (i + 1) * s];
+            pos[a * n * t + i * t..a * n * t + i * t + s].copy_from_slice(src);
+            for (k, &p) in src.iter().enumerate() {
+                if b.attention_mask[i][k] != 0 {
+                    max_pos = max_pos.max(p);
+                }
+            }
+        }
+        if r_len > 0 {
+            let resp = responses[i];
+            for j in 0..r_len {
+                ids.push(resp.get(j).copied().unwrap_or(pad));
+                mask.push(u32::from(j < resp.len()));
+                for a in 0..3 {
+                    pos[a * n * t + i * t + s + j] = max_pos.max(-1) + 1 + j as i64;
+                }
+            }
+        }
+    }
+    let mut m = ModelInputs::text(
+        Tensor::from_vec(ids, (n, t), dev)?,
+        Some(Tensor::from_vec(mask, (n, t), dev)?),
+        Tensor::from_vec(pos, (3, n, t), dev)?,
+    );
+    if !b.pixel_values.is_empty() {
+        m.pixel_values = Some(Tensor::from_vec(
+            b.pixel_values.clone(),
+            (b.pixel_values_shape[0], b.pixel_values_shape[1]),
+            dev,
+        )?);
+        m.image_grid_thw = b.image_grid_thw.clone();
+    }
+    if !b.time_series_data.is_empty() {
+        m.time_series_data = Some(Tensor::from_vec(
+            b.time_series_data.clone(),
+            (n, 8, b.time_series_data.len() / n / 8),
+            dev,
+        )?);
+    }
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two rows: a left-padded 2-token prompt and a 3-token prompt with an image-like position
+    /// jump (max position 5 on the height axis).
+    fn batch() -> ProcessedBatch {
+        ProcessedBatch {
+            ids: vec!["a".into(), "b".into()],
+            input_ids: vec![vec![0, 7, 8], vec![4, 5, 6]],
+            attention_mask: vec![vec![0, 1, 1], vec![1, 1, 1]],
+            // [3][2][3]: temporal, height, width.
+            position_ids: vec![
+                1, 0, 1, 0, 1, 2, // t
+                1, 0, 1, 0, 5, 2, // h
+                1, 0, 1, 0, 1, 2, // w
+            ],
+            rope_deltas: vec![0, 0],
+            pixel_values: Vec::new(),
+            pixel_values_shape: [0, 0],
+            image_grid_thw: Vec::new(),
+            time_series_data: Vec::new(),
+            raw_prompt_ids: vec![vec![7, 8], vec![4, 5, 6]],
+        }
+    }
+
+    #[test]
+    fn responses_are_right_padded_masked_and_continue_the_largest_position() {
+        let dev = Device::Cpu;
+        let r0: &[u32] = &[11];
+        let r1: &[u32] = &[12, 13];
+        let m = batch_to_inputs(&batch(), &[r0, r1], 2, 99, &dev).unwrap();
+        let ids: Vec<Vec<u32>> = m.input_ids.to_vec2().unwrap();
+        assert_eq!(ids, vec![vec![0, 7, 8, 11, 99], vec![4, 5, 6, 12, 13]]);
+        let mask: Vec<Vec<u32>> = m.attention_mask.unwrap().to_vec2().unwrap();
+        assert_eq!(mask, vec![vec![0, 1, 1, 1, 0], vec![1, 1, 1, 1, 1]]);
+        let pos: Vec<Vec<Vec<i64>>> = m.position_ids.to_vec3().unwrap();
+        for axis in &pos {
+            // Row 0: prompt max 1 → 2, 3; row 1: max 5 (height axis) → 6, 7 on every axis.
+            assert_eq!(&axis[0][3..], &[2, 3]);
+            assert_eq!(&axis[1][3..], &[6, 7]);
+        }
+        assert_eq!(&pos[1][1][..3], &[0, 5, 2]);
+    }
+
+    #[test]
+    fn prompt_only_inputs_match_the_batch() {
+        let m = batch_to_inputs(&batch(), &[], 0, 99, &Device::Cpu).unwrap();
+        assert_eq!(m.input_ids.dims(), &[2, 3]);
+        assert_eq!(m.position_ids.dims(), &[3, 2, 3]);
+        let r: &[u32] = &[1];
+        assert!(batch_to_inputs(&batch(), &[r], 1, 99, &Device::Cpu).is_err());
+    }
+}
