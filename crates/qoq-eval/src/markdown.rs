@@ -1,5 +1,5 @@
-//! The Markdown table of a [`MetricsReport`]: one row per dataset, a mean row per data source and
-//! an overall row, with the columns of the paper's appendix tables (Acc, Sens, Spec, F1, Prec;
+//! The Markdown table of a [`MetricsReport`]: one row per dataset, a mean row per data source (in
+//! the paper's domain order) and an overall row, with the columns of the paper's appendix tables (Acc, Sens, Spec, F1, Prec;
 //! spec §13.6) followed by exact match, mean IoU and counts.
 
 use crate::metrics::{MetricsReport, Summary};
@@ -39,7 +39,11 @@ impl MetricsReport {
             "| Domain | Dataset | N | Classes | Acc | Sens | Spec | F1 | Prec | Exact | mIoU | N(IoU) |\n",
         );
         out.push_str("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
-        for src in &self.sources {
+        // Domains in the paper's order (ECG, CXR, Mammo, Derm, CT, Fundus, US, MRI, Path), others
+        // after them by name.
+        let mut sources: Vec<_> = self.sources.iter().collect();
+        sources.sort_by_key(|s| (Domain::from_source(&s.name).paper_rank(), s.name.clone()));
+        for src in sources {
             let domain = cell(&src.name);
             for ds in &src.datasets {
                 row(

@@ -103,7 +103,7 @@ fn empty_accumulator_reports_nothing() {
 }
 
 #[test]
-fn markdown_snapshot() {
+fn markdown_snapshot_lists_domains_in_the_paper_order() {
     let preds = vec![
         pred(r"\boxed{A}", "A", "chest_xray", "mimic", Some(0.5)),
         pred(r"\boxed{B}", "B", "chest_xray", "mimic", None),
@@ -116,11 +116,11 @@ fn markdown_snapshot() {
     let expected = "\
 | Domain | Dataset | N | Classes | Acc | Sens | Spec | F1 | Prec | Exact | mIoU | N(IoU) |
 |---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|
+| ecg | ptb-xl | 1 | 1 | 1.0000 | 1.0000 | 0.0000 | 1.0000 | 1.0000 | 1.0000 | - | 0 |
+| **ecg** | (mean) | 1 |  | 1.0000 | 1.0000 | 0.0000 | 1.0000 | 1.0000 | 1.0000 | - | 0 |
 | chest_xray | mimic | 4 | 2 | 0.7500 | 0.8333 | 0.8333 | 0.7333 | 0.7500 | 0.5000 | 0.7500 | 2 |
 | chest_xray | odd\\|name | 1 | 1 | 0.0000 | 0.0000 | 0.0000 | 0.0000 | 0.0000 | 0.0000 | - | 0 |
 | **chest_xray** | (mean) | 5 |  | 0.3750 | 0.4167 | 0.4167 | 0.3667 | 0.3750 | 0.2500 | 0.7500 | 2 |
-| ecg | ptb-xl | 1 | 1 | 1.0000 | 1.0000 | 0.0000 | 1.0000 | 1.0000 | 1.0000 | - | 0 |
-| **ecg** | (mean) | 1 |  | 1.0000 | 1.0000 | 0.0000 | 1.0000 | 1.0000 | 1.0000 | - | 0 |
 | **val** | (mean of domains) | 6 |  | 0.6875 | 0.7083 | 0.2083 | 0.6833 | 0.6875 | 0.6250 | 0.7500 | 2 |
 | **Overall (vision)** | (mean of vision domains) | 5 |  | 0.3750 | 0.4167 | 0.4167 | 0.3667 | 0.3750 | 0.2500 | 0.7500 | 2 |
 ";
