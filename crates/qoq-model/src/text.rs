@@ -344,30 +344,8 @@ impl Attention {
         mask: &Tensor,
         mode: ForwardMode,
     ) -> Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
-        let split = |t: Tensor, n: usize| -> Result<Tensor> {
-            t.reshape((b, s, n, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split(self.q_proj.forward(x)?, self.num_heads)?; // (b, nh, s, hd)
-        let k = split(self.k_proj.forward(x)?, self.num_kv_heads)?; // (b, nkv, s, hd)
-        let v = split(self.v_proj.forward(x)?, self.num_kv_heads)?;
-        let q = apply_rope(&q, rope, mode)?;
-        let k = apply_rope(&k, rope, mode)?;
-        let n_rep = self.num_heads / self.num_kv_heads;
-        let k = repeat_kv(k, n_rep)?.contiguous()?; // (b, nh, s, hd)
-        let v = repeat_kv(v, n_rep)?.contiguous()?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?; // (b, nh, s, s)
-        let work = ops::compute_dtype(x.dtype());
-        let scores = mask_scores(&scores.to_dtype(work)?, mask)?;
-        let probs = ops::softmax_last_dim(&scores, mode)?.to_dtype(x.dtype())?;
-        let out = probs.matmul(&v)?; // (b, nh, s, hd)
-        let out = out
-            .transpose(1, 2)?
-            .reshape((b, s, self.num_heads * self.head_dim))?;
-        self.o_proj.forward(&out)
+        // No past keys: the cached path with a cache that is dropped afterwards.
+        self.forward_cached(x, rope, mask, &mut None, mode)
     }
 
     /// As [`Attention::forward`] for `s` new tokens after the keys in `cache` (which receives the
@@ -479,10 +457,7 @@ impl DecoderLayer {
         mask: &Tensor,
         mode: ForwardMode,
     ) -> Result<Tensor> {
-        let h = self.input_layernorm.forward(x, mode)?;
-        let x = (x + self.self_attn.forward(&h, rope, mask, mode)?)?;
-        let h = self.post_attention_layernorm.forward(&x, mode)?;
-        x + self.mlp.forward(&h)?
+        self.forward_cached(x, rope, mask, &mut None, mode)
     }
 }
 

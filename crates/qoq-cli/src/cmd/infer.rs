@@ -3,7 +3,7 @@
 //! boxes and final answer out; `--overlay` draws the boxes on the image the model saw.
 
 use anyhow::{Context, bail};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use clap::Args;
 use qoq_core::{ClinicalSample, Domain, SampleId};
 use qoq_engine::{GenerateConfig, GroupRequest, SamplingParams, StopCondition, generate};
@@ -55,32 +55,9 @@ pub struct InferArgs {
     quiet: bool,
 }
 
-/// Tensors of a collated batch.
-pub fn model_inputs(b: &ProcessedBatch, dev: &Device) -> candle_core::Result<ModelInputs> {
-    let (n, s) = (b.batch_size(), b.seq_len());
-    let ids: Vec<u32> = b.input_ids.concat();
-    let mask: Vec<u32> = b.attention_mask.concat();
-    let mut m = ModelInputs::text(
-        Tensor::from_vec(ids, (n, s), dev)?,
-        Some(Tensor::from_vec(mask, (n, s), dev)?),
-        Tensor::from_vec(b.position_ids.clone(), (3, n, s), dev)?,
-    );
-    if !b.pixel_values.is_empty() {
-        m.pixel_values = Some(Tensor::from_vec(
-            b.pixel_values.clone(),
-            (b.pixel_values_shape[0], b.pixel_values_shape[1]),
-            dev,
-        )?);
-        m.image_grid_thw = b.image_grid_thw.clone();
-    }
-    if !b.time_series_data.is_empty() {
-        m.time_series_data = Some(Tensor::from_vec(
-            b.time_series_data.clone(),
-            (n, 8, b.time_series_data.len() / n / 8),
-            dev,
-        )?);
-    }
-    Ok(m)
+/// Tensors of a collated prompt batch (the trainer's conversion without responses).
+pub fn model_inputs(b: &ProcessedBatch, dev: &Device) -> anyhow::Result<ModelInputs> {
+    Ok(qoq_rl::trainer::batch_to_inputs(b, &[], 0, 0, dev)?)
 }
 
 pub fn run(a: InferArgs) -> anyhow::Result<ExitCode> {
