@@ -127,6 +127,29 @@ fn model_err(e: impl std::fmt::Display) -> TrainerError {
     TrainerError::Model(e.to_string())
 }
 
+/// Log-probabilities `(b, r_len)` of the response tokens `labels` under `model`: the hidden state
+/// at position p predicts token p + 1, so positions `s - 1 .. s - 1 + r_len` of a prompt of
+/// length `s` followed by the response.
+fn response_log_probs(
+    model: &ClinicalVlm,
+    inputs: &ModelInputs,
+    s: usize,
+    labels: &Tensor,
+    mode: ForwardMode,
+    step: u64,
+) -> Result<Tensor> {
+    let r_len = labels.dim(1)?;
+    let hidden = model
+        .forward_hidden(inputs, mode)
+        .map_err(model_err)?
+        .narrow(1, s - 1, r_len)?;
+    let logits = model
+        .logits_from_hidden(&hidden)
+        .map_err(model_err)?
+        .to_dtype(DType::F32)?;
+    log_probs_from_logits(&logits, labels).map_err(|source| TrainerError::Loss { step, source })
+}
+
 /// What one [`Trainer::step`] did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepOutcome {
@@ -586,18 +609,8 @@ impl Trainer {
                 let labels = Tensor::from_vec(labels, (b, r_len), &self.device)?;
                 let mask = Tensor::from_vec(mask, (b, r_len), &self.device)?;
                 let s = batch.seq_len();
-                let hidden = self
-                    .model
-                    .forward_hidden(&inputs, ForwardMode::Train)
-                    .map_err(model_err)?
-                    .narrow(1, s - 1, r_len)?;
-                let logits = self
-                    .model
-                    .logits_from_hidden(&hidden)
-                    .map_err(model_err)?
-                    .to_dtype(DType::F32)?;
-                let lp = log_probs_from_logits(&logits, &labels)
-                    .map_err(|source| TrainerError::Loss { step, source })?;
+                let lp =
+                    response_log_probs(&self.model, &inputs, s, &labels, ForwardMode::Train, step)?;
                 let loss = lp.mul(&mask)?.sum_all()?.neg()?.affine(
                     1.0 / mask.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64,
                     0.0,
@@ -909,35 +922,11 @@ impl Trainer {
         let mask = Tensor::from_vec(mask, (b, r_len), dev)?;
         let old = Tensor::from_vec(old, (b, r_len), dev)?;
         let adv = Tensor::from_vec(adv, (b, r_len), dev)?;
-        // Hidden state at position p predicts token p + 1: positions s-1 .. s-1+r_len.
-        let hidden = self
-            .model
-            .forward_hidden(&inputs, ForwardMode::Train)
-            .map_err(model_err)?
-            .narrow(1, s - 1, r_len)?;
-        let logits = self
-            .model
-            .logits_from_hidden(&hidden)
-            .map_err(model_err)?
-            .to_dtype(DType::F32)?;
-        let lp = log_probs_from_logits(&logits, &labels)
-            .map_err(|source| TrainerError::Loss { step, source })?;
+        let lp = response_log_probs(&self.model, &inputs, s, &labels, ForwardMode::Train, step)?;
         let ref_lp = match &self.ref_model {
-            Some(rm) => {
-                let h = rm
-                    .forward_hidden(&inputs, ForwardMode::Inference)
-                    .map_err(model_err)?
-                    .narrow(1, s - 1, r_len)?;
-                let l = rm
-                    .logits_from_hidden(&h)
-                    .map_err(model_err)?
-                    .to_dtype(DType::F32)?;
-                Some(
-                    log_probs_from_logits(&l, &labels)
-                        .map_err(|source| TrainerError::Loss { step, source })?
-                        .detach(),
-                )
-            }
+            Some(rm) => Some(
+                response_log_probs(rm, &inputs, s, &labels, ForwardMode::Inference, step)?.detach(),
+            ),
             None => None,
         };
         let inputs = ActorLossInputs {
