@@ -188,6 +188,12 @@ pub fn trainable_var_builder<'a>(
 /// Write every parameter of `store` to a safetensors file under its checkpoint name, with the
 /// LoRA adapters of `model` merged into their base weights (`W + alpha/r · B A`).
 pub fn save_merged(model: &ClinicalVlm, store: &ParamStore, path: &Path) -> Result<()> {
+    write_safetensors(&merged_tensors(model, store)?, path)
+}
+
+/// Every parameter of `store` by checkpoint name, LoRA adapters merged (what [`save_merged`]
+/// writes).
+pub fn merged_tensors(model: &ClinicalVlm, store: &ParamStore) -> Result<HashMap<String, Tensor>> {
     let mut out: HashMap<String, Tensor> = store.tensors()?.into_iter().collect();
     for p in model.adapted_projs() {
         if let Some((name, w)) = p.merged_weight()? {
@@ -199,7 +205,11 @@ pub fn save_merged(model: &ClinicalVlm, store: &ParamStore, path: &Path) -> Resu
             out.insert(name, w);
         }
     }
-    candle_core::safetensors::save(&out, path).map_err(|e| Error::Checkpoint {
+    Ok(out)
+}
+
+fn write_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    candle_core::safetensors::save(tensors, path).map_err(|e| Error::Checkpoint {
         path: path.to_path_buf(),
         message: format!("cannot write: {e}"),
     })
@@ -244,25 +254,21 @@ pub fn write_random_checkpoint_seeded(
         };
         var.set(&value)?;
     }
-    let weights = dir.join("model.safetensors");
-    save_merged(&model, &store, &weights)?;
-    if cfg.has_time_series() {
+    let mut tensors = merged_tensors(&model, &store)?;
+    // ECG-JEPA's fixed 2-D sin-cos table is a buffer, not a learnt weight.
+    let key = "time_series_embedding.encoder.pos_embed";
+    if let Some(old) = tensors.get(key) {
         let ts = &cfg.time_series;
-        // ECG-JEPA's fixed 2-D sin-cos table is a buffer, not a learnt weight.
-        let key = "time_series_embedding.encoder.pos_embed";
-        let mut all = candle_core::safetensors::load(&weights, &Device::Cpu)?;
-        if let Some(old) = all.get(key) {
-            let table = crate::ecg::sincos_pos_embed(
-                ts.embed_dim,
-                ts.leads,
-                ts.patches_per_lead,
-                &Device::Cpu,
-            )?
-            .reshape(old.shape())?;
-            all.insert(key.to_string(), table);
-            candle_core::safetensors::save(&all, &weights)?;
-        }
+        let table = crate::ecg::sincos_pos_embed(
+            ts.embed_dim,
+            ts.leads,
+            ts.patches_per_lead,
+            &Device::Cpu,
+        )?
+        .reshape(old.shape())?;
+        tensors.insert(key.to_string(), table);
     }
+    write_safetensors(&tensors, &dir.join("model.safetensors"))?;
     let path = dir.join("config.json");
     let text = serde_json::to_string_pretty(cfg).map_err(|e| Error::Config(e.to_string()))?;
     std::fs::write(&path, text).map_err(|source| Error::Io { path, source })
