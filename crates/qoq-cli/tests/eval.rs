@@ -1,5 +1,7 @@
 //! `qoq eval` on the synthetic world with precomputed responses: artefacts, resume, compare.
 
+mod support;
+
 use std::io::Write;
 use std::process::Command;
 
@@ -129,15 +131,7 @@ fn eval_generates_with_a_model_and_resumes() {
         ..Default::default()
     };
     qoq_synth::generate(&cfg, &world).unwrap();
-    // A tiny random checkpoint with the processor fixture's tokenizer.
-    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../qoq-processor/tests/fixtures/tiny_model");
-    let model = dir.path().join("model");
-    let mcfg = qoq_core::hf_config::QwenVlConfig::from_file(&src.join("config.json")).unwrap();
-    qoq_model::train::write_random_checkpoint(&mcfg, &model).unwrap();
-    for f in ["config.json", "preprocessor_config.json", "tokenizer.json"] {
-        std::fs::copy(src.join(f), model.join(f)).unwrap();
-    }
+    let model = support::tiny_model(dir.path());
     let run = dir.path().join("run");
     let eval = |limit: &str| {
         qoq()

@@ -2,39 +2,12 @@
 //! tokenizer): a PNG chest X-ray with a WFDB ECG, and the real fundus photograph with the real
 //! DICOM 12-lead ECG from the test-data cache.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+mod support;
 
-fn cache(rel: &str) -> PathBuf {
-    let root = match std::env::var_os("QOQ_TESTDATA") {
-        Some(p) => PathBuf::from(p),
-        None => repo().join(".testdata"),
-    };
-    let p = root.join(rel);
-    assert!(
-        p.is_file(),
-        "{} is missing: run scripts/fetch-testdata.sh first",
-        p.display()
-    );
-    p
-}
-
-/// A model folder: the processor fixture's files plus random weights for its config.
-fn tiny_model(dir: &Path) -> PathBuf {
-    let src = repo().join("crates/qoq-processor/tests/fixtures/tiny_model");
-    let m = dir.join("model");
-    std::fs::create_dir_all(&m).unwrap();
-    let cfg = qoq_core::hf_config::QwenVlConfig::from_file(&src.join("config.json")).unwrap();
-    qoq_model::train::write_random_checkpoint(&cfg, &m).unwrap();
-    for f in ["config.json", "preprocessor_config.json", "tokenizer.json"] {
-        std::fs::copy(src.join(f), m.join(f)).unwrap();
-    }
-    m
-}
+use support::{cache, repo, tiny_model};
 
 fn infer(model: &Path, extra: &[&std::ffi::OsStr]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_qoq"))

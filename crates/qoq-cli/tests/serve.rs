@@ -7,35 +7,13 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+mod support;
 
-/// A model folder: the processor fixture's files plus random weights for its config; without
-/// `ecg`, the config loses its `time_series_token_id` (a stock Qwen2.5-VL: no ECG encoder, whose
-/// fixed cost per request dominates the tiny model's time).
-fn tiny_model(dir: &Path, ecg: bool) -> PathBuf {
-    let src = repo().join("crates/qoq-processor/tests/fixtures/tiny_model");
-    let m = dir.join("model");
-    std::fs::create_dir_all(&m).unwrap();
-    let mut cfg: Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
-    if !ecg {
-        cfg.as_object_mut().unwrap().remove("time_series_token_id");
-    }
-    std::fs::write(m.join("config.json"), cfg.to_string()).unwrap();
-    let cfg = qoq_core::hf_config::QwenVlConfig::from_file(&m.join("config.json")).unwrap();
-    assert_eq!(cfg.has_time_series(), ecg);
-    qoq_model::train::write_random_checkpoint(&cfg, &m).unwrap();
-    for f in ["preprocessor_config.json", "tokenizer.json"] {
-        std::fs::copy(src.join(f), m.join(f)).unwrap();
-    }
-    m
-}
+use support::tiny_model_with as tiny_model;
 
 /// A running server; killed when dropped.
 struct Server {

@@ -1,25 +1,11 @@
 //! `qoq train` end to end: two steps of tiny_cpu-like settings on a tiny random model, a
 //! checkpoint, `--resume`, and one SFT step.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+mod support;
 
-/// A model folder: the processor fixture's files plus random weights for its config.
-fn tiny_model(dir: &Path) -> PathBuf {
-    let src = repo().join("crates/qoq-processor/tests/fixtures/tiny_model");
-    let m = dir.join("model");
-    std::fs::create_dir_all(&m).unwrap();
-    let cfg = qoq_core::hf_config::QwenVlConfig::from_file(&src.join("config.json")).unwrap();
-    qoq_model::train::write_random_checkpoint(&cfg, &m).unwrap();
-    for f in ["config.json", "preprocessor_config.json", "tokenizer.json"] {
-        std::fs::copy(src.join(f), m.join(f)).unwrap();
-    }
-    m
-}
+use support::{repo, tiny_model};
 
 fn train(args: &[&std::ffi::OsStr]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_qoq"))
