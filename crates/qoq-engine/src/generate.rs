@@ -145,25 +145,18 @@ pub fn generate(
             admitted.push((shared, new_rows, logits));
         }
         // Sample the first token of admitted rows from their prefill logits.
-        for (c, mut new_rows, logits) in admitted {
-            let mut keep = Vec::new();
-            for (i, r) in new_rows.iter_mut().enumerate() {
-                if step_row(r, &logits, &cfg.stop, &mut on_token) {
-                    results[r.group][r.rollout] = Some(r.out.clone());
-                } else {
-                    keep.push(i as u32);
-                }
-            }
-            if keep.is_empty() {
+        for (c, new_rows, logits) in admitted {
+            let (kept, c) = advance(
+                new_rows,
+                c,
+                |_| &logits,
+                &cfg.stop,
+                &mut on_token,
+                &mut results,
+            )?;
+            if kept.is_empty() {
                 continue;
             }
-            let c = c.select(&keep)?;
-            let kept: Vec<Row> = new_rows
-                .into_iter()
-                .enumerate()
-                .filter(|(i, _)| keep.contains(&(*i as u32)))
-                .map(|(_, r)| r)
-                .collect();
             cache = if rows.is_empty() {
                 c
             } else {
@@ -186,27 +179,17 @@ pub fn generate(
         let pos = Tensor::cat(&[&pos1, &pos1, &pos1], 0)?; // (3, b, 1)
         let logits = model.decode_step(&ids, &pos, &mut cache, ForwardMode::Inference)?;
         let logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-        let mut keep = Vec::new();
-        for (i, (r, l)) in rows.iter_mut().zip(&logits).enumerate() {
+        for r in &mut rows {
             r.next_pos += 1;
-            if step_row(r, l, &cfg.stop, &mut on_token) {
-                results[r.group][r.rollout] = Some(r.out.clone());
-            } else {
-                keep.push(i as u32);
-            }
         }
-        if keep.len() != rows.len() {
-            cache = cache.select(&keep)?;
-            let mut k = 0;
-            rows.retain(|_| {
-                let stay = keep.contains(&k);
-                k += 1;
-                stay
-            });
-            if rows.is_empty() {
-                cache = KvCache::new();
-            }
-        }
+        (rows, cache) = advance(
+            std::mem::take(&mut rows),
+            std::mem::take(&mut cache),
+            |i| &logits[i],
+            &cfg.stop,
+            &mut on_token,
+            &mut results,
+        )?;
     }
     Ok(results
         .into_iter()
@@ -216,6 +199,38 @@ pub fn generate(
                 .collect()
         })
         .collect())
+}
+
+/// Sample one token for every row (`logits(i)` is row i's vocabulary row), move finished rows'
+/// outputs into `results`, and return the unfinished rows with their rows of `cache` (an empty
+/// cache when none is left).
+fn advance<'a>(
+    rows: Vec<Row>,
+    cache: KvCache,
+    logits: impl Fn(usize) -> &'a [f32],
+    stop: &StopCondition,
+    on_token: &mut impl FnMut(usize, usize, u32),
+    results: &mut [Vec<Option<Generated>>],
+) -> Result<(Vec<Row>, KvCache), GenerateError> {
+    let n = rows.len();
+    let mut keep = Vec::with_capacity(n);
+    let mut live = Vec::with_capacity(n);
+    for (i, mut r) in rows.into_iter().enumerate() {
+        if step_row(&mut r, logits(i), stop, on_token) {
+            results[r.group][r.rollout] = Some(r.out);
+        } else {
+            keep.push(i as u32);
+            live.push(r);
+        }
+    }
+    let cache = if live.is_empty() {
+        KvCache::new()
+    } else if keep.len() == n {
+        cache
+    } else {
+        cache.select(&keep)?
+    };
+    Ok((live, cache))
 }
 
 /// Sample one token for `r`; returns whether the row is finished.
