@@ -173,14 +173,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<ExitCode> {
     };
     let outcome = run_eval(rows, &mut responder, &reward, &mask_of, out, &opts)
         .with_context(|| format!("evaluating into {}", out.display()))?;
-    print!("{}", outcome.report.to_markdown());
-    eprintln!(
-        "{} rows evaluated ({} resumed); artefacts in {}",
-        outcome.generated + outcome.resumed,
-        outcome.resumed,
-        out.display()
-    );
-    Ok(ExitCode::SUCCESS)
+    Ok(report(&outcome, out))
 }
 
 /// Generates with the model: each batch of samples is processed, its prompts decoded together.
@@ -323,6 +316,11 @@ fn eval_with_model(
     };
     let outcome = run_eval(rows, &mut responder, reward, &mask_of, out, opts)
         .with_context(|| format!("evaluating into {}", out.display()))?;
+    Ok(report(&outcome, out))
+}
+
+/// Print a finished run's table and where its artefacts are.
+fn report(outcome: &qoq_eval::run::EvalOutcome, out: &std::path::Path) -> ExitCode {
     print!("{}", outcome.report.to_markdown());
     eprintln!(
         "{} rows evaluated ({} resumed); artefacts in {}",
@@ -330,5 +328,5 @@ fn eval_with_model(
         outcome.resumed,
         out.display()
     );
-    Ok(ExitCode::SUCCESS)
+    ExitCode::SUCCESS
 }
