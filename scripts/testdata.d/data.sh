@@ -9,7 +9,10 @@ fetch_from_zip() {
   local entry member sha name
   for entry in "$@"; do
     member="${entry%%=*}"; sha="${entry#*=}"; name="$(basename "$member")"
-    unzip -q -o -j "$archive" "$member" -d "$dest"
+    # python3's zipfile rather than unzip: pip already needs python3, unzip may be absent.
+    python3 -c 'import sys, zipfile, shutil, os
+with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(os.path.join(sys.argv[3], os.path.basename(sys.argv[2])), "wb") as dst:
+    shutil.copyfileobj(src, dst)' "$archive" "$member" "$dest"
     check "$dest/$name" "$sha"
   done
 }
