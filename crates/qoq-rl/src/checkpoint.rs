@@ -112,6 +112,12 @@ pub struct TrainerState {
     pub optimizer_steps: u64,
     /// The last logged metrics (spec §12 names); non-finite values are left out.
     pub metrics: BTreeMap<String, f64>,
+    /// Whether the run takes supervised (SFT) steps instead of RL steps.
+    #[serde(default)]
+    pub sft: bool,
+    /// The KL controller of a run with the KL in the reward (its β moves when adaptive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kl_controller: Option<crate::loss::KlController>,
 }
 
 /// One file of a checkpoint as the manifest records it.

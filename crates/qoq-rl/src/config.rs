@@ -273,6 +273,13 @@ pub struct AlgorithmConfig {
     pub drpo: DrpoConfig,
     /// KL to the reference policy (loss, low_var_kl, β 1e-4).
     pub kl: KlConfig,
+    /// Dynamic filtering (DAPO-style; not in the released code): leave groups whose reward
+    /// standard deviation is at most `filter_min_std` out of the estimator and the policy
+    /// update. The std, not the mean, decides: with continuous rewards (IoU, format, length) a
+    /// group can have a mean strictly between 0 and 1 and still no signal. Default false.
+    pub dynamic_filter: bool,
+    /// Groups with a reward std (population) at or below this are filtered. Default 1e-6.
+    pub filter_min_std: f64,
 }
 
 impl Default for AlgorithmConfig {
@@ -282,6 +289,8 @@ impl Default for AlgorithmConfig {
             grpo_eps: 1e-6,
             drpo: DrpoConfig::default(),
             kl: KlConfig::default(),
+            dynamic_filter: false,
+            filter_min_std: 1e-6,
         }
     }
 }
@@ -373,6 +382,9 @@ pub struct TrainerConfig {
     pub load_checkpoint_path: Option<String>,
     /// Write TensorBoard event files under `out_dir/tensorboard`. Default true.
     pub tensorboard: bool,
+    /// Validate once before the first step (logged as step 0; EasyR1 `val_before_train`).
+    /// Default true.
+    pub val_before_train: bool,
 }
 
 impl Default for TrainerConfig {
@@ -389,6 +401,7 @@ impl Default for TrainerConfig {
             find_last_checkpoint: true,
             load_checkpoint_path: None,
             tensorboard: true,
+            val_before_train: true,
         }
     }
 }
@@ -452,8 +465,17 @@ impl RunConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        let origin = path.display().to_string();
-        let mut doc: toml::Value = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        Self::from_toml_str_with_overrides(&text, &path.display().to_string(), overrides)
+    }
+
+    /// [`RunConfig::load`] on a document already read (`origin` names it in errors).
+    pub fn from_toml_str_with_overrides(
+        text: &str,
+        origin: &str,
+        overrides: &[String],
+    ) -> Result<Self> {
+        let origin = origin.to_string();
+        let mut doc: toml::Value = toml::from_str(text).map_err(|e| ConfigError::Parse {
             origin: origin.clone(),
             message: e.to_string(),
         })?;
@@ -542,6 +564,15 @@ impl RunConfig {
         }
         if self.data.val_files.is_empty() {
             return Err(invalid("data.val_files", "required (a JSONL manifest)"));
+        }
+        if !(self.algorithm.filter_min_std >= 0.0 && self.algorithm.filter_min_std.is_finite()) {
+            return Err(invalid(
+                "algorithm.filter_min_std",
+                format!(
+                    "{} is not a finite value ≥ 0",
+                    self.algorithm.filter_min_std
+                ),
+            ));
         }
         let positive = [
             ("data.max_prompt_length", self.data.max_prompt_length),

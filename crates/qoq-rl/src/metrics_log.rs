@@ -355,6 +355,18 @@ pub fn series(records: &[MetricsRecord]) -> BTreeMap<String, Vec<(f64, f64)>> {
     out
 }
 
+/// The metric names of the evaluation report (`qoq_eval::metrics`), last path segment.
+const EVAL_METRICS: [&str; 8] = [
+    "accuracy",
+    "f1",
+    "precision",
+    "recall",
+    "sensitivity",
+    "specificity",
+    "exact_match",
+    "mean_iou",
+];
+
 /// The chart a metric belongs to: `reward` (the `reward/*` components and the mean score),
 /// `reward_by_domain`, `val_score_by_domain` (`val/test_score/*`), `val`, `kl` (`actor/kl_loss`,
 /// `actor/ppo_kl`, `actor/kl_coef`), `loss` (`actor/pg_loss`, `actor/entropy_loss`),
@@ -370,6 +382,12 @@ pub fn metric_group(name: &str) -> String {
         "actor/lr" => "lr",
         "critic/score/mean" | "critic/rewards/mean" => "reward",
         _ if name.starts_with("val/test_score/") => "val_score_by_domain",
+        _ if name.ends_with("/count")
+            || name.ends_with("/iou_count")
+            || name.ends_with("/num_classes") =>
+        {
+            "val_counts"
+        }
         _ if name.starts_with("critic/advantages/") || name.starts_with("critic/returns/") => {
             "advantages"
         }
@@ -380,6 +398,21 @@ pub fn metric_group(name: &str) -> String {
             "response_length" | "prompt_length" => "length",
             other => other,
         },
+    };
+    // `drpo/{domain}/{stat}`: one chart per statistic, one line per domain; the evaluation
+    // metrics per dataset and domain (`{src}/{ds}/{metric}`, `{src}/{metric}`): one chart per
+    // metric.
+    let last = name.rsplit('/').next().unwrap_or(name);
+    let segments = name.split('/').count();
+    let owned;
+    let group = if first == "drpo" && segments == 3 {
+        owned = format!("drpo_{last}");
+        owned.as_str()
+    } else if first != "val" && (2..=3).contains(&segments) && EVAL_METRICS.contains(&last) {
+        owned = format!("val_{last}");
+        owned.as_str()
+    } else {
+        group
     };
     group
         .chars()

@@ -47,7 +47,7 @@ use crate::optim::{AdamW, GradAccumulator};
 use crate::rng::RngStates;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use qoq_core::{ClinicalSample, FinishReason};
+use qoq_core::{ClinicalSample, FinishReason, RewardScore};
 use qoq_data::manifest::{Cursor, Manifest};
 use qoq_engine::{GenerateConfig, Generated, GroupRequest, SamplingParams, StopCondition};
 use qoq_model::train::{Freeze, ParamStore, trainable_var_builder};
@@ -73,6 +73,18 @@ pub fn sft_target(answer: &str) -> String {
 pub const TIMING_GEN: &str = "timing_s/gen";
 /// Metric: seconds spent in the policy update (reference `timing_s/update_actor`).
 pub const TIMING_UPDATE: &str = "timing_s/update_actor";
+/// Metric: seconds spent validating (on validation steps).
+pub const TIMING_VALIDATION: &str = "timing_s/validation";
+/// Metric: seconds spent on the reference policy's log-probs for the KL in the reward.
+pub const TIMING_REF: &str = "timing_s/ref";
+/// Metric: batch mean of the per-sequence mean KL to the reference (KL in the reward).
+pub const CRITIC_KL: &str = "critic/kl";
+/// Metric: the β applied to the KL in the reward this step.
+pub const CRITIC_KL_COEF: &str = "critic/kl_coef";
+/// Metric: groups kept by dynamic filtering.
+pub const FILTER_KEPT_GROUPS: &str = "filter/kept_groups";
+/// Metric: groups dropped by dynamic filtering (reward std at most `algorithm.filter_min_std`).
+pub const FILTER_DROPPED_GROUPS: &str = "filter/dropped_groups";
 /// Metric: mean prompt length in tokens (image and ECG placeholders included).
 pub const PROMPT_LENGTH_MEAN: &str = "prompt_length/mean";
 
@@ -130,7 +142,7 @@ fn model_err(e: impl std::fmt::Display) -> TrainerError {
 /// Log-probabilities `(b, r_len)` of the response tokens `labels` under `model`: the hidden state
 /// at position p predicts token p + 1, so positions `s - 1 .. s - 1 + r_len` of a prompt of
 /// length `s` followed by the response.
-fn response_log_probs(
+pub fn response_log_probs(
     model: &ClinicalVlm,
     inputs: &ModelInputs,
     s: usize,
@@ -155,8 +167,19 @@ fn response_log_probs(
 pub struct StepOutcome {
     /// The step just completed (1-based).
     pub step: u64,
-    /// Its metrics, as logged.
+    /// Its metrics, as logged (validation metrics included on validation steps).
     pub metrics: BTreeMap<String, f64>,
+    /// The checkpoint written after it ([`Trainer::train_step`] on save steps).
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// Tensors of a micro-batch of rollouts (see `Trainer::rollout_tensors`).
+struct RolloutTensors {
+    inputs: ModelInputs,
+    s: usize,
+    labels: Tensor,
+    mask: Tensor,
+    old: Tensor,
 }
 
 /// One prompt of a step with its rollouts.
@@ -186,7 +209,7 @@ pub struct Trainer {
     state: TrainerState,
     log: RunLog,
     records: Vec<MetricsRecord>,
-    sft: bool,
+    val_manifest: Manifest,
 }
 
 fn dtype_of(d: DtypeName) -> DType {
@@ -221,20 +244,42 @@ impl Trainer {
     /// optimiser, estimator, cursor, trainer state and config come from it; the metrics log in
     /// the parent folder is truncated to the checkpoint's step.
     pub fn resume(dir: &Path) -> Result<Self> {
-        Self::resume_inner(dir, None)
+        Self::resume_inner(dir, None, &[])
+    }
+
+    /// [`Trainer::resume`] with `key=value` overrides applied to the checkpoint's config (e.g. a
+    /// longer `trainer.max_steps`, another `trainer.save_freq`). Keys that would make the saved
+    /// state meaningless are refused: `model.*` (the weights' architecture and freezing) and
+    /// `algorithm.estimator` (the estimator state).
+    pub fn resume_with_overrides(dir: &Path, overrides: &[String]) -> Result<Self> {
+        Self::resume_inner(dir, None, overrides)
     }
 
     /// [`Trainer::resume`] with a reward other than the configured one.
     pub fn resume_with_reward(dir: &Path, reward: Box<dyn RewardFn>) -> Result<Self> {
-        Self::resume_inner(dir, Some(reward))
+        Self::resume_inner(dir, Some(reward), &[])
     }
 
-    fn resume_inner(dir: &Path, reward: Option<Box<dyn RewardFn>>) -> Result<Self> {
+    fn resume_inner(
+        dir: &Path,
+        reward: Option<Box<dyn RewardFn>>,
+        overrides: &[String],
+    ) -> Result<Self> {
         let ck = Checkpoint::open(dir)?;
         let text = ck.config_toml()?;
-        let cfg = RunConfig::from_toml_str(
+        for o in overrides {
+            let key = o.split('=').next().unwrap_or("").trim();
+            if key.starts_with("model.") || key == "algorithm.estimator" {
+                return Err(TrainerError::Config(format!(
+                    "--set {o}: `{key}` cannot change when resuming (the checkpoint's weights and \
+                     estimator state depend on it)"
+                )));
+            }
+        }
+        let cfg = RunConfig::from_toml_str_with_overrides(
             &text,
             &dir.join(checkpoint::files::CONFIG).display().to_string(),
+            overrides,
         )
         .map_err(|e| TrainerError::Config(e.to_string()))?;
         let reward = match reward {
@@ -263,6 +308,15 @@ impl Trainer {
     ) -> Result<Self> {
         cfg.validate()
             .map_err(|e| TrainerError::Config(e.to_string()))?;
+        if cfg.algorithm.kl.kl_in_reward()
+            && cfg.algorithm.kl.kl_penalty == crate::loss::KlEstimator::Full
+        {
+            return Err(TrainerError::Config(
+                "algorithm.kl: kl_penalty = \"full\" needs vocabulary log-probs and works with \
+                 use_kl_loss = true only; the KL in the reward takes kl, abs, mse or low_var_kl"
+                    .into(),
+            ));
+        }
         if cfg.actor.ppo_epochs != 1 {
             return Err(TrainerError::Config(format!(
                 "actor.ppo_epochs = {}: this trainer reuses the sampler's log-probs as the old \
@@ -293,7 +347,7 @@ impl Trainer {
         };
         let (vb, store) = trainable_var_builder(vb, freeze);
         let model = ClinicalVlm::new(&model_cfg, vb).map_err(model_err)?;
-        let ref_model = if cfg.algorithm.kl.kl_in_loss() {
+        let ref_model = if cfg.algorithm.kl.kl_in_loss() || cfg.algorithm.kl.kl_in_reward() {
             let dtype = dtype_of(cfg.model.master_dtype);
             let (_, m) =
                 qoq_model::loading::load_model(&model_dir, dtype, &device).map_err(model_err)?;
@@ -324,6 +378,22 @@ impl Trainer {
                 cfg.data.rollout_batch_size
             )));
         }
+        let val_path = PathBuf::from(&cfg.data.val_files);
+        let val_manifest = Manifest::open(&val_path, cfg.data.manifest.clone()).map_err(|e| {
+            TrainerError::Data {
+                step: 0,
+                path: val_path.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        let kl_controller = if cfg.algorithm.kl.kl_in_reward() {
+            Some(
+                crate::loss::KlController::from_config(&cfg.algorithm.kl)
+                    .map_err(|source| TrainerError::Loss { step: 0, source })?,
+            )
+        } else {
+            None
+        };
         let config_toml = cfg
             .to_toml_string()
             .map_err(|e| TrainerError::Config(e.to_string()))?;
@@ -338,13 +408,21 @@ impl Trainer {
                         source,
                     }
                 })?;
-                let state = ck.trainer_state()?;
+                let mut state = ck.trainer_state()?;
+                if state.kl_controller.is_none() {
+                    state.kl_controller = kl_controller;
+                } else if kl_controller.is_none() {
+                    state.kl_controller = None;
+                }
                 (est, ck.cursor()?, state, Some(ck.step()))
             }
             None => (
                 cfg.algorithm.build_estimator(),
                 Cursor::default(),
-                TrainerState::default(),
+                TrainerState {
+                    kl_controller,
+                    ..TrainerState::default()
+                },
                 None,
             ),
         };
@@ -366,7 +444,7 @@ impl Trainer {
             state,
             log,
             records,
-            sft: false,
+            val_manifest,
         })
     }
 
@@ -426,23 +504,48 @@ impl Trainer {
         self.cfg.training_steps(self.manifest.len())
     }
 
-    /// Runs steps until [`Trainer::total_steps`], checkpointing on save steps (and the last);
-    /// returns the last step's outcome (`None` when there was nothing left to do).
+    /// Runs steps until [`Trainer::total_steps`] with [`Trainer::train_step`]; returns the last
+    /// step's outcome (`None` when there was nothing left to do).
     pub fn run(&mut self) -> Result<Option<StepOutcome>> {
         let last = self.total_steps();
         let mut out = None;
         while self.state.step < last {
-            let o = if self.sft {
-                self.sft_step()?
-            } else {
-                self.step()?
-            };
-            if self.cfg.trainer.is_save_step(o.step, last) {
-                self.save_checkpoint()?;
-            }
-            out = Some(o);
+            out = Some(self.train_step()?);
         }
         Ok(out)
+    }
+
+    /// One step of the run as configured: validation before the first step
+    /// (`trainer.val_before_train`, logged as step 0), then an RL or SFT step (each validates on
+    /// its validation steps), then a checkpoint on save steps (and the last).
+    pub fn train_step(&mut self) -> Result<StepOutcome> {
+        if self.state.step == 0
+            && self.cfg.trainer.val_before_train
+            && self.cfg.trainer.val_freq > 0
+            && !self.records.iter().any(|r| r.step == 0)
+        {
+            let m = self.validate(0)?;
+            self.log.log(0, &m)?;
+            self.records.push(MetricsRecord {
+                step: 0,
+                wall_time: 0.0,
+                metrics: m,
+            });
+        }
+        let mut o = if self.state.sft {
+            self.sft_step()?
+        } else {
+            self.step()?
+        };
+        if self.cfg.trainer.is_save_step(o.step, self.total_steps()) {
+            o.checkpoint = Some(self.save_checkpoint()?);
+        }
+        Ok(o)
+    }
+
+    /// Whether [`Trainer::train_step`] takes SFT steps (saved in checkpoints).
+    pub fn is_sft(&self) -> bool {
+        self.state.sft
     }
 
     /// Writes `<out_dir>/checkpoint_step_<step>` and prunes old ones per `trainer.save_limit`.
@@ -542,9 +645,9 @@ impl Trainer {
     }
 
     /// Whether [`Trainer::run`] takes supervised steps ([`Trainer::sft_step`]) instead of RL
-    /// steps. Not saved in checkpoints: set it again after [`Trainer::resume`].
+    /// steps. Saved in checkpoints: a resumed run continues in its mode.
     pub fn set_sft(&mut self, sft: bool) {
-        self.sft = sft;
+        self.state.sft = sft;
     }
 
     /// One supervised fine-tuning step on the same data stream: the target of each drawn row is
@@ -636,7 +739,10 @@ impl Trainer {
         self.finish_step(step, m)
     }
 
-    fn finish_step(&mut self, step: u64, m: BTreeMap<String, f64>) -> Result<StepOutcome> {
+    fn finish_step(&mut self, step: u64, mut m: BTreeMap<String, f64>) -> Result<StepOutcome> {
+        if self.cfg.trainer.val_freq > 0 && self.cfg.trainer.is_val_step(step, self.total_steps()) {
+            m.extend(self.validate(step)?);
+        }
         self.log.log(step, &m)?;
         self.records.push(MetricsRecord {
             step,
@@ -647,7 +753,11 @@ impl Trainer {
         self.state.episode = self.cursor.epoch;
         self.state.optimizer_steps = self.opt.steps();
         self.state.metrics = m.clone();
-        Ok(StepOutcome { step, metrics: m })
+        Ok(StepOutcome {
+            step,
+            metrics: m,
+            checkpoint: None,
+        })
     }
 
     /// Token ids the model replaces by encoder features.
@@ -658,19 +768,20 @@ impl Trainer {
         v
     }
 
-    /// One training step (rollout, reward, advantages, update, metrics).
-    pub fn step(&mut self) -> Result<StepOutcome> {
-        let t0 = Instant::now();
-        let step = self.state.step + 1;
-        let drawn = self.draw(step)?;
-        let manifest_path = self.manifest.path().to_path_buf();
+    /// Processes drawn rows into prompt groups of `n` rollouts each, with their generation
+    /// requests; errors name `path` (the manifest) and the row's line.
+    fn prepare(
+        &self,
+        step: u64,
+        path: &Path,
+        drawn: Vec<(u64, ClinicalSample)>,
+        n: usize,
+    ) -> Result<(Vec<PromptGroup>, Vec<GroupRequest>)> {
         let data_err = |message: String| TrainerError::Data {
             step,
-            path: manifest_path.clone(),
+            path: path.to_path_buf(),
             message,
         };
-
-        // 1. Process and sample.
         let mut groups: Vec<PromptGroup> = Vec::with_capacity(drawn.len());
         let mut requests = Vec::with_capacity(drawn.len());
         for (stream, sample) in drawn {
@@ -691,11 +802,7 @@ impl Trainer {
                 }
                 _ => None,
             };
-            requests.push(GroupRequest {
-                inputs,
-                n: self.cfg.rollout.n,
-                stream,
-            });
+            requests.push(GroupRequest { inputs, n, stream });
             groups.push(PromptGroup {
                 stream,
                 sample,
@@ -704,75 +811,280 @@ impl Trainer {
                 rollouts: Vec::new(),
             });
         }
-        let t_gen = Instant::now();
-        let gen_cfg = self.sampling();
-        let generated = qoq_engine::generate(&self.model, &requests, &gen_cfg, |_, _, _| {})
-            .map_err(|e| TrainerError::Generate {
-                step,
-                message: e.to_string(),
+        Ok((groups, requests))
+    }
+
+    /// Samples every group's rollouts.
+    fn generate_into(
+        &self,
+        step: u64,
+        groups: &mut [PromptGroup],
+        requests: Vec<GroupRequest>,
+        cfg: &GenerateConfig,
+    ) -> Result<()> {
+        let generated =
+            qoq_engine::generate(&self.model, &requests, cfg, |_, _, _| {}).map_err(|e| {
+                TrainerError::Generate {
+                    step,
+                    message: e.to_string(),
+                }
             })?;
         drop(requests);
         for (g, r) in groups.iter_mut().zip(generated) {
             g.rollouts = r;
         }
+        Ok(())
+    }
 
-        let gen_s = t_gen.elapsed().as_secs_f64();
-
-        // 2. Decode and score.
+    /// Decodes and scores every rollout, in group order: `(texts, scores)`.
+    fn score(
+        &self,
+        step: u64,
+        path: &Path,
+        groups: &[PromptGroup],
+    ) -> Result<(Vec<String>, Vec<RewardScore>)> {
         let mut texts: Vec<String> = Vec::new();
-        for g in &groups {
+        let mut owner: Vec<usize> = Vec::new();
+        for (gi, g) in groups.iter().enumerate() {
             for r in &g.rollouts {
                 texts.push(
                     self.processor
                         .tokenizer
                         .decode(&r.tokens, true)
-                        .map_err(|e| data_err(format!("decoding a response: {e}")))?,
+                        .map_err(|e| TrainerError::Data {
+                            step,
+                            path: path.to_path_buf(),
+                            message: format!("line {}: decoding a response: {e}", g.sample.line),
+                        })?,
                 );
+                owner.push(gi);
             }
         }
-        let n = self.cfg.rollout.n;
         let inputs: Vec<RewardInput<'_>> = texts
             .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                let g = &groups[i / n];
-                RewardInput {
-                    response: t,
-                    sample: &g.sample,
-                    mask: g.mask.as_ref(),
-                }
+            .zip(&owner)
+            .map(|(t, &gi)| RewardInput {
+                response: t,
+                sample: &groups[gi].sample,
+                mask: groups[gi].mask.as_ref(),
             })
             .collect();
         let scores = self.reward.score_batch(&inputs);
         drop(inputs);
+        // A NaN or infinite reward would poison the advantages of its whole group (and DRPO's
+        // history): refuse it, naming the row.
+        for (s, &gi) in scores.iter().zip(&owner) {
+            if !s.overall.is_finite() {
+                return Err(TrainerError::Data {
+                    step,
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "line {}: the reward `{}` returned a non-finite score {}",
+                        groups[gi].sample.line,
+                        self.reward.name(),
+                        s.overall
+                    ),
+                });
+            }
+        }
+        Ok((texts, scores))
+    }
 
-        // 3. Advantages.
+    /// Validation on `data.val_files` (spec §11-§12; `ray_trainer.py::_validate`): every row in
+    /// file order, `rollout.val_override.n` samples at `rollout.val_override.temperature`
+    /// (random stream = row index, so a validation depends only on the weights and the seed), in
+    /// batches of `data.val_batch_size` prompts. Returns `val/reward_score`,
+    /// `val/{component}_reward`, `val/test_score/{data_source}`, the evaluation metrics per
+    /// dataset, per domain and overall (`{src}/{ds}/{metric}`, `{src}/{metric}`, `val/{metric}`,
+    /// spec §8.9) and `timing_s/validation`; writes every generation with its scores to
+    /// `<out_dir>/val_generations_{step}.jsonl` (atomically).
+    pub fn validate(&self, step: u64) -> Result<BTreeMap<String, f64>> {
+        let t0 = Instant::now();
+        let path = self.val_manifest.path().to_path_buf();
+        let data_err = |message: String| TrainerError::Data {
+            step,
+            path: path.clone(),
+            message,
+        };
+        let vo = &self.cfg.rollout.val_override;
+        let mut gen_cfg = self.sampling();
+        gen_cfg.sampling.temperature = vo.temperature as f32;
+        gen_cfg.max_batch_rows = self.cfg.data.val_batch_size * vo.n;
+        let mut acc =
+            qoq_eval::metrics::MetricsAccumulator::new(qoq_eval::answer::Extraction::Evaluation);
+        let mut components: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+        let mut per_source: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+        let mut lines = String::new();
+        let mut rows = self
+            .val_manifest
+            .rows()
+            .map_err(|e| data_err(e.to_string()))?
+            .enumerate();
+        loop {
+            let mut drawn = Vec::with_capacity(self.cfg.data.val_batch_size);
+            for (i, row) in rows.by_ref() {
+                drawn.push((i as u64, row.map_err(|e| data_err(e.to_string()))?));
+                if drawn.len() == self.cfg.data.val_batch_size {
+                    break;
+                }
+            }
+            if drawn.is_empty() {
+                break;
+            }
+            let (mut groups, requests) = self.prepare(step, &path, drawn, vo.n)?;
+            self.generate_into(step, &mut groups, requests, &gen_cfg)?;
+            let (texts, scores) = self.score(step, &path, &groups)?;
+            let mut k = 0;
+            for g in &groups {
+                for r in &g.rollouts {
+                    let (text, score) = (&texts[k], &scores[k]);
+                    k += 1;
+                    for (name, v) in score.components() {
+                        let e = components.entry(name).or_insert((0.0, 0));
+                        e.0 += v;
+                        e.1 += 1;
+                    }
+                    let src = g.sample.data_source.as_source().to_string();
+                    let e = per_source.entry(src).or_insert((0.0, 0));
+                    e.0 += score.overall;
+                    e.1 += 1;
+                    let mut p = qoq_eval::metrics::Prediction::from_sample(&g.sample, text.clone());
+                    if g.mask.is_some() || g.sample.bbox.is_some() {
+                        p.iou = Some(score.iou_score);
+                    }
+                    acc.push(&p);
+                    let line = serde_json::json!({
+                        "step": step,
+                        "id": g.sample.id.0,
+                        "line": g.sample.line,
+                        "data_source": g.sample.data_source.as_source(),
+                        "dataset": g.sample.dataset,
+                        "answer": g.sample.answer,
+                        "response": text,
+                        "response_tokens": r.tokens.len(),
+                        "finish": format!("{:?}", r.finish),
+                        "reward": score,
+                    });
+                    lines.push_str(&line.to_string());
+                    lines.push('\n');
+                }
+            }
+        }
+        let file = self.out_dir.join(format!("val_generations_{step}.jsonl"));
+        let tmp = self
+            .out_dir
+            .join(format!(".val_generations_{step}.jsonl.tmp"));
+        std::fs::create_dir_all(&self.out_dir)
+            .and_then(|_| std::fs::write(&tmp, &lines))
+            .and_then(|_| std::fs::rename(&tmp, &file))
+            .map_err(|e| TrainerError::Data {
+                step,
+                path: file.clone(),
+                message: format!("writing the validation generations: {e}"),
+            })?;
+        let mut m: BTreeMap<String, f64> = BTreeMap::new();
+        for (name, (sum, count)) in components {
+            m.insert(format!("val/{name}_reward"), sum / count.max(1) as f64);
+        }
+        if let Some(v) = m.get("val/overall_reward").copied() {
+            m.insert(names::VAL_REWARD_SCORE.into(), v);
+        }
+        for (src, (sum, count)) in per_source {
+            m.insert(names::val_test_score(&src), sum / count.max(1) as f64);
+        }
+        for (k, v) in acc.finish().to_flat() {
+            m.insert(k, v);
+        }
+        m.insert(TIMING_VALIDATION.into(), t0.elapsed().as_secs_f64());
+        Ok(m)
+    }
+
+    /// One training step (rollout, reward, advantages, update, metrics).
+    pub fn step(&mut self) -> Result<StepOutcome> {
+        let t0 = Instant::now();
+        let step = self.state.step + 1;
+        let drawn = self.draw(step)?;
+        let manifest_path = self.manifest.path().to_path_buf();
+
+        // 1. Process and sample.
+        let (mut groups, requests) =
+            self.prepare(step, &manifest_path, drawn, self.cfg.rollout.n)?;
+        let t_gen = Instant::now();
+        let gen_cfg = self.sampling();
+        self.generate_into(step, &mut groups, requests, &gen_cfg)?;
+        let gen_s = t_gen.elapsed().as_secs_f64();
+
+        // 2. Decode and score.
+        let (_texts, scores) = self.score(step, &manifest_path, &groups)?;
+        let n = self.cfg.rollout.n;
+        let mut m: BTreeMap<String, f64> = BTreeMap::new();
+
+        // 3. KL in the reward (`use_kl_loss = false`): r − β·Σ_t kl_t per rollout.
+        let t_ref = Instant::now();
+        let seq_kl = match self.state.kl_controller {
+            Some(_) if self.ref_model.is_some() => Some(self.sequence_kl(step, &groups)?),
+            _ => None,
+        };
+        let mut rewards: Vec<f64> = scores.iter().map(|s| s.overall).collect();
+        if let (Some((seq, mean_kl)), Some(ctl)) = (&seq_kl, self.state.kl_controller.as_mut()) {
+            let beta = ctl.kl_coef();
+            for (r, k) in rewards.iter_mut().zip(seq) {
+                *r -= beta * k;
+            }
+            ctl.update(*mean_kl, rewards.len());
+            m.insert(CRITIC_KL.into(), *mean_kl);
+            m.insert(CRITIC_KL_COEF.into(), beta);
+            m.insert(TIMING_REF.into(), t_ref.elapsed().as_secs_f64());
+        }
+
+        // 4. Dynamic filtering of groups without reward variance, then advantages.
         let key = self.cfg.algorithm.drpo.domain_key;
-        let rows: Vec<RolloutReward> = scores
+        let keep: Vec<bool> = (0..groups.len())
+            .map(|gi| {
+                !self.cfg.algorithm.dynamic_filter
+                    || population_std(&rewards[gi * n..(gi + 1) * n])
+                        > self.cfg.algorithm.filter_min_std
+            })
+            .collect();
+        let kept = keep.iter().filter(|k| **k).count();
+        if self.cfg.algorithm.dynamic_filter {
+            m.insert(FILTER_KEPT_GROUPS.into(), kept as f64);
+            m.insert(FILTER_DROPPED_GROUPS.into(), (groups.len() - kept) as f64);
+        }
+        let rows: Vec<RolloutReward> = rewards
             .iter()
             .enumerate()
-            .map(|(i, s)| {
+            .filter(|(i, _)| keep[i / n])
+            .map(|(i, &reward)| {
                 let g = &groups[i / n];
                 RolloutReward {
                     // The stream id keeps a row drawn twice in one step (across an epoch end) in
                     // two groups.
                     uid: format!("{}#{}", g.sample.id.0, g.stream),
                     domain: g.sample.domain_key(key),
-                    reward: s.overall,
-                    kl: None,
+                    reward,
+                    kl: seq_kl.as_ref().map(|(s, _)| s[i]),
                 }
             })
             .collect();
-        let adv = self
-            .estimator
-            .step(&rows)
-            .map_err(|source| TrainerError::Advantage { step, source })?;
+        let adv = if rows.is_empty() {
+            crate::advantage::StepAdvantages {
+                advantages: Vec::new(),
+                metrics: crate::advantage::AdvantageMetrics::default(),
+            }
+        } else {
+            self.estimator
+                .step(&rows)
+                .map_err(|source| TrainerError::Advantage { step, source })?
+        };
+        advantage_metrics(&adv, &rows, &mut m);
 
         // 4. Policy update.
         let t_update = Instant::now();
         let flat: Vec<(usize, &Generated)> = groups
             .iter()
             .enumerate()
+            .filter(|(gi, _)| keep[*gi])
             .flat_map(|(gi, g)| g.rollouts.iter().map(move |r| (gi, r)))
             .collect();
         let mini = self.cfg.rollouts_per_optimizer_step().max(1);
@@ -807,14 +1119,15 @@ impl Trainer {
 
         // 5. Metrics.
         let update_s = t_update.elapsed().as_secs_f64();
-        let mut m: BTreeMap<String, f64> = BTreeMap::new();
         m.insert(TIMING_GEN.into(), gen_s);
         m.insert(TIMING_UPDATE.into(), update_s);
         for (name, (s, c)) in &loss_sums {
             m.insert((*name).to_string(), s / *c as f64);
         }
-        m.insert(names::GRAD_NORM.into(), norm_sum / opt_steps.max(1) as f64);
-        m.insert(names::LR.into(), lr_last);
+        if opt_steps > 0 {
+            m.insert(names::GRAD_NORM.into(), norm_sum / opt_steps as f64);
+            m.insert(names::LR.into(), lr_last);
+        }
         m.insert(SKIPPED_STEPS.into(), self.opt.skipped() as f64);
         let total = scores.len().max(1) as f64;
         let mean =
@@ -825,19 +1138,44 @@ impl Trainer {
         m.insert(names::REWARD_FORMAT.into(), mean(&|s| s.format_score));
         m.insert(names::REWARD_LENGTH.into(), mean(&|s| s.length_score));
         m.insert(names::SCORE_MEAN.into(), mean(&|s| s.overall));
-        let mut per_domain: BTreeMap<&str, (f64, usize)> = BTreeMap::new();
-        for (r, s) in rows.iter().zip(&scores) {
-            let e = per_domain.entry(&r.domain).or_insert((0.0, 0));
-            e.0 += s.overall;
-            e.1 += 1;
+        // Per-domain reward components over every rollout (filtered groups included).
+        let mut per_domain: BTreeMap<String, Vec<&qoq_core::RewardScore>> = BTreeMap::new();
+        for (i, s) in scores.iter().enumerate() {
+            per_domain
+                .entry(groups[i / n].sample.domain_key(key))
+                .or_default()
+                .push(s);
         }
-        for (d, (s, c)) in per_domain {
-            m.insert(names::domain_reward(d), s / c as f64);
+        for (d, ss) in per_domain {
+            let c = ss.len() as f64;
+            m.insert(
+                names::domain_reward(&d),
+                ss.iter().map(|s| s.overall).sum::<f64>() / c,
+            );
+            for (name, v) in [
+                (
+                    "standard_score",
+                    ss.iter().map(|s| s.standard_score).sum::<f64>(),
+                ),
+                ("iou_score", ss.iter().map(|s| s.iou_score).sum::<f64>()),
+                (
+                    "format_score",
+                    ss.iter().map(|s| s.format_score).sum::<f64>(),
+                ),
+                (
+                    "length_score",
+                    ss.iter().map(|s| s.length_score).sum::<f64>(),
+                ),
+            ] {
+                m.insert(format!("reward_by_domain_{name}/{d}"), v / c);
+            }
         }
-        m.insert(
-            names::ADVANTAGES_MEAN.into(),
-            adv.advantages.iter().sum::<f64>() / adv.advantages.len().max(1) as f64,
-        );
+        if !adv.advantages.is_empty() {
+            m.insert(
+                names::ADVANTAGES_MEAN.into(),
+                adv.advantages.iter().sum::<f64>() / adv.advantages.len() as f64,
+            );
+        }
         let lens: Vec<usize> = flat.iter().map(|(_, r)| r.tokens.len()).collect();
         m.insert(
             names::RESPONSE_LENGTH_MEAN.into(),
@@ -864,15 +1202,15 @@ impl Trainer {
         self.finish_step(step, m)
     }
 
-    /// The actor loss of one micro-batch (graph attached to the trainable parameters).
-    fn micro_loss(
+    /// Model inputs and per-token tensors `(b, r_len)` of rollouts `ub`: prompt + response
+    /// inputs, the prompt length `s`, the response tokens as labels, the loss mask and the
+    /// sampler's log-probs.
+    fn rollout_tensors(
         &self,
         step: u64,
         groups: &[PromptGroup],
         ub: &[(usize, &Generated)],
-        advs: &[f64],
-        loss_cfg: &crate::loss::LossConfig,
-    ) -> Result<crate::loss::PolicyLossOutput> {
+    ) -> Result<RolloutTensors> {
         let prompts: Vec<ProcessedSample> = ub
             .iter()
             .map(|(gi, _)| groups[*gi].processed.clone())
@@ -906,22 +1244,86 @@ impl Trainer {
         let mut labels = vec![pad; b * r_len];
         let mut mask = vec![0f32; b * r_len];
         let mut old = vec![0f32; b * r_len];
-        let mut adv = vec![0f32; b * r_len];
         for (i, (_, r)) in ub.iter().enumerate() {
             for (j, (&t, &lp)) in r.tokens.iter().zip(&r.logprobs).enumerate() {
                 labels[i * r_len + j] = t;
                 mask[i * r_len + j] = if placeholders.contains(&t) { 0.0 } else { 1.0 };
                 old[i * r_len + j] = lp;
             }
-            for j in 0..r_len {
-                adv[i * r_len + j] = advs[i] as f32;
-            }
         }
         let dev = &self.device;
-        let labels = Tensor::from_vec(labels, (b, r_len), dev)?;
-        let mask = Tensor::from_vec(mask, (b, r_len), dev)?;
-        let old = Tensor::from_vec(old, (b, r_len), dev)?;
-        let adv = Tensor::from_vec(adv, (b, r_len), dev)?;
+        Ok(RolloutTensors {
+            inputs,
+            s,
+            labels: Tensor::from_vec(labels, (b, r_len), dev)?,
+            mask: Tensor::from_vec(mask, (b, r_len), dev)?,
+            old: Tensor::from_vec(old, (b, r_len), dev)?,
+        })
+    }
+
+    /// Per-rollout sequence KL to the reference policy (`Σ_t kl_t` over the response, estimator
+    /// `algorithm.kl.kl_penalty` between the sampler's and the reference's log-probs, in
+    /// micro-batches of `actor.micro_batch_size_per_device_for_experience`), in group order,
+    /// with the batch mean of the per-sequence token-mean KL (the controller's input,
+    /// `apply_kl_penalty`'s `current_kl`).
+    fn sequence_kl(&self, step: u64, groups: &[PromptGroup]) -> Result<(Vec<f64>, f64)> {
+        let Some(rm) = &self.ref_model else {
+            return Err(TrainerError::Config(
+                "the KL in the reward needs the reference model".into(),
+            ));
+        };
+        let flat: Vec<(usize, &Generated)> = groups
+            .iter()
+            .enumerate()
+            .flat_map(|(gi, g)| g.rollouts.iter().map(move |r| (gi, r)))
+            .collect();
+        let micro = self
+            .cfg
+            .actor
+            .micro_batch_size_per_device_for_experience
+            .max(1);
+        let (mut seq, mut means) = (Vec::with_capacity(flat.len()), 0.0);
+        for ub in flat.chunks(micro) {
+            let t = self.rollout_tensors(step, groups, ub)?;
+            let rf =
+                response_log_probs(rm, &t.inputs, t.s, &t.labels, ForwardMode::Inference, step)?;
+            let kld = crate::loss::compute_kl(&t.old, &rf, self.cfg.algorithm.kl.kl_penalty)
+                .map_err(|source| TrainerError::Loss { step, source })?
+                .mul(&t.mask)?
+                .to_dtype(DType::F64)?;
+            let sums: Vec<f64> = kld.sum(1)?.to_vec1()?;
+            let counts: Vec<f64> = t.mask.to_dtype(DType::F64)?.sum(1)?.to_vec1()?;
+            for (sum, c) in sums.into_iter().zip(counts) {
+                means += sum / c.max(1.0);
+                seq.push(sum);
+            }
+        }
+        let mean = means / seq.len().max(1) as f64;
+        Ok((seq, mean))
+    }
+
+    /// The actor loss of one micro-batch (graph attached to the trainable parameters).
+    fn micro_loss(
+        &self,
+        step: u64,
+        groups: &[PromptGroup],
+        ub: &[(usize, &Generated)],
+        advs: &[f64],
+        loss_cfg: &crate::loss::LossConfig,
+    ) -> Result<crate::loss::PolicyLossOutput> {
+        let RolloutTensors {
+            inputs,
+            s,
+            labels,
+            mask,
+            old,
+        } = self.rollout_tensors(step, groups, ub)?;
+        let (b, r_len) = labels.dims2()?;
+        let mut adv = vec![0f32; b * r_len];
+        for (i, a) in advs.iter().enumerate() {
+            adv[i * r_len..(i + 1) * r_len].fill(*a as f32);
+        }
+        let adv = Tensor::from_vec(adv, (b, r_len), &self.device)?;
         let lp = response_log_probs(&self.model, &inputs, s, &labels, ForwardMode::Train, step)?;
         let ref_lp = match &self.ref_model {
             Some(rm) => Some(
@@ -939,6 +1341,55 @@ impl Trainer {
             kl: ref_lp.as_ref().map(KlTerm::RefLogProbs),
         };
         compute_actor_loss(&inputs, loss_cfg).map_err(|source| TrainerError::Loss { step, source })
+    }
+}
+
+/// Population standard deviation (0 for fewer than two values).
+fn population_std(v: &[f64]) -> f64 {
+    if v.len() < 2 {
+        return 0.0;
+    }
+    let mean = v.iter().sum::<f64>() / v.len() as f64;
+    (v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / v.len() as f64).sqrt()
+}
+
+/// The estimator's step metrics: guard counters (`drpo/...`), and per domain of the batch the
+/// DRPO scaling (`drpo/{domain}/k`, `n_d`, `mu_d`, `temperature`) and the mean absolute
+/// advantage (`critic/advantages/abs_mean/{domain}`, every estimator).
+fn advantage_metrics(
+    adv: &crate::advantage::StepAdvantages,
+    rows: &[RolloutReward],
+    m: &mut BTreeMap<String, f64>,
+) {
+    let mut abs: BTreeMap<&str, (f64, usize)> = BTreeMap::new();
+    for (r, a) in rows.iter().zip(&adv.advantages) {
+        let e = abs.entry(&r.domain).or_insert((0.0, 0));
+        e.0 += a.abs();
+        e.1 += 1;
+    }
+    for (d, (s, c)) in abs {
+        m.insert(format!("critic/advantages/abs_mean/{d}"), s / c as f64);
+    }
+    m.insert(
+        "critic/singleton_groups".into(),
+        adv.metrics.singleton_groups as f64,
+    );
+    if let Some(d) = &adv.metrics.drpo {
+        for (name, v) in [
+            ("temperature_floors", d.temperature_floors),
+            ("zero_factor_guards", d.zero_factor_guards),
+            ("negative_factor_guards", d.negative_factor_guards),
+            ("batch_std_guards", d.batch_std_guards),
+            ("nonfinite_zeroed", d.nonfinite_zeroed),
+        ] {
+            m.insert(format!("drpo/{name}"), v as f64);
+        }
+        for dm in &d.domains {
+            m.insert(format!("drpo/{}/k", dm.domain), dm.k as f64);
+            m.insert(format!("drpo/{}/n_d", dm.domain), dm.n_d as f64);
+            m.insert(format!("drpo/{}/mu_d", dm.domain), dm.mu_d);
+            m.insert(format!("drpo/{}/temperature", dm.domain), dm.t_d);
+        }
     }
 }
 

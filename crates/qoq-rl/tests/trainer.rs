@@ -28,17 +28,21 @@ fn tiny_model(dir: &Path) -> PathBuf {
     m
 }
 
-/// A manifest of `rows` questions on one small image, in two datasets.
+/// A manifest of `rows` questions on one small image, in two datasets (`derm/alpha/...` and
+/// `derm/beta/...`: the dataset is the image path's second segment).
 fn text_manifest(dir: &Path, rows: usize) -> PathBuf {
     let p = dir.join("train.jsonl");
     let img = repo().join("examples/mini/derm/demo-derm/case_001.png");
+    for ds in ["alpha", "beta"] {
+        std::fs::create_dir_all(dir.join("derm").join(ds)).unwrap();
+        std::fs::copy(&img, dir.join("derm").join(ds).join("case.png")).unwrap();
+    }
     let mut s = String::new();
     for i in 0..rows {
         let ds = if i.is_multiple_of(2) { "alpha" } else { "beta" };
         s.push_str(&format!(
             "{{\"problem\": \"<image>Case {i}: is the finding present? Answer with yes or no.\", \
-             \"answer\": \"yes\", \"images\": [\"{img}\"], \"dataset\": \"{ds}\"}}\n",
-            img = img.display()
+             \"answer\": \"yes\", \"images\": [\"derm/{ds}/case.png\"], \"dataset\": \"{ds}\"}}\n"
         ));
     }
     std::fs::write(&p, s).unwrap();
@@ -111,6 +115,7 @@ lr = {lr:e}
 weight_decay = 0.0
 
 [trainer]
+val_freq = 0
 max_steps = {max_steps}
 save_freq = {save_freq}
 save_limit = -1
@@ -299,4 +304,203 @@ fn sft_steps_lower_the_answer_cross_entropy_and_checkpoint() {
     );
     assert!(out.join("checkpoint_step_6").is_dir());
     assert_eq!(t.optimizer().steps(), 12);
+    // The mode is saved: a resumed SFT run takes SFT steps.
+    let r = Trainer::resume(&out.join("checkpoint_step_3")).unwrap();
+    assert!(r.is_sft());
+    assert_eq!(r.step_count(), 3);
+}
+
+/// A manifest of held-out questions (other case numbers than [`text_manifest`]'s).
+fn val_manifest(dir: &Path, rows: usize) -> PathBuf {
+    let d = dir.join("val");
+    std::fs::create_dir_all(&d).unwrap();
+    let p = text_manifest(&d, rows + 100);
+    let kept: Vec<String> = std::fs::read_to_string(&p)
+        .unwrap()
+        .lines()
+        .skip(100)
+        .map(String::from)
+        .collect();
+    std::fs::write(&p, kept.join("\n") + "\n").unwrap();
+    p
+}
+
+#[test]
+fn drpo_raises_the_validation_reward_and_writes_the_generations() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = text_manifest(dir.path(), 8);
+    let val = val_manifest(dir.path(), 4);
+    let out = dir.path().join("run");
+    let steps = 16;
+    let mut cfg = config(&model, &manifest, &out, 4, 8, 8, 1e-2, steps, 100, false);
+    cfg.data.val_files = val.display().to_string();
+    cfg.algorithm.estimator = qoq_rl::config::EstimatorKind::Drpo;
+    cfg.trainer.val_freq = 8;
+    cfg.trainer.val_before_train = true;
+    let mut t = Trainer::with_reward(cfg, Box::new(Vowels)).unwrap();
+    t.run().unwrap();
+    let val: Vec<(u64, f64)> = t
+        .records()
+        .iter()
+        .filter_map(|r| r.metrics.get("val/reward_score").map(|v| (r.step, *v)))
+        .collect();
+    eprintln!("validation rewards: {val:?}");
+    assert_eq!(
+        val.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        vec![0, 8, 16]
+    );
+    assert!(
+        val[2].1 > val[0].1 + 0.1,
+        "validation reward did not rise: {val:?}"
+    );
+    // DRPO's per-domain scaling is logged for both datasets.
+    let last = &t.records().last().unwrap().metrics;
+    for d in ["alpha", "beta"] {
+        assert!(last[&format!("drpo/{d}/temperature")].is_finite(), "{d}");
+        assert!(last.contains_key(&format!("critic/advantages/abs_mean/{d}")));
+    }
+    // Evaluation metrics per dataset and overall.
+    assert!(last["val/accuracy"].is_finite());
+    // Every validation wrote its generations: one line per held-out row, with the reward.
+    for step in [0, 8, 16] {
+        let text =
+            std::fs::read_to_string(out.join(format!("val_generations_{step}.jsonl"))).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 4);
+        for l in &lines {
+            assert_eq!(l["step"], step);
+            assert!(l["reward"]["overall"].as_f64().unwrap() >= 0.0);
+            assert!(l["response"].is_string());
+        }
+    }
+    let mean0: f64 = std::fs::read_to_string(out.join("val_generations_0.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["reward"]["overall"]
+                .as_f64()
+                .unwrap()
+        })
+        .sum::<f64>()
+        / 4.0;
+    assert!((mean0 - val[0].1).abs() < 1e-12);
+}
+
+/// Rewards `alpha` rows with a constant (no variance in their groups) and `beta` rows with
+/// [`Vowels`].
+struct ConstantAlpha(f64);
+
+impl RewardFn for ConstantAlpha {
+    fn name(&self) -> &str {
+        "constant-alpha"
+    }
+    fn score(&self, input: &RewardInput<'_>) -> RewardScore {
+        if input.sample.dataset == "alpha" {
+            RewardScore::total(self.0)
+        } else {
+            Vowels.score(input)
+        }
+    }
+}
+
+#[test]
+fn dynamic_filtering_drops_groups_without_reward_variance() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = text_manifest(dir.path(), 8);
+    let out = dir.path().join("run");
+    let mut cfg = config(&model, &manifest, &out, 4, 4, 6, 1e-3, 2, 100, false);
+    cfg.algorithm.dynamic_filter = true;
+    let mut t = Trainer::with_reward(cfg, Box::new(ConstantAlpha(0.7))).unwrap();
+    let o = t.step().unwrap();
+    // 4 prompts, alternating datasets: whatever the draw, the alpha groups are dropped.
+    let kept = o.metrics["filter/kept_groups"];
+    let dropped = o.metrics["filter/dropped_groups"];
+    assert_eq!(kept + dropped, 4.0);
+    assert!(dropped >= 1.0, "{:?}", o.metrics);
+    assert!(!o.metrics.contains_key("critic/advantages/abs_mean/alpha"));
+    // The reward means still cover every rollout.
+    assert!((o.metrics["reward_by_domain/alpha"] - 0.7).abs() < 1e-12);
+
+    // Nothing but constant groups: no update at all.
+    let out2 = dir.path().join("run2");
+    let mut cfg2 = config(&model, &manifest, &out2, 4, 4, 6, 1e-3, 2, 100, false);
+    cfg2.algorithm.dynamic_filter = true;
+    let mut t = Trainer::with_reward(cfg2, Box::new(Flat)).unwrap();
+    let before = weights(&t);
+    let o = t.step().unwrap();
+    assert_eq!(o.metrics["filter/kept_groups"], 0.0);
+    assert_eq!(t.optimizer().steps() + t.optimizer().skipped(), 0);
+    assert_eq!(weights(&t), before);
+    assert!(!o.metrics.contains_key("actor/grad_norm"));
+}
+
+/// The same reward for every response.
+struct Flat;
+
+impl RewardFn for Flat {
+    fn name(&self) -> &str {
+        "flat"
+    }
+    fn score(&self, _: &RewardInput<'_>) -> RewardScore {
+        RewardScore::total(0.25)
+    }
+}
+
+#[test]
+fn kl_in_the_reward_is_logged_and_grows_as_the_policy_moves() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = text_manifest(dir.path(), 8);
+    let out = dir.path().join("run");
+    let mut cfg = config(&model, &manifest, &out, 4, 4, 6, 1e-2, 3, 100, true);
+    cfg.algorithm.kl.use_kl_loss = false;
+    cfg.algorithm.kl.kl_coef = 0.05;
+    let mut t = Trainer::with_reward(cfg.clone(), Box::new(Vowels)).unwrap();
+    let kls: Vec<f64> = (0..3)
+        .map(|_| {
+            let o = t.step().unwrap();
+            assert_eq!(o.metrics["critic/kl_coef"], 0.05);
+            assert!(!o.metrics.contains_key("actor/kl_loss"));
+            o.metrics["critic/kl"]
+        })
+        .collect();
+    eprintln!("kl: {kls:?}");
+    // Step 1 samples from the reference weights: only rounding between the cached decode and
+    // the full forward separates them.
+    assert!(kls[0].abs() < 1e-3, "{kls:?}");
+    assert!(kls[2] > 10.0 * kls[0].abs().max(1e-6), "{kls:?}");
+    // The full estimator cannot be a reward penalty.
+    cfg.algorithm.kl.kl_penalty = qoq_rl::loss::KlEstimator::Full;
+    cfg.trainer.out_dir = dir.path().join("full").display().to_string();
+    let err = Trainer::with_reward(cfg, Box::new(Vowels)).err().unwrap();
+    assert!(err.to_string().contains("kl_penalty"), "{err}");
+}
+
+#[test]
+fn resuming_with_overrides_extends_the_run_and_refuses_model_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = text_manifest(dir.path(), 6);
+    let out = dir.path().join("run");
+    let cfg = config(&model, &manifest, &out, 4, 2, 4, 1e-3, 1, 1, false);
+    let mut t = Trainer::with_reward(cfg, Box::new(Vowels)).unwrap();
+    t.run().unwrap();
+    drop(t);
+    let ck = out.join("checkpoint_step_1");
+    let r = Trainer::resume_with_overrides(&ck, &["trainer.max_steps=2".to_string()]).unwrap();
+    assert_eq!(r.total_steps(), 2);
+    assert_eq!(r.config().trainer.max_steps, Some(2));
+    let err = Trainer::resume_with_overrides(&ck, &["model.model_path=/elsewhere".to_string()])
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("model.model_path"), "{err}");
+    let err = Trainer::resume_with_overrides(&ck, &["algorithm.estimator=drpo".to_string()])
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("algorithm.estimator"), "{err}");
 }

@@ -1,10 +1,15 @@
 //! `qoq train`: the RL loop of a run file (spec §10-§12) — rollouts, rewards, advantages, policy
-//! updates, metrics (`<out_dir>/metrics.jsonl`, TensorBoard) and checkpoints
-//! (`<out_dir>/checkpoint_step_N`); `--resume` continues a run from one of its checkpoints.
+//! updates, validation every `trainer.val_freq` steps (`<out_dir>/val_generations_{step}.jsonl`),
+//! metrics (`<out_dir>/metrics.jsonl`, TensorBoard) and checkpoints
+//! (`<out_dir>/checkpoint_step_N`); `--resume` continues a run from one of its checkpoints (its
+//! saved config, `--set` overrides on top). At the end the training curves are drawn to
+//! `<out_dir>/curves/*.png` (as `qoq plot` does).
 
 use anyhow::{Context, bail};
 use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
 use qoq_rl::config::RunConfig;
+use qoq_rl::metrics_log::names;
 use qoq_rl::trainer::Trainer;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,71 +19,112 @@ pub struct TrainArgs {
     /// Run file (TOML; see configs/).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Override a key, e.g. `--set trainer.max_steps=2` (repeatable).
+    /// Override a key, e.g. `--set trainer.max_steps=2` (repeatable; with --resume it applies on
+    /// top of the checkpoint's config, except `model.*` and `algorithm.estimator`).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
     /// Continue from a checkpoint folder (`<out_dir>/checkpoint_step_N`), or from the latest
-    /// checkpoint of a run folder; its saved config is used.
+    /// checkpoint of a run folder; its saved config (and mode, RL or SFT) is used.
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Supervised fine-tuning on the manifest's answers (`<think>\n</think>\n\boxed{answer}`)
-    /// instead of RL; give it again when resuming an SFT run.
+    /// instead of RL. Stored in checkpoints: a resumed SFT run stays SFT.
     #[arg(long)]
     sft: bool,
+    /// Do not draw the curves at the end.
+    #[arg(long)]
+    no_plot: bool,
 }
 
 pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
     let mut trainer = match (&a.resume, &a.config) {
         (Some(dir), _) => {
-            if !a.overrides.is_empty() {
-                bail!("--set cannot be combined with --resume (the checkpoint's config is used)");
-            }
             let ck = match qoq_rl::checkpoint::latest(dir)? {
                 Some((_, p)) => p,
                 None => dir.clone(),
             };
-            Trainer::resume(&ck).with_context(|| format!("resuming from {}", ck.display()))?
+            let t = Trainer::resume_with_overrides(&ck, &a.overrides)
+                .with_context(|| format!("resuming from {}", ck.display()))?;
+            if a.sft && !t.is_sft() {
+                bail!(
+                    "--sft: {} is a checkpoint of an RL run; start an SFT run with --config",
+                    ck.display()
+                );
+            }
+            t
         }
         (None, Some(path)) => {
             let cfg = RunConfig::load(path, &a.overrides)
                 .with_context(|| format!("reading {}", path.display()))?;
-            Trainer::new(cfg).context("setting up the run")?
+            let mut t = Trainer::new(cfg).context("setting up the run")?;
+            t.set_sft(a.sft);
+            t
         }
         (None, None) => bail!("give --config RUN.toml or --resume CHECKPOINT"),
     };
-    trainer.set_sft(a.sft);
+    let sft = trainer.is_sft();
     let total = trainer.total_steps();
     tracing::info!(
         from = trainer.step_count(),
         to = total,
+        sft,
         out = %trainer.out_dir().display(),
         "training"
     );
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_position(trainer.step_count());
     while trainer.step_count() < total {
-        let o = if a.sft {
-            trainer.sft_step()?
-        } else {
-            trainer.step()?
-        };
-        let get = |k: &str| o.metrics.get(k).copied().unwrap_or(f64::NAN);
-        let head = if a.sft {
-            format!("sft loss {:.4}", get(qoq_rl::trainer::SFT_LOSS))
+        let o = trainer.train_step()?;
+        let get = |k: &str| o.metrics.get(k).copied();
+        let fmt = |k: &str| get(k).map_or("-".to_string(), |v| format!("{v:.4}"));
+        let mut line = if sft {
+            format!("sft loss {}", fmt(qoq_rl::trainer::SFT_LOSS))
         } else {
             format!(
-                "reward {:.4}, pg_loss {:.4}",
-                get(qoq_rl::metrics_log::names::REWARD_OVERALL),
-                get(qoq_rl::metrics_log::names::PG_LOSS)
+                "reward {} kl {} pg_loss {}",
+                fmt(names::REWARD_OVERALL),
+                get(names::KL_LOSS)
+                    .or(get(qoq_rl::trainer::CRITIC_KL))
+                    .map_or("-".into(), |v| format!("{v:.4}")),
+                fmt(names::PG_LOSS),
             )
         };
-        eprintln!(
-            "step {}/{total}: {head}, grad_norm {:.4}, {:.1}s",
-            o.step,
-            get(qoq_rl::metrics_log::names::GRAD_NORM),
-            get(qoq_rl::metrics_log::names::TIME_PER_STEP),
-        );
-        if trainer.config().trainer.is_save_step(o.step, total) {
-            let dir = trainer.save_checkpoint()?;
-            eprintln!("checkpoint {}", dir.display());
+        line.push_str(&format!(
+            ", grad_norm {}, gen {}s, update {}s, step {}s",
+            fmt(names::GRAD_NORM),
+            get(qoq_rl::trainer::TIMING_GEN).map_or("-".into(), |v| format!("{v:.1}")),
+            get(qoq_rl::trainer::TIMING_UPDATE).map_or("-".into(), |v| format!("{v:.1}")),
+            get(names::TIME_PER_STEP).map_or("-".into(), |v| format!("{v:.1}")),
+        ));
+        if let Some(v) = get(names::VAL_REWARD_SCORE) {
+            line.push_str(&format!(
+                " | val reward {v:.4}, val acc {}, val f1 {}",
+                fmt("val/accuracy"),
+                fmt("val/f1")
+            ));
+        }
+        bar.set_position(o.step);
+        bar.set_message(line.clone());
+        // One plain line per step as well: logs of non-interactive runs keep every step.
+        bar.suspend(|| eprintln!("step {}/{total}: {line}", o.step));
+        if let Some(dir) = &o.checkpoint {
+            bar.suspend(|| eprintln!("checkpoint {}", dir.display()));
+        }
+    }
+    bar.finish_and_clear();
+    if !a.no_plot {
+        let args = crate::cmd::plot::PlotArgs {
+            run_dir: trainer.out_dir().to_path_buf(),
+            metrics: None,
+            out: None,
+            only: None,
+        };
+        if let Err(e) = crate::cmd::plot::run(args) {
+            eprintln!("curves not drawn: {e:#}");
         }
     }
     Ok(ExitCode::SUCCESS)
