@@ -95,7 +95,19 @@ out_dir = "{out}"
     assert!(ck.join("model.safetensors").is_file(), "{stderr}");
     assert!(ck.join("optimizer.safetensors").is_file());
     let recs = qoq_rl::metrics_log::read_records(&out.join("metrics.jsonl")).unwrap();
-    assert_eq!(recs.iter().map(|r| r.step).collect::<Vec<_>>(), vec![1, 2]);
+    // Validation before training (step 0) and after the last step.
+    assert_eq!(
+        recs.iter().map(|r| r.step).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    let recs = &recs[1..];
+    for step in [0, 2] {
+        assert!(out.join(format!("val_generations_{step}.jsonl")).is_file());
+    }
+    assert!(recs[1].metrics["val/reward_score"].is_finite());
+    assert!(stderr.contains("val reward"), "{stderr}");
+    // The curves are drawn at the end.
+    assert!(out.join("curves/reward.png").is_file(), "{stderr}");
     for key in [
         "reward/overall",
         "actor/pg_loss",
@@ -119,7 +131,33 @@ out_dir = "{out}"
     let o = train(&["--resume".as_ref(), out.as_os_str()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let recs = qoq_rl::metrics_log::read_records(&out.join("metrics.jsonl")).unwrap();
-    assert_eq!(recs.len(), 2);
+    assert_eq!(recs.len(), 3);
+    // `--set` on top of the checkpoint's config: one more step.
+    let o = train(&[
+        "--resume".as_ref(),
+        out.as_os_str(),
+        "--set".as_ref(),
+        "trainer.max_steps=3".as_ref(),
+        "--no-plot".as_ref(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let recs = qoq_rl::metrics_log::read_records(&out.join("metrics.jsonl")).unwrap();
+    assert_eq!(
+        recs.iter().map(|r| r.step).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3]
+    );
+    let o = train(&[
+        "--resume".as_ref(),
+        out.as_os_str(),
+        "--set".as_ref(),
+        "model.freeze_llm=true".as_ref(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("model.freeze_llm"));
+    // An RL checkpoint cannot be resumed as SFT.
+    let o = train(&["--resume".as_ref(), out.as_os_str(), "--sft".as_ref()]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("RL run"));
 
     // SFT mode on the same run file.
     let sft_out = dir.path().join("sft");
@@ -136,7 +174,7 @@ out_dir = "{out}"
     assert!(o.status.success(), "{stderr}");
     assert!(stderr.contains("sft loss"), "{stderr}");
     let recs = qoq_rl::metrics_log::read_records(&sft_out.join("metrics.jsonl")).unwrap();
-    assert!(recs[0].metrics["sft/loss"] > 0.0);
+    assert!(recs.last().unwrap().metrics["sft/loss"] > 0.0);
 
     // Bad invocations fail with a message.
     let o = train(&[]);

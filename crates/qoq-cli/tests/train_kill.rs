@@ -1,0 +1,212 @@
+//! `qoq train` killed with SIGKILL in the middle of a step, then `--resume`d, ends with the same
+//! weights (byte for byte) and the same metrics log as an uninterrupted run (issue 8).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod support;
+
+use support::{repo, tiny_model};
+
+/// A run file for 5 DRPO steps on 6 image questions in two datasets, validating every 2 steps
+/// and checkpointing after every step.
+fn run_file(dir: &Path, model: &Path, out: &Path) -> PathBuf {
+    let manifest = dir.join("train.jsonl");
+    if !manifest.exists() {
+        let img = repo().join("examples/mini/derm/demo-derm/case_001.png");
+        let mut rows = String::new();
+        for i in 0..6 {
+            let ds = if i % 2 == 0 { "alpha" } else { "beta" };
+            std::fs::create_dir_all(dir.join("derm").join(ds)).unwrap();
+            std::fs::copy(&img, dir.join("derm").join(ds).join("case.png")).unwrap();
+            rows.push_str(&format!(
+                "{{\"problem\": \"<image>Case {i}. What is the diagnosis?Answer with one of the following:\\nbenign\\nmalignant\", \"answer\": \"benign\", \"images\": [\"derm/{ds}/case.png\"], \"dataset\": \"{ds}\"}}\n"
+            ));
+        }
+        std::fs::write(&manifest, rows).unwrap();
+    }
+    let path = out.with_extension("toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[data]
+train_files = "{m}"
+val_files = "{m}"
+max_prompt_length = 512
+max_response_length = 12
+rollout_batch_size = 4
+val_batch_size = 4
+max_pixels = 12544
+min_pixels = 3136
+
+[model]
+model_path = "{model}"
+
+[rollout]
+n = 4
+top_p = 1.0
+
+[algorithm]
+estimator = "drpo"
+
+[algorithm.drpo]
+engine = "exact"
+k_max = 3
+
+[actor]
+global_batch_size = 2
+micro_batch_size_per_device_for_update = 4
+micro_batch_size_per_device_for_experience = 4
+
+[actor.optim]
+lr = 1e-3
+
+[trainer]
+max_steps = 5
+val_freq = 2
+val_before_train = false
+save_freq = 1
+save_limit = 2
+n_gpus_per_node = 1
+tensorboard = true
+out_dir = "{out}"
+"#,
+            m = manifest.display(),
+            model = model.display(),
+            out = out.display(),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn qoq() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_qoq"));
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
+    c
+}
+
+/// Metrics lines without the wall-clock fields (times differ between runs).
+fn comparable_log(out: &Path) -> Vec<(u64, Vec<(String, u64)>)> {
+    qoq_rl::metrics_log::read_records(&out.join("metrics.jsonl"))
+        .unwrap()
+        .into_iter()
+        .map(|r| {
+            let m = r
+                .metrics
+                .into_iter()
+                .filter(|(k, _)| !k.starts_with("perf/") && !k.starts_with("timing_s/"))
+                .map(|(k, v)| (k, v.to_bits()))
+                .collect();
+            (r.step, m)
+        })
+        .collect()
+}
+
+fn lines_of(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn sigkill_mid_step_then_resume_matches_the_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+
+    // The uninterrupted run.
+    let out_a = dir.path().join("a");
+    let cfg_a = run_file(dir.path(), &model, &out_a);
+    let o = qoq()
+        .args(["train", "--no-plot", "--config"])
+        .arg(&cfg_a)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // The killed run: SIGKILL once the log holds step 2 and step 3 has begun (its checkpoint
+    // 2 may or may not be complete: either way the resume must land on the same result).
+    let out_b = dir.path().join("b");
+    let cfg_b = run_file(dir.path(), &model, &out_b);
+    let mut child = qoq()
+        .args(["train", "--no-plot", "--config"])
+        .arg(&cfg_b)
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        if lines_of(&out_b.join("metrics.jsonl")) >= 2 {
+            break;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the run ended before it could be killed: {status}");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "no step logged in 10 minutes"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Into step 3: past the checkpoint of step 2 when it is quick, mid-write when it is not.
+    std::thread::sleep(Duration::from_millis(300));
+    child.kill().unwrap(); // SIGKILL on Unix
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the run finished before the kill");
+    let logged_at_kill = lines_of(&out_b.join("metrics.jsonl"));
+    eprintln!(
+        "killed with {logged_at_kill} steps logged; checkpoint 2 complete: {}",
+        out_b.join("checkpoint_step_2/manifest.json").is_file()
+    );
+    assert!(
+        logged_at_kill < 5,
+        "killed too late: {logged_at_kill} steps logged"
+    );
+
+    let o = qoq()
+        .args(["train", "--no-plot", "--resume"])
+        .arg(&out_b)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("step 5/5"), "{stderr}");
+
+    // The same final weights, byte for byte, and the same optimiser state.
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let a = std::fs::read(out_a.join("checkpoint_step_5").join(file)).unwrap();
+        let b = std::fs::read(out_b.join("checkpoint_step_5").join(file)).unwrap();
+        assert!(a == b, "{file} differs after kill and resume");
+    }
+    // The same metrics log (every step once, validation included), bit for bit.
+    let (la, lb) = (comparable_log(&out_a), comparable_log(&out_b));
+    assert_eq!(
+        lb.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
+    assert_eq!(la, lb, "metrics differ after kill and resume");
+    assert!(la[1].1.iter().any(|(k, _)| k == "val/reward_score"));
+    // The validation generations of the resumed steps are identical too.
+    for step in [2, 4, 5] {
+        let name = format!("val_generations_{step}.jsonl");
+        assert_eq!(
+            std::fs::read_to_string(out_a.join(&name)).unwrap(),
+            std::fs::read_to_string(out_b.join(&name)).unwrap(),
+            "{name}"
+        );
+    }
+    // No half-written checkpoint is left behind, and pruning kept the last two.
+    let names: Vec<String> = std::fs::read_dir(&out_b)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint") || n.contains("tmp"))
+        .collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        vec!["checkpoint_step_4", "checkpoint_step_5"],
+        "{names:?}"
+    );
+}
