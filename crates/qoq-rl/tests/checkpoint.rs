@@ -103,6 +103,12 @@ fn save(root: &Path, run: &Run, step: u64) -> std::path::PathBuf {
             ("actor/grad_norm".to_string(), f64::NAN),
         ]
         .into(),
+        sft: true,
+        kl_controller: Some(qoq_rl::loss::KlController::Adaptive {
+            kl_coef: 0.01,
+            target: 0.1,
+            horizon: 1000.0,
+        }),
     };
     checkpoint::save(
         root,
@@ -189,6 +195,15 @@ fn checkpoint_round_trips_every_part() {
     assert_eq!((st.step, st.episode, st.optimizer_steps), (30, 1, 2));
     assert_eq!(st.metrics.get("reward/overall"), Some(&0.42));
     assert!(!st.metrics.contains_key("actor/grad_norm"), "NaN dropped");
+    assert!(st.sft);
+    assert_eq!(
+        st.kl_controller,
+        Some(qoq_rl::loss::KlController::Adaptive {
+            kl_coef: 0.01,
+            target: 0.1,
+            horizon: 1000.0
+        })
+    );
     let cfg = RunConfig::from_toml_str(&ck.config_toml().unwrap(), "config.toml").unwrap();
     assert_eq!(cfg.trainer.save_limit, 2);
 }
