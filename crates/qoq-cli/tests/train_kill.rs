@@ -111,6 +111,33 @@ fn lines_of(path: &Path) -> usize {
         .unwrap_or(0)
 }
 
+/// Spawns `cmd` and SIGKILLs it `delay_ms` after `out/metrics.jsonl` holds `lines` lines.
+fn kill_when_logged(mut cmd: Command, out: &Path, lines: usize, delay_ms: u64) {
+    let mut child = cmd.spawn().unwrap();
+    let started = Instant::now();
+    while lines_of(&out.join("metrics.jsonl")) < lines {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the run ended before it could be killed: {status}");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "{lines} steps not logged in 10 minutes"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(delay_ms));
+    child.kill().unwrap(); // SIGKILL on Unix
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the run finished before the kill");
+    let logged = lines_of(&out.join("metrics.jsonl"));
+    let checkpoints = qoq_rl::checkpoint::list(out).unwrap();
+    eprintln!(
+        "killed with {logged} steps logged; complete checkpoints: {:?}",
+        checkpoints.iter().map(|(s, _)| *s).collect::<Vec<_>>()
+    );
+    assert!(logged < 5, "killed too late: {logged} steps logged");
+}
+
 #[test]
 fn sigkill_mid_step_then_resume_matches_the_uninterrupted_run() {
     let dir = tempfile::tempdir().unwrap();
@@ -126,43 +153,17 @@ fn sigkill_mid_step_then_resume_matches_the_uninterrupted_run() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
-    // The killed run: SIGKILL once the log holds step 2 and step 3 has begun (its checkpoint
-    // 2 may or may not be complete: either way the resume must land on the same result).
+    // The killed run, twice: first SIGKILL as soon as the log holds step 2 (while checkpoint 2
+    // is being written, or just after), then, resumed, SIGKILL 300 ms after the log holds
+    // step 4 (inside step 5 or its checkpoint). Either way the resume must land on the same result.
     let out_b = dir.path().join("b");
     let cfg_b = run_file(dir.path(), &model, &out_b);
-    let mut child = qoq()
-        .args(["train", "--no-plot", "--config"])
-        .arg(&cfg_b)
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    loop {
-        if lines_of(&out_b.join("metrics.jsonl")) >= 2 {
-            break;
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("the run ended before it could be killed: {status}");
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(600),
-            "no step logged in 10 minutes"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    // Into step 3: past the checkpoint of step 2 when it is quick, mid-write when it is not.
-    std::thread::sleep(Duration::from_millis(300));
-    child.kill().unwrap(); // SIGKILL on Unix
-    let status = child.wait().unwrap();
-    assert!(!status.success(), "the run finished before the kill");
-    let logged_at_kill = lines_of(&out_b.join("metrics.jsonl"));
-    eprintln!(
-        "killed with {logged_at_kill} steps logged; checkpoint 2 complete: {}",
-        out_b.join("checkpoint_step_2/manifest.json").is_file()
-    );
-    assert!(
-        logged_at_kill < 5,
-        "killed too late: {logged_at_kill} steps logged"
-    );
+    let mut first = qoq();
+    first.args(["train", "--no-plot", "--config"]).arg(&cfg_b);
+    kill_when_logged(first, &out_b, 2, 0);
+    let mut second = qoq();
+    second.args(["train", "--no-plot", "--resume"]).arg(&out_b);
+    kill_when_logged(second, &out_b, 4, 300);
 
     let o = qoq()
         .args(["train", "--no-plot", "--resume"])
