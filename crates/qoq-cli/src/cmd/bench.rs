@@ -12,6 +12,10 @@ pub enum BenchCommand {
     /// Stream a synthetic manifest: index it and decode every row (no file access).
     /// Prints rows/s and the process's peak resident memory.
     Manifest(ManifestBenchArgs),
+    /// One RL training step (process, generate, reference log-probs, update) split by phase,
+    /// with seconds and peak resident memory per phase, against the identical step in PyTorch
+    /// (`tools/bench/train_step_ref.py`) in the same run.
+    TrainStep(super::bench_train::TrainStepArgs),
 }
 
 #[derive(Debug, Args)]
@@ -24,6 +28,7 @@ pub struct ManifestBenchArgs {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Manifest(a) => manifest(a),
+        BenchCommand::TrainStep(a) => super::bench_train::train_step(a),
     }
 }
 

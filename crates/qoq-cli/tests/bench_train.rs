@@ -1,0 +1,92 @@
+//! `qoq bench train-step` end to end on the tiny model without the PyTorch reference: every phase
+//! is timed and measured, the losses are finite, and bad arguments are refused.
+
+mod support;
+
+use std::process::Command;
+
+fn qoq() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_qoq"))
+}
+
+#[test]
+fn tiny_train_step_reports_every_phase() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.json");
+    let o = qoq()
+        .current_dir(support::repo())
+        .args([
+            "bench",
+            "train-step",
+            "--size",
+            "tiny",
+            "--prompts",
+            "2",
+            "--n",
+            "2",
+            "--response-len",
+            "4",
+            "--steps",
+            "1",
+            "--no-reference",
+            "--json",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        stdout.contains("PyTorch reference not run: --no-reference"),
+        "{stdout}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(v["size"], "tiny");
+    assert!(v["torch"].is_null());
+    assert_eq!(v["reference_absent"], "--no-reference");
+    let phases = &v["qoq"]["phases"];
+    for p in ["process", "generate", "ref_logprobs", "update", "total"] {
+        let secs = phases[p]["seconds"].as_f64().unwrap_or(-1.0);
+        let mib = phases[p]["peak_mib"].as_f64().unwrap_or(-1.0);
+        assert!(secs > 0.0, "{p}: seconds {secs}");
+        assert!(mib > 0.0, "{p}: peak MiB {mib}");
+        if p != "total" {
+            assert!(
+                secs <= phases["total"]["seconds"].as_f64().unwrap(),
+                "{p} longer than the step"
+            );
+        }
+    }
+    let step = &v["qoq"]["steps"][0];
+    // 2 prompts x 2 rollouts in micro-batches of 2: two micro-batch losses.
+    let losses = step["losses"].as_array().unwrap();
+    assert_eq!(losses.len(), 2, "{step}");
+    assert!(losses.iter().all(|l| l.as_f64().unwrap().is_finite()));
+    let norm = step["grad_norm"].as_f64().unwrap();
+    assert!(norm.is_finite() && norm > 0.0, "grad norm {norm}");
+}
+
+#[test]
+fn zero_rollouts_are_refused() {
+    let o = qoq()
+        .args([
+            "bench",
+            "train-step",
+            "--n",
+            "0",
+            "--no-reference",
+            "--steps",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--n"), "{err}");
+}
