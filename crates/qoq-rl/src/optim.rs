@@ -196,11 +196,7 @@ impl AdamW {
         }
         let mut sq = 0f64;
         for g in grads.iter().flatten() {
-            sq += g
-                .to_dtype(DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()?;
+            sq += squared_norm(g)?;
         }
         let norm = sq.sqrt();
         if !norm.is_finite() {
@@ -227,6 +223,20 @@ impl AdamW {
             let bc2_sqrt = (1.0 - b2.powi(t)).sqrt();
             let p = &self.params[i];
             let dtype = p.dtype();
+            if p.device().is_cpu() {
+                let h = FusedHyper {
+                    scale: scale as f32,
+                    decay: (1.0 - lr * self.cfg.weight_decay) as f32,
+                    b1: b1 as f32,
+                    b2: b2 as f32,
+                    bc2_sqrt: bc2_sqrt as f32,
+                    eps: self.cfg.eps as f32,
+                    step: (lr / bc1) as f32,
+                };
+                let w = fused_cpu_update(p.as_tensor(), g, &mut self.m[i], &mut self.v[i], &h)?;
+                p.set(&w.to_dtype(dtype)?)?;
+                continue;
+            }
             let g = (g.to_dtype(DType::F32)? * scale)?;
             let w = p.as_tensor().to_dtype(DType::F32)?;
             let w = (w * (1.0 - lr * self.cfg.weight_decay))?;
@@ -362,6 +372,83 @@ impl GradAccumulator {
     pub fn take(&mut self) -> Vec<Option<Tensor>> {
         std::mem::take(&mut self.sums)
     }
+}
+
+/// Σ g² of one gradient, accumulated in f64 (on CPU: f32 and bf16/f16 values widened one by
+/// one, summed in parallel chunks without an f64 copy of the tensor).
+fn squared_norm(g: &Tensor) -> candle_core::Result<f64> {
+    use rayon::prelude::*;
+    if g.device().is_cpu() && g.dtype() == DType::F32 {
+        let v = g.flatten_all()?.to_vec1::<f32>()?;
+        return Ok(v
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())
+            .sum());
+    }
+    g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()
+}
+
+/// The scalars of one AdamW update of one parameter.
+struct FusedHyper {
+    /// Gradient clip factor.
+    scale: f32,
+    /// `1 − lr·weight_decay`.
+    decay: f32,
+    b1: f32,
+    b2: f32,
+    /// `√(1 − β2^t)`.
+    bc2_sqrt: f32,
+    eps: f32,
+    /// `lr / (1 − β1^t)`.
+    step: f32,
+}
+
+/// One AdamW update of a parameter on CPU in a single pass over its elements (rayon chunks),
+/// instead of a dozen whole-tensor candle ops: the same arithmetic in the same order as the
+/// composed path (`w·decay − m/(√v/bc2 + eps)·step` with `m`, `v` updated from the clipped
+/// gradient), f32 throughout. Hand-written because candle has no fused optimiser kernel and its
+/// CPU element-wise ops run on one thread. Returns the new weights (f32); `m` and `v` are
+/// replaced.
+fn fused_cpu_update(
+    w: &Tensor,
+    g: &Tensor,
+    m: &mut Tensor,
+    v: &mut Tensor,
+    h: &FusedHyper,
+) -> candle_core::Result<Tensor> {
+    use rayon::prelude::*;
+    let shape = w.shape().clone();
+    let mut wv = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let gv = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut mv = m.flatten_all()?.to_vec1::<f32>()?;
+    let mut vv = v.flatten_all()?.to_vec1::<f32>()?;
+    if gv.len() != wv.len() || mv.len() != wv.len() || vv.len() != wv.len() {
+        candle_core::bail!(
+            "adamw: gradient or moments of {} elements for a parameter of {}",
+            gv.len(),
+            wv.len()
+        );
+    }
+    const CHUNK: usize = 1 << 15;
+    wv.par_chunks_mut(CHUNK)
+        .zip(mv.par_chunks_mut(CHUNK))
+        .zip(vv.par_chunks_mut(CHUNK))
+        .zip(gv.par_chunks(CHUNK))
+        .for_each(|(((w, m), v), g)| {
+            for k in 0..w.len() {
+                let gk = g[k] * h.scale;
+                let mk = m[k] * h.b1 + gk * (1.0 - h.b1);
+                let vk = v[k] * h.b2 + gk * gk * (1.0 - h.b2);
+                let denom = vk.sqrt() / h.bc2_sqrt + h.eps;
+                w[k] = w[k] * h.decay - mk / denom * h.step;
+                m[k] = mk;
+                v[k] = vk;
+            }
+        });
+    let dev = w.device();
+    *m = Tensor::from_vec(mv, shape.clone(), dev)?;
+    *v = Tensor::from_vec(vv, shape.clone(), dev)?;
+    Tensor::from_vec(wv, shape, dev)
 }
 
 #[cfg(test)]
