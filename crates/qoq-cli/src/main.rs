@@ -16,6 +16,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The embedded default: synthetic imbalanced world, SFT, then GRPO vs DRPO, evaluated per
+    /// domain (the paper's Table 2 layout).
+    Demo(cmd::demo::DemoArgs),
     /// Manifests and clinical files: validate, convert.
     #[command(subcommand)]
     Data(cmd::data::DataCommand),
@@ -57,6 +60,7 @@ fn main() -> std::process::ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(a) => cmd::demo::run(a),
         Command::Data(c) => cmd::data::run(c),
         Command::Bench(c) => cmd::bench::run(c),
         Command::Reward(a) => cmd::reward::run(a),

@@ -98,6 +98,13 @@ pub fn process_image(img: &DynamicImage, min_pixels: u64, max_pixels: u64) -> Rg
     }
 }
 
+/// Width and height of an image file, from its header (no pixel decoding); the error names the
+/// file.
+pub fn image_dims(path: &Path) -> Result<(u32, u32)> {
+    image::image_dimensions(path)
+        .map_err(|e| Error::file(path, format!("cannot read the image size: {e}")))
+}
+
 /// Rescale a box given in pixels of a `from = (w0, h0)` image to a `to = (w, h)` image.
 pub fn rescale_bbox(bbox: [f64; 4], from: (u32, u32), to: (u32, u32)) -> [f64; 4] {
     let sx = to.0 as f64 / from.0 as f64;

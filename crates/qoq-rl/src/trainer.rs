@@ -63,10 +63,21 @@ pub const SKIPPED_STEPS: &str = "actor/skipped_steps";
 /// Metric: token-mean cross-entropy of the SFT targets ([`Trainer::sft_step`]).
 pub const SFT_LOSS: &str = "sft/loss";
 
-/// The SFT target of an answer: an empty reasoning block, then the boxed answer (the response
-/// format the reward's format score expects).
-pub fn sft_target(answer: &str) -> String {
-    format!("<think>\n</think>\n\\boxed{{{answer}}}")
+/// The SFT target of an answer: the reasoning block, then the boxed answer (the response format
+/// of the QoQ prompt). With a ground-truth box (in the pixels of the image the model sees) the
+/// reasoning block outlines it as the prompt asks, a ```json list of `{"bbox_2d", "label"}`
+/// (which the reward's format and IoU scores read); without one it is empty.
+pub fn sft_target(answer: &str, bbox: Option<[f64; 4]>) -> String {
+    match bbox {
+        Some(b) => {
+            let item = serde_json::json!([{
+                "bbox_2d": b.map(|v| v.round() as i64),
+                "label": answer,
+            }]);
+            format!("<think>\n```json\n{item}\n```\n</think>\n\\boxed{{{answer}}}")
+        }
+        None => format!("<think>\n</think>\n\\boxed{{{answer}}}"),
+    }
 }
 
 /// Metric: seconds spent generating the step's rollouts (reference `timing_s/gen`).
@@ -673,10 +684,13 @@ impl Trainer {
                 .processor
                 .process_sample(sample)
                 .map_err(|e| data_err(format!("line {}: {e}", sample.line)))?;
+            let mut sample = sample.clone();
+            self.box_to_model_pixels(&mut sample, &processed)
+                .map_err(|e| data_err(format!("line {}: {e}", sample.line)))?;
             let mut target = self
                 .processor
                 .tokenizer
-                .encode(&sft_target(&sample.answer))
+                .encode(&sft_target(&sample.answer, sample.bbox))
                 .map_err(|e| data_err(format!("line {}: {e}", sample.line)))?;
             target.truncate(self.cfg.data.max_response_length.saturating_sub(1));
             target.push(im_end);
@@ -784,10 +798,12 @@ impl Trainer {
         };
         let mut groups: Vec<PromptGroup> = Vec::with_capacity(drawn.len());
         let mut requests = Vec::with_capacity(drawn.len());
-        for (stream, sample) in drawn {
+        for (stream, mut sample) in drawn {
             let processed = self
                 .processor
                 .process_sample(&sample)
+                .map_err(|e| data_err(format!("line {}: {e}", sample.line)))?;
+            self.box_to_model_pixels(&mut sample, &processed)
                 .map_err(|e| data_err(format!("line {}: {e}", sample.line)))?;
             let batch = self
                 .processor
@@ -812,6 +828,25 @@ impl Trainer {
             });
         }
         Ok((groups, requests))
+    }
+
+    /// Rescales the sample's ground-truth box from the original first image's pixels to the
+    /// image the model sees (the dataset-side resize; spec §4.3), as the predicted boxes are in
+    /// those pixels.
+    fn box_to_model_pixels(
+        &self,
+        sample: &mut ClinicalSample,
+        processed: &ProcessedSample,
+    ) -> std::result::Result<(), String> {
+        if let (Some(b), Some(img), Some(&to)) = (
+            sample.bbox,
+            sample.images.first(),
+            processed.image_sizes.first(),
+        ) {
+            let from = qoq_data::vision::image_dims(img).map_err(|e| e.to_string())?;
+            sample.bbox = Some(qoq_data::vision::rescale_bbox(b, from, to));
+        }
+        Ok(())
     }
 
     /// Samples every group's rollouts.
@@ -896,7 +931,8 @@ impl Trainer {
     /// batches of `data.val_batch_size` prompts. Returns `val/reward_score`,
     /// `val/{component}_reward`, `val/test_score/{data_source}`, the evaluation metrics per
     /// dataset, per domain and overall (`{src}/{ds}/{metric}`, `{src}/{metric}`, `val/{metric}`,
-    /// spec §8.9) and `timing_s/validation`; writes every generation with its scores to
+    /// spec §8.9) and `timing_s/validation`; writes every generation with its scores (and the
+    /// ground-truth box in the pixels of the image the model saw) to
     /// `<out_dir>/val_generations_{step}.jsonl` (atomically).
     pub fn validate(&self, step: u64) -> Result<BTreeMap<String, f64>> {
         let t0 = Instant::now();
@@ -960,6 +996,7 @@ impl Trainer {
                         "data_source": g.sample.data_source.as_source(),
                         "dataset": g.sample.dataset,
                         "answer": g.sample.answer,
+                        "bbox": g.sample.bbox,
                         "response": text,
                         "response_tokens": r.tokens.len(),
                         "finish": format!("{:?}", r.finish),
@@ -1505,6 +1542,22 @@ mod tests {
             assert_eq!(&axis[1][3..], &[6, 7]);
         }
         assert_eq!(&pos[1][1][..3], &[0, 5, 2]);
+    }
+
+    #[test]
+    fn sft_targets_outline_the_box_the_way_the_format_score_wants() {
+        let t = sft_target("Nodule", Some([10.2, 20.0, 30.0, 40.7]));
+        assert_eq!(
+            t,
+            "<think>\n```json\n[{\"bbox_2d\":[10,20,30,41],\"label\":\"Nodule\"}]\n```\n</think>\n\\boxed{Nodule}"
+        );
+        assert_eq!(qoq_reward::format::format_score(&t), 1.0);
+        assert_eq!(
+            qoq_reward::iou::collect_bboxes(&qoq_reward::iou::extract_json(&t).unwrap().unwrap())
+                .len(),
+            1
+        );
+        assert_eq!(sft_target("AF", None), "<think>\n</think>\n\\boxed{AF}");
     }
 
     #[test]

@@ -206,6 +206,26 @@ fn one_step_on_the_mini_manifest_updates_every_trainable_parameter() {
         recs[0].metrics["reward/overall"],
         o.metrics["reward/overall"]
     );
+    // Validation: the chest X-ray's box is given in the pixels of the image the model saw
+    // (160x128 resized under max_pixels 12544), as its predicted boxes are.
+    let val = t.validate(1).unwrap();
+    assert!(val["val/reward_score"].is_finite());
+    let text = std::fs::read_to_string(out.join("val_generations_1.jsonl")).unwrap();
+    let cxr: serde_json::Value = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|l| l["dataset"] == "demo-cxr")
+        .unwrap();
+    let to = qoq_data::vision::dataset_resize_dims(160, 128, 3136, 12544);
+    assert_ne!(to, (160, 128));
+    let want = qoq_data::vision::rescale_bbox([42.0, 32.0, 78.0, 68.0], (160, 128), to);
+    let got: Vec<f64> = cxr["bbox"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(got, want.to_vec());
     // Per-domain rewards of the mini manifest's datasets.
     assert!(
         o.metrics.keys().any(|k| k.contains("demo-cxr")),

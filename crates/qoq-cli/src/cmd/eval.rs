@@ -177,7 +177,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Generates with the model: each batch of samples is processed, its prompts decoded together.
-struct EngineResponder {
+struct EngineResponder<'p> {
     processor: qoq_processor::processor::Processor,
     model: qoq_model::ClinicalVlm,
     cfg: qoq_engine::GenerateConfig,
@@ -186,9 +186,11 @@ struct EngineResponder {
     sizes: std::sync::Arc<std::sync::Mutex<HashMap<String, (u32, u32)>>>,
     /// Row counter: the random stream of each prompt.
     next_stream: u64,
+    /// Told the size of each generated batch.
+    progress: &'p mut dyn FnMut(usize),
 }
 
-impl Responder for EngineResponder {
+impl Responder for EngineResponder<'_> {
     fn respond(&mut self, batch: &[ClinicalSample]) -> qoq_eval::Result<Vec<Generation>> {
         let err = |e: String| qoq_eval::Error::Other(e);
         let mut requests = Vec::with_capacity(batch.len());
@@ -233,6 +235,7 @@ impl Responder for EngineResponder {
                 });
             }
         }
+        (self.progress)(batch.len());
         Ok(gens)
     }
 }
@@ -251,10 +254,56 @@ fn eval_with_model(
             a.n
         );
     }
+    let settings = ModelEvalSettings {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+        max_new_tokens: a.max_new_tokens,
+        processor: qoq_processor::processor::ProcessorOptions::default(),
+    };
+    let outcome = eval_model(
+        model_dir,
+        manifest,
+        reward,
+        out,
+        opts,
+        &settings,
+        &mut |_| {},
+    )?;
+    Ok(report(&outcome, out))
+}
+
+/// How [`eval_model`] generates: sampling and the processor's options (the dataset-side image
+/// sizes must be the ones the model was trained with).
+pub(crate) struct ModelEvalSettings {
+    /// Sampling temperature (0 is greedy).
+    pub temperature: f32,
+    /// Nucleus mass.
+    pub top_p: f32,
+    /// Sampling seed.
+    pub seed: u64,
+    /// Tokens to generate at most per response.
+    pub max_new_tokens: usize,
+    /// Processor options.
+    pub processor: qoq_processor::processor::ProcessorOptions,
+}
+
+/// Evaluates the model in `model_dir` on `manifest` into `out` (one response per sample):
+/// `traces.jsonl`, `metrics.json`, `report.md` and the charts, as `qoq eval --model` writes them.
+/// `progress` is called with the number of samples of each generated batch.
+pub(crate) fn eval_model(
+    model_dir: &std::path::Path,
+    manifest: &qoq_data::manifest::Manifest,
+    reward: &qoq_reward::QoqMedicalReward,
+    out: &std::path::Path,
+    opts: &EvalOptions,
+    settings: &ModelEvalSettings,
+    progress: &mut dyn FnMut(usize),
+) -> anyhow::Result<qoq_eval::run::EvalOutcome> {
     let processor = qoq_processor::processor::Processor::from_model_dir(
         model_dir,
         None,
-        qoq_processor::processor::ProcessorOptions::default(),
+        settings.processor.clone(),
     )
     .with_context(|| format!("loading the processor of {}", model_dir.display()))?;
     let (cfg, model) = qoq_model::loading::load_model(
@@ -266,26 +315,27 @@ fn eval_with_model(
     let ids = processor.tokenizer.ids;
     let gen_cfg = qoq_engine::GenerateConfig {
         sampling: qoq_engine::SamplingParams {
-            temperature: a.temperature,
-            top_p: a.top_p,
-            seed: a.seed,
+            temperature: settings.temperature,
+            top_p: settings.top_p,
+            seed: settings.seed,
             logit_bias: vec![(cfg.image_token_id, -100.0)],
             ..qoq_engine::SamplingParams::default()
         },
         stop: qoq_engine::StopCondition {
             eos: vec![ids.im_end, ids.endoftext],
-            max_new_tokens: a.max_new_tokens,
+            max_new_tokens: settings.max_new_tokens,
         },
-        max_batch_rows: opts.batch_size * a.n,
+        max_batch_rows: opts.batch_size,
     };
     let sizes = std::sync::Arc::new(std::sync::Mutex::new(HashMap::new()));
     let mut responder = EngineResponder {
         processor,
         model,
         cfg: gen_cfg,
-        n: a.n,
+        n: 1,
         sizes: sizes.clone(),
         next_stream: 0,
+        progress,
     };
     let (min_px, max_px) = (
         responder.processor.opts.dataset_min_pixels,
@@ -314,9 +364,8 @@ fn eval_with_model(
             }
         }
     };
-    let outcome = run_eval(rows, &mut responder, reward, &mask_of, out, opts)
-        .with_context(|| format!("evaluating into {}", out.display()))?;
-    Ok(report(&outcome, out))
+    run_eval(rows, &mut responder, reward, &mask_of, out, opts)
+        .with_context(|| format!("evaluating into {}", out.display()))
 }
 
 /// Print a finished run's table and where its artefacts are.

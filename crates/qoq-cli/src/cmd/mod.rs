@@ -2,7 +2,9 @@
 
 pub mod advantage;
 pub mod bench;
+pub mod bench_train;
 pub mod data;
+pub mod demo;
 pub mod eval;
 pub mod infer;
 pub mod logits;

@@ -1,0 +1,365 @@
+//! The demo's report: the paper's Table 2 layout (one row per domain, accuracy / macro-F1 / IoU
+//! per model, then the overall means), `demo_metrics.json`, `report.md`, `curves.png` (SFT loss,
+//! GRPO vs DRPO training reward, rare-domain reward) and `boxes/*.png` (the DRPO model's boxes on
+//! a few test images, ground truth in green).
+
+use super::{Curve, MODELS};
+use anyhow::Context;
+use qoq_core::{ClinicalSample, Domain};
+use qoq_eval::metrics::{MetricsReport, Summary};
+use qoq_eval::plot::{Raster, line_chart};
+use qoq_rl::metrics_log::names;
+use qoq_rl::trainer::SFT_LOSS;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The rarest domains of the world (the last three of its size rank).
+pub fn rare_domains() -> Vec<Domain> {
+    qoq_synth::world::DOMAIN_RANK[6..].to_vec()
+}
+
+/// Everything the report is made of.
+pub struct Inputs<'a> {
+    pub out: &'a Path,
+    pub preset: Value,
+    pub model_config: Value,
+    pub seed: u64,
+    pub world: &'a qoq_synth::WorldSummary,
+    pub test: &'a [ClinicalSample],
+    /// In [`MODELS`] order.
+    pub reports: &'a [MetricsReport],
+    pub sft: &'a Curve,
+    pub grpo: &'a Curve,
+    pub drpo: &'a Curve,
+    pub min_pixels: u64,
+    pub max_pixels: u64,
+}
+
+fn summary_json(s: Option<&Summary>) -> Value {
+    match s {
+        Some(s) => json!({
+            "accuracy": s.metrics.accuracy,
+            "f1": s.metrics.f1,
+            "precision": s.metrics.precision,
+            "recall": s.metrics.recall,
+            "specificity": s.metrics.specificity,
+            "exact_match": s.exact_match,
+            "iou": s.mean_iou,
+            "count": s.count,
+        }),
+        None => Value::Null,
+    }
+}
+
+fn source<'r>(r: &'r MetricsReport, d: &Domain) -> Option<&'r Summary> {
+    r.sources
+        .iter()
+        .find(|s| s.name == d.as_source())
+        .and_then(|s| s.summary.as_ref())
+}
+
+/// Mean of per-domain summaries over `domains` (unweighted, like the paper's overall rows).
+fn mean_over(r: &MetricsReport, domains: &[Domain]) -> Option<Summary> {
+    r.overall_where(|s| domains.iter().any(|d| d.as_source() == s))
+}
+
+fn cell(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_string(), |x| format!("{:.1}", 100.0 * x))
+}
+
+/// The Markdown table: rows per domain in the paper's order, then the means.
+pub fn table(world: &qoq_synth::WorldSummary, reports: &[MetricsReport]) -> String {
+    let train_rows: BTreeMap<String, usize> = world.train_rows_per_domain().into_iter().collect();
+    let mut s = String::from("| domain | train rows |");
+    let mut sep = String::from("|---|---:|");
+    for (_, label, _) in MODELS {
+        s.push_str(&format!(" {label} acc | {label} F1 | {label} IoU |"));
+        sep.push_str("---:|---:|---:|");
+    }
+    s.push('\n');
+    s.push_str(&sep);
+    s.push('\n');
+    let row = |name: &str, rows: String, get: &dyn Fn(&MetricsReport) -> Option<Summary>| {
+        let mut line = format!("| {name} | {rows} |");
+        for r in reports {
+            let v = get(r);
+            line.push_str(&format!(
+                " {} | {} | {} |",
+                cell(v.map(|s| s.metrics.accuracy)),
+                cell(v.map(|s| s.metrics.f1)),
+                cell(v.and_then(|s| s.mean_iou)),
+            ));
+        }
+        line.push('\n');
+        line
+    };
+    for d in Domain::PAPER_ORDER {
+        let n = train_rows.get(d.as_source()).copied().unwrap_or(0);
+        s.push_str(&row(d.as_source(), n.to_string(), &|r| {
+            source(r, &d).copied()
+        }));
+    }
+    let rare = rare_domains();
+    let rare_rows: usize = rare
+        .iter()
+        .map(|d| train_rows.get(d.as_source()).copied().unwrap_or(0))
+        .sum();
+    let names: Vec<&str> = rare.iter().map(|d| d.as_source()).collect();
+    s.push_str(&row(
+        &format!("**rare ({})**", names.join(", ")),
+        rare_rows.to_string(),
+        &|r| mean_over(r, &rare),
+    ));
+    let total: usize = train_rows.values().sum();
+    s.push_str(&row(
+        "**overall, 8 vision domains**",
+        (total - train_rows.get("ecg").copied().unwrap_or(0)).to_string(),
+        &|r| r.overall_vision(),
+    ));
+    s.push_str(&row("**overall, 9 domains**", total.to_string(), &|r| {
+        r.overall
+    }));
+    s
+}
+
+fn curve_points(c: &Curve, key: &str) -> Vec<(f64, f64)> {
+    c.iter()
+        .filter_map(|(step, m)| m.get(key).map(|v| (*step as f64, *v)))
+        .filter(|p| p.1.is_finite())
+        .collect()
+}
+
+/// Running mean of the rare domains' step rewards (`reward_by_domain/<d>`), from the first step
+/// that drew a rare-domain prompt.
+fn rare_points(c: &Curve) -> Vec<(f64, f64)> {
+    let keys: Vec<String> = rare_domains()
+        .iter()
+        .map(|d| names::domain_reward(d.as_source()))
+        .collect();
+    let (mut sum, mut n) = (0.0, 0usize);
+    let mut out = Vec::new();
+    for (step, m) in c {
+        for k in &keys {
+            if let Some(v) = m.get(k).filter(|v| v.is_finite()) {
+                sum += v;
+                n += 1;
+            }
+        }
+        if n > 0 {
+            out.push((*step as f64, sum / n as f64));
+        }
+    }
+    out
+}
+
+fn curves_json(c: &Curve) -> Value {
+    Value::Array(
+        c.iter()
+            .map(|(step, m)| {
+                let mut o = serde_json::Map::new();
+                o.insert("step".into(), json!(step));
+                for (k, v) in m {
+                    o.insert(k.clone(), json!(v));
+                }
+                Value::Object(o)
+            })
+            .collect(),
+    )
+}
+
+/// Stacks rasters vertically on white.
+fn stack(parts: &[Raster]) -> Raster {
+    let w = parts.iter().map(|r| r.width).max().unwrap_or(1);
+    let h = parts.iter().map(|r| r.height).sum::<u32>().max(1);
+    let mut out = Raster::new(w, h);
+    let mut y0 = 0u32;
+    for p in parts {
+        for y in 0..p.height {
+            for x in 0..p.width {
+                out.put(i64::from(x), i64::from(y0 + y), p.get(x, y));
+            }
+        }
+        y0 += p.height;
+    }
+    out
+}
+
+fn write_curves(i: &Inputs<'_>, path: &Path) -> anyhow::Result<()> {
+    let mut parts = vec![line_chart(
+        "SFT loss (token cross-entropy)",
+        "step",
+        &[("SFT loss".to_string(), curve_points(i.sft, SFT_LOSS))],
+    )];
+    if !i.grpo.is_empty() || !i.drpo.is_empty() {
+        parts.push(line_chart(
+            "RL reward per step",
+            "step",
+            &[
+                (
+                    "GRPO".to_string(),
+                    curve_points(i.grpo, names::REWARD_OVERALL),
+                ),
+                (
+                    "DRPO".to_string(),
+                    curve_points(i.drpo, names::REWARD_OVERALL),
+                ),
+            ],
+        ));
+        let (g, d) = (rare_points(i.grpo), rare_points(i.drpo));
+        if g.len() > 1 || d.len() > 1 {
+            parts.push(line_chart(
+                "Rare-domain reward (running mean)",
+                "step",
+                &[("GRPO".to_string(), g), ("DRPO".to_string(), d)],
+            ));
+        }
+    }
+    stack(&parts)
+        .save_png(path)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Draws `b` as a 1-pixel outline in `color`, clipped to the image.
+fn outline(img: &mut image::RgbImage, b: [f64; 4], color: image::Rgb<u8>) {
+    let (w, h) = (img.width() as i64, img.height() as i64);
+    let c = |v: f64, hi: i64| (v.round() as i64).clamp(0, hi - 1);
+    let (x1, x2) = (c(b[0].min(b[2]), w), c(b[0].max(b[2]), w));
+    let (y1, y2) = (c(b[1].min(b[3]), h), c(b[1].max(b[3]), h));
+    for x in x1..=x2 {
+        img.put_pixel(x as u32, y1 as u32, color);
+        img.put_pixel(x as u32, y2 as u32, color);
+    }
+    for y in y1..=y2 {
+        img.put_pixel(x1 as u32, y as u32, color);
+        img.put_pixel(x2 as u32, y as u32, color);
+    }
+}
+
+/// One test image per 2-D dataset with a finding (a gold box), as the DRPO model saw it,
+/// enlarged 4x: its predicted boxes in red, the gold box in green. Returns the files written.
+fn write_boxes(i: &Inputs<'_>, dir: &Path) -> anyhow::Result<Vec<String>> {
+    const SCALE: u32 = 4;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let traces_path = i.out.join("eval/drpo/traces.jsonl");
+    let traces = qoq_eval::run::read_traces(&traces_path)?;
+    let by_id: BTreeMap<&str, &qoq_eval::run::Trace> =
+        traces.iter().map(|t| (t.id.as_str(), t)).collect();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut written = Vec::new();
+    for s in i.test {
+        let (Some(img_path), Some(gold)) = (s.images.first(), s.bbox) else {
+            continue;
+        };
+        if !seen.insert(s.dataset.clone()) {
+            continue;
+        }
+        let Some(t) = by_id.get(s.id.0.as_str()) else {
+            continue;
+        };
+        let img = image::open(img_path)
+            .with_context(|| format!("reading {}", img_path.display()))?
+            .to_rgb8();
+        let (w, h) = img.dimensions();
+        let (nw, nh) = qoq_data::vision::dataset_resize_dims(w, h, i.min_pixels, i.max_pixels);
+        let gold = qoq_data::vision::rescale_bbox(gold, (w, h), (nw, nh));
+        let mut big = image::imageops::resize(
+            &img,
+            nw * SCALE,
+            nh * SCALE,
+            image::imageops::FilterType::Nearest,
+        );
+        let k = f64::from(SCALE);
+        let scaled = |b: [f64; 4]| {
+            [
+                b[0] * k,
+                b[1] * k,
+                (b[2] + 1.0) * k - 1.0,
+                (b[3] + 1.0) * k - 1.0,
+            ]
+        };
+        outline(&mut big, scaled(gold), image::Rgb([40, 200, 60]));
+        let predicted: Vec<[f64; 4]> = t.boxes.iter().map(|b| scaled(*b)).collect();
+        crate::cmd::infer::draw_boxes(&mut big, &predicted);
+        let name = format!("{}.png", s.id.0);
+        let path = dir.join(&name);
+        big.save(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        written.push(name);
+    }
+    Ok(written)
+}
+
+/// Writes every artefact of the report and returns the Markdown table.
+pub fn write_all(
+    i: &Inputs<'_>,
+    timings: &BTreeMap<String, f64>,
+    wall_s: f64,
+) -> anyhow::Result<String> {
+    let table = table(i.world, i.reports);
+    let curves = i.out.join("curves.png");
+    write_curves(i, &curves)?;
+    let boxes = write_boxes(i, &i.out.join("boxes"))?;
+
+    let mut models = serde_json::Map::new();
+    for ((name, label, dir), r) in MODELS.iter().zip(i.reports) {
+        let mut domains = serde_json::Map::new();
+        for d in Domain::PAPER_ORDER {
+            domains.insert(d.as_source().to_string(), summary_json(source(r, &d)));
+        }
+        models.insert(
+            name.to_string(),
+            json!({
+                "label": label,
+                "model_dir": dir,
+                "eval_dir": format!("eval/{name}"),
+                "domains": domains,
+                "rare": summary_json(mean_over(r, &rare_domains()).as_ref()),
+                "overall": summary_json(r.overall.as_ref()),
+                "overall_vision": summary_json(r.overall_vision().as_ref()),
+                "flat": r.to_flat_json(),
+            }),
+        );
+    }
+    let metrics = json!({
+        "seed": i.seed,
+        "preset": i.preset,
+        "model_config": i.model_config,
+        "world": {
+            "config": i.world.config,
+            "train_rows_per_domain": i.world.train_rows_per_domain(),
+            "test_rows": i.test.len(),
+        },
+        "rare_domains": rare_domains().iter().map(|d| d.as_source()).collect::<Vec<_>>(),
+        "models": models,
+        "training": {
+            "sft": curves_json(i.sft),
+            "grpo": curves_json(i.grpo),
+            "drpo": curves_json(i.drpo),
+        },
+        "artefacts": {
+            "curves": "curves.png",
+            "boxes": boxes.iter().map(|b| format!("boxes/{b}")).collect::<Vec<_>>(),
+            "report": "report.md",
+        },
+        "timings_s": timings,
+        "wall_s": wall_s,
+    });
+    let path = i.out.join("demo_metrics.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&metrics)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+
+    let md = format!(
+        "# qoq demo (seed {seed})\n\n\
+         Per-domain accuracy (the paper's balanced one-vs-rest accuracy), macro-F1 and IoU (%) on \
+         the balanced test split, greedy decoding; `train rows` is the domain's share of the \
+         imbalanced training split. Models: the untrained initialisation, the SFT warm-up, and \
+         GRPO and DRPO from the SFT model with the same steps, seeds and batches.\n\n{table}\n\
+         Training curves: `curves.png`; traces: `eval/<model>/traces.jsonl`; boxes of the DRPO \
+         model: `boxes/`.\n",
+        seed = i.seed
+    );
+    let path = i.out.join("report.md");
+    std::fs::write(&path, md).with_context(|| format!("writing {}", path.display()))?;
+    Ok(table)
+}
