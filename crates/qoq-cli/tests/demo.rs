@@ -1,4 +1,4 @@
-//! `qoq demo` end to end at its smallest size: every artefact exists and parses, the metrics
+//! `qoq demo --quick` end to end: every artefact exists and parses, the metrics
 //! cover every model and domain, and training beats the untrained model (seeded, so the
 //! comparison is fixed).
 
@@ -26,9 +26,9 @@ fn png_size(path: &Path) -> (u32, u32) {
 fn demo_writes_every_artefact_and_training_beats_the_untrained_model() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("demo");
-    // `--tiny` is `--quick` made smaller for the debug build.
+    // The `--quick` preset, as a newcomer would run it (about a minute in the test build).
     let o = Command::new(env!("CARGO_BIN_EXE_qoq"))
-        .args(["demo", "--tiny", "--out"])
+        .args(["demo", "--quick", "--out"])
         .arg(&out)
         .output()
         .unwrap();
