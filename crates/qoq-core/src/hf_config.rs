@@ -185,6 +185,14 @@ impl QwenVlConfig {
     pub fn has_time_series(&self) -> bool {
         self.time_series_token_id.is_some()
     }
+
+    /// Token ids the model replaces by encoder features: image, video and (with the ECG path)
+    /// time-series placeholders.
+    pub fn placeholder_token_ids(&self) -> Vec<u32> {
+        let mut v = vec![self.image_token_id, self.video_token_id];
+        v.extend(self.time_series_token_id);
+        v
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

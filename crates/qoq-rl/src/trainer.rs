@@ -52,7 +52,7 @@ use qoq_data::manifest::{Cursor, Manifest};
 use qoq_engine::{GenerateConfig, Generated, GroupRequest, SamplingParams, StopCondition};
 use qoq_model::train::{Freeze, ParamStore, trainable_var_builder};
 use qoq_model::{ClinicalVlm, ForwardMode, ModelInputs};
-use qoq_processor::processor::{ProcessedBatch, ProcessedSample, Processor, ProcessorOptions};
+use qoq_processor::processor::{ProcessedBatch, ProcessedSample, Processor};
 use qoq_reward::{MaskIndex, RewardFn, RewardInput};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -184,13 +184,63 @@ pub struct StepOutcome {
     pub checkpoint: Option<PathBuf>,
 }
 
-/// Tensors of a micro-batch of rollouts (see `Trainer::rollout_tensors`).
-struct RolloutTensors {
-    inputs: ModelInputs,
-    s: usize,
-    labels: Tensor,
-    mask: Tensor,
-    old: Tensor,
+/// Tensors of a micro-batch of rollouts ([`rollout_tensors`]).
+#[derive(Debug)]
+pub struct RolloutTensors {
+    /// Prompt (left-padded) + response (right-padded) inputs.
+    pub inputs: ModelInputs,
+    /// Prompt length of the collated batch.
+    pub s: usize,
+    /// Response tokens `(b, r_len)`, `pad` after each response's end.
+    pub labels: Tensor,
+    /// Loss mask `(b, r_len)`: 1 on response tokens, 0 on padding and sampled placeholders.
+    pub mask: Tensor,
+    /// The sampler's log-probs of the response tokens `(b, r_len)`.
+    pub old: Tensor,
+}
+
+/// Model inputs and per-token tensors `(b, r_len)` of `rollouts` answering the rows of the
+/// collated prompt `batch` (row i answers row i): prompt + response inputs, the response tokens
+/// as labels, the loss mask and the sampler's log-probs. A sampled placeholder token (possible
+/// when its logit bias is off) would be taken for a feature slot: it is fed as `pad` and left out
+/// of the mask.
+pub fn rollout_tensors(
+    batch: &ProcessedBatch,
+    rollouts: &[&Generated],
+    placeholders: &[u32],
+    pad: u32,
+    dev: &Device,
+) -> Result<RolloutTensors> {
+    let cleaned: Vec<Vec<u32>> = rollouts
+        .iter()
+        .map(|r| {
+            r.tokens
+                .iter()
+                .map(|t| if placeholders.contains(t) { pad } else { *t })
+                .collect()
+        })
+        .collect();
+    let responses: Vec<&[u32]> = cleaned.iter().map(Vec::as_slice).collect();
+    let r_len = responses.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
+    let inputs = batch_to_inputs(batch, &responses, r_len, pad, dev)?;
+    let b = rollouts.len();
+    let mut labels = vec![pad; b * r_len];
+    let mut mask = vec![0f32; b * r_len];
+    let mut old = vec![0f32; b * r_len];
+    for (i, r) in rollouts.iter().enumerate() {
+        for (j, (&t, &lp)) in r.tokens.iter().zip(&r.logprobs).enumerate() {
+            labels[i * r_len + j] = t;
+            mask[i * r_len + j] = if placeholders.contains(&t) { 0.0 } else { 1.0 };
+            old[i * r_len + j] = lp;
+        }
+    }
+    Ok(RolloutTensors {
+        inputs,
+        s: batch.seq_len(),
+        labels: Tensor::from_vec(labels, (b, r_len), dev)?,
+        mask: Tensor::from_vec(mask, (b, r_len), dev)?,
+        old: Tensor::from_vec(old, (b, r_len), dev)?,
+    })
 }
 
 /// One prompt of a step with its rollouts.
@@ -338,13 +388,7 @@ impl Trainer {
         let device = Device::Cpu;
         let model_dir = PathBuf::from(&cfg.model.model_path);
         let model_cfg = qoq_model::loading::read_config(&model_dir).map_err(model_err)?;
-        let opts = ProcessorOptions {
-            dataset_min_pixels: cfg.data.min_pixels as u64,
-            dataset_max_pixels: cfg.data.max_pixels as u64,
-            max_prompt_length: cfg.data.max_prompt_length,
-            missing_files_as_placeholders: false,
-            ..ProcessorOptions::default()
-        };
+        let opts = cfg.processor_options();
         let processor = Processor::from_model_dir(
             &model_dir,
             cfg.model.tokenizer_path.as_deref().map(Path::new),
@@ -776,10 +820,7 @@ impl Trainer {
 
     /// Token ids the model replaces by encoder features.
     fn placeholder_ids(&self) -> Vec<u32> {
-        let c = self.model.config();
-        let mut v = vec![c.image_token_id, c.video_token_id];
-        v.extend(c.time_series_token_id);
-        v
+        self.model.config().placeholder_token_ids()
     }
 
     /// Processes drawn rows into prompt groups of `n` rollouts each, with their generation
@@ -1239,9 +1280,7 @@ impl Trainer {
         self.finish_step(step, m)
     }
 
-    /// Model inputs and per-token tensors `(b, r_len)` of rollouts `ub`: prompt + response
-    /// inputs, the prompt length `s`, the response tokens as labels, the loss mask and the
-    /// sampler's log-probs.
+    /// [`rollout_tensors`] of the rollouts `ub` (indices into `groups`), their prompts collated.
     fn rollout_tensors(
         &self,
         step: u64,
@@ -1260,42 +1299,14 @@ impl Trainer {
                 path: self.manifest.path().to_path_buf(),
                 message: e.to_string(),
             })?;
-        // A sampled placeholder token (possible when its logit bias is off) would be taken for a
-        // feature slot: it is fed as padding and left out of the loss.
-        let pad = self.processor.tokenizer.ids.endoftext;
-        let placeholders = self.placeholder_ids();
-        let cleaned: Vec<Vec<u32>> = ub
-            .iter()
-            .map(|(_, r)| {
-                r.tokens
-                    .iter()
-                    .map(|t| if placeholders.contains(t) { pad } else { *t })
-                    .collect()
-            })
-            .collect();
-        let responses: Vec<&[u32]> = cleaned.iter().map(Vec::as_slice).collect();
-        let r_len = responses.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
-        let inputs = batch_to_inputs(&batch, &responses, r_len, pad, &self.device)?;
-        let s = batch.seq_len();
-        let b = ub.len();
-        let mut labels = vec![pad; b * r_len];
-        let mut mask = vec![0f32; b * r_len];
-        let mut old = vec![0f32; b * r_len];
-        for (i, (_, r)) in ub.iter().enumerate() {
-            for (j, (&t, &lp)) in r.tokens.iter().zip(&r.logprobs).enumerate() {
-                labels[i * r_len + j] = t;
-                mask[i * r_len + j] = if placeholders.contains(&t) { 0.0 } else { 1.0 };
-                old[i * r_len + j] = lp;
-            }
-        }
-        let dev = &self.device;
-        Ok(RolloutTensors {
-            inputs,
-            s,
-            labels: Tensor::from_vec(labels, (b, r_len), dev)?,
-            mask: Tensor::from_vec(mask, (b, r_len), dev)?,
-            old: Tensor::from_vec(old, (b, r_len), dev)?,
-        })
+        let rollouts: Vec<&Generated> = ub.iter().map(|(_, r)| *r).collect();
+        rollout_tensors(
+            &batch,
+            &rollouts,
+            &self.placeholder_ids(),
+            self.processor.tokenizer.ids.endoftext,
+            &self.device,
+        )
     }
 
     /// Per-rollout sequence KL to the reference policy (`Σ_t kl_t` over the response, estimator

@@ -34,11 +34,11 @@ use qoq_data::manifest::{Manifest, ManifestConfig};
 use qoq_engine::{GenerateConfig, Generated, GroupRequest, SamplingParams, StopCondition};
 use qoq_model::train::{Freeze, trainable_var_builder, write_random_checkpoint_seeded};
 use qoq_model::{ClinicalVlm, ForwardMode, ModelInputs};
-use qoq_processor::processor::{ProcessedSample, Processor, ProcessorOptions};
+use qoq_processor::processor::{ProcessedSample, Processor};
 use qoq_rl::config::RunConfig;
 use qoq_rl::loss::{ActorLossInputs, KlTerm, LossConfig, PolicyLossInputs, compute_actor_loss};
 use qoq_rl::optim::{AdamW, GradAccumulator};
-use qoq_rl::trainer::{batch_to_inputs, response_log_probs};
+use qoq_rl::trainer::{RolloutTensors, batch_to_inputs, response_log_probs, rollout_tensors};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -345,43 +345,21 @@ impl Bench {
             let prompts: Vec<ProcessedSample> =
                 ub.iter().map(|(gi, _, _)| processed[*gi].clone()).collect();
             let batch = self.processor.collate(&prompts, None)?;
-            let cleaned: Vec<Vec<u32>> = ub
-                .iter()
-                .map(|(_, _, r)| {
-                    r.tokens
-                        .iter()
-                        .map(|t| {
-                            if self.placeholders.contains(t) {
-                                self.pad
-                            } else {
-                                *t
-                            }
-                        })
-                        .collect()
-                })
-                .collect();
-            let responses: Vec<&[u32]> = cleaned.iter().map(Vec::as_slice).collect();
-            let inputs = batch_to_inputs(&batch, &responses, r_len, self.pad, &dev)?;
+            let rollouts: Vec<&Generated> = ub.iter().map(|(_, _, r)| *r).collect();
+            let RolloutTensors {
+                inputs,
+                s,
+                labels,
+                mask,
+                old,
+            } = rollout_tensors(&batch, &rollouts, &self.placeholders, self.pad, &dev)?;
+            // Fixed advantages, +1 / -0.5 alternating inside each group (so the loss does not
+            // cancel to 0).
             let b = ub.len();
-            let mut labels = vec![self.pad; b * r_len];
-            let mut mask = vec![0f32; b * r_len];
-            let mut old = vec![0f32; b * r_len];
             let mut adv = vec![0f32; b * r_len];
-            for (i, (_, j, r)) in ub.iter().enumerate() {
-                let a = if j % 2 == 0 { 1.0 } else { -0.5 };
-                for (k, (&t, &lp)) in r.tokens.iter().zip(&r.logprobs).enumerate() {
-                    labels[i * r_len + k] = t;
-                    mask[i * r_len + k] = if self.placeholders.contains(&t) {
-                        0.0
-                    } else {
-                        1.0
-                    };
-                    old[i * r_len + k] = lp;
-                    adv[i * r_len + k] = a;
-                }
+            for (i, (_, j, _)) in ub.iter().enumerate() {
+                adv[i * r_len..(i + 1) * r_len].fill(if j % 2 == 0 { 1.0 } else { -0.5 });
             }
-            let labels = Tensor::from_vec(labels, (b, r_len), &dev)?;
-            let s = batch.seq_len();
             let ref_lp = response_log_probs(
                 &self.ref_model,
                 &inputs,
@@ -395,8 +373,8 @@ impl Bench {
                 inputs,
                 s,
                 labels,
-                mask: Tensor::from_vec(mask, (b, r_len), &dev)?,
-                old: Tensor::from_vec(old, (b, r_len), &dev)?,
+                mask,
+                old,
                 adv: Tensor::from_vec(adv, (b, r_len), &dev)?,
                 ref_lp,
             });
@@ -569,13 +547,7 @@ fn worker(a: &TrainStepArgs, dir: &Path) -> anyhow::Result<()> {
     run.actor.micro_batch_size_per_device_for_update = a.micro_batch;
     let loss_cfg = run.loss_config();
     let optim = run.actor.optim.clone();
-    let opts = ProcessorOptions {
-        dataset_min_pixels: run.data.min_pixels as u64,
-        dataset_max_pixels: run.data.max_pixels as u64,
-        max_prompt_length: run.data.max_prompt_length,
-        missing_files_as_placeholders: false,
-        ..ProcessorOptions::default()
-    };
+    let opts = run.processor_options();
     let processor = Processor::from_model_dir(&model_dir, None, opts.clone())
         .with_context(|| format!("processor of {}", model_dir.display()))?;
     let model_cfg = qoq_model::loading::read_config(&model_dir)?;
@@ -585,8 +557,7 @@ fn worker(a: &TrainStepArgs, dir: &Path) -> anyhow::Result<()> {
     let model = ClinicalVlm::new(&model_cfg, vb)?;
     let (_, ref_model) = qoq_model::loading::load_model(&model_dir, DType::F32, &dev)?;
     let opt = AdamW::new(store.trainable()?, optim.clone())?;
-    let mut placeholders = vec![model_cfg.image_token_id, model_cfg.video_token_id];
-    placeholders.extend(model_cfg.time_series_token_id);
+    let placeholders = model_cfg.placeholder_token_ids();
     let pad = processor.tokenizer.ids.endoftext;
     let mut bench = Bench {
         processor,

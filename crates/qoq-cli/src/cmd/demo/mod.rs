@@ -442,6 +442,8 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     let t = Instant::now();
     let sft_model = out.join("sft_model");
     let cfg = run_config(&p, a.seed, &world_dir, &init, &out.join("sft"), None);
+    // Evaluation sees the images as training did.
+    let processor_options = cfg.processor_options();
     let trainer = Trainer::new(cfg).context("setting up SFT")?;
     let sft_curve = train_phase(&mut phases, "sft", trainer, true, &init, &sft_model)?;
     timings.insert("sft".into(), t.elapsed().as_secs_f64());
@@ -482,13 +484,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         top_p: 1.0,
         seed: a.seed,
         max_new_tokens: p.max_response,
-        processor: qoq_processor::processor::ProcessorOptions {
-            dataset_min_pixels: MIN_PIXELS as u64,
-            dataset_max_pixels: MAX_PIXELS as u64,
-            max_prompt_length: MAX_PROMPT,
-            missing_files_as_placeholders: false,
-            ..Default::default()
-        },
+        processor: processor_options,
     };
     let mut reports = Vec::new();
     for (name, _, dir) in MODELS {
