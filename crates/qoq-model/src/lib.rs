@@ -16,6 +16,7 @@ pub mod ecg;
 /// Qwen2.5-VL vision tower.
 pub mod vision;
 
+pub mod batch;
 pub mod error;
 pub mod inputs;
 pub mod loading;
@@ -25,6 +26,7 @@ pub mod splice;
 pub mod text;
 pub mod train;
 
+pub use batch::{RolloutTensors, batch_to_inputs, prompt_inputs, rollout_tensors};
 pub use error::{Error, Result};
 pub use inputs::ModelInputs;
 pub use model::ClinicalVlm;

@@ -29,16 +29,17 @@
 use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, ValueEnum};
-use qoq_core::ClinicalSample;
+use qoq_core::{ClinicalSample, Rollout};
 use qoq_data::manifest::{Manifest, ManifestConfig};
 use qoq_engine::{GenerateConfig, Generated, GroupRequest, SamplingParams, StopCondition};
 use qoq_model::train::{Freeze, trainable_var_builder, write_random_checkpoint_seeded};
 use qoq_model::{ClinicalVlm, ForwardMode, ModelInputs};
+use qoq_model::{RolloutTensors, prompt_inputs, rollout_tensors};
 use qoq_processor::processor::{ProcessedSample, Processor};
 use qoq_rl::config::RunConfig;
 use qoq_rl::loss::{ActorLossInputs, KlTerm, LossConfig, PolicyLossInputs, compute_actor_loss};
 use qoq_rl::optim::{AdamW, GradAccumulator};
-use qoq_rl::trainer::{RolloutTensors, batch_to_inputs, response_log_probs, rollout_tensors};
+use qoq_rl::trainer::response_log_probs;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -278,7 +279,7 @@ impl Bench {
                 .processor
                 .collate(std::slice::from_ref(&p), None)
                 .with_context(|| format!("collating manifest line {}", s.line))?;
-            let inputs = batch_to_inputs(&batch, &[], 0, 0, &dev)?;
+            let inputs = prompt_inputs(&batch, &dev)?;
             requests.push(GroupRequest {
                 inputs,
                 n: self.n,
@@ -345,7 +346,16 @@ impl Bench {
             let prompts: Vec<ProcessedSample> =
                 ub.iter().map(|(gi, _, _)| processed[*gi].clone()).collect();
             let batch = self.processor.collate(&prompts, None)?;
-            let rollouts: Vec<&Generated> = ub.iter().map(|(_, _, r)| *r).collect();
+            let rollouts: Vec<Rollout> = ub
+                .iter()
+                .map(|(_, _, r)| Rollout {
+                    token_ids: r.tokens.clone(),
+                    logprobs: r.logprobs.clone(),
+                    text: String::new(),
+                    finish: r.finish,
+                })
+                .collect();
+            let rollouts: Vec<&Rollout> = rollouts.iter().collect();
             let RolloutTensors {
                 inputs,
                 s,

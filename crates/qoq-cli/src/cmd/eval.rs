@@ -208,7 +208,7 @@ impl Responder for EngineResponder<'_> {
                 .processor
                 .collate(std::slice::from_ref(&ps), None)
                 .map_err(|e| err(e.to_string()))?;
-            let inputs = crate::cmd::infer::model_inputs(&b, self.model.device())
+            let inputs = qoq_model::prompt_inputs(&b, self.model.device())
                 .map_err(|e| err(e.to_string()))?;
             requests.push(qoq_engine::GroupRequest {
                 inputs,

@@ -7,8 +7,7 @@ use candle_core::{DType, Device};
 use clap::Args;
 use qoq_core::{ClinicalSample, Domain, SampleId};
 use qoq_engine::{GenerateConfig, GroupRequest, SamplingParams, StopCondition, generate};
-use qoq_model::ModelInputs;
-use qoq_processor::processor::{ProcessedBatch, Processor, ProcessorOptions};
+use qoq_processor::processor::{Processor, ProcessorOptions};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -53,11 +52,6 @@ pub struct InferArgs {
     /// Do not stream tokens; print only the summary.
     #[arg(long)]
     quiet: bool,
-}
-
-/// Tensors of a collated prompt batch (the trainer's conversion without responses).
-pub fn model_inputs(b: &ProcessedBatch, dev: &Device) -> anyhow::Result<ModelInputs> {
-    Ok(qoq_rl::trainer::batch_to_inputs(b, &[], 0, 0, dev)?)
 }
 
 pub fn run(a: InferArgs) -> anyhow::Result<ExitCode> {
@@ -107,7 +101,7 @@ pub fn run(a: InferArgs) -> anyhow::Result<ExitCode> {
         .process_sample(&sample)
         .context("processing the case")?;
     let batch = processor.collate(std::slice::from_ref(&processed), None)?;
-    let inputs = model_inputs(&batch, &Device::Cpu)?;
+    let inputs = qoq_model::prompt_inputs(&batch, &Device::Cpu)?;
     tracing::info!(
         prompt_tokens = batch.seq_len(),
         images = processed.image_grid_thw.len(),

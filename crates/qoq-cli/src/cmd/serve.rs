@@ -736,7 +736,7 @@ fn prepare(s: &Served, r: &ChatRequest) -> Result<Prepared, ApiError> {
     let batch = p
         .collate(std::slice::from_ref(&processed), None)
         .map_err(|e| ApiError::internal(e.to_string()))?;
-    let inputs = crate::cmd::infer::model_inputs(&batch, &Device::Cpu)
+    let inputs = qoq_model::prompt_inputs(&batch, &Device::Cpu)
         .map_err(|e| ApiError::internal(e.to_string()))?;
     tracing::debug!(
         prompt_tokens = batch.seq_len(),

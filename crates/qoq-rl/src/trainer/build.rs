@@ -1,0 +1,224 @@
+//! Build and resume: the model, the frozen reference, the optimiser, the estimator, the data
+//! cursor and the run log of a [`Trainer`], from a [`RunConfig`] (a fresh run) or from a
+//! checkpoint (a resumed one).
+
+use super::{Result, Trainer, TrainerError, model_err};
+use crate::advantage::Estimator;
+use crate::checkpoint::{self, Checkpoint, TrainerState};
+use crate::config::{DtypeName, RunConfig};
+use crate::metrics_log::RunLog;
+use crate::optim::AdamW;
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use qoq_data::manifest::{Cursor, Manifest};
+use qoq_model::ClinicalVlm;
+use qoq_model::train::{Freeze, trainable_var_builder};
+use qoq_processor::processor::Processor;
+use qoq_reward::RewardFn;
+use std::path::{Path, PathBuf};
+
+/// The candle dtype of a config dtype name.
+pub fn dtype_of(d: DtypeName) -> DType {
+    match d {
+        DtypeName::F32 => DType::F32,
+        DtypeName::Bf16 => DType::BF16,
+        DtypeName::F16 => DType::F16,
+    }
+}
+
+/// A fresh run of `cfg` from the checkpoint at `model.model_path`, writing into
+/// `trainer.out_dir`.
+pub(super) fn fresh(cfg: RunConfig, reward: Box<dyn RewardFn>) -> Result<Trainer> {
+    let out_dir = PathBuf::from(&cfg.trainer.out_dir);
+    let model_dir = PathBuf::from(&cfg.model.model_path);
+    let dtype = dtype_of(cfg.model.master_dtype);
+    let (vb, _) = qoq_model::loading::checkpoint_var_builder(&model_dir, dtype, &Device::Cpu)
+        .map_err(|e| model_err(format!("{}: {e}", model_dir.display())))?;
+    build(cfg, reward, vb, out_dir, None)
+}
+
+/// The run of the checkpoint `dir`, its config changed by `overrides` (`key=value`), scored by
+/// `reward` or the configured reward.
+pub(super) fn resume(
+    dir: &Path,
+    reward: Option<Box<dyn RewardFn>>,
+    overrides: &[String],
+) -> Result<Trainer> {
+    let ck = Checkpoint::open(dir)?;
+    let text = ck.config_toml()?;
+    for o in overrides {
+        let key = o.split('=').next().unwrap_or("").trim();
+        if key.starts_with("model.") || key == "algorithm.estimator" {
+            return Err(TrainerError::Config(format!(
+                "--set {o}: `{key}` cannot change when resuming (the checkpoint's weights and \
+                 estimator state depend on it)"
+            )));
+        }
+    }
+    let cfg = RunConfig::from_toml_str_with_overrides(
+        &text,
+        &dir.join(checkpoint::files::CONFIG).display().to_string(),
+        overrides,
+    )
+    .map_err(|e| TrainerError::Config(e.to_string()))?;
+    let reward = match reward {
+        Some(r) => r,
+        None => cfg
+            .reward
+            .build()
+            .map_err(|e| TrainerError::Config(format!("reward: {e}")))?,
+    };
+    let dtype = dtype_of(cfg.model.master_dtype);
+    let weights = ck.model(&Device::Cpu)?;
+    let vb = VarBuilder::from_tensors(weights, dtype, &Device::Cpu);
+    let out_dir = dir
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    build(cfg, reward, vb, out_dir, Some(&ck))
+}
+
+/// Refuses the configurations this trainer cannot run (beyond [`RunConfig::validate`]).
+fn check(cfg: &RunConfig) -> Result<()> {
+    cfg.validate()
+        .map_err(|e| TrainerError::Config(e.to_string()))?;
+    if cfg.algorithm.kl.kl_in_reward()
+        && cfg.algorithm.kl.kl_penalty == crate::loss::KlEstimator::Full
+    {
+        return Err(TrainerError::Config(
+            "algorithm.kl: kl_penalty = \"full\" needs vocabulary log-probs and works with \
+             use_kl_loss = true only; the KL in the reward takes kl, abs, mse or low_var_kl"
+                .into(),
+        ));
+    }
+    if cfg.actor.ppo_epochs != 1 {
+        return Err(TrainerError::Config(format!(
+            "actor.ppo_epochs = {}: this trainer reuses the sampler's log-probs as the old \
+             policy and supports 1 only",
+            cfg.actor.ppo_epochs
+        )));
+    }
+    Ok(())
+}
+
+/// Opens a manifest, naming it on failure.
+fn open_manifest(path: &Path, cfg: &RunConfig) -> Result<Manifest> {
+    Manifest::open(path, cfg.data.manifest.clone()).map_err(|e| TrainerError::Data {
+        step: 0,
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+fn build(
+    cfg: RunConfig,
+    reward: Box<dyn RewardFn>,
+    vb: VarBuilder<'static>,
+    out_dir: PathBuf,
+    ck: Option<&Checkpoint>,
+) -> Result<Trainer> {
+    check(&cfg)?;
+    let device = Device::Cpu;
+    let model_dir = PathBuf::from(&cfg.model.model_path);
+    let model_cfg = qoq_model::loading::read_config(&model_dir).map_err(model_err)?;
+    let opts = cfg.processor_options();
+    let processor = Processor::from_model_dir(
+        &model_dir,
+        cfg.model.tokenizer_path.as_deref().map(Path::new),
+        opts,
+    )
+    .map_err(|e| model_err(format!("processor of {}: {e}", model_dir.display())))?;
+    let freeze = Freeze {
+        vision_tower: cfg.model.freeze_vision_tower,
+        time_series_encoder: cfg.model.freeze_time_series_encoder,
+        llm: cfg.model.freeze_llm,
+    };
+    let (vb, store) = trainable_var_builder(vb, freeze);
+    let model = ClinicalVlm::new(&model_cfg, vb).map_err(model_err)?;
+    let ref_model = if cfg.algorithm.kl.kl_in_loss() || cfg.algorithm.kl.kl_in_reward() {
+        let dtype = dtype_of(cfg.model.master_dtype);
+        let (_, m) =
+            qoq_model::loading::load_model(&model_dir, dtype, &device).map_err(model_err)?;
+        Some(m)
+    } else {
+        None
+    };
+    let params = store.trainable().map_err(model_err)?;
+    if params.is_empty() {
+        return Err(TrainerError::Config(
+            "model: every component is frozen; nothing to train".into(),
+        ));
+    }
+    let mut opt = AdamW::new(params, cfg.actor.optim.clone())?;
+    let manifest_path = PathBuf::from(&cfg.data.train_files);
+    let manifest = open_manifest(&manifest_path, &cfg)?;
+    if manifest.len() < cfg.data.rollout_batch_size {
+        return Err(TrainerError::Config(format!(
+            "{}: {} rows, fewer than data.rollout_batch_size = {}",
+            manifest_path.display(),
+            manifest.len(),
+            cfg.data.rollout_batch_size
+        )));
+    }
+    let val_manifest = open_manifest(Path::new(&cfg.data.val_files), &cfg)?;
+    let kl_controller = if cfg.algorithm.kl.kl_in_reward() {
+        Some(
+            crate::loss::KlController::from_config(&cfg.algorithm.kl)
+                .map_err(|source| TrainerError::Loss { step: 0, source })?,
+        )
+    } else {
+        None
+    };
+    let config_toml = cfg
+        .to_toml_string()
+        .map_err(|e| TrainerError::Config(e.to_string()))?;
+    let (estimator, cursor, state, resume_step) = match ck {
+        Some(ck) => {
+            if ck.has_optimizer() {
+                ck.load_optimizer(&mut opt)?;
+            }
+            let est = Estimator::load_state(&ck.estimator_json()?).map_err(|source| {
+                TrainerError::Advantage {
+                    step: ck.step(),
+                    source,
+                }
+            })?;
+            let mut state = ck.trainer_state()?;
+            if state.kl_controller.is_none() {
+                state.kl_controller = kl_controller;
+            } else if kl_controller.is_none() {
+                state.kl_controller = None;
+            }
+            (est, ck.cursor()?, state, Some(ck.step()))
+        }
+        None => (
+            cfg.algorithm.build_estimator(),
+            Cursor::default(),
+            TrainerState {
+                kl_controller,
+                ..TrainerState::default()
+            },
+            None,
+        ),
+    };
+    let (log, records) = RunLog::open(&out_dir, cfg.trainer.tensorboard, resume_step)?;
+    Ok(Trainer {
+        cfg,
+        config_toml,
+        out_dir,
+        device,
+        processor,
+        model,
+        store,
+        ref_model,
+        opt,
+        estimator,
+        reward,
+        manifest,
+        cursor,
+        state,
+        log,
+        records,
+        val_manifest,
+    })
+}

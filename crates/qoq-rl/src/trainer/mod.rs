@@ -1,0 +1,419 @@
+//! The RL training loop (spec §10-§12; reference `verl/trainer/ray_trainer.py::fit` with
+//! `verl/workers/actor/dp_actor.py::update_policy`), one file per stage:
+//!
+//! | stage | file | in → out |
+//! |---|---|---|
+//! | build / resume | `build.rs` | `RunConfig` (+ checkpoint) → model, reference, optimiser, estimator, cursor |
+//! | rollout | `rollout.rs` | manifest rows → [`Prompt`]s → [`RolloutGroup`]s via [`qoq_engine::generate`] |
+//! | score | `score.rs` | [`RolloutGroup`]s → [`ScoredGroup`]s → [`StepRewards`] (KL in the reward, filtering) |
+//! | update | `update.rs` | rollouts + advantages → one micro-batched update loop (RL and SFT) |
+//! | validate | `validate.rs` | validation rows → generations, metrics, `val_generations_{step}.jsonl` |
+//! | metrics | `metrics.rs` | a step's groups, advantages and update → its logged metrics |
+//!
+//! One [`Trainer::step`]:
+//! 1. draws `data.rollout_batch_size` prompts from the manifest in its seeded, resumable order;
+//! 2. processes them and samples `rollout.n` responses per prompt with [`qoq_engine::generate`];
+//!    each prompt's random stream id is `epoch · rows + row index`, so a rollout depends only on
+//!    the weights, the seed and the row (resumed runs sample the same tokens);
+//! 3. decodes and scores the responses with the configured reward (segmentation masks are loaded
+//!    at the processed image size);
+//! 4. computes advantages with the configured estimator (domain key `algorithm.drpo.domain_key`);
+//! 5. updates the policy: mini-batches of `actor.global_batch_size · n` rollouts, each split in
+//!    micro-batches of `actor.micro_batch_size_per_device_for_update`; every micro-batch runs a
+//!    Train-mode forward on prompt (left-padded) + response (right-padded), takes the response
+//!    tokens' log-probs and the actor loss divided by the number of micro-batches, and
+//!    accumulates gradients; AdamW steps once per mini-batch (a non-finite gradient norm skips
+//!    the step and is counted);
+//! 6. logs the reference metric names ([`crate::metrics_log::names`]) and, every
+//!    `trainer.save_freq` steps, writes an atomic checkpoint.
+//!
+//! Simplifications of this core, all documented in the metrics or errors they affect:
+//! - one PPO epoch: the old log-probs are the sampler's log-probs of the drawn tokens (raw logits,
+//!   temperature 1, computed with the KV cache), so the ratio starts at 1 up to rounding between
+//!   the cached decode and the full training forward; `actor.ppo_epochs` must be 1;
+//! - the KL reference policy is the initial checkpoint at `model.model_path`, loaded frozen when
+//!   `algorithm.kl` puts the KL in the loss or in the reward;
+//! - `rollout.image_pad_logit_bias` is applied to the video and ECG placeholder tokens too (a
+//!   sampled placeholder cannot be re-encoded by the training forward; should one be sampled
+//!   anyway it is fed as padding and masked out of the loss);
+//! - single device (`n_gpus_per_node` only enters the config's batch-size checks).
+//!
+//! Besides the reference metric names, each step logs `timing_s/gen`, `timing_s/update_actor`,
+//! `prompt_length/mean` and the cumulative `actor/skipped_steps`.
+//!
+//! There is no mutable random state: sampling seeds derive from `(rollout.seed, stream, rollout)`
+//! and the data order from `(data.seed, epoch)`, so the checkpoint's `rng.json` is empty.
+
+mod build;
+mod metrics;
+mod rollout;
+mod score;
+mod update;
+mod validate;
+
+pub use rollout::Prompt;
+pub use score::StepRewards;
+pub use update::{UpdateStats, response_log_probs, sft_target};
+
+use crate::advantage::Estimator;
+use crate::checkpoint::{self, CheckpointData, TrainerState};
+use crate::config::RunConfig;
+use crate::metrics_log::{MetricsRecord, RunLog};
+use crate::optim::AdamW;
+use crate::rng::RngStates;
+use candle_core::{Device, Tensor};
+use qoq_core::{RolloutGroup, ScoredGroup};
+use qoq_data::manifest::{Cursor, Manifest};
+use qoq_model::ClinicalVlm;
+use qoq_model::train::ParamStore;
+use qoq_processor::processor::Processor;
+use qoq_reward::RewardFn;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Metric: optimiser steps skipped so far because of a non-finite gradient norm.
+pub const SKIPPED_STEPS: &str = "actor/skipped_steps";
+/// Metric: token-mean cross-entropy of the SFT targets ([`Trainer::sft_step`]).
+pub const SFT_LOSS: &str = "sft/loss";
+/// Metric: seconds spent generating the step's rollouts (reference `timing_s/gen`).
+pub const TIMING_GEN: &str = "timing_s/gen";
+/// Metric: seconds spent in the policy update (reference `timing_s/update_actor`).
+pub const TIMING_UPDATE: &str = "timing_s/update_actor";
+/// Metric: seconds spent validating (on validation steps).
+pub const TIMING_VALIDATION: &str = "timing_s/validation";
+/// Metric: seconds spent on the reference policy's log-probs for the KL in the reward.
+pub const TIMING_REF: &str = "timing_s/ref";
+/// Metric: batch mean of the per-sequence mean KL to the reference (KL in the reward).
+pub const CRITIC_KL: &str = "critic/kl";
+/// Metric: the β applied to the KL in the reward this step.
+pub const CRITIC_KL_COEF: &str = "critic/kl_coef";
+/// Metric: groups kept by dynamic filtering.
+pub const FILTER_KEPT_GROUPS: &str = "filter/kept_groups";
+/// Metric: groups dropped by dynamic filtering (reward std at most `algorithm.filter_min_std`).
+pub const FILTER_DROPPED_GROUPS: &str = "filter/dropped_groups";
+/// Metric: mean prompt length in tokens (image and ECG placeholders included).
+pub const PROMPT_LENGTH_MEAN: &str = "prompt_length/mean";
+
+/// Errors of the trainer; each names the step, file or field concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainerError {
+    /// The run configuration is invalid or unsupported by this trainer.
+    #[error("config: {0}")]
+    Config(String),
+    /// A manifest row could not be read or processed.
+    #[error("step {step}: manifest {path}: {message}")]
+    Data {
+        step: u64,
+        path: PathBuf,
+        message: String,
+    },
+    /// Loading or running the model failed.
+    #[error("model: {0}")]
+    Model(String),
+    /// Generation failed.
+    #[error("step {step}: generation: {message}")]
+    Generate { step: u64, message: String },
+    /// Advantage estimation failed.
+    #[error("step {step}: advantages: {source}")]
+    Advantage {
+        step: u64,
+        #[source]
+        source: crate::Error,
+    },
+    /// The loss failed.
+    #[error("step {step}: loss: {source}")]
+    Loss {
+        step: u64,
+        #[source]
+        source: crate::loss::LossError,
+    },
+    /// A checkpoint could not be written or read.
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+    /// The metrics log failed.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics_log::MetricsLogError),
+    /// A tensor operation failed.
+    #[error("tensor: {0}")]
+    Tensor(#[from] candle_core::Error),
+}
+
+impl From<qoq_model::Error> for TrainerError {
+    fn from(e: qoq_model::Error) -> Self {
+        model_err(e)
+    }
+}
+
+/// Result of the trainer.
+pub type Result<T> = std::result::Result<T, TrainerError>;
+
+pub(crate) fn model_err(e: impl std::fmt::Display) -> TrainerError {
+    TrainerError::Model(e.to_string())
+}
+
+/// What one [`Trainer::step`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepOutcome {
+    /// The step just completed (1-based).
+    pub step: u64,
+    /// Its metrics, as logged (validation metrics included on validation steps).
+    pub metrics: BTreeMap<String, f64>,
+    /// The checkpoint written after it ([`Trainer::train_step`] on save steps).
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// The RL trainer: model, optimiser, estimator, data cursor and logs of one run.
+pub struct Trainer {
+    cfg: RunConfig,
+    config_toml: String,
+    out_dir: PathBuf,
+    device: Device,
+    processor: Processor,
+    model: ClinicalVlm,
+    store: ParamStore,
+    ref_model: Option<ClinicalVlm>,
+    opt: AdamW,
+    estimator: Estimator,
+    reward: Box<dyn RewardFn>,
+    manifest: Manifest,
+    cursor: Cursor,
+    state: TrainerState,
+    log: RunLog,
+    records: Vec<MetricsRecord>,
+    val_manifest: Manifest,
+}
+
+impl Trainer {
+    /// A fresh run of `cfg` writing into `trainer.out_dir`, scored by the configured reward.
+    pub fn new(cfg: RunConfig) -> Result<Self> {
+        let reward = cfg
+            .reward
+            .build()
+            .map_err(|e| TrainerError::Config(format!("reward: {e}")))?;
+        Self::with_reward(cfg, reward)
+    }
+
+    /// A fresh run scored by `reward` instead of the configured one.
+    pub fn with_reward(cfg: RunConfig, reward: Box<dyn RewardFn>) -> Result<Self> {
+        build::fresh(cfg, reward)
+    }
+
+    /// Resumes the run whose checkpoint is `dir` (`<out_dir>/checkpoint_step_N`): weights,
+    /// optimiser, estimator, cursor, trainer state and config come from it; the metrics log in
+    /// the parent folder is truncated to the checkpoint's step.
+    pub fn resume(dir: &Path) -> Result<Self> {
+        build::resume(dir, None, &[])
+    }
+
+    /// [`Trainer::resume`] with `key=value` overrides applied to the checkpoint's config (e.g. a
+    /// longer `trainer.max_steps`, another `trainer.save_freq`). Keys that would make the saved
+    /// state meaningless are refused: `model.*` (the weights' architecture and freezing) and
+    /// `algorithm.estimator` (the estimator state).
+    pub fn resume_with_overrides(dir: &Path, overrides: &[String]) -> Result<Self> {
+        build::resume(dir, None, overrides)
+    }
+
+    /// [`Trainer::resume`] with a reward other than the configured one.
+    pub fn resume_with_reward(dir: &Path, reward: Box<dyn RewardFn>) -> Result<Self> {
+        build::resume(dir, Some(reward), &[])
+    }
+
+    /// The run configuration.
+    pub fn config(&self) -> &RunConfig {
+        &self.cfg
+    }
+
+    /// Steps completed so far.
+    pub fn step_count(&self) -> u64 {
+        self.state.step
+    }
+
+    /// Where the data stream stands.
+    pub fn cursor(&self) -> Cursor {
+        self.cursor
+    }
+
+    /// The optimiser (steps taken, steps skipped).
+    pub fn optimizer(&self) -> &AdamW {
+        &self.opt
+    }
+
+    /// The run folder (metrics log, checkpoints).
+    pub fn out_dir(&self) -> &Path {
+        &self.out_dir
+    }
+
+    /// The policy being trained.
+    pub fn model(&self) -> &ClinicalVlm {
+        &self.model
+    }
+
+    /// Every parameter's current value by checkpoint name, LoRA adapters merged.
+    pub fn weights(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out: HashMap<String, Tensor> = self
+            .store
+            .tensors()
+            .map_err(model_err)?
+            .into_iter()
+            .collect();
+        for p in self.model.adapted_projs() {
+            if let Some((name, w)) = p.merged_weight().map_err(model_err)? {
+                out.insert(name, w);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The metrics records of this run so far (kept ones of a resumed run included).
+    pub fn records(&self) -> &[MetricsRecord] {
+        &self.records
+    }
+
+    /// Steps the configuration asks for (`trainer.max_steps` or episodes × batches).
+    pub fn total_steps(&self) -> u64 {
+        self.cfg.training_steps(self.manifest.len())
+    }
+
+    /// Runs steps until [`Trainer::total_steps`] with [`Trainer::train_step`]; returns the last
+    /// step's outcome (`None` when there was nothing left to do).
+    pub fn run(&mut self) -> Result<Option<StepOutcome>> {
+        let last = self.total_steps();
+        let mut out = None;
+        while self.state.step < last {
+            out = Some(self.train_step()?);
+        }
+        Ok(out)
+    }
+
+    /// One step of the run as configured: validation before the first step
+    /// (`trainer.val_before_train`, logged as step 0), then an RL or SFT step (each validates on
+    /// its validation steps), then a checkpoint on save steps (and the last).
+    pub fn train_step(&mut self) -> Result<StepOutcome> {
+        if self.state.step == 0
+            && self.cfg.trainer.val_before_train
+            && self.cfg.trainer.val_freq > 0
+            && !self.records.iter().any(|r| r.step == 0)
+        {
+            let m = self.validate(0)?;
+            self.log.log(0, &m)?;
+            self.records.push(MetricsRecord {
+                step: 0,
+                wall_time: 0.0,
+                metrics: m,
+            });
+        }
+        let mut o = if self.state.sft {
+            self.sft_step()?
+        } else {
+            self.step()?
+        };
+        if self.cfg.trainer.is_save_step(o.step, self.total_steps()) {
+            o.checkpoint = Some(self.save_checkpoint()?);
+        }
+        Ok(o)
+    }
+
+    /// Whether [`Trainer::train_step`] takes SFT steps (saved in checkpoints).
+    pub fn is_sft(&self) -> bool {
+        self.state.sft
+    }
+
+    /// Whether [`Trainer::run`] takes supervised steps ([`Trainer::sft_step`]) instead of RL
+    /// steps. Saved in checkpoints: a resumed run continues in its mode.
+    pub fn set_sft(&mut self, sft: bool) {
+        self.state.sft = sft;
+    }
+
+    /// Writes `<out_dir>/checkpoint_step_<step>` and prunes old ones per `trainer.save_limit`.
+    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        let weights = self.weights()?;
+        let rng = RngStates::default();
+        let data = CheckpointData {
+            model: &weights,
+            optimizer: Some(&self.opt),
+            estimator: &self.estimator,
+            rng: &rng,
+            cursor: self.cursor,
+            trainer_state: &self.state,
+            config_toml: &self.config_toml,
+        };
+        let dir = checkpoint::save(&self.out_dir, &data)?;
+        checkpoint::prune(&self.out_dir, self.cfg.trainer.keep_last())?;
+        Ok(dir)
+    }
+
+    /// One training step: rollout, score (KL in the reward, filtering), advantages, update,
+    /// metrics.
+    pub fn step(&mut self) -> Result<StepOutcome> {
+        let t0 = Instant::now();
+        let step = self.state.step + 1;
+        let drawn = self.draw(step)?;
+        let path = self.manifest.path().to_path_buf();
+
+        // 1. Process and sample.
+        let (prompts, requests) = self.prepare(step, &path, drawn, self.cfg.rollout.n)?;
+        let t_gen = Instant::now();
+        let gen_cfg = self.sampling();
+        let groups: Vec<RolloutGroup> = self.generate(step, &path, &prompts, requests, &gen_cfg)?;
+        let gen_s = t_gen.elapsed().as_secs_f64();
+
+        // 2. Score; the KL in the reward; dynamic filtering.
+        let scored: Vec<ScoredGroup> = self.score(step, &path, &prompts, groups)?;
+        let mut m: BTreeMap<String, f64> = BTreeMap::new();
+        let rewards = self.shape_rewards(step, &prompts, scored, &mut m)?;
+
+        // 3. Advantages of the kept groups.
+        let rows = rewards.estimator_rows();
+        let adv = if rows.is_empty() {
+            crate::advantage::StepAdvantages {
+                advantages: Vec::new(),
+                metrics: crate::advantage::AdvantageMetrics::default(),
+            }
+        } else {
+            self.estimator
+                .step(&rows)
+                .map_err(|source| TrainerError::Advantage { step, source })?
+        };
+        metrics::advantage_metrics(&adv, &rows, &mut m);
+
+        // 4. Policy update.
+        let t_update = Instant::now();
+        let stats = self.rl_update(step, &prompts, &rewards, &adv.advantages)?;
+        let update_s = t_update.elapsed().as_secs_f64();
+
+        // 5. Metrics.
+        m.insert(TIMING_GEN.into(), gen_s);
+        m.insert(TIMING_UPDATE.into(), update_s);
+        stats.rl_metrics(&mut m);
+        m.insert(SKIPPED_STEPS.into(), self.opt.skipped() as f64);
+        metrics::rollout_metrics(&prompts, &rewards, &adv, &mut m);
+        m.insert(
+            crate::metrics_log::names::TIME_PER_STEP.into(),
+            t0.elapsed().as_secs_f64(),
+        );
+        self.finish_step(step, m)
+    }
+
+    /// Validation metrics on validation steps, the log, the records and the trainer state.
+    fn finish_step(&mut self, step: u64, mut m: BTreeMap<String, f64>) -> Result<StepOutcome> {
+        if self.cfg.trainer.val_freq > 0 && self.cfg.trainer.is_val_step(step, self.total_steps()) {
+            m.extend(self.validate(step)?);
+        }
+        self.log.log(step, &m)?;
+        self.records.push(MetricsRecord {
+            step,
+            wall_time: 0.0,
+            metrics: m.clone(),
+        });
+        self.state.step = step;
+        self.state.episode = self.cursor.epoch;
+        self.state.optimizer_steps = self.opt.steps();
+        self.state.metrics = m.clone();
+        Ok(StepOutcome {
+            step,
+            metrics: m,
+            checkpoint: None,
+        })
+    }
+}

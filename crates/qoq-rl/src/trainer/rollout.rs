@@ -1,0 +1,236 @@
+//! Rollout: the step's manifest rows in their seeded, resumable order → [`Prompt`]s (processed,
+//! the ground-truth box in the model's pixels, the segmentation mask indexed) → one
+//! [`RolloutGroup`] of `n` decoded rollouts per prompt, sampled with [`qoq_engine::generate`].
+
+use super::{Result, Trainer, TrainerError};
+use qoq_core::{ClinicalSample, GroupId, Rollout, RolloutGroup};
+use qoq_engine::{GenerateConfig, GroupRequest, SamplingParams, StopCondition};
+use qoq_processor::processor::ProcessedSample;
+use qoq_reward::MaskIndex;
+use std::path::Path;
+
+/// One prompt of a step: the drawn row, processed for the model. `groups[i]` of the rollout
+/// stage answers `prompts[i]`.
+pub struct Prompt {
+    /// The random stream id (`epoch · rows + row index`; the row index for validation).
+    pub stream: u64,
+    /// The row, its box rescaled to the pixels of the image the model sees.
+    pub sample: ClinicalSample,
+    /// The processed prompt.
+    pub processed: ProcessedSample,
+    /// The segmentation mask at the processed image size, when the row has one.
+    pub mask: Option<MaskIndex>,
+}
+
+impl Prompt {
+    /// The id of this prompt's group: the sample id and the stream (a row drawn twice in one
+    /// step, across an epoch end, makes two groups).
+    pub fn group_id(&self) -> GroupId {
+        GroupId(format!("{}#{}", self.sample.id.0, self.stream))
+    }
+}
+
+impl Trainer {
+    /// Draws the step's prompts: `(stream id, sample)` in the seeded order.
+    pub(super) fn draw(&mut self, step: u64) -> Result<Vec<(u64, ClinicalSample)>> {
+        let want = self.cfg.data.rollout_batch_size;
+        let seed = self.cfg.data.seed;
+        let rows = self.manifest.len() as u64;
+        let path = self.manifest.path().to_path_buf();
+        let data_err = |message: String| TrainerError::Data {
+            step,
+            path: path.clone(),
+            message,
+        };
+        let mut out = Vec::with_capacity(want);
+        let mut order: Option<(u64, Vec<u32>)> = None;
+        let mut next = self.cursor;
+        let iter = self
+            .manifest
+            .shuffled(seed, self.cursor)
+            .map_err(|e| data_err(e.to_string()))?;
+        for (after, row) in iter {
+            let sample = row.map_err(|e| data_err(e.to_string()))?;
+            // The row index: the position just consumed in `after`'s epoch order.
+            let epoch = after.epoch;
+            if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                order = Some((epoch, self.manifest.epoch_order(seed, epoch)));
+            }
+            let index = order
+                .as_ref()
+                .map_or(0, |(_, o)| o[after.position as usize - 1]);
+            next = after;
+            out.push((epoch * rows + u64::from(index), sample));
+            if out.len() == want {
+                break;
+            }
+        }
+        if out.len() < want {
+            return Err(data_err(format!(
+                "the stream ended after {} of {want} rows",
+                out.len()
+            )));
+        }
+        self.cursor = next;
+        Ok(out)
+    }
+
+    /// The rollout sampling settings of the run.
+    pub(super) fn sampling(&self) -> GenerateConfig {
+        let r = &self.cfg.rollout;
+        let ids = self.processor.tokenizer.ids;
+        // The reference biases `<|image_pad|>`; the video and ECG placeholders get the same
+        // bias here, as a sampled placeholder cannot be re-encoded by the training forward.
+        let placeholders = self.placeholder_ids();
+        GenerateConfig {
+            sampling: SamplingParams {
+                temperature: r.temperature as f32,
+                top_p: r.top_p as f32,
+                top_k: usize::try_from(r.top_k).unwrap_or(0),
+                seed: r.seed,
+                logit_bias: if r.image_pad_logit_bias != 0.0 {
+                    placeholders
+                        .iter()
+                        .map(|&t| (t, r.image_pad_logit_bias as f32))
+                        .collect()
+                } else {
+                    Vec::new()
+                },
+                ..SamplingParams::default()
+            },
+            stop: StopCondition {
+                eos: if r.ignore_eos {
+                    Vec::new()
+                } else {
+                    vec![ids.im_end, ids.endoftext]
+                },
+                max_new_tokens: self.cfg.data.max_response_length,
+            },
+            max_batch_rows: self.cfg.rollouts_per_step(),
+        }
+    }
+
+    /// Token ids the model replaces by encoder features.
+    pub(super) fn placeholder_ids(&self) -> Vec<u32> {
+        self.model.config().placeholder_token_ids()
+    }
+
+    /// Processes drawn rows into prompts, with their generation requests of `n` rollouts each;
+    /// errors name `path` (the manifest) and the row's line.
+    pub(super) fn prepare(
+        &self,
+        step: u64,
+        path: &Path,
+        drawn: Vec<(u64, ClinicalSample)>,
+        n: usize,
+    ) -> Result<(Vec<Prompt>, Vec<GroupRequest>)> {
+        let data_err = |message: String| TrainerError::Data {
+            step,
+            path: path.to_path_buf(),
+            message,
+        };
+        let mut prompts: Vec<Prompt> = Vec::with_capacity(drawn.len());
+        let mut requests = Vec::with_capacity(drawn.len());
+        for (stream, mut sample) in drawn {
+            let processed = self
+                .processor
+                .process_sample(&sample)
+                .map_err(|e| data_err(format!("line {}: {e}", sample.line)))?;
+            box_to_model_pixels(&mut sample, &processed)
+                .map_err(|e| data_err(format!("line {}: {e}", sample.line)))?;
+            let batch = self
+                .processor
+                .collate(std::slice::from_ref(&processed), None)
+                .map_err(|e| data_err(format!("line {}: {e}", sample.line)))?;
+            let inputs = qoq_model::prompt_inputs(&batch, &self.device)?;
+            let mask = match (&sample.segmentation_path, processed.image_sizes.first()) {
+                (Some(p), Some(&size)) => {
+                    let m = qoq_data::vision::load_mask(p, size, self.cfg.data.mask_wh_swap_bug)
+                        .map_err(|e| data_err(format!("line {}: {e}", sample.line)))?;
+                    Some(MaskIndex::new(&m))
+                }
+                _ => None,
+            };
+            requests.push(GroupRequest { inputs, n, stream });
+            prompts.push(Prompt {
+                stream,
+                sample,
+                processed,
+                mask,
+            });
+        }
+        Ok((prompts, requests))
+    }
+
+    /// Samples every prompt's rollouts and decodes them: one group per prompt, in order, keyed
+    /// by [`Prompt::group_id`] with the domain `algorithm.drpo.domain_key` names.
+    pub(super) fn generate(
+        &self,
+        step: u64,
+        path: &Path,
+        prompts: &[Prompt],
+        requests: Vec<GroupRequest>,
+        cfg: &GenerateConfig,
+    ) -> Result<Vec<RolloutGroup>> {
+        let gen_err = |message: String| TrainerError::Generate { step, message };
+        let generated = qoq_engine::generate(&self.model, &requests, cfg, |_, _, _| {})
+            .map_err(|e| gen_err(e.to_string()))?;
+        drop(requests);
+        let key = self.cfg.algorithm.drpo.domain_key;
+        let mut groups = Vec::with_capacity(prompts.len());
+        for (p, rollouts) in prompts.iter().zip(generated) {
+            let mut decoded = Vec::with_capacity(rollouts.len());
+            for r in rollouts {
+                let text = self
+                    .processor
+                    .tokenizer
+                    .decode(&r.tokens, true)
+                    .map_err(|e| TrainerError::Data {
+                        step,
+                        path: path.to_path_buf(),
+                        message: format!("line {}: decoding a response: {e}", p.sample.line),
+                    })?;
+                decoded.push(Rollout {
+                    token_ids: r.tokens,
+                    logprobs: r.logprobs,
+                    text,
+                    finish: r.finish,
+                });
+            }
+            let group = RolloutGroup::new(
+                p.group_id(),
+                p.sample.id.clone(),
+                p.sample.domain_key(key),
+                decoded,
+            )
+            .map_err(|e| gen_err(e.to_string()))?;
+            groups.push(group);
+        }
+        if groups.len() != prompts.len() {
+            return Err(gen_err(format!(
+                "{} groups for {} prompts",
+                groups.len(),
+                prompts.len()
+            )));
+        }
+        Ok(groups)
+    }
+}
+
+/// Rescales the sample's ground-truth box from the original first image's pixels to the image
+/// the model sees (the dataset-side resize; spec §4.3), as the predicted boxes are in those
+/// pixels.
+pub(super) fn box_to_model_pixels(
+    sample: &mut ClinicalSample,
+    processed: &ProcessedSample,
+) -> std::result::Result<(), String> {
+    if let (Some(b), Some(img), Some(&to)) = (
+        sample.bbox,
+        sample.images.first(),
+        processed.image_sizes.first(),
+    ) {
+        let from = qoq_data::vision::image_dims(img).map_err(|e| e.to_string())?;
+        sample.bbox = Some(qoq_data::vision::rescale_bbox(b, from, to));
+    }
+    Ok(())
+}

@@ -1,0 +1,225 @@
+//! Score: [`RolloutGroup`]s → [`ScoredGroup`]s with the configured reward, then the rewards the
+//! estimator sees ([`StepRewards`]): the KL to the reference subtracted when it is in the reward
+//! (`use_kl_loss = false`), and groups without reward variance dropped by dynamic filtering.
+
+use super::rollout::Prompt;
+use super::{CRITIC_KL, CRITIC_KL_COEF, FILTER_DROPPED_GROUPS, FILTER_KEPT_GROUPS, TIMING_REF};
+use super::{Result, Trainer, TrainerError, response_log_probs};
+use crate::advantage::RolloutReward;
+use candle_core::DType;
+use qoq_core::{Rollout, RolloutGroup, ScoredGroup};
+use qoq_model::ForwardMode;
+use qoq_reward::RewardInput;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+/// The scored groups of a step with the rewards the estimator sees.
+pub struct StepRewards {
+    /// One scored group per prompt, in prompt order (filtered groups included).
+    pub groups: Vec<ScoredGroup>,
+    /// Per group and rollout: the reward, less `β · Σ_t kl_t` when the KL is in the reward.
+    pub rewards: Vec<Vec<f64>>,
+    /// Per group and rollout: the sequence KL to the reference, when it was computed.
+    pub kl: Option<Vec<Vec<f64>>>,
+    /// Per group: kept by dynamic filtering (always true without it).
+    pub keep: Vec<bool>,
+}
+
+impl StepRewards {
+    /// The estimator's input: one row per rollout of the kept groups, group after group.
+    pub fn estimator_rows(&self) -> Vec<RolloutReward> {
+        let mut rows = Vec::new();
+        for (gi, g) in self.groups.iter().enumerate() {
+            if !self.keep[gi] {
+                continue;
+            }
+            let grp = g.group();
+            for (j, &reward) in self.rewards[gi].iter().enumerate() {
+                rows.push(RolloutReward {
+                    uid: grp.id.0.clone(),
+                    domain: grp.domain.clone(),
+                    reward,
+                    kl: self.kl.as_ref().map(|k| k[gi][j]),
+                });
+            }
+        }
+        rows
+    }
+
+    /// `(prompt index, rollout)` of every rollout of the kept groups, in the order of
+    /// [`StepRewards::estimator_rows`].
+    pub fn kept_rollouts(&self) -> Vec<(usize, &Rollout)> {
+        self.groups
+            .iter()
+            .enumerate()
+            .filter(|(gi, _)| self.keep[*gi])
+            .flat_map(|(gi, g)| g.group().rollouts().iter().map(move |r| (gi, r)))
+            .collect()
+    }
+}
+
+/// Population standard deviation (0 for fewer than two values).
+pub fn population_std(v: &[f64]) -> f64 {
+    if v.len() < 2 {
+        return 0.0;
+    }
+    let mean = v.iter().sum::<f64>() / v.len() as f64;
+    (v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / v.len() as f64).sqrt()
+}
+
+impl Trainer {
+    /// Scores every rollout of `groups` (answering `prompts`, in order) with the reward.
+    pub(super) fn score(
+        &self,
+        step: u64,
+        path: &Path,
+        prompts: &[Prompt],
+        groups: Vec<RolloutGroup>,
+    ) -> Result<Vec<ScoredGroup>> {
+        let inputs: Vec<RewardInput<'_>> = prompts
+            .iter()
+            .zip(&groups)
+            .flat_map(|(p, g)| {
+                g.rollouts().iter().map(move |r| RewardInput {
+                    response: &r.text,
+                    sample: &p.sample,
+                    mask: p.mask.as_ref(),
+                })
+            })
+            .collect();
+        let mut scores = self.reward.score_batch(&inputs).into_iter();
+        drop(inputs);
+        let mut out = Vec::with_capacity(groups.len());
+        for (p, g) in prompts.iter().zip(groups) {
+            let group_scores: Vec<_> = scores.by_ref().take(g.len()).collect();
+            // A NaN or infinite reward would poison the advantages of its whole group (and
+            // DRPO's history): refuse it, naming the row.
+            for s in &group_scores {
+                if !s.overall.is_finite() {
+                    return Err(TrainerError::Data {
+                        step,
+                        path: path.to_path_buf(),
+                        message: format!(
+                            "line {}: the reward `{}` returned a non-finite score {}",
+                            p.sample.line,
+                            self.reward.name(),
+                            s.overall
+                        ),
+                    });
+                }
+            }
+            out.push(
+                ScoredGroup::new(g, group_scores).map_err(|e| TrainerError::Data {
+                    step,
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "line {}: reward `{}`: {e}",
+                        p.sample.line,
+                        self.reward.name()
+                    ),
+                })?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// The rewards the estimator sees: `r − β·Σ_t kl_t` per rollout when the KL is in the
+    /// reward (logging `critic/kl`, `critic/kl_coef`, `timing_s/ref` and updating the
+    /// controller), and the groups kept by dynamic filtering (logging `filter/*`).
+    pub(super) fn shape_rewards(
+        &mut self,
+        step: u64,
+        prompts: &[Prompt],
+        groups: Vec<ScoredGroup>,
+        m: &mut BTreeMap<String, f64>,
+    ) -> Result<StepRewards> {
+        let t_ref = Instant::now();
+        let seq_kl = match self.state.kl_controller {
+            Some(_) if self.ref_model.is_some() => Some(self.sequence_kl(step, prompts, &groups)?),
+            _ => None,
+        };
+        let mut rewards: Vec<Vec<f64>> = groups.iter().map(ScoredGroup::rewards).collect();
+        if let (Some((seq, mean_kl)), Some(ctl)) = (&seq_kl, self.state.kl_controller.as_mut()) {
+            let beta = ctl.kl_coef();
+            let mut count = 0;
+            for (rg, kg) in rewards.iter_mut().zip(seq) {
+                for (r, k) in rg.iter_mut().zip(kg) {
+                    *r -= beta * k;
+                    count += 1;
+                }
+            }
+            ctl.update(*mean_kl, count);
+            m.insert(CRITIC_KL.into(), *mean_kl);
+            m.insert(CRITIC_KL_COEF.into(), beta);
+            m.insert(TIMING_REF.into(), t_ref.elapsed().as_secs_f64());
+        }
+        let a = &self.cfg.algorithm;
+        let keep: Vec<bool> = rewards
+            .iter()
+            .map(|r| !a.dynamic_filter || population_std(r) > a.filter_min_std)
+            .collect();
+        if a.dynamic_filter {
+            let kept = keep.iter().filter(|k| **k).count();
+            m.insert(FILTER_KEPT_GROUPS.into(), kept as f64);
+            m.insert(FILTER_DROPPED_GROUPS.into(), (groups.len() - kept) as f64);
+        }
+        Ok(StepRewards {
+            groups,
+            rewards,
+            kl: seq_kl.map(|(s, _)| s),
+            keep,
+        })
+    }
+
+    /// Per-rollout sequence KL to the reference policy (`Σ_t kl_t` over the response, estimator
+    /// `algorithm.kl.kl_penalty` between the sampler's and the reference's log-probs, in
+    /// micro-batches of `actor.micro_batch_size_per_device_for_experience`), per group, with
+    /// the batch mean of the per-sequence token-mean KL (the controller's input,
+    /// `apply_kl_penalty`'s `current_kl`).
+    fn sequence_kl(
+        &self,
+        step: u64,
+        prompts: &[Prompt],
+        groups: &[ScoredGroup],
+    ) -> Result<(Vec<Vec<f64>>, f64)> {
+        let Some(rm) = &self.ref_model else {
+            return Err(TrainerError::Config(
+                "the KL in the reward needs the reference model".into(),
+            ));
+        };
+        let flat: Vec<(usize, &Rollout, ())> = groups
+            .iter()
+            .enumerate()
+            .flat_map(|(gi, g)| g.group().rollouts().iter().map(move |r| (gi, r, ())))
+            .collect();
+        let micro = self
+            .cfg
+            .actor
+            .micro_batch_size_per_device_for_experience
+            .max(1);
+        let (mut seq, mut means) = (Vec::with_capacity(flat.len()), 0.0);
+        for ub in flat.chunks(micro) {
+            let t = self.rollout_tensors(step, prompts, ub)?;
+            let rf =
+                response_log_probs(rm, &t.inputs, t.s, &t.labels, ForwardMode::Inference, step)?;
+            let kld = crate::loss::compute_kl(&t.old, &rf, self.cfg.algorithm.kl.kl_penalty)
+                .map_err(|source| TrainerError::Loss { step, source })?
+                .mul(&t.mask)?
+                .to_dtype(DType::F64)?;
+            let sums: Vec<f64> = kld.sum(1)?.to_vec1()?;
+            let counts: Vec<f64> = t.mask.to_dtype(DType::F64)?.sum(1)?.to_vec1()?;
+            for (sum, c) in sums.into_iter().zip(counts) {
+                means += sum / c.max(1.0);
+                seq.push(sum);
+            }
+        }
+        let mean = means / seq.len().max(1) as f64;
+        let mut it = seq.into_iter();
+        let per_group = groups
+            .iter()
+            .map(|g| it.by_ref().take(g.group().len()).collect())
+            .collect();
+        Ok((per_group, mean))
+    }
+}

@@ -1,0 +1,347 @@
+//! Update: one micro-batched loop for the RL and the SFT step ([`Trainer::update_loop`]):
+//! mini-batches of items, each split in micro-batches whose losses (divided by the number of
+//! micro-batches) are backpropagated and accumulated; one AdamW step per mini-batch.
+
+use super::rollout::{Prompt, box_to_model_pixels};
+use super::score::StepRewards;
+use super::{Result, SFT_LOSS, SKIPPED_STEPS, StepOutcome, Trainer, TrainerError, model_err};
+use crate::loss::{
+    ActorLossInputs, KlTerm, LossConfig, PolicyLossInputs, compute_actor_loss,
+    log_probs_from_logits,
+};
+use crate::metrics_log::names;
+use crate::optim::GradAccumulator;
+use candle_core::{DType, Tensor};
+use qoq_core::Rollout;
+use qoq_model::{ClinicalVlm, ForwardMode, ModelInputs, RolloutTensors};
+use qoq_processor::processor::ProcessedSample;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// The SFT target of an answer: the reasoning block, then the boxed answer (the response format
+/// of the QoQ prompt). With a ground-truth box (in the pixels of the image the model sees) the
+/// reasoning block outlines it as the prompt asks, a ```json list of `{"bbox_2d", "label"}`
+/// (which the reward's format and IoU scores read); without one it is empty.
+pub fn sft_target(answer: &str, bbox: Option<[f64; 4]>) -> String {
+    match bbox {
+        Some(b) => {
+            let item = serde_json::json!([{
+                "bbox_2d": b.map(|v| v.round() as i64),
+                "label": answer,
+            }]);
+            format!("<think>\n```json\n{item}\n```\n</think>\n\\boxed{{{answer}}}")
+        }
+        None => format!("<think>\n</think>\n\\boxed{{{answer}}}"),
+    }
+}
+
+/// Log-probabilities `(b, r_len)` of the response tokens `labels` under `model`: the hidden state
+/// at position p predicts token p + 1, so positions `s - 1 .. s - 1 + r_len` of a prompt of
+/// length `s` followed by the response.
+pub fn response_log_probs(
+    model: &ClinicalVlm,
+    inputs: &ModelInputs,
+    s: usize,
+    labels: &Tensor,
+    mode: ForwardMode,
+    step: u64,
+) -> Result<Tensor> {
+    let r_len = labels.dim(1)?;
+    let hidden = model
+        .forward_hidden(inputs, mode)
+        .map_err(model_err)?
+        .narrow(1, s - 1, r_len)?;
+    let logits = model
+        .logits_from_hidden(&hidden)
+        .map_err(model_err)?
+        .to_dtype(DType::F32)?;
+    log_probs_from_logits(&logits, labels).map_err(|source| TrainerError::Loss { step, source })
+}
+
+/// What an update loop did: per-metric sums over micro-batches, and the optimiser's steps.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UpdateStats {
+    /// `(sum, count)` of each micro-batch metric.
+    pub loss_sums: BTreeMap<&'static str, (f64, usize)>,
+    /// Sum of the finite gradient norms.
+    pub norm_sum: f64,
+    /// The learning rate of the last optimiser step.
+    pub lr_last: f64,
+    /// Optimiser steps taken (skipped ones included).
+    pub opt_steps: usize,
+}
+
+impl UpdateStats {
+    /// The mean of a micro-batch metric (0 when none was recorded).
+    pub fn mean(&self, name: &str) -> f64 {
+        self.loss_sums
+            .get(name)
+            .map_or(0.0, |(s, c)| s / (*c).max(1) as f64)
+    }
+
+    /// The RL step's metrics: each loss metric's mean, and the mean gradient norm and last
+    /// learning rate when the optimiser stepped.
+    pub fn rl_metrics(&self, m: &mut BTreeMap<String, f64>) {
+        for (name, (s, c)) in &self.loss_sums {
+            m.insert((*name).to_string(), s / *c as f64);
+        }
+        if self.opt_steps > 0 {
+            m.insert(
+                names::GRAD_NORM.into(),
+                self.norm_sum / self.opt_steps as f64,
+            );
+            m.insert(names::LR.into(), self.lr_last);
+        }
+    }
+}
+
+/// The loss of one micro-batch (graph attached to the trainable parameters) with its metrics.
+pub type MicroLoss = (Tensor, Vec<(&'static str, f64)>);
+
+impl Trainer {
+    /// The update loop: `items` in mini-batches of `mini`, each in micro-batches of `micro`;
+    /// `loss_of` gives a micro-batch's loss, which is divided by the number of micro-batches of
+    /// its mini-batch before the backward pass; gradients accumulate over the mini-batch and
+    /// AdamW steps once per mini-batch (a non-finite gradient norm skips the step and is
+    /// counted by the optimiser).
+    pub(super) fn update_loop<T>(
+        &mut self,
+        items: &[T],
+        mini: usize,
+        micro: usize,
+        mut loss_of: impl FnMut(&Self, &[T]) -> Result<MicroLoss>,
+    ) -> Result<UpdateStats> {
+        let mut stats = UpdateStats::default();
+        for mb in items.chunks(mini.max(1)) {
+            let parts: Vec<&[T]> = mb.chunks(micro.max(1)).collect();
+            let count = parts.len() as f64;
+            let mut acc = GradAccumulator::new();
+            for ub in parts {
+                let (loss, metrics) = loss_of(self, ub)?;
+                for (name, v) in metrics {
+                    let e = stats.loss_sums.entry(name).or_insert((0.0, 0));
+                    e.0 += v;
+                    e.1 += 1;
+                }
+                let grads = (loss / count)?.backward()?;
+                acc.add(self.opt.grads_of(&grads))?;
+            }
+            let report = self.opt.step(&acc.take())?;
+            if report.grad_norm.is_finite() {
+                stats.norm_sum += report.grad_norm;
+            }
+            stats.lr_last = report.lr;
+            stats.opt_steps += 1;
+        }
+        Ok(stats)
+    }
+
+    /// The RL update: the kept groups' rollouts with their advantages (in the estimator's
+    /// order), in mini-batches of `actor.global_batch_size · n` rollouts.
+    pub(super) fn rl_update(
+        &mut self,
+        step: u64,
+        prompts: &[Prompt],
+        rewards: &StepRewards,
+        advantages: &[f64],
+    ) -> Result<UpdateStats> {
+        let items: Vec<(usize, &Rollout, f64)> = rewards
+            .kept_rollouts()
+            .into_iter()
+            .zip(advantages)
+            .map(|((gi, r), &a)| (gi, r, a))
+            .collect();
+        let mini = self.cfg.rollouts_per_optimizer_step();
+        let micro = self.cfg.actor.micro_batch_size_per_device_for_update;
+        let loss_cfg = self.cfg.loss_config();
+        self.update_loop(&items, mini, micro, |t, ub| {
+            let out = t.micro_loss(step, prompts, ub, &loss_cfg)?;
+            Ok((out.loss, out.metrics.entries()))
+        })
+    }
+
+    /// [`qoq_model::rollout_tensors`] of the rollouts `ub` (with the index of their prompt),
+    /// their prompts collated.
+    pub(super) fn rollout_tensors<X>(
+        &self,
+        step: u64,
+        prompts: &[Prompt],
+        ub: &[(usize, &Rollout, X)],
+    ) -> Result<RolloutTensors> {
+        let batch_prompts: Vec<ProcessedSample> = ub
+            .iter()
+            .map(|(gi, _, _)| prompts[*gi].processed.clone())
+            .collect();
+        let batch =
+            self.processor
+                .collate(&batch_prompts, None)
+                .map_err(|e| TrainerError::Data {
+                    step,
+                    path: self.manifest.path().to_path_buf(),
+                    message: e.to_string(),
+                })?;
+        let rollouts: Vec<&Rollout> = ub.iter().map(|(_, r, _)| *r).collect();
+        Ok(qoq_model::rollout_tensors(
+            &batch,
+            &rollouts,
+            &self.placeholder_ids(),
+            self.processor.tokenizer.ids.endoftext,
+            &self.device,
+        )?)
+    }
+
+    /// The actor loss of one micro-batch of `(prompt index, rollout, advantage)` (graph attached
+    /// to the trainable parameters).
+    fn micro_loss(
+        &self,
+        step: u64,
+        prompts: &[Prompt],
+        ub: &[(usize, &Rollout, f64)],
+        loss_cfg: &LossConfig,
+    ) -> Result<crate::loss::PolicyLossOutput> {
+        let RolloutTensors {
+            inputs,
+            s,
+            labels,
+            mask,
+            old,
+        } = self.rollout_tensors(step, prompts, ub)?;
+        let (b, r_len) = labels.dims2()?;
+        let mut adv = vec![0f32; b * r_len];
+        for (i, (_, _, a)) in ub.iter().enumerate() {
+            adv[i * r_len..(i + 1) * r_len].fill(*a as f32);
+        }
+        let adv = Tensor::from_vec(adv, (b, r_len), &self.device)?;
+        let lp = response_log_probs(&self.model, &inputs, s, &labels, ForwardMode::Train, step)?;
+        let ref_lp = match &self.ref_model {
+            Some(rm) => Some(
+                response_log_probs(rm, &inputs, s, &labels, ForwardMode::Inference, step)?.detach(),
+            ),
+            None => None,
+        };
+        let inputs = ActorLossInputs {
+            policy: PolicyLossInputs {
+                old_log_probs: &old,
+                log_probs: &lp,
+                advantages: &adv,
+                response_mask: &mask,
+            },
+            kl: ref_lp.as_ref().map(KlTerm::RefLogProbs),
+        };
+        compute_actor_loss(&inputs, loss_cfg).map_err(|source| TrainerError::Loss { step, source })
+    }
+
+    /// One supervised fine-tuning step on the same data stream: the target of each drawn row is
+    /// [`sft_target`] of its answer followed by `<|im_end|>`; the loss is the token-mean
+    /// cross-entropy of the target tokens given the prompt, accumulated over micro-batches of
+    /// `actor.micro_batch_size_per_device_for_update` prompts, with one AdamW step per
+    /// `actor.global_batch_size` prompts ([`Trainer::update_loop`]). Logs `sft/loss` (mean over
+    /// micro-batches), `actor/grad_norm`, `actor/lr` and `actor/skipped_steps`.
+    pub fn sft_step(&mut self) -> Result<StepOutcome> {
+        let t0 = Instant::now();
+        let step = self.state.step + 1;
+        let drawn = self.draw(step)?;
+        let path = self.manifest.path().to_path_buf();
+        let data_err = |message: String| TrainerError::Data {
+            step,
+            path: path.clone(),
+            message,
+        };
+        let im_end = self.processor.tokenizer.ids.im_end;
+        let mut rows: Vec<(ProcessedSample, Vec<u32>)> = Vec::with_capacity(drawn.len());
+        for (_, sample) in &drawn {
+            let processed = self
+                .processor
+                .process_sample(sample)
+                .map_err(|e| data_err(format!("line {}: {e}", sample.line)))?;
+            let mut sample = sample.clone();
+            box_to_model_pixels(&mut sample, &processed)
+                .map_err(|e| data_err(format!("line {}: {e}", sample.line)))?;
+            let mut target = self
+                .processor
+                .tokenizer
+                .encode(&sft_target(&sample.answer, sample.bbox))
+                .map_err(|e| data_err(format!("line {}: {e}", sample.line)))?;
+            target.truncate(self.cfg.data.max_response_length.saturating_sub(1));
+            target.push(im_end);
+            rows.push((processed, target));
+        }
+        let mini = self.cfg.actor.global_batch_size;
+        let micro = self.cfg.actor.micro_batch_size_per_device_for_update;
+        let stats = self.update_loop(&rows, mini, micro, |t, ub| {
+            let (loss, value) = t.sft_micro_loss(step, ub)?;
+            Ok((loss, vec![(SFT_LOSS, value)]))
+        })?;
+        let mut m: BTreeMap<String, f64> = BTreeMap::new();
+        m.insert(SFT_LOSS.into(), stats.mean(SFT_LOSS));
+        m.insert(
+            names::GRAD_NORM.into(),
+            stats.norm_sum / stats.opt_steps.max(1) as f64,
+        );
+        m.insert(names::LR.into(), stats.lr_last);
+        m.insert(SKIPPED_STEPS.into(), self.opt.skipped() as f64);
+        m.insert(names::TIME_PER_STEP.into(), t0.elapsed().as_secs_f64());
+        self.finish_step(step, m)
+    }
+
+    /// The token-mean cross-entropy of one micro-batch of `(prompt, target)` and its value.
+    fn sft_micro_loss(
+        &self,
+        step: u64,
+        ub: &[(ProcessedSample, Vec<u32>)],
+    ) -> Result<(Tensor, f64)> {
+        let pad = self.processor.tokenizer.ids.endoftext;
+        let prompts: Vec<ProcessedSample> = ub.iter().map(|(p, _)| p.clone()).collect();
+        let batch = self
+            .processor
+            .collate(&prompts, None)
+            .map_err(|e| TrainerError::Data {
+                step,
+                path: self.manifest.path().to_path_buf(),
+                message: e.to_string(),
+            })?;
+        let targets: Vec<&[u32]> = ub.iter().map(|(_, t)| t.as_slice()).collect();
+        let r_len = targets.iter().map(|t| t.len()).max().unwrap_or(1);
+        let inputs = qoq_model::batch_to_inputs(&batch, &targets, r_len, pad, &self.device)?;
+        let b = ub.len();
+        let mut labels = vec![pad; b * r_len];
+        let mut mask = vec![0f32; b * r_len];
+        for (i, t) in targets.iter().enumerate() {
+            for (j, &tok) in t.iter().enumerate() {
+                labels[i * r_len + j] = tok;
+                mask[i * r_len + j] = 1.0;
+            }
+        }
+        let labels = Tensor::from_vec(labels, (b, r_len), &self.device)?;
+        let mask = Tensor::from_vec(mask, (b, r_len), &self.device)?;
+        let s = batch.seq_len();
+        let lp = response_log_probs(&self.model, &inputs, s, &labels, ForwardMode::Train, step)?;
+        let loss = lp.mul(&mask)?.sum_all()?.neg()?.affine(
+            1.0 / mask.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64,
+            0.0,
+        )?;
+        let value = f64::from(loss.to_scalar::<f32>()?);
+        Ok((loss, value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sft_targets_outline_the_box_the_way_the_format_score_wants() {
+        let t = sft_target("Nodule", Some([10.2, 20.0, 30.0, 40.7]));
+        assert_eq!(
+            t,
+            "<think>\n```json\n[{\"bbox_2d\":[10,20,30,41],\"label\":\"Nodule\"}]\n```\n</think>\n\\boxed{Nodule}"
+        );
+        assert_eq!(qoq_reward::format::format_score(&t), 1.0);
+        assert_eq!(
+            qoq_reward::iou::collect_bboxes(&qoq_reward::iou::extract_json(&t).unwrap().unwrap())
+                .len(),
+            1
+        );
+        assert_eq!(sft_target("AF", None), "<think>\n</think>\n\\boxed{AF}");
+    }
+}
