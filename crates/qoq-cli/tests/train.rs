@@ -159,6 +159,78 @@ out_dir = "{out}"
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("RL run"));
 
+    // The run folder is locked while a run uses it: a finished run leaves no lock, and a lock
+    // held by a live process (this test's) stops a second `qoq train` at once, naming it.
+    let lock = out.join(qoq_rl::run_dir::LOCK_FILE);
+    assert!(!lock.exists());
+    let owner = qoq_rl::run_dir::LockOwner {
+        pid: std::process::id(),
+        host: qoq_rl::run_dir::this_host(),
+        started: "2026-12-04T18:00:00Z".into(),
+        proc_start: None,
+    };
+    std::fs::write(&lock, serde_json::to_string(&owner).unwrap()).unwrap();
+    let log_before = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let o = train(&["--resume".as_ref(), out.as_os_str()]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("pid {}", std::process::id()))
+            && stderr.contains(&owner.host)
+            && stderr.contains("2026-12-04T18:00:00Z"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("metrics.jsonl")).unwrap(),
+        log_before,
+        "the refused run touched the metrics log"
+    );
+    std::fs::remove_file(&lock).unwrap();
+
+    // Changed data: the checkpoint's manifest fingerprint no longer matches; --resume refuses,
+    // naming the change, unless --allow-changed-data, which events.jsonl records.
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let fewer: Vec<&str> = text.lines().take(3).collect();
+    std::fs::write(&manifest, fewer.join("\n") + "\n").unwrap();
+    let more: [&std::ffi::OsStr; 3] = [
+        "--set".as_ref(),
+        "trainer.max_steps=4".as_ref(),
+        "--no-plot".as_ref(),
+    ];
+    let mut args = vec!["--resume".as_ref(), out.as_os_str()];
+    args.extend(more);
+    let o = train(&args);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("rows 4 → 3") && stderr.contains("--allow-changed-data"),
+        "{stderr}"
+    );
+    assert!(!out.join(qoq_rl::run_dir::EVENTS_FILE).exists());
+    args.push("--allow-changed-data".as_ref());
+    let o = train(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let events = std::fs::read_to_string(out.join(qoq_rl::run_dir::EVENTS_FILE)).unwrap();
+    assert!(
+        events.contains("resume_with_changed_data") && events.contains("rows 4 → 3"),
+        "{events}"
+    );
+    // The new fingerprint is saved: the next resume on the same data needs no flag.
+    let o = train(&[
+        "--resume".as_ref(),
+        out.as_os_str(),
+        "--set".as_ref(),
+        "trainer.max_steps=4".as_ref(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = train(&[
+        "--config".as_ref(),
+        run_toml.as_os_str(),
+        "--allow-changed-data".as_ref(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--resume only"));
+
     // SFT mode on the same run file.
     let sft_out = dir.path().join("sft");
     let o = train(&[

@@ -161,9 +161,13 @@ fn sigkill_mid_step_then_resume_matches_the_uninterrupted_run() {
     let mut first = qoq();
     first.args(["train", "--no-plot", "--config"]).arg(&cfg_b);
     kill_when_logged(first, &out_b, 2, 0);
+    // The killed run's lock is left behind; its process is gone, so the resume takes it over.
+    assert!(out_b.join(qoq_rl::run_dir::LOCK_FILE).is_file());
     let mut second = qoq();
     second.args(["train", "--no-plot", "--resume"]).arg(&out_b);
     kill_when_logged(second, &out_b, 4, 300);
+    let events = std::fs::read_to_string(out_b.join(qoq_rl::run_dir::EVENTS_FILE)).unwrap();
+    assert!(events.contains("stale_lock_taken_over"), "{events}");
 
     let o = qoq()
         .args(["train", "--no-plot", "--resume"])

@@ -118,6 +118,10 @@ pub struct TrainerState {
     /// The KL controller of a run with the KL in the reward (its β moves when adaptive).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kl_controller: Option<crate::loss::KlController>,
+    /// Fingerprints of the manifests the run trains on (`train`, `val`), taken when the run
+    /// (re)started; a resume compares them with the files it finds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data: Vec<crate::run_dir::DataFingerprint>,
 }
 
 /// One file of a checkpoint as the manifest records it.
@@ -177,7 +181,7 @@ pub fn parse_step(name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-fn sha256_file(path: &Path) -> Result<(u64, String)> {
+pub(crate) fn sha256_file(path: &Path) -> Result<(u64, String)> {
     let mut f = BufReader::with_capacity(1 << 20, File::open(path).map_err(io(path))?);
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];

@@ -305,6 +305,20 @@ impl AlgorithmConfig {
             EstimatorKind::Drpo => Estimator::Drpo(Box::new(Drpo::new(self.drpo.clone()))),
         }
     }
+
+    /// Whether the estimator reads each rollout's sequence KL to the reference (DRPO's
+    /// KL-aware damping, `algorithm.drpo.kl_damping`): the trainer then computes it from the
+    /// reference model whether the KL is in the loss or in the reward.
+    pub fn needs_rollout_kl(&self) -> bool {
+        self.estimator == EstimatorKind::Drpo
+            && self.drpo.kl_damping != crate::advantage::drpo::KlDamping::Off
+    }
+
+    /// Whether the run needs the frozen reference policy: a KL in the loss or in the reward,
+    /// or the per-rollout KL of DRPO's damping.
+    pub fn needs_reference(&self) -> bool {
+        self.kl.kl_in_loss() || self.kl.kl_in_reward() || self.needs_rollout_kl()
+    }
 }
 
 /// Optimiser implementation (`worker.actor.optim.strategy`).
@@ -698,6 +712,30 @@ impl RunConfig {
             .kl
             .validate()
             .map_err(|e| invalid("algorithm.kl", e.to_string()))?;
+        if self.algorithm.needs_rollout_kl() {
+            let damping = format!("{:?}", self.algorithm.drpo.kl_damping).to_lowercase();
+            if self.algorithm.kl.disable_kl {
+                return Err(invalid(
+                    "algorithm.drpo.kl_damping",
+                    format!(
+                        "\"{damping}\" needs each rollout's KL to the reference policy, which \
+                         algorithm.kl.disable_kl = true turns off: set disable_kl = false (the KL \
+                         may stay out of the loss and the reward with kl_coef = 0) or \
+                         kl_damping = \"off\""
+                    ),
+                ));
+            }
+            if self.algorithm.kl.kl_penalty == crate::loss::KlEstimator::Full {
+                return Err(invalid(
+                    "algorithm.drpo.kl_damping",
+                    format!(
+                        "\"{damping}\" needs a per-token KL between the sampler's and the \
+                         reference's log-probs; algorithm.kl.kl_penalty = \"full\" needs the \
+                         vocabulary log-probs: use kl, abs, mse or low_var_kl"
+                    ),
+                ));
+            }
+        }
         if let Err(e) = self.reward.build() {
             return Err(invalid("reward", e.to_string()));
         }

@@ -9,6 +9,7 @@ pub mod loss;
 pub mod metrics_log;
 pub mod optim;
 pub mod rng;
+pub mod run_dir;
 pub mod tensorboard;
 pub mod trainer;
 

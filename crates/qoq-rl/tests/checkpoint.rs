@@ -109,6 +109,13 @@ fn save(root: &Path, run: &Run, step: u64) -> std::path::PathBuf {
             target: 0.1,
             horizon: 1000.0,
         }),
+        data: vec![qoq_rl::run_dir::DataFingerprint {
+            role: "train".into(),
+            path: "train.jsonl".into(),
+            size: 10,
+            rows: 2,
+            sha256: "0".repeat(64),
+        }],
     };
     checkpoint::save(
         root,

@@ -524,3 +524,87 @@ fn resuming_with_overrides_extends_the_run_and_refuses_model_keys() {
         .unwrap();
     assert!(err.to_string().contains("algorithm.estimator"), "{err}");
 }
+
+#[test]
+fn paper_drpo_trains_with_the_kl_loss_and_damping_from_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = text_manifest(dir.path(), 8);
+    let out = dir.path().join("run");
+    let mut cfg = config(&model, &manifest, &out, 4, 4, 6, 1e-2, 2, 100, true);
+    cfg.algorithm.estimator = qoq_rl::config::EstimatorKind::Drpo;
+    cfg.algorithm.drpo = qoq_rl::advantage::DrpoConfig::paper();
+    assert!(cfg.algorithm.kl.use_kl_loss && cfg.algorithm.needs_rollout_kl());
+    let mut t = Trainer::with_reward(cfg.clone(), Box::new(Vowels)).unwrap();
+    for _ in 0..2 {
+        let o = t.step().unwrap();
+        let m = &o.metrics;
+        // The KL is in the loss, not in the reward; the damping read each rollout's KL.
+        assert!(m["actor/kl_loss"].is_finite(), "{m:?}");
+        assert!(m["critic/kl"].is_finite() && m["critic/kl"] >= 0.0, "{m:?}");
+        assert!(!m.contains_key("critic/kl_coef"), "{m:?}");
+        assert!(
+            m.keys()
+                .any(|k| k.starts_with("drpo/") && k.ends_with("/temperature"))
+        );
+        assert_eq!(m["drpo/nonfinite_zeroed"], 0.0);
+        assert!(m["actor/grad_norm"].is_finite(), "{m:?}");
+    }
+    // Combinations that cannot work are refused, naming the keys.
+    let mut bad = cfg.clone();
+    bad.algorithm.kl.disable_kl = true;
+    let e = bad.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("algorithm.drpo.kl_damping") && e.contains("disable_kl"),
+        "{e}"
+    );
+    let mut bad = cfg.clone();
+    bad.algorithm.kl.kl_penalty = qoq_rl::loss::KlEstimator::Full;
+    let e = bad.validate().unwrap_err().to_string();
+    assert!(e.contains("kl_damping") && e.contains("full"), "{e}");
+    // Without the damping, disable_kl is fine.
+    let mut ok = cfg;
+    ok.algorithm.drpo.kl_damping = qoq_rl::advantage::drpo::KlDamping::Off;
+    ok.algorithm.kl.disable_kl = true;
+    ok.validate().unwrap();
+}
+
+#[test]
+fn resume_refuses_changed_data_unless_allowed_and_records_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = text_manifest(dir.path(), 6);
+    let out = dir.path().join("run");
+    let cfg = config(&model, &manifest, &out, 4, 2, 4, 1e-3, 1, 1, false);
+    let mut t = Trainer::with_reward(cfg, Box::new(Vowels)).unwrap();
+    t.run().unwrap();
+    drop(t);
+    let ck = out.join("checkpoint_step_1");
+    let state = qoq_rl::checkpoint::Checkpoint::open(&ck)
+        .unwrap()
+        .trainer_state()
+        .unwrap();
+    let train = state.data.iter().find(|d| d.role == "train").unwrap();
+    assert_eq!(train.rows, 6);
+    assert_eq!(train.size, std::fs::metadata(&manifest).unwrap().len());
+    assert_eq!(train.sha256.len(), 64);
+    // Unchanged data resumes.
+    Trainer::resume(&ck).unwrap();
+    // The same number of rows, one answer changed: the hash tells.
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&manifest, text.replacen("\"yes\"", "\"no!\"", 1)).unwrap();
+    let e = Trainer::resume(&ck).err().unwrap().to_string();
+    assert!(e.contains("sha256") && !e.contains("rows"), "{e}");
+    assert!(
+        e.contains("train manifest") && e.contains("allow-changed-data"),
+        "{e}"
+    );
+    let opts = qoq_rl::trainer::ResumeOptions {
+        allow_changed_data: true,
+        ..Default::default()
+    };
+    let r = Trainer::resume_with(&ck, &opts).unwrap();
+    let events = std::fs::read_to_string(out.join(qoq_rl::run_dir::EVENTS_FILE)).unwrap();
+    assert!(events.contains("resume_with_changed_data"), "{events}");
+    drop(r);
+}

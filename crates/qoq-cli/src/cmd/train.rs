@@ -10,8 +10,9 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use qoq_rl::config::RunConfig;
 use qoq_rl::metrics_log::names;
-use qoq_rl::trainer::Trainer;
-use std::path::PathBuf;
+use qoq_rl::run_dir::RunLock;
+use qoq_rl::trainer::{ResumeOptions, Trainer};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Debug, Args)]
@@ -34,16 +35,32 @@ pub struct TrainArgs {
     /// Do not draw the curves at the end.
     #[arg(long)]
     no_plot: bool,
+    /// With --resume: continue even when a manifest differs from the size, row count and
+    /// sha256 the checkpoint recorded (the change is written to `<out_dir>/events.jsonl`).
+    #[arg(long)]
+    allow_changed_data: bool,
 }
 
 pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
+    if a.allow_changed_data && a.resume.is_none() {
+        bail!("--allow-changed-data applies to --resume only");
+    }
+    // The run folder is locked before anything in it is opened (a resume truncates the metrics
+    // log): a second `qoq train` on it stops here, naming the first.
+    let _lock;
     let mut trainer = match (&a.resume, &a.config) {
         (Some(dir), _) => {
             let ck = match qoq_rl::checkpoint::latest(dir)? {
                 Some((_, p)) => p,
                 None => dir.clone(),
             };
-            let t = Trainer::resume_with_overrides(&ck, &a.overrides)
+            let run_dir = ck.parent().unwrap_or(Path::new("."));
+            _lock = RunLock::acquire(run_dir)?;
+            let opts = ResumeOptions {
+                overrides: a.overrides.clone(),
+                allow_changed_data: a.allow_changed_data,
+            };
+            let t = Trainer::resume_with(&ck, &opts)
                 .with_context(|| format!("resuming from {}", ck.display()))?;
             if a.sft && !t.is_sft() {
                 bail!(
@@ -56,6 +73,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
         (None, Some(path)) => {
             let cfg = RunConfig::load(path, &a.overrides)
                 .with_context(|| format!("reading {}", path.display()))?;
+            _lock = RunLock::acquire(Path::new(&cfg.trainer.out_dir))?;
             let mut t = Trainer::new(cfg).context("setting up the run")?;
             t.set_sft(a.sft);
             t

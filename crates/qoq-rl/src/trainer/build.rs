@@ -2,12 +2,13 @@
 //! cursor and the run log of a [`Trainer`], from a [`RunConfig`] (a fresh run) or from a
 //! checkpoint (a resumed one).
 
-use super::{Result, Trainer, TrainerError, model_err};
+use super::{Result, ResumeOptions, Trainer, TrainerError, model_err};
 use crate::advantage::Estimator;
 use crate::checkpoint::{self, Checkpoint, TrainerState};
 use crate::config::{DtypeName, RunConfig};
 use crate::metrics_log::RunLog;
 use crate::optim::AdamW;
+use crate::run_dir::{DataFingerprint, data_changes};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use qoq_data::manifest::{Cursor, Manifest};
@@ -34,7 +35,7 @@ pub(super) fn fresh(cfg: RunConfig, reward: Box<dyn RewardFn>) -> Result<Trainer
     let dtype = dtype_of(cfg.model.master_dtype);
     let (vb, _) = qoq_model::loading::checkpoint_var_builder(&model_dir, dtype, &Device::Cpu)
         .map_err(|e| model_err(format!("{}: {e}", model_dir.display())))?;
-    build(cfg, reward, vb, out_dir, None)
+    build(cfg, reward, vb, out_dir, None, false)
 }
 
 /// The run of the checkpoint `dir`, its config changed by `overrides` (`key=value`), scored by
@@ -42,8 +43,9 @@ pub(super) fn fresh(cfg: RunConfig, reward: Box<dyn RewardFn>) -> Result<Trainer
 pub(super) fn resume(
     dir: &Path,
     reward: Option<Box<dyn RewardFn>>,
-    overrides: &[String],
+    opts: &ResumeOptions,
 ) -> Result<Trainer> {
+    let overrides = &opts.overrides;
     let ck = Checkpoint::open(dir)?;
     let text = ck.config_toml()?;
     for o in overrides {
@@ -75,7 +77,7 @@ pub(super) fn resume(
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    build(cfg, reward, vb, out_dir, Some(&ck))
+    build(cfg, reward, vb, out_dir, Some(&ck), opts.allow_changed_data)
 }
 
 /// Refuses the configurations this trainer cannot run (beyond [`RunConfig::validate`]).
@@ -116,6 +118,7 @@ fn build(
     vb: VarBuilder<'static>,
     out_dir: PathBuf,
     ck: Option<&Checkpoint>,
+    allow_changed_data: bool,
 ) -> Result<Trainer> {
     check(&cfg)?;
     let device = Device::Cpu;
@@ -135,7 +138,7 @@ fn build(
     };
     let (vb, store) = trainable_var_builder(vb, freeze);
     let model = ClinicalVlm::new(&model_cfg, vb).map_err(model_err)?;
-    let ref_model = if cfg.algorithm.kl.kl_in_loss() || cfg.algorithm.kl.kl_in_reward() {
+    let ref_model = if cfg.algorithm.needs_reference() {
         let dtype = dtype_of(cfg.model.master_dtype);
         let (_, m) =
             qoq_model::loading::load_model(&model_dir, dtype, &device).map_err(model_err)?;
@@ -161,6 +164,10 @@ fn build(
         )));
     }
     let val_manifest = open_manifest(Path::new(&cfg.data.val_files), &cfg)?;
+    let data = vec![
+        DataFingerprint::of("train", &manifest)?,
+        DataFingerprint::of("val", &val_manifest)?,
+    ];
     let kl_controller = if cfg.algorithm.kl.kl_in_reward() {
         Some(
             crate::loss::KlController::from_config(&cfg.algorithm.kl)
@@ -184,6 +191,29 @@ fn build(
                 }
             })?;
             let mut state = ck.trainer_state()?;
+            let changes = data_changes(&state.data, &data);
+            if !changes.is_empty() {
+                if !allow_changed_data {
+                    return Err(TrainerError::DataChanged {
+                        checkpoint: ck.dir().to_path_buf(),
+                        changes,
+                    });
+                }
+                tracing::warn!(?changes, "resuming on changed data (--allow-changed-data)");
+                crate::run_dir::append_event(
+                    &out_dir,
+                    &serde_json::json!({
+                        "event": "resume_with_changed_data",
+                        "time": crate::run_dir::utc_now(),
+                        "checkpoint": ck.dir().display().to_string(),
+                        "step": ck.step(),
+                        "changes": changes,
+                        "saved": state.data,
+                        "now": data,
+                    }),
+                )?;
+            }
+            state.data = data;
             if state.kl_controller.is_none() {
                 state.kl_controller = kl_controller;
             } else if kl_controller.is_none() {
@@ -196,6 +226,7 @@ fn build(
             Cursor::default(),
             TrainerState {
                 kl_controller,
+                data,
                 ..TrainerState::default()
             },
             None,

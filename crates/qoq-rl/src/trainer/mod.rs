@@ -137,6 +137,34 @@ pub enum TrainerError {
     /// A tensor operation failed.
     #[error("tensor: {0}")]
     Tensor(#[from] candle_core::Error),
+    /// The manifests differ from the ones the checkpoint recorded.
+    #[error(
+        "resuming from {checkpoint}: the data changed since it was saved: {changes}; the saved \
+         data cursor and epoch order describe the old files. Restore them, or pass \
+         --allow-changed-data (`ResumeOptions::allow_changed_data`) to resume anyway (recorded \
+         in the run's events.jsonl)",
+        checkpoint = checkpoint.display(),
+        changes = changes.join("; ")
+    )]
+    DataChanged {
+        /// The checkpoint folder.
+        checkpoint: PathBuf,
+        /// One line per changed manifest.
+        changes: Vec<String>,
+    },
+    /// The run folder's lock or event log failed.
+    #[error(transparent)]
+    RunDir(#[from] crate::run_dir::RunDirError),
+}
+
+/// How [`Trainer::resume_with`] resumes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResumeOptions {
+    /// `key=value` overrides of the checkpoint's config ([`Trainer::resume_with_overrides`]).
+    pub overrides: Vec<String>,
+    /// Resume even when a manifest differs from the fingerprint the checkpoint recorded; the
+    /// changes are written to `<out_dir>/events.jsonl` and the new fingerprints saved.
+    pub allow_changed_data: bool,
 }
 
 impl From<qoq_model::Error> for TrainerError {
@@ -203,7 +231,13 @@ impl Trainer {
     /// optimiser, estimator, cursor, trainer state and config come from it; the metrics log in
     /// the parent folder is truncated to the checkpoint's step.
     pub fn resume(dir: &Path) -> Result<Self> {
-        build::resume(dir, None, &[])
+        build::resume(dir, None, &ResumeOptions::default())
+    }
+
+    /// [`Trainer::resume`] with options: config overrides, and whether changed data is
+    /// accepted (a resume refuses manifests that differ from the checkpoint's fingerprints).
+    pub fn resume_with(dir: &Path, opts: &ResumeOptions) -> Result<Self> {
+        build::resume(dir, None, opts)
     }
 
     /// [`Trainer::resume`] with `key=value` overrides applied to the checkpoint's config (e.g. a
@@ -211,12 +245,16 @@ impl Trainer {
     /// state meaningless are refused: `model.*` (the weights' architecture and freezing) and
     /// `algorithm.estimator` (the estimator state).
     pub fn resume_with_overrides(dir: &Path, overrides: &[String]) -> Result<Self> {
-        build::resume(dir, None, overrides)
+        let opts = ResumeOptions {
+            overrides: overrides.to_vec(),
+            ..ResumeOptions::default()
+        };
+        build::resume(dir, None, &opts)
     }
 
     /// [`Trainer::resume`] with a reward other than the configured one.
     pub fn resume_with_reward(dir: &Path, reward: Box<dyn RewardFn>) -> Result<Self> {
-        build::resume(dir, Some(reward), &[])
+        build::resume(dir, Some(reward), &ResumeOptions::default())
     }
 
     /// The run configuration.
@@ -327,6 +365,7 @@ impl Trainer {
 
     /// Writes `<out_dir>/checkpoint_step_<step>` and prunes old ones per `trainer.save_limit`.
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        let _span = tracing::info_span!("checkpoint", step = self.state.step).entered();
         let weights = self.weights()?;
         let rng = RngStates::default();
         let data = CheckpointData {
@@ -352,18 +391,23 @@ impl Trainer {
         let path = self.manifest.path().to_path_buf();
 
         // 1. Process and sample.
+        let span = tracing::info_span!("rollout", step).entered();
         let (prompts, requests) = self.prepare(step, &path, drawn, self.cfg.rollout.n)?;
         let t_gen = Instant::now();
         let gen_cfg = self.sampling();
         let groups: Vec<RolloutGroup> = self.generate(step, &path, &prompts, requests, &gen_cfg)?;
         let gen_s = t_gen.elapsed().as_secs_f64();
+        drop(span);
 
         // 2. Score; the KL in the reward; dynamic filtering.
+        let span = tracing::info_span!("reward", step).entered();
         let scored: Vec<ScoredGroup> = self.score(step, &path, &prompts, groups)?;
         let mut m: BTreeMap<String, f64> = BTreeMap::new();
         let rewards = self.shape_rewards(step, &prompts, scored, &mut m)?;
+        drop(span);
 
         // 3. Advantages of the kept groups.
+        let span = tracing::info_span!("advantage", step).entered();
         let rows = rewards.estimator_rows();
         let adv = if rows.is_empty() {
             crate::advantage::StepAdvantages {
@@ -376,11 +420,14 @@ impl Trainer {
                 .map_err(|source| TrainerError::Advantage { step, source })?
         };
         metrics::advantage_metrics(&adv, &rows, &mut m);
+        drop(span);
 
         // 4. Policy update.
+        let span = tracing::info_span!("update", step).entered();
         let t_update = Instant::now();
         let stats = self.rl_update(step, &prompts, &rewards, &adv.advantages)?;
         let update_s = t_update.elapsed().as_secs_f64();
+        drop(span);
 
         // 5. Metrics.
         m.insert(TIMING_GEN.into(), gen_s);

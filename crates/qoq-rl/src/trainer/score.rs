@@ -135,11 +135,20 @@ impl Trainer {
         m: &mut BTreeMap<String, f64>,
     ) -> Result<StepRewards> {
         let t_ref = Instant::now();
-        let seq_kl = match self.state.kl_controller {
-            Some(_) if self.ref_model.is_some() => Some(self.sequence_kl(step, prompts, &groups)?),
-            _ => None,
+        // The per-rollout KL: for the KL in the reward, and for DRPO's KL-aware damping whatever
+        // `use_kl_loss` says.
+        let wants_kl = self.state.kl_controller.is_some() || self.cfg.algorithm.needs_rollout_kl();
+        let seq_kl = if wants_kl {
+            let _span = tracing::info_span!("reference_kl", step).entered();
+            Some(self.sequence_kl(step, prompts, &groups)?)
+        } else {
+            None
         };
         let mut rewards: Vec<Vec<f64>> = groups.iter().map(ScoredGroup::rewards).collect();
+        if let Some((_, mean_kl)) = &seq_kl {
+            m.insert(CRITIC_KL.into(), *mean_kl);
+            m.insert(TIMING_REF.into(), t_ref.elapsed().as_secs_f64());
+        }
         if let (Some((seq, mean_kl)), Some(ctl)) = (&seq_kl, self.state.kl_controller.as_mut()) {
             let beta = ctl.kl_coef();
             let mut count = 0;
@@ -150,9 +159,7 @@ impl Trainer {
                 }
             }
             ctl.update(*mean_kl, count);
-            m.insert(CRITIC_KL.into(), *mean_kl);
             m.insert(CRITIC_KL_COEF.into(), beta);
-            m.insert(TIMING_REF.into(), t_ref.elapsed().as_secs_f64());
         }
         let a = &self.cfg.algorithm;
         let keep: Vec<bool> = rewards
@@ -185,7 +192,7 @@ impl Trainer {
     ) -> Result<(Vec<Vec<f64>>, f64)> {
         let Some(rm) = &self.ref_model else {
             return Err(TrainerError::Config(
-                "the KL in the reward needs the reference model".into(),
+                "the KL in the reward and DRPO's KL damping need the reference model".into(),
             ));
         };
         let flat: Vec<(usize, &Rollout, ())> = groups

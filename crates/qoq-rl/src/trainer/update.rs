@@ -240,6 +240,7 @@ impl Trainer {
     pub fn sft_step(&mut self) -> Result<StepOutcome> {
         let t0 = Instant::now();
         let step = self.state.step + 1;
+        let span = tracing::info_span!("sft_update", step).entered();
         let drawn = self.draw(step)?;
         let path = self.manifest.path().to_path_buf();
         let data_err = |message: String| TrainerError::Data {
@@ -272,6 +273,7 @@ impl Trainer {
             let (loss, value) = t.sft_micro_loss(step, ub)?;
             Ok((loss, vec![(SFT_LOSS, value)]))
         })?;
+        drop(span);
         let mut m: BTreeMap<String, f64> = BTreeMap::new();
         m.insert(SFT_LOSS.into(), stats.mean(SFT_LOSS));
         m.insert(

@@ -17,6 +17,7 @@ impl Trainer {
     /// ground-truth box in the pixels of the image the model saw) to
     /// `<out_dir>/val_generations_{step}.jsonl` (atomically).
     pub fn validate(&self, step: u64) -> Result<BTreeMap<String, f64>> {
+        let _span = tracing::info_span!("validate", step).entered();
         let t0 = Instant::now();
         let path = self.val_manifest.path().to_path_buf();
         let data_err = |message: String| TrainerError::Data {
