@@ -29,6 +29,10 @@ pub struct ClinicalSample {
     pub line: u64,
     /// Question text; may contain `<image>` placeholders.
     pub problem: String,
+    /// System message of the chat prompt (the manifest's `system` key); `None` gives the chat
+    /// template's default system message, as the reference always has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
     /// Gold answer; multi-label answers are joined with `", "`.
     pub answer: String,
     /// 2D images, resolved paths.
@@ -105,6 +109,7 @@ mod tests {
             id: SampleId("train:3".into()),
             line: 3,
             problem: "<image>\nAbove is a chest X-ray image of a patient.".into(),
+            system: None,
             answer: "Pneumonia, Edema".into(),
             images: vec!["/d/chest_xray/vindr/a.png".into()],
             videos: vec![],

@@ -34,6 +34,8 @@ pub struct ManifestConfig {
     pub bbox_key: String,
     /// Dataset name key (required for ECG-only rows).
     pub dataset_key: String,
+    /// System message key (optional; absent: the chat template's default system message).
+    pub system_key: String,
     /// Frames sampled from each volume/video (reference 2, paper 4); each frame is one image.
     pub video_frames: usize,
     /// Fail when the image key is absent, as the reference does (`row_dict['images']`).
@@ -54,6 +56,7 @@ impl Default for ManifestConfig {
             segmentation_key: "segmentation_path".into(),
             bbox_key: "bbox".into(),
             dataset_key: "dataset".into(),
+            system_key: "system".into(),
             video_frames: 2,
             require_image_key: false,
             skip_bad_rows: false,
@@ -91,6 +94,55 @@ pub fn normalise_placeholders(
         ));
     }
     Ok(text)
+}
+
+/// The images a sample yields as the manifest counts them before reading any file: one per
+/// `images` path, `video_frames` per `videos` path, and at least one (rows without an image get
+/// the white placeholder image, spec §2.1). A multi-frame DICOM or a volume listed under
+/// `images` yields more; the processor re-applies [`normalise_placeholders`] with the count it
+/// reads.
+pub fn expected_images(n_images: usize, n_videos: usize, video_frames: usize) -> usize {
+    (n_images + n_videos * video_frames).max(1)
+}
+
+/// A question with its answer options in the CLIMB wording the training manifests use
+/// (`to_qa`: `"{question}Answer with one of the following:\n" + "\n".join(options)`, no space
+/// after a question mark); a question not ending in whitespace or `?` gets one space first. No
+/// options: the question unchanged.
+pub fn with_options(question: &str, options: &[String]) -> String {
+    if options.is_empty() {
+        return question.to_string();
+    }
+    let sep = if question.is_empty() || question.ends_with(['?', ' ', '\n', '\t']) {
+        ""
+    } else {
+        " "
+    };
+    format!(
+        "{question}{sep}Answer with one of the following:\n{}",
+        options.join("\n")
+    )
+}
+
+/// The derivations every sample goes through, whether it comes from a manifest row
+/// ([`parse_row`]) or is given directly (a case of `qoq infer` / `qoq serve`): the reference's
+/// special questions (LOS sets `data_source = multimodal`, `dataset = los_prediction`; 48-hour
+/// mortality sets `dataset = 48_ihm`) and the `<image>` placeholders for
+/// [`expected_images`]. `s.problem` is the raw question; `s.data_source` / `s.dataset` the ones
+/// derived from the paths.
+pub fn finish_sample(
+    mut s: ClinicalSample,
+    video_frames: usize,
+) -> std::result::Result<ClinicalSample, String> {
+    if s.problem.contains(LOS_QUESTION) {
+        s.data_source = Domain::Multimodal;
+        s.dataset = "los_prediction".into();
+    } else if s.problem.contains(IHM_QUESTION) {
+        s.dataset = "48_ihm".into();
+    }
+    let n_images = expected_images(s.images.len(), s.videos.len(), video_frames);
+    s.problem = normalise_placeholders(&s.problem, n_images)?;
+    Ok(s)
 }
 
 /// First and second components of a manifest-relative path (`chest_xray/vindr/x.png` ->
@@ -160,7 +212,7 @@ pub fn parse_row(
         Some(Value::String(s)) => Some(s.clone()),
         _ => None,
     };
-    let (mut data_source, mut dataset) = match images.first().or(videos.first()) {
+    let (data_source, dataset) = match images.first().or(videos.first()) {
         Some(first) => {
             let (src, ds) = source_and_dataset(first);
             let src = src.ok_or_else(|| format!("path `{first}` has no folder component"))?;
@@ -179,15 +231,11 @@ pub fn parse_row(
             (Domain::Ecg, ds)
         }
     };
-    if problem.contains(LOS_QUESTION) {
-        data_source = Domain::Multimodal;
-        dataset = "los_prediction".into();
-    } else if problem.contains(IHM_QUESTION) {
-        dataset = "48_ihm".into();
-    }
-    // Every row gets at least one image (a white placeholder for rows without one, spec §2.1).
-    let n_images = (images.len() + videos.len() * cfg.video_frames).max(1);
-    let problem = normalise_placeholders(&problem, n_images)?;
+    let system = match row.get(&cfg.system_key) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err(format!("field `{}` must be a string", cfg.system_key)),
+    };
     let bbox = match row.get(&cfg.bbox_key) {
         None | Some(Value::Null) => None,
         Some(Value::Array(v)) if v.len() == 4 => {
@@ -221,6 +269,7 @@ pub fn parse_row(
         &cfg.segmentation_key,
         &cfg.bbox_key,
         &cfg.dataset_key,
+        &cfg.system_key,
     ] {
         row.remove(key);
     }
@@ -230,10 +279,11 @@ pub fn parse_row(
             .map(|p| base_dir.join(p))
             .collect::<Vec<PathBuf>>()
     };
-    Ok(ClinicalSample {
+    let raw = ClinicalSample {
         id: SampleId(id),
         line,
         problem,
+        system,
         answer,
         images: resolve(images),
         videos: resolve(videos),
@@ -243,7 +293,8 @@ pub fn parse_row(
         dataset,
         data_source,
         extra: row,
-    })
+    };
+    finish_sample(raw, cfg.video_frames)
 }
 
 /// Where an iteration over a manifest stands: the epoch and the position in that epoch's order.
@@ -585,6 +636,61 @@ mod tests {
             "a <image> <image> <image>  b"
         );
         assert!(normalise_placeholders("<image><image><image>", 2).is_err());
+    }
+
+    #[test]
+    fn options_follow_the_climb_wording() {
+        let opts = vec!["Normal".to_string(), "MI".to_string()];
+        assert_eq!(
+            with_options("What is it?", &opts),
+            "What is it?Answer with one of the following:\nNormal\nMI"
+        );
+        assert_eq!(
+            with_options("Diagnosis", &opts),
+            "Diagnosis Answer with one of the following:\nNormal\nMI"
+        );
+        assert_eq!(with_options("Q", &[]), "Q");
+    }
+
+    #[test]
+    fn a_system_message_is_read_from_its_key_and_checked() {
+        let s = parse(
+            json!({"problem": "q", "answer": "a", "images": ["x/y/z.png"],
+            "system": "You are a radiologist."}),
+        )
+        .unwrap();
+        assert_eq!(s.system.as_deref(), Some("You are a radiologist."));
+        assert!(!s.extra.contains_key("system"));
+        let e = parse(
+            json!({"problem": "q", "answer": "a", "images": ["x/y/z.png"],
+            "system": 3}),
+        );
+        assert!(e.unwrap_err().contains("`system`"));
+        assert_eq!(
+            parse(json!({"problem": "q", "answer": "a", "images": ["x/y/z.png"]}))
+                .unwrap()
+                .system,
+            None
+        );
+    }
+
+    #[test]
+    fn rows_count_frames_per_volume_and_one_placeholder_image_at_least() {
+        assert_eq!(expected_images(0, 0, 2), 1);
+        assert_eq!(expected_images(1, 2, 4), 9);
+        let cfg = ManifestConfig {
+            video_frames: 4,
+            ..ManifestConfig::default()
+        };
+        let s = parse_row(
+            json!({"problem": "<video>\nq", "answer": "a", "videos": ["ct/d/v.nii.gz"]}),
+            &cfg,
+            Path::new("/data"),
+            "m",
+            1,
+        )
+        .unwrap();
+        assert_eq!(s.problem, "<image> <image> <image> <image> \nq");
     }
 
     #[test]

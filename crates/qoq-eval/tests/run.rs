@@ -16,6 +16,7 @@ fn sample(i: usize) -> ClinicalSample {
         id: SampleId(format!("s{i:03}")),
         line: i as u64 + 1,
         problem: format!("question {i}"),
+        system: None,
         answer: labels[i % 2].to_string(),
         images: vec![],
         videos: vec![],

@@ -7,19 +7,26 @@
 //! * [`image`]: Qwen2-VL `smart_resize`, bicubic resize, normalisation, patch flattening;
 //! * [`rope`]: M-RoPE position ids, HF `Qwen2_5_VLForConditionalGeneration.get_rope_index`;
 //! * [`processor`]: samples to [`processor::ProcessedSample`], collation to
-//!   [`processor::ProcessedBatch`].
+//!   [`processor::ProcessedBatch`];
+//! * [`case`]: one case builder for cases given directly (`qoq infer`, `qoq serve`): the
+//!   sample and the processed sample the manifest path gives for the equivalent row;
+//! * [`settings`]: `qoq_processor.json`, the processor settings that travel with a model.
 //!
 //! The crate has no tensor dependency (ARCHITECTURE.md places the processor inside qoq-model; it
 //! is a separate crate so its tests build without candle). The model crate turns its arrays into
 //! tensors.
 
+pub mod case;
 pub mod error;
 pub mod image;
 pub mod processor;
 pub mod prompt;
 pub mod rope;
+pub mod settings;
 pub mod tokenizer;
 
+pub use case::{Case, CaseEcg, CaseImage};
 pub use error::{Error, Result};
 pub use processor::{ProcessedBatch, ProcessedSample, Processor, ProcessorOptions, Truncation};
+pub use settings::{ProcessorSettings, SETTINGS_FILE};
 pub use tokenizer::QoqTokenizer;

@@ -8,8 +8,10 @@
 //!    becomes a white 224×224 image that is resized the same way (a missing video: white
 //!    224×224 frames, not resized); a row with no image at all gets a white 224×224 placeholder,
 //!    not resized (spec §4.1);
-//! 2. the prompt: format prompt, user content with one `{"type": "time-series"}` item when the
-//!    model has the ECG path, chat template (spec §3);
+//! 2. the prompt: the question's `<image>` placeholders re-counted for the images read (a
+//!    multi-frame DICOM or a volume yields several; the reference's rule), format prompt, user
+//!    content with one `{"type": "time-series"}` item when the model has the ECG path, the
+//!    sample's system message when it has one, chat template (spec §3);
 //! 3. `raw_prompt_ids` (one `<|image_pad|>` per image) and `input_ids` (each pad expanded to
 //!    `t·h·w / merge²` copies);
 //! 4. the ECG: the first series as the (8, 2500) input under the chosen convention, zeros when
@@ -172,6 +174,17 @@ pub struct Processor {
     pub opts: ProcessorOptions,
 }
 
+/// One image input of a sample.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum ImageSource<'a> {
+    /// A file listed under `images`: a missing one becomes one white image.
+    Image(&'a Path),
+    /// A file listed under `videos`: a missing one becomes `video_frames` white frames.
+    Video(&'a Path),
+    /// An image already decoded (the server's data URIs).
+    Decoded(&'a DynamicImage),
+}
+
 fn white(w: u32, h: u32) -> RgbImage {
     RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]))
 }
@@ -251,25 +264,43 @@ impl Processor {
 
     /// The dataset-side images of a sample (spec §4.1), before the model's resize.
     pub fn load_sample_images(&self, s: &ClinicalSample) -> Result<Vec<RgbImage>> {
+        let sources = s
+            .images
+            .iter()
+            .map(|p| ImageSource::Image(p))
+            .chain(s.videos.iter().map(|p| ImageSource::Video(p)));
+        self.load_images(sources)
+    }
+
+    /// The dataset-side images of every source, in order: each file's images (every frame of
+    /// a DICOM, the sampled frames of a volume) and each decoded image, through the reference's
+    /// `process_image`; missing files as the reference substitutes them when
+    /// `missing_files_as_placeholders`; a white 224×224 image, not resized, when there is none.
+    pub(crate) fn load_images<'a>(
+        &self,
+        sources: impl IntoIterator<Item = ImageSource<'a>>,
+    ) -> Result<Vec<RgbImage>> {
         let (mn, mx) = (self.opts.dataset_min_pixels, self.opts.dataset_max_pixels);
         let mut out = Vec::new();
-        for path in &s.images {
+        for src in sources {
+            let path = match src {
+                ImageSource::Decoded(img) => {
+                    out.push(qoq_data::vision::process_image(img, mn, mx));
+                    continue;
+                }
+                ImageSource::Image(path) | ImageSource::Video(path) => path,
+            };
             if !path.exists() && self.opts.missing_files_as_placeholders {
-                out.push(qoq_data::vision::process_image(
-                    &DynamicImage::ImageRgb8(white(224, 224)),
-                    mn,
-                    mx,
-                ));
-                continue;
-            }
-            for img in qoq_data::vision::load_images(path, &self.opts.image_load)? {
-                out.push(qoq_data::vision::process_image(&img, mn, mx));
-            }
-        }
-        for path in &s.videos {
-            if !path.exists() && self.opts.missing_files_as_placeholders {
-                for _ in 0..self.opts.image_load.video_frames {
-                    out.push(white(224, 224));
+                if matches!(src, ImageSource::Video(_)) {
+                    for _ in 0..self.opts.image_load.video_frames {
+                        out.push(white(224, 224));
+                    }
+                } else {
+                    out.push(qoq_data::vision::process_image(
+                        &DynamicImage::ImageRgb8(white(224, 224)),
+                        mn,
+                        mx,
+                    ));
                 }
                 continue;
             }
@@ -288,16 +319,28 @@ impl Processor {
         let Some(path) = s.time_series.first() else {
             return Ok(vec![0.0; ECG_LEN]);
         };
+        self.load_ecg_file(path)
+    }
+
+    /// The (8, 2500) ECG input of one ECG file (zeros for a missing file when
+    /// `missing_files_as_placeholders`).
+    pub(crate) fn load_ecg_file(&self, path: &Path) -> Result<Vec<f32>> {
         if !path.exists() && self.opts.missing_files_as_placeholders {
             return Ok(vec![0.0; ECG_LEN]);
         }
         let sig = qoq_data::ecg_io::load_ecg(path, &self.opts.ecg_load)?;
-        qoq_data::ecg::to_model_input(&sig, self.opts.ecg_convention, self.opts.ecg_zscore).map_err(
-            |m| Error::File {
-                path: path.clone(),
-                message: m,
-            },
-        )
+        self.ecg_input(&sig).map_err(|m| Error::File {
+            path: path.to_path_buf(),
+            message: m,
+        })
+    }
+
+    /// A signal as the model's (8, 2500) input under the options' convention and z-scoring.
+    pub fn ecg_input(
+        &self,
+        sig: &qoq_data::ecg::EcgSignal,
+    ) -> std::result::Result<Vec<f32>, String> {
+        qoq_data::ecg::to_model_input(sig, self.opts.ecg_convention, self.opts.ecg_zscore)
     }
 
     /// Process one manifest sample (reads its files).
@@ -308,7 +351,24 @@ impl Processor {
         } else {
             None
         };
-        self.process_parts(&s.id.0, &s.problem, &images, ecg)
+        self.process_loaded(&s.id.0, &s.problem, s.system.as_deref(), &images, ecg)
+    }
+
+    /// The last step of every sample, from a manifest row or a [`crate::case::Case`]: the
+    /// question's `<image>` placeholders follow the images actually read (the reference's rule,
+    /// [`qoq_data::manifest::normalise_placeholders`]: a multi-frame DICOM or a volume yields
+    /// several), then [`Processor::process_prompt`].
+    pub(crate) fn process_loaded(
+        &self,
+        id: &str,
+        problem: &str,
+        system: Option<&str>,
+        images: &[RgbImage],
+        ecg: Option<Vec<f32>>,
+    ) -> Result<ProcessedSample> {
+        let question = qoq_data::manifest::normalise_placeholders(problem, images.len())
+            .map_err(|m| Error::invalid(format!("sample {id}"), m))?;
+        self.process_prompt(id, &question, system, images, ecg)
     }
 
     /// Process a question (placeholders already normalised), its dataset-side images and its
@@ -320,8 +380,22 @@ impl Processor {
         images: &[RgbImage],
         ecg: Option<Vec<f32>>,
     ) -> Result<ProcessedSample> {
+        self.process_prompt(id, question, None, images, ecg)
+    }
+
+    /// As [`Processor::process_parts`], with an optional system message.
+    pub fn process_prompt(
+        &self,
+        id: &str,
+        question: &str,
+        system: Option<&str>,
+        images: &[RgbImage],
+        ecg: Option<Vec<f32>>,
+    ) -> Result<ProcessedSample> {
         let what = || format!("sample {id}");
-        let prompt = self.prompt.prompt(question, self.time_series)?;
+        let prompt = self
+            .prompt
+            .prompt_with_system(question, self.time_series, system)?;
         let raw_prompt_ids = self.tokenizer.encode(&prompt)?;
         let ids = self.tokenizer.ids;
         let n_pads = raw_prompt_ids

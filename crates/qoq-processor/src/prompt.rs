@@ -151,12 +151,30 @@ impl PromptBuilder {
     /// The full prompt of a question: format prompt, user content (with the ECG item when
     /// `with_time_series`), chat template with the generation prompt.
     pub fn prompt(&self, question: &str, with_time_series: bool) -> Result<String> {
+        self.prompt_with_system(question, with_time_series, None)
+    }
+
+    /// As [`PromptBuilder::prompt`], with a system message first when `system` is given (the
+    /// chat template then leaves out its default one).
+    pub fn prompt_with_system(
+        &self,
+        question: &str,
+        with_time_series: bool,
+        system: Option<&str>,
+    ) -> Result<String> {
         let text = self.format(question)?;
-        let msg = Message {
+        let mut msgs = Vec::with_capacity(2);
+        if let Some(sys) = system {
+            msgs.push(Message {
+                role: "system".into(),
+                content: Content::Text(sys.to_string()),
+            });
+        }
+        msgs.push(Message {
             role: "user".into(),
             content: Content::Items(user_content(&text, with_time_series)),
-        };
-        self.chat(&[msg], true)
+        });
+        self.chat(&msgs, true)
     }
 }
 
@@ -247,6 +265,25 @@ mod tests {
         assert_eq!(
             p.chat(&msgs, false).unwrap(),
             "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
+        );
+    }
+
+    #[test]
+    fn a_system_text_replaces_the_default_system_message() {
+        let p = PromptBuilder::with_defaults(false).unwrap();
+        let out = p
+            .prompt_with_system("<image>Q", true, Some("You are a cardiologist."))
+            .unwrap();
+        assert!(
+            out.starts_with(
+                "<|im_start|>system\nYou are a cardiologist.<|im_end|>\n<|im_start|>user\n"
+            ),
+            "{out}"
+        );
+        assert!(!out.contains("helpful assistant"));
+        assert_eq!(
+            p.prompt_with_system("<image>Q", true, None).unwrap(),
+            p.prompt("<image>Q", true).unwrap()
         );
     }
 

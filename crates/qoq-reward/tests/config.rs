@@ -12,6 +12,7 @@ fn sample(answer: &str, bbox: Option<[f64; 4]>) -> ClinicalSample {
         id: SampleId("t:1".into()),
         line: 1,
         problem: "<image>\nWhat is shown?".into(),
+        system: None,
         answer: answer.into(),
         images: vec![],
         videos: vec![],

@@ -12,6 +12,7 @@
 //! | `cursor.json` | the data cursor (`qoq_data::manifest::Cursor`) |
 //! | `trainer_state.json` | [`TrainerState`]: step, episode, last metrics |
 //! | `config.toml` | the resolved run configuration |
+//! | `qoq_processor.json` | the run's processor settings ([`crate::config::RunConfig::processor_options`] of `config.toml`), the file `qoq infer` / `qoq serve` / `qoq eval` read beside a model's `config.json` ([`qoq_processor::settings`]) |
 //! | `manifest.json` | every file above with its size and sha256, written last |
 //!
 //! It is written into `checkpoint_step_{N}.tmp-{pid}` and renamed into place, so a run killed
@@ -47,6 +48,8 @@ pub mod files {
     pub const TRAINER_STATE: &str = "trainer_state.json";
     /// Resolved run configuration.
     pub const CONFIG: &str = "config.toml";
+    /// The run's processor settings (`qoq_processor::SETTINGS_FILE`).
+    pub const PROCESSOR: &str = "qoq_processor.json";
     /// Sizes and hashes, written last.
     pub const MANIFEST: &str = "manifest.json";
 }
@@ -80,6 +83,9 @@ pub enum CheckpointError {
         /// The cause.
         source: candle_core::Error,
     },
+    /// The configuration to save is not a run configuration.
+    #[error("checkpoint config.toml: {0}")]
+    Config(String),
     /// The checkpoint is partial or altered: a file is missing, truncated or has another hash.
     #[error("incomplete checkpoint: {path}: {reason}")]
     Incomplete {
@@ -279,12 +285,24 @@ pub fn save<E: Serialize>(root: &Path, data: &CheckpointData<'_, E>) -> Result<P
     state.metrics.retain(|_, v| v.is_finite());
     write_json(&tmp.join(files::TRAINER_STATE), &state)?;
     write_synced(&tmp.join(files::CONFIG), data.config_toml.as_bytes())?;
+    // The processor settings travel with the weights (a model folder made from this checkpoint
+    // is served with them).
+    let run = crate::config::RunConfig::from_toml_str(data.config_toml, "checkpoint")
+        .map_err(|e| CheckpointError::Config(e.to_string()))?;
+    let settings = qoq_processor::ProcessorSettings::from_options(&run.processor_options());
+    let p = tmp.join(files::PROCESSOR);
+    let text = serde_json::to_string_pretty(&settings).map_err(|source| CheckpointError::Json {
+        path: p.clone(),
+        source,
+    })? + "\n";
+    write_synced(&p, text.as_bytes())?;
     names.extend([
         files::ESTIMATOR,
         files::RNG,
         files::CURSOR,
         files::TRAINER_STATE,
         files::CONFIG,
+        files::PROCESSOR,
     ]);
 
     let mut entries = Vec::new();

@@ -531,15 +531,18 @@ impl RunConfig {
     }
 
     /// The processor settings of the run's data section (dataset-side image area, prompt
-    /// length; missing files are errors).
+    /// length, frames per volume; missing files are errors). They travel with the model as
+    /// `qoq_processor.json` (checkpoints and exported folders).
     pub fn processor_options(&self) -> qoq_processor::processor::ProcessorOptions {
-        qoq_processor::processor::ProcessorOptions {
+        let mut o = qoq_processor::processor::ProcessorOptions {
             dataset_min_pixels: self.data.min_pixels as u64,
             dataset_max_pixels: self.data.max_pixels as u64,
             max_prompt_length: self.data.max_prompt_length,
             missing_files_as_placeholders: false,
             ..Default::default()
-        }
+        };
+        o.image_load.video_frames = self.data.manifest.video_frames;
+        o
     }
 
     /// The loss settings in the shape `qoq_rl::loss` takes.

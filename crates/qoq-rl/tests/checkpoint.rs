@@ -143,7 +143,27 @@ fn checkpoint_round_trips_every_part() {
     assert_eq!(dir, checkpoint_dir(tmp.path(), 30));
     let ck = Checkpoint::open(&dir).unwrap();
     assert_eq!(ck.step(), 30);
-    assert_eq!(ck.manifest().files.len(), 7);
+    assert_eq!(ck.manifest().files.len(), 8);
+    // The run's processor settings travel with the checkpoint, as qoq infer/serve/eval read them.
+    let settings = qoq_processor::ProcessorSettings::read(&dir)
+        .unwrap()
+        .unwrap();
+    let want = RunConfig::default().processor_options();
+    let got = settings.into_options();
+    assert_eq!(
+        (
+            got.dataset_min_pixels,
+            got.dataset_max_pixels,
+            got.max_prompt_length
+        ),
+        (
+            want.dataset_min_pixels,
+            want.dataset_max_pixels,
+            want.max_prompt_length
+        )
+    );
+    assert_eq!(got.image_load, want.image_load);
+    assert!(!got.missing_files_as_placeholders);
 
     let model = ck.model(&Device::Cpu).unwrap();
     for (k, t) in &run.model {

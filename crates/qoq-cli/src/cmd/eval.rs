@@ -9,7 +9,9 @@
 //! * `qoq eval --model DIR --data test.jsonl --out RUN_DIR [--temperature 0.5] [--n 1]` generates
 //!   with the model (processor, prefill, cached batched decoding) and writes the same artefacts.
 //!   Boxes are then in the pixels of the image the model saw: masks are loaded at that size and
-//!   ground-truth boxes rescaled to it (spec §4.3). Only `--n 1` is supported so far.
+//!   ground-truth boxes rescaled to it (spec §4.3). Only `--n 1` is supported so far. The
+//!   processor settings (and the manifest's frames per volume) are the model folder's
+//!   `qoq_processor.json`, those it was trained with, when it has one; else the defaults.
 //! * `qoq eval --compare RUN_A RUN_B` prints both runs' metrics side by side with B - A.
 
 use anyhow::{Context, bail};
@@ -64,6 +66,11 @@ pub struct EvalArgs {
     /// Compare two finished runs instead of evaluating.
     #[arg(long, num_args = 2, value_names = ["RUN_A", "RUN_B"])]
     compare: Option<Vec<PathBuf>>,
+    /// With --model: write each sample's processed inputs (the `qoq process` safetensors
+    /// layout) into this folder as `<sample id>.safetensors` (for tests comparing them with
+    /// the other paths').
+    #[arg(long, hide = true, requires = "model")]
+    dump_inputs: Option<PathBuf>,
 }
 
 /// Responses looked up by sample id.
@@ -135,7 +142,17 @@ pub fn run(a: EvalArgs) -> anyhow::Result<ExitCode> {
     if a.model.is_none() && a.responses.is_none() {
         bail!("give --responses FILE or --model DIR");
     }
-    let manifest = qoq_data::manifest::Manifest::open(data, Default::default())
+    // The manifest counts a volume's frames as the model's processor samples them.
+    let mut mcfg = qoq_data::manifest::ManifestConfig::default();
+    let model_opts = match &a.model {
+        Some(dir) => {
+            let (o, _) = qoq_processor::ProcessorOptions::for_model_dir(dir)?;
+            mcfg.video_frames = o.image_load.video_frames;
+            Some(o)
+        }
+        None => None,
+    };
+    let manifest = qoq_data::manifest::Manifest::open(data, mcfg)
         .with_context(|| format!("opening {}", data.display()))?;
     let reward = qoq_reward::QoqMedicalReward::new(qoq_reward::MedicalConfig::default())?;
     let opts = EvalOptions {
@@ -148,8 +165,8 @@ pub fn run(a: EvalArgs) -> anyhow::Result<ExitCode> {
         batch_size: a.batch_size.max(1),
         ..EvalOptions::default()
     };
-    if let Some(model_dir) = &a.model {
-        return eval_with_model(&a, model_dir, &manifest, &reward, out, &opts);
+    if let (Some(model_dir), Some(model_opts)) = (&a.model, model_opts) {
+        return eval_with_model(&a, model_dir, model_opts, &manifest, &reward, out, &opts);
     }
     let responses = a.responses.as_ref().expect("checked above");
     let by_id = read_responses(responses)?;
@@ -188,6 +205,8 @@ struct EngineResponder<'p> {
     next_stream: u64,
     /// Told the size of each generated batch.
     progress: &'p mut dyn FnMut(usize),
+    /// Where each sample's processed inputs are written, if anywhere.
+    dump_inputs: Option<PathBuf>,
 }
 
 impl Responder for EngineResponder<'_> {
@@ -208,6 +227,10 @@ impl Responder for EngineResponder<'_> {
                 .processor
                 .collate(std::slice::from_ref(&ps), None)
                 .map_err(|e| err(e.to_string()))?;
+            if let Some(dir) = &self.dump_inputs {
+                let path = dir.join(format!("{}.safetensors", s.id));
+                crate::cmd::process::write_batch(&b, &path).map_err(|e| err(format!("{e:#}")))?;
+            }
             let inputs = qoq_model::prompt_inputs(&b, self.model.device())
                 .map_err(|e| err(e.to_string()))?;
             requests.push(qoq_engine::GroupRequest {
@@ -243,6 +266,7 @@ impl Responder for EngineResponder<'_> {
 fn eval_with_model(
     a: &EvalArgs,
     model_dir: &std::path::Path,
+    processor: qoq_processor::ProcessorOptions,
     manifest: &qoq_data::manifest::Manifest,
     reward: &qoq_reward::QoqMedicalReward,
     out: &std::path::Path,
@@ -259,7 +283,8 @@ fn eval_with_model(
         top_p: a.top_p,
         seed: a.seed,
         max_new_tokens: a.max_new_tokens,
-        processor: qoq_processor::processor::ProcessorOptions::default(),
+        processor,
+        dump_inputs: a.dump_inputs.clone(),
     };
     let outcome = eval_model(
         model_dir,
@@ -284,8 +309,11 @@ pub(crate) struct ModelEvalSettings {
     pub seed: u64,
     /// Tokens to generate at most per response.
     pub max_new_tokens: usize,
-    /// Processor options.
+    /// Processor options (the model folder's [`qoq_processor::SETTINGS_FILE`] for `qoq
+    /// eval`).
     pub processor: qoq_processor::processor::ProcessorOptions,
+    /// Where each sample's processed inputs are written (`qoq eval --dump-inputs`).
+    pub dump_inputs: Option<PathBuf>,
 }
 
 /// Evaluates the model in `model_dir` on `manifest` into `out` (one response per sample):
@@ -336,7 +364,11 @@ pub(crate) fn eval_model(
         sizes: sizes.clone(),
         next_stream: 0,
         progress,
+        dump_inputs: settings.dump_inputs.clone(),
     };
+    if let Some(dir) = &settings.dump_inputs {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let (min_px, max_px) = (
         responder.processor.opts.dataset_min_pixels,
         responder.processor.opts.dataset_max_pixels,

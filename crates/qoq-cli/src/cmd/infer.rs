@@ -1,13 +1,19 @@
 //! `qoq infer`: one clinical case end to end — images (PNG/JPEG/DICOM/NIfTI/NRRD), an ECG (WFDB,
 //! DICOM waveform, .npy/.npz, CSV) and a question in; the streamed response, then its reasoning,
 //! boxes and final answer out; `--overlay` draws the boxes on the image the model saw.
+//!
+//! The case is built by the library's case builder ([`qoq_processor::Case`]), so the model sees
+//! the prompt training built for the equivalent manifest row: an ECG alone gets the placeholder
+//! image and the time-series token, a volume one placeholder per sampled frame. The processor
+//! settings are the model folder's `qoq_processor.json` (those it was trained with) when it has
+//! one, else the defaults.
 
 use anyhow::{Context, bail};
 use candle_core::{DType, Device};
 use clap::Args;
-use qoq_core::{ClinicalSample, Domain, SampleId};
 use qoq_engine::{GenerateConfig, GroupRequest, SamplingParams, StopCondition, generate};
 use qoq_processor::processor::{Processor, ProcessorOptions};
+use qoq_processor::{Case, CaseEcg, CaseImage};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +37,13 @@ pub struct InferArgs {
     ecg: Option<PathBuf>,
     /// The question.
     question: String,
+    /// An answer option, appended to the question in the training manifests' wording
+    /// ("Answer with one of the following:"); repeat for each.
+    #[arg(long = "option")]
+    options: Vec<String>,
+    /// A system message instead of the chat template's default one.
+    #[arg(long)]
+    system: Option<String>,
     /// Draw the predicted boxes on the first image and write it here (PNG).
     #[arg(long)]
     overlay: Option<PathBuf>,
@@ -52,6 +65,39 @@ pub struct InferArgs {
     /// Do not stream tokens; print only the summary.
     #[arg(long)]
     quiet: bool,
+    /// Write the processed inputs (the `qoq process` safetensors layout) here and exit (for
+    /// tests comparing them with the manifest path's).
+    #[arg(long, hide = true)]
+    dump_inputs: Option<PathBuf>,
+}
+
+/// The processor of a model folder with the settings it was trained with (its
+/// `qoq_processor.json`, else the defaults); `format_prompt = false` drops the format prompt.
+/// Missing input files are errors.
+pub fn model_processor(
+    dir: &std::path::Path,
+    tokenizer: Option<&std::path::Path>,
+    format_prompt: bool,
+) -> anyhow::Result<Processor> {
+    let (mut opts, found) = ProcessorOptions::for_model_dir(dir)?;
+    if found {
+        tracing::info!(
+            "processor settings from {}",
+            dir.join(qoq_processor::SETTINGS_FILE).display()
+        );
+    } else {
+        tracing::info!(
+            "{} has no {}: default processor settings",
+            dir.display(),
+            qoq_processor::SETTINGS_FILE
+        );
+    }
+    if !format_prompt {
+        opts.format_prompt = None;
+    }
+    opts.missing_files_as_placeholders = false;
+    Processor::from_model_dir(dir, tokenizer, opts)
+        .with_context(|| format!("loading the processor of {}", dir.display()))
 }
 
 pub fn run(a: InferArgs) -> anyhow::Result<ExitCode> {
@@ -61,46 +107,34 @@ pub fn run(a: InferArgs) -> anyhow::Result<ExitCode> {
             bail!("{}: no such file", p.display());
         }
     }
-    let opts = ProcessorOptions {
-        format_prompt: if a.no_format_prompt {
-            None
-        } else {
-            ProcessorOptions::default().format_prompt
-        },
-        missing_files_as_placeholders: false,
-        ..ProcessorOptions::default()
-    };
-    let processor = Processor::from_model_dir(&a.model, a.tokenizer.as_deref(), opts)
-        .with_context(|| format!("loading the processor of {}", a.model.display()))?;
-    let (cfg, model) = qoq_model::loading::load_model(&a.model, DType::F32, &Device::Cpu)
-        .with_context(|| format!("loading the model in {}", a.model.display()))?;
+    let processor = model_processor(&a.model, a.tokenizer.as_deref(), !a.no_format_prompt)?;
+    let cfg = qoq_model::loading::read_config(&a.model)
+        .with_context(|| format!("reading the config of {}", a.model.display()))?;
     if a.ecg.is_some() && !cfg.has_time_series() {
         bail!(
             "{} is a stock Qwen2.5-VL checkpoint without the ECG path (no time_series_token_id); --ecg needs a QoQ-Med checkpoint",
             a.model.display()
         );
     }
-    let n_frames_hint = images.len();
-    let problem = qoq_data::manifest::normalise_placeholders(&a.question, n_frames_hint)
-        .map_err(|e| anyhow::anyhow!("question: {e}"))?;
-    let sample = ClinicalSample {
-        id: SampleId("infer".into()),
-        line: 0,
-        problem,
-        answer: String::new(),
-        images: images.clone(),
-        videos: vec![],
-        time_series: a.ecg.iter().cloned().collect(),
-        segmentation_path: None,
-        bbox: None,
-        dataset: "infer".into(),
-        data_source: Domain::Other("infer".into()),
-        extra: Default::default(),
+    let case = Case {
+        id: "infer".into(),
+        question: a.question.clone(),
+        options: a.options.clone(),
+        system: a.system.clone(),
+        images: images.iter().cloned().map(CaseImage::File).collect(),
+        ecg: a.ecg.clone().map(CaseEcg::File),
+        ..Case::default()
     };
     let processed = processor
-        .process_sample(&sample)
+        .process_case(&case)
         .context("processing the case")?;
     let batch = processor.collate(std::slice::from_ref(&processed), None)?;
+    if let Some(path) = &a.dump_inputs {
+        crate::cmd::process::write_batch(&batch, path)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (cfg, model) = qoq_model::loading::load_model(&a.model, DType::F32, &Device::Cpu)
+        .with_context(|| format!("loading the model in {}", a.model.display()))?;
     let inputs = qoq_model::prompt_inputs(&batch, &Device::Cpu)?;
     tracing::info!(
         prompt_tokens = batch.seq_len(),
@@ -188,6 +222,7 @@ pub fn run(a: InferArgs) -> anyhow::Result<ExitCode> {
         g.finish
     )?;
     if let Some(path) = &a.overlay {
+        let sample = case.to_sample(processor.opts.image_load.video_frames)?;
         let imgs = processor
             .load_sample_images(&sample)
             .context("reloading the image for the overlay")?;

@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Args;
 use qoq_data::ecg::EcgConvention;
 use qoq_data::manifest::{Manifest, ManifestConfig};
-use qoq_processor::{Processor, ProcessorOptions, Truncation};
+use qoq_processor::{ProcessedBatch, Processor, ProcessorOptions, Truncation};
 use rayon::prelude::*;
 use safetensors::{Dtype, tensor::TensorView};
 use std::collections::HashMap;
@@ -139,6 +139,19 @@ pub fn run(args: ProcessArgs) -> anyhow::Result<ExitCode> {
     let secs = start.elapsed().as_secs_f64();
 
     let (b, s) = (batch.batch_size(), batch.seq_len());
+    write_batch(&batch, &args.out)?;
+    let images: usize = samples.iter().map(|x| x.image_grid_thw.len()).sum();
+    println!(
+        "processed {b} rows ({images} images, {} patches, seq len {s}) in {secs:.3} s -> {}",
+        batch.pixel_values_shape[0],
+        args.out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Write a collated batch as safetensors in the `qoq process` layout (see the module docs).
+pub fn write_batch(batch: &ProcessedBatch, out: &std::path::Path) -> anyhow::Result<()> {
+    let (b, s) = (batch.batch_size(), batch.seq_len());
     let ids = bytes_i64(batch.input_ids.iter().flatten().map(|&v| v as i64));
     let mask = bytes_i64(batch.attention_mask.iter().flatten().map(|&v| v as i64));
     let pos = bytes_i64(batch.position_ids.iter().copied());
@@ -176,13 +189,5 @@ pub fn run(args: ProcessArgs) -> anyhow::Result<ExitCode> {
         serde_json::to_string(&batch.raw_prompt_ids)?,
     );
     let bytes = safetensors::tensor::serialize(tensors, Some(meta))?;
-    std::fs::write(&args.out, bytes)
-        .with_context(|| format!("cannot write {}", args.out.display()))?;
-    let images: usize = samples.iter().map(|x| x.image_grid_thw.len()).sum();
-    println!(
-        "processed {b} rows ({images} images, {} patches, seq len {s}) in {secs:.3} s -> {}",
-        batch.pixel_values_shape[0],
-        args.out.display()
-    );
-    Ok(ExitCode::SUCCESS)
+    std::fs::write(out, bytes).with_context(|| format!("cannot write {}", out.display()))
 }

@@ -11,9 +11,10 @@
 //!   `finish_reason`, an optional usage chunk with `stream_options.include_usage`, then
 //!   `data: [DONE]`) or not.
 //!
-//! Messages: only `user` messages form the question (the QoQ prompt is single-turn; `system`,
-//! `developer` and `assistant` messages are ignored). Their `content` is a string or a list of
-//! parts, concatenated in order, with one `<image>` placeholder per image part:
+//! Messages: `user` messages form the question (the QoQ prompt is single-turn; `assistant`
+//! messages are ignored); the text of `system` and `developer` messages, joined by newlines,
+//! replaces the chat template's default system message. A user `content` is a string or a list
+//! of parts, concatenated in order, with one `<image>` placeholder per image part:
 //!
 //! * `{"type": "text", "text": ...}`;
 //! * `{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}`: base64 data
@@ -25,6 +26,13 @@
 //!   absent); `csv` has a header row of lead names and one row per sample, at `fs` Hz, else at
 //!   the rate of its `time` column, else 500 Hz. WFDB, DICOM and `.npz` are not accepted here
 //!   (use `qoq infer`).
+//!
+//! The case is built by the library's case builder ([`qoq_processor::Case`]), as `qoq infer`
+//! builds its case and as training builds the equivalent manifest row: images go through the
+//! dataset-side resize, an ECG-only request gets the white placeholder image with its
+//! `<image>` placeholder plus the time-series token, a text-only request the placeholder image
+//! and a zero ECG. The processor settings are the model folder's `qoq_processor.json` (those it
+//! was trained with) when it has one, else the defaults.
 //!
 //! Request fields: `model` (must name the served model when given), `messages`, `temperature`
 //! (default 0.5, the reference's validation temperature), `top_p` (default 0.99), `max_tokens`
@@ -62,7 +70,8 @@ use qoq_engine::{
     GenerateConfig, Generated, GroupRequest, SamplingParams, StopCondition, generate,
 };
 use qoq_model::ClinicalVlm;
-use qoq_processor::processor::{Processor, ProcessorOptions};
+use qoq_processor::processor::Processor;
+use qoq_processor::{Case, CaseEcg, CaseImage};
 use serde_json::{Value, json};
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -108,6 +117,10 @@ pub struct ServeArgs {
     /// Seconds a request may wait and run before it gets 504.
     #[arg(long, default_value_t = 300)]
     timeout_s: u64,
+    /// Write each request's processed inputs (the `qoq process` safetensors layout) into this
+    /// folder as `request-<k>.safetensors` (for tests comparing them with the manifest path's).
+    #[arg(long, hide = true)]
+    dump_inputs: Option<PathBuf>,
 }
 
 /// A refusal: its status and the OpenAI error object.
@@ -182,11 +195,14 @@ struct Served {
     /// Requests admitted and not finished (running or waiting).
     admitted: AtomicUsize,
     next_id: AtomicU64,
+    /// Requests prepared so far (the case ids).
+    next_request: AtomicU64,
     queue_size: usize,
     max_images: usize,
     max_image_pixels: u64,
     max_tokens_cap: usize,
     timeout: Duration,
+    dump_inputs: Option<PathBuf>,
 }
 
 /// An admission slot; frees itself when dropped.
@@ -220,20 +236,12 @@ fn admit(s: &Arc<Served>) -> Result<Slot, ApiError> {
 
 /// Load the model and serve until Ctrl-C.
 pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
-    let load = |format: bool| {
-        let opts = ProcessorOptions {
-            format_prompt: if format {
-                ProcessorOptions::default().format_prompt
-            } else {
-                None
-            },
-            missing_files_as_placeholders: false,
-            ..ProcessorOptions::default()
-        };
-        Processor::from_model_dir(&a.model, a.tokenizer.as_deref(), opts)
-            .with_context(|| format!("loading the processor of {}", a.model.display()))
-    };
+    let load =
+        |format: bool| crate::cmd::infer::model_processor(&a.model, a.tokenizer.as_deref(), format);
     let (with_format, plain) = (load(true)?, load(false)?);
+    if let Some(d) = &a.dump_inputs {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
     let (cfg, model) = qoq_model::loading::load_model(&a.model, DType::F32, &Device::Cpu)
         .with_context(|| format!("loading the model in {}", a.model.display()))?;
     let served = Arc::new(Served {
@@ -247,11 +255,13 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         worker: Arc::new(tokio::sync::Mutex::new(())),
         admitted: AtomicUsize::new(0),
         next_id: AtomicU64::new(0),
+        next_request: AtomicU64::new(0),
         queue_size: a.queue_size,
         max_images: a.max_images,
         max_image_pixels: a.max_image_pixels,
         max_tokens_cap: a.max_tokens_cap.max(1),
         timeout: Duration::from_secs(a.timeout_s.max(1)),
+        dump_inputs: a.dump_inputs.clone(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -334,6 +344,7 @@ enum Media {
 /// A validated request.
 struct ChatRequest {
     question: String,
+    system: Option<String>,
     media: Vec<Media>,
     format_prompt: bool,
     temperature: f32,
@@ -447,6 +458,7 @@ fn parse_request(body: &[u8], s: &Served) -> Result<ChatRequest, ApiError> {
         .and_then(Value::as_array)
         .ok_or_else(|| ApiError::bad("missing_messages", "`messages` must be a list"))?;
     let mut pieces: Vec<String> = Vec::new();
+    let mut system: Vec<String> = Vec::new();
     let mut media = Vec::new();
     for (i, m) in messages.iter().enumerate() {
         let role = m.get("role").and_then(Value::as_str).ok_or_else(|| {
@@ -455,6 +467,10 @@ fn parse_request(body: &[u8], s: &Served) -> Result<ChatRequest, ApiError> {
                 format!("messages[{i}] needs a string `role`"),
             )
         })?;
+        if role == "system" || role == "developer" {
+            system.push(system_text(m, i)?);
+            continue;
+        }
         if role != "user" {
             continue;
         }
@@ -620,6 +636,7 @@ fn parse_request(body: &[u8], s: &Served) -> Result<ChatRequest, ApiError> {
         .unwrap_or(false);
     Ok(ChatRequest {
         question: pieces.join("\n"),
+        system: (!system.is_empty()).then(|| system.join("\n")),
         media,
         format_prompt: flag(&v, "qoq_format_prompt")?.unwrap_or(true),
         temperature: temperature as f32,
@@ -630,6 +647,26 @@ fn parse_request(body: &[u8], s: &Served) -> Result<ChatRequest, ApiError> {
         stream: flag(&v, "stream")?.unwrap_or(false),
         include_usage,
     })
+}
+
+/// The text of a system or developer message: a string, or its text parts joined.
+fn system_text(m: &Value, i: usize) -> Result<String, ApiError> {
+    let bad =
+        |what: &str| ApiError::bad("invalid_message", format!("messages[{i}] (system): {what}"));
+    match m.get("content") {
+        Some(Value::String(t)) => Ok(t.clone()),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .map(
+                |p| match (p.get("type").and_then(Value::as_str), p.get("text")) {
+                    (Some("text"), Some(Value::String(t))) => Ok(t.as_str()),
+                    _ => Err(bad("only text parts are accepted")),
+                },
+            )
+            .collect::<Result<Vec<_>, _>>()
+            .map(|v| v.concat()),
+        _ => Err(bad("`content` must be a string or a list of text parts")),
+    }
 }
 
 fn b64(data: &str, what: &str) -> Result<Vec<u8>, ApiError> {
@@ -671,13 +708,13 @@ fn decode_image(payload: &str, k: usize, max_pixels: u64) -> Result<image::RgbIm
     Ok(img.to_rgb8())
 }
 
-/// Decode the ECG part to the model's (8, 2500) input.
+/// Decode the ECG part to a signal (the case builder makes it the model's (8, 2500) input).
 fn decode_ecg(
     data: &str,
     format: &str,
     fs: Option<f64>,
     p: &Processor,
-) -> Result<Vec<f32>, ApiError> {
+) -> Result<qoq_data::ecg::EcgSignal, ApiError> {
     let bytes = b64(data, "input_ecg")?;
     let bad = |m: String| ApiError::bad("invalid_ecg", format!("input_ecg ({format}): {m}"));
     let mut opts = p.opts.ecg_load.clone();
@@ -702,7 +739,9 @@ fn decode_ecg(
             Err(e) => return Err(bad(e.to_string())),
         }
     };
-    qoq_data::ecg::to_model_input(&sig, p.opts.ecg_convention, p.opts.ecg_zscore).map_err(bad)
+    // Refuse a signal the model input cannot take here, as a bad request.
+    p.ecg_input(&sig).map_err(bad)?;
+    Ok(sig)
 }
 
 /// Everything the worker needs: the model inputs and the prompt length.
@@ -718,24 +757,36 @@ fn prepare(s: &Served, r: &ChatRequest) -> Result<Prepared, ApiError> {
     } else {
         &s.plain
     };
-    let mut images = Vec::new();
-    let mut ecg = None;
+    let k = s.next_request.fetch_add(1, Ordering::Relaxed);
+    let mut case = Case {
+        id: format!("request-{k}"),
+        question: r.question.clone(),
+        system: r.system.clone(),
+        ..Case::default()
+    };
     for m in &r.media {
         match m {
             Media::Image(payload) => {
-                images.push(decode_image(payload, images.len(), s.max_image_pixels)?)
+                case.images
+                    .push(CaseImage::Decoded(image::DynamicImage::ImageRgb8(
+                        decode_image(payload, case.images.len(), s.max_image_pixels)?,
+                    )))
             }
-            Media::Ecg { data, format, fs } => ecg = Some(decode_ecg(data, format, *fs, p)?),
+            Media::Ecg { data, format, fs } => {
+                case.ecg = Some(CaseEcg::Signal(decode_ecg(data, format, *fs, p)?))
+            }
         }
     }
-    let question = qoq_data::manifest::normalise_placeholders(&r.question, images.len())
-        .map_err(|e| ApiError::bad("invalid_prompt", e))?;
     let processed = p
-        .process_parts("request", &question, &images, ecg)
+        .process_case(&case)
         .map_err(|e| ApiError::bad("invalid_prompt", e.to_string()))?;
     let batch = p
         .collate(std::slice::from_ref(&processed), None)
         .map_err(|e| ApiError::internal(e.to_string()))?;
+    if let Some(dir) = &s.dump_inputs {
+        crate::cmd::process::write_batch(&batch, &dir.join(format!("{}.safetensors", case.id)))
+            .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    }
     let inputs = qoq_model::prompt_inputs(&batch, &Device::Cpu)
         .map_err(|e| ApiError::internal(e.to_string()))?;
     tracing::debug!(

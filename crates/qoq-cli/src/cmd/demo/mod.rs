@@ -330,7 +330,12 @@ fn train_phase(
         bar.inc(1);
         curve.push((o.step, o.metrics));
     }
-    model::export(export_to, like, &trainer.weights()?)?;
+    model::export(
+        export_to,
+        like,
+        &trainer.weights()?,
+        &trainer.config().processor_options(),
+    )?;
     let tail = curve.len().saturating_sub(5);
     let key = if sft { SFT_LOSS } else { names::REWARD_OVERALL };
     let last: Vec<f64> = curve[tail..]
@@ -442,8 +447,8 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     let t = Instant::now();
     let sft_model = out.join("sft_model");
     let cfg = run_config(&p, a.seed, &world_dir, &init, &out.join("sft"), None);
-    // Evaluation sees the images as training did.
-    let processor_options = cfg.processor_options();
+    // The untrained model is evaluated with the settings every stage trains with.
+    cfg.processor_options().write_to_model_dir(&init)?;
     let trainer = Trainer::new(cfg).context("setting up SFT")?;
     let sft_curve = train_phase(&mut phases, "sft", trainer, true, &init, &sft_model)?;
     timings.insert("sft".into(), t.elapsed().as_secs_f64());
@@ -463,7 +468,12 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         let trainer = Trainer::new(cfg).with_context(|| format!("setting up {name}"))?;
         let dest = out.join(format!("{name}_model"));
         let curve = if p.rl_steps == 0 {
-            model::export(&dest, &sft_model, &trainer.weights()?)?;
+            model::export(
+                &dest,
+                &sft_model,
+                &trainer.weights()?,
+                &trainer.config().processor_options(),
+            )?;
             Vec::new()
         } else {
             train_phase(&mut phases, name, trainer, false, &sft_model, &dest)?
@@ -479,16 +489,25 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         batch_size: p.eval_batch,
         ..Default::default()
     };
-    let settings = super::eval::ModelEvalSettings {
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: a.seed,
-        max_new_tokens: p.max_response,
-        processor: processor_options,
-    };
     let mut reports = Vec::new();
     for (name, _, dir) in MODELS {
         let t = Instant::now();
+        // Evaluation sees the images as training did: the settings exported with the model.
+        let (processor, found) = qoq_processor::ProcessorOptions::for_model_dir(&out.join(dir))?;
+        anyhow::ensure!(
+            found,
+            "{} has no {}",
+            out.join(dir).display(),
+            qoq_processor::SETTINGS_FILE
+        );
+        let settings = super::eval::ModelEvalSettings {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: a.seed,
+            max_new_tokens: p.max_response,
+            processor,
+            dump_inputs: None,
+        };
         let bar = phases.bar(&format!("eval {name}"), test.len() as u64);
         let eval_dir = out.join("eval").join(name);
         let outcome = super::eval::eval_model(

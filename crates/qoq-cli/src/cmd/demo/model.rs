@@ -116,15 +116,22 @@ pub fn write_initial(
     std::fs::write(&tok, tokenizer_json).with_context(|| format!("writing {}", tok.display()))
 }
 
-/// Writes a model folder with `weights` and the other files of `like` (config, preprocessor
-/// config, tokenizer).
-pub fn export(dir: &Path, like: &Path, weights: &HashMap<String, Tensor>) -> anyhow::Result<()> {
+/// Writes a model folder with `weights`, the other files of `like` (config, preprocessor
+/// config, tokenizer) and the processor settings it was trained with
+/// ([`qoq_processor::SETTINGS_FILE`]).
+pub fn export(
+    dir: &Path,
+    like: &Path,
+    weights: &HashMap<String, Tensor>,
+    processor: &qoq_processor::ProcessorOptions,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     for f in ["config.json", "preprocessor_config.json", "tokenizer.json"] {
         std::fs::copy(like.join(f), dir.join(f)).with_context(|| {
             format!("copying {} into {}", like.join(f).display(), dir.display())
         })?;
     }
+    processor.write_to_model_dir(dir)?;
     let path = dir.join("model.safetensors");
     candle_core::safetensors::save(weights, &path)
         .with_context(|| format!("writing {}", path.display()))
