@@ -163,8 +163,14 @@ fn serve_answers_400_for_damaged_images_and_keeps_serving() {
                 let msg = v["error"]["message"]
                     .as_str()
                     .unwrap_or_else(|| panic!("{what}: {v}"));
-                assert!(msg.contains("image 0"), "{what}: {msg}");
-                assert!(v["error"]["code"].is_string(), "{what}: {v}");
+                let code = v["error"]["code"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{what}: {v}"));
+                // a decoding error names the image (an image that decodes may still be refused
+                // for its prompt, e.g. too many tokens)
+                if code.contains("image") {
+                    assert!(msg.contains("image 0"), "{what}: {msg}");
+                }
                 refused += 1;
             }
             s => panic!("{what}: status {s}: {v}"),

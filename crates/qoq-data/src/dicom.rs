@@ -613,7 +613,7 @@ fn read_ecg_unguarded(path: &Path, item: usize) -> Result<EcgSignal> {
             _ => return Err(fail("WaveformData has an unexpected value type".into())),
         }
     };
-    let needed = channels.checked_mul(samples).unwrap_or(usize::MAX);
+    let needed = channels.saturating_mul(samples);
     if raw.len() < needed {
         return Err(fail(format!(
             "WaveformData has {} values, {channels} x {samples} expected",
