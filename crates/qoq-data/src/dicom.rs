@@ -78,6 +78,35 @@ struct LengthWalk<'a> {
 
 const UNDEFINED: u32 = 0xFFFF_FFFF;
 
+/// Whether an explicit VR has a 2-byte length (PS3.5 7.1.2); every other VR, an unknown one
+/// included (the parser reads it as `UN`), has 2 reserved bytes and a 4-byte length.
+fn is_short_vr(vr: &[u8; 2]) -> bool {
+    matches!(
+        vr,
+        b"AE"
+            | b"AS"
+            | b"AT"
+            | b"CS"
+            | b"DA"
+            | b"DS"
+            | b"DT"
+            | b"FL"
+            | b"FD"
+            | b"IS"
+            | b"LO"
+            | b"LT"
+            | b"PN"
+            | b"SH"
+            | b"SL"
+            | b"SS"
+            | b"ST"
+            | b"TM"
+            | b"UI"
+            | b"UL"
+            | b"US"
+    )
+}
+
 impl LengthWalk<'_> {
     fn u16_at(&self, at: usize) -> u16 {
         let b = [self.bytes[at], self.bytes[at + 1]];
@@ -132,22 +161,7 @@ impl LengthWalk<'_> {
             }
             let (vr, len, value) = if self.explicit && tag.0 != 0xFFFE {
                 let vr = [self.bytes[pos + 4], self.bytes[pos + 5]];
-                if matches!(
-                    &vr,
-                    b"OB"
-                        | b"OD"
-                        | b"OF"
-                        | b"OL"
-                        | b"OV"
-                        | b"OW"
-                        | b"SQ"
-                        | b"SV"
-                        | b"UC"
-                        | b"UN"
-                        | b"UR"
-                        | b"UT"
-                        | b"UV"
-                ) {
+                if !is_short_vr(&vr) {
                     if pos + 12 > end {
                         return Ok(end);
                     }
@@ -229,7 +243,7 @@ fn check_lengths(bytes: &[u8]) -> std::result::Result<(), String> {
     while pos + 8 <= bytes.len() && meta.u16_at(pos) == 0x0002 {
         let tag = meta.tag(pos);
         let vr = &bytes[pos + 4..pos + 6];
-        let (len, value) = if matches!(vr, b"OB" | b"UN" | b"UT" | b"SQ") {
+        let (len, value) = if !is_short_vr(&[vr[0], vr[1]]) {
             if pos + 12 > bytes.len() {
                 return Ok(());
             }

@@ -27,9 +27,18 @@ use std::time::{Duration, Instant};
 const ALLOC_LIMIT: usize = 1 << 30;
 /// The longest one file may take (a hang otherwise), generous for a loaded debug build.
 const TIME_LIMIT: Duration = Duration::from_secs(60);
-/// Copies per real file (half for files above 1 MB).
+/// Copies per real file (half for files above 1 MB); `QOQ_CORPUS_PER_FILE` overrides it for a
+/// longer local campaign.
 const PER_FILE: usize = 12;
+/// The damage seed; `QOQ_CORPUS_SEED` overrides it.
 const SEED: u64 = 24;
+
+fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 
 /// The file being read, for the message of a refused allocation (fixed buffer: the allocator
 /// must not allocate).
@@ -136,8 +145,13 @@ fn every_damaged_real_file_ends_in_ok_or_an_error_naming_it() {
     let Some(cache) = cache() else { return };
     let dir = tempfile::tempdir().unwrap();
     let sources = damage::corpus_sources(&cache, &dir.path().join("derived")).unwrap();
-    let files =
-        damage::write_corpus(&sources, &dir.path().join("damaged"), PER_FILE, SEED).unwrap();
+    let files = damage::write_corpus(
+        &sources,
+        &dir.path().join("damaged"),
+        env_or("QOQ_CORPUS_PER_FILE", PER_FILE),
+        env_or("QOQ_CORPUS_SEED", SEED),
+    )
+    .unwrap();
     assert!(files.len() >= 200, "{} damaged files", files.len());
     let manifest = dir.path().join("damaged.jsonl");
     damage::write_corpus_manifest(&files, &manifest).unwrap();
