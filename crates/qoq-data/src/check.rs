@@ -3,7 +3,9 @@
 //! Every bad row is reported (by line number, with the reason); checking never stops at the
 //! first. Every referenced file is decoded: images (PNG/JPEG/... and DICOM, all frames), volumes
 //! (NIfTI, NRRD), ECG files (WFDB, DICOM waveform, `.npy` / `.npz`, CSV) and masks. Files are
-//! decoded in parallel (rayon) in blocks of rows; the report keeps manifest order.
+//! decoded in parallel (rayon) in blocks of rows; the report keeps manifest order. Every decoder
+//! runs behind [`crate::guard::contain`]: a decoder that panics on a damaged file gives a bad row
+//! naming the file and the decoder, and the check goes on.
 //! Videos in other formats (`.mp4`, ...) and time series in other formats (`torch.save`d `.pt`
 //! tensors, `.mat`, ...) are checked for existence only (no decoder here).
 

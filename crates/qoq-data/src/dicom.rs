@@ -48,9 +48,247 @@ pub fn has_dicm_magic(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// Read and parse a DICOM file, its defined lengths checked against the file first (the parser
+/// allocates and zero-fills an element's declared length before reading it: a damaged length of
+/// 0x7fffffff would cost 2 GiB for a 7 kB file).
 fn open(path: &Path) -> Result<DefaultDicomObject> {
-    dicom_object::open_file(path)
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    check_lengths(&bytes).map_err(|m| Error::file(path, format!("cannot read DICOM: {m}")))?;
+    dicom_object::OpenFileOptions::new()
+        .read_preamble(dicom_object::file::ReadPreamble::Auto)
+        .from_reader(std::io::Cursor::new(bytes))
         .map_err(|e| Error::file(path, format!("cannot read DICOM: {}", chain(&e))))
+}
+
+/// Why [`check_lengths`]'s walk ended early.
+enum Walk {
+    /// A defined length runs past the end of the file: refuse the file.
+    Refuse(String),
+    /// A structure the walk does not follow (deflated data set, an undefined-length `UN`, deep
+    /// nesting): leave the file to the parser.
+    Stop,
+}
+
+/// The element walk of [`check_lengths`] over one transfer syntax.
+struct LengthWalk<'a> {
+    bytes: &'a [u8],
+    explicit: bool,
+    big: bool,
+}
+
+const UNDEFINED: u32 = 0xFFFF_FFFF;
+
+/// Whether an explicit VR has a 2-byte length (PS3.5 7.1.2); every other VR, an unknown one
+/// included (the parser reads it as `UN`), has 2 reserved bytes and a 4-byte length.
+fn is_short_vr(vr: &[u8; 2]) -> bool {
+    matches!(
+        vr,
+        b"AE"
+            | b"AS"
+            | b"AT"
+            | b"CS"
+            | b"DA"
+            | b"DS"
+            | b"DT"
+            | b"FL"
+            | b"FD"
+            | b"IS"
+            | b"LO"
+            | b"LT"
+            | b"PN"
+            | b"SH"
+            | b"SL"
+            | b"SS"
+            | b"ST"
+            | b"TM"
+            | b"UI"
+            | b"UL"
+            | b"US"
+    )
+}
+
+impl LengthWalk<'_> {
+    fn u16_at(&self, at: usize) -> u16 {
+        let b = [self.bytes[at], self.bytes[at + 1]];
+        if self.big {
+            u16::from_be_bytes(b)
+        } else {
+            u16::from_le_bytes(b)
+        }
+    }
+
+    fn u32_at(&self, at: usize) -> u32 {
+        let b: [u8; 4] = self.bytes[at..at + 4].try_into().expect("4 bytes");
+        if self.big {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        }
+    }
+
+    /// `(group, element)` at `at`.
+    fn tag(&self, at: usize) -> (u16, u16) {
+        (self.u16_at(at), self.u16_at(at + 2))
+    }
+
+    /// Refuse `len` bytes at `start` when they run past the end of the file.
+    fn fits(&self, tag: (u16, u16), start: usize, len: u32) -> std::result::Result<(), Walk> {
+        if start as u64 + len as u64 > self.bytes.len() as u64 {
+            return Err(Walk::Refuse(format!(
+                "element ({:04X},{:04X}) at byte {start} declares {len} bytes, the file holds {} more",
+                tag.0,
+                tag.1,
+                self.bytes.len().saturating_sub(start)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Elements from `pos` to `end` or to an item delimiter (consumed); the position after.
+    fn elements(
+        &self,
+        mut pos: usize,
+        end: usize,
+        depth: usize,
+    ) -> std::result::Result<usize, Walk> {
+        if depth > 32 {
+            return Err(Walk::Stop);
+        }
+        while pos + 8 <= end {
+            let tag = self.tag(pos);
+            if tag == (0xFFFE, 0xE00D) {
+                return Ok(pos + 8);
+            }
+            let (vr, len, value) = if self.explicit && tag.0 != 0xFFFE {
+                let vr = [self.bytes[pos + 4], self.bytes[pos + 5]];
+                if !is_short_vr(&vr) {
+                    if pos + 12 > end {
+                        return Ok(end);
+                    }
+                    (Some(vr), self.u32_at(pos + 8), pos + 12)
+                } else {
+                    (Some(vr), self.u16_at(pos + 6) as u32, pos + 8)
+                }
+            } else {
+                (None, self.u32_at(pos + 4), pos + 8)
+            };
+            if len == UNDEFINED {
+                pos = match vr.as_ref() {
+                    None | Some(b"SQ") => self.items(value, end, false, depth + 1)?,
+                    Some(b"OB" | b"OW") => self.items(value, end, true, depth + 1)?,
+                    Some(_) => return Err(Walk::Stop),
+                };
+                continue;
+            }
+            self.fits(tag, value, len)?;
+            let next = value + len as usize;
+            if vr.as_ref() == Some(b"SQ") {
+                self.items(value, next.min(end), false, depth + 1)?;
+            }
+            pos = next;
+        }
+        Ok(end)
+    }
+
+    /// Items (or fragments) from `pos` to `end` or to a sequence delimiter (consumed).
+    fn items(
+        &self,
+        mut pos: usize,
+        end: usize,
+        fragments: bool,
+        depth: usize,
+    ) -> std::result::Result<usize, Walk> {
+        while pos + 8 <= end {
+            let tag = self.tag(pos);
+            let len = self.u32_at(pos + 4);
+            match tag {
+                (0xFFFE, 0xE0DD) => return Ok(pos + 8),
+                (0xFFFE, 0xE000) if len == UNDEFINED && !fragments => {
+                    pos = self.elements(pos + 8, end, depth + 1)?;
+                }
+                (0xFFFE, 0xE000) if len != UNDEFINED => {
+                    self.fits(tag, pos + 8, len)?;
+                    let next = pos + 8 + len as usize;
+                    if !fragments {
+                        self.elements(pos + 8, next.min(end), depth + 1)?;
+                    }
+                    pos = next;
+                }
+                _ => return Err(Walk::Stop),
+            }
+        }
+        Ok(end)
+    }
+}
+
+/// Refuse a DICOM file one of whose defined element or item lengths runs past the end of the
+/// file (the allocation bound of the DICOM reader); structures the walk does not follow are
+/// left to the parser, which reports them.
+fn check_lengths(bytes: &[u8]) -> std::result::Result<(), String> {
+    let start = if bytes.len() >= 132 && &bytes[128..132] == b"DICM" {
+        132
+    } else if bytes.starts_with(b"DICM") {
+        4
+    } else {
+        return Ok(());
+    };
+    // The file meta group: explicit VR little endian, group 0002.
+    let meta = LengthWalk {
+        bytes,
+        explicit: true,
+        big: false,
+    };
+    let mut pos = start;
+    let mut ts = String::new();
+    while pos + 8 <= bytes.len() && meta.u16_at(pos) == 0x0002 {
+        let tag = meta.tag(pos);
+        let vr = &bytes[pos + 4..pos + 6];
+        let (len, value) = if !is_short_vr(&[vr[0], vr[1]]) {
+            if pos + 12 > bytes.len() {
+                return Ok(());
+            }
+            (meta.u32_at(pos + 8), pos + 12)
+        } else {
+            (meta.u16_at(pos + 6) as u32, pos + 8)
+        };
+        if len == UNDEFINED {
+            return Ok(());
+        }
+        match meta.fits(tag, value, len) {
+            Err(Walk::Refuse(m)) => return Err(m),
+            Err(Walk::Stop) => return Ok(()),
+            Ok(()) => {}
+        }
+        if tag == (0x0002, 0x0010) {
+            ts = String::from_utf8_lossy(&bytes[value..value + len as usize])
+                .trim_end_matches(['\0', ' '])
+                .to_string();
+        }
+        pos = value + len as usize;
+    }
+    let walk = match ts.as_str() {
+        "1.2.840.10008.1.2" => LengthWalk {
+            bytes,
+            explicit: false,
+            big: false,
+        },
+        "1.2.840.10008.1.2.2" => LengthWalk {
+            bytes,
+            explicit: true,
+            big: true,
+        },
+        // deflated data sets are inflated by the parser; nothing to walk here
+        "1.2.840.10008.1.2.1.99" => return Ok(()),
+        _ => LengthWalk {
+            bytes,
+            explicit: true,
+            big: false,
+        },
+    };
+    match walk.elements(pos, bytes.len(), 0) {
+        Err(Walk::Refuse(m)) => Err(m),
+        _ => Ok(()),
+    }
 }
 
 /// An error and its causes, `a: b: c` (dicom-rs errors keep the reason in their sources).
@@ -106,41 +344,96 @@ pub struct DicomPixels {
     pub windows: Vec<Option<(f64, f64)>>,
 }
 
-/// Decode every frame of a DICOM image to modality values.
+/// Decode every frame of a DICOM image to modality values. Runs behind the decoder boundary
+/// ([`crate::guard::contain`]): a panic of the pixel-data decoder is an error naming the file
+/// and the transfer syntax's decoder.
 pub fn read_pixels(path: &Path) -> Result<DicomPixels> {
+    crate::guard::contain(path, "DICOM", || read_pixels_unguarded(path))
+}
+
+/// An integer attribute of the data set (`IS`, `US`, ...).
+fn attr_u64(obj: &DefaultDicomObject, tag: dicom_object::Tag) -> Option<u64> {
+    obj.element(tag).ok().and_then(|e| e.to_int::<u64>().ok())
+}
+
+/// The decoded size the header promises, refused beyond [`crate::guard::MAX_DECODED_BYTES`]
+/// (as f32 modality values) and, for native pixel data, beyond what the file holds.
+fn check_pixel_size(path: &Path, obj: &DefaultDicomObject) -> Result<()> {
+    let dims = [
+        attr_u64(obj, tags::ROWS).unwrap_or(0),
+        attr_u64(obj, tags::COLUMNS).unwrap_or(0),
+        attr_u64(obj, tags::SAMPLES_PER_PIXEL).unwrap_or(1),
+        attr_u64(obj, tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1),
+    ];
+    let values = dims
+        .iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d))
+        .unwrap_or(u64::MAX);
+    crate::guard::check_size(path, "the decoded pixel data", values.saturating_mul(4))?;
+    let native = obj
+        .element(tags::PIXEL_DATA)
+        .ok()
+        .and_then(|e| e.value().primitive().map(|p| p.calculate_byte_len()));
+    if let Some(have) = native {
+        let bits = attr_u64(obj, tags::BITS_ALLOCATED).unwrap_or(8).max(1);
+        let need = values.saturating_mul(bits) / 8;
+        if need > have as u64 {
+            return Err(Error::file(
+                path,
+                format!(
+                    "the header promises {need} bytes of pixel data ({} x {} x {} samples x {} frames of {bits} bits), the file holds {have}",
+                    dims[0], dims[1], dims[2], dims[3]
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn read_pixels_unguarded(path: &Path) -> Result<DicomPixels> {
     let obj = open(path)?;
     ensure_decodable(path, &obj)?;
-    let err = |e: dicom_pixeldata::Error| {
-        Error::file(path, format!("cannot decode pixel data: {}", chain(&e)))
-    };
-    let px = obj.decode_pixel_data().map_err(err)?;
-    let n = px.number_of_frames();
-    let mut frames = Vec::with_capacity(n as usize);
-    for f in 0..n {
-        frames.push(px.to_vec_frame::<f32>(f).map_err(err)?);
-    }
-    let file_windows = px.window().map_err(err)?.unwrap_or(&[]);
-    let windows = (0..n as usize)
-        .map(|f| {
-            file_windows
-                .get(f.min(file_windows.len().saturating_sub(1)))
-                .filter(|w| w.width.is_finite() && w.width >= 1.0 && w.center.is_finite())
-                .map(|w| (w.center, w.width))
+    check_pixel_size(path, &obj)?;
+    let uid = obj.meta().transfer_syntax().trim_end_matches('\0').trim();
+    let decoder = format!(
+        "DICOM pixel data ({})",
+        TransferSyntaxRegistry
+            .get(uid)
+            .map_or("unknown transfer syntax", |ts| ts.name())
+    );
+    crate::guard::contain(path, &decoder, || {
+        let err = |e: dicom_pixeldata::Error| {
+            Error::file(path, format!("cannot decode pixel data: {}", chain(&e)))
+        };
+        let px = obj.decode_pixel_data().map_err(err)?;
+        let n = px.number_of_frames();
+        let mut frames = Vec::new();
+        for f in 0..n {
+            frames.push(px.to_vec_frame::<f32>(f).map_err(err)?);
+        }
+        let file_windows = px.window().map_err(err)?.unwrap_or(&[]);
+        let windows = (0..n as usize)
+            .map(|f| {
+                file_windows
+                    .get(f.min(file_windows.len().saturating_sub(1)))
+                    .filter(|w| w.width.is_finite() && w.width >= 1.0 && w.center.is_finite())
+                    .map(|w| (w.center, w.width))
+            })
+            .collect();
+        Ok(DicomPixels {
+            width: px.columns(),
+            height: px.rows(),
+            samples_per_pixel: px.samples_per_pixel(),
+            bits_stored: px.bits_stored(),
+            photometric: px.photometric_interpretation().as_str().to_string(),
+            transfer_syntax: obj
+                .meta()
+                .transfer_syntax()
+                .trim_end_matches('\0')
+                .to_string(),
+            frames,
+            windows,
         })
-        .collect();
-    Ok(DicomPixels {
-        width: px.columns(),
-        height: px.rows(),
-        samples_per_pixel: px.samples_per_pixel(),
-        bits_stored: px.bits_stored(),
-        photometric: px.photometric_interpretation().as_str().to_string(),
-        transfer_syntax: obj
-            .meta()
-            .transfer_syntax()
-            .trim_end_matches('\0')
-            .to_string(),
-        frames,
-        windows,
     })
 }
 
@@ -246,9 +539,10 @@ impl DicomPixels {
 
 /// Read a DICOM image file as 8-bit images, one per frame.
 pub fn read_image(path: &Path, windowing: Windowing) -> Result<Vec<DynamicImage>> {
-    read_pixels(path)?
-        .to_images(windowing)
-        .map_err(|m| Error::file(path, m))
+    let px = read_pixels(path)?;
+    crate::guard::contain(path, "DICOM windowing", || {
+        px.to_images(windowing).map_err(|m| Error::file(path, m))
+    })
 }
 
 fn item_str(obj: &InMemDicomObject, tag: dicom_object::Tag) -> Option<String> {
@@ -275,8 +569,12 @@ pub fn lead_name(code_meaning: &str) -> String {
 }
 
 /// Read the ECG waveform at `item` of the WaveformSequence (item 0 is the rhythm strip in
-/// 12-lead ECG objects) as an [`EcgSignal`] in mV.
+/// 12-lead ECG objects) as an [`EcgSignal`] in mV (behind [`crate::guard::contain`]).
 pub fn read_ecg(path: &Path, item: usize) -> Result<EcgSignal> {
+    crate::guard::contain(path, "DICOM waveform", || read_ecg_unguarded(path, item))
+}
+
+fn read_ecg_unguarded(path: &Path, item: usize) -> Result<EcgSignal> {
     let obj = open(path)?;
     let fail = |m: String| Error::file(path, m);
     let seq = obj
@@ -329,7 +627,8 @@ pub fn read_ecg(path: &Path, item: usize) -> Result<EcgSignal> {
             _ => return Err(fail("WaveformData has an unexpected value type".into())),
         }
     };
-    if raw.len() < channels * samples {
+    let needed = channels.saturating_mul(samples);
+    if raw.len() < needed {
         return Err(fail(format!(
             "WaveformData has {} values, {channels} x {samples} expected",
             raw.len()

@@ -118,8 +118,16 @@ pub fn to_model_input(
                 if (sig.fs - 500.0).abs() < 1e-9 {
                     clean
                 } else {
-                    let num = (clean.len() as f64 * 500.0 / sig.fs).round() as usize;
-                    fft_resample(&clean, num)
+                    let num = (clean.len() as f64 * 500.0 / sig.fs).round();
+                    // a damaged (tiny) sampling frequency must not size a huge spectrum
+                    if num * 16.0 > crate::guard::MAX_DECODED_BYTES as f64 {
+                        return Err(format!(
+                            "resampling {} samples from {} Hz to 500 Hz would give {num} samples, beyond the decoding limit",
+                            clean.len(),
+                            sig.fs
+                        ));
+                    }
+                    fft_resample(&clean, num as usize)
                 }
             }
         };

@@ -152,6 +152,10 @@ pub fn array_to_signal(
 /// `time`, `t` or `seconds` (in seconds) is dropped and gives `fs` unless `opts.fs` is set;
 /// `sample` / `index` columns are dropped.
 pub fn read_csv(path: &Path, opts: &EcgLoadOptions) -> Result<EcgSignal> {
+    crate::guard::contain(path, "CSV", || read_csv_unguarded(path, opts))
+}
+
+fn read_csv_unguarded(path: &Path, opts: &EcgLoadOptions) -> Result<EcgSignal> {
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
         .trim(csv::Trim::All)

@@ -25,6 +25,17 @@ pub enum Error {
         /// Its name in the DICOM standard.
         name: String,
     },
+    /// A decoder panicked on a file (a decoder bug met with damaged input); the panic was
+    /// contained by [`crate::guard::contain`].
+    #[error("{path}: the {decoder} decoder failed on this file (it panicked: {message})")]
+    DecoderPanic {
+        /// The file being decoded.
+        path: PathBuf,
+        /// Which decoder (`"DICOM pixel data (RLE Lossless)"`, `"NIfTI"`, ...).
+        decoder: String,
+        /// The panic message and its location.
+        message: String,
+    },
     /// A line of a text file (manifest row, header line) is invalid.
     #[error("{path}:{line}: {message}")]
     Row {

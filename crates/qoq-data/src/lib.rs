@@ -11,14 +11,20 @@
 //! * [`dicom`]: DICOM images (windowed 8-bit frames) and 12-lead ECG waveforms.
 //! * [`volume`]: NIfTI-1/2 and NRRD volumes to the reference's sampled frames and masks.
 //! * [`npy`]: NumPy `.npy` / `.npz` arrays.
+//! * [`damage`]: seeded damage of real files (truncation, flipped bytes, zeroed blocks,
+//!   length fields set to `0x7fffffff`) for robustness tests.
+//! * [`guard`]: the boundary every decoder runs behind (a panic becomes an error naming the
+//!   file and the decoder) and the per-file decoding limit.
 //! * [`check`]: validation of every row of a manifest, with a per-domain / per-dataset summary.
 
 pub mod check;
 pub mod convert;
+pub mod damage;
 pub mod dicom;
 pub mod ecg;
 pub mod ecg_io;
 pub mod error;
+pub mod guard;
 pub mod manifest;
 pub mod npy;
 pub mod vision;

@@ -7,7 +7,6 @@
 //! `i1` / `u1`, C or Fortran order (Fortran arrays are returned in C order).
 
 use crate::error::{Error, Result};
-use std::io::Read;
 use std::path::Path;
 
 /// An n-dimensional array of `f32` in C (row-major) order.
@@ -83,15 +82,16 @@ pub fn parse_npy(bytes: &[u8]) -> std::result::Result<NpyArray, String> {
         "i1" | "u1" | "b1" => 1,
         _ => return Err(format!("unsupported dtype `{descr}`")),
     };
-    let count: usize = shape.iter().product();
     let body = &bytes[start + header_len..];
-    if body.len() < count * size {
+    let needed = crate::guard::checked_bytes(&shape, size).unwrap_or(u64::MAX);
+    if (body.len() as u64) < needed {
         return Err(format!(
-            "the .npy data holds {} bytes, shape {shape:?} of `{descr}` needs {}",
+            "the .npy data holds {} bytes, shape {shape:?} of `{descr}` needs {needed}",
             body.len(),
-            count * size
         ));
     }
+    // fits in the body, so neither the product nor `count * size` overflows
+    let count: usize = shape.iter().product();
     let mut data = Vec::with_capacity(count);
     for chunk in body[..count * size].chunks_exact(size) {
         let mut b = [0u8; 8];
@@ -137,14 +137,22 @@ pub fn parse_npy(bytes: &[u8]) -> std::result::Result<NpyArray, String> {
     Ok(NpyArray { shape, data })
 }
 
-/// Read a `.npy` file.
+/// Read a `.npy` file (behind [`crate::guard::contain`]).
 pub fn read_npy(path: &Path) -> Result<NpyArray> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    parse_npy(&bytes).map_err(|m| Error::file(path, m))
+    crate::guard::contain(path, ".npy", || {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        parse_npy(&bytes).map_err(|m| Error::file(path, m))
+    })
 }
 
-/// Read array `key` of a `.npz` archive; with `key = None` the archive must hold exactly one.
+/// Read array `key` of a `.npz` archive; with `key = None` the archive must hold exactly one
+/// (behind [`crate::guard::contain`]; an entry is decompressed up to
+/// [`crate::guard::MAX_DECODED_BYTES`]).
 pub fn read_npz(path: &Path, key: Option<&str>) -> Result<NpyArray> {
+    crate::guard::contain(path, ".npz", || read_npz_unguarded(path, key))
+}
+
+fn read_npz_unguarded(path: &Path, key: Option<&str>) -> Result<NpyArray> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut zip = zip::ZipArchive::new(file)
         .map_err(|e| Error::file(path, format!("not a .npz (zip) archive: {e}")))?;
@@ -171,13 +179,10 @@ pub fn read_npz(path: &Path, key: Option<&str>) -> Result<NpyArray> {
             ));
         }
     };
-    let mut entry = zip
+    let entry = zip
         .by_name(&name)
         .map_err(|e| Error::file(path, format!("{name}: {e}")))?;
-    let mut bytes = Vec::new();
-    entry
-        .read_to_end(&mut bytes)
-        .map_err(|e| Error::file(path, format!("{name}: {e}")))?;
+    let bytes = crate::guard::read_bounded(path, &name, entry)?;
     parse_npy(&bytes).map_err(|m| Error::file(path, format!("{name}: {m}")))
 }
 

@@ -34,7 +34,25 @@ impl Default for ImageLoadOptions {
 /// Load the images one path yields: DICOM (`.dcm`, or the `DICM` magic) gives every frame,
 /// NIfTI / NRRD volumes give `video_frames` sampled slices, anything else is one image decoded
 /// by the `image` crate (PNG, JPEG, BMP, TIFF, WebP, GIF, PGM).
+///
+/// An image with no pixels (a damaged header giving 0 rows, a volume with a size of 0) is an
+/// error naming the file, so that later stages never resize an empty image.
 pub fn load_images(path: &Path, opts: &ImageLoadOptions) -> Result<Vec<DynamicImage>> {
+    let images = load_images_any(path, opts)?;
+    if let Some(img) = images.iter().find(|i| i.width() == 0 || i.height() == 0) {
+        return Err(Error::file(
+            path,
+            format!(
+                "the image has no pixels ({} x {})",
+                img.width(),
+                img.height()
+            ),
+        ));
+    }
+    Ok(images)
+}
+
+fn load_images_any(path: &Path, opts: &ImageLoadOptions) -> Result<Vec<DynamicImage>> {
     let ext = path
         .extension()
         .map(|e| e.to_string_lossy().to_ascii_lowercase())
@@ -45,8 +63,9 @@ pub fn load_images(path: &Path, opts: &ImageLoadOptions) -> Result<Vec<DynamicIm
     if ext == "dcm" || ext == "dicom" || crate::dicom::has_dicm_magic(path) {
         return crate::dicom::read_image(path, opts.windowing);
     }
-    let img =
-        image::open(path).map_err(|e| Error::file(path, format!("cannot decode image: {e}")))?;
+    let img = crate::guard::contain(path, "image", || {
+        image::open(path).map_err(|e| Error::file(path, format!("cannot decode image: {e}")))
+    })?;
     Ok(vec![img])
 }
 
@@ -101,8 +120,10 @@ pub fn process_image(img: &DynamicImage, min_pixels: u64, max_pixels: u64) -> Rg
 /// Width and height of an image file, from its header (no pixel decoding); the error names the
 /// file.
 pub fn image_dims(path: &Path) -> Result<(u32, u32)> {
-    image::image_dimensions(path)
-        .map_err(|e| Error::file(path, format!("cannot read the image size: {e}")))
+    crate::guard::contain(path, "image header", || {
+        image::image_dimensions(path)
+            .map_err(|e| Error::file(path, format!("cannot read the image size: {e}")))
+    })
 }
 
 /// Rescale a box given in pixels of a `from = (w0, h0)` image to a `to = (w, h)` image.
@@ -117,8 +138,9 @@ pub fn rescale_bbox(bbox: [f64; 4], from: (u32, u32), to: (u32, u32)) -> [f64; 4
 /// resized to `(h, w)` instead, reproducing the reference's defect for non-square images
 /// (spec §4.3); leave it off unless reproducing the released code.
 pub fn load_mask(path: &Path, size: (u32, u32), wh_swap_bug: bool) -> Result<SegMask> {
-    let img = image::open(path)
-        .map_err(|e| Error::file(path, format!("cannot decode mask image: {e}")))?;
+    let img = crate::guard::contain(path, "mask image", || {
+        image::open(path).map_err(|e| Error::file(path, format!("cannot decode mask image: {e}")))
+    })?;
     let gray = match &img {
         DynamicImage::ImageLuma8(g) => g.clone(),
         other => {
@@ -129,6 +151,18 @@ pub fn load_mask(path: &Path, size: (u32, u32), wh_swap_bug: bool) -> Result<Seg
             })
         }
     };
+    if gray.width() == 0 || gray.height() == 0 || size.0 == 0 || size.1 == 0 {
+        return Err(Error::file(
+            path,
+            format!(
+                "cannot resize a {} x {} mask to {} x {}",
+                gray.width(),
+                gray.height(),
+                size.0,
+                size.1
+            ),
+        ));
+    }
     let (w, h) = if wh_swap_bug { (size.1, size.0) } else { size };
     let resized = resize_nearest_gray(&gray, w, h);
     let (w, h) = resized.dimensions();

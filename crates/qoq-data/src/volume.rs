@@ -17,7 +17,6 @@
 use crate::error::{Error, Result};
 use image::{DynamicImage, GrayImage};
 use qoq_core::SegMask;
-use std::io::Read;
 use std::path::Path;
 
 /// A scalar 3D volume, `data[x + nx * (y + ny * z)]` (the first axis varies fastest).
@@ -72,35 +71,113 @@ pub fn is_volume(path: &Path) -> bool {
     is_nifti(path) || is_nrrd(path)
 }
 
-/// The first 4 bytes of a (possibly gzipped) file.
-fn head4(path: &Path) -> Result<[u8; 4]> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut head = [0u8; 4];
-    let gz = path.to_string_lossy().to_ascii_lowercase().ends_with(".gz");
-    let read = if gz {
-        flate2::read::MultiGzDecoder::new(file).read_exact(&mut head)
+/// A NIfTI file's bytes, gunzipped (up to [`crate::guard::MAX_DECODED_BYTES`]) when the name
+/// ends in `.gz`.
+fn nifti_bytes(path: &Path) -> Result<Vec<u8>> {
+    let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    if path.to_string_lossy().to_ascii_lowercase().ends_with(".gz") {
+        crate::guard::read_bounded(
+            path,
+            "the NIfTI file",
+            flate2::read::MultiGzDecoder::new(raw.as_slice()),
+        )
     } else {
-        std::io::BufReader::new(file).read_exact(&mut head)
-    };
-    read.map_err(|e| Error::file(path, format!("cannot read NIfTI: {e}")))?;
-    Ok(head)
+        Ok(raw)
+    }
 }
 
 /// Read a NIfTI-1 or NIfTI-2 file (gzip or not), with `scl_slope` / `scl_inter` applied.
 /// NIfTI-1 goes through the `nifti` crate; NIfTI-2 (540-byte header), which that crate does not
-/// read, through [`read_nifti2`].
+/// read, through [`read_nifti2`]. Behind [`crate::guard::contain`].
 pub fn read_nifti(path: &Path) -> Result<Volume> {
-    let head = head4(path)?;
-    if i32::from_le_bytes(head) == 540 || i32::from_be_bytes(head) == 540 {
-        return read_nifti2(path);
-    }
-    read_nifti1(path)
+    crate::guard::contain(path, "NIfTI", || {
+        let bytes = nifti_bytes(path)?;
+        let head: [u8; 4] = bytes
+            .get(..4)
+            .and_then(|h| h.try_into().ok())
+            .ok_or_else(|| {
+                Error::file(path, "cannot read NIfTI: the file is shorter than 4 bytes")
+            })?;
+        if i32::from_le_bytes(head) == 540 || i32::from_be_bytes(head) == 540 {
+            return parse_nifti2(path, &bytes);
+        }
+        read_nifti1(path, bytes)
+    })
 }
 
-fn read_nifti1(path: &Path) -> Result<Volume> {
+/// Refuse a NIfTI-1 header whose extensions or voxels run past the end of the data (the
+/// `nifti` crate reserves what the header declares before reading it).
+fn check_nifti1_sizes(path: &Path, bytes: &[u8]) -> Result<()> {
+    let fail = |m: String| Error::file(path, format!("cannot read NIfTI: {m}"));
+    if bytes.len() < 352 {
+        return Err(fail(format!(
+            "the header is truncated ({} bytes, 348 + 4 expected)",
+            bytes.len()
+        )));
+    }
+    let big = i32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes")) != 348;
+    let i16_at = |at: usize| {
+        let b = [bytes[at], bytes[at + 1]];
+        if big {
+            i16::from_be_bytes(b)
+        } else {
+            i16::from_le_bytes(b)
+        }
+    };
+    let i32_at = |at: usize| {
+        let b: [u8; 4] = bytes[at..at + 4].try_into().expect("4 bytes");
+        if big {
+            i32::from_be_bytes(b)
+        } else {
+            i32::from_le_bytes(b)
+        }
+    };
+    let vox_offset = {
+        let b: [u8; 4] = bytes[108..112].try_into().expect("4 bytes");
+        if big {
+            f32::from_be_bytes(b)
+        } else {
+            f32::from_le_bytes(b)
+        }
+    };
+    let ndim = i16_at(40);
+    let bitpix = i16_at(72);
+    if !(1..=7).contains(&ndim) || bitpix <= 0 || !vox_offset.is_finite() || vox_offset < 0.0 {
+        return Ok(()); // the crate refuses these
+    }
+    let dims: Vec<usize> = (1..=ndim as usize)
+        .map(|i| i16_at(40 + 2 * i).max(0) as usize)
+        .collect();
+    let voxels = crate::guard::checked_bytes(&dims, 1).unwrap_or(u64::MAX);
+    let need = voxels.saturating_mul(bitpix as u64 / 8);
+    let offset = (vox_offset as u64).max(352);
+    if offset.saturating_add(need) > bytes.len() as u64 {
+        return Err(fail(format!(
+            "the header promises {need} bytes of voxels ({dims:?} of {bitpix} bits) from byte {offset}, the file holds {}",
+            bytes.len()
+        )));
+    }
+    crate::guard::check_size(path, "the NIfTI voxels as f32", voxels.saturating_mul(4))?;
+    // extensions: (esize, ecode, data) from byte 352 to the voxels
+    if bytes[348] != 0 {
+        let mut at = 352u64;
+        while at + 8 <= offset {
+            let esize = i32_at(at as usize);
+            if esize < 8 || at + esize as u64 > offset {
+                return Err(fail(format!(
+                    "the extension at byte {at} declares {esize} bytes, the voxels start at byte {offset}"
+                )));
+            }
+            at += esize as u64;
+        }
+    }
+    Ok(())
+}
+
+fn read_nifti1(path: &Path, bytes: Vec<u8>) -> Result<Volume> {
     use nifti::{IntoNdArray, NiftiObject};
-    let obj = nifti::ReaderOptions::new()
-        .read_file(path)
+    check_nifti1_sizes(path, &bytes)?;
+    let obj = nifti::InMemNiftiObject::from_reader(std::io::Cursor::new(bytes))
         .map_err(|e| Error::file(path, format!("cannot read NIfTI: {e}")))?;
     let arr = obj
         .into_volume()
@@ -125,19 +202,13 @@ fn read_nifti1(path: &Path) -> Result<Volume> {
 
 /// Read a single-file NIfTI-2 volume (`.nii` or `.nii.gz`; header fields at the offsets of
 /// the NIfTI-2 standard: `datatype` @12, `dim` @16 (8 x i64), `vox_offset` @168,
-/// `scl_slope` @176, `scl_inter` @184, magic `n+2` @4).
+/// `scl_slope` @176, `scl_inter` @184, magic `n+2` @4). Behind [`crate::guard::contain`].
 pub fn read_nifti2(path: &Path) -> Result<Volume> {
+    crate::guard::contain(path, "NIfTI-2", || parse_nifti2(path, &nifti_bytes(path)?))
+}
+
+fn parse_nifti2(path: &Path, bytes: &[u8]) -> Result<Volume> {
     let fail = |m: String| Error::file(path, m);
-    let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let bytes = if path.to_string_lossy().to_ascii_lowercase().ends_with(".gz") {
-        let mut out = Vec::new();
-        flate2::read::MultiGzDecoder::new(raw.as_slice())
-            .read_to_end(&mut out)
-            .map_err(|e| fail(format!("cannot gunzip NIfTI: {e}")))?;
-        out
-    } else {
-        raw
-    };
     if bytes.len() < 540 {
         return Err(fail("NIfTI-2 header is truncated".into()));
     }
@@ -171,7 +242,7 @@ pub fn read_nifti2(path: &Path) -> Result<Volume> {
         [x, y, z, ..] => [*x, *y, *z],
         _ => unreachable!("ndim is 1..=7"),
     };
-    let offset = i64_at(168).max(540) as usize;
+    let offset = i64_at(168).max(540) as u64;
     let (slope, inter) = (f64_at(176), f64_at(184));
     let (size, read): (usize, fn(&[u8]) -> f64) = match datatype {
         2 => (1, |b| b[0] as f64),
@@ -190,10 +261,18 @@ pub fn read_nifti2(path: &Path) -> Result<Volume> {
         }),
         t => return Err(fail(format!("unsupported NIfTI-2 datatype {t}"))),
     };
+    let need = crate::guard::checked_bytes(&dims, size).unwrap_or(u64::MAX);
+    if offset.saturating_add(need) > bytes.len() as u64 {
+        return Err(fail(format!(
+            "NIfTI-2 data is shorter than the header's {dims:?} voxels of {size} bytes from byte {offset} (the file holds {})",
+            bytes.len()
+        )));
+    }
+    crate::guard::check_size(path, "the NIfTI-2 voxels as f32", need / size as u64 * 4)?;
+    // fits in the file: no overflow below
     let n: usize = dims.iter().product();
-    let body = bytes
-        .get(offset..offset + n * size)
-        .ok_or_else(|| fail(format!("NIfTI-2 data is shorter than {n} voxels")))?;
+    let offset = offset as usize;
+    let body = &bytes[offset..offset + n * size];
     let scale = slope.is_finite() && slope != 0.0;
     let data = body
         .chunks_exact(size)
@@ -329,8 +408,13 @@ fn nrrd_sample(kind: &str) -> std::result::Result<(usize, fn(&[u8]) -> f32), Str
 }
 
 /// Read an NRRD volume (attached or detached data; raw, gzip or ascii encoding; 2 to 4
-/// dimensions, a 4D volume giving its first 3D block).
+/// dimensions, a 4D volume giving its first 3D block). Behind [`crate::guard::contain`]; gzip
+/// data is decompressed up to [`crate::guard::MAX_DECODED_BYTES`].
 pub fn read_nrrd(path: &Path) -> Result<Volume> {
+    crate::guard::contain(path, "NRRD", || read_nrrd_unguarded(path))
+}
+
+fn read_nrrd_unguarded(path: &Path) -> Result<Volume> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let fail = |m: String| Error::file(path, m);
     let header_end = bytes
@@ -359,13 +443,11 @@ pub fn read_nrrd(path: &Path) -> Result<Volume> {
     }
     let decoded: Vec<u8> = match h.encoding.as_str() {
         "raw" | "ascii" | "text" | "txt" => payload.to_vec(),
-        "gzip" | "gz" => {
-            let mut out = Vec::new();
-            flate2::read::MultiGzDecoder::new(payload)
-                .read_to_end(&mut out)
-                .map_err(|e| fail(format!("cannot gunzip NRRD data: {e}")))?;
-            out
-        }
+        "gzip" | "gz" => crate::guard::read_bounded(
+            path,
+            "the NRRD data",
+            flate2::read::MultiGzDecoder::new(payload),
+        )?,
         other => return Err(fail(format!("unsupported NRRD encoding `{other}`"))),
     };
     let dims = match h.sizes.as_slice() {
@@ -377,7 +459,9 @@ pub fn read_nrrd(path: &Path) -> Result<Volume> {
             )));
         }
     };
-    let n: usize = dims.iter().product();
+    let voxels = crate::guard::checked_bytes(&dims, 1).unwrap_or(u64::MAX);
+    crate::guard::check_size(path, "the NRRD voxels as f32", voxels.saturating_mul(4))?;
+    let n = voxels as usize;
     let data = if matches!(h.encoding.as_str(), "ascii" | "text" | "txt") {
         let text = String::from_utf8_lossy(&decoded);
         let values: Vec<f32> = text
@@ -391,16 +475,16 @@ pub fn read_nrrd(path: &Path) -> Result<Volume> {
         values
     } else {
         let (size, read) = nrrd_sample(&h.kind).map_err(fail)?;
+        let need = voxels.saturating_mul(size as u64);
         let body = decoded
             .get(h.byte_skip..)
-            .filter(|b| b.len() >= n * size)
+            .filter(|b| b.len() as u64 >= need)
             .ok_or_else(|| {
                 fail(format!(
-                    "NRRD data holds {} bytes, sizes {:?} of `{}` need {}",
+                    "NRRD data holds {} bytes, sizes {:?} of `{}` need {need}",
                     decoded.len(),
                     h.sizes,
                     h.kind,
-                    n * size
                 ))
             })?;
         body[..n * size]

@@ -58,7 +58,7 @@ impl WfdbRecord {
             .zip(&self.adc)
             .map(|(s, a)| {
                 a.iter()
-                    .map(|&v| ((v - s.baseline) as f64 / s.gain) as f32)
+                    .map(|&v| ((v as f64 - s.baseline as f64) / s.gain) as f32)
                     .collect()
             })
             .collect()
@@ -110,7 +110,8 @@ pub fn read_header(path: &Path) -> Result<WfdbHeader> {
             .map_err(|_| bad(path, ln, format!("bad sample count `{s}`")))?,
         None => 0,
     };
-    let mut signals = Vec::with_capacity(n_sig);
+    // the count comes from the file: no allocation from it (each signal needs a line)
+    let mut signals = Vec::new();
     for _ in 0..n_sig {
         let (ln, l) = lines.next().ok_or_else(|| {
             bad(
@@ -193,8 +194,13 @@ pub fn read_header(path: &Path) -> Result<WfdbHeader> {
     })
 }
 
-/// Read a record from its `.hea` path: every signal file it names, de-interleaved.
+/// Read a record from its `.hea` path: every signal file it names, de-interleaved (behind
+/// [`crate::guard::contain`]).
 pub fn read_record(hea: &Path) -> Result<WfdbRecord> {
+    crate::guard::contain(hea, "WFDB", || read_record_unguarded(hea))
+}
+
+fn read_record_unguarded(hea: &Path) -> Result<WfdbRecord> {
     let header = read_header(hea)?;
     let mut adc = vec![Vec::new(); header.signals.len()];
     let mut files: Vec<(String, u16, Vec<usize>)> = Vec::new();

@@ -685,8 +685,13 @@ fn decode_image(payload: &str, k: usize, max_pixels: u64) -> Result<image::RgbIm
             .with_guessed_format()
             .map_err(|e| ApiError::bad("invalid_image", format!("{what}: {e}")))
     };
-    let (w, h) = reader()?
-        .into_dimensions()
+    let (w, h) = qoq_data::guard::catch(|| reader().map(|r| r.into_dimensions()))
+        .map_err(|p| {
+            ApiError::bad(
+                "invalid_image",
+                format!("{what}: the image header decoder failed on it (it panicked: {p})"),
+            )
+        })??
         .map_err(|e| ApiError::bad("invalid_image", format!("{what}: unreadable header: {e}")))?;
     let pixels = w as u64 * h as u64;
     if pixels > max_pixels {
@@ -702,9 +707,22 @@ fn decode_image(payload: &str, k: usize, max_pixels: u64) -> Result<image::RgbIm
     limits.max_image_width = Some(w);
     limits.max_image_height = Some(h);
     r.limits(limits);
-    let img = r
-        .decode()
+    // behind the data layer's decoder boundary: a decoder that panics on a damaged image gives
+    // a 400 naming the image, and the server goes on
+    let img = qoq_data::guard::catch(|| r.decode())
+        .map_err(|p| {
+            ApiError::bad(
+                "invalid_image",
+                format!("{what}: the image decoder failed on it (it panicked: {p})"),
+            )
+        })?
         .map_err(|e| ApiError::bad("invalid_image", format!("{what}: {e}")))?;
+    if img.width() == 0 || img.height() == 0 {
+        return Err(ApiError::bad(
+            "invalid_image",
+            format!("{what} has no pixels ({} x {})", img.width(), img.height()),
+        ));
+    }
     Ok(img.to_rgb8())
 }
 
@@ -720,7 +738,9 @@ fn decode_ecg(
     let mut opts = p.opts.ecg_load.clone();
     let sig = if format == "npy" {
         opts.fs = Some(fs.unwrap_or(500.0));
-        let arr = qoq_data::npy::parse_npy(&bytes).map_err(bad)?;
+        let arr = qoq_data::guard::catch(|| qoq_data::npy::parse_npy(&bytes))
+            .map_err(|p| bad(format!("the .npy decoder failed on it (it panicked: {p})")))?
+            .map_err(bad)?;
         qoq_data::ecg_io::array_to_signal(&arr.shape, &arr.data, &opts).map_err(bad)?
     } else {
         let mut f = tempfile::Builder::new()
