@@ -476,15 +476,17 @@ impl TryFrom<RawConfig> for QwenVlConfig {
         if text.num_attention_heads % text.num_key_value_heads != 0 {
             return Err("num_attention_heads must be a multiple of num_key_value_heads".into());
         }
-        if let Some(rp) = &r.vision_config.rope_parameters {
-            if let Some(t) = rp.rope_theta
-                && t != VISION_ROPE_THETA
-            {
-                return Err(format!(
-                    "`vision_config.rope_parameters.rope_theta` = {t}: the vision tower implements \
-                     {VISION_ROPE_THETA} only"
-                ));
-            }
+        if let Some(t) = r
+            .vision_config
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.rope_theta)
+            && t != VISION_ROPE_THETA
+        {
+            return Err(format!(
+                "`vision_config.rope_parameters.rope_theta` = {t}: the vision tower implements \
+                 {VISION_ROPE_THETA} only"
+            ));
         }
         Ok(QwenVlConfig {
             text,

@@ -274,8 +274,9 @@ impl fmt::Display for CheckReport {
         }
         writeln!(
             f,
-            "domain from: keys = the row's data_source/dataset keys, path = \
-             <data_source>/<dataset>/<file>, ecg = an ECG-only row, question = the MIMIC-IV rule"
+            "domain from: <data_source rule>+<dataset rule> (one name when both agree): key(s) = \
+             the row's keys, path = <data_source>/<dataset>/<file>, ecg = an ECG-only row, \
+             question = the MIMIC-IV rule"
         )?;
         if !self.row_domains.is_empty() {
             writeln!(f, "rows (line: data_source/dataset from):")?;
