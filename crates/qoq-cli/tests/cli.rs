@@ -49,6 +49,51 @@ fn data_check_exits_non_zero_and_names_bad_lines() {
     assert!(stdout.contains("line 2: malformed JSON"), "{stdout}");
 }
 
+/// The cases: keys win, the path layout otherwise, an absolute path without keys is a
+/// bad row naming the fix; `--rows` shows where each row's domain came from.
+#[test]
+fn data_check_shows_where_each_rows_domain_came_from() {
+    let manifest = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/mini/manifest.jsonl"
+    );
+    let out = qoq()
+        .args(["data", "check", "--quiet", "--rows", manifest])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    // the bundled rows carry a dataset key equal to their folder; the ECG row has no image
+    assert!(stdout.contains("domain from"), "{stdout}");
+    assert!(
+        stdout.contains("line 1: chest_xray/demo-cxr from path+key"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("line 4: ecg/demo-ecg from ecg+key"),
+        "{stdout}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("abs.jsonl");
+    std::fs::write(
+        &path,
+        "{\"problem\": \"q\", \"answer\": \"a\", \"images\": [\"/tmp/x/derm/a.png\"]}\n",
+    )
+    .unwrap();
+    let out = qoq()
+        .args(["data", "check", "--quiet"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("line 1: path `/tmp/x/derm/a.png` is absolute")
+            && stdout.contains("add \"data_source\" and \"dataset\" to the row"),
+        "{stdout}"
+    );
+}
+
 #[test]
 fn unreadable_manifest_is_a_clear_error() {
     let out = qoq()

@@ -36,8 +36,12 @@ fn ecg_series(b: usize) -> Tensor {
 }
 
 fn run_case(case: &str) -> (Tensor, Tensor) {
+    run_case_in(&fixture(), case)
+}
+
+fn run_case_in(model: &std::path::Path, case: &str) -> (Tensor, Tensor) {
     let cases =
-        candle_core::safetensors::load(fixture().join("cases.safetensors"), &Device::Cpu).unwrap();
+        candle_core::safetensors::load(model.join("cases.safetensors"), &Device::Cpu).unwrap();
     let get = |k: &str| cases.get(&format!("{case}.{k}")).cloned();
     let ids = get("input_ids").unwrap();
     let mut inputs: HashMap<String, Tensor> = HashMap::new();
@@ -62,7 +66,7 @@ fn run_case(case: &str) -> (Tensor, Tensor) {
     candle_core::safetensors::save(&inputs, &inp).unwrap();
     let res = Command::new(env!("CARGO_BIN_EXE_qoq"))
         .args(["logits", "--model"])
-        .arg(fixture())
+        .arg(model)
         .arg("--inputs")
         .arg(&inp)
         .arg("--out")
@@ -99,6 +103,24 @@ fn logits_command_reproduces_transformers_on_the_tiny_model() {
         assert_eq!(got.dims(), want.dims(), "{case}");
         let d = max_abs(&got, &want);
         assert!(d < 1e-4, "{case}: logits differ from HF by {d}");
+    }
+}
+
+/// The symptom: a checkpoint saved by transformers 5 (`text_config.rope_parameters`, no
+/// `rope_scaling`) was refused with "missing field `rope_scaling`". Both versions' checkpoints of
+/// `tools/fixtures/hf_layouts.py` now give transformers' logits.
+#[test]
+fn logits_command_reads_transformers_5_and_4_checkpoints() {
+    for name in ["hf_t5", "hf_t4"] {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../qoq-model/tests/fixtures")
+            .join(name);
+        for case in ["text_only", "image_text"] {
+            let (got, want) = run_case_in(&dir, case);
+            assert_eq!(got.dims(), want.dims(), "{name} {case}");
+            let d = max_abs(&got, &want);
+            assert!(d < 1e-4, "{name} {case}: logits differ from HF by {d}");
+        }
     }
 }
 

@@ -121,3 +121,107 @@ fn reward_names_the_file_and_line_of_a_malformed_case() {
         "{stderr}"
     );
 }
+
+/// `qoq reward` on the golden files of `crates/qoq-reward/tests/fixtures` (hand-computed
+/// expectations beside each case): every expected component must match.
+fn check_golden(file: &str, flags: &[&str]) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../qoq-reward/tests/fixtures")
+        .join(file);
+    let mut args = vec!["reward", "--input", path.to_str().unwrap()];
+    args.extend_from_slice(flags);
+    let (ok, stdout, stderr) = run(&args);
+    assert!(ok, "{stderr}");
+    let cases: Vec<serde_json::Value> = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let rows: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), cases.len(), "{stdout}");
+    for (i, (row, case)) in rows.iter().zip(&cases).enumerate() {
+        for (k, want) in case["expect"].as_object().unwrap() {
+            let got = row[k].as_f64().unwrap_or(f64::NAN);
+            let want = want.as_f64().unwrap();
+            assert!(
+                (got - want).abs() < 1e-12,
+                "{file} case {i} {k}: {got} != {want} ({})",
+                case["why"]
+            );
+        }
+    }
+}
+
+#[test]
+fn reward_preset_paper_matches_the_golden_cases() {
+    check_golden("paper_golden.jsonl", &["--preset", "paper"]);
+    // the preset is the same as its flags spelled out
+    check_golden(
+        "paper_golden.jsonl",
+        &[
+            "--weights",
+            "paper",
+            "--iou-reduce",
+            "max",
+            "--format",
+            "box-per-label",
+        ],
+    );
+    // the preset excludes the flags it sets
+    let (ok, _, stderr) = run(&[
+        "reward",
+        "--preset",
+        "paper",
+        "--weights",
+        "code",
+        "--input",
+        "x.jsonl",
+    ]);
+    assert!(!ok && stderr.contains("--weights"), "{stderr}");
+}
+
+#[test]
+fn reward_coherence_weight_matches_the_golden_cases() {
+    check_golden(
+        "coherence_golden.jsonl",
+        &[
+            "--weights",
+            "0.6,0.2,0.1,0",
+            "--format",
+            "box-per-label",
+            "--iou-reduce",
+            "max",
+            "--coherence-weight",
+            "0.1",
+        ],
+    );
+    // weights that would leave [0, 1] and the reference mode are refused by name
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../qoq-reward/tests/fixtures/coherence_golden.jsonl");
+    let input = path.to_str().unwrap();
+    let (ok, _, stderr) = run(&[
+        "reward",
+        "--weights",
+        "paper",
+        "--coherence-weight",
+        "0.1",
+        "--input",
+        input,
+    ]);
+    assert!(!ok && stderr.contains("sum to"), "{stderr}");
+    let (ok, _, stderr) = run(&[
+        "reward",
+        "--compat",
+        "reference",
+        "--format",
+        "box-per-label",
+        "--input",
+        input,
+    ]);
+    assert!(!ok && stderr.contains("box_per_label"), "{stderr}");
+    let (ok, _, stderr) = run(&["reward", "--weights", "0.5,0.5", "--input", input]);
+    assert!(!ok && stderr.contains("four weights"), "{stderr}");
+}

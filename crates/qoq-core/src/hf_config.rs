@@ -1,8 +1,20 @@
 //! The HF `config.json` of Qwen2.5-VL and QoQ-Med, and `preprocessor_config.json`.
 //!
-//! Two layouts are accepted (spec §5, transformers `configuration_qwen2_5_vl.py`):
-//! * flat (transformers <= 4.51, the QoQ-Med checkpoint): the text model's keys at the top level;
-//! * nested (newer transformers): the text model's keys under `text_config`.
+//! Both layouts are read in the variants transformers writes (spec §5, transformers
+//! `configuration_qwen2_5_vl.py`):
+//! * flat (transformers <= 4.51, the QoQ-Med checkpoint): the text model's keys at the top level,
+//!   `rope_scaling = {"type": "mrope" | "default", "mrope_section": [...]}`, `rope_theta`,
+//!   `torch_dtype`;
+//! * nested (transformers >= 4.52 and 5): the text model's keys under `text_config`; transformers
+//!   5 writes `rope_parameters = {"rope_type": "default", "mrope_section": [...], "rope_theta": ...}`
+//!   instead of `rope_scaling` / `rope_theta`, `dtype` instead of `torch_dtype`, `layer_types`
+//!   (one attention kind per layer), and `vision_config.rope_parameters` (the vision tower's
+//!   RoPE base). `tie_word_embeddings` is the outer key or'ed with `text_config`'s, as
+//!   transformers 5 resolves it.
+//!
+//! Keys that would change the model and that the model does not implement are refused by name:
+//! a RoPE type other than `default` / `mrope`, sliding-window attention (`use_sliding_window`,
+//! `sliding_attention` in `layer_types`), a vision RoPE base other than 10000.
 //!
 //! `time_series_token_id` present means a QoQ-Med checkpoint with the ECG path; absent means a
 //! stock Qwen2.5-VL checkpoint. The ECG-JEPA encoder's sizes are not in the upstream file (they are
@@ -85,6 +97,23 @@ pub struct VisionConfig {
     pub out_hidden_size: usize,
     #[serde(default = "default_act")]
     pub hidden_act: String,
+    /// transformers 5's `{"rope_type": "axial", "rope_theta": 10000.0}`; only the base the vision
+    /// tower implements ([`VISION_ROPE_THETA`]) is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<VisionRopeParameters>,
+}
+
+/// The vision tower's 2-D RoPE base (fixed in transformers 4, `vision_config.rope_parameters`
+/// in transformers 5).
+pub const VISION_ROPE_THETA: f64 = 10000.0;
+
+/// `vision_config.rope_parameters` (transformers 5).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VisionRopeParameters {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
 }
 
 impl VisionConfig {
@@ -198,9 +227,9 @@ impl QwenVlConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct RawConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    text_config: Option<TextConfig>,
+    text_config: Option<RawText>,
     #[serde(flatten)]
-    flat_text: Option<FlatText>,
+    flat_text: Option<RawText>,
     vision_config: VisionConfig,
     #[serde(default = "d_image")]
     image_token_id: u32,
@@ -224,9 +253,23 @@ struct RawConfig {
     model_type: String,
 }
 
-/// The flat layout's text keys; all optional so a nested file parses too.
+/// transformers 5's `rope_parameters` (text model): `{"rope_type": "default", "mrope_section":
+/// [...], "rope_theta": ...}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct FlatText {
+struct RopeParameters {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rope_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mrope_section: Option<Vec<usize>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rope_theta: Option<f64>,
+}
+
+/// The text model's keys as any transformers version writes them, at the top level (flat) or
+/// under `text_config` (nested); all optional so either layout parses, checked by
+/// [`RawText::resolve`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RawText {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     vocab_size: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -248,6 +291,8 @@ struct FlatText {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     rope_scaling: Option<RopeScaling>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    rope_parameters: Option<RopeParameters>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     hidden_act: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     tie_word_embeddings: Option<bool>,
@@ -256,35 +301,128 @@ struct FlatText {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     sliding_window: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    layer_types: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     torch_dtype: Option<String>,
+    /// transformers 5's name of `torch_dtype`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dtype: Option<String>,
 }
 
-impl FlatText {
-    fn resolve(self) -> std::result::Result<TextConfig, String> {
-        let need = |v: Option<usize>, k: &str| v.ok_or_else(|| format!("missing text key `{k}`"));
+/// RoPE types the decoder implements: M-RoPE with the default (unscaled) frequencies.
+/// transformers 4 writes `"mrope"` (older files) or `"default"`, transformers 5 `"default"`.
+fn check_rope_type(key: &str, kind: Option<&str>) -> std::result::Result<(), String> {
+    match kind {
+        None | Some("default") | Some("mrope") => Ok(()),
+        Some(other) => Err(format!(
+            "`{key}` = \"{other}\" is not implemented (the decoder does M-RoPE without frequency \
+             scaling: \"default\" or \"mrope\")"
+        )),
+    }
+}
+
+impl RawText {
+    /// The decoder's config; `at` is where the keys were read (`""` for the top level,
+    /// `"text_config."`) so errors name the key as the file spells it.
+    fn resolve(self, at: &str) -> std::result::Result<TextConfig, String> {
+        let need =
+            |v: Option<usize>, k: &str| v.ok_or_else(|| format!("missing text key `{at}{k}`"));
+        let mut section = None;
+        let mut scaling = None;
+        if let Some(rs) = self.rope_scaling {
+            check_rope_type(&format!("{at}rope_scaling.type"), rs.kind.as_deref())?;
+            check_rope_type(
+                &format!("{at}rope_scaling.rope_type"),
+                rs.rope_type.as_deref(),
+            )?;
+            section = Some(rs.mrope_section.clone());
+            scaling = Some(rs);
+        }
+        let mut theta = self.rope_theta;
+        if let Some(rp) = self.rope_parameters {
+            check_rope_type(
+                &format!("{at}rope_parameters.rope_type"),
+                rp.rope_type.as_deref(),
+            )?;
+            if let Some(s) = rp.mrope_section {
+                if section.as_ref().is_some_and(|old| *old != s) {
+                    return Err(format!(
+                        "`{at}rope_parameters.mrope_section` {s:?} disagrees with \
+                         `{at}rope_scaling.mrope_section` {:?}",
+                        section.unwrap_or_default()
+                    ));
+                }
+                section = Some(s);
+            }
+            if let Some(t) = rp.rope_theta {
+                if theta.is_some_and(|old| old != t) {
+                    return Err(format!(
+                        "`{at}rope_parameters.rope_theta` {t} disagrees with `{at}rope_theta` {}",
+                        theta.unwrap_or_default()
+                    ));
+                }
+                theta = Some(t);
+            }
+            if scaling.is_none() {
+                scaling = Some(RopeScaling {
+                    mrope_section: Vec::new(),
+                    kind: None,
+                    rope_type: rp.rope_type,
+                });
+            }
+        }
+        let mrope_section = section.ok_or_else(|| {
+            format!(
+                "missing text key `{at}rope_scaling.mrope_section` (transformers 4) or \
+                 `{at}rope_parameters.mrope_section` (transformers 5)"
+            )
+        })?;
+        let mut rope_scaling = scaling.expect("set with the section");
+        rope_scaling.mrope_section = mrope_section;
+        if self.use_sliding_window == Some(true) {
+            return Err(format!(
+                "`{at}use_sliding_window` = true: sliding-window attention is not implemented"
+            ));
+        }
+        let num_hidden_layers = need(self.num_hidden_layers, "num_hidden_layers")?;
+        if let Some(types) = &self.layer_types {
+            if types.len() != num_hidden_layers {
+                return Err(format!(
+                    "`{at}layer_types` has {} entries for {num_hidden_layers} layers",
+                    types.len()
+                ));
+            }
+            if let Some((i, t)) = types
+                .iter()
+                .enumerate()
+                .find(|(_, t)| t.as_str() != "full_attention")
+            {
+                return Err(format!(
+                    "`{at}layer_types`[{i}] = \"{t}\": only \"full_attention\" is implemented"
+                ));
+            }
+        }
         Ok(TextConfig {
             vocab_size: need(self.vocab_size, "vocab_size")?,
             hidden_size: need(self.hidden_size, "hidden_size")?,
             intermediate_size: need(self.intermediate_size, "intermediate_size")?,
-            num_hidden_layers: need(self.num_hidden_layers, "num_hidden_layers")?,
+            num_hidden_layers,
             num_attention_heads: need(self.num_attention_heads, "num_attention_heads")?,
             num_key_value_heads: need(self.num_key_value_heads, "num_key_value_heads")?,
             rms_norm_eps: self.rms_norm_eps.unwrap_or_else(default_rms_eps),
-            rope_theta: self.rope_theta.unwrap_or_else(default_rope_theta),
+            rope_theta: theta.unwrap_or_else(default_rope_theta),
             max_position_embeddings: self.max_position_embeddings.unwrap_or_else(default_max_pos),
-            rope_scaling: self
-                .rope_scaling
-                .ok_or_else(|| "missing text key `rope_scaling.mrope_section`".to_string())?,
+            rope_scaling,
             hidden_act: self.hidden_act.unwrap_or_else(default_act),
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
-            use_sliding_window: self.use_sliding_window.unwrap_or(false),
+            use_sliding_window: false,
             sliding_window: self.sliding_window,
-            torch_dtype: self.torch_dtype,
+            torch_dtype: self.torch_dtype.or(self.dtype),
         })
     }
 
     fn from_text(t: &TextConfig) -> Self {
-        FlatText {
+        RawText {
             vocab_size: Some(t.vocab_size),
             hidden_size: Some(t.hidden_size),
             intermediate_size: Some(t.intermediate_size),
@@ -295,11 +433,14 @@ impl FlatText {
             rope_theta: Some(t.rope_theta),
             max_position_embeddings: Some(t.max_position_embeddings),
             rope_scaling: Some(t.rope_scaling.clone()),
+            rope_parameters: None,
             hidden_act: Some(t.hidden_act.clone()),
             tie_word_embeddings: Some(t.tie_word_embeddings),
             use_sliding_window: Some(t.use_sliding_window),
             sliding_window: t.sliding_window,
+            layer_types: None,
             torch_dtype: t.torch_dtype.clone(),
+            dtype: None,
         }
     }
 }
@@ -309,11 +450,21 @@ impl TryFrom<RawConfig> for QwenVlConfig {
     fn try_from(r: RawConfig) -> std::result::Result<Self, String> {
         let nested = r.text_config.is_some();
         let text = match r.text_config {
-            Some(t) => t,
+            Some(t) => {
+                let outer = r.flat_text.as_ref();
+                let mut text = t.resolve("text_config.")?;
+                // transformers 5: the outer key, or'ed with text_config's (pre-v5 saves)
+                text.tie_word_embeddings |= outer.and_then(|o| o.tie_word_embeddings) == Some(true);
+                if text.torch_dtype.is_none() {
+                    text.torch_dtype =
+                        outer.and_then(|o| o.torch_dtype.clone().or(o.dtype.clone()));
+                }
+                text
+            }
             None => r
                 .flat_text
                 .ok_or_else(|| "no text model keys".to_string())?
-                .resolve()?,
+                .resolve("")?,
         };
         if text.rope_scaling.mrope_section.iter().sum::<usize>() * 2 != text.head_dim() {
             return Err(format!(
@@ -324,6 +475,18 @@ impl TryFrom<RawConfig> for QwenVlConfig {
         }
         if text.num_attention_heads % text.num_key_value_heads != 0 {
             return Err("num_attention_heads must be a multiple of num_key_value_heads".into());
+        }
+        if let Some(t) = r
+            .vision_config
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.rope_theta)
+            && t != VISION_ROPE_THETA
+        {
+            return Err(format!(
+                "`vision_config.rope_parameters.rope_theta` = {t}: the vision tower implements \
+                 {VISION_ROPE_THETA} only"
+            ));
         }
         Ok(QwenVlConfig {
             text,
@@ -345,9 +508,9 @@ impl TryFrom<RawConfig> for QwenVlConfig {
 impl From<QwenVlConfig> for RawConfig {
     fn from(c: QwenVlConfig) -> Self {
         let (text_config, flat_text) = if c.nested {
-            (Some(c.text.clone()), None)
+            (Some(RawText::from_text(&c.text)), None)
         } else {
-            (None, Some(FlatText::from_text(&c.text)))
+            (None, Some(RawText::from_text(&c.text)))
         };
         let ts = c.time_series_token_id.map(|_| c.time_series.clone());
         RawConfig {
@@ -528,6 +691,156 @@ mod tests {
         let again: QwenVlConfig =
             serde_json::from_str(&serde_json::to_string(&nested).unwrap()).unwrap();
         assert_eq!(again, nested);
+    }
+
+    /// `text_config` as transformers 5.23 `save_pretrained` writes it (tools/fixtures/hf_layouts.py).
+    const T5_NESTED: &str = r#"{
+      "architectures": ["Qwen2_5_VLForConditionalGeneration"], "dtype": "bfloat16",
+      "image_token_id": 123, "model_type": "qwen2_5_vl",
+      "text_config": {"attention_dropout": 0.0, "bos_token_id": 125, "eos_token_id": 126,
+        "hidden_act": "silu", "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 64,
+        "layer_types": ["full_attention", "full_attention"], "max_position_embeddings": 1024,
+        "max_window_layers": 80, "model_type": "qwen2_5_vl_text", "num_attention_heads": 2,
+        "num_hidden_layers": 2, "num_key_value_heads": 1, "pad_token_id": null, "rms_norm_eps": 1e-06,
+        "rope_parameters": {"mrope_section": [2, 3, 3], "rope_theta": 10000.0, "rope_type": "default"},
+        "sliding_window": null, "tie_word_embeddings": false, "use_cache": true,
+        "use_sliding_window": false, "vocab_size": 128},
+      "tie_word_embeddings": false, "transformers_version": "5.23.0", "video_token_id": 124,
+      "vision_config": {"depth": 2, "fullatt_block_indexes": [1], "hidden_act": "silu",
+        "hidden_size": 16, "in_channels": 3, "intermediate_size": 32, "model_type": "qwen2_5_vl_vision",
+        "num_heads": 2, "out_hidden_size": 32, "patch_size": 14,
+        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "axial"}, "spatial_merge_size": 2,
+        "temporal_patch_size": 2, "tokens_per_second": 2, "window_size": 112},
+      "vision_end_token_id": 121, "vision_start_token_id": 120, "vision_token_id": 122
+    }"#;
+
+    /// The same model in transformers 4.51's flat layout.
+    const T4_FLAT: &str = r#"{
+      "bos_token_id": 125, "eos_token_id": 126, "hidden_act": "silu", "hidden_size": 32,
+      "image_token_id": 123, "intermediate_size": 64, "max_position_embeddings": 1024,
+      "max_window_layers": 80, "model_type": "qwen2_5_vl", "num_attention_heads": 2,
+      "num_hidden_layers": 2, "num_key_value_heads": 1, "rms_norm_eps": 1e-06,
+      "rope_scaling": {"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"},
+      "rope_theta": 10000.0, "sliding_window": 4096, "tie_word_embeddings": false,
+      "torch_dtype": "bfloat16", "transformers_version": "4.51.3", "use_sliding_window": false,
+      "video_token_id": 124, "vocab_size": 128,
+      "vision_config": {"depth": 2, "fullatt_block_indexes": [1], "hidden_act": "silu",
+        "hidden_size": 16, "in_channels": 3, "intermediate_size": 32, "num_heads": 2,
+        "out_hidden_size": 32, "patch_size": 14, "spatial_merge_size": 2,
+        "temporal_patch_size": 2, "tokens_per_second": 2, "window_size": 112},
+      "vision_end_token_id": 121, "vision_start_token_id": 120, "vision_token_id": 122
+    }"#;
+
+    fn parse(js: &str) -> std::result::Result<QwenVlConfig, String> {
+        serde_json::from_str(js).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn transformers_5_nested_layout_with_rope_parameters_reads_like_transformers_4_flat() {
+        let t5 = parse(T5_NESTED).unwrap();
+        assert!(t5.nested);
+        assert_eq!(t5.text.rope_theta, 10000.0);
+        assert_eq!(t5.text.rope_scaling.mrope_section, vec![2, 3, 3]);
+        assert_eq!(t5.text.torch_dtype.as_deref(), Some("bfloat16"));
+        assert_eq!((t5.text.num_hidden_layers, t5.text.vocab_size), (2, 128));
+        assert_eq!(t5.image_token_id, 123);
+        let t4 = parse(T4_FLAT).unwrap();
+        assert!(!t4.nested);
+        // same decoder apart from what each version writes about sliding windows
+        let mut a = t5.text.clone();
+        a.sliding_window = t4.text.sliding_window;
+        a.rope_scaling = t4.text.rope_scaling.clone();
+        assert_eq!(a, t4.text);
+        assert_eq!(t5.vision.depth, t4.vision.depth);
+        assert_eq!(t5.vision.patch_dim(), t4.vision.patch_dim());
+        // round trips keep the layout and the values
+        let again = parse(&serde_json::to_string(&t5).unwrap()).unwrap();
+        assert_eq!(again, t5);
+        // the old `"type": "mrope"` spelling is the same
+        let old = T4_FLAT.replace(
+            r#""rope_type": "default", "type": "default""#,
+            r#""type": "mrope""#,
+        );
+        assert_eq!(
+            parse(&old).unwrap().text.rope_scaling.mrope_section,
+            vec![2, 3, 3]
+        );
+    }
+
+    #[test]
+    fn tie_word_embeddings_is_the_outer_key_or_text_configs() {
+        let outer = T5_NESTED.replacen(
+            r#""tie_word_embeddings": false, "transformers_version""#,
+            r#""tie_word_embeddings": true, "transformers_version""#,
+            1,
+        );
+        assert!(parse(&outer).unwrap().text.tie_word_embeddings);
+        let inner = T5_NESTED.replacen(
+            r#""tie_word_embeddings": false, "use_cache""#,
+            r#""tie_word_embeddings": true, "use_cache""#,
+            1,
+        );
+        assert!(parse(&inner).unwrap().text.tie_word_embeddings);
+        assert!(!parse(T5_NESTED).unwrap().text.tie_word_embeddings);
+    }
+
+    #[test]
+    fn unimplemented_rope_and_attention_settings_are_refused_by_name() {
+        let cases = [
+            (
+                T5_NESTED.replace(r#""rope_type": "default"}"#, r#""rope_type": "yarn"}"#),
+                "text_config.rope_parameters.rope_type",
+            ),
+            (
+                T4_FLAT.replace(r#""type": "default""#, r#""type": "linear""#),
+                "rope_scaling.type",
+            ),
+            (
+                T5_NESTED.replace(
+                    r#"["full_attention", "full_attention"]"#,
+                    r#"["full_attention", "sliding_attention"]"#,
+                ),
+                "text_config.layer_types`[1]",
+            ),
+            (
+                T5_NESTED.replace(
+                    r#"["full_attention", "full_attention"]"#,
+                    r#"["full_attention"]"#,
+                ),
+                "text_config.layer_types",
+            ),
+            (
+                T4_FLAT.replace(
+                    r#""use_sliding_window": false"#,
+                    r#""use_sliding_window": true"#,
+                ),
+                "use_sliding_window",
+            ),
+            (
+                T5_NESTED.replace(
+                    r#""rope_theta": 10000.0, "rope_type": "axial""#,
+                    r#""rope_theta": 500.0"#,
+                ),
+                "vision_config.rope_parameters.rope_theta",
+            ),
+            (
+                T5_NESTED.replace(
+                    r#""mrope_section": [2, 3, 3], "rope_theta""#,
+                    r#""rope_theta""#,
+                ),
+                "text_config.rope_parameters.mrope_section",
+            ),
+        ];
+        for (js, key) in cases {
+            let err = parse(&js).unwrap_err();
+            assert!(err.contains(key), "expected `{key}` in: {err}");
+        }
+        // both spellings present must agree
+        let both = T4_FLAT.replace(
+            r#""rope_theta": 10000.0,"#,
+            r#""rope_theta": 10000.0, "rope_parameters": {"rope_theta": 20000.0},"#,
+        );
+        assert!(parse(&both).unwrap_err().contains("disagrees"));
     }
 
     #[test]

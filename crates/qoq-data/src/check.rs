@@ -1,7 +1,8 @@
 //! `qoq data check`: validate every row of a manifest and summarise it per domain and dataset.
 //!
 //! Every bad row is reported (by line number, with the reason); checking never stops at the
-//! first. Every referenced file is decoded: images (PNG/JPEG/... and DICOM, all frames), volumes
+//! first. Each group counts where its rows' domains came from (the row's keys, the path layout,
+//! ...; see [`DomainOrigin`]), and [`CheckOptions::list_rows`] lists every row's domain and origin. Every referenced file is decoded: images (PNG/JPEG/... and DICOM, all frames), volumes
 //! (NIfTI, NRRD), ECG files (WFDB, DICOM waveform, `.npy` / `.npz`, CSV) and masks. Files are
 //! decoded in parallel (rayon) in blocks of rows; the report keeps manifest order. Every decoder
 //! runs behind [`crate::guard::contain`]: a decoder that panics on a damaged file gives a bad row
@@ -11,7 +12,7 @@
 
 use crate::ecg_io::EcgLoadOptions;
 use crate::error::Result;
-use crate::manifest::{Manifest, ManifestConfig};
+use crate::manifest::{DomainOrigin, Manifest, ManifestConfig};
 use crate::vision::ImageLoadOptions;
 use qoq_core::ClinicalSample;
 use rayon::prelude::*;
@@ -36,6 +37,18 @@ pub struct GroupStats {
     pub bad_files: usize,
     /// Answer label -> count (multi-label answers split on ", ").
     pub classes: BTreeMap<String, usize>,
+    /// Where the rows' domains came from -> count.
+    pub origins: BTreeMap<DomainOrigin, usize>,
+}
+
+/// One row's domain and where it came from (listed with [`CheckOptions::list_rows`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowDomain {
+    /// 1-based line number in the manifest.
+    pub line: u64,
+    pub data_source: String,
+    pub dataset: String,
+    pub origin: DomainOrigin,
 }
 
 /// The result of checking a manifest.
@@ -47,6 +60,8 @@ pub struct CheckReport {
     pub bad: Vec<BadRow>,
     /// Keyed by (data_source, dataset).
     pub groups: BTreeMap<(String, String), GroupStats>,
+    /// Every row that parsed, in file order, when [`CheckOptions::list_rows`] is set.
+    pub row_domains: Vec<RowDomain>,
 }
 
 impl CheckReport {
@@ -64,6 +79,8 @@ pub struct CheckOptions {
     /// ECG array / CSV options. Without `fs`, arrays and CSV files are checked for structure
     /// and values only (their sampling frequency is not known).
     pub ecg: EcgLoadOptions,
+    /// Keep every row's domain and its origin in [`CheckReport::row_domains`].
+    pub list_rows: bool,
 }
 
 fn ext_of(path: &Path) -> String {
@@ -162,18 +179,19 @@ pub fn check_manifest_with(
         rows: total,
         ..CheckReport::default()
     };
-    let mut rows = manifest.rows()?;
+    let mut rows = manifest.rows_traced()?;
     let mut done = 0;
     loop {
-        let block: Vec<Result<ClinicalSample>> = rows.by_ref().take(BLOCK).collect();
+        let block: Vec<Result<(ClinicalSample, DomainOrigin)>> =
+            rows.by_ref().take(BLOCK).collect();
         if block.is_empty() {
             break;
         }
-        let checked: Vec<(Result<ClinicalSample>, Vec<String>)> = block
+        let checked: Vec<(Result<(ClinicalSample, DomainOrigin)>, Vec<String>)> = block
             .into_par_iter()
             .map(|row| {
                 let problems = match &row {
-                    Ok(sample) => check_sample(sample, opts),
+                    Ok((sample, _)) => check_sample(sample, opts),
                     Err(_) => Vec::new(),
                 };
                 (row, problems)
@@ -181,7 +199,7 @@ pub fn check_manifest_with(
             .collect();
         for (row, problems) in checked {
             done += 1;
-            absorb(&mut report, row, problems)?;
+            absorb(&mut report, row, problems, opts.list_rows)?;
             progress(done, total);
         }
     }
@@ -190,8 +208,9 @@ pub fn check_manifest_with(
 
 fn absorb(
     report: &mut CheckReport,
-    row: Result<ClinicalSample>,
+    row: Result<(ClinicalSample, DomainOrigin)>,
     problems: Vec<String>,
+    list_rows: bool,
 ) -> Result<()> {
     match row {
         Err(crate::Error::Row { line, message, .. }) => {
@@ -201,13 +220,22 @@ fn absorb(
             });
         }
         Err(e) => return Err(e),
-        Ok(sample) => {
+        Ok((sample, origin)) => {
             let key = (
                 sample.data_source.as_source().to_string(),
                 sample.dataset.clone(),
             );
+            if list_rows {
+                report.row_domains.push(RowDomain {
+                    line: sample.line,
+                    data_source: key.0.clone(),
+                    dataset: key.1.clone(),
+                    origin,
+                });
+            }
             let g = report.groups.entry(key).or_default();
             g.rows += 1;
+            *g.origins.entry(origin).or_default() += 1;
             for label in sample.answer.split(", ") {
                 *g.classes.entry(label.trim().to_string()).or_default() += 1;
             }
@@ -228,21 +256,39 @@ impl fmt::Display for CheckReport {
         writeln!(f, "manifest: {}", self.manifest.display())?;
         writeln!(
             f,
-            "{:<14} {:<20} {:>7} {:>7} {:>9}  class balance",
-            "data_source", "dataset", "rows", "classes", "bad files"
+            "{:<14} {:<20} {:>7} {:>7} {:>9}  {:<12} class balance",
+            "data_source", "dataset", "rows", "classes", "bad files", "domain from"
         )?;
         for ((src, ds), g) in &self.groups {
             let balance: Vec<String> = g.classes.iter().map(|(c, n)| format!("{c}={n}")).collect();
+            let origins: Vec<String> = g.origins.iter().map(|(o, n)| format!("{o}={n}")).collect();
             writeln!(
                 f,
-                "{:<14} {:<20} {:>7} {:>7} {:>9}  {}",
+                "{:<14} {:<20} {:>7} {:>7} {:>9}  {:<12} {}",
                 src,
                 ds,
                 g.rows,
                 g.classes.len(),
                 g.bad_files,
+                origins.join(","),
                 balance.join(" ")
             )?;
+        }
+        writeln!(
+            f,
+            "domain from: <data_source rule>+<dataset rule> (one name when both agree): key(s) = \
+             the row's keys, path = <data_source>/<dataset>/<file>, ecg = an ECG-only row, \
+             question = the MIMIC-IV rule"
+        )?;
+        if !self.row_domains.is_empty() {
+            writeln!(f, "rows (line: data_source/dataset from):")?;
+            for r in &self.row_domains {
+                writeln!(
+                    f,
+                    "  line {}: {}/{} from {}",
+                    r.line, r.data_source, r.dataset, r.origin
+                )?;
+            }
         }
         writeln!(f, "rows: {}, bad rows: {}", self.rows, self.bad.len())?;
         for b in &self.bad {
@@ -284,10 +330,60 @@ mod tests {
         assert!(report.bad[2].reason.contains("malformed JSON"));
         let g = &report.groups[&("derm".to_string(), "ham".to_string())];
         assert_eq!(g.rows, 4);
+        assert_eq!(g.origins.values().sum::<usize>(), 4);
         assert_eq!(g.bad_files, 2);
         assert_eq!(g.classes["benign"], 3);
         let text = report.to_string();
         assert!(text.contains("line 3: missing file"), "{text}");
+    }
+
+    #[test]
+    fn the_report_shows_where_each_rows_domain_came_from() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("derm/ham")).unwrap();
+        image::RgbImage::new(8, 8)
+            .save(dir.path().join("derm/ham/a.png"))
+            .unwrap();
+        image::RgbImage::new(8, 8)
+            .save(dir.path().join("b.png"))
+            .unwrap();
+        let abs = dir.path().join("b.png");
+        let rows = [
+            r#"{"problem": "q", "answer": "benign", "images": ["derm/ham/a.png"]}"#.to_string(),
+            r#"{"problem": "q", "answer": "benign", "images": ["b.png"], "data_source": "derm", "dataset": "ham"}"#.to_string(),
+            format!(
+                r#"{{"problem": "q", "answer": "benign", "images": [{:?}], "data_source": "derm", "dataset": "isic"}}"#,
+                abs.display().to_string()
+            ),
+            format!(
+                r#"{{"problem": "q", "answer": "benign", "images": [{:?}]}}"#,
+                abs.display().to_string()
+            ),
+        ];
+        let path = dir.path().join("m.jsonl");
+        std::fs::write(&path, rows.join("\n")).unwrap();
+        let opts = CheckOptions {
+            list_rows: true,
+            ..CheckOptions::default()
+        };
+        let report =
+            check_manifest_with(&path, ManifestConfig::default(), &opts, |_, _| {}).unwrap();
+        let ham = &report.groups[&("derm".to_string(), "ham".to_string())];
+        let origins: Vec<String> = ham
+            .origins
+            .iter()
+            .map(|(o, n)| format!("{o}={n}"))
+            .collect();
+        assert_eq!(origins, vec!["keys=1", "path=1"]);
+        assert_eq!(report.row_domains.len(), 3);
+        assert_eq!(report.row_domains[2].dataset, "isic");
+        assert_eq!(report.bad.len(), 1);
+        assert_eq!(report.bad[0].line, 4);
+        assert!(report.bad[0].reason.contains("is absolute"));
+        let text = report.to_string();
+        assert!(text.contains("keys=1,path=1"), "{text}");
+        assert!(text.contains("line 3: derm/isic from keys"), "{text}");
+        assert!(text.contains("line 1: derm/ham from path"), "{text}");
     }
 
     #[test]

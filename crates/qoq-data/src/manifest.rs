@@ -1,4 +1,13 @@
-//! JSONL manifests in the released schema (spec §2.1).
+//! JSONL manifests in the released schema (spec §2.1; the user-facing schema is docs/manifest.md).
+//!
+//! A row's domain (`data_source`, `dataset`) comes, field by field, from the row's own
+//! `data_source` / `dataset` keys when present, otherwise from the first image or volume path laid
+//! out as `<data_source>/<dataset>/<file>` relative to the manifest. ECG-only rows are
+//! `data_source = "ecg"` and must name their `dataset` (the reference's rule). An absolute path,
+//! or a path with fewer than two folders, names no domain: such a row must carry the keys, and an
+//! error naming the row says so. [`DomainOrigin`] records which rule gave each field (shown by
+//! `qoq data check`). The reference overwrites a vision row's `dataset` key with the path's
+//! folder; here the key wins (the two agree whenever the key equals the folder).
 //!
 //! A manifest is read once to index the byte offset of every non-empty line; rows are decoded
 //! on demand, so a 2.6-million-row manifest costs a few tens of MB of offsets, never the decoded
@@ -32,10 +41,12 @@ pub struct ManifestConfig {
     pub segmentation_key: String,
     /// Ground-truth box key.
     pub bbox_key: String,
-    /// Dataset name key (required for ECG-only rows).
+    /// Dataset name key (required for ECG-only rows and rows whose paths name no domain).
     pub dataset_key: String,
     /// System message key (optional; absent: the chat template's default system message).
     pub system_key: String,
+    /// Data source (clinical domain) key; optional, the first folder of the path otherwise.
+    pub data_source_key: String,
     /// Frames sampled from each volume/video (reference 2, paper 4); each frame is one image.
     pub video_frames: usize,
     /// Fail when the image key is absent, as the reference does (`row_dict['images']`).
@@ -57,6 +68,7 @@ impl Default for ManifestConfig {
             bbox_key: "bbox".into(),
             dataset_key: "dataset".into(),
             system_key: "system".into(),
+            data_source_key: "data_source".into(),
             video_frames: 2,
             require_image_key: false,
             skip_bad_rows: false,
@@ -124,35 +136,123 @@ pub fn with_options(question: &str, options: &[String]) -> String {
     )
 }
 
-/// The derivations every sample goes through, whether it comes from a manifest row
-/// ([`parse_row`]) or is given directly (a case of `qoq infer` / `qoq serve`): the reference's
-/// special questions (LOS sets `data_source = multimodal`, `dataset = los_prediction`; 48-hour
-/// mortality sets `dataset = 48_ihm`) and the `<image>` placeholders for
-/// [`expected_images`]. `s.problem` is the raw question; `s.data_source` / `s.dataset` the ones
-/// derived from the paths.
-pub fn finish_sample(
+/// The domain fields the reference's special MIMIC-IV questions set: LOS sets
+/// `data_source = multimodal`, `dataset = los_prediction`; 48-hour mortality sets
+/// `dataset = 48_ihm`.
+fn special_question_domain(problem: &str) -> (Option<Domain>, Option<&'static str>) {
+    if problem.contains(LOS_QUESTION) {
+        (Some(Domain::Multimodal), Some("los_prediction"))
+    } else if problem.contains(IHM_QUESTION) {
+        (None, Some("48_ihm"))
+    } else {
+        (None, None)
+    }
+}
+
+/// The `<image>` placeholders of a sample for [`expected_images`]; the last step of every sample,
+/// from a manifest row or given directly.
+fn finish_placeholders(
     mut s: ClinicalSample,
     video_frames: usize,
 ) -> std::result::Result<ClinicalSample, String> {
-    if s.problem.contains(LOS_QUESTION) {
-        s.data_source = Domain::Multimodal;
-        s.dataset = "los_prediction".into();
-    } else if s.problem.contains(IHM_QUESTION) {
-        s.dataset = "48_ihm".into();
-    }
     let n_images = expected_images(s.images.len(), s.videos.len(), video_frames);
     s.problem = normalise_placeholders(&s.problem, n_images)?;
     Ok(s)
 }
 
-/// First and second components of a manifest-relative path (`chest_xray/vindr/x.png` ->
-/// (`chest_xray`, `vindr`)).
-fn source_and_dataset(rel: &str) -> (Option<String>, Option<String>) {
-    let mut parts = Path::new(rel).components().filter_map(|c| match c {
-        Component::Normal(s) => Some(s.to_string_lossy().into_owned()),
-        _ => None,
-    });
-    (parts.next(), parts.next())
+/// The derivations a sample given directly (a case of `qoq infer` / `qoq serve`, which has no
+/// `data_source` / `dataset` keys) goes through, as a manifest row without those keys does in
+/// [`parse_row`]: the reference's special questions set the domain fields, then the `<image>`
+/// placeholders for [`expected_images`]. `s.problem` is the raw question; `s.data_source` /
+/// `s.dataset` the ones derived from the paths.
+pub fn finish_sample(
+    mut s: ClinicalSample,
+    video_frames: usize,
+) -> std::result::Result<ClinicalSample, String> {
+    let (source, dataset) = special_question_domain(&s.problem);
+    if let Some(source) = source {
+        s.data_source = source;
+    }
+    if let Some(dataset) = dataset {
+        s.dataset = dataset.into();
+    }
+    finish_placeholders(s, video_frames)
+}
+
+/// Which rule gave one domain field of a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FieldOrigin {
+    /// The row's own key (`data_source` / `dataset`).
+    Key,
+    /// A folder of the first image or volume path (`<data_source>/<dataset>/<file>`).
+    Path,
+    /// An ECG-only row: `data_source = "ecg"`.
+    EcgRow,
+    /// The reference's MIMIC-IV questions (LOS: `multimodal` / `los_prediction`; 48-h IHM:
+    /// `48_ihm`).
+    Question,
+}
+
+impl FieldOrigin {
+    /// Short name: `key`, `path`, `ecg`, `question`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FieldOrigin::Key => "key",
+            FieldOrigin::Path => "path",
+            FieldOrigin::EcgRow => "ecg",
+            FieldOrigin::Question => "question",
+        }
+    }
+}
+
+/// Where a row's `data_source` and `dataset` came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DomainOrigin {
+    pub data_source: FieldOrigin,
+    pub dataset: FieldOrigin,
+}
+
+impl std::fmt::Display for DomainOrigin {
+    /// `keys`, `path`, `question` when both fields share a rule, else `<data_source rule>+<dataset
+    /// rule>` (e.g. `ecg+key`, `path+key`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.data_source, self.dataset) {
+            (FieldOrigin::Key, FieldOrigin::Key) => f.write_str("keys"),
+            (a, b) if a == b => f.write_str(a.as_str()),
+            (a, b) => write!(f, "{}+{}", a.as_str(), b.as_str()),
+        }
+    }
+}
+
+/// The `<data_source>` and `<dataset>` folders of a manifest-relative path laid out as
+/// `<data_source>/<dataset>/<file>` (deeper paths use their first two folders); why not
+/// otherwise.
+fn layout_folders(path: &str) -> std::result::Result<(String, String), String> {
+    let p = Path::new(path);
+    if p.has_root() || p.is_absolute() {
+        return Err(format!(
+            "path `{path}` is absolute, so its folders name no data source and dataset"
+        ));
+    }
+    let mut parts = Vec::new();
+    for c in p.components() {
+        match c {
+            Component::Normal(s) => parts.push(s.to_string_lossy().into_owned()),
+            Component::CurDir => {}
+            _ => {
+                return Err(format!(
+                    "path `{path}` leaves the manifest's folder, so its folders name no data \
+                     source and dataset"
+                ));
+            }
+        }
+    }
+    if parts.len() < 3 {
+        return Err(format!(
+            "path `{path}` is not laid out as <data_source>/<dataset>/<file>"
+        ));
+    }
+    Ok((parts[0].clone(), parts[1].clone()))
 }
 
 fn string_list(row: &Map<String, Value>, key: &str) -> std::result::Result<Vec<String>, String> {
@@ -183,6 +283,17 @@ pub fn parse_row(
     stem: &str,
     line: u64,
 ) -> std::result::Result<ClinicalSample, String> {
+    parse_row_traced(value, cfg, base_dir, stem, line).map(|(s, _)| s)
+}
+
+/// [`parse_row`], also telling where the row's domain came from.
+pub fn parse_row_traced(
+    value: Value,
+    cfg: &ManifestConfig,
+    base_dir: &Path,
+    stem: &str,
+    line: u64,
+) -> std::result::Result<(ClinicalSample, DomainOrigin), String> {
     let Value::Object(mut row) = value else {
         return Err("a row must be a JSON object".into());
     };
@@ -208,28 +319,64 @@ pub fn parse_row(
     if images.is_empty() && videos.is_empty() && series.is_empty() {
         return Err("No modality found.".into());
     }
-    let row_dataset = match row.get(&cfg.dataset_key) {
-        Some(Value::String(s)) => Some(s.clone()),
-        _ => None,
+    let key_text = |key: &str| -> std::result::Result<Option<String>, String> {
+        match row.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(v)) if v.trim().is_empty() => Err(format!("field `{key}` is empty")),
+            Some(Value::String(v)) => Ok(Some(v.clone())),
+            Some(_) => Err(format!("field `{key}` must be a string")),
+        }
     };
-    let (data_source, dataset) = match images.first().or(videos.first()) {
-        Some(first) => {
-            let (src, ds) = source_and_dataset(first);
-            let src = src.ok_or_else(|| format!("path `{first}` has no folder component"))?;
-            let ds = ds.ok_or_else(|| {
-                format!("path `{first}` must look like <data_source>/<dataset>/<file>")
-            })?;
-            (Domain::from_source(&src), ds)
+    let source_key = key_text(&cfg.data_source_key)?;
+    let dataset_key = key_text(&cfg.dataset_key)?;
+    let first_media = images.first().or(videos.first());
+    let folders = first_media.map(|p| layout_folders(p));
+    // the error for a field neither a key nor the path gives, naming the fix
+    let missing = |why: &str| {
+        let need: Vec<String> = [
+            (&source_key, &cfg.data_source_key),
+            (&dataset_key, &cfg.dataset_key),
+        ]
+        .into_iter()
+        .filter(|(v, _)| v.is_none())
+        .map(|(_, k)| format!("\"{k}\""))
+        .collect();
+        format!(
+            "{why}: add {} to the row (e.g. \"{}\": \"derm\", \"{}\": \"ham10000\"), or give the \
+             path relative to the manifest's folder as <data_source>/<dataset>/<file>",
+            need.join(" and "),
+            cfg.data_source_key,
+            cfg.dataset_key
+        )
+    };
+    let (mut data_source, mut source_origin) = match (&source_key, &folders) {
+        (Some(k), _) => (Domain::from_source(k), FieldOrigin::Key),
+        (None, None) => (Domain::Ecg, FieldOrigin::EcgRow),
+        (None, Some(Ok((src, _)))) => (Domain::from_source(src), FieldOrigin::Path),
+        (None, Some(Err(why))) => return Err(missing(why)),
+    };
+    let (mut dataset, mut dataset_origin) = match (&dataset_key, &folders) {
+        (Some(k), _) => (k.clone(), FieldOrigin::Key),
+        (None, None) => {
+            return Err(format!(
+                "an ECG-only row must carry `{}` (the reference: \"dataset already set in json\")",
+                cfg.dataset_key
+            ));
         }
-        None => {
-            let ds = row_dataset.clone().ok_or_else(|| {
-                format!(
-                    "an ECG-only row must carry `{}` (the reference: \"dataset already set in json\")",
-                    cfg.dataset_key
-                )
-            })?;
-            (Domain::Ecg, ds)
-        }
+        (None, Some(Ok((_, ds)))) => (ds.clone(), FieldOrigin::Path),
+        (None, Some(Err(why))) => return Err(missing(why)),
+    };
+    // the reference's MIMIC-IV questions, for the fields the row's keys do not give
+    let (question_source, question_dataset) = special_question_domain(&problem);
+    if let (Some(src), None) = (question_source, &source_key) {
+        (data_source, source_origin) = (src, FieldOrigin::Question);
+    }
+    if let (Some(ds), None) = (question_dataset, &dataset_key) {
+        (dataset, dataset_origin) = (ds.to_string(), FieldOrigin::Question);
+    }
+    let origin = DomainOrigin {
+        data_source: source_origin,
+        dataset: dataset_origin,
     };
     let system = match row.get(&cfg.system_key) {
         None | Some(Value::Null) => None,
@@ -270,6 +417,7 @@ pub fn parse_row(
         &cfg.bbox_key,
         &cfg.dataset_key,
         &cfg.system_key,
+        &cfg.data_source_key,
     ] {
         row.remove(key);
     }
@@ -279,7 +427,7 @@ pub fn parse_row(
             .map(|p| base_dir.join(p))
             .collect::<Vec<PathBuf>>()
     };
-    let raw = ClinicalSample {
+    let sample = ClinicalSample {
         id: SampleId(id),
         line,
         problem,
@@ -294,7 +442,8 @@ pub fn parse_row(
         data_source,
         extra: row,
     };
-    finish_sample(raw, cfg.video_frames)
+    let sample = finish_placeholders(sample, cfg.video_frames)?;
+    Ok((sample, origin))
 }
 
 /// Where an iteration over a manifest stands: the epoch and the position in that epoch's order.
@@ -394,6 +543,11 @@ impl Manifest {
 
     /// Decode one JSON line into a sample, with errors naming the file and line.
     fn decode(&self, text: &str, line: u64) -> Result<ClinicalSample> {
+        self.decode_traced(text, line).map(|(s, _)| s)
+    }
+
+    /// [`Manifest::decode`] with the row's [`DomainOrigin`].
+    fn decode_traced(&self, text: &str, line: u64) -> Result<(ClinicalSample, DomainOrigin)> {
         let row_err = |message: String| Error::Row {
             path: self.path.clone(),
             line,
@@ -401,11 +555,18 @@ impl Manifest {
         };
         let value: Value =
             serde_json::from_str(text).map_err(|e| row_err(format!("malformed JSON: {e}")))?;
-        parse_row(value, &self.cfg, &self.base_dir, &self.stem, line).map_err(row_err)
+        parse_row_traced(value, &self.cfg, &self.base_dir, &self.stem, line).map_err(row_err)
     }
 
     /// Decode every row in file order, streaming (one line in memory at a time).
     pub fn rows(&self) -> Result<impl Iterator<Item = Result<ClinicalSample>> + '_> {
+        Ok(self.rows_traced()?.map(|r| r.map(|(s, _)| s)))
+    }
+
+    /// [`Manifest::rows`] with each row's [`DomainOrigin`].
+    pub fn rows_traced(
+        &self,
+    ) -> Result<impl Iterator<Item = Result<(ClinicalSample, DomainOrigin)>> + '_> {
         let file = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
         let mut lines = BufReader::with_capacity(1 << 20, file).lines();
         let mut line_no = 0u64;
@@ -416,7 +577,7 @@ impl Manifest {
                 match next {
                     Err(e) => return Some(Err(Error::io(&self.path, e))),
                     Ok(text) if text.trim().is_empty() => continue,
-                    Ok(text) => return Some(self.decode(&text, line_no)),
+                    Ok(text) => return Some(self.decode_traced(&text, line_no)),
                 }
             }
         }))
@@ -596,13 +757,32 @@ mod tests {
         )
     }
 
+    fn traced(v: Value) -> std::result::Result<(ClinicalSample, DomainOrigin), String> {
+        parse_row_traced(
+            v,
+            &ManifestConfig::default(),
+            Path::new("/data"),
+            "train",
+            7,
+        )
+    }
+
+    fn origin(data_source: FieldOrigin, dataset: FieldOrigin) -> DomainOrigin {
+        DomainOrigin {
+            data_source,
+            dataset,
+        }
+    }
+
     #[test]
     fn vision_rows_take_source_and_dataset_from_the_first_path() {
-        let s = parse(json!({"problem": "What is it?", "answer": "Edema",
-            "images": ["chest_xray/vindr/a.png"], "dataset": "ignored", "site": 3}))
+        let (s, o) = traced(json!({"problem": "What is it?", "answer": "Edema",
+            "images": ["chest_xray/vindr/a.png"], "site": 3}))
         .unwrap();
         assert_eq!(s.data_source, Domain::ChestXray);
         assert_eq!(s.dataset, "vindr");
+        assert_eq!(o, origin(FieldOrigin::Path, FieldOrigin::Path));
+        assert_eq!(o.to_string(), "path");
         assert_eq!(s.problem, "<image> What is it?");
         assert_eq!(
             s.images,
@@ -610,6 +790,129 @@ mod tests {
         );
         assert_eq!(s.id.0, "train:7");
         assert_eq!(s.extra.get("site"), Some(&json!(3)));
+        // deeper paths use their first two folders; a leading "./" is no folder
+        let (s, _) = traced(json!({"problem": "q", "answer": "a",
+            "videos": ["./ct/lidc/p001/scan.nii.gz"]}))
+        .unwrap();
+        assert_eq!((s.data_source, s.dataset.as_str()), (Domain::Ct, "lidc"));
+    }
+
+    #[test]
+    fn domain_keys_win_over_the_path_field_by_field() {
+        let (s, o) = traced(json!({"problem": "q", "answer": "a",
+            "images": ["chest_xray/vindr/a.png"], "data_source": "mammo", "dataset": "vindr-mammo"}))
+        .unwrap();
+        assert_eq!(
+            (s.data_source, s.dataset.as_str()),
+            (Domain::Mammography, "vindr-mammo")
+        );
+        assert_eq!(o.to_string(), "keys");
+        // the keys are not kept among the extra fields
+        assert!(s.extra.is_empty());
+        let (s, o) = traced(json!({"problem": "q", "answer": "a",
+            "images": ["chest_xray/vindr/a.png"], "dataset": "vindr-cxr"}))
+        .unwrap();
+        assert_eq!(
+            (s.data_source, s.dataset.as_str()),
+            (Domain::ChestXray, "vindr-cxr")
+        );
+        assert_eq!(o, origin(FieldOrigin::Path, FieldOrigin::Key));
+        assert_eq!(o.to_string(), "path+key");
+        // ECG-only rows: data_source "ecg" unless the key says otherwise
+        let (s, o) = traced(
+            json!({"problem": "q", "answer": "MI", "time-series": ["x.hea"],
+            "dataset": "ptbxl"}),
+        )
+        .unwrap();
+        assert_eq!(
+            (s.data_source, o.to_string().as_str()),
+            (Domain::Ecg, "ecg+key")
+        );
+        // keys must be non-empty strings
+        let e = traced(
+            json!({"problem": "q", "answer": "a", "images": ["ct/x/a.png"],
+            "dataset": 3}),
+        );
+        assert!(e.unwrap_err().contains("field `dataset` must be a string"));
+        let e = traced(
+            json!({"problem": "q", "answer": "a", "images": ["ct/x/a.png"],
+            "data_source": " "}),
+        );
+        assert!(e.unwrap_err().contains("field `data_source` is empty"));
+    }
+
+    #[test]
+    fn absolute_path_without_keys_is_an_error_naming_the_fix() {
+        let e = traced(json!({"problem": "q", "answer": "a", "images": ["/tmp/x/derm/a.png"]}))
+            .unwrap_err();
+        assert!(e.contains("`/tmp/x/derm/a.png` is absolute"), "{e}");
+        assert!(e.contains("add \"data_source\" and \"dataset\""), "{e}");
+        // with one key, the error asks for the other only
+        let e = traced(
+            json!({"problem": "q", "answer": "a", "images": ["/tmp/x/derm/a.png"],
+            "data_source": "derm"}),
+        )
+        .unwrap_err();
+        assert!(e.contains("add \"dataset\" to the row"), "{e}");
+        // with both keys the row is accepted and the path kept as given
+        let (s, o) = traced(
+            json!({"problem": "q", "answer": "a", "images": ["/tmp/x/derm/a.png"],
+            "data_source": "derm", "dataset": "ham10000"}),
+        )
+        .unwrap();
+        assert_eq!(
+            (s.data_source, s.dataset.as_str()),
+            (Domain::Dermoscopy, "ham10000")
+        );
+        assert_eq!(s.images, vec![PathBuf::from("/tmp/x/derm/a.png")]);
+        assert_eq!(o.to_string(), "keys");
+        // a path leaving the manifest's folder names no domain either
+        let e = traced(json!({"problem": "q", "answer": "a", "images": ["../derm/ham/a.png"]}))
+            .unwrap_err();
+        assert!(e.contains("leaves the manifest's folder"), "{e}");
+    }
+
+    #[test]
+    fn rows_without_the_layout_are_accepted_when_they_name_their_domain() {
+        let (s, o) = traced(json!({"problem": "q", "answer": "a", "images": ["a.png"],
+            "data_source": "fundus", "dataset": "aptos"}))
+        .unwrap();
+        assert_eq!(
+            (s.data_source, s.dataset.as_str()),
+            (Domain::Fundus, "aptos")
+        );
+        assert_eq!(o.to_string(), "keys");
+        // one folder is not the layout: the folder is not taken as the data source
+        let e = traced(
+            json!({"problem": "q", "answer": "a", "images": ["images/a.png"],
+            "dataset": "aptos"}),
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("not laid out as <data_source>/<dataset>/<file>"),
+            "{e}"
+        );
+        assert!(e.contains("add \"data_source\" to the row"), "{e}");
+        let e = traced(json!({"problem": "q", "answer": "a", "images": ["a.png"]})).unwrap_err();
+        assert!(e.contains("add \"data_source\" and \"dataset\""), "{e}");
+    }
+
+    #[test]
+    fn domain_errors_name_the_manifest_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.jsonl");
+        std::fs::write(
+            &path,
+            "{\"problem\": \"q\", \"answer\": \"a\", \"images\": [\"ct/x/1.png\"]}\n\
+             {\"problem\": \"q\", \"answer\": \"a\", \"images\": [\"/abs/ct/x/2.png\"]}\n",
+        )
+        .unwrap();
+        let m = Manifest::open(&path, ManifestConfig::default()).unwrap();
+        let rows: Vec<_> = m.rows_traced().unwrap().collect();
+        assert_eq!(rows[0].as_ref().unwrap().1.to_string(), "path");
+        let e = rows[1].as_ref().unwrap_err().to_string();
+        assert!(e.contains("m.jsonl:2:") && e.contains("is absolute"), "{e}");
+        assert!(e.contains("\"data_source\" and \"dataset\""), "{e}");
     }
 
     #[test]
@@ -703,6 +1006,25 @@ mod tests {
         assert_eq!(
             (s.data_source, s.dataset.as_str()),
             (Domain::Multimodal, "los_prediction")
+        );
+        // the row's own keys win over the question rule
+        let (s, o) = traced(
+            json!({"problem": "Will the patient survive for at least 48 hours?",
+            "answer": "yes", "images": ["chest_xray/mimic/a.png"], "dataset": "ihm"}),
+        )
+        .unwrap();
+        assert_eq!(
+            (s.dataset.as_str(), o.to_string().as_str()),
+            ("ihm", "path+key")
+        );
+        let (s, o) = traced(
+            json!({"problem": "Will the patient survive for at least 48 hours?",
+            "answer": "yes", "images": ["chest_xray/mimic/a.png"]}),
+        )
+        .unwrap();
+        assert_eq!(
+            (s.dataset.as_str(), o.to_string().as_str()),
+            ("48_ihm", "path+question")
         );
     }
 

@@ -24,8 +24,9 @@ use qoq_core::hf_config::VisionConfig;
 
 /// `Qwen2RMSNorm` epsilon used everywhere in the vision tower (hard-coded upstream).
 const RMS_EPS: f64 = 1e-6;
-/// `Qwen2_5_VisionRotaryEmbedding` theta (hard-coded upstream).
-const ROPE_THETA: f32 = 10000.0;
+/// `Qwen2_5_VisionRotaryEmbedding` theta (hard-coded in transformers 4; transformers 5's
+/// `vision_config.rope_parameters` is checked against it by the config reader).
+const ROPE_THETA: f32 = qoq_core::hf_config::VISION_ROPE_THETA as f32;
 
 /// Load `nn.Linear(in_dim, out_dim)` (with bias) at `vb`.
 fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {

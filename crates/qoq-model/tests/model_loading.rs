@@ -169,6 +169,39 @@ fn nested_key_layout_loads_to_the_same_logits() {
     assert!(max_abs(&logits_of(tmp.path()), &logits_of(&tiny_dir())) == 0.0);
 }
 
+/// Checkpoints written by `save_pretrained` of transformers 4.51 (flat config) and transformers
+/// 5 (nested `text_config` with `rope_parameters`, `dtype`, `layer_types`), bf16 weights
+/// (`tools/fixtures/hf_layouts.py`): both load, in both forward modes, to transformers' f32
+/// logits. Both write the flat weight names (transformers 5 reverses its key conversion on save;
+/// nested weight names are covered by `nested_key_layout_loads_to_the_same_logits`).
+#[test]
+fn transformers_4_and_5_checkpoints_load_and_match_transformers() {
+    for (name, nested) in [("hf_t4", false), ("hf_t5", true)] {
+        let dir = fixture_dir(name);
+        let (cfg, model) = load_model(&dir, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(cfg.nested, nested, "{name}");
+        assert_eq!(cfg.text.rope_theta, 10000.0, "{name}");
+        assert_eq!(cfg.text.rope_scaling.mrope_section, vec![2, 3, 3], "{name}");
+        assert_eq!(cfg.text.torch_dtype.as_deref(), Some("bfloat16"), "{name}");
+        assert!(!cfg.has_time_series());
+        let (_, layout) = checkpoint_var_builder(&dir, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(layout, KeyLayout::Flat, "{name}");
+        let all = cases_in(&dir);
+        for case in ["text_only", "image_text"] {
+            let (inputs, expected) = case_inputs(&all, case);
+            for mode in [ForwardMode::Inference, ForwardMode::Train] {
+                let got = model.forward(&inputs, mode).unwrap();
+                assert_eq!(got.dims(), expected.dims(), "{name} {case}");
+                let d = max_abs(&got, &expected);
+                assert!(
+                    d < 1e-4,
+                    "{name} {case} {mode:?}: logits differ from HF by {d}"
+                );
+            }
+        }
+    }
+}
+
 fn write_sharded(dir: &Path) {
     std::fs::copy(tiny_dir().join("config.json"), dir.join("config.json")).unwrap();
     let mut a = HashMap::new();

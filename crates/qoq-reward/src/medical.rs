@@ -1,18 +1,22 @@
 //! The QoQ medical reward, `examples/reward_function/medical.py::medical_compute_score`
-//! (spec §8): `w_acc·F1 + w_iou·IoU + w_fmt·format + w_len·length` with every component
-//! reported.
+//! (spec §8): `w_acc·F1 + w_iou·IoU + w_fmt·format + w_len·length (+ w_coh·coherence)` with
+//! every component reported.
 //!
 //! Two modes ([`Compat`]): `reference` reproduces the released function to the last digit,
 //! defects included (IoU 0 whenever a malformed box raises or two boxes meet a ground-truth box
 //! without a mask; mean over boxes; float32 arithmetic when the mask branch ran); `fixed` (the
 //! default) scores each box on its own, works for any number of boxes, and offers
-//! `iou_reduce = "max"` (the paper's best box).
+//! `iou_reduce = "max"` (the paper's best box), `format = "box_per_label"` (the paper's binary
+//! format reward) and `coherence_weight` (the paper's visual-coherence reward), both in
+//! [`crate::paper`]. [`MedicalConfig::paper`] is the paper's reward: `0.6·F1 + 0.2·IoU (best box)
+//! + 0.2·format (binary)`, no length term.
 
 use crate::error::{Error, Result};
 use crate::format::format_score_cached;
 use crate::iou::{
     IouReduce, MaskIndex, RefIou, collect_bboxes, extract_json_cached, fixed_iou, reference_iou,
 };
+use crate::paper::{FormatReward, box_per_label_score, coherence_score, coherence_views};
 use crate::text::standard_score;
 use qoq_core::{ClinicalSample, RewardScore, SegMask};
 use serde::{Deserialize, Serialize};
@@ -123,6 +127,12 @@ pub struct MedicalConfig {
     pub iou_reduce: IouReduce,
     /// Component weights: a preset (`code`, `paper`, `early_code`) or explicit values.
     pub weights: WeightsConfig,
+    /// The format component: `graded_json` (the code's graded score, default) or
+    /// `box_per_label` (the paper's binary reward). Only `graded_json` in reference mode.
+    pub format: FormatReward,
+    /// Weight of the paper's visual-coherence reward across the frames of one volume (default
+    /// 0: off). The component weights plus this one sum to at most 1. Only 0 in reference mode.
+    pub coherence_weight: f64,
 }
 
 impl MedicalConfig {
@@ -131,6 +141,18 @@ impl MedicalConfig {
         Self {
             compat: Compat::Reference,
             ..Self::default()
+        }
+    }
+
+    /// The paper's reward (Sec. 3.4, App. B.3): weights 0.6 / 0.2 / 0.2 on F1, IoU of the best
+    /// box and the binary box-per-label format reward, no length term, no coherence term.
+    pub fn paper() -> Self {
+        Self {
+            compat: Compat::Fixed,
+            iou_reduce: IouReduce::Max,
+            weights: WeightsConfig::Preset(WeightPreset::Paper),
+            format: FormatReward::BoxPerLabel,
+            coherence_weight: 0.0,
         }
     }
 }
@@ -147,17 +169,28 @@ impl QoqMedicalReward {
     /// stays in [0, 1]); reference mode needs `iou_reduce = "mean"`.
     pub fn new(cfg: MedicalConfig) -> Result<Self> {
         let w = cfg.weights.resolve();
-        let ws = [w.accuracy, w.iou, w.format, w.length];
+        let ws = [w.accuracy, w.iou, w.format, w.length, cfg.coherence_weight];
         if ws.iter().any(|v| !v.is_finite() || *v < 0.0) {
             return Err(Error::Config(format!(
-                "qoq_medical weights must be finite and >= 0, got {w:?}"
+                "qoq_medical weights must be finite and >= 0, got {w:?}, coherence_weight {}",
+                cfg.coherence_weight
             )));
         }
         if ws.iter().sum::<f64>() > 1.0 + 1e-9 {
             return Err(Error::Config(format!(
-                "qoq_medical weights sum to {} > 1, the total would leave [0, 1]",
+                "qoq_medical weights (with coherence_weight) sum to {} > 1, the total would leave [0, 1]",
                 ws.iter().sum::<f64>()
             )));
+        }
+        if cfg.compat == Compat::Reference && cfg.format != FormatReward::GradedJson {
+            return Err(Error::Config(
+                "compat = \"reference\" scores the graded JSON format; format = \"box_per_label\" needs compat = \"fixed\"".into(),
+            ));
+        }
+        if cfg.compat == Compat::Reference && cfg.coherence_weight != 0.0 {
+            return Err(Error::Config(
+                "compat = \"reference\" has no coherence reward; coherence_weight > 0 needs compat = \"fixed\"".into(),
+            ));
         }
         if cfg.compat == Compat::Reference && cfg.iou_reduce != IouReduce::Mean {
             return Err(Error::Config(
@@ -180,11 +213,17 @@ impl QoqMedicalReward {
         mask: Option<&SegMask>,
     ) -> RewardScore {
         let idx = mask.map(MaskIndex::new);
-        self.score_parts(response, &sample.answer, idx.as_ref(), sample.bbox)
+        self.score_parts_views(
+            response,
+            &sample.answer,
+            idx.as_ref(),
+            sample.bbox,
+            coherence_views(sample),
+        )
     }
 
     /// Score from the parts the reference function takes: response, ground-truth answer,
-    /// prepared mask and ground-truth box.
+    /// prepared mask and ground-truth box (no views for the coherence reward).
     pub fn score_parts(
         &self,
         response: &str,
@@ -192,8 +231,21 @@ impl QoqMedicalReward {
         mask: Option<&MaskIndex>,
         gt_bbox: Option<[f64; 4]>,
     ) -> RewardScore {
+        self.score_parts_views(response, answer, mask, gt_bbox, 0)
+    }
+
+    /// [`QoqMedicalReward::score_parts`] with the number of frames of one volume the response's
+    /// boxes refer to, for the coherence reward ([`coherence_views`]; 0 or 1: none).
+    pub fn score_parts_views(
+        &self,
+        response: &str,
+        answer: &str,
+        mask: Option<&MaskIndex>,
+        gt_bbox: Option<[f64; 4]>,
+        views: usize,
+    ) -> RewardScore {
         let standard = standard_score(response, answer);
-        let (format, memo) = format_score_cached(response);
+        let (graded, memo) = format_score_cached(response);
         // characters (Python's len); a UTF-8 character has at most 4 bytes
         let n_chars = if response.len() > 4 * 600 {
             response.len()
@@ -206,9 +258,19 @@ impl QoqMedicalReward {
             n_chars as f64 * 0.001
         };
         let json = extract_json_cached(response, memo);
-        let pred = match &json {
-            Ok(Some(v)) if v.truthy() => collect_bboxes(v),
-            _ => Vec::new(),
+        let json = match &json {
+            Ok(Some(v)) if v.truthy() => Some(v),
+            _ => None,
+        };
+        let pred = json.map(collect_bboxes).unwrap_or_default();
+        let format = match self.cfg.format {
+            FormatReward::GradedJson => graded,
+            FormatReward::BoxPerLabel => box_per_label_score(response, json),
+        };
+        let coherence = if self.cfg.coherence_weight > 0.0 {
+            Some(coherence_score(json, views))
+        } else {
+            None
         };
         let w = &self.weights;
         let (iou, overall) = match self.cfg.compat {
@@ -233,9 +295,14 @@ impl QoqMedicalReward {
             }
             Compat::Fixed => {
                 let iou = fixed_iou(&pred, mask, gt_bbox, self.cfg.iou_reduce);
+                let coh = self.cfg.coherence_weight * coherence.unwrap_or(0.0);
                 (
                     iou,
-                    w.accuracy * standard + w.iou * iou + w.format * format + w.length * length,
+                    w.accuracy * standard
+                        + w.iou * iou
+                        + w.format * format
+                        + w.length * length
+                        + coh,
                 )
             }
         };
@@ -252,7 +319,9 @@ impl QoqMedicalReward {
             iou_score: finite01(iou),
             format_score: finite01(format),
             length_score: finite01(length),
-            extra: Default::default(),
+            extra: coherence
+                .map(|c| [("coherence_score".to_string(), finite01(c))].into())
+                .unwrap_or_default(),
         }
     }
 }

@@ -41,11 +41,12 @@ impl RewardFn for QoqMedicalReward {
     }
 
     fn score(&self, input: &RewardInput<'_>) -> RewardScore {
-        self.score_parts(
+        self.score_parts_views(
             input.response,
             &input.sample.answer,
             input.mask,
             input.sample.bbox,
+            crate::paper::coherence_views(input.sample),
         )
     }
 }

@@ -4,9 +4,28 @@
 use proptest::prelude::*;
 use qoq_core::SegMask;
 use qoq_reward::pyvalue::{json_loads, literal_eval};
-use qoq_reward::{Compat, IouReduce, MaskIndex, MedicalConfig, QoqMedicalReward, parse_conditions};
+use qoq_reward::{
+    Compat, FormatReward, IouReduce, MaskIndex, MedicalConfig, QoqMedicalReward, Weights,
+    WeightsConfig, parse_conditions,
+};
 
 fn rewards() -> Vec<QoqMedicalReward> {
+    // the paper's reward, and the paper's terms with a coherence weight
+    let paper = [
+        MedicalConfig::paper(),
+        MedicalConfig {
+            weights: WeightsConfig::Explicit(Weights {
+                accuracy: 0.5,
+                iou: 0.2,
+                format: 0.1,
+                length: 0.0,
+            }),
+            format: FormatReward::BoxPerLabel,
+            coherence_weight: 0.2,
+            ..MedicalConfig::paper()
+        },
+    ]
+    .map(|c| QoqMedicalReward::new(c).unwrap());
     [
         (Compat::Reference, IouReduce::Mean),
         (Compat::Fixed, IouReduce::Mean),
@@ -21,6 +40,7 @@ fn rewards() -> Vec<QoqMedicalReward> {
         })
         .unwrap()
     })
+    .chain(paper)
     .collect()
 }
 
@@ -42,14 +62,18 @@ fn check_total(text: &str) {
             (None, Some([1.0, 2.0, 20.5, 18.0])),
             (None, None),
         ] {
-            let s = r.score_parts(text, "Cardiomegaly, Edema", mk, gt);
+            // views 3: the coherence reward runs where it is weighted
+            let s = r.score_parts_views(text, "Cardiomegaly, Edema", mk, gt, 3);
             for v in [
                 s.overall,
                 s.standard_score,
                 s.iou_score,
                 s.format_score,
                 s.length_score,
-            ] {
+            ]
+            .into_iter()
+            .chain(s.extra.values().copied())
+            {
                 assert!(
                     v.is_finite() && (0.0..=1.0).contains(&v),
                     "{v} for {text:?}"

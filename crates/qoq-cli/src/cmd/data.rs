@@ -9,7 +9,9 @@ use std::process::ExitCode;
 #[derive(Debug, Subcommand)]
 pub enum DataCommand {
     /// Validate every row of a JSONL manifest (files exist and decode, labels present) and print
-    /// a per-domain / per-dataset summary. Exits 1 when any row is bad, listing them by line.
+    /// a per-domain / per-dataset summary with where the rows' domains came from (their
+    /// data_source/dataset keys or the <data_source>/<dataset>/<file> path layout; docs/manifest.md).
+    /// Exits 1 when any row is bad, listing them by line.
     Check(CheckArgs),
     /// Convert CLIMB's LLaVA-style annotation_{split}.jsonl to the training schema
     /// (problem / answer / images). Bad rows are skipped and listed by line; exit 1 if any.
@@ -47,6 +49,9 @@ pub struct CheckArgs {
     /// Do not draw a progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Also list every row's data_source/dataset and where they came from (keys, path, ...).
+    #[arg(long)]
+    pub rows: bool,
 }
 
 fn parse_window(s: &str) -> anyhow::Result<qoq_data::dicom::Windowing> {
@@ -127,6 +132,7 @@ fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
             Some(js) => serde_json::from_str(js).context("--ecg is not valid ECG load options")?,
             None => Default::default(),
         },
+        list_rows: a.rows,
     };
     let report = qoq_data::check::check_manifest_with(&a.manifest, cfg, &opts, |done, total| {
         bar.set_length(total as u64);

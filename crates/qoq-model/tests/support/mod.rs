@@ -17,7 +17,19 @@ pub fn tiny_dir() -> PathBuf {
 
 /// All tensors of `cases.safetensors`.
 pub fn cases() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(tiny_dir().join("cases.safetensors"), &Device::Cpu)
+    cases_in(&tiny_dir())
+}
+
+/// `tests/fixtures/<name>`.
+pub fn fixture_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// All tensors of `<dir>/cases.safetensors`.
+pub fn cases_in(dir: &std::path::Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(dir.join("cases.safetensors"), &Device::Cpu)
         .expect("fixture cases")
 }
 
