@@ -123,3 +123,126 @@ fn a_group_of_the_wrong_size_names_the_line() {
     assert!(!ok);
     assert!(err.contains("line 1") && err.contains("q1"), "{err}");
 }
+
+fn rl_fixture(name: &str) -> serde_json::Value {
+    let path = format!(
+        "{}/../qoq-rl/tests/fixtures/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+fn matrix(v: &serde_json::Value) -> Vec<Vec<f64>> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+/// The valid tokens of each row of a padded matrix.
+fn unpad(mask: &[Vec<f64>], x: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    mask.iter()
+        .zip(x)
+        .map(|(m, r)| {
+            r.iter()
+                .zip(m)
+                .filter(|(_, k)| **k > 0.0)
+                .map(|(v, _)| *v)
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn reinforce_pp_and_gae_take_token_rewards_and_values_and_match_numpy() {
+    let f = rl_fixture("advantage_token.json");
+    let mask = matrix(&f["mask"]);
+    let rewards = unpad(&mask, &matrix(&f["rewards"]));
+    let values = unpad(&mask, &matrix(&f["values"]));
+    let rollouts: Vec<serde_json::Value> = (0..rewards.len())
+        .map(|i| serde_json::json!({"uid": format!("u{i}"), "domain": "d", "reward": 0.0}))
+        .collect();
+    let line =
+        serde_json::json!({"rollouts": rollouts, "token_rewards": rewards, "values": values})
+            .to_string();
+    for (est, key, extra) in [
+        (
+            "reinforce_plus_plus",
+            "rpp",
+            vec!["--gamma".to_string(), f["rpp_gamma"].to_string()],
+        ),
+        (
+            // unpadded rollouts: the padded recursion on masked values
+            "gae",
+            "gae_masked",
+            vec![
+                "--gamma".to_string(),
+                f["gae_gamma"].to_string(),
+                "--lam".to_string(),
+                f["gae_lambda"].to_string(),
+            ],
+        ),
+    ] {
+        let mut args = vec!["--estimator", est];
+        args.extend(extra.iter().map(String::as_str));
+        let (ok, lines, err) = run(&args, &line);
+        assert!(ok, "{est}: {err}");
+        for out_key in ["advantages", "returns"] {
+            let got = matrix(&lines[0][out_key]);
+            let want = unpad(&mask, &matrix(&f[format!("{key}_{out_key}").as_str()]));
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(g.len(), w.len(), "{est} {out_key}: one value per token");
+                for (a, b) in g.iter().zip(w) {
+                    assert!((a - b).abs() < 1e-9, "{est} {out_key}: {a} vs {b}");
+                }
+            }
+        }
+    }
+    // GAE without values, and --lam with another estimator, are refused by name.
+    let no_values = serde_json::json!({"rollouts": rollouts, "token_rewards": rewards}).to_string();
+    let (ok, _, err) = run(&["--estimator", "gae"], &no_values);
+    assert!(!ok && err.contains("values"), "{err}");
+    let (ok, _, err) = run(&["--estimator", "grpo", "--lam", "0.9"], &line);
+    assert!(!ok && err.contains("--lam"), "{err}");
+}
+
+#[test]
+fn remax_subtracts_the_greedy_baselines_and_needs_them() {
+    let f = rl_fixture("advantage_remax.json");
+    let token_rewards = matrix(&f["token_rewards"]);
+    let rollouts: Vec<serde_json::Value> = f["uids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(&token_rewards)
+        .map(|(u, tr)| serde_json::json!({"uid": u, "domain": "d", "reward": tr.iter().sum::<f64>()}))
+        .collect();
+    let line = serde_json::json!({"rollouts": rollouts, "baselines": f["baselines"]}).to_string();
+    let (ok, lines, err) = run(&["--estimator", "remax"], &line);
+    assert!(ok, "{err}");
+    let want: Vec<f64> = f["advantages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    for (g, w) in advantages(&lines[0]).iter().zip(want) {
+        assert!((g.unwrap() - w).abs() < 1e-12);
+    }
+    let (ok, _, err) = run(
+        &["--estimator", "remax"],
+        &serde_json::json!({ "rollouts": rollouts }).to_string(),
+    );
+    assert!(
+        !ok && err.contains("baselines") && err.contains("line 1"),
+        "{err}"
+    );
+}

@@ -12,6 +12,19 @@ use support::{repo, tiny_model};
 /// A run file for 5 DRPO steps on 6 image questions in two datasets, validating every 2 steps
 /// and checkpointing after every step.
 fn run_file(dir: &Path, model: &Path, out: &Path) -> PathBuf {
+    let algorithm = "estimator = \"drpo\"\n\n[algorithm.drpo]\nengine = \"exact\"\nk_max = 3";
+    run_file_with(dir, model, out, algorithm, 5, 2)
+}
+
+/// [`run_file`] with another `[algorithm]` body, length and validation frequency.
+fn run_file_with(
+    dir: &Path,
+    model: &Path,
+    out: &Path,
+    algorithm: &str,
+    max_steps: u64,
+    val_freq: u64,
+) -> PathBuf {
     let manifest = dir.join("train.jsonl");
     if !manifest.exists() {
         let img = repo().join("examples/mini/derm/demo-derm/case_001.png");
@@ -49,11 +62,7 @@ n = 4
 top_p = 1.0
 
 [algorithm]
-estimator = "drpo"
-
-[algorithm.drpo]
-engine = "exact"
-k_max = 3
+{algorithm}
 
 [actor]
 global_batch_size = 2
@@ -64,8 +73,8 @@ micro_batch_size_per_device_for_experience = 4
 lr = 1e-3
 
 [trainer]
-max_steps = 5
-val_freq = 2
+max_steps = {max_steps}
+val_freq = {val_freq}
 val_before_train = false
 save_freq = 1
 save_limit = 2
@@ -214,4 +223,44 @@ fn sigkill_mid_step_then_resume_matches_the_uninterrupted_run() {
         vec!["checkpoint_step_4", "checkpoint_step_5"],
         "{names:?}"
     );
+}
+
+#[test]
+fn ppo_with_gae_resumes_after_sigkill_with_the_same_policy_and_critic() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let algorithm = "estimator = \"gae\"\nlam = 0.95\n\n[critic]\ncliprange_value = 0.2\n\n[critic.optim]\nlr = 1e-3";
+    let out_a = dir.path().join("a");
+    let cfg_a = run_file_with(dir.path(), &model, &out_a, algorithm, 3, 0);
+    let o = qoq()
+        .args(["train", "--no-plot", "--config"])
+        .arg(&cfg_a)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out_b = dir.path().join("b");
+    let cfg_b = run_file_with(dir.path(), &model, &out_b, algorithm, 3, 0);
+    let mut first = qoq();
+    first.args(["train", "--no-plot", "--config"]).arg(&cfg_b);
+    kill_when_logged(first, &out_b, 2, 0);
+    let o = qoq()
+        .args(["train", "--no-plot", "--resume"])
+        .arg(&out_b)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    for file in [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "critic.safetensors",
+        "critic_optimizer.safetensors",
+    ] {
+        let a = std::fs::read(out_a.join("checkpoint_step_3").join(file)).unwrap();
+        let b = std::fs::read(out_b.join("checkpoint_step_3").join(file)).unwrap();
+        assert!(a == b, "{file} differs after kill and resume");
+    }
+    let (la, lb) = (comparable_log(&out_a), comparable_log(&out_b));
+    assert_eq!(la, lb, "metrics differ after kill and resume");
+    assert!(la[0].1.iter().any(|(k, _)| k == "critic/vf_loss"));
 }

@@ -3,7 +3,8 @@
 //! [`ClinicalVlm`] (spec §5.3-5.5) = the vision tower ([`vision`]), the ECG-JEPA encoder and
 //! projector ([`ecg`]) and the Qwen2 decoder with M-RoPE ([`text`]), joined by one splice helper
 //! ([`splice`]). [`loading`] reads HF checkpoints in both key layouts; [`train`] and [`lora`] hold
-//! the training switches (trainable `Var`s, freezing, LoRA adapters, merged saving).
+//! the training switches (trainable `Var`s, freezing, LoRA adapters, merged saving); [`value`]
+//! the critic of PPO (the same body with a scalar head).
 
 /// Composed (differentiable) and fused numerical blocks, selected by [`ForwardMode`].
 pub mod ops;
@@ -25,9 +26,11 @@ pub mod model;
 pub mod splice;
 pub mod text;
 pub mod train;
+pub mod value;
 
 pub use batch::{RolloutTensors, batch_to_inputs, prompt_inputs, rollout_tensors};
 pub use error::{Error, Result};
 pub use inputs::ModelInputs;
 pub use model::ClinicalVlm;
 pub use text::KvCache;
+pub use value::ValueModel;

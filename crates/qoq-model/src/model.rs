@@ -25,7 +25,8 @@ pub struct ClinicalVlm {
     cfg: QwenVlConfig,
     visual: VisionTower,
     model: TextModel,
-    lm_head: Linear,
+    /// `None` for a backbone without the language-model head ([`ClinicalVlm::new_backbone`]).
+    lm_head: Option<Linear>,
     time_series_embedding: Option<TimeSeriesEmbedding>,
     dtype: DType,
     device: Device,
@@ -38,11 +39,26 @@ impl ClinicalVlm {
         Self::new_with_lora(cfg, vb, None)
     }
 
+    /// The model without `lm_head` (the body of [`crate::value::ValueModel`]): everything up to
+    /// the final norm; [`ClinicalVlm::logits_from_hidden`] and generation fail on it.
+    pub fn new_backbone(cfg: &QwenVlConfig, vb: VarBuilder) -> Result<Self> {
+        Self::build(cfg, vb, None, false)
+    }
+
     /// As [`ClinicalVlm::new`], with LoRA adapters on the decoder's projections.
     pub fn new_with_lora(
         cfg: &QwenVlConfig,
         vb: VarBuilder,
         lora: Option<&LoraBuilder>,
+    ) -> Result<Self> {
+        Self::build(cfg, vb, lora, true)
+    }
+
+    fn build(
+        cfg: &QwenVlConfig,
+        vb: VarBuilder,
+        lora: Option<&LoraBuilder>,
+        with_head: bool,
     ) -> Result<Self> {
         let t = &cfg.text;
         if cfg.vision.out_hidden_size != t.hidden_size {
@@ -53,10 +69,16 @@ impl ClinicalVlm {
         }
         let visual = VisionTower::new(&cfg.vision, vb.pp("visual"))?;
         let model = TextModel::new(t, vb.pp("model"), lora)?;
-        let lm_head = if t.tie_word_embeddings {
-            Linear::new(model.embed_weight().clone(), None)
+        let lm_head = if !with_head {
+            None
+        } else if t.tie_word_embeddings {
+            Some(Linear::new(model.embed_weight().clone(), None))
         } else {
-            candle_nn::linear_no_bias(t.hidden_size, t.vocab_size, vb.pp("lm_head"))?
+            Some(candle_nn::linear_no_bias(
+                t.hidden_size,
+                t.vocab_size,
+                vb.pp("lm_head"),
+            )?)
         };
         let time_series_embedding = if cfg.has_time_series() {
             Some(TimeSeriesEmbedding::new(
@@ -164,7 +186,10 @@ impl ClinicalVlm {
 
     /// `lm_head` on hidden states: `(..., hidden)` → `(..., vocab)`.
     pub fn logits_from_hidden(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(self.lm_head.forward(hidden)?)
+        let head = self.lm_head.as_ref().ok_or_else(|| {
+            Error::Config("this model was built without lm_head (a value-model backbone)".into())
+        })?;
+        Ok(head.forward(hidden)?)
     }
 
     /// Logits `(b, s, vocab)`.

@@ -37,6 +37,8 @@ pub enum Component {
     TimeSeriesEncoder,
     /// Everything else (`model.*`, `lm_head.*`).
     Llm,
+    /// The value model's scalar head (`score.*`, [`crate::value::ValueModel`]); always trained.
+    ValueHead,
 }
 
 impl Component {
@@ -46,6 +48,8 @@ impl Component {
             Component::VisionTower
         } else if name.starts_with("time_series_embedding.") {
             Component::TimeSeriesEncoder
+        } else if name.starts_with("score.") {
+            Component::ValueHead
         } else {
             Component::Llm
         }
@@ -63,6 +67,7 @@ impl Freeze {
             Component::VisionTower => !self.vision_tower,
             Component::TimeSeriesEncoder => !self.time_series_encoder,
             Component::Llm => !self.llm,
+            Component::ValueHead => true,
         }
     }
 }
@@ -272,6 +277,22 @@ pub fn write_random_checkpoint_seeded(
     let path = dir.join("config.json");
     let text = serde_json::to_string_pretty(cfg).map_err(|e| Error::Config(e.to_string()))?;
     std::fs::write(&path, text).map_err(|source| Error::Io { path, source })
+}
+
+/// A deterministic `N(0, std²)` tensor of `shape` for the parameter `name` (the stream of
+/// [`write_random_checkpoint_seeded`]: splitmix64 seeded by `seed` and the name, Box-Muller).
+pub fn seeded_normal(
+    name: &str,
+    shape: &[usize],
+    std: f64,
+    seed: u64,
+    dtype: DType,
+    dev: &Device,
+) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let mut state = seed ^ fnv1a(name.as_bytes());
+    let v: Vec<f32> = (0..n).map(|_| std as f32 * normal(&mut state)).collect();
+    Ok(Tensor::from_vec(v, shape, dev)?.to_dtype(dtype)?)
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {

@@ -285,3 +285,83 @@ fn merged_save_reproduces_the_adapted_model_under_checkpoint_keys() {
     let d = max_abs(&got, &adapted);
     assert!(d < 1e-4, "merged model differs from the adapted one by {d}");
 }
+
+/// The value model from the tiny policy: weights without `lm_head`, a fresh `score` head, and a
+/// scalar depending on every value.
+fn value_model(freeze: Freeze) -> (qoq_model::ValueModel, ParamStore, Vec<String>) {
+    let cfg = read_config(&tiny_dir()).unwrap();
+    let policy =
+        candle_core::safetensors::load(tiny_dir().join("model.safetensors"), &Device::Cpu).unwrap();
+    let weights = qoq_model::value::value_weights_from_policy(policy, &cfg, 0).unwrap();
+    let names: Vec<String> = weights.keys().cloned().collect();
+    let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+    let (vb, store) = trainable_var_builder(vb, freeze);
+    (qoq_model::ValueModel::new(&cfg, vb).unwrap(), store, names)
+}
+
+#[test]
+fn value_model_every_trainable_parameter_receives_a_finite_nonzero_gradient() {
+    let (model, store, names) = value_model(Freeze::default());
+    assert!(names.iter().all(|n| !n.starts_with("lm_head.")));
+    let (inputs, _) = case_inputs(&cases(), "ecg_image_text");
+    let v = model.forward(&inputs, ForwardMode::Train).unwrap();
+    let (b, s) = v.dims2().unwrap();
+    assert_eq!(
+        (b, s),
+        inputs.input_ids.dims2().unwrap(),
+        "one value per position"
+    );
+    let w: Vec<f32> = (0..b * s).map(|i| ((i as f32) * 0.7548776).sin()).collect();
+    let w = Tensor::from_vec(w, (b, s), &Device::Cpu).unwrap();
+    let grads = (v * w).unwrap().sum_all().unwrap().backward().unwrap();
+    let trainable = store.trainable().unwrap();
+    // Every parameter of the value model (its keys) but ECG-JEPA's fixed table trains.
+    assert_eq!(trainable.len(), names.len() - 1);
+    let mut head = 0;
+    for (name, var) in &trainable {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let n = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(n.is_finite() && n > 0.0, "{name}: gradient norm² {n}");
+        head += usize::from(Component::of(name) == Component::ValueHead);
+    }
+    assert_eq!(head, 2, "score.weight and score.bias train");
+    // The fresh head is deterministic and small; the body is the policy's.
+    let (again, _, _) = value_model(Freeze::default());
+    let v1 = model.forward(&inputs, ForwardMode::Inference).unwrap();
+    let v2 = again.forward(&inputs, ForwardMode::Inference).unwrap();
+    assert_eq!(v1.to_vec2::<f32>().unwrap(), v2.to_vec2::<f32>().unwrap());
+    // Built over the policy's checkpoint directly, it is the same model.
+    let cfg = read_config(&tiny_dir()).unwrap();
+    let (vb, _) = checkpoint_var_builder(&tiny_dir(), DType::F32, &Device::Cpu).unwrap();
+    let direct =
+        qoq_model::ValueModel::new(&cfg, qoq_model::value::value_var_builder(vb, 0)).unwrap();
+    let v3 = direct.forward(&inputs, ForwardMode::Inference).unwrap();
+    assert_eq!(v1.to_vec2::<f32>().unwrap(), v3.to_vec2::<f32>().unwrap());
+}
+
+#[test]
+fn value_model_head_trains_even_when_the_llm_is_frozen_and_it_has_no_logits() {
+    let freeze = Freeze {
+        vision_tower: true,
+        time_series_encoder: true,
+        llm: true,
+    };
+    let (model, store, _) = value_model(freeze);
+    let trainable: Vec<String> = store
+        .trainable()
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(trainable, vec!["score.bias", "score.weight"]);
+    let h = Tensor::zeros((1, 2, 64), DType::F32, &Device::Cpu).unwrap();
+    assert!(model.body().logits_from_hidden(&h).is_err());
+}

@@ -13,6 +13,7 @@
 //! | `trainer_state.json` | [`TrainerState`]: step, episode, last metrics |
 //! | `config.toml` | the resolved run configuration |
 //! | `qoq_processor.json` | the run's processor settings ([`crate::config::RunConfig::processor_options`] of `config.toml`), the file `qoq infer` / `qoq serve` / `qoq eval` read beside a model's `config.json` ([`qoq_processor::settings`]) |
+//! | `critic.safetensors`, `critic_optimizer.safetensors` | PPO's value model and its AdamW (GAE runs only) |
 //! | `manifest.json` | every file above with its size and sha256, written last |
 //!
 //! It is written into `checkpoint_step_{N}.tmp-{pid}` and renamed into place, so a run killed
@@ -50,6 +51,10 @@ pub mod files {
     pub const CONFIG: &str = "config.toml";
     /// The run's processor settings (`qoq_processor::SETTINGS_FILE`).
     pub const PROCESSOR: &str = "qoq_processor.json";
+    /// The value model's weights (PPO with GAE).
+    pub const CRITIC: &str = "critic.safetensors";
+    /// The value model's optimiser state.
+    pub const CRITIC_OPTIMIZER: &str = "critic_optimizer.safetensors";
     /// Sizes and hashes, written last.
     pub const MANIFEST: &str = "manifest.json";
 }
@@ -171,6 +176,17 @@ pub struct CheckpointData<'a, E: Serialize> {
     pub trainer_state: &'a TrainerState,
     /// The resolved configuration as TOML text.
     pub config_toml: &'a str,
+    /// PPO's value model (weights, optimiser), when the run has one.
+    pub critic: Option<CriticData<'a>>,
+}
+
+/// The value model part of a checkpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct CriticData<'a> {
+    /// Weights by checkpoint name.
+    pub weights: &'a HashMap<String, Tensor>,
+    /// Its optimiser.
+    pub optimizer: &'a AdamW,
 }
 
 /// `root/checkpoint_step_{step}`.
@@ -277,6 +293,25 @@ pub fn save<E: Serialize>(root: &Path, data: &CheckpointData<'_, E>) -> Result<P
         })?;
         sync_file(&p)?;
         names.push(files::OPTIMIZER);
+    }
+    if let Some(c) = data.critic {
+        let p = tmp.join(files::CRITIC);
+        candle_core::safetensors::save(c.weights, &p).map_err(|source| {
+            CheckpointError::Tensor {
+                path: p.clone(),
+                source,
+            }
+        })?;
+        sync_file(&p)?;
+        let q = tmp.join(files::CRITIC_OPTIMIZER);
+        c.optimizer
+            .save(&q)
+            .map_err(|source| CheckpointError::Tensor {
+                path: q.clone(),
+                source,
+            })?;
+        sync_file(&q)?;
+        names.extend([files::CRITIC, files::CRITIC_OPTIMIZER]);
     }
     write_json(&tmp.join(files::ESTIMATOR), data.estimator)?;
     write_json(&tmp.join(files::RNG), data.rng)?;
@@ -491,6 +526,25 @@ impl Checkpoint {
     /// Restores the optimiser's moments and step counters into `opt`.
     pub fn load_optimizer(&self, opt: &mut AdamW) -> Result<()> {
         let p = self.path(files::OPTIMIZER)?;
+        opt.load(&p)
+            .map_err(|source| CheckpointError::Tensor { path: p, source })
+    }
+
+    /// Whether the checkpoint holds a value model.
+    pub fn has_critic(&self) -> bool {
+        self.manifest.files.iter().any(|e| e.name == files::CRITIC)
+    }
+
+    /// The value model's weights on `device`.
+    pub fn critic(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
+        let p = self.path(files::CRITIC)?;
+        candle_core::safetensors::load(&p, device)
+            .map_err(|source| CheckpointError::Tensor { path: p, source })
+    }
+
+    /// Restores the value model's optimiser into `opt`.
+    pub fn load_critic_optimizer(&self, opt: &mut AdamW) -> Result<()> {
+        let p = self.path(files::CRITIC_OPTIMIZER)?;
         opt.load(&p)
             .map_err(|source| CheckpointError::Tensor { path: p, source })
     }

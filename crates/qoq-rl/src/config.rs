@@ -259,6 +259,30 @@ pub enum EstimatorKind {
     DrGrpo,
     /// Leave-one-out baseline.
     Rloo,
+    /// REINFORCE++ (spec §9.3): token-level discounted returns (`algorithm.gamma`), whitened
+    /// over the batch.
+    ReinforcePlusPlus,
+    /// ReMax (spec §9.4): the reward minus the reward of a greedy rollout of the same prompt,
+    /// which the trainer generates (temperature 0, one more sequence per prompt) and scores.
+    Remax,
+    /// PPO with a value model (spec §9.5): GAE (`algorithm.gamma`, `algorithm.lam`) on the
+    /// values of a critic trained beside the policy (`[critic]`).
+    Gae,
+}
+
+impl EstimatorKind {
+    /// The name in the run file.
+    pub fn name(self) -> &'static str {
+        match self {
+            EstimatorKind::Grpo => "grpo",
+            EstimatorKind::Drpo => "drpo",
+            EstimatorKind::DrGrpo => "dr_grpo",
+            EstimatorKind::Rloo => "rloo",
+            EstimatorKind::ReinforcePlusPlus => "reinforce_plus_plus",
+            EstimatorKind::Remax => "remax",
+            EstimatorKind::Gae => "gae",
+        }
+    }
 }
 
 /// `[algorithm]`: estimator, DRPO switches, KL (reference `algorithm.*`).
@@ -280,6 +304,12 @@ pub struct AlgorithmConfig {
     pub dynamic_filter: bool,
     /// Groups with a reward std (population) at or below this are filtered. Default 1e-6.
     pub filter_min_std: f64,
+    /// Discount γ of REINFORCE++ and GAE (reference `algorithm.gamma`). Default 1.0; another
+    /// value with another estimator is refused.
+    pub gamma: f64,
+    /// GAE's λ (reference `algorithm.lam`). Default 1.0; another value with another estimator
+    /// is refused.
+    pub lam: f64,
 }
 
 impl Default for AlgorithmConfig {
@@ -291,6 +321,8 @@ impl Default for AlgorithmConfig {
             kl: KlConfig::default(),
             dynamic_filter: false,
             filter_min_std: 1e-6,
+            gamma: 1.0,
+            lam: 1.0,
         }
     }
 }
@@ -303,6 +335,12 @@ impl AlgorithmConfig {
             EstimatorKind::DrGrpo => Estimator::DrGrpo,
             EstimatorKind::Rloo => Estimator::Rloo,
             EstimatorKind::Drpo => Estimator::Drpo(Box::new(Drpo::new(self.drpo.clone()))),
+            EstimatorKind::ReinforcePlusPlus => Estimator::ReinforcePlusPlus { gamma: self.gamma },
+            EstimatorKind::Remax => Estimator::Remax,
+            EstimatorKind::Gae => Estimator::Gae {
+                gamma: self.gamma,
+                lam: self.lam,
+            },
         }
     }
 
@@ -363,6 +401,30 @@ impl Default for ActorConfig {
             strategy: OptimizerStrategy::Adamw,
             optim: AdamWConfig::default(),
             policy_loss: PolicyLossConfig::default(),
+        }
+    }
+}
+
+/// `[critic]`: the value model of PPO, used with `algorithm.estimator = "gae"` only (reference
+/// `worker.critic`; spec §9.5). The critic is the policy's architecture with the language-model
+/// head replaced by a scalar head (`score`), initialised from `model.model_path` with a fresh
+/// head; it shares `[model]`'s freezing switches and `[actor]`'s micro-batch sizes, and trains
+/// one epoch per step on the returns of GAE.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CriticConfig {
+    /// The critic's own AdamW (reference `critic.optim`: lr 1e-6, grad clip 1.0, ...).
+    pub optim: AdamWConfig,
+    /// Value clipping: the clipped prediction stays within `old value ± cliprange_value`
+    /// (`compute_value_loss`). Default 0.5.
+    pub cliprange_value: f64,
+}
+
+impl Default for CriticConfig {
+    fn default() -> Self {
+        Self {
+            optim: AdamWConfig::default(),
+            cliprange_value: 0.5,
         }
     }
 }
@@ -460,6 +522,8 @@ pub struct RunConfig {
     pub algorithm: AlgorithmConfig,
     /// `[actor]`.
     pub actor: ActorConfig,
+    /// `[critic]` (`estimator = "gae"` only).
+    pub critic: CriticConfig,
     /// `[trainer]`.
     pub trainer: TrainerConfig,
 }
@@ -698,6 +762,7 @@ impl RunConfig {
                 format!("{} is not a finite value ≥ 0", self.actor.optim.lr),
             ));
         }
+        self.validate_estimator()?;
         if self.trainer.save_limit < -1 || self.trainer.save_limit == 0 {
             return Err(invalid(
                 "trainer.save_limit",
@@ -741,6 +806,67 @@ impl RunConfig {
         }
         if let Err(e) = self.reward.build() {
             return Err(invalid("reward", e.to_string()));
+        }
+        Ok(())
+    }
+}
+
+impl RunConfig {
+    /// The estimator-specific keys: γ and λ in [0, 1] and used by their estimators only, the
+    /// `[critic]` section with GAE only.
+    fn validate_estimator(&self) -> Result<()> {
+        let a = &self.algorithm;
+        let kind = a.estimator;
+        for (field, v) in [("algorithm.gamma", a.gamma), ("algorithm.lam", a.lam)] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(invalid(field, format!("{v} is not in [0, 1]")));
+            }
+        }
+        let uses_gamma = matches!(kind, EstimatorKind::ReinforcePlusPlus | EstimatorKind::Gae);
+        if a.gamma != 1.0 && !uses_gamma {
+            return Err(invalid(
+                "algorithm.gamma",
+                format!(
+                    "{} is used by estimator = \"reinforce_plus_plus\" or \"gae\" only, not \"{}\"",
+                    a.gamma,
+                    kind.name()
+                ),
+            ));
+        }
+        if a.lam != 1.0 && kind != EstimatorKind::Gae {
+            return Err(invalid(
+                "algorithm.lam",
+                format!(
+                    "{} is used by estimator = \"gae\" only, not \"{}\"",
+                    a.lam,
+                    kind.name()
+                ),
+            ));
+        }
+        if kind != EstimatorKind::Gae {
+            if self.critic != CriticConfig::default() {
+                return Err(invalid(
+                    "critic",
+                    format!(
+                        "the value model is used by estimator = \"gae\" only, not \"{}\"",
+                        kind.name()
+                    ),
+                ));
+            }
+            return Ok(());
+        }
+        let c = &self.critic;
+        if !(c.cliprange_value > 0.0 && c.cliprange_value.is_finite()) {
+            return Err(invalid(
+                "critic.cliprange_value",
+                format!("{} is not a finite value > 0", c.cliprange_value),
+            ));
+        }
+        if !(c.optim.lr >= 0.0 && c.optim.lr.is_finite()) {
+            return Err(invalid(
+                "critic.optim.lr",
+                format!("{} is not a finite value ≥ 0", c.optim.lr),
+            ));
         }
         Ok(())
     }

@@ -3,6 +3,7 @@
 pub mod advantage;
 pub mod checkpoint;
 pub mod config;
+pub mod critic;
 pub mod error;
 pub mod kmeans;
 pub mod loss;

@@ -174,3 +174,107 @@ fn reinforce_pp_and_gae_match_the_verl_formulas() {
     assert_matrix(&adv, &f["gae_advantages"], "gae advantages");
     assert_matrix(&ret, &f["gae_returns"], "gae returns");
 }
+
+/// The valid tokens of each row of a padded fixture matrix.
+fn rows_by_mask(m: &[Vec<f64>], x: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    m.iter()
+        .zip(x)
+        .map(|(mr, xr)| {
+            xr.iter()
+                .zip(mr)
+                .filter(|(_, k)| **k > 0.0)
+                .map(|(v, _)| *v)
+                .collect()
+        })
+        .collect()
+}
+
+fn token_rows(n: usize) -> Vec<RolloutReward> {
+    (0..n)
+        .map(|i| RolloutReward {
+            uid: format!("u{i}"),
+            domain: "d".into(),
+            reward: 0.0,
+            kl: None,
+        })
+        .collect()
+}
+
+#[test]
+fn reinforce_pp_and_gae_estimators_match_numpy_on_unpadded_rollouts() {
+    use qoq_rl::advantage::StepInputs;
+    let f = fixture("advantage_token.json");
+    let m = matrix(&f["mask"]);
+    let extra = StepInputs {
+        token_rewards: Some(rows_by_mask(&m, &matrix(&f["rewards"]))),
+        values: Some(rows_by_mask(&m, &matrix(&f["values"]))),
+        ..StepInputs::default()
+    };
+    let rows = token_rows(m.len());
+    // GAE on unpadded rollouts equals the padded recursion on masked values (the critic's values
+    // times the mask, as the trainer and verl's `compute_values` pass them).
+    for (mut est, key) in [
+        (
+            Estimator::ReinforcePlusPlus {
+                gamma: f["rpp_gamma"].as_f64().unwrap(),
+            },
+            "rpp",
+        ),
+        (
+            Estimator::Gae {
+                gamma: f["gae_gamma"].as_f64().unwrap(),
+                lam: f["gae_lambda"].as_f64().unwrap(),
+            },
+            "gae_masked",
+        ),
+    ] {
+        let out = est.step_with(&rows, &extra).unwrap();
+        let t = out.tokens.expect("token-level output");
+        for (got, want) in [
+            (&t.advantages, format!("{key}_advantages")),
+            (&t.returns, format!("{key}_returns")),
+        ] {
+            let want = rows_by_mask(&m, &matrix(&f[&want]));
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.len(), w.len(), "{key} row {i}: length");
+                for (a, b) in g.iter().zip(w) {
+                    assert!((a - b).abs() < 1e-9, "{key} row {i}: {a} vs {b}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn remax_matches_numpy_with_per_token_rewards_and_greedy_baselines() {
+    use qoq_rl::advantage::StepInputs;
+    let f = fixture("advantage_remax.json");
+    let token_rewards = matrix(&f["token_rewards"]);
+    let rows: Vec<RolloutReward> = f["uids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(&token_rewards)
+        .map(|(u, tr)| RolloutReward {
+            uid: u.as_str().unwrap().into(),
+            domain: "d".into(),
+            reward: tr.iter().sum(),
+            kl: None,
+        })
+        .collect();
+    let extra = StepInputs {
+        baselines: Some(f64s(&f["baselines"])),
+        ..StepInputs::default()
+    };
+    let out = Estimator::Remax.step_with(&rows, &extra).unwrap();
+    assert!(out.tokens.is_none());
+    for (i, (g, w)) in out
+        .step
+        .advantages
+        .iter()
+        .zip(f64s(&f["advantages"]))
+        .enumerate()
+    {
+        assert!((g - w).abs() < 1e-12, "row {i}: {g} vs {w}");
+    }
+}

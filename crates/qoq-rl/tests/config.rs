@@ -212,3 +212,64 @@ fn step_counts_and_schedules_follow_the_reference_loop() {
     c.trainer.save_limit = -1;
     assert_eq!(c.trainer.keep_last(), None);
 }
+
+#[test]
+fn baseline_estimators_parse_and_their_keys_are_refused_elsewhere() {
+    let base = "[data]\ntrain_files = \"t.jsonl\"\nval_files = \"v.jsonl\"\n";
+    for (name, kind) in [
+        ("reinforce_plus_plus", EstimatorKind::ReinforcePlusPlus),
+        ("remax", EstimatorKind::Remax),
+        ("gae", EstimatorKind::Gae),
+    ] {
+        let c = RunConfig::from_toml_str_with_overrides(
+            base,
+            "test",
+            &[format!("algorithm.estimator={name}")],
+        )
+        .unwrap();
+        assert_eq!(c.algorithm.estimator, kind);
+        assert_eq!(kind.name(), name);
+    }
+    let c = RunConfig::from_toml_str_with_overrides(
+        base,
+        "test",
+        &[
+            "algorithm.estimator=gae".into(),
+            "algorithm.gamma=0.99".into(),
+            "algorithm.lam=0.95".into(),
+            "critic.optim.lr=1e-5".into(),
+            "critic.cliprange_value=0.2".into(),
+        ],
+    )
+    .unwrap();
+    match c.algorithm.build_estimator() {
+        Estimator::Gae { gamma, lam } => assert_eq!((gamma, lam), (0.99, 0.95)),
+        e => panic!("{e:?}"),
+    }
+    for (overrides, field) in [
+        (vec!["algorithm.gamma=0.9"], "algorithm.gamma"),
+        (
+            vec![
+                "algorithm.estimator=reinforce_plus_plus",
+                "algorithm.lam=0.9",
+            ],
+            "algorithm.lam",
+        ),
+        (vec!["critic.optim.lr=1e-5"], "critic"),
+        (
+            vec!["algorithm.estimator=gae", "critic.cliprange_value=0"],
+            "critic.cliprange_value",
+        ),
+        (
+            vec!["algorithm.estimator=gae", "algorithm.gamma=1.5"],
+            "algorithm.gamma",
+        ),
+    ] {
+        let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        let e = RunConfig::from_toml_str_with_overrides(base, "test", &o).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Invalid { field: f, .. } if f == field),
+            "{overrides:?}: {e}"
+        );
+    }
+}

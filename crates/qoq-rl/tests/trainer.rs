@@ -608,3 +608,122 @@ fn resume_refuses_changed_data_unless_allowed_and_records_it() {
     assert!(events.contains("resume_with_changed_data"), "{events}");
     drop(r);
 }
+
+#[test]
+fn every_estimator_trains_a_few_steps() {
+    use qoq_rl::config::EstimatorKind;
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = text_manifest(dir.path(), 4);
+    for kind in [
+        EstimatorKind::Grpo,
+        EstimatorKind::Drpo,
+        EstimatorKind::DrGrpo,
+        EstimatorKind::Rloo,
+        EstimatorKind::ReinforcePlusPlus,
+        EstimatorKind::Remax,
+        EstimatorKind::Gae,
+    ] {
+        let name = kind.name();
+        let out = dir.path().join(name);
+        let mut cfg = config(&model, &manifest, &out, 2, 2, 4, 1e-2, 2, 100, false);
+        cfg.algorithm.estimator = kind;
+        if kind == EstimatorKind::Gae {
+            cfg.algorithm.lam = 0.95;
+            cfg.critic.optim.lr = 1e-2;
+        }
+        let mut t = Trainer::with_reward(cfg, Box::new(Vowels)).unwrap();
+        let before = weights(&t);
+        for _ in 0..2 {
+            let o = t.step().unwrap();
+            for key in ["actor/pg_loss", "actor/grad_norm", "critic/advantages/mean"] {
+                let v = o.metrics.get(key).copied().unwrap_or(f64::NAN);
+                assert!(v.is_finite(), "{name}: {key} = {v}");
+            }
+            match kind {
+                EstimatorKind::Remax => {
+                    assert!(o.metrics["critic/reward_baseline/mean"].is_finite());
+                }
+                EstimatorKind::Gae => {
+                    for key in ["critic/vf_loss", "critic/vpred_mean", "critic/grad_norm"] {
+                        let v = o.metrics.get(key).copied().unwrap_or(f64::NAN);
+                        assert!(v.is_finite(), "{name}: {key} = {v}");
+                    }
+                    assert!(o.metrics["critic/grad_norm"] > 0.0);
+                }
+                _ => assert!(!o.metrics.contains_key("critic/vf_loss"), "{name}"),
+            }
+        }
+        assert_eq!(t.optimizer().skipped(), 0, "{name}");
+        assert_ne!(weights(&t), before, "{name}: the policy did not move");
+    }
+}
+
+#[test]
+fn ppo_epochs_repeat_the_mini_batches_from_the_policys_own_old_log_probs() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = text_manifest(dir.path(), 4);
+    let run = |epochs: usize, lr: f64| {
+        let out = dir.path().join(format!("e{epochs}-{lr}"));
+        let mut cfg = config(&model, &manifest, &out, 2, 2, 4, lr, 1, 100, false);
+        cfg.actor.ppo_epochs = epochs;
+        let mut t = Trainer::with_reward(cfg, Box::new(Vowels)).unwrap();
+        let o = t.step().unwrap();
+        (t.optimizer().steps() + t.optimizer().skipped(), o.metrics)
+    };
+    let (steps1, _) = run(1, 1e-3);
+    let (steps3, m3) = run(3, 1e-3);
+    assert_eq!(
+        steps3,
+        3 * steps1,
+        "one optimiser step per mini-batch per epoch"
+    );
+    assert!(m3["actor/ppo_kl"].is_finite());
+    // With the policy's own log-probs as the old ones and nothing moving (lr 0), every ratio
+    // is exactly 1.
+    let (_, m0) = run(2, 0.0);
+    assert_eq!(m0["actor/ppo_kl"], 0.0);
+    assert_eq!(m0["actor/pg_clipfrac_higher"], 0.0);
+}
+
+#[test]
+fn ppo_with_gae_resumes_with_bit_identical_policy_critic_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = text_manifest(dir.path(), 4);
+    let cfg_for = |out: &Path| {
+        let mut cfg = config(&model, &manifest, out, 2, 2, 4, 1e-2, 3, 1, false);
+        cfg.algorithm.estimator = qoq_rl::config::EstimatorKind::Gae;
+        cfg.algorithm.lam = 0.95;
+        cfg.critic.optim.lr = 1e-2;
+        cfg.critic.cliprange_value = 0.2;
+        cfg.actor.ppo_epochs = 2;
+        cfg
+    };
+    let out_a = dir.path().join("a");
+    let mut a = Trainer::with_reward(cfg_for(&out_a), Box::new(Vowels)).unwrap();
+    a.run().unwrap();
+    let out_b = dir.path().join("b");
+    let mut b = Trainer::with_reward(cfg_for(&out_b), Box::new(Vowels)).unwrap();
+    b.train_step().unwrap();
+    let ck = out_b.join("checkpoint_step_1");
+    assert!(ck.join("critic.safetensors").is_file());
+    assert!(ck.join("critic_optimizer.safetensors").is_file());
+    b.step().unwrap(); // lost with the process
+    drop(b);
+    let mut b = Trainer::resume_with_reward(&ck, Box::new(Vowels)).unwrap();
+    b.run().unwrap();
+    assert_eq!(
+        weights(&a),
+        weights(&b),
+        "policy weights differ after resuming"
+    );
+    for file in ["critic.safetensors", "critic_optimizer.safetensors"] {
+        let x = std::fs::read(out_a.join("checkpoint_step_3").join(file)).unwrap();
+        let y = std::fs::read(out_b.join("checkpoint_step_3").join(file)).unwrap();
+        assert!(x == y, "{file} differs after resuming");
+    }
+    assert_eq!(comparable(&a), comparable(&b));
+    assert!(comparable(&a)[0].1.contains_key("critic/vf_clipfrac"));
+}

@@ -2,12 +2,19 @@
 //! carried from line to line as in training.
 //!
 //! Input: JSONL, one training step per line, `{"rollouts": [{"uid", "domain", "reward"}, ...]}`
-//! in batch order (rollouts sharing a uid form a group). Output: one line per step,
-//! `{"advantages": [...]}` in the same order (NaN written as `null`).
+//! in batch order (rollouts sharing a uid form a group), plus what some estimators need, one
+//! entry per rollout in the same order: `"baselines": [...]` (ReMax: the greedy rollout's
+//! reward), `"token_rewards": [[...], ...]` (REINFORCE++ and GAE: each response token's reward)
+//! and `"values": [[...], ...]` (GAE: the critic's value per response token). Output: one line
+//! per step, `{"advantages": [...]}` in the same order (NaN written as `null`); token-level
+//! estimators write `{"advantages": [[...], ...], "returns": [[...], ...]}`, one vector per
+//! rollout of its response length.
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
-use qoq_rl::advantage::{Drpo, DrpoConfig, Estimator, RolloutReward, StepAdvantages};
+use qoq_rl::advantage::{
+    Drpo, DrpoConfig, Estimator, RolloutReward, StepAdvantages, StepInputs, StepOutput,
+};
 use serde::Deserialize;
 use std::io::{BufRead, BufWriter, Write};
 use std::path::PathBuf;
@@ -24,6 +31,12 @@ pub enum EstimatorName {
     Rloo,
     /// Dr.GRPO: GRPO without the std division.
     DrGrpo,
+    /// REINFORCE++ (§9.3): needs `token_rewards`; `--gamma`.
+    ReinforcePlusPlus,
+    /// ReMax (§9.4): needs `baselines`.
+    Remax,
+    /// GAE (§9.5): needs `token_rewards` and `values`; `--gamma`, `--lam`.
+    Gae,
 }
 
 /// Compatibility level.
@@ -42,6 +55,12 @@ pub struct AdvantageArgs {
     /// Reproduce the reference implementation exactly (default: robust, bounded-cost DRPO).
     #[arg(long, value_enum)]
     pub compat: Option<Compat>,
+    /// Discount γ of REINFORCE++ and GAE (default 1.0, the reference's).
+    #[arg(long)]
+    pub gamma: Option<f64>,
+    /// λ of GAE (default 1.0, the reference's).
+    #[arg(long)]
+    pub lam: Option<f64>,
     /// Rollouts per group; a step with another group size is an error.
     #[arg(long)]
     pub n: Option<usize>,
@@ -57,11 +76,35 @@ pub struct AdvantageArgs {
 #[serde(deny_unknown_fields)]
 struct StepLine {
     rollouts: Vec<RolloutReward>,
+    #[serde(default)]
+    baselines: Option<Vec<f64>>,
+    #[serde(default)]
+    token_rewards: Option<Vec<Vec<f64>>>,
+    #[serde(default)]
+    values: Option<Vec<Vec<f64>>>,
 }
 
-fn build(args: &AdvantageArgs) -> Estimator {
+fn build(args: &AdvantageArgs) -> anyhow::Result<Estimator> {
     let reference = args.compat == Some(Compat::Reference);
-    match args.estimator {
+    let uses_gamma = matches!(
+        args.estimator,
+        EstimatorName::ReinforcePlusPlus | EstimatorName::Gae
+    );
+    if args.gamma.is_some() && !uses_gamma {
+        bail!("--gamma is used by --estimator reinforce_plus_plus or gae only");
+    }
+    if args.lam.is_some() && args.estimator != EstimatorName::Gae {
+        bail!("--lam is used by --estimator gae only");
+    }
+    for (flag, v) in [("--gamma", args.gamma), ("--lam", args.lam)] {
+        if let Some(v) = v
+            && !(0.0..=1.0).contains(&v)
+        {
+            bail!("{flag} {v} is not in [0, 1]");
+        }
+    }
+    let gamma = args.gamma.unwrap_or(1.0);
+    Ok(match args.estimator {
         EstimatorName::Grpo => Estimator::grpo(),
         EstimatorName::Rloo => Estimator::Rloo,
         EstimatorName::DrGrpo => Estimator::DrGrpo,
@@ -76,7 +119,13 @@ fn build(args: &AdvantageArgs) -> Estimator {
             };
             Estimator::Drpo(Box::new(Drpo::new(cfg)))
         }
-    }
+        EstimatorName::ReinforcePlusPlus => Estimator::ReinforcePlusPlus { gamma },
+        EstimatorName::Remax => Estimator::Remax,
+        EstimatorName::Gae => Estimator::Gae {
+            gamma,
+            lam: args.lam.unwrap_or(1.0),
+        },
+    })
 }
 
 fn check_groups(args: &AdvantageArgs, line: usize, rows: &[RolloutReward]) -> anyhow::Result<()> {
@@ -91,7 +140,10 @@ fn check_groups(args: &AdvantageArgs, line: usize, rows: &[RolloutReward]) -> an
             );
         }
         if args.compat == Some(Compat::Reference)
-            && args.estimator != EstimatorName::Drpo
+            && matches!(
+                args.estimator,
+                EstimatorName::Grpo | EstimatorName::Rloo | EstimatorName::DrGrpo
+            )
             && m.len() < 2
         {
             bail!("line {line}: group {uid:?} has one rollout (the reference asserts |G| > 1)");
@@ -103,7 +155,7 @@ fn check_groups(args: &AdvantageArgs, line: usize, rows: &[RolloutReward]) -> an
 pub fn run(args: AdvantageArgs) -> anyhow::Result<std::process::ExitCode> {
     let file = std::fs::File::open(&args.input)
         .with_context(|| format!("opening {}", args.input.display()))?;
-    let mut est = build(&args);
+    let mut est = build(&args)?;
     let stdout = std::io::stdout();
     let mut out = BufWriter::new(stdout.lock());
     for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
@@ -116,13 +168,25 @@ pub fn run(args: AdvantageArgs) -> anyhow::Result<std::process::ExitCode> {
         let step: StepLine = serde_json::from_str(&line)
             .with_context(|| format!("{}: line {lineno}", args.input.display()))?;
         check_groups(&args, lineno, &step.rollouts)?;
-        let StepAdvantages {
-            advantages,
-            metrics,
+        let extra = StepInputs {
+            baselines: step.baselines,
+            token_rewards: step.token_rewards,
+            values: step.values,
+        };
+        let StepOutput {
+            step:
+                StepAdvantages {
+                    advantages,
+                    metrics,
+                },
+            tokens,
         } = est
-            .step(&step.rollouts)
+            .step_with(&step.rollouts, &extra)
             .with_context(|| format!("{}: line {lineno}", args.input.display()))?;
-        let mut obj = serde_json::json!({ "advantages": advantages });
+        let mut obj = match tokens {
+            Some(t) => serde_json::json!({ "advantages": t.advantages, "returns": t.returns }),
+            None => serde_json::json!({ "advantages": advantages }),
+        };
         if args.metrics {
             obj["metrics"] = serde_json::to_value(&metrics)?;
         }

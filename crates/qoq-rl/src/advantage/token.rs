@@ -28,6 +28,29 @@ fn check_shape(what: &'static str, a: &[Vec<f64>], like: &[Vec<f64>]) -> Result<
     Ok(())
 }
 
+/// Right-pads rows of different lengths with zeros to `(B, L)`, `L` the longest row, and
+/// returns the padded matrix with its 0/1 mask.
+pub fn pad(rows: &[Vec<f64>]) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
+    let l = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let padded = rows
+        .iter()
+        .map(|r| {
+            let mut v = r.clone();
+            v.resize(l, 0.0);
+            v
+        })
+        .collect();
+    let mask = rows
+        .iter()
+        .map(|r| {
+            (0..l)
+                .map(|t| if t < r.len() { 1.0 } else { 0.0 })
+                .collect()
+        })
+        .collect();
+    (padded, mask)
+}
+
 /// `masked_whiten(x, mask)`: `(x − mean)·rsqrt(var + 1e-8)` with the masked mean
 /// (`Σ x·m / (Σ m + 1e-8)`) and the Bessel-corrected masked variance; the mean is not added back.
 pub fn masked_whiten(x: &[Vec<f64>], mask: &[Vec<f64>]) -> Result<Vec<Vec<f64>>> {

@@ -12,6 +12,7 @@
 //!   controllers, KL as a token-level reward penalty.
 //! * [`ops`]: masked mean, loss aggregation, composed log-softmax, log-probs of chosen tokens,
 //!   entropy from logits.
+//! * [`value`]: the critic's clipped value loss (PPO with GAE).
 //! * [`config`]: serde configs with the reference's defaults (spec §11).
 //!
 //! Every function that a gradient must pass through is built from candle primitives that record
@@ -57,6 +58,7 @@ pub mod config;
 pub mod kl;
 pub mod ops;
 pub mod policy;
+pub mod value;
 
 pub use config::{
     KlConfig, KlControllerKind, KlEstimator, LossAggMode, LossConfig, PolicyLossConfig,
@@ -73,6 +75,7 @@ pub use policy::{
     ActorLossInputs, KlTerm, PolicyLossInputs, PolicyLossMetrics, PolicyLossOutput,
     compute_actor_loss, compute_policy_loss,
 };
+pub use value::{ValueLossInputs, ValueLossMetrics, ValueLossOutput, compute_value_loss};
 
 /// Errors of the loss module.
 #[derive(Debug, thiserror::Error)]

@@ -5,7 +5,8 @@
 use super::{Result, ResumeOptions, Trainer, TrainerError, model_err};
 use crate::advantage::Estimator;
 use crate::checkpoint::{self, Checkpoint, TrainerState};
-use crate::config::{DtypeName, RunConfig};
+use crate::config::{DtypeName, EstimatorKind, RunConfig};
+use crate::critic::Critic;
 use crate::metrics_log::RunLog;
 use crate::optim::AdamW;
 use crate::run_dir::{DataFingerprint, data_changes};
@@ -93,13 +94,6 @@ fn check(cfg: &RunConfig) -> Result<()> {
                 .into(),
         ));
     }
-    if cfg.actor.ppo_epochs != 1 {
-        return Err(TrainerError::Config(format!(
-            "actor.ppo_epochs = {}: this trainer reuses the sampler's log-probs as the old \
-             policy and supports 1 only",
-            cfg.actor.ppo_epochs
-        )));
-    }
     Ok(())
 }
 
@@ -153,6 +147,22 @@ fn build(
         ));
     }
     let mut opt = AdamW::new(params, cfg.actor.optim.clone())?;
+    // PPO's value model: the saved one on resume, else the policy's checkpoint with a fresh head.
+    let mut critic = if cfg.algorithm.estimator == EstimatorKind::Gae {
+        let dtype = dtype_of(cfg.model.master_dtype);
+        let vb = match ck.filter(|c| c.has_critic()) {
+            Some(c) => VarBuilder::from_tensors(c.critic(&Device::Cpu)?, dtype, &Device::Cpu),
+            None => {
+                let (policy, _) =
+                    qoq_model::loading::checkpoint_var_builder(&model_dir, dtype, &Device::Cpu)
+                        .map_err(|e| model_err(format!("{}: {e}", model_dir.display())))?;
+                qoq_model::value::value_var_builder(policy, 0)
+            }
+        };
+        Some(Critic::new(&model_cfg, vb, freeze, &cfg.critic).map_err(model_err)?)
+    } else {
+        None
+    };
     let manifest_path = PathBuf::from(&cfg.data.train_files);
     let manifest = open_manifest(&manifest_path, &cfg)?;
     if manifest.len() < cfg.data.rollout_batch_size {
@@ -183,6 +193,15 @@ fn build(
         Some(ck) => {
             if ck.has_optimizer() {
                 ck.load_optimizer(&mut opt)?;
+            }
+            if let Some(c) = critic.as_mut() {
+                if !ck.has_critic() {
+                    return Err(TrainerError::Config(format!(
+                        "{}: a GAE run's checkpoint without the value model",
+                        ck.dir().display()
+                    )));
+                }
+                ck.load_critic_optimizer(c.optimizer_mut())?;
             }
             let est = Estimator::load_state(&ck.estimator_json()?).map_err(|source| {
                 TrainerError::Advantage {
@@ -251,5 +270,6 @@ fn build(
         log,
         records,
         val_manifest,
+        critic,
     })
 }

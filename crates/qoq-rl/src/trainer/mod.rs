@@ -7,6 +7,7 @@
 //! | rollout | `rollout.rs` | manifest rows → [`Prompt`]s → [`RolloutGroup`]s via [`qoq_engine::generate`] |
 //! | score | `score.rs` | [`RolloutGroup`]s → [`ScoredGroup`]s → [`StepRewards`] (KL in the reward, filtering) |
 //! | update | `update.rs` | rollouts + advantages → one micro-batched update loop (RL and SFT) |
+//! | value | `value.rs` | PPO: the value model's values before GAE, its update on the returns |
 //! | validate | `validate.rs` | validation rows → generations, metrics, `val_generations_{step}.jsonl` |
 //! | metrics | `metrics.rs` | a step's groups, advantages and update → its logged metrics |
 //!
@@ -28,9 +29,18 @@
 //!    `trainer.save_freq` steps, writes an atomic checkpoint.
 //!
 //! Simplifications of this core, all documented in the metrics or errors they affect:
-//! - one PPO epoch: the old log-probs are the sampler's log-probs of the drawn tokens (raw logits,
-//!   temperature 1, computed with the KV cache), so the ratio starts at 1 up to rounding between
-//!   the cached decode and the full training forward; `actor.ppo_epochs` must be 1;
+//! - with `actor.ppo_epochs = 1` the old log-probs are the sampler's log-probs of the drawn tokens
+//!   (raw logits, temperature 1, computed with the KV cache), so the ratio starts at 1 up to
+//!   rounding between the cached decode and the full training forward; with more epochs they are
+//!   recomputed by the policy before the update (verl's rule) with the update's own forward and
+//!   micro-batches, and every epoch passes over the same mini-batches in order;
+//! - ReMax (`estimator = "remax"`) generates one greedy rollout per prompt (temperature 0) after
+//!   the sampled ones and scores it, without the KL, as the baseline;
+//! - REINFORCE++ and GAE take token-level rewards: the outcome reward on each response's last
+//!   token, minus β·kl_t on every token when the KL is in the reward;
+//! - PPO (`estimator = "gae"`) trains a value model ([`crate::critic`]) beside the policy (its
+//!   values before the advantages, GAE, then `actor.ppo_epochs` epochs of the clipped value loss
+//!   with its own AdamW); it is checkpointed with the run;
 //! - the KL reference policy is the initial checkpoint at `model.model_path`, loaded frozen when
 //!   `algorithm.kl` puts the KL in the loss or in the reward;
 //! - `rollout.image_pad_logit_bias` is applied to the video and ECG placeholder tokens too (a
@@ -50,14 +60,17 @@ mod rollout;
 mod score;
 mod update;
 mod validate;
+mod value;
 
 pub use rollout::Prompt;
 pub use score::StepRewards;
 pub use update::{UpdateStats, response_log_probs, sft_target};
+pub use value::{CRITIC_GRAD_NORM, CRITIC_LR, CRITIC_SKIPPED_STEPS};
 
-use crate::advantage::Estimator;
+use crate::advantage::{Estimator, StepInputs};
 use crate::checkpoint::{self, CheckpointData, TrainerState};
 use crate::config::RunConfig;
+use crate::critic::Critic;
 use crate::metrics_log::{MetricsRecord, RunLog};
 use crate::optim::AdamW;
 use crate::rng::RngStates;
@@ -92,6 +105,8 @@ pub const CRITIC_KL_COEF: &str = "critic/kl_coef";
 pub const FILTER_KEPT_GROUPS: &str = "filter/kept_groups";
 /// Metric: groups dropped by dynamic filtering (reward std at most `algorithm.filter_min_std`).
 pub const FILTER_DROPPED_GROUPS: &str = "filter/dropped_groups";
+/// Metric: mean reward of the greedy baseline rollouts (ReMax).
+pub const REMAX_BASELINE_MEAN: &str = "critic/reward_baseline/mean";
 /// Metric: mean prompt length in tokens (image and ECG placeholders included).
 pub const PROMPT_LENGTH_MEAN: &str = "prompt_length/mean";
 
@@ -210,6 +225,8 @@ pub struct Trainer {
     log: RunLog,
     records: Vec<MetricsRecord>,
     val_manifest: Manifest,
+    /// PPO's value model (`estimator = "gae"`).
+    critic: Option<Critic>,
 }
 
 impl Trainer {
@@ -367,6 +384,10 @@ impl Trainer {
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
         let _span = tracing::info_span!("checkpoint", step = self.state.step).entered();
         let weights = self.weights()?;
+        let critic_weights = match &self.critic {
+            Some(c) => Some(c.weights().map_err(model_err)?),
+            None => None,
+        };
         let rng = RngStates::default();
         let data = CheckpointData {
             model: &weights,
@@ -376,6 +397,13 @@ impl Trainer {
             cursor: self.cursor,
             trainer_state: &self.state,
             config_toml: &self.config_toml,
+            critic: match (&self.critic, &critic_weights) {
+                (Some(c), Some(w)) => Some(checkpoint::CriticData {
+                    weights: w,
+                    optimizer: c.optimizer(),
+                }),
+                _ => None,
+            },
         };
         let dir = checkpoint::save(&self.out_dir, &data)?;
         checkpoint::prune(&self.out_dir, self.cfg.trainer.keep_last())?;
@@ -396,6 +424,12 @@ impl Trainer {
         let t_gen = Instant::now();
         let gen_cfg = self.sampling();
         let groups: Vec<RolloutGroup> = self.generate(step, &path, &prompts, requests, &gen_cfg)?;
+        // ReMax: each prompt's greedy rollout, scored, is its rollouts' baseline.
+        let baselines = if matches!(self.estimator, Estimator::Remax) {
+            Some(self.greedy_baselines(step, &path, &prompts)?)
+        } else {
+            None
+        };
         let gen_s = t_gen.elapsed().as_secs_f64();
         drop(span);
 
@@ -409,23 +443,58 @@ impl Trainer {
         // 3. Advantages of the kept groups.
         let span = tracing::info_span!("advantage", step).entered();
         let rows = rewards.estimator_rows();
-        let adv = if rows.is_empty() {
-            crate::advantage::StepAdvantages {
+        let mut extra = StepInputs::default();
+        if let Some(b) = &baselines {
+            m.insert(
+                REMAX_BASELINE_MEAN.into(),
+                b.iter().sum::<f64>() / b.len().max(1) as f64,
+            );
+            extra.baselines = Some(
+                rewards
+                    .kept_rollouts()
+                    .iter()
+                    .map(|(gi, _)| b[*gi])
+                    .collect(),
+            );
+        }
+        if self.estimator.is_token_level() {
+            extra.token_rewards = Some(rewards.token_rewards());
+        }
+        let old_values = match self.critic {
+            Some(_) => {
+                let v = self.values(step, &prompts, &rewards)?;
+                extra.values = Some(
+                    v.iter()
+                        .map(|r| r.iter().map(|&x| f64::from(x)).collect())
+                        .collect(),
+                );
+                Some(v)
+            }
+            None => None,
+        };
+        let (adv, tokens) = if rows.is_empty() {
+            let empty = crate::advantage::StepAdvantages {
                 advantages: Vec::new(),
                 metrics: crate::advantage::AdvantageMetrics::default(),
-            }
+            };
+            (empty, None)
         } else {
-            self.estimator
-                .step(&rows)
-                .map_err(|source| TrainerError::Advantage { step, source })?
+            let out = self
+                .estimator
+                .step_with(&rows, &extra)
+                .map_err(|source| TrainerError::Advantage { step, source })?;
+            (out.step, out.tokens)
         };
         metrics::advantage_metrics(&adv, &rows, &mut m);
         drop(span);
 
-        // 4. Policy update.
+        // 4. Policy update (and the value model's, for PPO).
         let span = tracing::info_span!("update", step).entered();
         let t_update = Instant::now();
-        let stats = self.rl_update(step, &prompts, &rewards, &adv.advantages)?;
+        let stats = self.rl_update(step, &prompts, &rewards, &adv.advantages, tokens.as_ref())?;
+        if let (Some(v), Some(t)) = (&old_values, &tokens) {
+            self.update_critic(step, &prompts, &rewards, v, &t.returns, &mut m)?;
+        }
         let update_s = t_update.elapsed().as_secs_f64();
         drop(span);
 

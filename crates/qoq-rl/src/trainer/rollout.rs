@@ -217,6 +217,40 @@ impl Trainer {
     }
 }
 
+impl Trainer {
+    /// ReMax's baselines: one greedy rollout per prompt (temperature 0, `n = 1`, the prompt's
+    /// stream), scored by the reward without the KL (verl's `reward_baselines`), in prompt order.
+    pub(super) fn greedy_baselines(
+        &self,
+        step: u64,
+        path: &Path,
+        prompts: &[Prompt],
+    ) -> Result<Vec<f64>> {
+        let mut requests = Vec::with_capacity(prompts.len());
+        for p in prompts {
+            let batch = self
+                .processor
+                .collate(std::slice::from_ref(&p.processed), None)
+                .map_err(|e| TrainerError::Data {
+                    step,
+                    path: path.to_path_buf(),
+                    message: format!("line {}: {e}", p.sample.line),
+                })?;
+            requests.push(GroupRequest {
+                inputs: qoq_model::prompt_inputs(&batch, &self.device)?,
+                n: 1,
+                stream: p.stream,
+            });
+        }
+        let mut cfg = self.sampling();
+        cfg.sampling.temperature = 0.0;
+        cfg.max_batch_rows = prompts.len();
+        let groups = self.generate(step, path, prompts, requests, &cfg)?;
+        let scored = self.score(step, path, prompts, groups)?;
+        Ok(scored.iter().map(|g| g.rewards()[0]).collect())
+    }
+}
+
 /// Rescales the sample's ground-truth box from the original first image's pixels to the image
 /// the model sees (the dataset-side resize; spec §4.3), as the predicted boxes are in those
 /// pixels.

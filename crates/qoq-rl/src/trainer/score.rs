@@ -24,6 +24,9 @@ pub struct StepRewards {
     pub kl: Option<Vec<Vec<f64>>>,
     /// Per group: kept by dynamic filtering (always true without it).
     pub keep: Vec<bool>,
+    /// Per group and rollout: the per-token KL to the reference (response length), with the β
+    /// applied, when the KL is in the reward (token-level rewards of REINFORCE++ and GAE).
+    pub token_kl: Option<(f64, Vec<Vec<Vec<f64>>>)>,
 }
 
 impl StepRewards {
@@ -45,6 +48,31 @@ impl StepRewards {
             }
         }
         rows
+    }
+
+    /// Token-level rewards of the kept groups' rollouts, in the order of
+    /// [`StepRewards::estimator_rows`]: the outcome reward on the response's last token, minus
+    /// `β · kl_t` on every token when the KL is in the reward (verl's `token_level_rewards`).
+    pub fn token_rewards(&self) -> Vec<Vec<f64>> {
+        let mut out = Vec::new();
+        for (gi, g) in self.groups.iter().enumerate() {
+            if !self.keep[gi] {
+                continue;
+            }
+            for (j, (r, score)) in g.group().rollouts().iter().zip(g.rewards()).enumerate() {
+                let mut tr = vec![0.0; r.token_ids.len()];
+                if let Some((beta, kl)) = &self.token_kl {
+                    for (x, k) in tr.iter_mut().zip(&kl[gi][j]) {
+                        *x -= beta * k;
+                    }
+                }
+                if let Some(last) = tr.last_mut() {
+                    *last += score;
+                }
+                out.push(tr);
+            }
+        }
+        out
     }
 
     /// `(prompt index, rollout)` of every rollout of the kept groups, in the order of
@@ -145,12 +173,15 @@ impl Trainer {
             None
         };
         let mut rewards: Vec<Vec<f64>> = groups.iter().map(ScoredGroup::rewards).collect();
-        if let Some((_, mean_kl)) = &seq_kl {
+        if let Some((_, mean_kl, _)) = &seq_kl {
             m.insert(CRITIC_KL.into(), *mean_kl);
             m.insert(TIMING_REF.into(), t_ref.elapsed().as_secs_f64());
         }
-        if let (Some((seq, mean_kl)), Some(ctl)) = (&seq_kl, self.state.kl_controller.as_mut()) {
+        let mut token_kl = None;
+        if let (Some((seq, mean_kl, tok)), Some(ctl)) = (&seq_kl, self.state.kl_controller.as_mut())
+        {
             let beta = ctl.kl_coef();
+            token_kl = Some((beta, tok.clone()));
             let mut count = 0;
             for (rg, kg) in rewards.iter_mut().zip(seq) {
                 for (r, k) in rg.iter_mut().zip(kg) {
@@ -174,8 +205,9 @@ impl Trainer {
         Ok(StepRewards {
             groups,
             rewards,
-            kl: seq_kl.map(|(s, _)| s),
+            kl: seq_kl.map(|(s, _, _)| s),
             keep,
+            token_kl,
         })
     }
 
@@ -183,13 +215,14 @@ impl Trainer {
     /// `algorithm.kl.kl_penalty` between the sampler's and the reference's log-probs, in
     /// micro-batches of `actor.micro_batch_size_per_device_for_experience`), per group, with
     /// the batch mean of the per-sequence token-mean KL (the controller's input,
-    /// `apply_kl_penalty`'s `current_kl`).
+    /// `apply_kl_penalty`'s `current_kl`), and each rollout's per-token KL.
+    #[allow(clippy::type_complexity)]
     fn sequence_kl(
         &self,
         step: u64,
         prompts: &[Prompt],
         groups: &[ScoredGroup],
-    ) -> Result<(Vec<Vec<f64>>, f64)> {
+    ) -> Result<(Vec<Vec<f64>>, f64, Vec<Vec<Vec<f64>>>)> {
         let Some(rm) = &self.ref_model else {
             return Err(TrainerError::Config(
                 "the KL in the reward and DRPO's KL damping need the reference model".into(),
@@ -206,6 +239,7 @@ impl Trainer {
             .micro_batch_size_per_device_for_experience
             .max(1);
         let (mut seq, mut means) = (Vec::with_capacity(flat.len()), 0.0);
+        let mut tokens: Vec<Vec<f64>> = Vec::with_capacity(flat.len());
         for ub in flat.chunks(micro) {
             let t = self.rollout_tensors(step, prompts, ub)?;
             let rf =
@@ -215,6 +249,10 @@ impl Trainer {
                 .mul(&t.mask)?
                 .to_dtype(DType::F64)?;
             let sums: Vec<f64> = kld.sum(1)?.to_vec1()?;
+            let rows: Vec<Vec<f64>> = kld.to_vec2()?;
+            for (row, (_, r, _)) in rows.into_iter().zip(ub) {
+                tokens.push(row[..r.token_ids.len().min(row.len())].to_vec());
+            }
             let counts: Vec<f64> = t.mask.to_dtype(DType::F64)?.sum(1)?.to_vec1()?;
             for (sum, c) in sums.into_iter().zip(counts) {
                 means += sum / c.max(1.0);
@@ -227,6 +265,11 @@ impl Trainer {
             .iter()
             .map(|g| it.by_ref().take(g.group().len()).collect())
             .collect();
-        Ok((per_group, mean))
+        let mut it = tokens.into_iter();
+        let tokens_per_group = groups
+            .iter()
+            .map(|g| it.by_ref().take(g.group().len()).collect())
+            .collect();
+        Ok((per_group, mean, tokens_per_group))
     }
 }

@@ -1,16 +1,19 @@
 //! Update: one micro-batched loop for the RL and the SFT step ([`Trainer::update_loop`]):
 //! mini-batches of items, each split in micro-batches whose losses (divided by the number of
-//! micro-batches) are backpropagated and accumulated; one AdamW step per mini-batch.
+//! micro-batches) are backpropagated and accumulated; one AdamW step per mini-batch. The RL
+//! update runs `actor.ppo_epochs` passes over the same mini-batches; with more than one the old
+//! log-probs are the policy's own before the update (verl's rule), otherwise the sampler's.
 
 use super::rollout::{Prompt, box_to_model_pixels};
 use super::score::StepRewards;
 use super::{Result, SFT_LOSS, SKIPPED_STEPS, StepOutcome, Trainer, TrainerError, model_err};
+use crate::advantage::TokenAdvantages;
 use crate::loss::{
     ActorLossInputs, KlTerm, LossConfig, PolicyLossInputs, compute_actor_loss,
     log_probs_from_logits,
 };
 use crate::metrics_log::names;
-use crate::optim::GradAccumulator;
+use crate::optim::{AdamW, GradAccumulator};
 use candle_core::{DType, Tensor};
 use qoq_core::Rollout;
 use qoq_model::{ClinicalVlm, ForwardMode, ModelInputs, RolloutTensors};
@@ -72,6 +75,20 @@ pub struct UpdateStats {
 }
 
 impl UpdateStats {
+    /// Adds another loop's sums and steps (its learning rate becomes the last).
+    pub fn merge(&mut self, other: UpdateStats) {
+        for (name, (s, c)) in other.loss_sums {
+            let e = self.loss_sums.entry(name).or_insert((0.0, 0));
+            e.0 += s;
+            e.1 += c;
+        }
+        self.norm_sum += other.norm_sum;
+        self.opt_steps += other.opt_steps;
+        if other.opt_steps > 0 {
+            self.lr_last = other.lr_last;
+        }
+    }
+
     /// The mean of a micro-batch metric (0 when none was recorded).
     pub fn mean(&self, name: &str) -> f64 {
         self.loss_sums
@@ -98,6 +115,41 @@ impl UpdateStats {
 /// The loss of one micro-batch (graph attached to the trainable parameters) with its metrics.
 pub type MicroLoss = (Tensor, Vec<(&'static str, f64)>);
 
+/// Which model an update loop trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Learner {
+    /// The policy, with the actor's AdamW.
+    Actor,
+    /// PPO's value model, with its own AdamW.
+    Critic,
+}
+
+/// What the actor loss of one rollout needs beyond its tokens.
+pub(super) struct ActorItem<'a> {
+    /// Its advantage (sequence-level estimators).
+    advantage: f64,
+    /// Its advantage per response token (token-level estimators).
+    token_advantages: Option<&'a [f64]>,
+    /// The policy's log-probs before the update (`actor.ppo_epochs > 1`).
+    old_log_probs: Option<Vec<f32>>,
+}
+
+/// A `(b, r_len)` tensor of per-rollout vectors, zero-padded (longer vectors cut).
+pub(super) fn padded<'a, T: Copy + Into<f64> + 'a>(
+    rows: impl Iterator<Item = &'a [T]>,
+    b: usize,
+    r_len: usize,
+    dev: &candle_core::Device,
+) -> Result<Tensor> {
+    let mut v = vec![0f32; b * r_len];
+    for (i, row) in rows.enumerate() {
+        for (j, x) in row.iter().take(r_len).enumerate() {
+            v[i * r_len + j] = (*x).into() as f32;
+        }
+    }
+    Ok(Tensor::from_vec(v, (b, r_len), dev)?)
+}
+
 impl Trainer {
     /// The update loop: `items` in mini-batches of `mini`, each in micro-batches of `micro`;
     /// `loss_of` gives a micro-batch's loss, which is divided by the number of micro-batches of
@@ -106,6 +158,30 @@ impl Trainer {
     /// counted by the optimiser).
     pub(super) fn update_loop<T>(
         &mut self,
+        items: &[T],
+        mini: usize,
+        micro: usize,
+        loss_of: impl FnMut(&Self, &[T]) -> Result<MicroLoss>,
+    ) -> Result<UpdateStats> {
+        self.update_loop_of(Learner::Actor, items, mini, micro, loss_of)
+    }
+
+    /// The optimiser of `learner`.
+    fn optimizer_of(&mut self, learner: Learner) -> Result<&mut AdamW> {
+        match learner {
+            Learner::Actor => Ok(&mut self.opt),
+            Learner::Critic => self
+                .critic
+                .as_mut()
+                .map(crate::critic::Critic::optimizer_mut)
+                .ok_or_else(|| TrainerError::Config("this run has no value model".into())),
+        }
+    }
+
+    /// [`Trainer::update_loop`] for `learner` (the actor's or the critic's optimiser).
+    pub(super) fn update_loop_of<T>(
+        &mut self,
+        learner: Learner,
         items: &[T],
         mini: usize,
         micro: usize,
@@ -124,9 +200,16 @@ impl Trainer {
                     e.1 += 1;
                 }
                 let grads = (loss / count)?.backward()?;
-                acc.add(self.opt.grads_of(&grads))?;
+                let opt = match learner {
+                    Learner::Actor => &self.opt,
+                    Learner::Critic => match &self.critic {
+                        Some(c) => c.optimizer(),
+                        None => return Err(TrainerError::Config("no value model".into())),
+                    },
+                };
+                acc.add(opt.grads_of(&grads))?;
             }
-            let report = self.opt.step(&acc.take())?;
+            let report = self.optimizer_of(learner)?.step(&acc.take())?;
             if report.grad_norm.is_finite() {
                 stats.norm_sum += report.grad_norm;
             }
@@ -137,27 +220,85 @@ impl Trainer {
     }
 
     /// The RL update: the kept groups' rollouts with their advantages (in the estimator's
-    /// order), in mini-batches of `actor.global_batch_size · n` rollouts.
+    /// order; token-level ones when given), in mini-batches of `actor.global_batch_size · n`
+    /// rollouts, `actor.ppo_epochs` times.
     pub(super) fn rl_update(
         &mut self,
         step: u64,
         prompts: &[Prompt],
         rewards: &StepRewards,
         advantages: &[f64],
+        tokens: Option<&TokenAdvantages>,
     ) -> Result<UpdateStats> {
-        let items: Vec<(usize, &Rollout, f64)> = rewards
-            .kept_rollouts()
-            .into_iter()
-            .zip(advantages)
-            .map(|((gi, r), &a)| (gi, r, a))
-            .collect();
+        let kept = rewards.kept_rollouts();
         let mini = self.cfg.rollouts_per_optimizer_step();
         let micro = self.cfg.actor.micro_batch_size_per_device_for_update;
+        let epochs = self.cfg.actor.ppo_epochs.max(1);
+        let old = if epochs > 1 {
+            let flat: Vec<(usize, &Rollout, ())> =
+                kept.iter().map(|&(gi, r)| (gi, r, ())).collect();
+            Some(
+                self.per_rollout(step, prompts, &flat, mini, micro, |t, rt| {
+                    Ok(response_log_probs(
+                        &t.model,
+                        &rt.inputs,
+                        rt.s,
+                        &rt.labels,
+                        ForwardMode::Train,
+                        step,
+                    )?
+                    .detach())
+                })?,
+            )
+        } else {
+            None
+        };
+        let items: Vec<(usize, &Rollout, ActorItem<'_>)> = kept
+            .into_iter()
+            .enumerate()
+            .map(|(i, (gi, r))| {
+                let item = ActorItem {
+                    advantage: advantages[i],
+                    token_advantages: tokens.map(|t| t.advantages[i].as_slice()),
+                    old_log_probs: old.as_ref().map(|o| o[i].clone()),
+                };
+                (gi, r, item)
+            })
+            .collect();
         let loss_cfg = self.cfg.loss_config();
-        self.update_loop(&items, mini, micro, |t, ub| {
-            let out = t.micro_loss(step, prompts, ub, &loss_cfg)?;
-            Ok((out.loss, out.metrics.entries()))
-        })
+        let mut stats = UpdateStats::default();
+        for _ in 0..epochs {
+            stats.merge(self.update_loop(&items, mini, micro, |t, ub| {
+                let out = t.micro_loss(step, prompts, ub, &loss_cfg)?;
+                Ok((out.loss, out.metrics.entries()))
+            })?);
+        }
+        Ok(stats)
+    }
+
+    /// A `(b, r_len)` quantity `f` of the rollouts `flat`, computed in the update's mini- and
+    /// micro-batches (so that the update's forward sees the same shapes) and returned per
+    /// rollout, cut to its response length.
+    pub(super) fn per_rollout<X>(
+        &self,
+        step: u64,
+        prompts: &[Prompt],
+        flat: &[(usize, &Rollout, X)],
+        mini: usize,
+        micro: usize,
+        f: impl Fn(&Self, &RolloutTensors) -> Result<Tensor>,
+    ) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(flat.len());
+        for mb in flat.chunks(mini.max(1)) {
+            for ub in mb.chunks(micro.max(1)) {
+                let t = self.rollout_tensors(step, prompts, ub)?;
+                let rows: Vec<Vec<f32>> = f(self, &t)?.to_dtype(DType::F32)?.to_vec2()?;
+                for (row, (_, r, _)) in rows.into_iter().zip(ub) {
+                    out.push(row[..r.token_ids.len().min(row.len())].to_vec());
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// [`qoq_model::rollout_tensors`] of the rollouts `ub` (with the index of their prompt),
@@ -196,7 +337,7 @@ impl Trainer {
         &self,
         step: u64,
         prompts: &[Prompt],
-        ub: &[(usize, &Rollout, f64)],
+        ub: &[(usize, &Rollout, ActorItem<'_>)],
         loss_cfg: &LossConfig,
     ) -> Result<crate::loss::PolicyLossOutput> {
         let RolloutTensors {
@@ -207,11 +348,24 @@ impl Trainer {
             old,
         } = self.rollout_tensors(step, prompts, ub)?;
         let (b, r_len) = labels.dims2()?;
-        let mut adv = vec![0f32; b * r_len];
-        for (i, (_, _, a)) in ub.iter().enumerate() {
-            adv[i * r_len..(i + 1) * r_len].fill(*a as f32);
-        }
-        let adv = Tensor::from_vec(adv, (b, r_len), &self.device)?;
+        let adv = if ub.iter().all(|(_, _, it)| it.token_advantages.is_some()) {
+            let rows = ub.iter().filter_map(|(_, _, it)| it.token_advantages);
+            padded(rows, b, r_len, &self.device)?
+        } else {
+            let mut adv = vec![0f32; b * r_len];
+            for (i, (_, _, it)) in ub.iter().enumerate() {
+                adv[i * r_len..(i + 1) * r_len].fill(it.advantage as f32);
+            }
+            Tensor::from_vec(adv, (b, r_len), &self.device)?
+        };
+        let old = if ub.iter().all(|(_, _, it)| it.old_log_probs.is_some()) {
+            let rows = ub
+                .iter()
+                .filter_map(|(_, _, it)| it.old_log_probs.as_deref());
+            padded(rows, b, r_len, &self.device)?
+        } else {
+            old
+        };
         let lp = response_log_probs(&self.model, &inputs, s, &labels, ForwardMode::Train, step)?;
         let ref_lp = match &self.ref_model {
             Some(rm) => Some(
