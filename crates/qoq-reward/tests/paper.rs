@@ -154,6 +154,7 @@ fn volume_sample(problem: &str, videos: usize, images: usize) -> ClinicalSample 
         id: SampleId("t:1".into()),
         line: 1,
         problem: problem.into(),
+        system: None,
         answer: "lesion".into(),
         images: vec![PathBuf::from("a.png"); images],
         videos: vec![PathBuf::from("ct/x/v.nii.gz"); videos],
