@@ -24,7 +24,7 @@ fn train_runs_two_steps_checkpoints_and_resumes() {
     let mut rows = String::new();
     for i in 0..4 {
         rows.push_str(&format!(
-            "{{\"problem\": \"<image>Case {i}. What is the diagnosis?Answer with one of the following:\\nbenign\\nmalignant\", \"answer\": \"benign\", \"images\": [\"{}\"], \"dataset\": \"demo-derm\"}}\n",
+            "{{\"problem\": \"<image>Case {i}. What is the diagnosis?Answer with one of the following:\\nbenign\\nmalignant\", \"answer\": \"benign\", \"images\": [\"{}\"], \"data_source\": \"derm\", \"dataset\": \"demo-derm\"}}\n",
             img.display()
         ));
     }

@@ -467,6 +467,7 @@ pub fn write_corpus_manifest(files: &[CorpusFile], manifest: &Path) -> Result<()
         let mut row = serde_json::json!({
             "problem": "What is shown?",
             "answer": "normal",
+            "data_source": "damaged",
             "dataset": "damaged",
         });
         row[key] = value;

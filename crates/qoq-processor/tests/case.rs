@@ -237,7 +237,8 @@ fn a_multi_frame_dicom_gets_one_placeholder_per_frame_on_every_path() {
     // before the builder; now the frames read set the placeholders on every path.
     let (_, want) = manifest_path(
         &p,
-        json!({"problem": "What is shown?", "answer": "", "images": [dcm]}),
+        json!({"problem": "What is shown?", "answer": "", "images": [dcm],
+            "data_source": "case", "dataset": "case"}),
         Path::new("/"),
     );
     assert_eq!(pads(&p, &want), (2, 1));

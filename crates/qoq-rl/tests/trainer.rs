@@ -727,3 +727,52 @@ fn ppo_with_gae_resumes_with_bit_identical_policy_critic_and_metrics() {
     assert_eq!(comparable(&a), comparable(&b));
     assert!(comparable(&a)[0].1.contains_key("critic/vf_clipfrac"));
 }
+
+#[test]
+fn skip_bad_rows_trains_past_damaged_files_and_malformed_lines_counting_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = text_manifest(dir.path(), 8);
+    // a damaged image and a malformed line among the good rows (lines 9 and 10)
+    std::fs::write(
+        dir.path().join("derm/alpha/bad.png"),
+        b"\x89PNG\r\n\x1a\n junk",
+    )
+    .unwrap();
+    let mut text = std::fs::read_to_string(&manifest).unwrap();
+    text.push_str(
+        "{\"problem\": \"<image>Broken?\", \"answer\": \"yes\", \"images\": [\"derm/alpha/bad.png\"], \"dataset\": \"alpha\"}\n",
+    );
+    text.push_str("{\"problem\": \"cut off\n");
+    std::fs::write(&manifest, text).unwrap();
+    let clean = tempfile::tempdir().unwrap();
+    let val = text_manifest(clean.path(), 2);
+    let out = dir.path().join("run");
+    let mut cfg = config(&model, &manifest, &out, 4, 2, 4, 1e-3, 3, 100, false);
+    cfg.data.val_files = val.display().to_string();
+
+    // Without the flag the first step that meets a bad row stops, naming it.
+    let mut strict = Trainer::with_reward(cfg.clone(), Box::new(Vowels)).unwrap();
+    let err = (0..3)
+        .map(|_| strict.step())
+        .find_map(|r| r.err())
+        .expect("a bad row stops a run without skip_bad_rows")
+        .to_string();
+    assert!(
+        err.contains("line 9") || err.contains(":10"),
+        "the error names the bad row: {err}"
+    );
+    drop(strict);
+    std::fs::remove_dir_all(&out).unwrap();
+
+    // With it, three steps of 4 rows (12 draws over 10 lines) meet both and train on.
+    cfg.data.manifest.skip_bad_rows = true;
+    let mut t = Trainer::with_reward(cfg, Box::new(Vowels)).unwrap();
+    let mut skipped = 0.0;
+    for _ in 0..3 {
+        let o = t.step().unwrap();
+        assert!(o.metrics["actor/grad_norm"].is_finite());
+        skipped += o.metrics["data/skipped_rows"];
+    }
+    assert!(skipped >= 2.0, "both bad rows were skipped: {skipped}");
+}

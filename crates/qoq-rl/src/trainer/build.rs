@@ -271,5 +271,6 @@ fn build(
         records,
         val_manifest,
         critic,
+        skipped_rows: 0,
     })
 }

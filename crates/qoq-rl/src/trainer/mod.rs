@@ -91,6 +91,9 @@ pub const SKIPPED_STEPS: &str = "actor/skipped_steps";
 pub const SFT_LOSS: &str = "sft/loss";
 /// Metric: seconds spent generating the step's rollouts (reference `timing_s/gen`).
 pub const TIMING_GEN: &str = "timing_s/gen";
+/// Training rows skipped by the step's draw (bad JSON or a file that fails to decode), with
+/// `data.manifest.skip_bad_rows`.
+pub const DATA_SKIPPED_ROWS: &str = "data/skipped_rows";
 /// Metric: seconds spent in the policy update (reference `timing_s/update_actor`).
 pub const TIMING_UPDATE: &str = "timing_s/update_actor";
 /// Metric: seconds spent validating (on validation steps).
@@ -227,6 +230,9 @@ pub struct Trainer {
     val_manifest: Manifest,
     /// PPO's value model (`estimator = "gae"`).
     critic: Option<Critic>,
+    /// Rows the last [`Trainer::draw`] skipped (`data.manifest.skip_bad_rows`), logged with the
+    /// step as `data/skipped_rows`.
+    skipped_rows: usize,
 }
 
 impl Trainer {
@@ -513,6 +519,9 @@ impl Trainer {
 
     /// Validation metrics on validation steps, the log, the records and the trainer state.
     fn finish_step(&mut self, step: u64, mut m: BTreeMap<String, f64>) -> Result<StepOutcome> {
+        if self.cfg.data.manifest.skip_bad_rows {
+            m.insert(DATA_SKIPPED_ROWS.into(), self.skipped_rows as f64);
+        }
         if self.cfg.trainer.val_freq > 0 && self.cfg.trainer.is_val_step(step, self.total_steps()) {
             m.extend(self.validate(step)?);
         }

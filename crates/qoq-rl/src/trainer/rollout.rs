@@ -45,12 +45,37 @@ impl Trainer {
         let mut out = Vec::with_capacity(want);
         let mut order: Option<(u64, Vec<u32>)> = None;
         let mut next = self.cursor;
-        let iter = self
+        // With `skip_bad_rows`, rows whose JSON is bad are skipped by the stream and rows whose
+        // files fail to decode are skipped here (decoded once more by `prepare`); a whole
+        // epoch's worth of bad rows in a row ends the stream.
+        let skip = self.cfg.data.manifest.skip_bad_rows;
+        let mut iter = self
             .manifest
-            .shuffled(seed, self.cursor)
+            .training_rows(seed, self.cursor)
             .map_err(|e| data_err(e.to_string()))?;
-        for (after, row) in iter {
+        let mut undecodable = 0usize;
+        let mut consecutive = 0usize;
+        while let Some((after, row)) = iter.next() {
             let sample = row.map_err(|e| data_err(e.to_string()))?;
+            if skip {
+                if let Err(reason) = self.prepare_one(sample.clone()) {
+                    tracing::warn!(
+                        step,
+                        manifest = %path.display(),
+                        line = sample.line,
+                        %reason,
+                        "skipping a row whose files fail to decode (data.manifest.skip_bad_rows)"
+                    );
+                    undecodable += 1;
+                    consecutive += 1;
+                    next = after;
+                    if consecutive >= rows.max(1) as usize {
+                        break;
+                    }
+                    continue;
+                }
+                consecutive = 0;
+            }
             // The row index: the position just consumed in `after`'s epoch order.
             let epoch = after.epoch;
             if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
@@ -65,13 +90,29 @@ impl Trainer {
                 break;
             }
         }
+        for bad in iter.skipped() {
+            tracing::warn!(
+                step,
+                manifest = %path.display(),
+                line = bad.line,
+                reason = %bad.reason,
+                "skipping a bad row (data.manifest.skip_bad_rows)"
+            );
+        }
+        let skipped = iter.skipped_count() + undecodable;
         if out.len() < want {
             return Err(data_err(format!(
-                "the stream ended after {} of {want} rows",
-                out.len()
+                "the stream ended after {} of {want} rows ({skipped} bad rows skipped{})",
+                out.len(),
+                if skip {
+                    "; a whole epoch's worth of rows in a row was bad"
+                } else {
+                    ""
+                }
             )));
         }
         self.cursor = next;
+        self.skipped_rows = skipped;
         Ok(out)
     }
 
@@ -115,6 +156,28 @@ impl Trainer {
         self.model.config().placeholder_token_ids()
     }
 
+    /// One row's files decoded for the model: the processed prompt, the row with its box in the
+    /// model's pixels, and its segmentation mask indexed; why not otherwise.
+    pub(super) fn prepare_one(
+        &self,
+        mut sample: ClinicalSample,
+    ) -> std::result::Result<(ClinicalSample, ProcessedSample, Option<MaskIndex>), String> {
+        let processed = self
+            .processor
+            .process_sample(&sample)
+            .map_err(|e| e.to_string())?;
+        box_to_model_pixels(&mut sample, &processed)?;
+        let mask = match (&sample.segmentation_path, processed.image_sizes.first()) {
+            (Some(p), Some(&size)) => {
+                let m = qoq_data::vision::load_mask(p, size, self.cfg.data.mask_wh_swap_bug)
+                    .map_err(|e| e.to_string())?;
+                Some(MaskIndex::new(&m))
+            }
+            _ => None,
+        };
+        Ok((sample, processed, mask))
+    }
+
     /// Processes drawn rows into prompts, with their generation requests of `n` rollouts each;
     /// errors name `path` (the manifest) and the row's line.
     pub(super) fn prepare(
@@ -131,26 +194,16 @@ impl Trainer {
         };
         let mut prompts: Vec<Prompt> = Vec::with_capacity(drawn.len());
         let mut requests = Vec::with_capacity(drawn.len());
-        for (stream, mut sample) in drawn {
-            let processed = self
-                .processor
-                .process_sample(&sample)
-                .map_err(|e| data_err(format!("line {}: {e}", sample.line)))?;
-            box_to_model_pixels(&mut sample, &processed)
-                .map_err(|e| data_err(format!("line {}: {e}", sample.line)))?;
+        for (stream, sample) in drawn {
+            let line = sample.line;
+            let (sample, processed, mask) = self
+                .prepare_one(sample)
+                .map_err(|e| data_err(format!("line {line}: {e}")))?;
             let batch = self
                 .processor
                 .collate(std::slice::from_ref(&processed), None)
-                .map_err(|e| data_err(format!("line {}: {e}", sample.line)))?;
+                .map_err(|e| data_err(format!("line {line}: {e}")))?;
             let inputs = qoq_model::prompt_inputs(&batch, &self.device)?;
-            let mask = match (&sample.segmentation_path, processed.image_sizes.first()) {
-                (Some(p), Some(&size)) => {
-                    let m = qoq_data::vision::load_mask(p, size, self.cfg.data.mask_wh_swap_bug)
-                        .map_err(|e| data_err(format!("line {}: {e}", sample.line)))?;
-                    Some(MaskIndex::new(&m))
-                }
-                _ => None,
-            };
             requests.push(GroupRequest { inputs, n, stream });
             prompts.push(Prompt {
                 stream,
