@@ -55,7 +55,7 @@ impl Trainer {
             .map_err(|e| data_err(e.to_string()))?;
         let mut undecodable = 0usize;
         let mut consecutive = 0usize;
-        while let Some((after, row)) = iter.next() {
+        for (after, row) in iter.by_ref() {
             let sample = row.map_err(|e| data_err(e.to_string()))?;
             if skip {
                 if let Err(reason) = self.prepare_one(sample.clone()) {
