@@ -9,10 +9,8 @@
 
 use base64::Engine as _;
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 
 mod support;
 
@@ -88,57 +86,18 @@ fn image_pads(path: &Path) -> usize {
     st.tensor("image_grid_thw").unwrap().shape()[0]
 }
 
-/// A running `qoq serve`; killed when dropped.
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(model: &Path, dump: &Path) -> Server {
-    let mut child = qoq()
-        .arg("serve")
-        .arg("--model")
-        .arg(model)
-        .args(["--port", "0", "--max-tokens-cap", "1"])
-        .arg("--dump-inputs")
-        .arg(dump)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    Server { child, addr }
+fn serve(model: &Path, dump: &Path) -> support::Server {
+    let args: [&std::ffi::OsStr; 4] = [
+        "--max-tokens-cap".as_ref(),
+        "1".as_ref(),
+        "--dump-inputs".as_ref(),
+        dump.as_os_str(),
+    ];
+    support::spawn_serve(model, &args, Stdio::inherit())
 }
 
 fn post(addr: &str, body: &Value) -> u16 {
-    let body = body.to_string();
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(std::time::Duration::from_secs(300)))
-        .unwrap();
-    write!(
-        s,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = String::new();
-    let _ = s.read_to_string(&mut raw);
-    raw.split_whitespace().nth(1).unwrap().parse().unwrap()
+    support::post_chat(addr, body).0
 }
 
 fn data_uri(path: &Path) -> String {

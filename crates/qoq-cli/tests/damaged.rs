@@ -7,11 +7,8 @@
 use base64::Engine as _;
 use qoq_data::damage::{self, Role};
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 mod support;
 
@@ -81,27 +78,6 @@ fn data_check_reports_every_damaged_file_and_never_panics() {
     );
 }
 
-fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).unwrap();
-    let _ = s.write_all(body);
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no HTTP head in {:?}", String::from_utf8_lossy(&raw)));
-    let head = String::from_utf8_lossy(&raw[..split]).to_string();
-    let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = serde_json::from_slice(&raw[split + 4..]).unwrap_or(Value::Null);
-    (status, body)
-}
-
 #[test]
 fn serve_answers_400_for_damaged_images_and_keeps_serving() {
     let Some(cache) = cache() else { return };
@@ -117,24 +93,12 @@ fn serve_answers_400_for_damaged_images_and_keeps_serving() {
     let model = support::tiny_model_with(dir.path(), false);
     // stderr to a file: a pipe nobody reads would fill and stall the server
     let log = dir.path().join("serve.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qoq"))
-        .arg("serve")
-        .arg("--model")
-        .arg(&model)
-        .args(["--port", "0"])
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
+    let srv = support::spawn_serve(
+        &model,
+        &[] as &[&str],
+        Stdio::from(std::fs::File::create(&log).unwrap()),
+    );
+    let addr = srv.addr.clone();
     let (mut answered, mut refused) = (0, 0);
     for f in &files {
         let bytes = std::fs::read(&f.path).unwrap();
@@ -150,12 +114,7 @@ fn serve_answers_400_for_damaged_images_and_keeps_serving() {
             "max_tokens": 1,
             "seed": 1,
         });
-        let (status, v) = http(
-            &addr,
-            "POST",
-            "/v1/chat/completions",
-            body.to_string().as_bytes(),
-        );
+        let (status, v) = support::post_chat(&addr, &body);
         let what = format!("{} ({})", f.path.display(), f.damage);
         match status {
             200 => answered += 1,
@@ -176,10 +135,10 @@ fn serve_answers_400_for_damaged_images_and_keeps_serving() {
             s => panic!("{what}: status {s}: {v}"),
         }
     }
-    let (status, health) = http(&addr, "GET", "/health", b"");
+    let (status, health) = support::http(&addr, "GET", "/health", b"");
+    let health: Value = serde_json::from_slice(&health).unwrap_or(Value::Null);
     assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(srv);
     let stderr = std::fs::read_to_string(&log).unwrap();
     assert!(
         !stderr.contains("panicked"),

@@ -1,110 +1,37 @@
 //! `qoq serve` over loopback with a tiny random checkpoint (the processor fixture's tiny config
 //! and tokenizer): the endpoints, streaming, image and ECG parts, every refusal, and a load test
 //! (200 requests at concurrency 16) that counts the answers and prints latency percentiles.
-//! The HTTP client is a raw HTTP/1.1 one over `std::net::TcpStream`.
+//! The HTTP client is a raw HTTP/1.1 one over `std::net::TcpStream` (`support::http`).
 
 use base64::Engine as _;
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 mod support;
 
 use support::tiny_model_with as tiny_model;
 
-/// A running server; killed when dropped.
+/// A running server and the folder of its model.
 struct Server {
-    child: Child,
+    _srv: support::Server,
     addr: String,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn start(ecg: bool, extra: &[&str]) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path(), ecg);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qoq"))
-        .arg("serve")
-        .arg("--model")
-        .arg(&model)
-        .args(["--port", "0"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
+    let srv = support::spawn_serve(&model, extra, Stdio::inherit());
     Server {
-        child,
-        addr,
+        addr: srv.addr.clone(),
+        _srv: srv,
         _dir: dir,
     }
 }
 
-/// One HTTP/1.1 exchange; returns the status and the (de-chunked) body.
-fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).unwrap();
-    // The server may answer (413) before the whole body is sent: ignore write errors.
-    let _ = s.write_all(body);
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no HTTP head in {:?}", String::from_utf8_lossy(&raw)));
-    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
-    let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let mut rest = raw[split + 4..].to_vec();
-    if head.contains("transfer-encoding: chunked") {
-        let mut out = Vec::new();
-        let mut i = 0;
-        loop {
-            let eol = i + rest[i..].windows(2).position(|w| w == b"\r\n").unwrap();
-            let len = usize::from_str_radix(std::str::from_utf8(&rest[i..eol]).unwrap().trim(), 16)
-                .unwrap();
-            if len == 0 {
-                break;
-            }
-            out.extend_from_slice(&rest[eol + 2..eol + 2 + len]);
-            i = eol + 2 + len + 2;
-        }
-        rest = out;
-    }
-    (status, rest)
-}
-
-fn post(addr: &str, body: &Value) -> (u16, Value) {
-    let (st, b) = http(
-        addr,
-        "POST",
-        "/v1/chat/completions",
-        body.to_string().as_bytes(),
-    );
-    (st, serde_json::from_slice(&b).unwrap_or(Value::Null))
-}
+use support::{http, post_chat as post};
 
 fn png_data_uri(w: u32, h: u32) -> String {
     let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7) as u8, (y * 5) as u8, 90]));

@@ -52,3 +52,104 @@ pub fn tiny_model_with(dir: &Path, ecg: bool) -> PathBuf {
     }
     m
 }
+
+/// A running `qoq serve` on a loopback port the OS picked; killed when dropped.
+pub struct Server {
+    pub child: std::process::Child,
+    /// `host:port`.
+    pub addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `qoq serve --model MODEL --port 0 ARGS...` with its stderr going to `stderr` (a file
+/// when nobody reads it: a pipe nobody reads would fill and stall the server) and waits for its
+/// `listening on http://...` line.
+pub fn spawn_serve<S: AsRef<std::ffi::OsStr>>(
+    model: &Path,
+    args: &[S],
+    stderr: std::process::Stdio,
+) -> Server {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_qoq"))
+        .arg("serve")
+        .arg("--model")
+        .arg(model)
+        .args(["--port", "0"])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    Server { child, addr }
+}
+
+/// One HTTP/1.1 exchange over a raw `TcpStream` (120 s read timeout); returns the status and the
+/// (de-chunked) body.
+pub fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(120)))
+        .unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    // The server may answer (413) before the whole body is sent: ignore write errors.
+    let _ = s.write_all(body);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP head in {:?}", String::from_utf8_lossy(&raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut rest = raw[split + 4..].to_vec();
+    if head.contains("transfer-encoding: chunked") {
+        let mut out = Vec::new();
+        let mut i = 0;
+        loop {
+            let eol = i + rest[i..].windows(2).position(|w| w == b"\r\n").unwrap();
+            let len = usize::from_str_radix(std::str::from_utf8(&rest[i..eol]).unwrap().trim(), 16)
+                .unwrap();
+            if len == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[eol + 2..eol + 2 + len]);
+            i = eol + 2 + len + 2;
+        }
+        rest = out;
+    }
+    (status, rest)
+}
+
+/// POSTs a JSON body to `/v1/chat/completions`; the status and the body as JSON (`null` when it
+/// is not JSON).
+pub fn post_chat(addr: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let (st, b) = http(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        body.to_string().as_bytes(),
+    );
+    (
+        st,
+        serde_json::from_slice(&b).unwrap_or(serde_json::Value::Null),
+    )
+}
