@@ -421,12 +421,12 @@ impl Trainer {
     pub fn step(&mut self) -> Result<StepOutcome> {
         let t0 = Instant::now();
         let step = self.state.step + 1;
-        let drawn = self.draw(step)?;
         let path = self.manifest.path().to_path_buf();
 
-        // 1. Process and sample.
+        // 1. Draw and process the rows, then sample.
         let span = tracing::info_span!("rollout", step).entered();
-        let (prompts, requests) = self.prepare(step, &path, drawn, self.cfg.rollout.n)?;
+        let prompts = self.draw(step)?;
+        let requests = self.requests(step, &path, &prompts, self.cfg.rollout.n)?;
         let t_gen = Instant::now();
         let gen_cfg = self.sampling();
         let groups: Vec<RolloutGroup> = self.generate(step, &path, &prompts, requests, &gen_cfg)?;

@@ -31,8 +31,12 @@ impl Prompt {
 }
 
 impl Trainer {
-    /// Draws the step's prompts: `(stream id, sample)` in the seeded order.
-    pub(super) fn draw(&mut self, step: u64) -> Result<Vec<(u64, ClinicalSample)>> {
+    /// Draws the step's prompts in the seeded order, each row's files decoded once
+    /// ([`Trainer::prepare_one`]). With `data.manifest.skip_bad_rows`, rows whose JSON is bad
+    /// are skipped by the stream and rows whose files fail to decode are skipped here (a whole
+    /// epoch's worth of bad rows in a row ends the stream); without it the first bad row stops
+    /// the step, naming its line.
+    pub(super) fn draw(&mut self, step: u64) -> Result<Vec<Prompt>> {
         let want = self.cfg.data.rollout_batch_size;
         let seed = self.cfg.data.seed;
         let rows = self.manifest.len() as u64;
@@ -45,9 +49,6 @@ impl Trainer {
         let mut out = Vec::with_capacity(want);
         let mut order: Option<(u64, Vec<u32>)> = None;
         let mut next = self.cursor;
-        // With `skip_bad_rows`, rows whose JSON is bad are skipped by the stream and rows whose
-        // files fail to decode are skipped here (decoded once more by `prepare`); a whole
-        // epoch's worth of bad rows in a row ends the stream.
         let skip = self.cfg.data.manifest.skip_bad_rows;
         let mut iter = self
             .manifest
@@ -57,25 +58,7 @@ impl Trainer {
         let mut consecutive = 0usize;
         for (after, row) in iter.by_ref() {
             let sample = row.map_err(|e| data_err(e.to_string()))?;
-            if skip {
-                if let Err(reason) = self.prepare_one(sample.clone()) {
-                    tracing::warn!(
-                        step,
-                        manifest = %path.display(),
-                        line = sample.line,
-                        %reason,
-                        "skipping a row whose files fail to decode (data.manifest.skip_bad_rows)"
-                    );
-                    undecodable += 1;
-                    consecutive += 1;
-                    next = after;
-                    if consecutive >= rows.max(1) as usize {
-                        break;
-                    }
-                    continue;
-                }
-                consecutive = 0;
-            }
+            next = after;
             // The row index: the position just consumed in `after`'s epoch order.
             let epoch = after.epoch;
             if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
@@ -84,10 +67,30 @@ impl Trainer {
             let index = order
                 .as_ref()
                 .map_or(0, |(_, o)| o[after.position as usize - 1]);
-            next = after;
-            out.push((epoch * rows + u64::from(index), sample));
-            if out.len() == want {
-                break;
+            let line = sample.line;
+            match self.prepare_one(epoch * rows + u64::from(index), sample) {
+                Ok(prompt) => {
+                    consecutive = 0;
+                    out.push(prompt);
+                    if out.len() == want {
+                        break;
+                    }
+                }
+                Err(reason) if skip => {
+                    tracing::warn!(
+                        step,
+                        manifest = %path.display(),
+                        line,
+                        %reason,
+                        "skipping a row whose files fail to decode (data.manifest.skip_bad_rows)"
+                    );
+                    undecodable += 1;
+                    consecutive += 1;
+                    if consecutive >= rows.max(1) as usize {
+                        break;
+                    }
+                }
+                Err(reason) => return Err(data_err(format!("line {line}: {reason}"))),
             }
         }
         for bad in iter.skipped() {
@@ -156,12 +159,14 @@ impl Trainer {
         self.model.config().placeholder_token_ids()
     }
 
-    /// One row's files decoded for the model: the processed prompt, the row with its box in the
-    /// model's pixels, and its segmentation mask indexed; why not otherwise.
+    /// One row's files decoded for the model, as the prompt of random stream `stream`: the
+    /// processed prompt, the row with its box in the model's pixels, and its segmentation mask
+    /// indexed; why not otherwise.
     pub(super) fn prepare_one(
         &self,
+        stream: u64,
         mut sample: ClinicalSample,
-    ) -> std::result::Result<(ClinicalSample, ProcessedSample, Option<MaskIndex>), String> {
+    ) -> std::result::Result<Prompt, String> {
         let processed = self
             .processor
             .process_sample(&sample)
@@ -175,44 +180,64 @@ impl Trainer {
             }
             _ => None,
         };
-        Ok((sample, processed, mask))
+        Ok(Prompt {
+            stream,
+            sample,
+            processed,
+            mask,
+        })
     }
 
-    /// Processes drawn rows into prompts, with their generation requests of `n` rollouts each;
-    /// errors name `path` (the manifest) and the row's line.
+    /// Processes rows into prompts ([`Trainer::prepare_one`]); errors name `path` (the
+    /// manifest) and the row's line.
     pub(super) fn prepare(
         &self,
         step: u64,
         path: &Path,
         drawn: Vec<(u64, ClinicalSample)>,
+    ) -> Result<Vec<Prompt>> {
+        drawn
+            .into_iter()
+            .map(|(stream, sample)| {
+                let line = sample.line;
+                self.prepare_one(stream, sample)
+                    .map_err(|e| TrainerError::Data {
+                        step,
+                        path: path.to_path_buf(),
+                        message: format!("line {line}: {e}"),
+                    })
+            })
+            .collect()
+    }
+
+    /// The generation requests of `n` rollouts for each prompt; errors name `path` (the
+    /// manifest) and the row's line.
+    pub(super) fn requests(
+        &self,
+        step: u64,
+        path: &Path,
+        prompts: &[Prompt],
         n: usize,
-    ) -> Result<(Vec<Prompt>, Vec<GroupRequest>)> {
-        let data_err = |message: String| TrainerError::Data {
-            step,
-            path: path.to_path_buf(),
-            message,
-        };
-        let mut prompts: Vec<Prompt> = Vec::with_capacity(drawn.len());
-        let mut requests = Vec::with_capacity(drawn.len());
-        for (stream, sample) in drawn {
-            let line = sample.line;
-            let (sample, processed, mask) = self
-                .prepare_one(sample)
-                .map_err(|e| data_err(format!("line {line}: {e}")))?;
-            let batch = self
-                .processor
-                .collate(std::slice::from_ref(&processed), None)
-                .map_err(|e| data_err(format!("line {line}: {e}")))?;
-            let inputs = qoq_model::prompt_inputs(&batch, &self.device)?;
-            requests.push(GroupRequest { inputs, n, stream });
-            prompts.push(Prompt {
-                stream,
-                sample,
-                processed,
-                mask,
-            });
-        }
-        Ok((prompts, requests))
+    ) -> Result<Vec<GroupRequest>> {
+        prompts
+            .iter()
+            .map(|p| {
+                let batch = self
+                    .processor
+                    .collate(std::slice::from_ref(&p.processed), None)
+                    .map_err(|e| TrainerError::Data {
+                        step,
+                        path: path.to_path_buf(),
+                        message: format!("line {}: {e}", p.sample.line),
+                    })?;
+                let inputs = qoq_model::prompt_inputs(&batch, &self.device)?;
+                Ok(GroupRequest {
+                    inputs,
+                    n,
+                    stream: p.stream,
+                })
+            })
+            .collect()
     }
 
     /// Samples every prompt's rollouts and decodes them: one group per prompt, in order, keyed
@@ -307,7 +332,7 @@ impl Trainer {
 /// Rescales the sample's ground-truth box from the original first image's pixels to the image
 /// the model sees (the dataset-side resize; spec §4.3), as the predicted boxes are in those
 /// pixels.
-pub(super) fn box_to_model_pixels(
+fn box_to_model_pixels(
     sample: &mut ClinicalSample,
     processed: &ProcessedSample,
 ) -> std::result::Result<(), String> {

@@ -4,7 +4,7 @@
 //! update runs `actor.ppo_epochs` passes over the same mini-batches; with more than one the old
 //! log-probs are the policy's own before the update (verl's rule), otherwise the sampler's.
 
-use super::rollout::{Prompt, box_to_model_pixels};
+use super::rollout::Prompt;
 use super::score::StepRewards;
 use super::{Result, SFT_LOSS, SKIPPED_STEPS, StepOutcome, Trainer, TrainerError, model_err};
 use crate::advantage::TokenAdvantages;
@@ -395,7 +395,8 @@ impl Trainer {
         let t0 = Instant::now();
         let step = self.state.step + 1;
         let span = tracing::info_span!("sft_update", step).entered();
-        let drawn = self.draw(step)?;
+        // The rows processed, their boxes in the model's pixels.
+        let prompts = self.draw(step)?;
         let path = self.manifest.path().to_path_buf();
         let data_err = |message: String| TrainerError::Data {
             step,
@@ -403,15 +404,11 @@ impl Trainer {
             message,
         };
         let im_end = self.processor.tokenizer.ids.im_end;
-        let mut rows: Vec<(ProcessedSample, Vec<u32>)> = Vec::with_capacity(drawn.len());
-        for (_, sample) in &drawn {
-            let processed = self
-                .processor
-                .process_sample(sample)
-                .map_err(|e| data_err(format!("line {}: {e}", sample.line)))?;
-            let mut sample = sample.clone();
-            box_to_model_pixels(&mut sample, &processed)
-                .map_err(|e| data_err(format!("line {}: {e}", sample.line)))?;
+        let mut rows: Vec<(ProcessedSample, Vec<u32>)> = Vec::with_capacity(prompts.len());
+        for Prompt {
+            sample, processed, ..
+        } in prompts
+        {
             let mut target = self
                 .processor
                 .tokenizer

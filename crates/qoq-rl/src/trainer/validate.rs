@@ -50,7 +50,8 @@ impl Trainer {
             if drawn.is_empty() {
                 break;
             }
-            let (prompts, requests) = self.prepare(step, &path, drawn, vo.n)?;
+            let prompts = self.prepare(step, &path, drawn)?;
+            let requests = self.requests(step, &path, &prompts, vo.n)?;
             let groups = self.generate(step, &path, &prompts, requests, &gen_cfg)?;
             let scored = self.score(step, &path, &prompts, groups)?;
             for (p, g) in prompts.iter().zip(&scored) {
