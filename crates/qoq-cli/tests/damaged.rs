@@ -12,20 +12,9 @@ use std::process::{Command, Stdio};
 
 mod support;
 
+/// The test-data cache, or `None` (with a notice) when it is absent.
 fn cache() -> Option<PathBuf> {
-    let dir = match std::env::var_os("QOQ_TESTDATA") {
-        Some(p) => PathBuf::from(p),
-        None => support::repo().join(".testdata"),
-    };
-    if dir.join("dicom").is_dir() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "skipping: no test-data cache at {} (run scripts/fetch-testdata.sh)",
-            dir.display()
-        );
-        None
-    }
+    damage::testdata_cache(&support::repo())
 }
 
 #[test]

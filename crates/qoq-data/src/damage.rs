@@ -280,6 +280,24 @@ fn io<T>(path: &Path, r: std::io::Result<T>) -> Result<T> {
     r.map_err(|e| Error::io(path, e))
 }
 
+/// The test-data cache of the repository at `repo` (`$QOQ_TESTDATA`, else `<repo>/.testdata`),
+/// or `None` with a printed notice when it is absent (tests that need it then skip).
+pub fn testdata_cache(repo: &Path) -> Option<PathBuf> {
+    let dir = match std::env::var_os("QOQ_TESTDATA") {
+        Some(p) => PathBuf::from(p),
+        None => repo.join(".testdata"),
+    };
+    if dir.join("dicom").is_dir() {
+        Some(dir)
+    } else {
+        eprintln!(
+            "skipping: no test-data cache at {} (run scripts/fetch-testdata.sh)",
+            dir.display()
+        );
+        None
+    }
+}
+
 /// The real files of a test-data cache (`scripts/fetch-testdata.sh`: `dicom/`, `ecg/`,
 /// `images/`, `volumes/`) with their roles, plus files written into `derived` from them so
 /// that every reader has a real input: the MIT-BIH record of `ecg/ecg.dat` (an `.npz`) as

@@ -110,19 +110,7 @@ fn set_current(s: &str) {
 
 /// The test-data cache, or `None` (with a notice) when it is absent.
 fn cache() -> Option<PathBuf> {
-    let dir = match std::env::var_os("QOQ_TESTDATA") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.testdata"),
-    };
-    if dir.join("dicom").is_dir() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "skipping: no test-data cache at {} (run scripts/fetch-testdata.sh)",
-            dir.display()
-        );
-        None
-    }
+    damage::testdata_cache(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
 }
 
 /// Run `f` on a fresh thread; fail the test when it takes longer than [`TIME_LIMIT`].
