@@ -69,7 +69,8 @@ fn tiny_train_step_reports_every_phase() {
     assert_eq!(losses.len(), 2, "{step}");
     assert!(losses.iter().all(|l| l.as_f64().unwrap().is_finite()));
     let norm = step["grad_norm"].as_f64().unwrap();
-    assert!(norm.is_finite() && norm > 0.0, "grad norm {norm}");
+    // The benchmark reward gives the rollouts of a group distinct rewards: the gradient is not 0.
+    assert!(norm.is_finite() && norm > 1e-3, "grad norm {norm}");
 }
 
 #[test]

@@ -1,50 +1,47 @@
-//! `qoq bench train-step`: one RL training step split by phase, against the same step in PyTorch.
+//! `qoq bench train-step`: the trainer's own RL step ([`Trainer::step`]) split by phase,
+//! against the same update in PyTorch.
 //!
-//! The step is assembled as `qoq_rl::trainer::Trainer::step` does it, minus the reward (the
-//! advantages are fixed, +1 / −0.5 alternating inside each group, so that both sides see the
-//! same numbers and the loss does not cancel to zero):
+//! The run is an ordinary `qoq train` run (its run file is [`run_config`]): GRPO with the k3 KL
+//! to the frozen initial weights in the loss, `--prompts` image rows drawn in order (one step is
+//! one pass over them), `--n` rollouts each at temperature 1 and top-p 1 with EOS ignored (every
+//! response has exactly `--response-len` tokens), one AdamW step per step. The reward is a hash
+//! of the response text ([`HashReward`]), so that groups get mixed rewards and the loss does not
+//! vanish. The phases are the trainer's own step metrics ([`trainer_step`]):
 //!
-//! * `process`: processor on every prompt (images, template, tokenizer) and the per-prompt
-//!   collation the engine takes;
-//! * `generate`: `n` rollouts per prompt with [`qoq_engine::generate`] (temperature 1, top-p 1,
-//!   EOS ignored: every response has exactly `--response-len` tokens; the placeholder tokens get
-//!   the trainer's −100 logit bias), keeping the sampler's log-probs as the old policy;
-//! * `ref_logprobs`: collation of the update's micro-batches (prompt + response) and an
-//!   Inference-mode forward of each under the frozen initial weights (the KL reference);
-//! * `update`: per micro-batch a Train-mode forward, the actor loss of the run config (clipped
-//!   surrogate with clip-higher and dual clip, token-mean, plus the k3 KL term to the reference),
-//!   backward, gradient accumulation; then one AdamW step with global-norm clipping;
-//! * `total`: the step.
+//! * `process`: drawing the rows, the processor (images, template, tokenizer) and the
+//!   generation requests (`timing_s/process`);
+//! * `generate`: the rollouts with [`qoq_engine::generate`] (`timing_s/gen`);
+//! * `ref_logprobs`: the frozen reference's forward, which the trainer runs per micro-batch
+//!   inside the update (`timing_s/ref`);
+//! * `update`: the rest of the update (`timing_s/update_actor` minus `ref_logprobs`): per
+//!   micro-batch the collation, the Train-mode forward, the actor loss and backward; then one
+//!   AdamW step with global-norm clipping (`timing_s/optimizer`, reported besides);
+//! * `total`: the trainer's step (`perf/time_per_step`, reward and advantages included).
 //!
-//! Each phase's peak resident memory is measured by resetting the high-water mark (`5` into
-//! `/proc/self/clear_refs`) before it and reading `VmHWM` after it.
+//! Peak resident memory per phase comes from the trainer too ([`Trainer::set_phase_memory`]).
 //!
-//! The exact batch (micro-batch tensors, old and reference log-probs, advantages) is written to
-//! `batch.safetensors` next to a `batch.json` holding the settings (model folder, micro-batch
-//! size, optimiser, clip ratios, KL) and this side's losses and gradient norms; then
-//! `tools/bench/train_step_ref.py --batch batch.json` runs the same step with transformers'
-//! `Qwen2_5_VLForConditionalGeneration` on the same safetensors, and the two sides' losses and
-//! gradient norms on the identical batch are compared.
+//! The exact update batch ([`Trainer::set_capture`]: micro-batch tensors, old and reference
+//! log-probs, advantages) is written to `batch.safetensors` next to a `batch.json` holding the
+//! settings (model folder, micro-batch size, optimiser, clip ratios, KL) and this side's losses
+//! and gradient norms; then `tools/bench/train_step_ref.py --batch batch.json` runs the same
+//! step with transformers' `Qwen2_5_VLForConditionalGeneration` on the same safetensors, and the
+//! two sides' losses and gradient norms on the identical batch are compared.
 
 use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, ValueEnum};
-use qoq_core::{ClinicalSample, Rollout};
 use qoq_data::manifest::{Manifest, ManifestConfig};
-use qoq_engine::{GenerateConfig, Generated, GroupRequest, SamplingParams, StopCondition};
-use qoq_model::train::{Freeze, trainable_var_builder, write_random_checkpoint_seeded};
-use qoq_model::{ClinicalVlm, ForwardMode, ModelInputs};
-use qoq_model::{RolloutTensors, prompt_inputs, rollout_tensors};
-use qoq_processor::processor::{ProcessedSample, Processor};
+use qoq_model::ModelInputs;
+use qoq_model::train::write_random_checkpoint_seeded;
 use qoq_rl::config::RunConfig;
-use qoq_rl::loss::{ActorLossInputs, KlTerm, LossConfig, PolicyLossInputs, compute_actor_loss};
-use qoq_rl::optim::{AdamW, GradAccumulator};
-use qoq_rl::trainer::response_log_probs;
+use qoq_rl::trainer::{
+    PEAK_MIB_PREFIX, TIMING_GEN, TIMING_OPTIMIZER, TIMING_PROCESS, TIMING_REF, TIMING_UPDATE,
+    Trainer,
+};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
-use std::time::Instant;
 
 /// The phases, in order.
 pub const PHASES: [&str; 5] = ["process", "generate", "ref_logprobs", "update", "total"];
@@ -106,46 +103,11 @@ fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// Reset the peak-RSS high-water mark of this process; false where the kernel refuses.
-fn reset_peak() -> bool {
-    std::fs::write("/proc/self/clear_refs", "5").is_ok()
-}
-
-/// `VmHWM` of this process in MiB.
-fn peak_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kib: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kib / 1024.0)
-}
-
 /// Seconds and peak MiB of one phase.
 #[derive(Debug, Clone, Copy, Default)]
 struct Phase {
     seconds: f64,
     peak_mib: f64,
-}
-
-struct PhaseTimer {
-    t: Instant,
-}
-
-impl PhaseTimer {
-    fn start() -> Self {
-        reset_peak();
-        Self { t: Instant::now() }
-    }
-    fn stop(self) -> Phase {
-        Phase {
-            seconds: self.t.elapsed().as_secs_f64(),
-            peak_mib: peak_mib().unwrap_or(0.0),
-        }
-    }
 }
 
 /// The 0.5B-class config (crates/qoq-model/benches/prefill.rs) with the tiny tokenizer's ids.
@@ -204,16 +166,50 @@ fn build_model_dir(size: BenchSize, dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(m)
 }
 
-/// The image-only rows of `manifest`, repeated to `want`.
-fn load_prompts(manifest: &Path, want: usize) -> anyhow::Result<Vec<ClinicalSample>> {
+/// Writes `dir/manifest.jsonl`: the image-only rows of `manifest` (rows with videos or ECGs
+/// are skipped: the benchmark's model is a stock Qwen2.5-VL), repeated to `want` rows, their file
+/// paths made absolute and their `data_source` / `dataset` written out.
+fn write_manifest(manifest: &Path, want: usize, dir: &Path) -> anyhow::Result<PathBuf> {
     let m = Manifest::open(manifest, ManifestConfig::default())
         .with_context(|| format!("opening {}", manifest.display()))?;
+    let text = std::fs::read_to_string(manifest)
+        .with_context(|| format!("reading {}", manifest.display()))?;
+    let lines: Vec<&str> = text.lines().collect();
+    let base = manifest.parent().unwrap_or(Path::new("."));
     let mut rows = Vec::new();
     for r in m.rows()? {
         let s = r.with_context(|| format!("reading {}", manifest.display()))?;
-        if !s.images.is_empty() && s.videos.is_empty() && s.time_series.is_empty() {
-            rows.push(s);
+        if s.images.is_empty() || !s.videos.is_empty() || !s.time_series.is_empty() {
+            continue;
         }
+        let line = lines
+            .get(
+                usize::try_from(s.line)
+                    .unwrap_or(usize::MAX)
+                    .saturating_sub(1),
+            )
+            .with_context(|| format!("{}: no line {}", manifest.display(), s.line))?;
+        let mut v: Value = serde_json::from_str(line)
+            .with_context(|| format!("{}: line {}", manifest.display(), s.line))?;
+        let o = v
+            .as_object_mut()
+            .with_context(|| format!("{}: line {} is not an object", manifest.display(), s.line))?;
+        let abs = |p: &Value| -> Value {
+            match p.as_str() {
+                Some(p) => json!(base.join(p).display().to_string()),
+                None => p.clone(),
+            }
+        };
+        if let Some(imgs) = o.get("images").and_then(Value::as_array) {
+            let imgs: Vec<Value> = imgs.iter().map(abs).collect();
+            o.insert("images".into(), json!(imgs));
+        }
+        if let Some(seg) = o.get("segmentation_path").map(abs) {
+            o.insert("segmentation_path".into(), seg);
+        }
+        o.insert("data_source".into(), json!(s.data_source));
+        o.insert("dataset".into(), json!(s.dataset));
+        rows.push(v.to_string());
     }
     if rows.is_empty() {
         bail!(
@@ -221,22 +217,88 @@ fn load_prompts(manifest: &Path, want: usize) -> anyhow::Result<Vec<ClinicalSamp
             manifest.display()
         );
     }
-    Ok((0..want).map(|i| rows[i % rows.len()].clone()).collect())
+    let out = dir.join("manifest.jsonl");
+    let body: Vec<&str> = (0..want).map(|i| rows[i % rows.len()].as_str()).collect();
+    std::fs::write(&out, body.join("\n") + "\n")
+        .with_context(|| format!("writing {}", out.display()))?;
+    Ok(out)
 }
 
-/// Everything one step needs that outlives it.
-struct Bench {
-    processor: Processor,
-    model: ClinicalVlm,
-    ref_model: ClinicalVlm,
-    opt: AdamW,
-    loss_cfg: LossConfig,
-    samples: Vec<ClinicalSample>,
-    n: usize,
-    response_len: usize,
-    micro: usize,
-    placeholders: Vec<u32>,
-    pad: u32,
+/// The benchmark's reward: a hash of the response text mapped to [0, 1], so that the rollouts of
+/// a group get distinct rewards and non-zero advantages (a random model earns no task reward,
+/// and equal rewards would leave the policy gradient at zero).
+struct HashReward;
+
+impl qoq_reward::RewardFn for HashReward {
+    fn name(&self) -> &str {
+        "bench_hash"
+    }
+
+    fn score(&self, input: &qoq_reward::RewardInput<'_>) -> qoq_core::RewardScore {
+        // FNV-1a: stable across runs and platforms (std's hasher is not).
+        let h = input
+            .response
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+        qoq_core::RewardScore {
+            overall: (h % 1024) as f64 / 1023.0,
+            ..Default::default()
+        }
+    }
+}
+
+/// The run file of the benchmark: one step is one pass over the `prompts` rows (in order), GRPO
+/// with the KL to the frozen initial weights in the loss, sampling at temperature 1 and top-p 1
+/// with EOS ignored (every response has exactly `response_len` tokens), one AdamW step per step.
+fn run_config(a: &TrainStepArgs, model: &Path, manifest: &Path, out: &Path) -> String {
+    // A JSON string is a valid TOML basic string (same escapes).
+    let q = |p: &Path| json!(p.display().to_string()).to_string();
+    format!(
+        r#"[data]
+train_files = {m}
+val_files = {m}
+rollout_batch_size = {prompts}
+shuffle = false
+max_response_length = {len}
+
+[model]
+model_path = {model}
+
+[rollout]
+n = {n}
+temperature = 1.0
+top_p = 1.0
+ignore_eos = true
+
+[algorithm]
+estimator = "grpo"
+
+[algorithm.kl]
+use_kl_loss = true
+
+[actor]
+global_batch_size = {prompts}
+micro_batch_size_per_device_for_update = {micro}
+
+[trainer]
+max_steps = {steps}
+val_freq = 0
+val_before_train = false
+n_gpus_per_node = 1
+save_freq = 0
+out_dir = {out}
+"#,
+        m = q(manifest),
+        model = q(model),
+        out = q(out),
+        prompts = a.prompts,
+        len = a.response_len,
+        n = a.n,
+        micro = a.micro_batch,
+        steps = a.steps,
+    )
 }
 
 /// What one step measured and produced.
@@ -259,231 +321,95 @@ fn i64_tensor(t: &Tensor) -> candle_core::Result<Tensor> {
     t.to_dtype(DType::I64)
 }
 
-impl Bench {
-    fn step(&mut self, step: usize) -> anyhow::Result<StepOut> {
-        let dev = Device::Cpu;
-        let mut phases = BTreeMap::new();
-        let total = PhaseTimer::start();
-        let mut total_peak: f64 = 0.0;
+/// One step of the trainer, read back as the benchmark's phases: `process` (draw, processor,
+/// requests), `generate`, `ref_logprobs` (the frozen reference's forward, which the trainer runs
+/// per micro-batch inside the update: its peak memory is the update's), `update` (the rest of
+/// the update: Train-mode forward, loss, backward, AdamW), `update_optimizer` (of it, AdamW) and
+/// `total` (the trainer's whole step, reward and advantages included).
+fn trainer_step(trainer: &mut Trainer, step: usize) -> anyhow::Result<StepOut> {
+    let out = trainer
+        .step()
+        .with_context(|| format!("step {}", step + 1))?;
+    let m = &out.metrics;
+    let get = |k: &str| -> anyhow::Result<f64> {
+        m.get(k)
+            .copied()
+            .with_context(|| format!("step {}: the trainer logged no `{k}`", step + 1))
+    };
+    let peak = |p: &str| {
+        m.get(&format!("{PEAK_MIB_PREFIX}{p}"))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let ref_s = get(TIMING_REF)?;
+    let mut phases = BTreeMap::new();
+    let ph = |seconds: f64, peak_mib: f64| Phase { seconds, peak_mib };
+    phases.insert("process", ph(get(TIMING_PROCESS)?, peak("process")));
+    phases.insert("generate", ph(get(TIMING_GEN)?, peak("gen")));
+    phases.insert("ref_logprobs", ph(ref_s, peak("update")));
+    phases.insert("update", ph(get(TIMING_UPDATE)? - ref_s, peak("update")));
+    phases.insert(UPDATE_OPTIMIZER, ph(get(TIMING_OPTIMIZER)?, peak("update")));
+    let total_peak = ["process", "gen", "update"]
+        .map(peak)
+        .into_iter()
+        .fold(0.0, f64::max);
+    phases.insert(
+        "total",
+        ph(get(qoq_rl::metrics_log::names::TIME_PER_STEP)?, total_peak),
+    );
+    let grad_norm = get(qoq_rl::metrics_log::names::GRAD_NORM)?;
+    let cap = trainer
+        .take_captured()
+        .context("the trainer captured no update batch")?;
 
-        // process
-        let timer = PhaseTimer::start();
-        let mut processed: Vec<ProcessedSample> = Vec::with_capacity(self.samples.len());
-        let mut requests = Vec::with_capacity(self.samples.len());
-        for (i, s) in self.samples.iter().enumerate() {
-            let p = self
-                .processor
-                .process_sample(s)
-                .with_context(|| format!("processing manifest line {}", s.line))?;
-            let batch = self
-                .processor
-                .collate(std::slice::from_ref(&p), None)
-                .with_context(|| format!("collating manifest line {}", s.line))?;
-            let inputs = prompt_inputs(&batch, &dev)?;
-            requests.push(GroupRequest {
-                inputs,
-                n: self.n,
-                stream: (step * self.samples.len() + i) as u64,
-            });
-            processed.push(p);
+    let mut tensors = HashMap::new();
+    let mut prompt_lens = Vec::new();
+    let mut losses = Vec::new();
+    for (k, mb) in cap.micro_batches.iter().enumerate() {
+        let key = |n: &str| format!("s{step}.m{k}.{n}");
+        tensors.insert(key("input_ids"), i64_tensor(&mb.inputs.input_ids)?);
+        if let Some(a) = &mb.inputs.attention_mask {
+            tensors.insert(key("attention_mask"), i64_tensor(a)?);
         }
-        let ph = timer.stop();
-        total_peak = total_peak.max(ph.peak_mib);
-        phases.insert("process", ph);
-
-        // generate
-        let timer = PhaseTimer::start();
-        let gen_cfg = GenerateConfig {
-            sampling: SamplingParams {
-                temperature: 1.0,
-                top_p: 1.0,
-                top_k: 0,
-                seed: 1,
-                logit_bias: self.placeholders.iter().map(|&t| (t, -100.0)).collect(),
-                ..SamplingParams::default()
-            },
-            stop: StopCondition {
-                eos: Vec::new(),
-                max_new_tokens: self.response_len,
-            },
-            max_batch_rows: self.samples.len() * self.n,
-        };
-        let generated = qoq_engine::generate(&self.model, &requests, &gen_cfg, |_, _, _| {})
-            .context("generation")?;
-        let ph = timer.stop();
-        total_peak = total_peak.max(ph.peak_mib);
-        phases.insert("generate", ph);
-        let flat: Vec<(usize, usize, &Generated)> = generated
-            .iter()
-            .enumerate()
-            .flat_map(|(gi, g)| g.iter().enumerate().map(move |(j, r)| (gi, j, r)))
-            .collect();
-        for (gi, j, r) in &flat {
-            if r.tokens.len() != self.response_len || r.logprobs.len() != self.response_len {
-                bail!(
-                    "prompt {gi} rollout {j}: {} tokens, {} log-probs, expected {}",
-                    r.tokens.len(),
-                    r.logprobs.len(),
-                    self.response_len
-                );
-            }
+        tensors.insert(key("position_ids"), i64_tensor(&mb.inputs.position_ids)?);
+        if let Some(pv) = &mb.inputs.pixel_values {
+            tensors.insert(key("pixel_values"), pv.clone());
+            tensors.insert(
+                key("image_grid_thw"),
+                grid_tensor(&mb.inputs.image_grid_thw)?,
+            );
         }
-
-        // ref_logprobs (with the micro-batch collation the update reuses)
-        let timer = PhaseTimer::start();
-        struct Micro {
-            inputs: ModelInputs,
-            s: usize,
-            labels: Tensor,
-            mask: Tensor,
-            old: Tensor,
-            adv: Tensor,
-            ref_lp: Tensor,
-        }
-        let mut micros: Vec<Micro> = Vec::new();
-        let r_len = self.response_len;
-        for ub in flat.chunks(self.micro) {
-            let prompts: Vec<ProcessedSample> =
-                ub.iter().map(|(gi, _, _)| processed[*gi].clone()).collect();
-            let batch = self.processor.collate(&prompts, None)?;
-            let rollouts: Vec<Rollout> = ub
-                .iter()
-                .map(|(_, _, r)| Rollout {
-                    token_ids: r.tokens.clone(),
-                    logprobs: r.logprobs.clone(),
-                    text: String::new(),
-                    finish: r.finish,
-                })
-                .collect();
-            let rollouts: Vec<&Rollout> = rollouts.iter().collect();
-            let RolloutTensors {
-                inputs,
-                s,
-                labels,
-                mask,
-                old,
-            } = rollout_tensors(&batch, &rollouts, &self.placeholders, self.pad, &dev)?;
-            // Fixed advantages, +1 / -0.5 alternating inside each group (so the loss does not
-            // cancel to 0).
-            let b = ub.len();
-            let mut adv = vec![0f32; b * r_len];
-            for (i, (_, j, _)) in ub.iter().enumerate() {
-                adv[i * r_len..(i + 1) * r_len].fill(if j % 2 == 0 { 1.0 } else { -0.5 });
-            }
-            let ref_lp = response_log_probs(
-                &self.ref_model,
-                &inputs,
-                s,
-                &labels,
-                ForwardMode::Inference,
-                step as u64,
-            )?
-            .detach();
-            micros.push(Micro {
-                inputs,
-                s,
-                labels,
-                mask,
-                old,
-                adv: Tensor::from_vec(adv, (b, r_len), &dev)?,
-                ref_lp,
-            });
-        }
-        let ph = timer.stop();
-        total_peak = total_peak.max(ph.peak_mib);
-        phases.insert("ref_logprobs", ph);
-
-        // update
-        let timer = PhaseTimer::start();
-        let count = micros.len() as f64;
-        let mut acc = GradAccumulator::new();
-        let mut losses = Vec::with_capacity(micros.len());
-        for m in &micros {
-            let lp = response_log_probs(
-                &self.model,
-                &m.inputs,
-                m.s,
-                &m.labels,
-                ForwardMode::Train,
-                step as u64,
-            )?;
-            let out = compute_actor_loss(
-                &ActorLossInputs {
-                    policy: PolicyLossInputs {
-                        old_log_probs: &m.old,
-                        log_probs: &lp,
-                        advantages: &m.adv,
-                        response_mask: &m.mask,
-                    },
-                    kl: Some(KlTerm::RefLogProbs(&m.ref_lp)),
-                },
-                &self.loss_cfg,
-            )?;
-            losses.push(out.metrics.pg_loss);
-            let grads = (out.loss / count)?.backward()?;
-            acc.add(self.opt.grads_of(&grads))?;
-        }
-        let t_opt = Instant::now();
-        let report = self.opt.step(&acc.take())?;
-        let opt_s = t_opt.elapsed().as_secs_f64();
-        let ph = timer.stop();
-        phases.insert(
-            UPDATE_OPTIMIZER,
-            Phase {
-                seconds: opt_s,
-                peak_mib: ph.peak_mib,
-            },
-        );
-        total_peak = total_peak.max(ph.peak_mib);
-        phases.insert("update", ph);
-        let mut t = total.stop();
-        t.peak_mib = total_peak;
-        phases.insert("total", t);
-
-        // The batch for the reference.
-        let mut tensors = HashMap::new();
-        let mut prompt_lens = Vec::new();
-        for (k, m) in micros.iter().enumerate() {
-            let key = |n: &str| format!("s{step}.m{k}.{n}");
-            tensors.insert(key("input_ids"), i64_tensor(&m.inputs.input_ids)?);
-            if let Some(a) = &m.inputs.attention_mask {
-                tensors.insert(key("attention_mask"), i64_tensor(a)?);
-            }
-            tensors.insert(key("position_ids"), i64_tensor(&m.inputs.position_ids)?);
-            if let Some(pv) = &m.inputs.pixel_values {
-                tensors.insert(key("pixel_values"), pv.clone());
-                tensors.insert(
-                    key("image_grid_thw"),
-                    grid_tensor(&m.inputs.image_grid_thw)?,
-                );
-            }
-            tensors.insert(key("labels"), i64_tensor(&m.labels)?);
-            tensors.insert(key("old_log_probs"), m.old.clone());
-            tensors.insert(key("advantages"), m.adv.clone());
-            tensors.insert(key("response_mask"), m.mask.clone());
-            tensors.insert(key("ref_log_probs"), m.ref_lp.clone());
-            prompt_lens.push(m.s);
-        }
-        let prompts = processed
-            .iter()
-            .zip(&self.samples)
-            .map(|(p, s)| {
-                (
-                    p.prompt.clone(),
-                    s.images.iter().map(|i| i.display().to_string()).collect(),
-                )
-            })
-            .collect();
-        Ok(StepOut {
-            phases,
-            losses,
-            grad_norm: report.grad_norm,
-            tensors,
-            prompt_lens,
-            prompts,
-            requests: requests.into_iter().map(|r| r.inputs).collect(),
-        })
+        tensors.insert(key("labels"), i64_tensor(&mb.labels)?);
+        tensors.insert(key("old_log_probs"), mb.old_log_probs.clone());
+        tensors.insert(key("advantages"), mb.advantages.clone());
+        tensors.insert(key("response_mask"), mb.mask.clone());
+        let ref_lp = mb
+            .ref_log_probs
+            .as_ref()
+            .context("the update ran without the reference log-probs")?;
+        tensors.insert(key("ref_log_probs"), ref_lp.clone());
+        prompt_lens.push(mb.s);
+        losses.push(mb.pg_loss);
     }
+    let prompts = cap
+        .prompts
+        .iter()
+        .map(|p| {
+            (
+                p.prompt.clone(),
+                p.images.iter().map(|i| i.display().to_string()).collect(),
+            )
+        })
+        .collect();
+    Ok(StepOut {
+        phases,
+        losses,
+        grad_norm,
+        tensors,
+        prompt_lens,
+        prompts,
+        requests: cap.prompts.into_iter().map(|p| p.inputs).collect(),
+    })
 }
 
 fn grid_tensor(grid: &[[usize; 3]]) -> candle_core::Result<Tensor> {
@@ -551,37 +477,18 @@ fn worker(a: &TrainStepArgs, dir: &Path) -> anyhow::Result<()> {
         .manifest
         .clone()
         .unwrap_or_else(|| repo_root().join("examples/mini/manifest.jsonl"));
-    let samples = load_prompts(&manifest, a.prompts)?;
-
-    let mut run = RunConfig::default();
-    run.actor.micro_batch_size_per_device_for_update = a.micro_batch;
+    let manifest = write_manifest(&manifest, a.prompts, dir)?;
+    let toml_text = run_config(a, &model_dir, &manifest, &dir.join("run"));
+    let run = RunConfig::from_toml_str(&toml_text, "the benchmark's run file")
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let loss_cfg = run.loss_config();
     let optim = run.actor.optim.clone();
     let opts = run.processor_options();
-    let processor = Processor::from_model_dir(&model_dir, None, opts.clone())
-        .with_context(|| format!("processor of {}", model_dir.display()))?;
-    let model_cfg = qoq_model::loading::read_config(&model_dir)?;
-    let dev = Device::Cpu;
-    let (vb, _) = qoq_model::loading::checkpoint_var_builder(&model_dir, DType::F32, &dev)?;
-    let (vb, store) = trainable_var_builder(vb, Freeze::default());
-    let model = ClinicalVlm::new(&model_cfg, vb)?;
-    let (_, ref_model) = qoq_model::loading::load_model(&model_dir, DType::F32, &dev)?;
-    let opt = AdamW::new(store.trainable()?, optim.clone())?;
-    let placeholders = model_cfg.placeholder_token_ids();
-    let pad = processor.tokenizer.ids.endoftext;
-    let mut bench = Bench {
-        processor,
-        model,
-        ref_model,
-        opt,
-        loss_cfg,
-        samples,
-        n: a.n,
-        response_len: a.response_len,
-        micro: a.micro_batch,
-        placeholders,
-        pad,
-    };
+    let placeholder_bias = run.rollout.image_pad_logit_bias;
+    let mut trainer =
+        Trainer::with_reward(run, Box::new(HashReward)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    trainer.set_phase_memory(true);
+    trainer.set_capture(true);
     let size = size_name(a.size);
     eprintln!(
         "train-step: {size} model, {} prompts x {} rollouts x {} tokens, micro-batch {}, {} step(s), {threads} thread(s)",
@@ -589,7 +496,7 @@ fn worker(a: &TrainStepArgs, dir: &Path) -> anyhow::Result<()> {
     );
     let mut outs = Vec::with_capacity(a.steps);
     for step in 0..a.steps {
-        let o = bench.step(step)?;
+        let o = trainer_step(&mut trainer, step)?;
         eprintln!(
             "step {}: {:.3} s, loss per micro-batch {:?}, grad norm {:.6}",
             step + 1,
@@ -599,9 +506,14 @@ fn worker(a: &TrainStepArgs, dir: &Path) -> anyhow::Result<()> {
         );
         outs.push(o);
     }
-    let pad_id = bench.pad;
+    let pad_id =
+        qoq_processor::processor::Processor::from_model_dir(&model_dir, None, opts.clone())
+            .with_context(|| format!("processor of {}", model_dir.display()))?
+            .tokenizer
+            .ids
+            .endoftext;
     // Free the models before the reference runs, so that its memory is not shared with ours.
-    drop(bench);
+    drop(trainer);
 
     let qoq = json!({
         "threads": threads,
@@ -654,7 +566,7 @@ fn worker(a: &TrainStepArgs, dir: &Path) -> anyhow::Result<()> {
         "response_len": a.response_len,
         "micro_batch": a.micro_batch,
         "pad_token_id": pad_id,
-        "placeholder_bias": -100.0,
+        "placeholder_bias": placeholder_bias,
         "optim": {
             "lr": optim.lr, "beta1": optim.beta1, "beta2": optim.beta2, "eps": optim.eps,
             "weight_decay": optim.weight_decay, "max_grad_norm": optim.max_grad_norm,

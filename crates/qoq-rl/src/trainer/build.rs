@@ -272,5 +272,6 @@ fn build(
         val_manifest,
         critic,
         skipped_rows: 0,
+        perf: Default::default(),
     })
 }

@@ -48,20 +48,27 @@
 //!   anyway it is fed as padding and masked out of the loss);
 //! - single device (`n_gpus_per_node` only enters the config's batch-size checks).
 //!
-//! Besides the reference metric names, each step logs `timing_s/gen`, `timing_s/update_actor`,
-//! `prompt_length/mean` and the cumulative `actor/skipped_steps`.
+//! Besides the reference metric names, each step logs `timing_s/process`, `timing_s/gen`,
+//! `timing_s/update_actor` (with, inside it, `timing_s/optimizer` and, when the KL is in the
+//! loss, the reference forward `timing_s/ref`), `prompt_length/mean` and the cumulative
+//! `actor/skipped_steps`; [`Trainer::set_phase_memory`] adds each phase's peak memory.
 //!
 //! There is no mutable random state: sampling seeds derive from `(rollout.seed, stream, rollout)`
 //! and the data order from `(data.seed, epoch)`, so the checkpoint's `rng.json` is empty.
 
 mod build;
 mod metrics;
+mod perf;
 mod rollout;
 mod score;
 mod update;
 mod validate;
 mod value;
 
+pub use perf::{
+    CapturedMicroBatch, CapturedPrompt, CapturedStep, PEAK_MIB_PREFIX, TIMING_OPTIMIZER,
+    TIMING_PROCESS, peak_rss_mib, reset_peak_rss,
+};
 pub use rollout::Prompt;
 pub use score::StepRewards;
 pub use update::{UpdateStats, response_log_probs, sft_target};
@@ -233,6 +240,8 @@ pub struct Trainer {
     /// Rows the last [`Trainer::draw`] skipped (`data.manifest.skip_bad_rows`), logged with the
     /// step as `data/skipped_rows`.
     skipped_rows: usize,
+    /// Nested timers, phase memory and batch capture ([`perf`]).
+    perf: perf::Perf,
 }
 
 impl Trainer {
@@ -423,11 +432,28 @@ impl Trainer {
         let step = self.state.step + 1;
         let path = self.manifest.path().to_path_buf();
 
+        self.perf.begin_step();
+        let mut m: BTreeMap<String, f64> = BTreeMap::new();
+
         // 1. Draw and process the rows, then sample.
         let span = tracing::info_span!("rollout", step).entered();
+        let phase = self.perf.phase();
         let prompts = self.draw(step)?;
         let requests = self.requests(step, &path, &prompts, self.cfg.rollout.n)?;
-        let t_gen = Instant::now();
+        let process_s = phase.stop("process", &mut m);
+        m.insert(TIMING_PROCESS.into(), process_s);
+        self.perf.record(|c| {
+            c.prompts = prompts
+                .iter()
+                .zip(&requests)
+                .map(|(p, r)| CapturedPrompt {
+                    prompt: p.processed.prompt.clone(),
+                    images: p.sample.images.clone(),
+                    inputs: r.inputs.clone(),
+                })
+                .collect();
+        });
+        let phase = self.perf.phase();
         let gen_cfg = self.sampling();
         let groups: Vec<RolloutGroup> = self.generate(step, &path, &prompts, requests, &gen_cfg)?;
         // ReMax: each prompt's greedy rollout, scored, is its rollouts' baseline.
@@ -436,13 +462,12 @@ impl Trainer {
         } else {
             None
         };
-        let gen_s = t_gen.elapsed().as_secs_f64();
+        let gen_s = phase.stop("gen", &mut m);
         drop(span);
 
         // 2. Score; the KL in the reward; dynamic filtering.
         let span = tracing::info_span!("reward", step).entered();
         let scored: Vec<ScoredGroup> = self.score(step, &path, &prompts, groups)?;
-        let mut m: BTreeMap<String, f64> = BTreeMap::new();
         let rewards = self.shape_rewards(step, &prompts, scored, &mut m)?;
         drop(span);
 
@@ -496,13 +521,17 @@ impl Trainer {
 
         // 4. Policy update (and the value model's, for PPO).
         let span = tracing::info_span!("update", step).entered();
-        let t_update = Instant::now();
+        let phase = self.perf.phase();
         let stats = self.rl_update(step, &prompts, &rewards, &adv.advantages, tokens.as_ref())?;
         if let (Some(v), Some(t)) = (&old_values, &tokens) {
             self.update_critic(step, &prompts, &rewards, v, &t.returns, &mut m)?;
         }
-        let update_s = t_update.elapsed().as_secs_f64();
+        let update_s = phase.stop("update", &mut m);
         drop(span);
+        if self.ref_model.is_some() && self.cfg.loss_config().kl.kl_in_loss() {
+            m.insert(TIMING_REF.into(), self.perf.ref_s.get());
+        }
+        m.insert(TIMING_OPTIMIZER.into(), self.perf.optimizer_s.get());
 
         // 5. Metrics.
         m.insert(TIMING_GEN.into(), gen_s);

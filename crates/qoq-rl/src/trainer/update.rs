@@ -4,6 +4,7 @@
 //! update runs `actor.ppo_epochs` passes over the same mini-batches; with more than one the old
 //! log-probs are the policy's own before the update (verl's rule), otherwise the sampler's.
 
+use super::perf::CapturedMicroBatch;
 use super::rollout::Prompt;
 use super::score::StepRewards;
 use super::{Result, SFT_LOSS, SKIPPED_STEPS, StepOutcome, Trainer, TrainerError, model_err};
@@ -209,7 +210,11 @@ impl Trainer {
                 };
                 acc.add(opt.grads_of(&grads))?;
             }
-            let report = self.optimizer_of(learner)?.step(&acc.take())?;
+            let grads = acc.take();
+            let t_opt = Instant::now();
+            let report = self.optimizer_of(learner)?.step(&grads)?;
+            let opt_s = &self.perf.optimizer_s;
+            opt_s.set(opt_s.get() + t_opt.elapsed().as_secs_f64());
             if report.grad_norm.is_finite() {
                 stats.norm_sum += report.grad_norm;
             }
@@ -368,12 +373,13 @@ impl Trainer {
         };
         let lp = response_log_probs(&self.model, &inputs, s, &labels, ForwardMode::Train, step)?;
         let ref_lp = match &self.ref_model {
-            Some(rm) => Some(
-                response_log_probs(rm, &inputs, s, &labels, ForwardMode::Inference, step)?.detach(),
-            ),
+            Some(rm) => Some(super::perf::Perf::timed(&self.perf.ref_s, || {
+                response_log_probs(rm, &inputs, s, &labels, ForwardMode::Inference, step)
+                    .map(|t| t.detach())
+            })?),
             None => None,
         };
-        let inputs = ActorLossInputs {
+        let loss_in = ActorLossInputs {
             policy: PolicyLossInputs {
                 old_log_probs: &old,
                 log_probs: &lp,
@@ -382,7 +388,21 @@ impl Trainer {
             },
             kl: ref_lp.as_ref().map(KlTerm::RefLogProbs),
         };
-        compute_actor_loss(&inputs, loss_cfg).map_err(|source| TrainerError::Loss { step, source })
+        let out = compute_actor_loss(&loss_in, loss_cfg)
+            .map_err(|source| TrainerError::Loss { step, source })?;
+        self.perf.record(|c| {
+            c.micro_batches.push(CapturedMicroBatch {
+                inputs: inputs.clone(),
+                s,
+                labels: labels.clone(),
+                mask: mask.clone(),
+                old_log_probs: old.clone(),
+                advantages: adv.clone(),
+                ref_log_probs: ref_lp.clone(),
+                pg_loss: out.metrics.pg_loss,
+            })
+        });
+        Ok(out)
     }
 
     /// One supervised fine-tuning step on the same data stream: the target of each drawn row is
@@ -392,6 +412,7 @@ impl Trainer {
     /// `actor.global_batch_size` prompts ([`Trainer::update_loop`]). Logs `sft/loss` (mean over
     /// micro-batches), `actor/grad_norm`, `actor/lr` and `actor/skipped_steps`.
     pub fn sft_step(&mut self) -> Result<StepOutcome> {
+        self.perf.begin_step();
         let t0 = Instant::now();
         let step = self.state.step + 1;
         let span = tracing::info_span!("sft_update", step).entered();
@@ -433,6 +454,7 @@ impl Trainer {
         );
         m.insert(names::LR.into(), stats.lr_last);
         m.insert(SKIPPED_STEPS.into(), self.opt.skipped() as f64);
+        m.insert(super::TIMING_OPTIMIZER.into(), self.perf.optimizer_s.get());
         m.insert(names::TIME_PER_STEP.into(), t0.elapsed().as_secs_f64());
         self.finish_step(step, m)
     }
