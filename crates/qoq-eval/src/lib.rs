@@ -31,7 +31,7 @@ pub mod answer;
 pub mod confusion;
 pub mod error;
 pub mod io;
-mod markdown;
+pub mod markdown;
 pub mod metrics;
 pub mod plot;
 pub mod run;

@@ -1,6 +1,7 @@
 //! The Markdown table of a [`MetricsReport`]: one row per dataset, a mean row per data source (in
 //! the paper's domain order) and an overall row, with the columns of the paper's appendix tables (Acc, Sens, Spec, F1, Prec;
-//! spec §13.6) followed by exact match, mean IoU and counts.
+//! spec §13.6) followed by exact match, mean IoU and counts; and [`paper_table`], the paper's
+//! Table 2 layout comparing several models.
 
 use crate::metrics::{MetricsReport, Summary};
 use qoq_core::Domain;
@@ -81,5 +82,161 @@ impl MetricsReport {
             );
         }
         out
+    }
+}
+
+/// Percent with one decimal, `-` when absent.
+fn pct(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_string(), |x| format!("{:.1}", 100.0 * x))
+}
+
+/// The paper's Table 2 layout (spec §13.6): one row per domain in the paper's order with its
+/// training rows, then a mean row over the `rare` domains, the overall mean of the vision domains
+/// (ECG excluded) and the overall mean of all domains (unweighted means of the per-domain
+/// summaries, like the paper's overall rows); per model (`(label, report)`, in column order)
+/// accuracy, macro-F1 and mean IoU in percent. `train_rows` is keyed by the domain's source name.
+pub fn paper_table(
+    models: &[(&str, &MetricsReport)],
+    train_rows: &std::collections::BTreeMap<String, usize>,
+    rare: &[Domain],
+) -> String {
+    let mut s = String::from("| domain | train rows |");
+    let mut sep = String::from("|---|---:|");
+    for (label, _) in models {
+        let label = cell(label);
+        let _ = write!(s, " {label} acc | {label} F1 | {label} IoU |");
+        sep.push_str("---:|---:|---:|");
+    }
+    s.push('\n');
+    s.push_str(&sep);
+    s.push('\n');
+    let mut row = |name: &str, rows: usize, get: &dyn Fn(&MetricsReport) -> Option<Summary>| {
+        let _ = write!(s, "| {name} | {rows} |");
+        for (_, r) in models {
+            let v = get(r);
+            let _ = write!(
+                s,
+                " {} | {} | {} |",
+                pct(v.map(|x| x.metrics.accuracy)),
+                pct(v.map(|x| x.metrics.f1)),
+                pct(v.and_then(|x| x.mean_iou)),
+            );
+        }
+        s.push('\n');
+    };
+    let rows_of = |d: &Domain| train_rows.get(d.as_source()).copied().unwrap_or(0);
+    for d in Domain::PAPER_ORDER {
+        row(d.as_source(), rows_of(&d), &|r| {
+            r.sources
+                .iter()
+                .find(|x| x.name == d.as_source())
+                .and_then(|x| x.summary)
+        });
+    }
+    if !rare.is_empty() {
+        let names: Vec<&str> = rare.iter().map(Domain::as_source).collect();
+        row(
+            &format!("**rare ({})**", names.join(", ")),
+            rare.iter().map(rows_of).sum(),
+            &|r| r.overall_where(|x| rare.iter().any(|d| d.as_source() == x)),
+        );
+    }
+    let total: usize = train_rows.values().sum();
+    let ecg = train_rows
+        .get(Domain::Ecg.as_source())
+        .copied()
+        .unwrap_or(0);
+    let vision = Domain::PAPER_ORDER.len() - 1;
+    row(
+        &format!("**overall, {vision} vision domains**"),
+        total - ecg,
+        &MetricsReport::overall_vision,
+    );
+    row(
+        &format!("**overall, {} domains**", Domain::PAPER_ORDER.len()),
+        total,
+        &|r| r.overall,
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::answer::Extraction;
+    use crate::metrics::{Prediction, compute_metrics};
+    use std::collections::BTreeMap;
+
+    fn pred(source: &str, answer: &str, response: &str, iou: Option<f64>) -> Prediction {
+        Prediction {
+            response: format!("<think></think>\\boxed{{{response}}}"),
+            answer: answer.into(),
+            data_source: source.into(),
+            dataset: format!("{source}-set"),
+            iou,
+        }
+    }
+
+    #[test]
+    fn paper_table_rows_columns_and_means() {
+        // Model A: ECG all right, derm half right (IoU 0.5), mri wrong. Model B: all wrong.
+        let a = compute_metrics(
+            &[
+                pred("ecg", "AF", "AF", None),
+                pred("ecg", "Normal", "Normal", None),
+                pred("derm", "benign", "benign", Some(0.5)),
+                pred("derm", "malignant", "benign", Some(0.5)),
+                pred("mri", "tumor", "normal", None),
+            ],
+            Extraction::Evaluation,
+        );
+        let b = compute_metrics(
+            &[
+                pred("ecg", "AF", "Normal", None),
+                pred("derm", "benign", "malignant", None),
+            ],
+            Extraction::Evaluation,
+        );
+        let rows: BTreeMap<String, usize> = [("ecg", 100), ("derm", 10), ("mri", 1)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        let t = paper_table(&[("A", &a), ("B|x", &b)], &rows, &[Domain::Mri]);
+        let lines: Vec<&str> = t.lines().collect();
+        // Header, separator, nine domains, rare, two overall rows.
+        assert_eq!(lines.len(), 2 + 9 + 3, "{t}");
+        assert!(lines[0].contains(" A acc | A F1 | A IoU |"), "{}", lines[0]);
+        assert!(
+            lines[0].contains(" B\\|x acc |"),
+            "names are escaped: {}",
+            lines[0]
+        );
+        assert_eq!(
+            lines[2],
+            "| ecg | 100 | 100.0 | 100.0 | - | 0.0 | 0.0 | - |"
+        );
+        let derm = lines.iter().find(|l| l.starts_with("| derm |")).unwrap();
+        assert!(derm.starts_with("| derm | 10 | 50.0 |"), "{derm}");
+        assert!(
+            derm.contains("| 50.0 | 0.0 |"),
+            "IoU of A, accuracy of B: {derm}"
+        );
+        let fundus = lines.iter().find(|l| l.starts_with("| fundus |")).unwrap();
+        assert_eq!(*fundus, "| fundus | 0 | - | - | - | - | - | - |");
+        assert!(
+            lines[11].starts_with("| **rare (mri)** | 1 | 0.0 |"),
+            "{}",
+            lines[11]
+        );
+        assert!(
+            lines[12].starts_with("| **overall, 8 vision domains** | 11 | 25.0 |"),
+            "{}",
+            lines[12]
+        );
+        assert!(
+            lines[13].starts_with("| **overall, 9 domains** | 111 |"),
+            "{}",
+            lines[13]
+        );
     }
 }

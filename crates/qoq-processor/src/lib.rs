@@ -16,6 +16,7 @@
 //! is a separate crate so its tests build without candle). The model crate turns its arrays into
 //! tensors.
 
+pub mod bpe;
 pub mod case;
 pub mod error;
 pub mod image;

@@ -3,8 +3,8 @@
 //! 1. writes the synthetic imbalanced nine-domain world (`qoq_synth`, about 100:1 between the
 //!    largest and the rarest domain, balanced test split) into `<out>/world`;
 //! 2. trains a small byte-level BPE on its text, with the Qwen2.5-VL added tokens after it
-//!    ([`tokenizer`]), and writes a tiny Qwen2.5-VL + ECG-JEPA model with seeded random weights
-//!    into `<out>/model_init` ([`model`]);
+//!    ([`tokenizer`], [`qoq_processor::bpe`]), and writes a tiny Qwen2.5-VL + ECG-JEPA model with seeded random weights
+//!    into `<out>/model_init` ([`qoq_model::init`]);
 //! 3. SFT warm-up on the training split (`<out>/sft`, exported as `<out>/sft_model`);
 //! 4. from the SFT model, RL with GRPO and with DRPO with the same steps, seeds and batches
 //!    (`<out>/grpo`, `<out>/drpo`, exported as `<out>/grpo_model`, `<out>/drpo_model`), scored by
@@ -14,7 +14,6 @@
 //! 6. prints the paper's Table 2 layout and writes `demo_metrics.json`, `report.md`,
 //!    `curves.png` and `boxes/*.png` ([`report`]).
 
-mod model;
 mod report;
 mod tokenizer;
 
@@ -31,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use model::ModelSize;
+use qoq_model::init::{self as model, ModelSize};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -422,7 +421,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     let mut all = train.clone();
     all.extend(test.iter().cloned());
     let corpus = tokenizer::corpus(&all)?;
-    let (tok_json, tok) = tokenizer::train(&corpus, p.bpe_vocab)?;
+    let (tok_json, tok) = qoq_processor::bpe::train_bpe(&corpus, p.bpe_vocab)?;
     let bpe = tok.ids.endoftext as usize;
     let init = out.join("model_init");
     let cfg = model::config_json(&p.model, bpe);
@@ -437,7 +436,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         "tokenizer",
         format!(
             "{bpe} BPE tokens + {} added; a prompt is {prompt_tokens} text tokens; model in {}",
-            tokenizer::ADDED,
+            qoq_processor::bpe::ADDED,
             init.display()
         ),
     );

@@ -64,63 +64,16 @@ fn mean_over(r: &MetricsReport, domains: &[Domain]) -> Option<Summary> {
     r.overall_where(|s| domains.iter().any(|d| d.as_source() == s))
 }
 
-fn cell(v: Option<f64>) -> String {
-    v.map_or_else(|| "-".to_string(), |x| format!("{:.1}", 100.0 * x))
-}
-
-/// The Markdown table: rows per domain in the paper's order, then the means.
+/// The Markdown table ([`qoq_eval::markdown::paper_table`]): rows per domain in the paper's
+/// order, then the rare domains' and the overall means, one column group per model.
 pub fn table(world: &qoq_synth::WorldSummary, reports: &[MetricsReport]) -> String {
     let train_rows: BTreeMap<String, usize> = world.train_rows_per_domain().into_iter().collect();
-    let mut s = String::from("| domain | train rows |");
-    let mut sep = String::from("|---|---:|");
-    for (_, label, _) in MODELS {
-        s.push_str(&format!(" {label} acc | {label} F1 | {label} IoU |"));
-        sep.push_str("---:|---:|---:|");
-    }
-    s.push('\n');
-    s.push_str(&sep);
-    s.push('\n');
-    let row = |name: &str, rows: String, get: &dyn Fn(&MetricsReport) -> Option<Summary>| {
-        let mut line = format!("| {name} | {rows} |");
-        for r in reports {
-            let v = get(r);
-            line.push_str(&format!(
-                " {} | {} | {} |",
-                cell(v.map(|s| s.metrics.accuracy)),
-                cell(v.map(|s| s.metrics.f1)),
-                cell(v.and_then(|s| s.mean_iou)),
-            ));
-        }
-        line.push('\n');
-        line
-    };
-    for d in Domain::PAPER_ORDER {
-        let n = train_rows.get(d.as_source()).copied().unwrap_or(0);
-        s.push_str(&row(d.as_source(), n.to_string(), &|r| {
-            source(r, &d).copied()
-        }));
-    }
-    let rare = rare_domains();
-    let rare_rows: usize = rare
+    let models: Vec<(&str, &MetricsReport)> = MODELS
         .iter()
-        .map(|d| train_rows.get(d.as_source()).copied().unwrap_or(0))
-        .sum();
-    let names: Vec<&str> = rare.iter().map(|d| d.as_source()).collect();
-    s.push_str(&row(
-        &format!("**rare ({})**", names.join(", ")),
-        rare_rows.to_string(),
-        &|r| mean_over(r, &rare),
-    ));
-    let total: usize = train_rows.values().sum();
-    s.push_str(&row(
-        "**overall, 8 vision domains**",
-        (total - train_rows.get("ecg").copied().unwrap_or(0)).to_string(),
-        &|r| r.overall_vision(),
-    ));
-    s.push_str(&row("**overall, 9 domains**", total.to_string(), &|r| {
-        r.overall
-    }));
-    s
+        .zip(reports)
+        .map(|((_, label, _), r)| (*label, r))
+        .collect();
+    qoq_eval::markdown::paper_table(&models, &train_rows, &rare_domains())
 }
 
 fn curve_points(c: &Curve, key: &str) -> Vec<(f64, f64)> {

@@ -1,0 +1,219 @@
+//! Writing model folders from scratch: a Qwen2.5-VL-architecture config with the ECG-JEPA
+//! encoder whose special token ids follow a trained BPE ([`qoq_processor::bpe`]), seeded random
+//! weights, and folders exported from a trainer's weights (the demo's models, and any small
+//! model a user builds).
+
+use crate::error::{Error, Result};
+use candle_core::Tensor;
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Sizes of a small model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelSize {
+    /// Decoder hidden size.
+    pub hidden: usize,
+    /// Decoder MLP width.
+    pub intermediate: usize,
+    /// Decoder layers.
+    pub layers: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Vision tower width.
+    pub vision_hidden: usize,
+    /// Vision tower blocks.
+    pub vision_depth: usize,
+    /// ECG-JEPA encoder width.
+    pub ecg_embed: usize,
+    /// ECG-JEPA encoder blocks.
+    pub ecg_depth: usize,
+}
+
+/// `config.json` for a BPE vocabulary of `bpe_vocab` entries: the 23 added tokens follow it in
+/// [`qoq_processor::tokenizer::QoqTokenizer`]'s order (`<|endoftext|>` first,
+/// `<|time_series_pad|>` last).
+pub fn config_json(size: &ModelSize, bpe_vocab: usize) -> serde_json::Value {
+    let v = bpe_vocab as u64;
+    let head_dim = size.hidden / size.heads;
+    // M-RoPE sections over head_dim / 2 frequencies: temporal, height, width (Qwen's 16/24/24
+    // proportions).
+    let half = head_dim / 2;
+    let t = half / 4;
+    let h = (half - t) / 2;
+    let w = half - t - h;
+    json!({
+        "architectures": ["TimeSeriesQwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl",
+        "hidden_size": size.hidden,
+        "intermediate_size": size.intermediate,
+        "num_hidden_layers": size.layers,
+        "num_attention_heads": size.heads,
+        "num_key_value_heads": size.kv_heads,
+        "vocab_size": v + qoq_processor::bpe::ADDED as u64,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1_000_000.0,
+        "max_position_embeddings": 4096,
+        "rope_scaling": {"type": "mrope", "mrope_section": [t, h, w]},
+        "tie_word_embeddings": false,
+        "vision_config": {
+            "depth": size.vision_depth,
+            "hidden_size": size.vision_hidden,
+            "intermediate_size": 2 * size.vision_hidden,
+            "num_heads": 2,
+            "out_hidden_size": size.hidden,
+            "fullatt_block_indexes": [size.vision_depth - 1],
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "tokens_per_second": 2,
+            "window_size": 112
+        },
+        "bos_token_id": v,
+        "eos_token_id": v + 2,
+        "vision_start_token_id": v + 9,
+        "vision_end_token_id": v + 10,
+        "vision_token_id": v + 11,
+        "image_token_id": v + 12,
+        "video_token_id": v + 13,
+        "time_series_token_id": v + 22,
+        "time_series_config": {
+            "embed_dim": size.ecg_embed,
+            "depth": size.ecg_depth,
+            "num_heads": 2
+        }
+    })
+}
+
+/// `preprocessor_config.json`: Qwen2.5-VL's image processor.
+pub fn preprocessor_json() -> serde_json::Value {
+    json!({
+        "min_pixels": 3136,
+        "max_pixels": 12845056,
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_processor_type": "Qwen2VLImageProcessor"
+    })
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(v)
+        .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?
+        + "\n";
+    std::fs::write(path, text).map_err(io(path))
+}
+
+/// Writes the initial model folder: config, preprocessor config, tokenizer, seeded weights.
+pub fn write_initial(
+    dir: &Path,
+    config: &serde_json::Value,
+    tokenizer_json: &str,
+    seed: u64,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let cfg_path = dir.join("config.json");
+    write_json(&cfg_path, config)?;
+    let parsed = qoq_core::hf_config::QwenVlConfig::from_file(&cfg_path)
+        .map_err(|e| Error::Config(format!("{}: {e}", cfg_path.display())))?;
+    crate::train::write_random_checkpoint_seeded(&parsed, dir, seed)?;
+    // The weights writer saves the parsed config; keep ours (the HF layout with every key).
+    write_json(&cfg_path, config)?;
+    write_json(&dir.join("preprocessor_config.json"), &preprocessor_json())?;
+    let tok = dir.join("tokenizer.json");
+    std::fs::write(&tok, tokenizer_json).map_err(io(&tok))
+}
+
+/// Writes a model folder with `weights`, the other files of `like` (config, preprocessor
+/// config, tokenizer) and the processor settings it was trained with
+/// ([`qoq_processor::SETTINGS_FILE`]).
+pub fn export(
+    dir: &Path,
+    like: &Path,
+    weights: &HashMap<String, Tensor>,
+    processor: &qoq_processor::ProcessorOptions,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    for f in ["config.json", "preprocessor_config.json", "tokenizer.json"] {
+        let from = like.join(f);
+        std::fs::copy(&from, dir.join(f)).map_err(io(&from))?;
+    }
+    processor
+        .write_to_model_dir(dir)
+        .map_err(|e| Error::Config(format!("{}: {e}", dir.display())))?;
+    let path = dir.join("model.safetensors");
+    candle_core::safetensors::save(weights, &path).map_err(|e| Error::Checkpoint {
+        path: path.clone(),
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn initial_model_follows_the_trained_tokenizer_loads_and_exports() {
+        let corpus: Vec<String> = (0..40)
+            .map(|i| format!("Above is an image. What is the diagnosis? benign {i} malignant"))
+            .collect();
+        let (tok_json, tok) = qoq_processor::bpe::train_bpe(&corpus, 300).unwrap();
+        let bpe = tok.ids.endoftext as usize;
+        let size = ModelSize {
+            hidden: 32,
+            intermediate: 64,
+            layers: 1,
+            heads: 4,
+            kv_heads: 2,
+            vision_hidden: 16,
+            vision_depth: 1,
+            ecg_embed: 16,
+            ecg_depth: 1,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let init = dir.path().join("init");
+        write_initial(&init, &config_json(&size, bpe), &tok_json, 3).unwrap();
+        let (cfg, _) = crate::loading::load_model(&init, DType::F32, &Device::Cpu).unwrap();
+        // Every special id of the config is the tokenizer's.
+        assert_eq!(cfg.image_token_id, tok.ids.image_pad);
+        assert_eq!(cfg.video_token_id, tok.ids.video_pad);
+        assert_eq!(cfg.vision_start_token_id, tok.ids.vision_start);
+        assert_eq!(cfg.vision_end_token_id, tok.ids.vision_end);
+        assert_eq!(cfg.time_series_token_id, Some(tok.ids.time_series_pad));
+        assert_eq!(cfg.bos_token_id, Some(tok.ids.endoftext));
+        assert_eq!(cfg.eos_token_id, Some(tok.ids.im_end));
+        assert_eq!(
+            cfg.text.vocab_size,
+            tok.ids.time_series_pad as usize + 1,
+            "the vocabulary ends at the last added token"
+        );
+        // Seeded: the same seed writes the same weights, another seed other ones.
+        let again = dir.path().join("again");
+        write_initial(&again, &config_json(&size, bpe), &tok_json, 3).unwrap();
+        let other = dir.path().join("other");
+        write_initial(&other, &config_json(&size, bpe), &tok_json, 4).unwrap();
+        let bytes = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+        assert_eq!(bytes(&init), bytes(&again));
+        assert_ne!(bytes(&init), bytes(&other));
+        // Export: the weights given, the folder's files, the processor settings.
+        let w =
+            candle_core::safetensors::load(init.join("model.safetensors"), &Device::Cpu).unwrap();
+        let out = dir.path().join("out");
+        export(&out, &init, &w, &qoq_processor::ProcessorOptions::default()).unwrap();
+        crate::loading::load_model(&out, DType::F32, &Device::Cpu).unwrap();
+        assert!(out.join(qoq_processor::SETTINGS_FILE).is_file());
+        assert!(export(&out, &dir.path().join("missing"), &w, &Default::default()).is_err());
+    }
+}
