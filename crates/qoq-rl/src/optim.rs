@@ -9,8 +9,17 @@
 //! `get_cosine_schedule_with_warmup` (with verl's `min_lr_ratio`).
 //!
 //! Written here rather than using `candle_nn::AdamW` because that optimiser's moments are private:
-//! they could not be checkpointed, and exact resume needs them. Moments are f32 whatever the
-//! weights' dtype; a parameter in bf16 is updated in f32 and rounded back.
+//! they could not be checkpointed, and exact resume needs them. With [`Precision::F32`] (the 7B
+//! recipe's `torch.optim.AdamW`) moments are f32 whatever the weights' dtype and a parameter in
+//! bf16 is updated in f32 and rounded back, so an update below half a bf16 ulp is lost. With
+//! [`Precision::Bf16Kahan`] (`actor.strategy = "adamw_bf16"`: torchdistx's `AnyPrecisionAdamW`
+//! with `use_kahan_summation=True`, spec §6, §10) the moments and a compensation buffer are stored
+//! in bf16 and the update goes through the buffer: `c += -lr/bc1 · m/denom; t = p; p += c;
+//! c += t − p`, so what rounding drops from the weight stays in `c` and lands later. The
+//! arithmetic is f32 with one rounding to storage per tensor (torch rounds after each in-place
+//! op; the two agree to bf16 rounding). As in torch, the bf16 buffer itself stops growing once
+//! an update is below half its ulp (|c| ≳ 2^9 updates): weights of an LLM's magnitude (≲ 0.1)
+//! move well before that at lr 1e-6, a weight near 1.0 does not.
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
@@ -110,10 +119,23 @@ pub struct StepReport {
     pub skipped: bool,
 }
 
+/// Storage precision of the optimiser state (`actor.strategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 moments, the weight updated in f32 and rounded to its dtype (`torch.optim.AdamW`).
+    #[default]
+    F32,
+    /// bf16 moments and a bf16 Kahan compensation buffer (`AnyPrecisionAdamW`).
+    Bf16Kahan,
+}
+
 /// AdamW over named parameters.
 #[derive(Debug)]
 pub struct AdamW {
     cfg: AdamWConfig,
+    precision: Precision,
+    /// Kahan compensation per parameter ([`Precision::Bf16Kahan`]; empty otherwise).
+    comp: Vec<Tensor>,
     names: Vec<String>,
     params: Vec<Var>,
     m: Vec<Tensor>,
@@ -130,6 +152,15 @@ pub struct AdamW {
 impl AdamW {
     /// An optimiser for `params` (name, variable); names key the saved state.
     pub fn new(params: Vec<(String, Var)>, cfg: AdamWConfig) -> candle_core::Result<Self> {
+        Self::with_precision(params, cfg, Precision::F32)
+    }
+
+    /// [`Self::new`] with the state stored in `precision`.
+    pub fn with_precision(
+        params: Vec<(String, Var)>,
+        cfg: AdamWConfig,
+        precision: Precision,
+    ) -> candle_core::Result<Self> {
         if !(cfg.lr >= 0.0 && (0.0..1.0).contains(&cfg.beta1) && (0.0..1.0).contains(&cfg.beta2)) {
             candle_core::bail!("adamw: lr must be >= 0 and betas in [0, 1), got {cfg:?}");
         }
@@ -137,14 +168,21 @@ impl AdamW {
         let mut vars = Vec::new();
         let mut m = Vec::new();
         let mut v = Vec::new();
+        let mut comp = Vec::new();
+        let state = Self::state_dtype(precision);
         for (n, p) in params {
-            m.push(Tensor::zeros(p.shape(), DType::F32, p.device())?);
-            v.push(Tensor::zeros(p.shape(), DType::F32, p.device())?);
+            m.push(Tensor::zeros(p.shape(), state, p.device())?);
+            v.push(Tensor::zeros(p.shape(), state, p.device())?);
+            if precision == Precision::Bf16Kahan {
+                comp.push(Tensor::zeros(p.shape(), state, p.device())?);
+            }
             names.push(n);
             vars.push(p);
         }
         Ok(AdamW {
             cfg,
+            precision,
+            comp,
             names,
             params: vars,
             t: vec![0; m.len()],
@@ -158,6 +196,18 @@ impl AdamW {
     /// The configuration.
     pub fn config(&self) -> &AdamWConfig {
         &self.cfg
+    }
+
+    /// The state's storage precision.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    fn state_dtype(precision: Precision) -> DType {
+        match precision {
+            Precision::F32 => DType::F32,
+            Precision::Bf16Kahan => DType::BF16,
+        }
     }
 
     /// Applied updates so far.
@@ -223,6 +273,26 @@ impl AdamW {
             let bc2_sqrt = (1.0 - b2.powi(t)).sqrt();
             let p = &self.params[i];
             let dtype = p.dtype();
+            if self.precision == Precision::Bf16Kahan {
+                let g = (g.to_dtype(DType::F32)? * scale)?;
+                // Decoupled decay in the weight's own dtype, as `p.data.mul_` does.
+                let w = (p.as_tensor().to_dtype(DType::F32)? * (1.0 - lr * self.cfg.weight_decay))?
+                    .to_dtype(dtype)?;
+                let m = ((self.m[i].to_dtype(DType::F32)? * b1)? + (&g * (1.0 - b1))?)?;
+                let v = ((self.v[i].to_dtype(DType::F32)? * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+                let denom = ((v.sqrt()? / bc2_sqrt)? + self.cfg.eps)?;
+                let c = (self.comp[i].to_dtype(DType::F32)? - ((&m / &denom)? * (lr / bc1))?)?
+                    .to_dtype(DType::BF16)?
+                    .to_dtype(DType::F32)?;
+                let before = w.to_dtype(DType::F32)?;
+                let after = (&before + &c)?.to_dtype(dtype)?;
+                let c = (c + (before - after.to_dtype(DType::F32)?)?)?;
+                p.set(&after)?;
+                self.m[i] = m.to_dtype(DType::BF16)?;
+                self.v[i] = v.to_dtype(DType::BF16)?;
+                self.comp[i] = c.to_dtype(DType::BF16)?;
+                continue;
+            }
             if p.device().is_cpu() {
                 let h = FusedHyper {
                     scale: scale as f32,
@@ -255,13 +325,17 @@ impl AdamW {
         })
     }
 
-    /// The state as named tensors: `m.{name}`, `v.{name}`, `t.{name}` (i64 scalar-vector), and
-    /// `__adamw_counts__` = [step, skipped].
+    /// The state as named tensors: `m.{name}`, `v.{name}` (in the state's precision),
+    /// `c.{name}` (the Kahan compensation, [`Precision::Bf16Kahan`]), `t.{name}` (i64
+    /// scalar-vector), and `__adamw_counts__` = [step, skipped].
     pub fn state_tensors(&self) -> candle_core::Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for (i, n) in self.names.iter().enumerate() {
             out.insert(format!("m.{n}"), self.m[i].clone());
             out.insert(format!("v.{n}"), self.v[i].clone());
+            if let Some(c) = self.comp.get(i) {
+                out.insert(format!("c.{n}"), c.clone());
+            }
             out.insert(
                 format!("t.{n}"),
                 Tensor::new(&[self.t[i] as i64], &Device::Cpu)?,
@@ -292,7 +366,9 @@ impl AdamW {
             .to_vec1::<i64>()?;
         let mut m = Vec::new();
         let mut v = Vec::new();
+        let mut comp = Vec::new();
         let mut ts = Vec::new();
+        let state = Self::state_dtype(self.precision);
         for (i, n) in self.names.iter().enumerate() {
             let key = format!("t.{n}");
             let tv = t
@@ -303,10 +379,29 @@ impl AdamW {
                 .to_vec1::<i64>()?;
             ts.push(tv.first().copied().unwrap_or(0).max(0) as u64);
             let dev = self.params[i].device();
-            for (key, dst) in [(format!("m.{n}"), &mut m), (format!("v.{n}"), &mut v)] {
+            let mut keys = vec![(format!("m.{n}"), &mut m), (format!("v.{n}"), &mut v)];
+            if self.precision == Precision::Bf16Kahan {
+                keys.push((format!("c.{n}"), &mut comp));
+            }
+            for (key, dst) in keys {
                 let x = t.get(&key).ok_or_else(|| {
-                    candle_core::Error::Msg(format!("{}: missing {key}", path.display()))
+                    candle_core::Error::Msg(format!(
+                        "{}: missing {key}{}",
+                        path.display(),
+                        if key.starts_with("c.") {
+                            " (the run's optimiser state was not saved with `adamw_bf16`)"
+                        } else {
+                            ""
+                        }
+                    ))
                 })?;
+                if x.dtype() != state {
+                    candle_core::bail!(
+                        "{}: {key} is {:?}, this optimiser keeps its state in {state:?} (was the run's `actor.strategy` changed?)",
+                        path.display(),
+                        x.dtype()
+                    );
+                }
                 if x.dims() != self.params[i].dims() {
                     candle_core::bail!(
                         "{}: {key} has shape {:?}, the parameter {:?}",
@@ -315,11 +410,12 @@ impl AdamW {
                         self.params[i].dims()
                     );
                 }
-                dst.push(x.to_dtype(DType::F32)?.to_device(dev)?);
+                dst.push(x.to_device(dev)?);
             }
         }
         self.m = m;
         self.v = v;
+        self.comp = comp;
         self.t = ts;
         self.step = counts.first().copied().unwrap_or(0).max(0) as u64;
         self.skipped = counts.get(1).copied().unwrap_or(0).max(0) as u64;
@@ -505,5 +601,120 @@ mod tests {
         assert!(a.as_tensor().to_vec1::<f32>().unwrap()[0] < 1.0);
         assert_eq!(b.as_tensor().to_vec1::<f32>().unwrap(), vec![1.0]);
         assert!(o.step(&[None]).is_err(), "gradient count is checked");
+    }
+
+    /// bf16 weights of an LLM's typical magnitude (±0.02) trained for `steps` updates of lr 1e-6
+    /// with a constant gradient: each update moves them by about 1e-6, far below half a bf16 ulp
+    /// there (2^-14 ≈ 6.1e-5).
+    fn bf16_run(precision: Precision, steps: usize) -> (f32, AdamW, Var) {
+        let p = Var::from_tensor(
+            &Tensor::new(&[0.02f32, -0.02], &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap(),
+        )
+        .unwrap();
+        let cfg = AdamWConfig {
+            lr: 1e-6,
+            weight_decay: 0.0,
+            max_grad_norm: None,
+            ..AdamWConfig::default()
+        };
+        let mut o = AdamW::with_precision(vec![("p".into(), p.clone())], cfg, precision).unwrap();
+        let g = Tensor::new(&[1.0f32, -1.0], &Device::Cpu).unwrap();
+        for _ in 0..steps {
+            o.step(&[Some(g.clone())]).unwrap();
+        }
+        let w = p
+            .as_tensor()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0];
+        (w, o, p)
+    }
+
+    #[test]
+    fn kahan_keeps_lr_1e6_updates_on_bf16_weights_that_plain_rounding_loses() {
+        let w0 = Tensor::new(&[0.02f32], &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0];
+        // 300 updates of ~1e-6 move the weight by ~3e-4, about 2.5 bf16 ulps (2^-13) there.
+        let (plain, _, _) = bf16_run(Precision::F32, 300);
+        assert_eq!(plain, w0, "without compensation every update rounds away");
+        let (kahan, o, p) = bf16_run(Precision::Bf16Kahan, 300);
+        let ulp = 2f32.powi(-13);
+        assert!(
+            (kahan - (w0 - 3e-4)).abs() <= ulp,
+            "with compensation the weight moved from {w0} to {kahan}, expected {} within {ulp}",
+            w0 - 3e-4
+        );
+        let state = o.state_tensors().unwrap();
+        assert_eq!(state["m.p"].dtype(), DType::BF16);
+        assert_eq!(state["c.p"].dtype(), DType::BF16);
+        // Weight plus compensation carry the update, for either sign, up to the bf16 rounding of
+        // each addition to the buffer (a few % of the update at this ratio; 10 % allowed).
+        let c = state["c.p"]
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let w = p
+            .as_tensor()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(((w[0] + c[0]) - (w0 - 3e-4)).abs() < 3e-5, "{w:?} + {c:?}");
+        assert!(((w[1] + c[1]) - (-w0 + 3e-4)).abs() < 3e-5, "{w:?} + {c:?}");
+    }
+
+    #[test]
+    fn kahan_state_resumes_exactly_and_is_not_mixed_with_f32_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, mut a, pa) = bf16_run(Precision::Bf16Kahan, 700);
+        let path = dir.path().join("optim.safetensors");
+        a.save(&path).unwrap();
+        let pb = Var::from_tensor(pa.as_tensor()).unwrap();
+        let mut b = AdamW::with_precision(
+            vec![("p".into(), pb.clone())],
+            a.config().clone(),
+            Precision::Bf16Kahan,
+        )
+        .unwrap();
+        b.load(&path).unwrap();
+        let g = Tensor::new(&[1.0f32, -1.0], &Device::Cpu).unwrap();
+        for _ in 0..600 {
+            a.step(&[Some(g.clone())]).unwrap();
+            b.step(&[Some(g.clone())]).unwrap();
+        }
+        let bits = |v: &Var| {
+            v.as_tensor()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(bits(&pa), bits(&pb));
+        // An f32 optimiser's state has f32 moments (and no compensation): refused either way.
+        let (_, f, _) = bf16_run(Precision::F32, 2);
+        let fpath = dir.path().join("f32.safetensors");
+        f.save(&fpath).unwrap();
+        let err = b.load(&fpath).unwrap_err().to_string();
+        assert!(
+            err.contains("m.p") && err.contains("actor.strategy"),
+            "{err}"
+        );
+        let mut f2 = AdamW::new(vec![("p".into(), pb)], AdamWConfig::default()).unwrap();
+        let err = f2.load(&path).unwrap_err().to_string();
+        assert!(err.contains("m.p") && err.contains("BF16"), "{err}");
     }
 }

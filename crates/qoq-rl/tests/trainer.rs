@@ -774,3 +774,39 @@ fn skip_bad_rows_trains_past_damaged_files_and_malformed_lines_counting_them() {
     }
     assert!(skipped >= 2.0, "both bad rows were skipped: {skipped}");
 }
+
+#[test]
+fn adamw_bf16_trains_with_kahan_state_and_resumes_bit_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = text_manifest(dir.path(), 6);
+    let bf16 = |out: &Path| {
+        let mut c = config(&model, &manifest, out, 4, 4, 6, 1e-3, 3, 1, true);
+        c.actor.strategy = qoq_rl::config::OptimizerStrategy::AdamwBf16;
+        c
+    };
+    let out_a = dir.path().join("a");
+    let mut a = Trainer::with_reward(bf16(&out_a), Box::new(Vowels)).unwrap();
+    assert_eq!(
+        a.optimizer().precision(),
+        qoq_rl::optim::Precision::Bf16Kahan
+    );
+    a.run().unwrap();
+    let state = a.optimizer().state_tensors().unwrap();
+    assert!(state.keys().any(|k| k.starts_with("c.")), "no compensation");
+    assert!(
+        state
+            .iter()
+            .filter(|(k, _)| k.starts_with("m."))
+            .all(|(_, t)| t.dtype() == candle_core::DType::BF16)
+    );
+    let out_b = dir.path().join("b");
+    let mut b = Trainer::with_reward(bf16(&out_b), Box::new(Vowels)).unwrap();
+    b.step().unwrap();
+    let ck = b.save_checkpoint().unwrap();
+    drop(b);
+    let mut b = Trainer::resume_with_reward(&ck, Box::new(Vowels)).unwrap();
+    b.run().unwrap();
+    assert_eq!(weights(&a), weights(&b), "weights differ after resuming");
+    assert_eq!(comparable(&a), comparable(&b));
+}

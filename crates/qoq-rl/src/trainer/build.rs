@@ -146,7 +146,11 @@ fn build(
             "model: every component is frozen; nothing to train".into(),
         ));
     }
-    let mut opt = AdamW::new(params, cfg.actor.optim.clone())?;
+    let precision = match cfg.actor.strategy {
+        crate::config::OptimizerStrategy::Adamw => crate::optim::Precision::F32,
+        crate::config::OptimizerStrategy::AdamwBf16 => crate::optim::Precision::Bf16Kahan,
+    };
+    let mut opt = AdamW::with_precision(params, cfg.actor.optim.clone(), precision)?;
     // PPO's value model: the saved one on resume, else the policy's checkpoint with a fresh head.
     let mut critic = if cfg.algorithm.estimator == EstimatorKind::Gae {
         let dtype = dtype_of(cfg.model.master_dtype);
