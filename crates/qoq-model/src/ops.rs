@@ -3,7 +3,8 @@
 //! candle's fused `softmax_last_dim`, `rms_norm` and `layer_norm` kernels record **no gradient and
 //! raise no error** when used under autograd. Every block therefore takes a [`ForwardMode`]:
 //! [`ForwardMode::Train`] composes differentiable primitives, [`ForwardMode::Inference`] may use
-//! the fused kernels. Tests assert both give the same values.
+//! the fused kernels. Tests assert both give the same values. On the CPU, Train mode's RMSNorm is
+//! [`crate::fused`]'s differentiable kernel (one pass forward, two backward).
 
 use candle_core::{D, DType, Result, Tensor};
 
@@ -53,6 +54,9 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, mode: ForwardMode) -> Res
             let xf = x.to_dtype(work)?;
             let wf = weight.to_dtype(work)?;
             candle_nn::ops::rms_norm(&xf, &wf, eps as f32)?.to_dtype(dtype)
+        }
+        ForwardMode::Train if crate::fused::available(x) => {
+            crate::fused::rms_norm(x, weight, eps, work)?.to_dtype(dtype)
         }
         ForwardMode::Train => {
             let xf = x.to_dtype(work)?;

@@ -1,0 +1,423 @@
+//! Differentiable fused kernels for the training forward (issue: candle's fused `rms_norm`
+//! records no gradient, and the composed op walks and allocates the tensor five times forward and
+//! more in the backward).
+//!
+//! Each op is a candle custom op with its own backward: the forward is one pass per row (rayon
+//! over rows) and the backward is one pass for the input's gradient and one for the weight's.
+//! Written by hand because no maintained crate offers candle custom ops with a backward for these
+//! blocks. CPU only, f32 and f64: on another device or dtype the callers use the composed ops,
+//! which give the same values and gradients (tests below).
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Rows below this length are processed serially (rayon's overhead dominates).
+const PAR_MIN_ELEMS: usize = 1 << 14;
+
+/// The contiguous slice of a CPU tensor's storage.
+fn slice<'a, T: candle_core::WithDType>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s[a..b]),
+        None => candle_core::bail!("fused op: non-contiguous input"),
+    }
+}
+
+/// The float types the kernels run in.
+trait Float: candle_core::WithDType + Send + Sync {
+    fn to64(self) -> f64;
+    fn of64(v: f64) -> Self;
+}
+
+impl Float for f32 {
+    fn to64(self) -> f64 {
+        f64::from(self)
+    }
+    fn of64(v: f64) -> Self {
+        v as f32
+    }
+}
+
+impl Float for f64 {
+    fn to64(self) -> f64 {
+        self
+    }
+    fn of64(v: f64) -> Self {
+        v
+    }
+}
+
+/// `1 / sqrt(mean(x²) + eps)` of one row, accumulated in f64.
+fn inv_rms<T: Float>(row: &[T], eps: f64) -> f64 {
+    let ss: f64 = row.iter().map(|&v| v.to64() * v.to64()).sum();
+    1.0 / (ss / row.len() as f64 + eps).sqrt()
+}
+
+/// Runs `f` on every (output row, row index) pair, in parallel when the tensor is large.
+fn rows_mut<T: Float>(out: &mut [T], dim: usize, f: impl Fn(usize, &mut [T]) + Send + Sync) {
+    if out.len() >= PAR_MIN_ELEMS {
+        out.par_chunks_mut(dim)
+            .enumerate()
+            .for_each(|(i, o)| f(i, o));
+    } else {
+        out.chunks_mut(dim).enumerate().for_each(|(i, o)| f(i, o));
+    }
+}
+
+/// RMSNorm `x / sqrt(mean(x²) + eps) · w` over the last dimension.
+struct RmsNorm {
+    eps: f64,
+}
+
+fn rms_fwd<T: Float>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
+    let dim = w.len();
+    let mut out = vec![T::of64(0.0); x.len()];
+    rows_mut(&mut out, dim, |i, o| {
+        let row = &x[i * dim..(i + 1) * dim];
+        let r = inv_rms(row, eps);
+        for ((o, &xv), &wv) in o.iter_mut().zip(row).zip(w) {
+            *o = T::of64(xv.to64() * r * wv.to64());
+        }
+    });
+    out
+}
+
+/// `dx_i = r·w_i·g_i − x_i·r³·(Σ_j g_j·w_j·x_j)/n` per row.
+fn rms_bwd_x<T: Float>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
+    let dim = w.len();
+    let mut out = vec![T::of64(0.0); x.len()];
+    rows_mut(&mut out, dim, |i, o| {
+        let row = &x[i * dim..(i + 1) * dim];
+        let gr = &g[i * dim..(i + 1) * dim];
+        let r = inv_rms(row, eps);
+        let dot: f64 = row
+            .iter()
+            .zip(gr)
+            .zip(w)
+            .map(|((&xv, &gv), &wv)| xv.to64() * gv.to64() * wv.to64())
+            .sum();
+        let c = r * r * r * dot / dim as f64;
+        for (((o, &xv), &gv), &wv) in o.iter_mut().zip(row).zip(gr).zip(w) {
+            *o = T::of64(r * wv.to64() * gv.to64() - xv.to64() * c);
+        }
+    });
+    out
+}
+
+/// `dw_i = Σ_rows g_i·x_i·r`.
+fn rms_bwd_w<T: Float>(x: &[T], g: &[T], dim: usize, eps: f64) -> Vec<T> {
+    let row_sum = |acc: Vec<f64>, (xr, gr): (&[T], &[T])| {
+        let r = inv_rms(xr, eps);
+        let mut acc = acc;
+        for ((a, &xv), &gv) in acc.iter_mut().zip(xr).zip(gr) {
+            *a += gv.to64() * xv.to64() * r;
+        }
+        acc
+    };
+    let add = |mut a: Vec<f64>, b: Vec<f64>| {
+        for (x, y) in a.iter_mut().zip(b) {
+            *x += y;
+        }
+        a
+    };
+    let sums = if x.len() >= PAR_MIN_ELEMS {
+        x.par_chunks(dim)
+            .zip(g.par_chunks(dim))
+            .fold(|| vec![0.0; dim], row_sum)
+            .reduce(|| vec![0.0; dim], add)
+    } else {
+        x.chunks(dim)
+            .zip(g.chunks(dim))
+            .fold(vec![0.0; dim], row_sum)
+    };
+    sums.into_iter().map(T::of64).collect()
+}
+
+fn check_dim(l: &Layout, dim: usize, what: &str) -> Result<()> {
+    if l.dims().last() != Some(&dim) {
+        candle_core::bail!(
+            "fused rms_norm: {what} has shape {:?}, the weight {dim} elements",
+            l.dims()
+        );
+    }
+    Ok(())
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "qoq-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dim = l2.shape().elem_count();
+        check_dim(l1, dim, "the input")?;
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
+                CpuStorage::F32(rms_fwd(slice(x, l1)?, slice(w, l2)?, self.eps))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w)) => {
+                CpuStorage::F64(rms_fwd(slice(x, l1)?, slice(w, l2)?, self.eps))
+            }
+            _ => candle_core::bail!("fused rms_norm: f32 or f64 input and weight of one dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = x.apply_op3_no_bwd(w, &grad, &RmsNormBwdX { eps: self.eps })?;
+        let dw = x.apply_op2_no_bwd(&grad, &RmsNormBwdW { eps: self.eps })?;
+        Ok((Some(dx), Some(dw.reshape(w.shape())?)))
+    }
+}
+
+struct RmsNormBwdX {
+    eps: f64,
+}
+
+impl CustomOp3 for RmsNormBwdX {
+    fn name(&self) -> &'static str {
+        "qoq-rms-norm-bwd-x"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dim = l2.shape().elem_count();
+        check_dim(l1, dim, "the input")?;
+        check_dim(l3, dim, "the gradient")?;
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => CpuStorage::F32(
+                rms_bwd_x(slice(x, l1)?, slice(w, l2)?, slice(g, l3)?, self.eps),
+            ),
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => CpuStorage::F64(
+                rms_bwd_x(slice(x, l1)?, slice(w, l2)?, slice(g, l3)?, self.eps),
+            ),
+            _ => candle_core::bail!("fused rms_norm backward: one float dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+struct RmsNormBwdW {
+    eps: f64,
+}
+
+impl CustomOp2 for RmsNormBwdW {
+    fn name(&self) -> &'static str {
+        "qoq-rms-norm-bwd-w"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dim = *l1.dims().last().unwrap_or(&1);
+        check_dim(l2, dim, "the gradient")?;
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
+                CpuStorage::F32(rms_bwd_w(slice(x, l1)?, slice(g, l2)?, dim, self.eps))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
+                CpuStorage::F64(rms_bwd_w(slice(x, l1)?, slice(g, l2)?, dim, self.eps))
+            }
+            _ => candle_core::bail!("fused rms_norm backward: one float dtype"),
+        };
+        Ok((out, Shape::from(dim)))
+    }
+}
+
+/// Whether the fused kernels can run on `x` (CPU, computing in f32 or f64).
+pub(crate) fn available(x: &Tensor) -> bool {
+    x.device().is_cpu()
+}
+
+/// Differentiable RMSNorm over the last dimension in `work` (f32 or f64): one pass forward, two
+/// in the backward. The caller casts back.
+pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, work: DType) -> Result<Tensor> {
+    let x = x.to_dtype(work)?.contiguous()?;
+    let w = weight.to_dtype(work)?.contiguous()?;
+    x.apply_op2(&w, RmsNorm { eps })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{D, Device, Var};
+
+    /// The composed RMSNorm the fused op replaces.
+    fn composed(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+        let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+        x.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)
+    }
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+        let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+        let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+        let scale = b
+            .abs()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+            .max(1e-30);
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+            / scale
+    }
+
+    /// Value and both gradients of fused vs composed under a random upstream gradient.
+    fn check(dtype: DType, shape: (usize, usize, usize), tol: f64) {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f64, 2.0, shape, &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let w = Tensor::randn(1f64, 0.3, shape.2, &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let up = Tensor::randn(0f64, 1.0, shape, &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let run = |fused: bool| {
+            let xv = Var::from_tensor(&x).unwrap();
+            let wv = Var::from_tensor(&w).unwrap();
+            let y = if fused {
+                rms_norm(xv.as_tensor(), wv.as_tensor(), 1e-6, dtype).unwrap()
+            } else {
+                composed(xv.as_tensor(), wv.as_tensor(), 1e-6).unwrap()
+            };
+            let g = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            (
+                y,
+                g.get(xv.as_tensor()).unwrap().clone(),
+                g.get(wv.as_tensor()).unwrap().clone(),
+            )
+        };
+        let (yf, dxf, dwf) = run(true);
+        let (yc, dxc, dwc) = run(false);
+        for (name, a, b) in [("value", &yf, &yc), ("dx", &dxf, &dxc), ("dw", &dwf, &dwc)] {
+            let e = max_rel(a, b);
+            assert!(e < tol, "{dtype:?} {shape:?} {name}: relative error {e}");
+        }
+        assert_eq!(dwf.dims(), &[shape.2]);
+    }
+
+    #[test]
+    fn fused_rms_norm_matches_the_composed_op_and_its_gradients() {
+        check(DType::F64, (2, 3, 16), 1e-12);
+        check(DType::F32, (2, 3, 16), 1e-5);
+        // Large enough for the parallel path.
+        check(DType::F64, (4, 64, 96), 1e-12);
+        check(DType::F32, (4, 64, 96), 1e-5);
+    }
+
+    #[test]
+    fn fused_rms_norm_gradient_matches_finite_differences() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f64, 1.0, (3, 5), &dev).unwrap();
+        let w = Tensor::randn(1f64, 0.2, 5, &dev).unwrap();
+        let up = Tensor::randn(0f64, 1.0, (3, 5), &dev).unwrap();
+        let loss = |x: &Tensor, w: &Tensor| {
+            (rms_norm(x, w, 1e-6, DType::F64).unwrap() * &up)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let xv = Var::from_tensor(&x).unwrap();
+        let wv = Var::from_tensor(&w).unwrap();
+        let g = (rms_norm(xv.as_tensor(), wv.as_tensor(), 1e-6, DType::F64).unwrap() * &up)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let dx: Vec<f64> = g
+            .get(xv.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let dw: Vec<f64> = g.get(wv.as_tensor()).unwrap().to_vec1().unwrap();
+        let h = 1e-6;
+        let xs: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
+        for i in [0, 7, 14] {
+            let bump = |d: f64| {
+                let mut v = xs.clone();
+                v[i] += d;
+                Tensor::from_vec(v, (3, 5), &dev).unwrap()
+            };
+            let fd = (loss(&bump(h), &w) - loss(&bump(-h), &w)) / (2.0 * h);
+            assert!((fd - dx[i]).abs() < 1e-6, "dx[{i}] {} vs {fd}", dx[i]);
+        }
+        let ws: Vec<f64> = w.to_vec1().unwrap();
+        for i in [0, 4] {
+            let bump = |d: f64| {
+                let mut v = ws.clone();
+                v[i] += d;
+                Tensor::from_vec(v, 5, &dev).unwrap()
+            };
+            let fd = (loss(&x, &bump(h)) - loss(&x, &bump(-h))) / (2.0 * h);
+            assert!((fd - dw[i]).abs() < 1e-6, "dw[{i}] {} vs {fd}", dw[i]);
+        }
+    }
+
+    #[test]
+    fn bf16_inputs_go_through_f32_and_back() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 8), &dev).unwrap();
+        let w = Tensor::randn(1f32, 0.1, 8, &dev).unwrap();
+        let xb = Var::from_tensor(&x.to_dtype(DType::BF16).unwrap()).unwrap();
+        let y = crate::ops::rms_norm(
+            xb.as_tensor(),
+            &w.to_dtype(DType::BF16).unwrap(),
+            1e-6,
+            crate::ops::ForwardMode::Train,
+        )
+        .unwrap();
+        assert_eq!(y.dtype(), DType::BF16);
+        let reference = composed(&x, &w, 1e-6).unwrap();
+        assert!(max_rel(&y, &reference) < 2e-2, "bf16 rounding only");
+        let g = y
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gx = g.get(xb.as_tensor()).expect("bf16 input gets a gradient");
+        assert_eq!(gx.dtype(), DType::BF16);
+    }
+}
