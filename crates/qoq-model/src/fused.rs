@@ -247,6 +247,103 @@ impl CustomOp2 for RmsNormBwdW {
     }
 }
 
+/// Softmax over the last dimension (row max subtracted, sums in f64).
+struct Softmax;
+
+fn softmax_fwd<T: Float>(x: &[T], dim: usize) -> Vec<T> {
+    let mut out = vec![T::of64(0.0); x.len()];
+    rows_mut(&mut out, dim, |i, o| {
+        let row = &x[i * dim..(i + 1) * dim];
+        let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v.to64()));
+        let mut sum = 0.0;
+        for (o, &v) in o.iter_mut().zip(row) {
+            let e = (v.to64() - max).exp();
+            sum += e;
+            *o = T::of64(e);
+        }
+        for o in o.iter_mut() {
+            *o = T::of64(o.to64() / sum);
+        }
+    });
+    out
+}
+
+/// `dx = y · (g − Σ g·y)` per row.
+fn softmax_bwd<T: Float>(y: &[T], g: &[T], dim: usize) -> Vec<T> {
+    let mut out = vec![T::of64(0.0); y.len()];
+    rows_mut(&mut out, dim, |i, o| {
+        let yr = &y[i * dim..(i + 1) * dim];
+        let gr = &g[i * dim..(i + 1) * dim];
+        let dot: f64 = yr.iter().zip(gr).map(|(&a, &b)| a.to64() * b.to64()).sum();
+        for ((o, &yv), &gv) in o.iter_mut().zip(yr).zip(gr) {
+            *o = T::of64(yv.to64() * (gv.to64() - dot));
+        }
+    });
+    out
+}
+
+impl candle_core::CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "qoq-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dim = *l.dims().last().unwrap_or(&1);
+        let out = match s {
+            CpuStorage::F32(x) => CpuStorage::F32(softmax_fwd(slice(x, l)?, dim)),
+            CpuStorage::F64(x) => CpuStorage::F64(softmax_fwd(slice(x, l)?, dim)),
+            _ => candle_core::bail!("fused softmax: f32 or f64 input"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        Ok(Some(y.apply_op2_no_bwd(&grad, &SoftmaxBwd)?))
+    }
+}
+
+struct SoftmaxBwd;
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "qoq-softmax-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dim = *l1.dims().last().unwrap_or(&1);
+        if l1.dims() != l2.dims() {
+            candle_core::bail!(
+                "fused softmax backward: output {:?}, gradient {:?}",
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(y), CpuStorage::F32(g)) => {
+                CpuStorage::F32(softmax_bwd(slice(y, l1)?, slice(g, l2)?, dim))
+            }
+            (CpuStorage::F64(y), CpuStorage::F64(g)) => {
+                CpuStorage::F64(softmax_bwd(slice(y, l1)?, slice(g, l2)?, dim))
+            }
+            _ => candle_core::bail!("fused softmax backward: one float dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Differentiable softmax over the last dimension in `work` (f32 or f64): one pass forward, one
+/// backward (from the saved output). The caller casts back.
+pub(crate) fn softmax_last_dim(x: &Tensor, work: DType) -> Result<Tensor> {
+    x.to_dtype(work)?.contiguous()?.apply_op1(Softmax)
+}
+
 /// Whether the fused kernels can run on `x` (CPU, computing in f32 or f64).
 pub(crate) fn available(x: &Tensor) -> bool {
     x.device().is_cpu()
@@ -419,5 +516,56 @@ mod tests {
             .unwrap();
         let gx = g.get(xb.as_tensor()).expect("bf16 input gets a gradient");
         assert_eq!(gx.dtype(), DType::BF16);
+    }
+
+    #[test]
+    fn fused_softmax_matches_the_composed_op_and_its_gradient() {
+        let dev = Device::Cpu;
+        for (dtype, shape, tol) in [
+            (DType::F64, (2, 3, 7), 1e-12),
+            (DType::F32, (2, 3, 7), 1e-5),
+            (DType::F32, (4, 64, 80), 1e-5),
+        ] {
+            // Large logits and a fully masked-like row (-inf but one) as attention produces.
+            let mut x = (Tensor::randn(0f64, 4.0, shape, &dev).unwrap() + 30.0).unwrap();
+            let mut row0 = vec![f64::NEG_INFINITY; shape.2];
+            row0[1] = 0.5;
+            let rest = x.flatten_all().unwrap().to_vec1::<f64>().unwrap()[shape.2..].to_vec();
+            row0.extend(rest);
+            x = Tensor::from_vec(row0, shape, &dev).unwrap();
+            let x = x.to_dtype(dtype).unwrap();
+            let up = Tensor::randn(0f64, 1.0, shape, &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let run = |fused: bool| {
+                let xv = Var::from_tensor(&x).unwrap();
+                let y = if fused {
+                    softmax_last_dim(xv.as_tensor(), dtype).unwrap()
+                } else {
+                    let max = xv.as_tensor().max_keepdim(D::Minus1).unwrap().detach();
+                    let e = xv.as_tensor().broadcast_sub(&max).unwrap().exp().unwrap();
+                    let s = e.sum_keepdim(D::Minus1).unwrap();
+                    e.broadcast_div(&s).unwrap()
+                };
+                let g = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+                (y, g.get(xv.as_tensor()).unwrap().clone())
+            };
+            let (yf, gf) = run(true);
+            let (yc, gc) = run(false);
+            assert!(max_rel(&yf, &yc) < tol, "{dtype:?} value");
+            assert!(max_rel(&gf, &gc) < tol, "{dtype:?} gradient");
+            let g0: Vec<f64> = gf
+                .to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert!(
+                g0[..shape.2].iter().all(|v| v.is_finite() && *v == 0.0),
+                "one-hot row"
+            );
+        }
     }
 }

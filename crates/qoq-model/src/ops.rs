@@ -3,8 +3,8 @@
 //! candle's fused `softmax_last_dim`, `rms_norm` and `layer_norm` kernels record **no gradient and
 //! raise no error** when used under autograd. Every block therefore takes a [`ForwardMode`]:
 //! [`ForwardMode::Train`] composes differentiable primitives, [`ForwardMode::Inference`] may use
-//! the fused kernels. Tests assert both give the same values. On the CPU, Train mode's RMSNorm is
-//! [`crate::fused`]'s differentiable kernel (one pass forward, two backward).
+//! the fused kernels. Tests assert both give the same values. On the CPU, Train mode's RMSNorm and
+//! softmax are [`crate::fused`]'s differentiable kernels.
 
 use candle_core::{D, DType, Result, Tensor};
 
@@ -34,6 +34,9 @@ pub fn softmax_last_dim(x: &Tensor, mode: ForwardMode) -> Result<Tensor> {
     let x = x.to_dtype(compute_dtype(dtype))?;
     let y = match mode {
         ForwardMode::Inference => candle_nn::ops::softmax_last_dim(&x)?,
+        ForwardMode::Train if crate::fused::available(&x) => {
+            crate::fused::softmax_last_dim(&x, x.dtype())?
+        }
         ForwardMode::Train => {
             let max = x.max_keepdim(D::Minus1)?.detach();
             let e = x.broadcast_sub(&max)?.exp()?;
