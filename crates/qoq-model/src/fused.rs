@@ -344,8 +344,142 @@ pub(crate) fn softmax_last_dim(x: &Tensor, work: DType) -> Result<Tensor> {
     x.to_dtype(work)?.contiguous()?.apply_op1(Softmax)
 }
 
+/// `log_softmax(logits)[label]` per row: `x[label] − max − log Σ exp(x − max)`, without the
+/// `(rows, vocab)` log-softmax tensor; the backward writes `g · (onehot(label) − softmax(x))`.
+struct ChosenLogProb;
+
+fn lse<T: Float>(row: &[T]) -> (f64, f64) {
+    let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v.to64()));
+    let sum: f64 = row.iter().map(|&v| (v.to64() - max).exp()).sum();
+    (max, sum.ln())
+}
+
+fn chosen_fwd<T: Float>(x: &[T], labels: &[u32], vocab: usize) -> Vec<T> {
+    let one = |i: usize| {
+        let row = &x[i * vocab..(i + 1) * vocab];
+        let (max, l) = lse(row);
+        T::of64(row[labels[i] as usize].to64() - max - l)
+    };
+    if x.len() >= PAR_MIN_ELEMS {
+        (0..labels.len()).into_par_iter().map(one).collect()
+    } else {
+        (0..labels.len()).map(one).collect()
+    }
+}
+
+fn chosen_bwd<T: Float>(x: &[T], labels: &[u32], g: &[T], vocab: usize) -> Vec<T> {
+    let mut out = vec![T::of64(0.0); x.len()];
+    rows_mut(&mut out, vocab, |i, o| {
+        let row = &x[i * vocab..(i + 1) * vocab];
+        let (max, l) = lse(row);
+        let gi = g[i].to64();
+        for (o, &v) in o.iter_mut().zip(row) {
+            *o = T::of64(-gi * (v.to64() - max - l).exp());
+        }
+        let k = labels[i] as usize;
+        o[k] = T::of64(o[k].to64() + gi);
+    });
+    out
+}
+
+fn labels_u32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
+    match s {
+        CpuStorage::U32(v) => slice(v, l),
+        _ => candle_core::bail!("fused log-probs: labels must be u32"),
+    }
+}
+
+impl CustomOp2 for ChosenLogProb {
+    fn name(&self) -> &'static str {
+        "qoq-chosen-log-prob"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let vocab = *l1.dims().last().unwrap_or(&1);
+        let labels = labels_u32(s2, l2)?;
+        if labels.len() * vocab != l1.shape().elem_count() {
+            candle_core::bail!(
+                "fused log-probs: logits {:?} for labels {:?}",
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        if let Some(bad) = labels.iter().find(|&&t| t as usize >= vocab) {
+            candle_core::bail!("fused log-probs: label {bad} outside the vocabulary of {vocab}");
+        }
+        let out = match s1 {
+            CpuStorage::F32(x) => CpuStorage::F32(chosen_fwd(slice(x, l1)?, labels, vocab)),
+            CpuStorage::F64(x) => CpuStorage::F64(chosen_fwd(slice(x, l1)?, labels, vocab)),
+            _ => candle_core::bail!("fused log-probs: f32 or f64 logits"),
+        };
+        Ok((out, l2.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        Ok((
+            Some(logits.apply_op3_no_bwd(labels, &grad, &ChosenLogProbBwd)?),
+            None,
+        ))
+    }
+}
+
+struct ChosenLogProbBwd;
+
+impl CustomOp3 for ChosenLogProbBwd {
+    fn name(&self) -> &'static str {
+        "qoq-chosen-log-prob-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let vocab = *l1.dims().last().unwrap_or(&1);
+        let labels = labels_u32(s2, l2)?;
+        if l3.shape().elem_count() != labels.len() {
+            candle_core::bail!("fused log-probs backward: gradient {:?}", l3.dims());
+        }
+        let out = match (s1, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
+                CpuStorage::F32(chosen_bwd(slice(x, l1)?, labels, slice(g, l3)?, vocab))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
+                CpuStorage::F64(chosen_bwd(slice(x, l1)?, labels, slice(g, l3)?, vocab))
+            }
+            _ => candle_core::bail!("fused log-probs backward: one float dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Differentiable `log_softmax(logits)[..., labels]` for `logits (..., vocab)` (f32 or f64, on
+/// the CPU) and integer `labels (...)` inside the vocabulary: one pass over each row forward and
+/// one backward, never the `(..., vocab)` log-softmax.
+pub fn chosen_log_probs(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let labels = labels.to_dtype(DType::U32)?.contiguous()?;
+    logits.contiguous()?.apply_op2(&labels, ChosenLogProb)
+}
+
 /// Whether the fused kernels can run on `x` (CPU, computing in f32 or f64).
-pub(crate) fn available(x: &Tensor) -> bool {
+pub fn available(x: &Tensor) -> bool {
     x.device().is_cpu()
 }
 
@@ -567,5 +701,62 @@ mod tests {
                 "one-hot row"
             );
         }
+    }
+
+    #[test]
+    fn fused_chosen_log_probs_match_log_softmax_gather_and_its_gradient() {
+        let dev = Device::Cpu;
+        for (dtype, (b, t, v), tol) in [
+            (DType::F64, (2, 3, 11), 1e-12),
+            (DType::F32, (2, 3, 11), 1e-5),
+            (DType::F32, (2, 16, 1200), 1e-5),
+        ] {
+            let x = (Tensor::randn(0f64, 3.0, (b, t, v), &dev).unwrap() + 50.0)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let labels: Vec<u32> = (0..b * t).map(|i| (i * 7 % v) as u32).collect();
+            let labels = Tensor::from_vec(labels, (b, t), &dev).unwrap();
+            let up = Tensor::randn(0f64, 1.0, (b, t), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let run = |fused: bool| {
+                let xv = Var::from_tensor(&x).unwrap();
+                let lp = if fused {
+                    chosen_log_probs(xv.as_tensor(), &labels).unwrap()
+                } else {
+                    let x = xv.as_tensor();
+                    let max = x.max_keepdim(D::Minus1).unwrap().detach();
+                    let sh = x.broadcast_sub(&max).unwrap();
+                    let l = sh
+                        .exp()
+                        .unwrap()
+                        .sum_keepdim(D::Minus1)
+                        .unwrap()
+                        .log()
+                        .unwrap();
+                    sh.broadcast_sub(&l)
+                        .unwrap()
+                        .gather(&labels.unsqueeze(D::Minus1).unwrap(), D::Minus1)
+                        .unwrap()
+                        .squeeze(D::Minus1)
+                        .unwrap()
+                };
+                let g = (&lp * &up).unwrap().sum_all().unwrap().backward().unwrap();
+                (lp, g.get(xv.as_tensor()).unwrap().clone())
+            };
+            let (lf, gf) = run(true);
+            let (lc, gc) = run(false);
+            assert_eq!(lf.dims(), &[b, t]);
+            assert!(max_rel(&lf, &lc) < tol, "{dtype:?} value");
+            assert!(max_rel(&gf, &gc) < tol, "{dtype:?} gradient");
+        }
+        let x = Tensor::zeros((2, 4), DType::F32, &dev).unwrap();
+        let bad = Tensor::new(&[1u32, 4], &dev).unwrap();
+        assert!(
+            chosen_log_probs(&x, &bad).is_err(),
+            "label 4 of a vocabulary of 4"
+        );
     }
 }

@@ -19,7 +19,7 @@ pub mod vision;
 
 pub mod batch;
 pub mod error;
-mod fused;
+pub mod fused;
 pub mod init;
 pub mod inputs;
 pub mod loading;

@@ -144,7 +144,12 @@ pub fn log_probs_from_logits(logits: &Tensor, labels: &Tensor) -> Result<Tensor>
             return Err(LossError::LabelOutOfRange { id, vocab });
         }
     }
-    let logp = log_softmax_last_dim(logits)?; // (b, t, v)
+    let x = to_compute(logits)?;
+    if qoq_model::fused::available(&x) {
+        // One pass per row, without the (b, t, v) log-softmax (same values and gradient).
+        return Ok(qoq_model::fused::chosen_log_probs(&x, &labels)?);
+    }
+    let logp = log_softmax_last_dim(&x)?; // (b, t, v)
     let idx = labels.unsqueeze(D::Minus1)?.contiguous()?; // (b, t, 1)
     Ok(logp
         .contiguous()?
