@@ -478,6 +478,155 @@ pub fn chosen_log_probs(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     logits.contiguous()?.apply_op2(&labels, ChosenLogProb)
 }
 
+/// How the rows of `x` map to rows of the rotary tables.
+#[derive(Debug, Clone, Copy)]
+pub enum RopeLayout {
+    /// `x: (b, heads, t, d)`, tables `(b, t, d/2)` (or `(1, t, d/2)`, shared by the batch).
+    Bhtd,
+    /// `x: (t, heads, d)`, tables `(t, d/2)`.
+    Thd,
+}
+
+/// Rotary embedding `y = x·cos + rotate_half(x)·sin` with fixed tables: linear in `x`, so its
+/// backward is the same rotation by `−sin` (the transpose of a rotation).
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    layout: RopeLayout,
+}
+
+/// The table row of each row of `x` (`d` elements), for `dims` of `x`.
+fn table_row(layout: RopeLayout, dims: &[usize], table_rows: usize) -> impl Fn(usize) -> usize {
+    let (h, t, shared) = match layout {
+        RopeLayout::Bhtd => (dims[1], dims[2], table_rows == dims[2]),
+        RopeLayout::Thd => (dims[1], dims[0], true),
+    };
+    move |r: usize| match layout {
+        RopeLayout::Bhtd => {
+            let ti = r % t;
+            let bi = r / (h * t);
+            if shared { ti } else { bi * t + ti }
+        }
+        RopeLayout::Thd => r / h,
+    }
+}
+
+fn rope_kernel<T: Float>(
+    x: &[T],
+    cos: &[T],
+    sin: &[T],
+    d: usize,
+    row_of: impl Fn(usize) -> usize + Send + Sync,
+    sign: f64,
+) -> Vec<T> {
+    let half = d / 2;
+    let mut out = vec![T::of64(0.0); x.len()];
+    rows_mut(&mut out, d, |r, o| {
+        let xr = &x[r * d..(r + 1) * d];
+        let k = row_of(r) * half;
+        let (c, s) = (&cos[k..k + half], &sin[k..k + half]);
+        for j in 0..half {
+            let (x1, x2) = (xr[j].to64(), xr[j + half].to64());
+            let (cj, sj) = (c[j].to64(), sign * s[j].to64());
+            o[j] = T::of64(x1 * cj - x2 * sj);
+            o[j + half] = T::of64(x2 * cj + x1 * sj);
+        }
+    });
+    out
+}
+
+impl Rope {
+    fn run(&self, s: &CpuStorage, l: &Layout, sign: f64) -> Result<(CpuStorage, Shape)> {
+        let dims = l.dims();
+        let want = match self.layout {
+            RopeLayout::Bhtd => 4,
+            RopeLayout::Thd => 3,
+        };
+        let d = *dims.last().unwrap_or(&0);
+        let table_rows = self.cos.elem_count() / (d / 2).max(1);
+        if dims.len() != want || !d.is_multiple_of(2) || self.cos.dims() != self.sin.dims() {
+            candle_core::bail!(
+                "fused rope: x {dims:?} ({:?} layout), tables {:?}",
+                self.layout,
+                self.cos.dims()
+            );
+        }
+        let rows_needed = match self.layout {
+            RopeLayout::Bhtd => [dims[2], dims[0] * dims[2]].contains(&table_rows),
+            RopeLayout::Thd => table_rows == dims[0],
+        };
+        if !rows_needed || self.cos.dim(candle_core::D::Minus1)? != d / 2 {
+            candle_core::bail!(
+                "fused rope: tables {:?} do not fit x {dims:?}",
+                self.cos.dims()
+            );
+        }
+        let row_of = table_row(self.layout, dims, table_rows);
+        let (cs, _) = self.cos.storage_and_layout();
+        let (ss, _) = self.sin.storage_and_layout();
+        let out = match (s, &*cs, &*ss) {
+            (
+                CpuStorage::F32(x),
+                candle_core::Storage::Cpu(CpuStorage::F32(c)),
+                candle_core::Storage::Cpu(CpuStorage::F32(sn)),
+            ) => CpuStorage::F32(rope_kernel(slice(x, l)?, c, sn, d, row_of, sign)),
+            (
+                CpuStorage::F64(x),
+                candle_core::Storage::Cpu(CpuStorage::F64(c)),
+                candle_core::Storage::Cpu(CpuStorage::F64(sn)),
+            ) => CpuStorage::F64(rope_kernel(slice(x, l)?, c, sn, d, row_of, sign)),
+            _ => candle_core::bail!("fused rope: x and tables f32 or f64 of one dtype, on the CPU"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+}
+
+impl candle_core::CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "qoq-rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.run(s, l, 1.0)
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        Ok(Some(grad.apply_op1_no_bwd(&RopeT(self))?))
+    }
+}
+
+/// The transpose of [`Rope`] (rotation by `−sin`), for its backward.
+struct RopeT<'a>(&'a Rope);
+
+impl candle_core::CustomOp1 for RopeT<'_> {
+    fn name(&self) -> &'static str {
+        "qoq-rope-bwd"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.0.run(s, l, -1.0)
+    }
+}
+
+/// Differentiable rotary embedding of `x` in `work` (f32 or f64) with the half tables
+/// `cos_half`/`sin_half` (`(b or 1, t, d/2)` for [`RopeLayout::Bhtd`], `(t, d/2)` for
+/// [`RopeLayout::Thd`]); no gradient flows to the tables. One pass forward, one backward.
+pub(crate) fn rope(
+    x: &Tensor,
+    cos_half: &Tensor,
+    sin_half: &Tensor,
+    layout: RopeLayout,
+    work: DType,
+) -> Result<Tensor> {
+    let op = Rope {
+        cos: cos_half.detach().to_dtype(work)?.contiguous()?,
+        sin: sin_half.detach().to_dtype(work)?.contiguous()?,
+        layout,
+    };
+    x.to_dtype(work)?.contiguous()?.apply_op1(op)
+}
+
 /// Whether the fused kernels can run on `x` (CPU, computing in f32 or f64).
 pub fn available(x: &Tensor) -> bool {
     x.device().is_cpu()
@@ -757,6 +906,69 @@ mod tests {
         assert!(
             chosen_log_probs(&x, &bad).is_err(),
             "label 4 of a vocabulary of 4"
+        );
+    }
+
+    #[test]
+    fn fused_rope_matches_the_composed_rotation_and_its_gradient() {
+        let dev = Device::Cpu;
+        let rot_half = |x: &Tensor| {
+            let d = x.dim(D::Minus1).unwrap();
+            let x1 = x.narrow(D::Minus1, 0, d / 2).unwrap();
+            let x2 = x.narrow(D::Minus1, d / 2, d / 2).unwrap();
+            Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap()
+        };
+        let full = |t: &Tensor| Tensor::cat(&[t, t], D::Minus1).unwrap();
+        // (x shape, table shape, layout)
+        let cases: [(&[usize], &[usize], RopeLayout); 3] = [
+            (&[2, 3, 5, 8], &[2, 5, 4], RopeLayout::Bhtd),
+            (&[2, 3, 5, 8], &[1, 5, 4], RopeLayout::Bhtd),
+            (&[6, 2, 8], &[6, 4], RopeLayout::Thd),
+        ];
+        for dtype in [DType::F64, DType::F32] {
+            let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+            for (xs, ts, layout) in cases {
+                let x = Tensor::randn(0f64, 1.0, xs, &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let ang = Tensor::randn(0f64, 2.0, ts, &dev).unwrap();
+                let (c, sn) = (
+                    ang.cos().unwrap().to_dtype(dtype).unwrap(),
+                    ang.sin().unwrap().to_dtype(dtype).unwrap(),
+                );
+                let up = Tensor::randn(0f64, 1.0, xs, &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                // Both layouts broadcast the tables over the heads axis (axis 1 of x or of (t, 1, d)).
+                let (cf, sf) = (
+                    full(&c).unsqueeze(1).unwrap(),
+                    full(&sn).unsqueeze(1).unwrap(),
+                );
+                let run = |fused: bool| {
+                    let xv = Var::from_tensor(&x).unwrap();
+                    let y = if fused {
+                        rope(xv.as_tensor(), &c, &sn, layout, dtype).unwrap()
+                    } else {
+                        (xv.as_tensor().broadcast_mul(&cf).unwrap()
+                            + rot_half(xv.as_tensor()).broadcast_mul(&sf).unwrap())
+                        .unwrap()
+                    };
+                    let g = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+                    (y, g.get(xv.as_tensor()).unwrap().clone())
+                };
+                let (yf, gf) = run(true);
+                let (yc, gc) = run(false);
+                assert!(max_rel(&yf, &yc) < tol, "{dtype:?} {xs:?} {ts:?} value");
+                assert!(max_rel(&gf, &gc) < tol, "{dtype:?} {xs:?} {ts:?} gradient");
+            }
+        }
+        let x = Tensor::zeros((2, 3, 5, 8), DType::F32, &dev).unwrap();
+        let t = Tensor::zeros((3, 5, 4), DType::F32, &dev).unwrap();
+        assert!(
+            rope(&x, &t, &t, RopeLayout::Bhtd, DType::F32).is_err(),
+            "3 table batches for 2"
         );
     }
 }

@@ -98,6 +98,14 @@ pub fn apply_rope(x: &Tensor, t: &RopeTables, mode: ForwardMode) -> Result<Tenso
         ForwardMode::Inference => {
             candle_nn::rotary_emb::rope(&x.contiguous()?, &t.cos_half, &t.sin_half)
         }
+        ForwardMode::Train if crate::fused::available(x) => crate::fused::rope(
+            x,
+            &t.cos_half,
+            &t.sin_half,
+            crate::fused::RopeLayout::Bhtd,
+            crate::ops::compute_dtype(x.dtype()),
+        )?
+        .to_dtype(x.dtype()),
         ForwardMode::Train => {
             x.broadcast_mul(&t.cos_full)? + rotate_half(x)?.broadcast_mul(&t.sin_full)?
         }

@@ -116,6 +116,13 @@ fn apply_rotary(x: &Tensor, rot: &RotaryTables, mode: ForwardMode) -> Result<Ten
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
     let y = match mode {
+        ForwardMode::Train if crate::fused::available(&xf) => crate::fused::rope(
+            &xf,
+            &rot.cos_half,
+            &rot.sin_half,
+            crate::fused::RopeLayout::Thd,
+            DType::F32,
+        )?,
         ForwardMode::Train => {
             (xf.broadcast_mul(&rot.cos)? + rotate_half(&xf)?.broadcast_mul(&rot.sin)?)?
         }
