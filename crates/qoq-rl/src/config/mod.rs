@@ -391,6 +391,46 @@ impl RunConfig {
         if let Err(e) = self.reward.build() {
             return Err(invalid("reward", e.to_string()));
         }
+        self.validate_paper_keys()
+    }
+}
+
+impl RunConfig {
+    /// `model.trainable`, `trainer.early_stopping`.
+    fn validate_paper_keys(&self) -> Result<()> {
+        if let Some(names) = &self.model.trainable {
+            crate::trainable::TrainableGroups::parse(names)
+                .map_err(|reason| invalid("model.trainable", reason))?;
+            let m = &self.model;
+            for (flag, on) in [
+                ("model.freeze_vision_tower", m.freeze_vision_tower),
+                ("model.freeze_llm", m.freeze_llm),
+                (
+                    "model.freeze_time_series_encoder",
+                    m.freeze_time_series_encoder,
+                ),
+            ] {
+                if on {
+                    return Err(invalid(
+                        "model.trainable",
+                        format!(
+                            "set together with {flag} = true: list the trained groups in \
+                             model.trainable only (a group left out is frozen)"
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(es) = &self.trainer.early_stopping {
+            es.validate()
+                .map_err(|(field, reason)| invalid(field, reason))?;
+            if self.trainer.val_freq == 0 {
+                return Err(invalid(
+                    "trainer.early_stopping",
+                    "checks the validations, and trainer.val_freq = 0 never validates",
+                ));
+            }
+        }
         Ok(())
     }
 }

@@ -2,6 +2,7 @@
 //! `[critic]`, `[trainer]`, each with the released 7B yaml's values as its defaults (spec §11).
 
 use crate::advantage::{Drpo, DrpoConfig, Estimator};
+use crate::early_stopping::EarlyStoppingConfig;
 use crate::loss::config::{KlConfig, PolicyLossConfig};
 use crate::optim::AdamWConfig;
 use qoq_data::manifest::ManifestConfig;
@@ -24,11 +25,20 @@ pub struct DataConfig {
     pub rollout_batch_size: usize,
     /// Prompts per validation batch. Default 1024.
     pub val_batch_size: usize,
-    /// Shuffle the training set each epoch. Default true (the paper pre-shuffles with seed 42
-    /// and disables shuffling).
+    /// Shuffle the training set each epoch with `seed`; false reads every epoch in the
+    /// (pre-shuffled) row order. Default true (the paper pre-shuffles with seed 42 and disables
+    /// shuffling).
     pub shuffle: bool,
     /// Seed of the training sampler (`RandomSampler(generator seed=1)`). Default 1.
     pub seed: u64,
+    /// Permute the training rows once with this seed before the epoch sampler (the paper:
+    /// "shuffle with seed 42 beforehand", spec §11, §14 item 10). Unset by default (file
+    /// order). The permutation is this program's seeded shuffle
+    /// ([`qoq_data::manifest::Manifest::with_row_order`]); the paper's shuffler is not
+    /// recorded, so the order is not the authors' row for row. Recorded in the checkpoints'
+    /// data fingerprint: a resume with another value is refused as changed data.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preshuffle_seed: Option<u64>,
     /// Largest image area in pixels after resize. Default 524,288.
     pub max_pixels: usize,
     /// Smallest image area in pixels. Default 65,536.
@@ -51,6 +61,7 @@ impl Default for DataConfig {
             val_batch_size: 1024,
             shuffle: true,
             seed: 1,
+            preshuffle_seed: None,
             max_pixels: 524_288,
             min_pixels: 65_536,
             mask_wh_swap_bug: true,
@@ -93,6 +104,11 @@ pub struct ModelConfig {
     pub freeze_time_series_encoder: bool,
     /// Recompute activations in the backward pass. Default true.
     pub gradient_checkpointing: bool,
+    /// The parameter groups the optimiser updates ([`crate::trainable`]: `vision`, `merger`,
+    /// `ecg`, `llm`); unset trains every group the `freeze_*` switches leave. The paper's
+    /// Stage 1 trains `["merger", "ecg"]`. Not combined with the `freeze_*` switches.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trainable: Option<Vec<String>>,
 }
 
 impl Default for ModelConfig {
@@ -106,6 +122,7 @@ impl Default for ModelConfig {
             freeze_llm: false,
             freeze_time_series_encoder: false,
             gradient_checkpointing: true,
+            trainable: None,
         }
     }
 }
@@ -393,6 +410,10 @@ pub struct TrainerConfig {
     /// Validate once before the first step (logged as step 0; EasyR1 `val_before_train`).
     /// Default true.
     pub val_before_train: bool,
+    /// Stop when a validation metric stops improving ([`crate::early_stopping`]; the paper:
+    /// one epoch with early stopping). Unset by default (the released code has none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub early_stopping: Option<EarlyStoppingConfig>,
 }
 
 impl Default for TrainerConfig {
@@ -410,6 +431,7 @@ impl Default for TrainerConfig {
             load_checkpoint_path: None,
             tensorboard: true,
             val_before_train: true,
+            early_stopping: None,
         }
     }
 }
