@@ -312,3 +312,37 @@ fn init_from_starts_a_fresh_run_from_another_runs_weights_and_refuses_another_ar
         "{err}"
     );
 }
+
+#[test]
+fn an_init_from_run_resumes_with_the_sources_weights_as_its_kl_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = text_manifest(dir.path(), 4);
+    let out_a = dir.path().join("a");
+    let cfg = config(&model, &manifest, &out_a, 2, 2, 4, 1e-2, 2, 2, false);
+    Trainer::with_reward(cfg, Box::new(Vowels))
+        .unwrap()
+        .run()
+        .unwrap();
+    // With the KL loss to the reference policy: straight, and interrupted after step 1.
+    let out_b = dir.path().join("b");
+    let cfg = config(&model, &manifest, &out_b, 2, 2, 4, 1e-2, 3, 1, true);
+    let mut b = Trainer::init_from_with_reward(cfg, &out_a, Box::new(Vowels)).unwrap();
+    b.run().unwrap();
+    let out_c = dir.path().join("c");
+    let cfg = config(&model, &manifest, &out_c, 2, 2, 4, 1e-2, 3, 1, true);
+    let mut c = Trainer::init_from_with_reward(cfg, &out_a, Box::new(Vowels)).unwrap();
+    let ck = c.train_step().unwrap().checkpoint.unwrap();
+    drop(c);
+    let mut c = Trainer::resume_with_reward(&ck, Box::new(Vowels)).unwrap();
+    c.run().unwrap();
+    assert_eq!(weights(&b), weights(&c), "weights differ after resuming");
+    assert_eq!(support::comparable(&b), support::comparable(&c));
+    assert!(b.records()[2].metrics["actor/kl_loss"] > 0.0);
+    // The init-from event is written once, by the start.
+    let n = events(&out_c)
+        .iter()
+        .filter(|e| e["event"] == "init_from")
+        .count();
+    assert_eq!(n, 1);
+}

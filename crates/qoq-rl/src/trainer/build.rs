@@ -89,6 +89,11 @@ pub(super) fn resume(
     let dtype = dtype_of(cfg.model.master_dtype);
     let weights = ck.model(&Device::Cpu)?;
     let vb = VarBuilder::from_tensors(weights, dtype, &Device::Cpu);
+    // A run started with --init-from has the source's weights as its KL reference.
+    let init = match ck.trainer_state()?.init_from {
+        Some(src) if cfg.algorithm.needs_reference() => Some(super::init::InitFrom::reopen(&src)?),
+        _ => None,
+    };
     let out_dir = dir
         .parent()
         .map(Path::to_path_buf)
@@ -100,7 +105,7 @@ pub(super) fn resume(
         out_dir,
         Some(&ck),
         opts.allow_changed_data,
-        None,
+        init.as_ref(),
     )
 }
 
@@ -323,7 +328,7 @@ fn build(
         ),
     };
     let (log, records) = RunLog::open(&out_dir, cfg.trainer.tensorboard, resume_step)?;
-    if let Some(i) = init {
+    if let (Some(i), None) = (init, ck) {
         i.record(&out_dir)?;
     }
     Ok(Trainer {

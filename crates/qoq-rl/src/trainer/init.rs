@@ -80,6 +80,31 @@ impl InitFrom {
         Ok(Self { source, weights })
     }
 
+    /// The recorded source of a resumed run, opened again (its KL reference is the source's
+    /// weights): the checkpoint must still be there with the same weights.
+    pub fn reopen(source: &InitSource) -> Result<Self> {
+        let dir = Path::new(&source.checkpoint);
+        let gone = |reason: String| {
+            TrainerError::Config(format!(
+                "this run started from {} (--init-from) and its KL reference policy is that \
+                 checkpoint's weights: {reason}",
+                source.checkpoint
+            ))
+        };
+        let ck = Checkpoint::open(dir).map_err(|e| gone(e.to_string()))?;
+        let sha = ck.model_sha256()?;
+        if sha != source.model_sha256 {
+            return Err(gone(format!(
+                "its model.safetensors is now sha256 {sha}, the run recorded {}",
+                source.model_sha256
+            )));
+        }
+        Ok(Self {
+            source: source.clone(),
+            weights: ck.model(&Device::Cpu)?,
+        })
+    }
+
     /// Refuses a source whose parameters are not those the run's model (`model.model_path`'s
     /// `config.json`) requests, naming the missing, extra and differently shaped ones.
     pub fn check_architecture(&self, cfg: &QwenVlConfig, model_dir: &Path) -> Result<()> {
