@@ -13,10 +13,11 @@ use support::{repo, tiny_model};
 /// and checkpointing after every step.
 fn run_file(dir: &Path, model: &Path, out: &Path) -> PathBuf {
     let algorithm = "estimator = \"drpo\"\n\n[algorithm.drpo]\nengine = \"exact\"\nk_max = 3";
-    run_file_with(dir, model, out, algorithm, 5, 2)
+    run_file_with(dir, model, out, algorithm, 5, 2, "")
 }
 
-/// [`run_file`] with another `[algorithm]` body, length and validation frequency.
+/// [`run_file`] with another `[algorithm]` body, length and validation frequency, and `extra`
+/// TOML appended at the end (after `[trainer]`).
 fn run_file_with(
     dir: &Path,
     model: &Path,
@@ -24,6 +25,7 @@ fn run_file_with(
     algorithm: &str,
     max_steps: u64,
     val_freq: u64,
+    extra: &str,
 ) -> PathBuf {
     let manifest = dir.join("train.jsonl");
     if !manifest.exists() {
@@ -81,6 +83,7 @@ save_limit = 2
 n_gpus_per_node = 1
 tensorboard = true
 out_dir = "{out}"
+{extra}
 "#,
             m = manifest.display(),
             model = model.display(),
@@ -231,7 +234,7 @@ fn ppo_with_gae_resumes_after_sigkill_with_the_same_policy_and_critic() {
     let model = tiny_model(dir.path());
     let algorithm = "estimator = \"gae\"\nlam = 0.95\n\n[critic]\ncliprange_value = 0.2\n\n[critic.optim]\nlr = 1e-3";
     let out_a = dir.path().join("a");
-    let cfg_a = run_file_with(dir.path(), &model, &out_a, algorithm, 3, 0);
+    let cfg_a = run_file_with(dir.path(), &model, &out_a, algorithm, 3, 0, "");
     let o = qoq()
         .args(["train", "--no-plot", "--config"])
         .arg(&cfg_a)
@@ -239,7 +242,7 @@ fn ppo_with_gae_resumes_after_sigkill_with_the_same_policy_and_critic() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out_b = dir.path().join("b");
-    let cfg_b = run_file_with(dir.path(), &model, &out_b, algorithm, 3, 0);
+    let cfg_b = run_file_with(dir.path(), &model, &out_b, algorithm, 3, 0, "");
     let mut first = qoq();
     first.args(["train", "--no-plot", "--config"]).arg(&cfg_b);
     kill_when_logged(first, &out_b, 2, 0);
@@ -263,4 +266,66 @@ fn ppo_with_gae_resumes_after_sigkill_with_the_same_policy_and_critic() {
     let (la, lb) = (comparable_log(&out_a), comparable_log(&out_b));
     assert_eq!(la, lb, "metrics differ after kill and resume");
     assert!(la[0].1.iter().any(|(k, _)| k == "critic/vf_loss"));
+}
+
+#[test]
+fn early_stopping_after_sigkill_and_resume_stops_at_the_same_step_with_the_same_best() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    // min_delta 10 on a reward in [0, 1]: step 1's validation is the best, every later one is
+    // bad, so patience 3 stops after step 4 of 5, if the bad count survives the kill.
+    let algorithm = "estimator = \"drpo\"\n\n[algorithm.drpo]\nengine = \"exact\"\nk_max = 3";
+    let es =
+        "[trainer.early_stopping]\nmetric = \"val/reward_score\"\npatience = 3\nmin_delta = 10.0";
+    let out_a = dir.path().join("a");
+    let cfg_a = run_file_with(dir.path(), &model, &out_a, algorithm, 5, 1, es);
+    let o = qoq()
+        .args(["train", "--no-plot", "--config"])
+        .arg(&cfg_a)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("stopped after step 4: early stopping: val/reward_score"),
+        "{stderr}"
+    );
+
+    let out_b = dir.path().join("b");
+    let cfg_b = run_file_with(dir.path(), &model, &out_b, algorithm, 5, 1, es);
+    let mut first = qoq();
+    first.args(["train", "--no-plot", "--config"]).arg(&cfg_b);
+    kill_when_logged(first, &out_b, 2, 0);
+    let o = qoq()
+        .args(["train", "--no-plot", "--resume"])
+        .arg(&out_b)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("stopped after step 4"), "{stderr}");
+
+    // The same stop, the same best, the same weights and log.
+    let (la, lb) = (comparable_log(&out_a), comparable_log(&out_b));
+    assert_eq!(lb.last().unwrap().0, 4);
+    assert_eq!(la, lb, "metrics differ after kill and resume");
+    for out in [&out_a, &out_b] {
+        let best: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join(qoq_rl::trainer::BEST_CHECKPOINT_FILE)).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(best["checkpoint"], "checkpoint_step_1");
+        // save_limit 2 keeps the last two; the best is kept beside them.
+        let steps: Vec<u64> = qoq_rl::checkpoint::list(out)
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(steps, vec![1, 3, 4]);
+        let events = std::fs::read_to_string(out.join(qoq_rl::run_dir::EVENTS_FILE)).unwrap();
+        assert!(events.contains("\"early_stop\""), "{events}");
+    }
+    let a = std::fs::read(out_a.join("checkpoint_step_4/model.safetensors")).unwrap();
+    let b = std::fs::read(out_b.join("checkpoint_step_4/model.safetensors")).unwrap();
+    assert!(a == b, "weights differ after kill and resume");
 }

@@ -453,6 +453,28 @@ pub struct Cursor {
     pub position: u64,
 }
 
+/// How the training stream orders the rows of a manifest ([`Manifest::with_row_order`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RowOrder {
+    /// Permute the rows once, with this seed, before any epoch order (the paper's "shuffle with
+    /// seed 42 beforehand"); `None` keeps the file order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preshuffle_seed: Option<u64>,
+    /// Shuffle each epoch with `(seed, epoch)`; `false` reads every epoch in the (pre-shuffled)
+    /// base order.
+    pub shuffle: bool,
+}
+
+impl Default for RowOrder {
+    fn default() -> Self {
+        Self {
+            preshuffle_seed: None,
+            shuffle: true,
+        }
+    }
+}
+
 /// An indexed JSONL manifest: byte offsets of its non-empty lines, rows decoded on demand.
 #[derive(Debug)]
 pub struct Manifest {
@@ -462,6 +484,10 @@ pub struct Manifest {
     cfg: ManifestConfig,
     /// (byte offset, 1-based line number) of every non-empty line.
     offsets: Vec<(u64, u64)>,
+    /// The training stream's ordering rule.
+    order: RowOrder,
+    /// The row indices before any epoch shuffle (the pre-shuffled order, or file order).
+    base_order: Vec<u32>,
 }
 
 impl Manifest {
@@ -495,13 +521,36 @@ impl Manifest {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
+        let base_order = (0..offsets.len() as u32).collect();
         Ok(Self {
             path: path.to_path_buf(),
             base_dir,
             stem,
             cfg,
             offsets,
+            order: RowOrder::default(),
+            base_order,
         })
+    }
+
+    /// The manifest with another ordering rule for [`Manifest::epoch_order`] and the training
+    /// stream: the rows are permuted once with `preshuffle_seed` (a seeded Fisher-Yates shuffle,
+    /// ChaCha8), then each epoch shuffles that base order with `(seed, epoch)` when `shuffle`, or
+    /// reads it as is. The default rule (no pre-shuffle, shuffled epochs) is the order of
+    /// [`Manifest::open`].
+    pub fn with_row_order(mut self, order: RowOrder) -> Self {
+        let mut base: Vec<u32> = (0..self.offsets.len() as u32).collect();
+        if let Some(seed) = order.preshuffle_seed {
+            base.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+        }
+        self.base_order = base;
+        self.order = order;
+        self
+    }
+
+    /// The ordering rule of the training stream.
+    pub fn row_order(&self) -> RowOrder {
+        self.order
     }
 
     /// Number of rows (non-empty lines).
@@ -583,12 +632,16 @@ impl Manifest {
         }))
     }
 
-    /// The row order of an epoch: a permutation seeded by `(seed, epoch)`.
+    /// The row order of an epoch: the base order ([`Manifest::with_row_order`]; file order by
+    /// default) permuted by `(seed, epoch)`, or the base order itself when epochs are not
+    /// shuffled.
     pub fn epoch_order(&self, seed: u64, epoch: u64) -> Vec<u32> {
-        let mut order: Vec<u32> = (0..self.offsets.len() as u32).collect();
-        let mix = seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(mix);
-        order.shuffle(&mut rng);
+        let mut order = self.base_order.clone();
+        if self.order.shuffle {
+            let mix = seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(mix);
+            order.shuffle(&mut rng);
+        }
         order
     }
 
@@ -1124,6 +1177,55 @@ mod tests {
         let mut train = m.training_rows(0, Cursor::default()).unwrap();
         assert!(train.next().is_none());
         assert_eq!(train.skipped_count(), 2);
+    }
+
+    #[test]
+    fn a_preshuffled_unshuffled_order_is_one_fixed_permutation_every_epoch() {
+        let (_d, path) = write_manifest(20, None);
+        let plain = Manifest::open(&path, ManifestConfig::default()).unwrap();
+        let identity: Vec<u32> = (0..20).collect();
+        // No pre-shuffle, no epoch shuffle: file order.
+        let m = Manifest::open(&path, ManifestConfig::default())
+            .unwrap()
+            .with_row_order(RowOrder {
+                preshuffle_seed: None,
+                shuffle: false,
+            });
+        assert_eq!(m.epoch_order(1, 0), identity);
+        // The default rule is the order of `open`.
+        let d = Manifest::open(&path, ManifestConfig::default())
+            .unwrap()
+            .with_row_order(RowOrder::default());
+        assert_eq!(d.epoch_order(1, 3), plain.epoch_order(1, 3));
+        // Pre-shuffled with 42, epochs unshuffled: one permutation, the same in every epoch and
+        // for every sampler seed, and another one for another pre-shuffle seed.
+        let order = |seed| RowOrder {
+            preshuffle_seed: Some(seed),
+            shuffle: false,
+        };
+        let m42 = Manifest::open(&path, ManifestConfig::default())
+            .unwrap()
+            .with_row_order(order(42));
+        let p = m42.epoch_order(1, 0);
+        assert_ne!(p, identity);
+        let mut sorted = p.clone();
+        sorted.sort();
+        assert_eq!(sorted, identity);
+        assert_eq!(m42.epoch_order(1, 1), p);
+        assert_eq!(m42.epoch_order(7, 0), p);
+        let m43 = Manifest::open(&path, ManifestConfig::default())
+            .unwrap()
+            .with_row_order(order(43));
+        assert_ne!(m43.epoch_order(1, 0), p);
+        // The stream reads rows in that order.
+        let rows: Vec<String> = m42
+            .shuffled(1, Cursor::default())
+            .unwrap()
+            .take(20)
+            .map(|(_, r)| r.unwrap().problem)
+            .collect();
+        let want: Vec<String> = p.iter().map(|i| format!("<image> q{i}")).collect();
+        assert_eq!(rows, want);
     }
 
     #[test]

@@ -133,6 +133,29 @@ pub struct TrainerState {
     /// (re)started; a resume compares them with the files it finds.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub data: Vec<crate::run_dir::DataFingerprint>,
+    /// Early stopping's record (`trainer.early_stopping`): best value and step, bad
+    /// validations, the stop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_stopping: Option<crate::early_stopping::EarlyStoppingState>,
+    /// The checkpoint a run started from with `--init-from` ([`InitSource`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<InitSource>,
+}
+
+/// Where the weights of a run started with `--init-from` came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitSource {
+    /// The checkpoint folder (absolute when it could be resolved).
+    pub checkpoint: String,
+    /// How it was chosen: `given` (a checkpoint folder), `best` or `latest` (of a run folder).
+    pub chosen: String,
+    /// Its step.
+    pub step: u64,
+    /// sha256 of its `model.safetensors`, as its manifest records it (and verified on load).
+    pub model_sha256: String,
+    /// sha256 of its `manifest.json`.
+    pub manifest_sha256: String,
 }
 
 /// One file of a checkpoint as the manifest records it.
@@ -439,10 +462,23 @@ pub fn latest(root: &Path) -> Result<Option<(u64, PathBuf)>> {
 /// Keeps the newest `keep_last` completed checkpoints (the reference's `save_limit`; `None`
 /// keeps all) and removes the older ones. Returns the removed directories.
 pub fn prune(root: &Path, keep_last: Option<usize>) -> Result<Vec<PathBuf>> {
+    prune_except(root, keep_last, None)
+}
+
+/// [`prune`] that never removes the checkpoint of step `protect` (early stopping's best) and
+/// does not count it among the `keep_last` newest.
+pub fn prune_except(
+    root: &Path,
+    keep_last: Option<usize>,
+    protect: Option<u64>,
+) -> Result<Vec<PathBuf>> {
     let Some(keep) = keep_last else {
         return Ok(Vec::new());
     };
-    let all = list(root)?;
+    let all: Vec<(u64, PathBuf)> = list(root)?
+        .into_iter()
+        .filter(|(s, _)| Some(*s) != protect)
+        .collect();
     let n_remove = all.len().saturating_sub(keep);
     let mut removed = Vec::new();
     for (_, p) in all.into_iter().take(n_remove) {
@@ -575,6 +611,24 @@ impl Checkpoint {
         self.json(files::TRAINER_STATE)
     }
 
+    /// sha256 of `manifest.json`.
+    pub fn manifest_sha256(&self) -> Result<String> {
+        Ok(sha256_file(&self.dir.join(files::MANIFEST))?.1)
+    }
+
+    /// sha256 of `model.safetensors` as the manifest records it.
+    pub fn model_sha256(&self) -> Result<String> {
+        self.manifest
+            .files
+            .iter()
+            .find(|e| e.name == files::MODEL)
+            .map(|e| e.sha256.clone())
+            .ok_or_else(|| CheckpointError::Incomplete {
+                path: self.dir.join(files::MODEL),
+                reason: "not listed in the manifest".into(),
+            })
+    }
+
     /// The resolved configuration TOML.
     pub fn config_toml(&self) -> Result<String> {
         let p = self.path(files::CONFIG)?;
@@ -585,6 +639,35 @@ impl Checkpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pruning_keeps_the_protected_step_beside_the_newest() {
+        let root = tempfile::tempdir().unwrap();
+        for step in 1..=5u64 {
+            let d = checkpoint_dir(root.path(), step);
+            std::fs::create_dir_all(&d).unwrap();
+            let m = CheckpointManifest {
+                format: 1,
+                step,
+                files: Vec::new(),
+            };
+            write_json(&d.join(files::MANIFEST), &m).unwrap();
+        }
+        prune_except(root.path(), Some(2), Some(2)).unwrap();
+        let left: Vec<u64> = list(root.path())
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(left, vec![2, 4, 5]);
+        prune(root.path(), Some(2)).unwrap();
+        let left: Vec<u64> = list(root.path())
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(left, vec![4, 5]);
+    }
 
     #[test]
     fn only_exact_checkpoint_names_parse() {

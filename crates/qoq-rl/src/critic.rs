@@ -12,6 +12,7 @@
 use crate::config::CriticConfig;
 use crate::loss::{ValueLossInputs, ValueLossOutput, compute_value_loss};
 use crate::optim::AdamW;
+use crate::trainable::TrainableGroups;
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use qoq_core::hf_config::QwenVlConfig;
@@ -51,16 +52,21 @@ pub struct Critic {
 impl Critic {
     /// A critic over the weights of `vb` (a policy checkpoint through
     /// [`qoq_model::value::value_var_builder`], or a saved critic), with `[model]`'s freezing
-    /// switches (the head always trains) and `[critic]`'s optimiser.
+    /// switches (the head always trains), `model.trainable`'s groups when set, and `[critic]`'s
+    /// optimiser.
     pub fn new(
         model_cfg: &QwenVlConfig,
         vb: VarBuilder<'static>,
         freeze: Freeze,
+        groups: Option<&TrainableGroups>,
         cfg: &CriticConfig,
     ) -> Result<Self> {
         let (vb, store) = trainable_var_builder(vb, freeze);
         let model = ValueModel::new(model_cfg, vb).map_err(model_err)?;
-        let params = store.trainable().map_err(model_err)?;
+        let mut params = store.trainable().map_err(model_err)?;
+        if let Some(g) = groups {
+            params.retain(|(name, _)| g.trains(name));
+        }
         let opt = AdamW::new(params, cfg.optim.clone())?;
         Ok(Self {
             model,

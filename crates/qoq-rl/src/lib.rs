@@ -4,6 +4,7 @@ pub mod advantage;
 pub mod checkpoint;
 pub mod config;
 pub mod critic;
+pub mod early_stopping;
 pub mod error;
 pub mod kmeans;
 pub mod loss;
@@ -12,6 +13,7 @@ pub mod optim;
 pub mod rng;
 pub mod run_dir;
 pub mod tensorboard;
+pub mod trainable;
 pub mod trainer;
 
 pub use error::{Error, Result};

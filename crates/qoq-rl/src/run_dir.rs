@@ -3,7 +3,7 @@
 //! ([`DataFingerprint`]), saved with every checkpoint so that a resume notices changed data.
 
 use crate::checkpoint::{CheckpointError, sha256_file};
-use qoq_data::manifest::Manifest;
+use qoq_data::manifest::{Manifest, RowOrder};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -296,6 +296,10 @@ pub struct DataFingerprint {
     pub rows: u64,
     /// Lowercase hex sha256 of the file.
     pub sha256: String,
+    /// The training stream's row order (`data.preshuffle_seed`, `data.shuffle`); absent in
+    /// checkpoints written before it was recorded (then not compared).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<RowOrder>,
 }
 
 impl DataFingerprint {
@@ -308,6 +312,7 @@ impl DataFingerprint {
             size,
             rows: manifest.len() as u64,
             sha256,
+            order: Some(manifest.row_order()),
         })
     }
 
@@ -322,6 +327,19 @@ impl DataFingerprint {
         }
         if self.size != now.size {
             out.push(format!("size {} → {} bytes", self.size, now.size));
+        }
+        if let (Some(a), Some(b)) = (self.order, now.order)
+            && a != b
+        {
+            let show = |o: RowOrder| {
+                format!(
+                    "preshuffle_seed {}, shuffle {}",
+                    o.preshuffle_seed
+                        .map_or_else(|| "none".to_string(), |s| s.to_string()),
+                    o.shuffle
+                )
+            };
+            out.push(format!("row order ({} → {})", show(a), show(b)));
         }
         if self.sha256 != now.sha256 {
             out.push(format!(
@@ -413,17 +431,35 @@ mod tests {
             size: 1000,
             rows: 455,
             sha256: "a".repeat(64),
+            order: Some(RowOrder::default()),
         };
         let mut b = a.clone();
         assert!(data_changes(std::slice::from_ref(&a), std::slice::from_ref(&b)).is_empty());
         b.rows = 100;
         b.size = 200;
         b.sha256 = "b".repeat(64);
-        let c = data_changes(&[a], &[b]);
+        let c = data_changes(std::slice::from_ref(&a), &[b]);
         assert_eq!(c.len(), 1);
         assert!(
             c[0].contains("rows 455 → 100") && c[0].contains("size 1000 → 200 bytes"),
             "{c:?}"
         );
+        // Another pre-shuffle seed is a change of the training order.
+        let mut d = a.clone();
+        d.order = Some(RowOrder {
+            preshuffle_seed: Some(42),
+            shuffle: false,
+        });
+        let c = data_changes(std::slice::from_ref(&a), &[d.clone()]);
+        assert!(
+            c[0].contains(
+                "row order (preshuffle_seed none, shuffle true → preshuffle_seed 42, shuffle false)"
+            ),
+            "{c:?}"
+        );
+        // A checkpoint that did not record the order is not compared on it.
+        let mut old = a.clone();
+        old.order = None;
+        assert!(data_changes(&[old], &[d]).is_empty());
     }
 }

@@ -115,7 +115,25 @@ fn save(root: &Path, run: &Run, step: u64) -> std::path::PathBuf {
             size: 10,
             rows: 2,
             sha256: "0".repeat(64),
+            order: Some(qoq_data::manifest::RowOrder {
+                preshuffle_seed: Some(42),
+                shuffle: false,
+            }),
         }],
+        early_stopping: Some(qoq_rl::early_stopping::EarlyStoppingState {
+            metric: "val/f1".into(),
+            best_value: Some(0.5),
+            best_step: Some(step.saturating_sub(1)),
+            bad_validations: 1,
+            stopped_at: None,
+        }),
+        init_from: Some(checkpoint::InitSource {
+            checkpoint: "/runs/stage1/checkpoint_step_3".into(),
+            chosen: "best".into(),
+            step: 3,
+            model_sha256: "1".repeat(64),
+            manifest_sha256: "2".repeat(64),
+        }),
     };
     checkpoint::save(
         root,
@@ -221,6 +239,11 @@ fn checkpoint_round_trips_every_part() {
     );
     let st = ck.trainer_state().unwrap();
     assert_eq!((st.step, st.episode, st.optimizer_steps), (30, 1, 2));
+    // Early stopping's record, the --init-from source and the row order come back as saved.
+    let es = st.early_stopping.as_ref().unwrap();
+    assert_eq!((es.best_step, es.bad_validations), (Some(29), 1));
+    assert_eq!(st.init_from.as_ref().unwrap().chosen, "best");
+    assert_eq!(st.data[0].order.unwrap().preshuffle_seed, Some(42));
     assert_eq!(st.metrics.get("reward/overall"), Some(&0.42));
     assert!(!st.metrics.contains_key("actor/grad_norm"), "NaN dropped");
     assert!(st.sft);

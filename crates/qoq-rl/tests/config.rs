@@ -273,3 +273,96 @@ fn baseline_estimators_parse_and_their_keys_are_refused_elsewhere() {
         );
     }
 }
+
+/// The paper's two stages: every value the spec records for the paper (§8.7, §11, §14 items 7
+/// and 10, §15), and the one difference between the stages (what trains, where the run goes).
+#[test]
+fn the_paper_stage_files_carry_the_papers_values() {
+    use qoq_reward::RewardConfig;
+    use qoq_reward::{IouReduce, WeightPreset, WeightsConfig};
+    use qoq_rl::advantage::DrpoConfig;
+    use qoq_rl::early_stopping::StopMode;
+    let s1 = RunConfig::load(&configs_dir().join("qoq_med_paper_stage1.toml"), &[]).unwrap();
+    let s2 = RunConfig::load(&configs_dir().join("qoq_med_paper_stage2.toml"), &[]).unwrap();
+    for c in [&s1, &s2] {
+        // §14 10: one epoch, pre-shuffled with seed 42, no shuffling, early stopping.
+        assert_eq!(c.trainer.total_episodes, 1);
+        assert_eq!(c.data.preshuffle_seed, Some(42));
+        assert!(!c.data.shuffle);
+        let es = c.trainer.early_stopping.as_ref().unwrap();
+        assert_eq!((es.metric.as_str(), es.mode), ("val/f1", StopMode::Max));
+        assert!(es.patience >= 1);
+        // §14 10 / §11: per-device micro-batch 4, lr 1e-6, wd 1e-2, 512 prompts, n 5.
+        assert_eq!(c.actor.micro_batch_size_per_device_for_update, 4);
+        assert_eq!((c.actor.optim.lr, c.actor.optim.weight_decay), (1e-6, 1e-2));
+        assert_eq!((c.data.rollout_batch_size, c.rollout.n), (512, 5));
+        assert_eq!(c.data.max_pixels, 524_288);
+        // §14 9: 4 frames per volume.
+        assert_eq!(c.data.manifest.video_frames, 4);
+        // §14 1-6: DRPO as the paper reads.
+        assert_eq!(c.algorithm.estimator, EstimatorKind::Drpo);
+        let mut want = DrpoConfig::paper();
+        want.engine = c.algorithm.drpo.engine;
+        assert_eq!(c.algorithm.drpo, want);
+        // §11: the KL loss, low_var_kl, β 1e-4.
+        assert!(c.algorithm.kl.use_kl_loss);
+        assert_eq!(c.algorithm.kl.kl_penalty, KlEstimator::LowVarKl);
+        assert_eq!(c.algorithm.kl.kl_coef, 1e-4);
+        // §14 11: symmetric clip, per-sequence mean.
+        assert_eq!(
+            c.actor.policy_loss.clip_ratio_low,
+            c.actor.policy_loss.clip_ratio_high
+        );
+        assert_eq!(
+            c.actor.policy_loss.loss_agg_mode,
+            LossAggMode::SeqMeanTokenMean
+        );
+        // §14 7 / §8.7: the paper's reward = `qoq reward --preset paper`.
+        let RewardConfig::QoqMedical(r) = &c.reward else {
+            panic!("{:?}", c.reward)
+        };
+        assert_eq!(*r, qoq_reward::medical::MedicalConfig::paper());
+        assert_eq!(r.iou_reduce, IouReduce::Max);
+        assert_eq!(r.weights, WeightsConfig::Preset(WeightPreset::Paper));
+    }
+    // Stage 1 aligns the modalities: merger and ECG encoder/projector only; Stage 2 trains all.
+    assert_eq!(
+        s1.model.trainable,
+        Some(vec!["merger".to_string(), "ecg".to_string()])
+    );
+    assert_eq!(s2.model.trainable, None);
+    assert_ne!(s1.trainer.out_dir, s2.trainer.out_dir);
+    // Apart from those, the two files are the same recipe.
+    let mut a = s1.clone();
+    a.model.trainable = None;
+    a.trainer.out_dir = s2.trainer.out_dir.clone();
+    assert_eq!(a, s2);
+}
+
+#[test]
+fn new_keys_are_refused_when_they_cannot_work() {
+    let base = configs_dir().join("qoq_med_paper_stage1.toml");
+    let err = |set: &[&str]| {
+        let o: Vec<String> = set.iter().map(|s| s.to_string()).collect();
+        RunConfig::load(&base, &o).unwrap_err().to_string()
+    };
+    let e = err(&["trainer.early_stopping.metric=val/f2"]);
+    assert!(e.contains("`val/f2`") && e.contains("val/accuracy"), "{e}");
+    let e = err(&["trainer.val_freq=0"]);
+    assert!(
+        e.contains("trainer.early_stopping") && e.contains("val_freq"),
+        "{e}"
+    );
+    let e = err(&["model.trainable=[\"merger\", \"projector\"]"]);
+    assert!(
+        e.contains("model.trainable") && e.contains("`projector`"),
+        "{e}"
+    );
+    let e = err(&["model.freeze_llm=true"]);
+    assert!(
+        e.contains("model.trainable") && e.contains("model.freeze_llm"),
+        "{e}"
+    );
+    let e = err(&["trainer.early_stopping.patience=0"]);
+    assert!(e.contains("trainer.early_stopping.patience"), "{e}");
+}

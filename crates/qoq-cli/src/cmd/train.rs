@@ -2,8 +2,10 @@
 //! updates, validation every `trainer.val_freq` steps (`<out_dir>/val_generations_{step}.jsonl`),
 //! metrics (`<out_dir>/metrics.jsonl`, TensorBoard) and checkpoints
 //! (`<out_dir>/checkpoint_step_N`); `--resume` continues a run from one of its checkpoints (its
-//! saved config, `--set` overrides on top). At the end the training curves are drawn to
-//! `<out_dir>/curves/*.png` (as `qoq plot` does).
+//! saved config, `--set` overrides on top); `--init-from` starts a new run from another run's
+//! weights (the paper's Stage 1 → Stage 2). A run with `trainer.early_stopping` ends at the
+//! validation that exhausts its patience, printing the reason. At the end the training curves
+//! are drawn to `<out_dir>/curves/*.png` (as `qoq plot` does).
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -39,11 +41,23 @@ pub struct TrainArgs {
     /// sha256 the checkpoint recorded (the change is written to `<out_dir>/events.jsonl`).
     #[arg(long)]
     allow_changed_data: bool,
+    /// Start a new run (--config) from another run's weights: a checkpoint folder, or a run
+    /// folder, whose best checkpoint (early stopping's `best_checkpoint.json`) or else latest
+    /// one is taken. Optimiser, estimator state and data cursor start fresh; the source (path,
+    /// step, sha256 of its weights and manifest) is recorded in the run's events.jsonl and
+    /// checkpoints. Its weights must fit model.model_path's architecture.
+    #[arg(long, value_name = "RUN_OR_CHECKPOINT")]
+    init_from: Option<PathBuf>,
 }
 
 pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
     if a.allow_changed_data && a.resume.is_none() {
         bail!("--allow-changed-data applies to --resume only");
+    }
+    if a.init_from.is_some() && a.resume.is_some() {
+        bail!(
+            "--init-from starts a new run from another run's weights and --resume continues a              run: give one of them"
+        );
     }
     // The run folder is locked before anything in it is opened (a resume truncates the metrics
     // log): a second `qoq train` on it stops here, naming the first.
@@ -74,7 +88,20 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
             let cfg = RunConfig::load(path, &a.overrides)
                 .with_context(|| format!("reading {}", path.display()))?;
             _lock = RunLock::acquire(Path::new(&cfg.trainer.out_dir))?;
-            let mut t = Trainer::new(cfg).context("setting up the run")?;
+            let mut t = match &a.init_from {
+                Some(src) => {
+                    let t = Trainer::init_from(cfg, src)
+                        .with_context(|| format!("--init-from {}", src.display()))?;
+                    if let Some(s) = t.init_source() {
+                        eprintln!(
+                            "initialised from {} (step {}, the {} checkpoint; weights sha256 {})",
+                            s.checkpoint, s.step, s.chosen, s.model_sha256
+                        );
+                    }
+                    t
+                }
+                None => Trainer::new(cfg).context("setting up the run")?,
+            };
             t.set_sft(a.sft);
             t
         }
@@ -95,7 +122,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_position(trainer.step_count());
-    while trainer.step_count() < total {
+    while !trainer.is_finished() {
         let o = trainer.train_step()?;
         let get = |k: &str| o.metrics.get(k).copied();
         let fmt = |k: &str| get(k).map_or("-".to_string(), |v| format!("{v:.4}"));
@@ -134,6 +161,12 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
         }
     }
     bar.finish_and_clear();
+    if let Some(reason) = trainer.stop_reason() {
+        eprintln!("stopped after step {}: {reason}", trainer.step_count());
+        if let Some(best) = trainer.best_checkpoint() {
+            eprintln!("best checkpoint: {}", best.display());
+        }
+    }
     if !a.no_plot {
         let args = crate::cmd::plot::PlotArgs {
             run_dir: trainer.out_dir().to_path_buf(),

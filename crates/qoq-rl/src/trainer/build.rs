@@ -7,12 +7,14 @@ use crate::advantage::Estimator;
 use crate::checkpoint::{self, Checkpoint, TrainerState};
 use crate::config::{DtypeName, EstimatorKind, RunConfig};
 use crate::critic::Critic;
+use crate::early_stopping::EarlyStoppingState;
 use crate::metrics_log::RunLog;
 use crate::optim::AdamW;
 use crate::run_dir::{DataFingerprint, data_changes};
+use crate::trainable::TrainableGroups;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use qoq_data::manifest::{Cursor, Manifest};
+use qoq_data::manifest::{Cursor, Manifest, RowOrder};
 use qoq_model::ClinicalVlm;
 use qoq_model::train::{Freeze, trainable_var_builder};
 use qoq_processor::processor::Processor;
@@ -36,7 +38,20 @@ pub(super) fn fresh(cfg: RunConfig, reward: Box<dyn RewardFn>) -> Result<Trainer
     let dtype = dtype_of(cfg.model.master_dtype);
     let (vb, _) = qoq_model::loading::checkpoint_var_builder(&model_dir, dtype, &Device::Cpu)
         .map_err(|e| model_err(format!("{}: {e}", model_dir.display())))?;
-    build(cfg, reward, vb, out_dir, None, false)
+    build(cfg, reward, vb, out_dir, None, false, None)
+}
+
+/// A fresh run of `cfg` whose initial weights are those of another run's checkpoint
+/// ([`super::init::InitFrom`]): fresh optimiser, estimator and data cursor.
+pub(super) fn init_from(
+    cfg: RunConfig,
+    reward: Box<dyn RewardFn>,
+    init: super::init::InitFrom,
+) -> Result<Trainer> {
+    let out_dir = PathBuf::from(&cfg.trainer.out_dir);
+    let dtype = dtype_of(cfg.model.master_dtype);
+    let vb = VarBuilder::from_tensors(init.weights.clone(), dtype, &Device::Cpu);
+    build(cfg, reward, vb, out_dir, None, false, Some(&init))
 }
 
 /// The run of the checkpoint `dir`, its config changed by `overrides` (`key=value`), scored by
@@ -74,11 +89,24 @@ pub(super) fn resume(
     let dtype = dtype_of(cfg.model.master_dtype);
     let weights = ck.model(&Device::Cpu)?;
     let vb = VarBuilder::from_tensors(weights, dtype, &Device::Cpu);
+    // A run started with --init-from has the source's weights as its KL reference.
+    let init = match ck.trainer_state()?.init_from {
+        Some(src) if cfg.algorithm.needs_reference() => Some(super::init::InitFrom::reopen(&src)?),
+        _ => None,
+    };
     let out_dir = dir
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    build(cfg, reward, vb, out_dir, Some(&ck), opts.allow_changed_data)
+    build(
+        cfg,
+        reward,
+        vb,
+        out_dir,
+        Some(&ck),
+        opts.allow_changed_data,
+        init.as_ref(),
+    )
 }
 
 /// Refuses the configurations this trainer cannot run (beyond [`RunConfig::validate`]).
@@ -106,6 +134,25 @@ fn open_manifest(path: &Path, cfg: &RunConfig) -> Result<Manifest> {
     })
 }
 
+/// The policy's initial weights as a variable builder: the `--init-from` source's, else the
+/// checkpoint at `model.model_path` (the KL reference and a fresh critic start from them).
+fn initial_weights(
+    model_dir: &Path,
+    dtype: DType,
+    init: Option<&super::init::InitFrom>,
+) -> Result<VarBuilder<'static>> {
+    match init {
+        Some(i) => Ok(VarBuilder::from_tensors(
+            i.weights.clone(),
+            dtype,
+            &Device::Cpu,
+        )),
+        None => qoq_model::loading::checkpoint_var_builder(model_dir, dtype, &Device::Cpu)
+            .map(|(vb, _)| vb)
+            .map_err(|e| model_err(format!("{}: {e}", model_dir.display()))),
+    }
+}
+
 fn build(
     cfg: RunConfig,
     reward: Box<dyn RewardFn>,
@@ -113,6 +160,7 @@ fn build(
     out_dir: PathBuf,
     ck: Option<&Checkpoint>,
     allow_changed_data: bool,
+    init: Option<&super::init::InitFrom>,
 ) -> Result<Trainer> {
     check(&cfg)?;
     let device = Device::Cpu;
@@ -125,22 +173,38 @@ fn build(
         opts,
     )
     .map_err(|e| model_err(format!("processor of {}: {e}", model_dir.display())))?;
-    let freeze = Freeze {
-        vision_tower: cfg.model.freeze_vision_tower,
-        time_series_encoder: cfg.model.freeze_time_series_encoder,
-        llm: cfg.model.freeze_llm,
+    if let Some(i) = init {
+        i.check_architecture(&model_cfg, &model_dir)?;
+    }
+    let groups = match &cfg.model.trainable {
+        Some(names) => Some(
+            TrainableGroups::parse(names)
+                .map_err(|e| TrainerError::Config(format!("model.trainable: {e}")))?,
+        ),
+        None => None,
+    };
+    let freeze = match &groups {
+        Some(g) => g.freeze(),
+        None => Freeze {
+            vision_tower: cfg.model.freeze_vision_tower,
+            time_series_encoder: cfg.model.freeze_time_series_encoder,
+            llm: cfg.model.freeze_llm,
+        },
     };
     let (vb, store) = trainable_var_builder(vb, freeze);
     let model = ClinicalVlm::new(&model_cfg, vb).map_err(model_err)?;
+    let dtype = dtype_of(cfg.model.master_dtype);
+    // The KL reference is the run's initial policy (the --init-from source's weights when given).
     let ref_model = if cfg.algorithm.needs_reference() {
-        let dtype = dtype_of(cfg.model.master_dtype);
-        let (_, m) =
-            qoq_model::loading::load_model(&model_dir, dtype, &device).map_err(model_err)?;
-        Some(m)
+        let vb = initial_weights(&model_dir, dtype, init)?;
+        Some(ClinicalVlm::new(&model_cfg, vb).map_err(model_err)?)
     } else {
         None
     };
-    let params = store.trainable().map_err(model_err)?;
+    let mut params = store.trainable().map_err(model_err)?;
+    if let Some(g) = &groups {
+        params.retain(|(name, _)| g.trains(name));
+    }
     if params.is_empty() {
         return Err(TrainerError::Config(
             "model: every component is frozen; nothing to train".into(),
@@ -157,18 +221,19 @@ fn build(
         let vb = match ck.filter(|c| c.has_critic()) {
             Some(c) => VarBuilder::from_tensors(c.critic(&Device::Cpu)?, dtype, &Device::Cpu),
             None => {
-                let (policy, _) =
-                    qoq_model::loading::checkpoint_var_builder(&model_dir, dtype, &Device::Cpu)
-                        .map_err(|e| model_err(format!("{}: {e}", model_dir.display())))?;
+                let policy = initial_weights(&model_dir, dtype, init)?;
                 qoq_model::value::value_var_builder(policy, 0)
             }
         };
-        Some(Critic::new(&model_cfg, vb, freeze, &cfg.critic).map_err(model_err)?)
+        Some(Critic::new(&model_cfg, vb, freeze, groups.as_ref(), &cfg.critic).map_err(model_err)?)
     } else {
         None
     };
     let manifest_path = PathBuf::from(&cfg.data.train_files);
-    let manifest = open_manifest(&manifest_path, &cfg)?;
+    let manifest = open_manifest(&manifest_path, &cfg)?.with_row_order(RowOrder {
+        preshuffle_seed: cfg.data.preshuffle_seed,
+        shuffle: cfg.data.shuffle,
+    });
     if manifest.len() < cfg.data.rollout_batch_size {
         return Err(TrainerError::Config(format!(
             "{}: {} rows, fewer than data.rollout_batch_size = {}",
@@ -237,6 +302,11 @@ fn build(
                 )?;
             }
             state.data = data;
+            state.early_stopping = super::stopping::resumed_state(
+                cfg.trainer.early_stopping.as_ref(),
+                state.early_stopping.take(),
+                ck.dir(),
+            )?;
             if state.kl_controller.is_none() {
                 state.kl_controller = kl_controller;
             } else if kl_controller.is_none() {
@@ -250,12 +320,21 @@ fn build(
             TrainerState {
                 kl_controller,
                 data,
+                early_stopping: cfg
+                    .trainer
+                    .early_stopping
+                    .as_ref()
+                    .map(EarlyStoppingState::new),
+                init_from: init.map(|i| i.source.clone()),
                 ..TrainerState::default()
             },
             None,
         ),
     };
     let (log, records) = RunLog::open(&out_dir, cfg.trainer.tensorboard, resume_step)?;
+    if let (Some(i), None) = (init, ck) {
+        i.record(&out_dir)?;
+    }
     Ok(Trainer {
         cfg,
         config_toml,

@@ -9,6 +9,8 @@
 //! | update | `update.rs` | rollouts + advantages → one micro-batched update loop (RL and SFT) |
 //! | value | `value.rs` | PPO: the value model's values before GAE, its update on the returns |
 //! | validate | `validate.rs` | validation rows → generations, metrics, `val_generations_{step}.jsonl` |
+//! | early stopping | `stopping.rs` | validation metrics → best checkpoint, stop ([`crate::early_stopping`]) |
+//! | init-from | `init.rs` | another run's checkpoint → a new run's initial weights, checked and recorded |
 //! | metrics | `metrics.rs` | a step's groups, advantages and update → its logged metrics |
 //!
 //! One [`Trainer::step`]:
@@ -57,20 +59,27 @@
 //! and the data order from `(data.seed, epoch)`, so the checkpoint's `rng.json` is empty.
 
 mod build;
+mod init;
 mod metrics;
 mod perf;
 mod rollout;
 mod score;
+mod stopping;
 mod update;
 mod validate;
 mod value;
 
+pub use init::InitFrom;
 pub use perf::{
     CapturedMicroBatch, CapturedPrompt, CapturedStep, PEAK_MIB_PREFIX, TIMING_OPTIMIZER,
     TIMING_PROCESS, peak_rss_mib, reset_peak_rss,
 };
 pub use rollout::Prompt;
 pub use score::StepRewards;
+pub use stopping::{
+    BEST_CHECKPOINT_FILE, BestCheckpoint, EARLY_STOPPING_BAD, EARLY_STOPPING_BEST,
+    EARLY_STOPPING_BEST_STEP, read_best,
+};
 pub use update::{UpdateStats, response_log_probs, sft_target};
 pub use value::{CRITIC_GRAD_NORM, CRITIC_LR, CRITIC_SKIPPED_STEPS};
 
@@ -259,6 +268,34 @@ impl Trainer {
         build::fresh(cfg, reward)
     }
 
+    /// A fresh run of `cfg` whose initial weights are those of another run's checkpoint
+    /// (`--init-from`: a checkpoint folder, or a run folder's best, else latest, checkpoint;
+    /// [`InitFrom::resolve`]). The optimiser, estimator, data cursor and step count are fresh;
+    /// the source is recorded in the run's `trainer_state.json` and `events.jsonl`. A source
+    /// whose parameters differ from the architecture of `model.model_path` is refused.
+    pub fn init_from(cfg: RunConfig, source: &Path) -> Result<Self> {
+        let reward = cfg
+            .reward
+            .build()
+            .map_err(|e| TrainerError::Config(format!("reward: {e}")))?;
+        Self::init_from_with_reward(cfg, source, reward)
+    }
+
+    /// [`Trainer::init_from`] scored by `reward` instead of the configured one.
+    pub fn init_from_with_reward(
+        cfg: RunConfig,
+        source: &Path,
+        reward: Box<dyn RewardFn>,
+    ) -> Result<Self> {
+        let init = InitFrom::resolve(source)?;
+        build::init_from(cfg, reward, init)
+    }
+
+    /// Where the run's initial weights came from (`--init-from`), if not `model.model_path`.
+    pub fn init_source(&self) -> Option<&checkpoint::InitSource> {
+        self.state.init_from.as_ref()
+    }
+
     /// Resumes the run whose checkpoint is `dir` (`<out_dir>/checkpoint_step_N`): weights,
     /// optimiser, estimator, cursor, trainer state and config come from it; the metrics log in
     /// the parent folder is truncated to the checkpoint's step.
@@ -345,12 +382,12 @@ impl Trainer {
         self.cfg.training_steps(self.manifest.len())
     }
 
-    /// Runs steps until [`Trainer::total_steps`] with [`Trainer::train_step`]; returns the last
-    /// step's outcome (`None` when there was nothing left to do).
+    /// Runs steps until [`Trainer::total_steps`] or an early stop ([`Trainer::is_finished`])
+    /// with [`Trainer::train_step`]; returns the last step's outcome (`None` when there was
+    /// nothing left to do).
     pub fn run(&mut self) -> Result<Option<StepOutcome>> {
-        let last = self.total_steps();
         let mut out = None;
-        while self.state.step < last {
+        while !self.is_finished() {
             out = Some(self.train_step()?);
         }
         Ok(out)
@@ -378,8 +415,13 @@ impl Trainer {
         } else {
             self.step()?
         };
-        if self.cfg.trainer.is_save_step(o.step, self.total_steps()) {
+        if self.cfg.trainer.is_save_step(o.step, self.total_steps())
+            || self.early_stopping_saves(o.step)
+        {
             o.checkpoint = Some(self.save_checkpoint()?);
+        }
+        if self.stop_reason().is_some() {
+            self.record_stop()?;
         }
         Ok(o)
     }
@@ -395,7 +437,8 @@ impl Trainer {
         self.state.sft = sft;
     }
 
-    /// Writes `<out_dir>/checkpoint_step_<step>` and prunes old ones per `trainer.save_limit`.
+    /// Writes `<out_dir>/checkpoint_step_<step>` and prunes old ones per `trainer.save_limit`
+    /// (early stopping's best checkpoint is kept beside them).
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
         let _span = tracing::info_span!("checkpoint", step = self.state.step).entered();
         let weights = self.weights()?;
@@ -421,7 +464,8 @@ impl Trainer {
             },
         };
         let dir = checkpoint::save(&self.out_dir, &data)?;
-        checkpoint::prune(&self.out_dir, self.cfg.trainer.keep_last())?;
+        let best = self.update_best_pointer(&dir)?;
+        checkpoint::prune_except(&self.out_dir, self.cfg.trainer.keep_last(), best)?;
         Ok(dir)
     }
 
@@ -553,6 +597,7 @@ impl Trainer {
         }
         if self.cfg.trainer.val_freq > 0 && self.cfg.trainer.is_val_step(step, self.total_steps()) {
             m.extend(self.validate(step)?);
+            self.observe_validation(step, &mut m)?;
         }
         self.log.log(step, &m)?;
         self.records.push(MetricsRecord {

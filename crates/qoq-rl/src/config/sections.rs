@@ -1,0 +1,461 @@
+//! The sections of a run file: `[data]`, `[model]`, `[rollout]`, `[algorithm]`, `[actor]`,
+//! `[critic]`, `[trainer]`, each with the released 7B yaml's values as its defaults (spec §11).
+
+use crate::advantage::{Drpo, DrpoConfig, Estimator};
+use crate::early_stopping::EarlyStoppingConfig;
+use crate::loss::config::{KlConfig, PolicyLossConfig};
+use crate::optim::AdamWConfig;
+use qoq_data::manifest::ManifestConfig;
+use serde::{Deserialize, Serialize};
+
+/// `[data]`: manifests, lengths, batch sizes, shuffling, image sizes (reference `data.*`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// Training manifest (JSONL, spec §2.1). Required (the yaml's is the authors' cluster path
+    /// `/scratch/high_modality/geom_train.jsonl`).
+    pub train_files: String,
+    /// Validation manifest. Required.
+    pub val_files: String,
+    /// Prompt tokens (left-padded). Default 4000.
+    pub max_prompt_length: usize,
+    /// Response tokens (`max_tokens` of sampling). Default 4000.
+    pub max_response_length: usize,
+    /// Prompts per rollout step. Default 512 (bf16 yaml and [DEV] May-09 yaml: 256).
+    pub rollout_batch_size: usize,
+    /// Prompts per validation batch. Default 1024.
+    pub val_batch_size: usize,
+    /// Shuffle the training set each epoch with `seed`; false reads every epoch in the
+    /// (pre-shuffled) row order. Default true (the paper pre-shuffles with seed 42 and disables
+    /// shuffling).
+    pub shuffle: bool,
+    /// Seed of the training sampler (`RandomSampler(generator seed=1)`). Default 1.
+    pub seed: u64,
+    /// Permute the training rows once with this seed before the epoch sampler (the paper:
+    /// "shuffle with seed 42 beforehand", spec §11, §14 item 10). Unset by default (file
+    /// order). The permutation is this program's seeded shuffle
+    /// ([`qoq_data::manifest::Manifest::with_row_order`]); the paper's shuffler is not
+    /// recorded, so the order is not the authors' row for row. Recorded in the checkpoints'
+    /// data fingerprint: a resume with another value is refused as changed data.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preshuffle_seed: Option<u64>,
+    /// Largest image area in pixels after resize. Default 524,288.
+    pub max_pixels: usize,
+    /// Smallest image area in pixels. Default 65,536.
+    pub min_pixels: usize,
+    /// Reproduce the reference's width/height swap of masks of non-square images (spec §4.3,
+    /// §16.2 `data.mask_wh_swap_bug`). Default true.
+    pub mask_wh_swap_bug: bool,
+    /// Manifest keys and reader options (`video_frames` 2 as the code; the paper says 4).
+    pub manifest: ManifestConfig,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            train_files: String::new(),
+            val_files: String::new(),
+            max_prompt_length: 4000,
+            max_response_length: 4000,
+            rollout_batch_size: 512,
+            val_batch_size: 1024,
+            shuffle: true,
+            seed: 1,
+            preshuffle_seed: None,
+            max_pixels: 524_288,
+            min_pixels: 65_536,
+            mask_wh_swap_bug: true,
+            manifest: ManifestConfig::default(),
+        }
+    }
+}
+
+/// Floating-point type of weights or optimiser moments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DtypeName {
+    /// 32-bit float.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE half.
+    F16,
+}
+
+/// `[model]`: which checkpoint, which parts train, precision (reference
+/// `worker.actor.model`, spec §6).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// HF model directory or hub id. Default `Qwen/Qwen2.5-VL-7B-Instruct` (the 7B yaml).
+    pub model_path: String,
+    /// Tokenizer directory when not the model's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokenizer_path: Option<String>,
+    /// Master weights of the actor. Default f32 (FSDP mixed precision keeps fp32 weights).
+    pub master_dtype: DtypeName,
+    /// Compute dtype of the actor forward and of the reference model. Default bf16.
+    pub compute_dtype: DtypeName,
+    /// Freeze the vision tower. Default false (all parameters train).
+    pub freeze_vision_tower: bool,
+    /// Freeze the language model. Default false.
+    pub freeze_llm: bool,
+    /// Freeze the ECG encoder and projector. Default false.
+    pub freeze_time_series_encoder: bool,
+    /// Recompute activations in the backward pass. Default true.
+    pub gradient_checkpointing: bool,
+    /// The parameter groups the optimiser updates ([`crate::trainable`]: `vision`, `merger`,
+    /// `ecg`, `llm`); unset trains every group the `freeze_*` switches leave. The paper's
+    /// Stage 1 trains `["merger", "ecg"]`. Not combined with the `freeze_*` switches.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trainable: Option<Vec<String>>,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            model_path: "Qwen/Qwen2.5-VL-7B-Instruct".into(),
+            tokenizer_path: None,
+            master_dtype: DtypeName::F32,
+            compute_dtype: DtypeName::Bf16,
+            freeze_vision_tower: false,
+            freeze_llm: false,
+            freeze_time_series_encoder: false,
+            gradient_checkpointing: true,
+            trainable: None,
+        }
+    }
+}
+
+/// `[rollout.val_override]`: sampling changes for validation (`val_override_config`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ValOverride {
+    /// Default 0.5.
+    pub temperature: f64,
+    /// Samples per validation prompt. Default 1.
+    pub n: usize,
+}
+
+impl Default for ValOverride {
+    fn default() -> Self {
+        Self {
+            temperature: 0.5,
+            n: 1,
+        }
+    }
+}
+
+/// `[rollout]`: sampling and engine settings (reference `worker.rollout`, spec §7).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RolloutConfig {
+    /// Samples per prompt. Default 5.
+    pub n: usize,
+    /// Default 1.0 (also the log-prob recomputation temperature).
+    pub temperature: f64,
+    /// Default 0.99.
+    pub top_p: f64,
+    /// −1 disables. Default −1.
+    pub top_k: i64,
+    /// Per-request sampling seed (every request uses the same seed in the reference). Default 1.
+    pub seed: u64,
+    /// Default false.
+    pub ignore_eos: bool,
+    /// Logit bias on `<|image_pad|>` (151655). Default −100.
+    pub image_pad_logit_bias: f64,
+    /// Images per prompt. Default 4.
+    pub limit_images: usize,
+    /// Engine token budget per forward. Default 8192.
+    pub max_num_batched_tokens: usize,
+    /// Fraction of device memory for the engine's KV cache. Default 0.6 (bf16 yaml: 0.4).
+    pub gpu_memory_utilization: f64,
+    /// Tensor-parallel ranks. Default 1 (bf16 yaml: 4).
+    pub tensor_parallel_size: usize,
+    /// Validation sampling.
+    pub val_override: ValOverride,
+}
+
+impl Default for RolloutConfig {
+    fn default() -> Self {
+        Self {
+            n: 5,
+            temperature: 1.0,
+            top_p: 0.99,
+            top_k: -1,
+            seed: 1,
+            ignore_eos: false,
+            image_pad_logit_bias: -100.0,
+            limit_images: 4,
+            max_num_batched_tokens: 8192,
+            gpu_memory_utilization: 0.6,
+            tensor_parallel_size: 1,
+            val_override: ValOverride::default(),
+        }
+    }
+}
+
+/// Advantage estimator name (`algorithm.adv_estimator`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EstimatorKind {
+    /// The released yaml's choice (spec §14.1).
+    #[default]
+    Grpo,
+    /// The paper's DRPO ([DEV] run scripts pass `algorithm.adv_estimator=drpo`).
+    Drpo,
+    /// GRPO without the std division.
+    DrGrpo,
+    /// Leave-one-out baseline.
+    Rloo,
+    /// REINFORCE++ (spec §9.3): token-level discounted returns (`algorithm.gamma`), whitened
+    /// over the batch.
+    ReinforcePlusPlus,
+    /// ReMax (spec §9.4): the reward minus the reward of a greedy rollout of the same prompt,
+    /// which the trainer generates (temperature 0, one more sequence per prompt) and scores.
+    Remax,
+    /// PPO with a value model (spec §9.5): GAE (`algorithm.gamma`, `algorithm.lam`) on the
+    /// values of a critic trained beside the policy (`[critic]`).
+    Gae,
+}
+
+impl EstimatorKind {
+    /// The name in the run file.
+    pub fn name(self) -> &'static str {
+        match self {
+            EstimatorKind::Grpo => "grpo",
+            EstimatorKind::Drpo => "drpo",
+            EstimatorKind::DrGrpo => "dr_grpo",
+            EstimatorKind::Rloo => "rloo",
+            EstimatorKind::ReinforcePlusPlus => "reinforce_plus_plus",
+            EstimatorKind::Remax => "remax",
+            EstimatorKind::Gae => "gae",
+        }
+    }
+}
+
+/// `[algorithm]`: estimator, DRPO switches, KL (reference `algorithm.*`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AlgorithmConfig {
+    /// Default `grpo` (released yaml); the paper's recipe sets `drpo`.
+    pub estimator: EstimatorKind,
+    /// ε added to the group std by GRPO. Default 1e-6.
+    pub grpo_eps: f64,
+    /// DRPO switches (spec §16.2); used when `estimator = "drpo"`.
+    pub drpo: DrpoConfig,
+    /// KL to the reference policy (loss, low_var_kl, β 1e-4).
+    pub kl: KlConfig,
+    /// Dynamic filtering (DAPO-style; not in the released code): leave groups whose reward
+    /// standard deviation is at most `filter_min_std` out of the estimator and the policy
+    /// update. The std, not the mean, decides: with continuous rewards (IoU, format, length) a
+    /// group can have a mean strictly between 0 and 1 and still no signal. Default false.
+    pub dynamic_filter: bool,
+    /// Groups with a reward std (population) at or below this are filtered. Default 1e-6.
+    pub filter_min_std: f64,
+    /// Discount γ of REINFORCE++ and GAE (reference `algorithm.gamma`). Default 1.0; another
+    /// value with another estimator is refused.
+    pub gamma: f64,
+    /// GAE's λ (reference `algorithm.lam`). Default 1.0; another value with another estimator
+    /// is refused.
+    pub lam: f64,
+}
+
+impl Default for AlgorithmConfig {
+    fn default() -> Self {
+        Self {
+            estimator: EstimatorKind::Grpo,
+            grpo_eps: 1e-6,
+            drpo: DrpoConfig::default(),
+            kl: KlConfig::default(),
+            dynamic_filter: false,
+            filter_min_std: 1e-6,
+            gamma: 1.0,
+            lam: 1.0,
+        }
+    }
+}
+
+impl AlgorithmConfig {
+    /// A fresh estimator of the configured kind.
+    pub fn build_estimator(&self) -> Estimator {
+        match self.estimator {
+            EstimatorKind::Grpo => Estimator::Grpo { eps: self.grpo_eps },
+            EstimatorKind::DrGrpo => Estimator::DrGrpo,
+            EstimatorKind::Rloo => Estimator::Rloo,
+            EstimatorKind::Drpo => Estimator::Drpo(Box::new(Drpo::new(self.drpo.clone()))),
+            EstimatorKind::ReinforcePlusPlus => Estimator::ReinforcePlusPlus { gamma: self.gamma },
+            EstimatorKind::Remax => Estimator::Remax,
+            EstimatorKind::Gae => Estimator::Gae {
+                gamma: self.gamma,
+                lam: self.lam,
+            },
+        }
+    }
+
+    /// Whether the estimator reads each rollout's sequence KL to the reference (DRPO's
+    /// KL-aware damping, `algorithm.drpo.kl_damping`): the trainer then computes it from the
+    /// reference model whether the KL is in the loss or in the reward.
+    pub fn needs_rollout_kl(&self) -> bool {
+        self.estimator == EstimatorKind::Drpo
+            && self.drpo.kl_damping != crate::advantage::drpo::KlDamping::Off
+    }
+
+    /// Whether the run needs the frozen reference policy: a KL in the loss or in the reward,
+    /// or the per-rollout KL of DRPO's damping.
+    pub fn needs_reference(&self) -> bool {
+        self.kl.kl_in_loss() || self.kl.kl_in_reward() || self.needs_rollout_kl()
+    }
+}
+
+/// Optimiser implementation (`worker.actor.optim.strategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerStrategy {
+    /// `torch.optim.AdamW` with fp32 moments (7B yaml).
+    #[default]
+    Adamw,
+    /// `AnyPrecisionAdamW`: bf16 moments with Kahan summation (bf16 yaml, paper's 32B).
+    AdamwBf16,
+}
+
+/// `[actor]`: batching, optimiser, policy loss (reference `worker.actor`, spec §10).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ActorConfig {
+    /// Prompts per optimiser step (×n rollouts). Default 128.
+    pub global_batch_size: usize,
+    /// Rollouts per device per micro-batch of the update. Default 2 (bf16 yaml: 1; the paper
+    /// says 4).
+    pub micro_batch_size_per_device_for_update: usize,
+    /// Rollouts per device per log-prob micro-batch. Default 8.
+    pub micro_batch_size_per_device_for_experience: usize,
+    /// Passes over each rollout batch. Default 1.
+    pub ppo_epochs: usize,
+    /// Optimiser implementation. Default `adamw`.
+    pub strategy: OptimizerStrategy,
+    /// AdamW (lr 1e-6, betas 0.9/0.999, eps 1e-8, wd 1e-2, grad clip 1.0, constant schedule).
+    pub optim: AdamWConfig,
+    /// Clipped surrogate (0.2 / 0.3 / dual 3.0, token-mean).
+    pub policy_loss: PolicyLossConfig,
+}
+
+impl Default for ActorConfig {
+    fn default() -> Self {
+        Self {
+            global_batch_size: 128,
+            micro_batch_size_per_device_for_update: 2,
+            micro_batch_size_per_device_for_experience: 8,
+            ppo_epochs: 1,
+            strategy: OptimizerStrategy::Adamw,
+            optim: AdamWConfig::default(),
+            policy_loss: PolicyLossConfig::default(),
+        }
+    }
+}
+
+/// `[critic]`: the value model of PPO, used with `algorithm.estimator = "gae"` only (reference
+/// `worker.critic`; spec §9.5). The critic is the policy's architecture with the language-model
+/// head replaced by a scalar head (`score`), initialised from `model.model_path` with a fresh
+/// head; it shares `[model]`'s freezing switches and `[actor]`'s micro-batch sizes, and trains
+/// one epoch per step on the returns of GAE.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CriticConfig {
+    /// The critic's own AdamW (reference `critic.optim`: lr 1e-6, grad clip 1.0, ...).
+    pub optim: AdamWConfig,
+    /// Value clipping: the clipped prediction stays within `old value ± cliprange_value`
+    /// (`compute_value_loss`). Default 0.5.
+    pub cliprange_value: f64,
+}
+
+impl Default for CriticConfig {
+    fn default() -> Self {
+        Self {
+            optim: AdamWConfig::default(),
+            cliprange_value: 0.5,
+        }
+    }
+}
+
+/// `[trainer]`: length of the run, validation, checkpoints, devices, output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainerConfig {
+    /// Epochs over the training manifest. Default 3 (the paper: 1 with early stopping).
+    pub total_episodes: u64,
+    /// Stop after this many steps instead (reference `max_steps`, unset by default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_steps: Option<u64>,
+    /// Validate every this many steps (0 = never). Default 5.
+    pub val_freq: u64,
+    /// Save a checkpoint every this many steps (0 = never). Default 30.
+    pub save_freq: u64,
+    /// Checkpoints kept (`save_limit`); −1 keeps all. Default 3 (bf16 yaml: −1).
+    pub save_limit: i64,
+    /// Devices per node. Default 8.
+    pub n_gpus_per_node: usize,
+    /// Nodes. Default 1.
+    pub nnodes: usize,
+    /// Run directory: `metrics.jsonl`, TensorBoard events, checkpoints. Default
+    /// `runs/qoq_med_7b`.
+    pub out_dir: String,
+    /// Resume from the newest complete checkpoint in `out_dir` when there is one. Default true.
+    pub find_last_checkpoint: bool,
+    /// Resume from this checkpoint directory instead.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_checkpoint_path: Option<String>,
+    /// Write TensorBoard event files under `out_dir/tensorboard`. Default true.
+    pub tensorboard: bool,
+    /// Validate once before the first step (logged as step 0; EasyR1 `val_before_train`).
+    /// Default true.
+    pub val_before_train: bool,
+    /// Stop when a validation metric stops improving ([`crate::early_stopping`]; the paper:
+    /// one epoch with early stopping). Unset by default (the released code has none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub early_stopping: Option<EarlyStoppingConfig>,
+}
+
+impl Default for TrainerConfig {
+    fn default() -> Self {
+        Self {
+            total_episodes: 3,
+            max_steps: None,
+            val_freq: 5,
+            save_freq: 30,
+            save_limit: 3,
+            n_gpus_per_node: 8,
+            nnodes: 1,
+            out_dir: "runs/qoq_med_7b".into(),
+            find_last_checkpoint: true,
+            load_checkpoint_path: None,
+            tensorboard: true,
+            val_before_train: true,
+            early_stopping: None,
+        }
+    }
+}
+
+impl TrainerConfig {
+    /// `save_limit` as a count for [`crate::checkpoint::prune`] (`None` keeps all).
+    pub fn keep_last(&self) -> Option<usize> {
+        usize::try_from(self.save_limit).ok()
+    }
+
+    /// Whether step `step` (1-based) validates: every `val_freq` steps, and after the last step
+    /// when it was not a validation step already (EasyR1 `fit`).
+    pub fn is_val_step(&self, step: u64, last_step: u64) -> bool {
+        (self.val_freq > 0 && step.is_multiple_of(self.val_freq)) || step == last_step
+    }
+
+    /// Whether step `step` (1-based) saves a checkpoint: every `save_freq` steps, and after the
+    /// last step.
+    pub fn is_save_step(&self, step: u64, last_step: u64) -> bool {
+        (self.save_freq > 0 && step.is_multiple_of(self.save_freq)) || step == last_step
+    }
+
+    /// Data-parallel ranks (`n_gpus_per_node · nnodes`).
+    pub fn world_size(&self) -> usize {
+        self.n_gpus_per_node * self.nnodes
+    }
+}
