@@ -17,6 +17,7 @@
 
 use crate::ecg::EcgSignal;
 use crate::error::{Error, Result};
+use dicom_core::{Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::{DefaultDicomObject, InMemDicomObject};
 use dicom_pixeldata::PixelDecoder;
@@ -60,171 +61,306 @@ fn open(path: &Path) -> Result<DefaultDicomObject> {
         .map_err(|e| Error::file(path, format!("cannot read DICOM: {}", chain(&e))))
 }
 
-/// Why [`check_lengths`]'s walk ended early.
-enum Walk {
-    /// A defined length runs past the end of the file: refuse the file.
-    Refuse(String),
-    /// A structure the walk does not follow (deflated data set, an undefined-length `UN`, deep
-    /// nesting): leave the file to the parser.
-    Stop,
+/// The deepest nesting of sequences [`check_lengths`] lets through. dicom-object builds the tree
+/// of a data set by recursion (one `build_sequence` and one `build_object` frame per level), so
+/// a damaged or hostile file nesting sequences thousands deep would overflow the stack of the
+/// reading thread, an abort no boundary can catch. Real objects nest a few levels (structured
+/// reports a dozen or so).
+pub const MAX_SEQUENCE_DEPTH: usize = 64;
+
+/// The bytes the parser reads, counted: the walk's position in the stream.
+struct Counted<R> {
+    inner: R,
+    at: u64,
 }
 
-/// The element walk of [`check_lengths`] over one transfer syntax.
-struct LengthWalk<'a> {
-    bytes: &'a [u8],
-    explicit: bool,
-    big: bool,
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.at += n as u64;
+        Ok(n)
+    }
 }
 
-const UNDEFINED: u32 = 0xFFFF_FFFF;
+impl<R: Read> Counted<R> {
+    /// Read up to `n` bytes past, `None` when the stream fails; how many were there.
+    fn skip(&mut self, n: u64) -> Option<u64> {
+        std::io::copy(&mut self.by_ref().take(n), &mut std::io::sink()).ok()
+    }
+}
 
-/// Whether an explicit VR has a 2-byte length (PS3.5 7.1.2); every other VR, an unknown one
-/// included (the parser reads it as `UN`), has 2 reserved bytes and a 4-byte length.
-fn is_short_vr(vr: &[u8; 2]) -> bool {
-    matches!(
-        vr,
-        b"AE"
-            | b"AS"
-            | b"AT"
-            | b"CS"
-            | b"DA"
-            | b"DS"
-            | b"DT"
-            | b"FL"
-            | b"FD"
-            | b"IS"
-            | b"LO"
-            | b"LT"
-            | b"PN"
-            | b"SH"
-            | b"SL"
-            | b"SS"
-            | b"ST"
-            | b"TM"
-            | b"UI"
-            | b"UL"
-            | b"US"
+/// One open sequence or item of the parser (dicom-parser's `SeqToken`).
+#[derive(Clone, Copy)]
+struct Open {
+    item: bool,
+    /// The declared length, `None` when undefined.
+    len: Option<u32>,
+    /// Part of an encapsulated pixel data element (fragments, not data sets).
+    pixel: bool,
+    /// The parser's position when the value began.
+    base: u64,
+}
+
+/// How many bytes of a defined-length value dicom-parser reads (and allocates, as a vector of
+/// its value type) for `vr` (`StatefulDecoder::read_value_preserved`): whole values only, so an
+/// `US` of 5 bytes reads 4.
+fn value_bytes(vr: VR, len: u32) -> u64 {
+    let unit: u32 = match vr {
+        VR::US | VR::OW | VR::SS => 2,
+        VR::AT | VR::FL | VR::OF | VR::SL | VR::UL | VR::OL => 4,
+        VR::FD | VR::OD | VR::SV | VR::UV | VR::OV => 8,
+        _ => 1,
+    };
+    (len / unit * unit) as u64
+}
+
+/// The refusal of a value or item that runs past the end of the data.
+fn past_end(tag: Tag, at: u64, where_: &str, len: u32, have: u64) -> String {
+    format!(
+        "element ({:04X},{:04X}) at byte {at}{where_} declares {len} bytes, the {} holds {have} more",
+        tag.0,
+        tag.1,
+        if where_.is_empty() {
+            "file"
+        } else {
+            "inflated data set"
+        }
     )
 }
 
-impl LengthWalk<'_> {
-    fn u16_at(&self, at: usize) -> u16 {
-        let b = [self.bytes[at], self.bytes[at + 1]];
-        if self.big {
-            u16::from_be_bytes(b)
-        } else {
-            u16::from_le_bytes(b)
-        }
-    }
-
-    fn u32_at(&self, at: usize) -> u32 {
-        let b: [u8; 4] = self.bytes[at..at + 4].try_into().expect("4 bytes");
-        if self.big {
-            u32::from_be_bytes(b)
-        } else {
-            u32::from_le_bytes(b)
-        }
-    }
-
-    /// `(group, element)` at `at`.
-    fn tag(&self, at: usize) -> (u16, u16) {
-        (self.u16_at(at), self.u16_at(at + 2))
-    }
-
-    /// Refuse `len` bytes at `start` when they run past the end of the file.
-    fn fits(&self, tag: (u16, u16), start: usize, len: u32) -> std::result::Result<(), Walk> {
-        if start as u64 + len as u64 > self.bytes.len() as u64 {
-            return Err(Walk::Refuse(format!(
-                "element ({:04X},{:04X}) at byte {start} declares {len} bytes, the file holds {} more",
-                tag.0,
-                tag.1,
-                self.bytes.len().saturating_sub(start)
-            )));
-        }
-        Ok(())
-    }
-
-    /// Elements from `pos` to `end` or to an item delimiter (consumed); the position after.
-    fn elements(
-        &self,
-        mut pos: usize,
-        end: usize,
-        depth: usize,
-    ) -> std::result::Result<usize, Walk> {
-        if depth > 32 {
-            return Err(Walk::Stop);
-        }
-        while pos + 8 <= end {
-            let tag = self.tag(pos);
-            if tag == (0xFFFE, 0xE00D) {
-                return Ok(pos + 8);
+/// Walk a data set token by token the way dicom-parser 0.10's `DataSetReader` (driven by
+/// dicom-object's tree builder) reads it, from `src` (the bytes after the file meta group, or
+/// their inflation), allocating nothing: every value, offset table and fragment the parser
+/// would allocate for is checked against the bytes that follow, and nesting is bounded by
+/// [`MAX_SEQUENCE_DEPTH`]. `Ok` also where the parser stops with an error of its own (it
+/// allocates nothing past that point). `offset` and `where_` place byte positions in messages.
+fn walk_data_set<'r, R: Read + 'r>(
+    src: &mut Counted<R>,
+    decoder: &dicom_encoding::transfer_syntax::DynDecoder<dyn Read + 'r>,
+    big_endian: bool,
+    offset: u64,
+    where_: &str,
+) -> std::result::Result<(), String> {
+    use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry, VirtualVr};
+    use dicom_core::header::{Header, SequenceItemHeader};
+    const ITEM: Tag = Tag(0xFFFE, 0xE000);
+    let mut stack: Vec<Open> = Vec::new();
+    // the reader's state (`DataSetReader`'s fields of the same names)
+    let mut in_sequence = false;
+    let mut offset_table_next = false;
+    let mut delimiter_check_pending = false;
+    let mut last_header: Option<(dicom_core::DataElementHeader, u64)> = None;
+    // the decoder's `position` (what sequence ends are checked against) and pixel sign
+    let mut position = 0u64;
+    let mut signed_pixeldata: Option<bool> = None;
+    let nested = |stack: &[Open]| stack.iter().filter(|o| !o.item && !o.pixel).count();
+    loop {
+        if delimiter_check_pending {
+            if let Some(top) = stack.last()
+                && let Some(len) = top.len
+            {
+                let end = top.base + len as u64;
+                if end == position {
+                    in_sequence = top.item;
+                    stack.pop();
+                    continue;
+                }
+                if end < position {
+                    return Ok(()); // the parser: inconsistent sequence end
+                }
             }
-            let (vr, len, value) = if self.explicit && tag.0 != 0xFFFE {
-                let vr = [self.bytes[pos + 4], self.bytes[pos + 5]];
-                if !is_short_vr(&vr) {
-                    if pos + 12 > end {
-                        return Ok(end);
+            delimiter_check_pending = false;
+        }
+        let at = offset + src.at;
+        if in_sequence {
+            // an item, an item delimiter or a sequence delimiter; at the end of the data the
+            // parser stops (gracefully inside pixel data, with an error elsewhere)
+            let Ok(header) = decoder.decode_item_header(src) else {
+                return Ok(());
+            };
+            position += 8;
+            match header {
+                SequenceItemHeader::Item { len } => {
+                    in_sequence = false;
+                    let Some(parent) = stack.last() else {
+                        return Ok(()); // the parser: item outside a sequence
+                    };
+                    let pixel = parent.pixel;
+                    stack.push(Open {
+                        item: true,
+                        len: len.get(),
+                        pixel,
+                        base: position,
+                    });
+                    if len.0 == 0 {
+                        delimiter_check_pending = true;
                     }
-                    (Some(vr), self.u32_at(pos + 8), pos + 12)
-                } else {
-                    (Some(vr), self.u16_at(pos + 6) as u32, pos + 8)
+                }
+                SequenceItemHeader::ItemDelimiter => {
+                    stack.pop();
+                    in_sequence = true;
+                    delimiter_check_pending = true;
+                }
+                SequenceItemHeader::SequenceDelimiter => {
+                    stack.pop();
+                    in_sequence = false;
+                    delimiter_check_pending = true;
+                }
+            }
+        } else if let Some(&Open {
+            item: true,
+            pixel: true,
+            len,
+            ..
+        }) = stack.last()
+        {
+            // the offset table (a vector of `len` u32) or a fragment (`len` bytes), allocated
+            // before reading; a fragment is read without checking that it is all there
+            let Some(len) = len else {
+                return Ok(()); // the parser: undefined pixel data item length
+            };
+            // (a u32 vector of `len` entries, of which the parser reads the whole ones)
+            let need = if offset_table_next {
+                len as u64 / 4 * 4
+            } else {
+                len as u64
+            };
+            let have = src.skip(need).unwrap_or(0);
+            if have < need {
+                return Err(past_end(ITEM, at, where_, len, have));
+            }
+            position += need;
+            offset_table_next = false;
+            delimiter_check_pending = true;
+        } else if let Some((header, at)) = last_header.take() {
+            if header.is_encapsulated_pixeldata() {
+                // encapsulated pixel data: a pixel sequence, then the offset table item
+                stack.push(Open {
+                    item: false,
+                    len: None,
+                    pixel: true,
+                    base: position,
+                });
+                let Ok(item) = decoder.decode_item_header(src) else {
+                    return Ok(());
+                };
+                position += 8;
+                match item {
+                    SequenceItemHeader::Item { len } => {
+                        in_sequence = false;
+                        stack.push(Open {
+                            item: true,
+                            len: len.get(),
+                            pixel: true,
+                            base: position,
+                        });
+                        if len.0 == 0 {
+                            delimiter_check_pending = true;
+                        } else {
+                            offset_table_next = true;
+                        }
+                    }
+                    SequenceItemHeader::SequenceDelimiter => {
+                        stack.pop();
+                        in_sequence = false;
+                    }
+                    SequenceItemHeader::ItemDelimiter => return Ok(()),
                 }
             } else {
-                (None, self.u32_at(pos + 4), pos + 8)
-            };
-            if len == UNDEFINED {
-                pos = match vr.as_ref() {
-                    None | Some(b"SQ") => self.items(value, end, false, depth + 1)?,
-                    Some(b"OB" | b"OW") => self.items(value, end, true, depth + 1)?,
-                    Some(_) => return Err(Walk::Stop),
-                };
-                continue;
-            }
-            self.fits(tag, value, len)?;
-            let next = value + len as usize;
-            if vr.as_ref() == Some(b"SQ") {
-                self.items(value, next.min(end), false, depth + 1)?;
-            }
-            pos = next;
-        }
-        Ok(end)
-    }
-
-    /// Items (or fragments) from `pos` to `end` or to a sequence delimiter (consumed).
-    fn items(
-        &self,
-        mut pos: usize,
-        end: usize,
-        fragments: bool,
-        depth: usize,
-    ) -> std::result::Result<usize, Walk> {
-        while pos + 8 <= end {
-            let tag = self.tag(pos);
-            let len = self.u32_at(pos + 4);
-            match tag {
-                (0xFFFE, 0xE0DD) => return Ok(pos + 8),
-                (0xFFFE, 0xE000) if len == UNDEFINED && !fragments => {
-                    pos = self.elements(pos + 8, end, depth + 1)?;
-                }
-                (0xFFFE, 0xE000) if len != UNDEFINED => {
-                    self.fits(tag, pos + 8, len)?;
-                    let next = pos + 8 + len as usize;
-                    if !fragments {
-                        self.elements(pos + 8, next.min(end), depth + 1)?;
+                // a primitive value, allocated whole before it is read
+                let len = header.len.0;
+                if len != 0 {
+                    let need = value_bytes(header.vr, len);
+                    let mut first = [0u8; 2];
+                    let mut have = 0;
+                    if header.tag == Tag(0x0028, 0x0103) && need >= 2 {
+                        if src.read_exact(&mut first).is_err() {
+                            return Err(past_end(header.tag, at, where_, len, 0));
+                        }
+                        have = 2;
                     }
-                    pos = next;
+                    have += src.skip(need - have).unwrap_or(0);
+                    if have < need {
+                        return Err(past_end(header.tag, at, where_, len, have));
+                    }
+                    if header.tag == Tag(0x0028, 0x0103) && matches!(header.vr, VR::US | VR::OW) {
+                        signed_pixeldata = (need >= 2).then(|| {
+                            if big_endian {
+                                u16::from_be_bytes(first) != 0
+                            } else {
+                                u16::from_le_bytes(first) != 0
+                            }
+                        });
+                    }
+                    position += len as u64;
                 }
-                _ => return Err(Walk::Stop),
+                delimiter_check_pending = true;
+            }
+        } else {
+            // an element header (the end of the data here ends the data set)
+            let Ok((mut header, size)) = decoder.decode_header(src) else {
+                return Ok(());
+            };
+            position += size as u64;
+            if signed_pixeldata == Some(true)
+                && dicom_dictionary_std::StandardDataDictionary
+                    .by_tag(header.tag)
+                    .map(|e| e.vr())
+                    == Some(VirtualVr::Xs)
+            {
+                header.vr = VR::SS;
+            }
+            let opens = header.vr == VR::SQ
+                || (header.len.is_undefined()
+                    && header.tag != Tag(0xFFFE, 0xE00D)
+                    && !header.is_encapsulated_pixeldata());
+            if opens {
+                // a sequence; an element of any other VR with an undefined length is read as
+                // one too (its VR dropped), with the same transfer syntax
+                if nested(&stack) >= MAX_SEQUENCE_DEPTH {
+                    return Err(format!(
+                        "element ({:04X},{:04X}) at byte {at}{where_} opens a sequence nested more than {MAX_SEQUENCE_DEPTH} deep",
+                        header.tag.0, header.tag.1
+                    ));
+                }
+                in_sequence = true;
+                stack.push(Open {
+                    item: false,
+                    len: header.len.get(),
+                    pixel: false,
+                    base: position,
+                });
+                if header.len.0 == 0 {
+                    delimiter_check_pending = true;
+                }
+            } else if header.tag == Tag(0xFFFE, 0xE00D) {
+                // an item delimiter: ignored outside a sequence
+                if !stack.is_empty() {
+                    in_sequence = true;
+                    stack.pop();
+                    delimiter_check_pending = true;
+                }
+            } else {
+                // encapsulated pixel data or a primitive value: read on the next turn
+                last_header = Some((header, at));
             }
         }
-        Ok(end)
     }
 }
 
-/// Refuse a DICOM file one of whose defined element or item lengths runs past the end of the
-/// file (the allocation bound of the DICOM reader); structures the walk does not follow are
-/// left to the parser, which reports them.
+/// Refuse a DICOM file on which dicom-object's reader would allocate past the end of the data:
+/// a value, a basic offset table or a pixel data fragment whose declared length runs past the
+/// bytes that follow (the parser allocates and zero-fills a declared length before reading it:
+/// a damaged length of 0x7fffffff would cost 2 GiB for a 7 kB file), or sequences nested deeper
+/// than [`MAX_SEQUENCE_DEPTH`]. The walk follows the reader token by token (the file meta group
+/// as `FileMetaTable::read_from` reads it, then the data set in its transfer syntax: explicit
+/// or implicit VR, little or big endian, deflated; sequences and items of defined or undefined
+/// length; elements of other VRs with an undefined length, which the parser reads as sequences;
+/// encapsulated pixel data), so a refusal names the element and the length, and a file the
+/// reader can read is never refused. Where the reader itself stops with an error the walk
+/// stops too and leaves the file to it.
 fn check_lengths(bytes: &[u8]) -> std::result::Result<(), String> {
+    use dicom_encoding::transfer_syntax::{Codec, Endianness};
     let start = if bytes.len() >= 132 && &bytes[128..132] == b"DICM" {
         132
     } else if bytes.starts_with(b"DICM") {
@@ -232,62 +368,113 @@ fn check_lengths(bytes: &[u8]) -> std::result::Result<(), String> {
     } else {
         return Ok(());
     };
-    // The file meta group: explicit VR little endian, group 0002.
-    let meta = LengthWalk {
-        bytes,
-        explicit: true,
-        big: false,
+    // The file meta group: explicit VR little endian, (0002,0000) first, then elements (of any
+    // group) until the group length is used up.
+    let Some(meta) = TransferSyntaxRegistry
+        .get("1.2.840.10008.1.2.1")
+        .and_then(|ts| ts.decoder())
+    else {
+        return Ok(());
     };
-    let mut pos = start;
-    let mut ts = String::new();
-    while pos + 8 <= bytes.len() && meta.u16_at(pos) == 0x0002 {
-        let tag = meta.tag(pos);
-        let vr = &bytes[pos + 4..pos + 6];
-        let (len, value) = if !is_short_vr(&[vr[0], vr[1]]) {
-            if pos + 12 > bytes.len() {
-                return Ok(());
-            }
-            (meta.u32_at(pos + 8), pos + 12)
-        } else {
-            (meta.u16_at(pos + 6) as u32, pos + 8)
-        };
-        if len == UNDEFINED {
+    let mut src = Counted {
+        inner: &bytes[start..],
+        at: 0,
+    };
+    match meta.decode_header(&mut src) {
+        Ok((h, _)) if h.tag == Tag(0x0002, 0x0000) && h.len.0 == 4 => {}
+        _ => return Ok(()),
+    }
+    let mut group_length = [0u8; 4];
+    if src.read_exact(&mut group_length).is_err() {
+        return Ok(());
+    }
+    let group_length = u32::from_le_bytes(group_length);
+    let (mut total, mut uid) = (0u32, String::new());
+    while total < group_length {
+        let at = start as u64 + src.at;
+        let Ok((h, size)) = meta.decode_header(&mut src) else {
             return Ok(());
+        };
+        let Some(len) = h.len.get() else {
+            return Ok(());
+        };
+        // the values the reader allocates (within its limits), then reads; others it skips
+        let allocated = match (h.tag.0, h.tag.1) {
+            (0x0002, 0x0001) => len == 2,
+            (0x0002, 0x0002 | 0x0003 | 0x0010 | 0x0012) => true,
+            (0x0002, 0x0013 | 0x0016 | 0x0017 | 0x0018) => len <= 16,
+            (0x0002, 0x0100) => len <= 64,
+            (0x0002, 0x0102) => len <= 1 << 26,
+            _ => false,
+        };
+        let value = start + src.at as usize;
+        let left = (bytes.len() - value) as u64;
+        if allocated && len as u64 > left {
+            return Err(past_end(h.tag, at, "", len, left));
         }
-        match meta.fits(tag, value, len) {
-            Err(Walk::Refuse(m)) => return Err(m),
-            Err(Walk::Stop) => return Ok(()),
-            Ok(()) => {}
-        }
-        if tag == (0x0002, 0x0010) {
-            ts = String::from_utf8_lossy(&bytes[value..value + len as usize])
-                .trim_end_matches(['\0', ' '])
+        if h.tag == Tag(0x0002, 0x0010) {
+            uid = String::from_utf8_lossy(&bytes[value..value + len as usize])
+                .trim_end_matches(|c: char| c.is_whitespace() || c == '\0')
                 .to_string();
         }
-        pos = value + len as usize;
+        if matches!(
+            h.tag,
+            Tag(
+                0x0002,
+                0x0001 | 0x0013 | 0x0016 | 0x0017 | 0x0018 | 0x0100 | 0x0102
+            )
+        ) && !allocated
+        {
+            return Ok(()); // the reader: unexpected value length
+        }
+        if src.skip(len as u64) != Some(len as u64) {
+            return Ok(());
+        }
+        total = total.saturating_add(size as u32).saturating_add(len);
     }
-    let walk = match ts.as_str() {
-        "1.2.840.10008.1.2" => LengthWalk {
-            bytes,
-            explicit: false,
-            big: false,
-        },
-        "1.2.840.10008.1.2.2" => LengthWalk {
-            bytes,
-            explicit: true,
-            big: true,
-        },
-        // deflated data sets are inflated by the parser; nothing to walk here
-        "1.2.840.10008.1.2.1.99" => return Ok(()),
-        _ => LengthWalk {
-            bytes,
-            explicit: true,
-            big: false,
-        },
+    let Some(ts) = TransferSyntaxRegistry.get(&uid) else {
+        return Ok(()); // the reader: unknown transfer syntax
     };
-    match walk.elements(pos, bytes.len(), 0) {
-        Err(Walk::Refuse(m)) => Err(m),
-        _ => Ok(()),
+    let Some(decoder) = ts.decoder() else {
+        return Ok(());
+    };
+    let big_endian = ts.endianness() == Endianness::Big;
+    let data_set = start + src.at as usize;
+    match ts.codec() {
+        Codec::Dataset(Some(_)) => {
+            // deflated: the reader inflates as it reads; so does the walk, up to the bound of
+            // what one file may decode
+            let inflated = flate2::read::DeflateDecoder::new(&bytes[data_set..]);
+            let mut src = Counted {
+                inner: inflated.take(crate::guard::MAX_DECODED_BYTES + 1),
+                at: 0,
+            };
+            let walked = walk_data_set(
+                &mut src,
+                &decoder,
+                big_endian,
+                0,
+                " of the inflated data set",
+            );
+            if src.at > crate::guard::MAX_DECODED_BYTES {
+                return Err(format!(
+                    "the deflated data set inflates to more than {} bytes",
+                    crate::guard::MAX_DECODED_BYTES
+                ));
+            }
+            walked
+        }
+        Codec::Dataset(None) => Ok(()),
+        _ => walk_data_set(
+            &mut Counted {
+                inner: &bytes[data_set..],
+                at: 0,
+            },
+            &decoder,
+            big_endian,
+            data_set as u64,
+            "",
+        ),
     }
 }
 
@@ -693,6 +880,361 @@ fn read_ecg_unguarded(path: &Path, item: usize) -> Result<EcgSignal> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // ---- the length walk, on files built here (no test data needed) ----
+
+    const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+    const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
+    const EXPLICIT_BE: &str = "1.2.840.10008.1.2.2";
+    const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
+    const JPEG_BASELINE: &str = "1.2.840.10008.1.2.4.50";
+    const UNDEFINED: u32 = u32::MAX;
+
+    /// An explicit VR element header declaring `len` (the 2-byte length form for the VRs that
+    /// have it), little or big endian.
+    fn header(tag: (u16, u16), vr: &[u8; 2], len: u32, big: bool) -> Vec<u8> {
+        let u16b = |v: u16| {
+            if big {
+                v.to_be_bytes()
+            } else {
+                v.to_le_bytes()
+            }
+        };
+        let u32b = |v: u32| {
+            if big {
+                v.to_be_bytes()
+            } else {
+                v.to_le_bytes()
+            }
+        };
+        let mut out = [u16b(tag.0), u16b(tag.1)].concat();
+        out.extend_from_slice(vr);
+        let short = VR::from_binary(*vr).is_some_and(|v| {
+            matches!(
+                v,
+                VR::AE
+                    | VR::AS
+                    | VR::AT
+                    | VR::CS
+                    | VR::DA
+                    | VR::DS
+                    | VR::DT
+                    | VR::FL
+                    | VR::FD
+                    | VR::IS
+                    | VR::LO
+                    | VR::LT
+                    | VR::PN
+                    | VR::SH
+                    | VR::SL
+                    | VR::SS
+                    | VR::ST
+                    | VR::TM
+                    | VR::UI
+                    | VR::UL
+                    | VR::US
+            )
+        });
+        if short {
+            out.extend_from_slice(&u16b(len as u16));
+        } else {
+            out.extend_from_slice(&[0, 0]);
+            out.extend_from_slice(&u32b(len));
+        }
+        out
+    }
+
+    /// An explicit VR little endian element with its value.
+    fn el(tag: (u16, u16), vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
+        [header(tag, vr, value.len() as u32, false), value.to_vec()].concat()
+    }
+
+    /// An implicit VR little endian element header.
+    fn implicit(tag: (u16, u16), len: u32) -> Vec<u8> {
+        [tag.0.to_le_bytes(), tag.1.to_le_bytes()]
+            .concat()
+            .into_iter()
+            .chain(len.to_le_bytes())
+            .collect()
+    }
+
+    /// An item (`FFFE,E000`), item delimiter (`E00D`) or sequence delimiter (`E0DD`) header.
+    fn item(element: u16, len: u32) -> Vec<u8> {
+        [
+            &[0xFE, 0xFF][..],
+            &element.to_le_bytes(),
+            &len.to_le_bytes(),
+        ]
+        .concat()
+    }
+
+    /// Preamble, `DICM`, the file meta group naming `ts`, then `data_set`.
+    fn file(ts: &str, data_set: &[u8]) -> Vec<u8> {
+        let mut uid = ts.as_bytes().to_vec();
+        if uid.len() % 2 == 1 {
+            uid.push(0);
+        }
+        let group = el((0x0002, 0x0010), b"UI", &uid);
+        let mut out = vec![0u8; 128];
+        out.extend_from_slice(b"DICM");
+        out.extend(el(
+            (0x0002, 0x0000),
+            b"UL",
+            &(group.len() as u32).to_le_bytes(),
+        ));
+        out.extend(group);
+        out.extend_from_slice(data_set);
+        out
+    }
+
+    /// dicom-object's reading of `bytes` (what `open` does after the walk).
+    fn parse(bytes: &[u8]) -> std::result::Result<DefaultDicomObject, String> {
+        dicom_object::OpenFileOptions::new()
+            .read_preamble(dicom_object::file::ReadPreamble::Auto)
+            .from_reader(std::io::Cursor::new(bytes.to_vec()))
+            .map_err(|e| chain(&e))
+    }
+
+    /// The walk accepts `bytes` and dicom-object reads them.
+    fn accepted(bytes: &[u8]) {
+        check_lengths(bytes).unwrap();
+        parse(bytes).unwrap();
+    }
+
+    /// The walk refuses `bytes` naming `element` and `len`.
+    fn refused(bytes: &[u8], element: &str, len: u32) -> String {
+        let m = check_lengths(bytes).unwrap_err();
+        assert!(
+            m.contains(&format!("element {element} at byte"))
+                && m.contains(&format!("declares {len} bytes")),
+            "{m}"
+        );
+        m
+    }
+
+    const PATIENT: (u16, u16) = (0x0010, 0x0010);
+    const CODE_VALUE: (u16, u16) = (0x0008, 0x0100);
+    const PRIVATE_OB: (u16, u16) = (0x0011, 0x1010);
+
+    /// `inner` inside an element of `vr` with an undefined length: one undefined-length item.
+    fn undefined_length(tag: (u16, u16), vr: &[u8; 2], inner: &[u8]) -> Vec<u8> {
+        [
+            header(tag, vr, UNDEFINED, false),
+            item(0xE000, UNDEFINED),
+            inner.to_vec(),
+            item(0xE00D, 0),
+            item(0xE0DD, 0),
+        ]
+        .concat()
+    }
+
+    #[test]
+    fn undefined_length_elements_of_any_vr_are_walked_as_sequences() {
+        // what the first fuzz campaign found: (0008,1090) with a damaged VR and an undefined
+        // length; dicom-parser reads it as a sequence in the file's own transfer syntax
+        let inner = |len: u32| {
+            [
+                el(CODE_VALUE, b"SH", b"AB"),
+                header(PRIVATE_OB, b"OB", len, false),
+                vec![7; 4],
+            ]
+            .concat()
+        };
+        for vr in [b"LQ", b"UN", b"OW", b"\0Q"] {
+            let ok = file(
+                EXPLICIT_LE,
+                &[
+                    undefined_length((0x0008, 0x1090), vr, &inner(4)),
+                    el(PATIENT, b"PN", b"DOE^J "),
+                ]
+                .concat(),
+            );
+            accepted(&ok);
+            let bad = file(
+                EXPLICIT_LE,
+                &undefined_length((0x0008, 0x1090), vr, &inner(0x7FFF_FFF0)),
+            );
+            let m = refused(&bad, "(0011,1010)", 0x7FFF_FFF0);
+            // the value's 4 bytes, the item and the sequence delimiters
+            assert!(m.contains("the file holds 20 more"), "{m}");
+        }
+    }
+
+    /// `depth` nested sequences, alternating defined and undefined lengths, around `inner`.
+    fn nested(depth: usize, inner: Vec<u8>) -> Vec<u8> {
+        (0..depth).fold(inner, |inner, level| {
+            if level % 2 == 0 {
+                let it = [item(0xE000, inner.len() as u32), inner].concat();
+                [header((0x0040, 0xA730), b"SQ", it.len() as u32, false), it].concat()
+            } else {
+                undefined_length((0x0040, 0xA730), b"SQ", &inner)
+            }
+        })
+    }
+
+    #[test]
+    fn nested_sequences_are_walked_at_every_depth_up_to_the_bound() {
+        let value = |len: u32| [header(PRIVATE_OB, b"OB", len, false), vec![1; 6]].concat();
+        for depth in [1, 2, 5, MAX_SEQUENCE_DEPTH] {
+            accepted(&file(EXPLICIT_LE, &nested(depth, value(6))));
+            refused(
+                &file(EXPLICIT_LE, &nested(depth, value(1 << 30))),
+                "(0011,1010)",
+                1 << 30,
+            );
+        }
+        // one more level is refused, as is a hostile depth (walked without recursion; read by
+        // dicom-object, it would overflow the stack)
+        let hostile = |depth: usize| {
+            let open = [
+                header((0x0040, 0xA730), b"SQ", UNDEFINED, false),
+                item(0xE000, UNDEFINED),
+            ];
+            let close = [item(0xE00D, 0), item(0xE0DD, 0)].concat();
+            [open.concat().repeat(depth), value(6), close.repeat(depth)].concat()
+        };
+        for data in [nested(MAX_SEQUENCE_DEPTH + 1, value(6)), hostile(100_000)] {
+            let m = check_lengths(&file(EXPLICIT_LE, &data)).unwrap_err();
+            assert!(
+                m.contains("(0040,A730)") && m.contains("nested more than 64 deep"),
+                "{m}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_deepest_nesting_let_through_is_read_on_a_small_stack() {
+        // rayon's workers and tokio's blocking threads have 2 MiB stacks
+        let bytes = file(
+            EXPLICIT_LE,
+            &nested(MAX_SEQUENCE_DEPTH, el(PATIENT, b"PN", b"DOE^J ")),
+        );
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || accepted(&bytes))
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    #[test]
+    fn encapsulated_pixel_data_fragments_and_offset_table_are_checked() {
+        let pixels = |table: u32, fragment: u32| {
+            [
+                header((0x7FE0, 0x0010), b"OB", UNDEFINED, false),
+                item(0xE000, table),
+                vec![0; 4],
+                item(0xE000, fragment),
+                vec![0xFF, 0xD8, 0xFF, 0xD9],
+                item(0xE0DD, 0),
+            ]
+            .concat()
+        };
+        accepted(&file(JPEG_BASELINE, &pixels(4, 4)));
+        refused(
+            &file(JPEG_BASELINE, &pixels(4, 0x7FFF_FFFF)),
+            "(FFFE,E000)",
+            0x7FFF_FFFF,
+        );
+        refused(
+            &file(JPEG_BASELINE, &pixels(0x7FFF_FFFF, 4)),
+            "(FFFE,E000)",
+            0x7FFF_FFFF,
+        );
+    }
+
+    #[test]
+    fn implicit_vr_sequences_are_known_from_the_dictionary() {
+        // (0040,A730) ContentSequence is SQ in the dictionary: its defined-length item is walked
+        let data = |len: u32| {
+            let inner = [implicit(PRIVATE_OB, len), vec![3; 8]].concat();
+            let it = [implicit((0xFFFE, 0xE000), inner.len() as u32), inner].concat();
+            [implicit((0x0040, 0xA730), it.len() as u32), it].concat()
+        };
+        accepted(&file(IMPLICIT_LE, &data(8)));
+        refused(
+            &file(IMPLICIT_LE, &data(0x4000_0000)),
+            "(0011,1010)",
+            0x4000_0000,
+        );
+    }
+
+    #[test]
+    fn big_endian_lengths_are_read_big_endian() {
+        // 0x1000_0000 big endian reads as 16 little endian, which would fit
+        let data = |len: u32| [header(PRIVATE_OB, b"OB", len, true), vec![5; 16]].concat();
+        accepted(&file(EXPLICIT_BE, &data(16)));
+        refused(
+            &file(EXPLICIT_BE, &data(0x1000_0000)),
+            "(0011,1010)",
+            0x1000_0000,
+        );
+    }
+
+    #[test]
+    fn deflated_data_sets_are_walked_inflated() {
+        use std::io::Write as _;
+        let deflate = |data: &[u8]| {
+            let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+            z.write_all(data).unwrap();
+            z.finish().unwrap()
+        };
+        let data = |len: u32| {
+            [
+                el(PATIENT, b"PN", b"DOE^J "),
+                header(PRIVATE_OB, b"OB", len, false),
+                vec![9; 10],
+            ]
+            .concat()
+        };
+        accepted(&file(DEFLATED, &deflate(&data(10))));
+        let m = refused(
+            &file(DEFLATED, &deflate(&data(0x7000_0000))),
+            "(0011,1010)",
+            0x7000_0000,
+        );
+        assert!(m.contains("of the inflated data set"), "{m}");
+    }
+
+    #[test]
+    fn the_walk_refuses_only_what_the_parser_reads() {
+        // an odd length of a 16-bit VR: the parser reads (and allocates) the whole values, 2 of
+        // the 3 bytes declared; the file ends there and the parser reads it: so does the walk
+        let odd = file(
+            EXPLICIT_LE,
+            &[header((0x0028, 0x0010), b"US", 3, false), vec![0, 2]].concat(),
+        );
+        accepted(&odd);
+        // one byte short of the whole values: refused
+        let short = file(
+            EXPLICIT_LE,
+            &[header((0x0028, 0x0010), b"US", 4, false), vec![0, 2, 0]].concat(),
+        );
+        refused(&short, "(0028,0010)", 4);
+        // a sequence of a defined length past the end, closed by a delimiter, allocates
+        // nothing and is read
+        let closed = file(
+            EXPLICIT_LE,
+            &[
+                header((0x0040, 0xA730), b"SQ", 0x7FFF_0000, false),
+                item(0xE000, UNDEFINED),
+                el(CODE_VALUE, b"SH", b"AB"),
+                item(0xE00D, 0),
+                item(0xE0DD, 0),
+                el(PATIENT, b"PN", b"DOE^J "),
+            ]
+            .concat(),
+        );
+        accepted(&closed);
+    }
+
+    #[test]
+    fn the_file_meta_group_is_walked_by_its_group_length() {
+        let mut bad = file(EXPLICIT_LE, &el(PATIENT, b"PN", b"DOE^J "));
+        // the transfer syntax UID's length (2 bytes at 132 + 12 + 6)
+        bad[150..152].copy_from_slice(&0xFFF0u16.to_le_bytes());
+        refused(&bad, "(0002,0010)", 0xFFF0);
+    }
 
     #[test]
     fn linear_window_follows_the_standard() {

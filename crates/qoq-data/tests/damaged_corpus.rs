@@ -325,3 +325,68 @@ fn damaged_rle_dicoms_reproduce_the_upstream_panic_as_an_error_naming_them() {
         );
     }
 }
+
+/// The inputs of the first fuzz campaign (`fuzz/regressions/`, kept there with their reproduce
+/// command) on which dicom-rs's parser asked for more than 1 GiB: an element with a damaged
+/// VR and an undefined length, which the parser reads as a sequence (in the file's own transfer
+/// syntax) and the DICOM length walk did not follow, holding an element whose length runs past
+/// the end of the file. Each must now be refused by the walk
+/// (`qoq_data::dicom::check_lengths`), naming the element and its length, with no allocation
+/// above the limit.
+#[test]
+fn fuzz_regressions_are_refused_naming_the_element_without_a_large_allocation() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/regressions");
+    // (file, the reader of its fuzz target (ECG or image), the refused element, its length)
+    let cases: [(&str, bool, &str, &str); 2] = [
+        // (0008,1090) at byte 814 has VR `LQ` and an undefined length; read as a sequence it
+        // leads, through its item, to (0000,0000) at byte 2190 (a second file's preamble
+        // spliced in by the fuzzer): an unknown VR whose length field reads `\0DIC`
+        (
+            "dicom-oom-1128875008.bin",
+            false,
+            "element (0000,0000) at byte 2190",
+            "declares 1128875008 bytes",
+        ),
+        // (0040,0343) at byte 6326 has VR `\0Q` and an undefined length, inside the nested
+        // sequences of the waveform's annotations; inside it, (0008,BB03) at byte 8758 has VR
+        // `\xBB\xBB` and a length of 0xBBBBBBBB
+        (
+            "dicom_ecg-oom-3149642683.bin",
+            true,
+            "element (0008,BB03) at byte 8758",
+            "declares 3149642683 bytes",
+        ),
+    ];
+    for (name, ecg, element, len) in cases {
+        let path = dir.join(name);
+        assert!(path.is_file(), "{} is missing", path.display());
+        set_current(&path.to_string_lossy());
+        let refused = REFUSED.load(Ordering::Relaxed);
+        let p = path.clone();
+        let err = timed(name, move || {
+            if ecg {
+                qoq_data::dicom::read_ecg(&p, 0).map(|_| ())
+            } else {
+                qoq_data::dicom::read_image(&p, qoq_data::dicom::Windowing::FromFile).map(|_| ())
+            }
+        })
+        .expect_err(name);
+        assert_eq!(
+            REFUSED.load(Ordering::Relaxed),
+            refused,
+            "{name}: an allocation above {ALLOC_LIMIT} bytes was asked for"
+        );
+        let text = err.to_string();
+        assert!(
+            !matches!(err, qoq_data::Error::DecoderPanic { .. }),
+            "{text}"
+        );
+        assert!(text.starts_with(&path.display().to_string()), "{text}");
+        assert!(text.contains("cannot read DICOM"), "{text}");
+        assert!(
+            text.contains(element) && text.contains(len),
+            "{name}: {text}"
+        );
+    }
+    set_current("(none)");
+}
