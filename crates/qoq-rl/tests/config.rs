@@ -23,7 +23,10 @@ fn defaults_equal_the_reference_7b_yaml() {
         (c.rollout.val_override.temperature, c.rollout.val_override.n),
         (0.5, 1)
     );
-    assert_eq!(c.rollout.gpu_memory_utilization, 0.6);
+    // Not yet implemented settings default to what is implemented (the yaml's bf16 compute and
+    // activation checkpointing are refused until they exist).
+    assert_eq!(c.model.compute_dtype, c.model.master_dtype);
+    assert!(!c.model.gradient_checkpointing);
     // data
     assert_eq!(
         (c.data.max_prompt_length, c.data.max_response_length),
@@ -365,4 +368,44 @@ fn new_keys_are_refused_when_they_cannot_work() {
     );
     let e = err(&["trainer.early_stopping.patience=0"]);
     assert!(e.contains("trainer.early_stopping.patience"), "{e}");
+}
+
+#[test]
+fn settings_without_an_implementation_are_refused_naming_the_key() {
+    let base = configs_dir().join("qoq_med_7b_drpo.toml");
+    RunConfig::load(&base, &[]).expect("the 7B recipe loads");
+    let err = |set: &[&str]| {
+        let o: Vec<String> = set.iter().map(|s| s.to_string()).collect();
+        RunConfig::load(&base, &o).unwrap_err().to_string()
+    };
+    let e = err(&["model.compute_dtype=bf16"]);
+    assert!(
+        e.contains("model.compute_dtype") && e.contains("mixed precision"),
+        "{e}"
+    );
+    let e = err(&["model.gradient_checkpointing=true"]);
+    assert!(
+        e.contains("model.gradient_checkpointing") && e.contains("not implemented"),
+        "{e}"
+    );
+    let e = err(&["rollout.tensor_parallel_size=4"]);
+    assert!(e.contains("rollout.tensor_parallel_size"), "{e}");
+    let e = err(&["rollout.gpu_memory_utilization=0.4"]);
+    assert!(
+        e.contains("rollout.gpu_memory_utilization") && e.contains("not implemented"),
+        "{e}"
+    );
+    let e = err(&["rollout.limit_images=0"]);
+    assert!(e.contains("rollout.limit_images"), "{e}");
+    // In a run file, too.
+    let text = std::fs::read_to_string(&base)
+        .unwrap()
+        .replace("[rollout]\n", "[rollout]\ngpu_memory_utilization = 0.6\n");
+    let e = RunConfig::from_toml_str_with_overrides(&text, "run.toml", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("run.toml") && e.contains("rollout.gpu_memory_utilization"),
+        "{e}"
+    );
 }

@@ -657,3 +657,31 @@ fn adamw_bf16_trains_with_kahan_state_and_resumes_bit_identically() {
     assert_eq!(weights(&a), weights(&b), "weights differ after resuming");
     assert_eq!(comparable(&a), comparable(&b));
 }
+
+#[test]
+fn a_row_with_more_images_than_rollout_limit_images_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = repo().join("examples/mini/manifest.jsonl");
+    let mut cfg = config(
+        &model,
+        &manifest,
+        &dir.path().join("run"),
+        4,
+        2,
+        6,
+        1e-3,
+        1,
+        1,
+        true,
+    );
+    // Rows in file order: line 3 is a CT volume of two frames (two images).
+    cfg.data.shuffle = false;
+    cfg.rollout.limit_images = 1;
+    let mut t = Trainer::with_reward(cfg, Box::new(Vowels)).unwrap();
+    let e = t.step().unwrap_err().to_string();
+    assert!(
+        e.contains("line 3") && e.contains("rollout.limit_images = 1"),
+        "{e}"
+    );
+}

@@ -83,6 +83,32 @@ pub enum ConfigError {
 /// Result of this module.
 pub type Result<T> = std::result::Result<T, ConfigError>;
 
+/// Keys of the reference's configuration that this build does not implement, with the reason:
+/// a run file setting one is refused with that reason (rather than by an unknown-key error, or
+/// worse, accepted and ignored).
+pub const NOT_IMPLEMENTED: &[(&str, &str)] = &[(
+    "rollout.gpu_memory_utilization",
+    "the rollout engine runs on the CPU in this build; its KV cache is not sized from device \
+     memory (remove the key)",
+)];
+
+/// Refuses a document that sets a [`NOT_IMPLEMENTED`] key.
+fn refuse_unimplemented(doc: &toml::Value, origin: &str) -> Result<()> {
+    for (key, why) in NOT_IMPLEMENTED {
+        let mut v = Some(doc);
+        for seg in key.split('.') {
+            v = v.and_then(|x| x.get(seg));
+        }
+        if v.is_some() {
+            return Err(ConfigError::Parse {
+                origin: origin.to_string(),
+                message: format!("`{key}` is not implemented: {why}"),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn invalid(field: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field: field.to_string(),
@@ -115,6 +141,9 @@ pub struct RunConfig {
 impl RunConfig {
     /// Parses TOML text; `origin` labels errors.
     pub fn from_toml_str(text: &str, origin: &str) -> Result<Self> {
+        if let Ok(doc) = toml::from_str::<toml::Value>(text) {
+            refuse_unimplemented(&doc, origin)?;
+        }
         toml::from_str(text).map_err(|e| ConfigError::Parse {
             origin: origin.to_string(),
             message: e.to_string(),
@@ -257,6 +286,7 @@ impl RunConfig {
             ("data.rollout_batch_size", self.data.rollout_batch_size),
             ("data.val_batch_size", self.data.val_batch_size),
             ("rollout.n", self.rollout.n),
+            ("rollout.limit_images", self.rollout.limit_images),
             ("rollout.val_override.n", self.rollout.val_override.n),
             (
                 "rollout.tensor_parallel_size",
@@ -304,11 +334,32 @@ impl RunConfig {
         if !(p > 0.0 && p <= 1.0) {
             return Err(invalid("rollout.top_p", format!("{p} is not in (0, 1]")));
         }
-        let u = self.rollout.gpu_memory_utilization;
-        if !(u > 0.0 && u <= 1.0) {
+        // Settings whose implementation does not exist yet are refused rather than ignored.
+        if self.model.compute_dtype != self.model.master_dtype {
             return Err(invalid(
-                "rollout.gpu_memory_utilization",
-                format!("{u} is not in (0, 1]"),
+                "model.compute_dtype",
+                format!(
+                    "{:?} differs from model.master_dtype {:?}: computing in another dtype than the \
+                     master weights (mixed precision) is not implemented yet; set both to the same \
+                     dtype",
+                    self.model.compute_dtype, self.model.master_dtype
+                ),
+            ));
+        }
+        if self.model.gradient_checkpointing {
+            return Err(invalid(
+                "model.gradient_checkpointing",
+                "activation checkpointing is not implemented yet; set it to false",
+            ));
+        }
+        if self.rollout.tensor_parallel_size > 1 {
+            return Err(invalid(
+                "rollout.tensor_parallel_size",
+                format!(
+                    "{}: the rollout engine runs in this process on one device; tensor \
+                     parallelism is not implemented (use 1)",
+                    self.rollout.tensor_parallel_size
+                ),
             ));
         }
         if !self

@@ -97,6 +97,12 @@ pub fn apply_override(doc: &mut toml::Value, key: &str, raw: &str) -> Result<()>
             reason: "empty key segment".into(),
         });
     }
+    if let Some((_, why)) = super::NOT_IMPLEMENTED.iter().find(|(k, _)| *k == key) {
+        return Err(ConfigError::BadOverride {
+            key: key.to_string(),
+            reason: format!("not implemented: {why}"),
+        });
+    }
     let schema = default_schema();
     let known = key_known(&schema, doc, &path);
     let mut value = infer_value(raw);

@@ -94,7 +94,9 @@ pub struct ModelConfig {
     pub tokenizer_path: Option<String>,
     /// Master weights of the actor. Default f32 (FSDP mixed precision keeps fp32 weights).
     pub master_dtype: DtypeName,
-    /// Compute dtype of the actor forward and of the reference model. Default bf16.
+    /// Compute dtype of the actor forward and of the reference model. Must equal `master_dtype`
+    /// until mixed precision (bf16 compute over f32 masters) is implemented; anything else is
+    /// refused at load. Default f32 (the reference yaml computes in bf16).
     pub compute_dtype: DtypeName,
     /// Freeze the vision tower. Default false (all parameters train).
     pub freeze_vision_tower: bool,
@@ -102,7 +104,8 @@ pub struct ModelConfig {
     pub freeze_llm: bool,
     /// Freeze the ECG encoder and projector. Default false.
     pub freeze_time_series_encoder: bool,
-    /// Recompute activations in the backward pass. Default true.
+    /// Recompute activations in the backward pass. Not implemented yet: `true` is refused at
+    /// load. Default false (the reference yaml sets true).
     pub gradient_checkpointing: bool,
     /// The parameter groups the optimiser updates ([`crate::trainable`]: `vision`, `merger`,
     /// `ecg`, `llm`); unset trains every group the `freeze_*` switches leave. The paper's
@@ -117,11 +120,11 @@ impl Default for ModelConfig {
             model_path: "Qwen/Qwen2.5-VL-7B-Instruct".into(),
             tokenizer_path: None,
             master_dtype: DtypeName::F32,
-            compute_dtype: DtypeName::Bf16,
+            compute_dtype: DtypeName::F32,
             freeze_vision_tower: false,
             freeze_llm: false,
             freeze_time_series_encoder: false,
-            gradient_checkpointing: true,
+            gradient_checkpointing: false,
             trainable: None,
         }
     }
@@ -164,13 +167,13 @@ pub struct RolloutConfig {
     pub ignore_eos: bool,
     /// Logit bias on `<|image_pad|>` (151655). Default −100.
     pub image_pad_logit_bias: f64,
-    /// Images per prompt. Default 4.
+    /// Images per prompt at most (video frames and volume slices count as images); a row with
+    /// more is an error naming it (skipped with `data.manifest.skip_bad_rows`). Default 4.
     pub limit_images: usize,
     /// Engine token budget per forward. Default 8192.
     pub max_num_batched_tokens: usize,
-    /// Fraction of device memory for the engine's KV cache. Default 0.6 (bf16 yaml: 0.4).
-    pub gpu_memory_utilization: f64,
-    /// Tensor-parallel ranks. Default 1 (bf16 yaml: 4).
+    /// Tensor-parallel ranks. Only 1 (one engine in this process) is implemented: more is
+    /// refused at load. Default 1 (bf16 yaml: 4).
     pub tensor_parallel_size: usize,
     /// Validation sampling.
     pub val_override: ValOverride,
@@ -188,7 +191,6 @@ impl Default for RolloutConfig {
             image_pad_logit_bias: -100.0,
             limit_images: 4,
             max_num_batched_tokens: 8192,
-            gpu_memory_utilization: 0.6,
             tensor_parallel_size: 1,
             val_override: ValOverride::default(),
         }

@@ -171,6 +171,13 @@ impl Trainer {
             .processor
             .process_sample(&sample)
             .map_err(|e| e.to_string())?;
+        let images = processed.image_grid_thw.len();
+        if images > self.cfg.rollout.limit_images {
+            return Err(format!(
+                "{images} images (frames and slices included), more than rollout.limit_images = {}",
+                self.cfg.rollout.limit_images
+            ));
+        }
         box_to_model_pixels(&mut sample, &processed)?;
         let mask = match (&sample.segmentation_path, processed.image_sizes.first()) {
             (Some(p), Some(&size)) => {
