@@ -206,6 +206,31 @@ impl Sampler {
     }
 }
 
+/// The `k` most likely tokens under the raw logits at temperature 1 (the scale of
+/// [`Sampled::logprob`]), most likely first (ties: lower id first); non-finite logits never
+/// appear.
+pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let lp = raw_logprobs(logits);
+    let mut idx: Vec<u32> = (0..logits.len() as u32)
+        .filter(|&i| logits[i as usize].is_finite())
+        .collect();
+    let k = k.min(idx.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    let desc = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, desc);
+        idx.truncate(k);
+    }
+    idx.sort_unstable_by(desc);
+    idx.into_iter().map(|i| (i, lp(i))).collect()
+}
+
 /// A closure giving log-softmax(logits)[t] at temperature 1.
 fn raw_logprobs(logits: &[f32]) -> impl Fn(u32) -> f32 + '_ {
     let max = logits
@@ -447,6 +472,21 @@ mod tests {
         assert_eq!(out.token, 1);
         assert!(out.logprob.abs() < 1e-6);
         assert!(s.sample(&[], &[]).logprob.is_infinite());
+    }
+
+    #[test]
+    fn top_logprobs_are_the_largest_raw_logprobs_in_order() {
+        let logits = [0.5f32, 3.0, f32::NAN, 1.0, 3.0, -2.0];
+        let top = top_logprobs(&logits, 3);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 4, 3]);
+        let mut s = Sampler::new(SamplingParams::greedy(), 0, 0);
+        let got = s.sample(&logits, &[]);
+        assert_eq!(got.token, 1);
+        assert!((top[0].1 - got.logprob).abs() < 1e-6);
+        let z: f64 = [0.5f64, 3.0, 1.0, 3.0, -2.0].iter().map(|x| x.exp()).sum();
+        assert!((top[2].1 as f64 - (1.0 - z.ln())).abs() < 1e-5);
+        assert_eq!(top_logprobs(&logits, 99).len(), 5);
+        assert!(top_logprobs(&logits, 0).is_empty());
     }
 
     #[test]
