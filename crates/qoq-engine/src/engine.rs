@@ -175,6 +175,14 @@ impl<'m> Engine<'m> {
         Ok(())
     }
 
+    /// Drop everything (after an error left the batch in an unknown state).
+    pub fn clear(&mut self) {
+        self.pending.clear();
+        self.rows.clear();
+        self.cache = KvCache::new();
+        self.groups.clear();
+    }
+
     /// Rows decoding now.
     pub fn running_rows(&self) -> usize {
         self.rows.len()
