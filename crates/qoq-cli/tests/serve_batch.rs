@@ -630,3 +630,41 @@ fn access_log_lines_are_plain_and_sigterm_finishes_running_requests() {
         "{text}"
     );
 }
+
+#[test]
+fn earlier_turns_and_the_system_message_are_rendered_with_the_chat_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = support::tiny_model_with(dir.path(), false);
+    let srv = support::spawn_serve(&model, &[] as &[&str], Stdio::inherit());
+    let a = srv.addr.as_str();
+    let tok = qoq_processor::QoqTokenizer::from_file(&model.join("tokenizer.json")).unwrap();
+    let sys = json!({"role": "system", "content": "You are a cardiologist."});
+    let ask = |messages: Value| {
+        let (st, r) = post(
+            a,
+            &json!({"messages": messages, "max_tokens": 1, "qoq_format_prompt": false}),
+        );
+        assert_eq!(st, 200, "{r}");
+        r["usage"]["prompt_tokens"].as_u64().unwrap() as usize
+    };
+    let single = ask(json!([sys, {"role": "user", "content": "Is it an MI?"}]));
+    let multi = ask(json!([sys,
+        {"role": "user", "content": "What is the rhythm?"},
+        {"role": "assistant", "content": "Sinus rhythm."},
+        {"role": "user", "content": "Is it an MI?"}]));
+    // Exactly the two earlier turns' tokens more.
+    let turns = "<|im_start|>user\nWhat is the rhythm?<|im_end|>\n<|im_start|>assistant\nSinus rhythm.<|im_end|>\n";
+    assert_eq!(multi, single + tok.encode(turns).unwrap().len());
+    // The system message replaces the default one.
+    let default = ask(json!([{"role": "user", "content": "Is it an MI?"}]));
+    let default_sys = tok.encode("You are a helpful assistant.").unwrap().len();
+    let own_sys = tok.encode("You are a cardiologist.").unwrap().len();
+    assert_eq!(single + default_sys, default + own_sys);
+    // An assistant message after the last user message is refused.
+    let (st, r) = post(
+        a,
+        &json!({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}),
+    );
+    assert_eq!(st, 400, "{r}");
+    assert_eq!(r["error"]["code"], "invalid_message");
+}

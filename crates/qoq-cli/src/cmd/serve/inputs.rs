@@ -162,6 +162,14 @@ pub(super) fn prepare(s: &Served, r: &ChatRequest) -> Result<Prepared, ApiError>
         id: format!("request-{k}"),
         question: r.question.clone(),
         system: r.system.clone(),
+        history: r
+            .history
+            .iter()
+            .map(|(role, text)| qoq_processor::prompt::Message {
+                role: role.to_string(),
+                content: qoq_processor::prompt::Content::Text(text.clone()),
+            })
+            .collect(),
         ..Case::default()
     };
     for m in &r.media {

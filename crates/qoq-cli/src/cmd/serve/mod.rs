@@ -13,10 +13,13 @@
 //!   per choice carrying its `finish_reason`, a usage chunk with
 //!   `stream_options.include_usage`, then `data: [DONE]`) or not.
 //!
-//! Messages: `user` messages form the question (the QoQ prompt is single-turn: `assistant`
-//! messages are not rendered); the text of `system` and `developer` messages, joined by
-//! newlines, replaces the chat template's default system message. A user `content` is a string
-//! or a list of parts, concatenated in order, with one `<image>` placeholder per image part:
+//! Messages: the last `user` message is the question; earlier `user` and `assistant` messages
+//! are the conversation, rendered with the chat template before it; the text of `system` and
+//! `developer` messages, joined by newlines, replaces the chat template's default system
+//! message. Images and the ECG of any user turn go with the question (the QoQ prompt holds its
+//! media in one user message, as in training; earlier turns' image placeholders come first).
+//! A user `content` is a string or a list of parts, concatenated in order, with one `<image>`
+//! placeholder per image part:
 //!
 //! * `{"type": "text", "text": ...}`;
 //! * `{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}`: base64 data

@@ -115,8 +115,11 @@ pub enum Media {
 
 /// A validated request.
 pub struct ChatRequest {
+    /// The last user message (with the placeholders of every image).
     pub question: String,
     pub system: Option<String>,
+    /// Earlier turns: role (`user` / `assistant`) and text.
+    pub history: Vec<(&'static str, String)>,
     pub media: Vec<Media>,
     pub format_prompt: bool,
     pub temperature: f32,
@@ -146,6 +149,32 @@ pub struct Limits<'a> {
 
 fn bad(code: &'static str, msg: impl Into<String>) -> ApiError {
     ApiError::bad(code, msg)
+}
+
+/// The text of a system or assistant message: a string, or its text parts joined.
+fn text_only(c: &Option<Content>, i: usize, role: &str) -> Result<String, ApiError> {
+    match c {
+        Some(Content::Text(t)) => Ok(t.clone()),
+        Some(Content::Parts(parts)) => {
+            let mut t = String::new();
+            for p in parts {
+                match p {
+                    Part::Text { text } => t.push_str(text),
+                    _ => {
+                        return Err(bad(
+                            "invalid_message",
+                            format!("messages[{i}] ({role}): only text parts are accepted"),
+                        ));
+                    }
+                }
+            }
+            Ok(t)
+        }
+        None => Err(bad(
+            "invalid_message",
+            format!("messages[{i}] ({role}) needs a `content`"),
+        )),
+    }
 }
 
 /// Parse and validate a body.
@@ -192,42 +221,40 @@ pub fn parse(body: &[u8], l: &Limits) -> Result<ChatRequest, ApiError> {
             ));
         }
     }
-    let mut pieces: Vec<String> = Vec::new();
+    // The last user message is the question; earlier user and assistant messages are the
+    // conversation's history, rendered with the chat template. Images and the ECG of any user
+    // turn go with the question (the QoQ prompt holds its media in one user message, as in
+    // training): the placeholders of earlier turns' images come first.
+    let last_user = b
+        .messages
+        .iter()
+        .rposition(|m| m.role == Role::User)
+        .ok_or_else(|| bad("empty_prompt", "no user message"))?;
+    if let Some(i) =
+        (last_user + 1..b.messages.len()).find(|&i| b.messages[i].role == Role::Assistant)
+    {
+        return Err(bad(
+            "invalid_message",
+            format!(
+                "messages[{i}]: an assistant message after the last user message (continuing a partial answer) is not supported"
+            ),
+        ));
+    }
     let mut system: Vec<String> = Vec::new();
     let mut media = Vec::new();
+    let mut history: Vec<(&'static str, String)> = Vec::new();
+    let mut earlier_images = 0usize;
+    let mut question = String::new();
     for (i, m) in b.messages.iter().enumerate() {
         match m.role {
             Role::System | Role::Developer => {
-                system.push(match &m.content {
-                    Some(Content::Text(t)) => t.clone(),
-                    Some(Content::Parts(parts)) => {
-                        let mut t = String::new();
-                        for p in parts {
-                            match p {
-                                Part::Text { text } => t.push_str(text),
-                                _ => {
-                                    return Err(bad(
-                                        "invalid_message",
-                                        format!(
-                                            "messages[{i}] (system): only text parts are accepted"
-                                        ),
-                                    ));
-                                }
-                            }
-                        }
-                        t
-                    }
-                    None => {
-                        return Err(bad(
-                            "invalid_message",
-                            format!("messages[{i}] (system) needs a `content`"),
-                        ));
-                    }
-                });
+                system.push(text_only(&m.content, i, "system")?);
                 continue;
             }
-            // The QoQ prompt is single-turn: earlier assistant turns are not rendered.
-            Role::Assistant => continue,
+            Role::Assistant => {
+                history.push(("assistant", text_only(&m.content, i, "assistant")?));
+                continue;
+            }
             Role::User => {}
         }
         let mut text = String::new();
@@ -237,6 +264,7 @@ pub fn parse(body: &[u8], l: &Limits) -> Result<ChatRequest, ApiError> {
             }
             text.push_str(t);
         };
+        let last = i == last_user;
         match &m.content {
             Some(Content::Text(t)) => push(t),
             Some(Content::Parts(parts)) => {
@@ -256,7 +284,11 @@ pub fn parse(body: &[u8], l: &Limits) -> Result<ChatRequest, ApiError> {
                                 ));
                             }
                             media.push(Media::Image(data_uri_payload(&image_url.url, &at)?));
-                            push("<image>");
+                            if last {
+                                push("<image>");
+                            } else {
+                                earlier_images += 1;
+                            }
                         }
                         Part::InputEcg { input_ecg: e } => {
                             let format = e.format.as_deref().unwrap_or("npy").to_ascii_lowercase();
@@ -279,14 +311,16 @@ pub fn parse(body: &[u8], l: &Limits) -> Result<ChatRequest, ApiError> {
             }
             None => {}
         }
-        if !text.is_empty() {
-            pieces.push(text);
+        if last {
+            question = "<image>".repeat(earlier_images) + &text;
+        } else {
+            history.push(("user", text));
         }
     }
-    if pieces.is_empty() && media.is_empty() {
+    if question.is_empty() && media.is_empty() {
         return Err(bad(
             "empty_prompt",
-            "no user message with text, images or an ECG",
+            "the last user message has no text, images or ECG",
         ));
     }
     let n_images = media
@@ -398,8 +432,9 @@ pub fn parse(body: &[u8], l: &Limits) -> Result<ChatRequest, ApiError> {
         logit_bias.push((id, x as f32));
     }
     Ok(ChatRequest {
-        question: pieces.join("\n"),
+        question,
         system: (!system.is_empty()).then(|| system.join("\n")),
+        history,
         media,
         format_prompt: b.qoq_format_prompt.unwrap_or(true),
         temperature: temperature as f32,
