@@ -845,23 +845,23 @@ async fn chat_inner(
             };
             match msg {
                 Ok(Some(Out::Token(e))) => {
-                    if let Some((k, d)) = st.g.push(&e) {
-                        if !d.text.is_empty() || !d.logprobs.is_empty() || d.finish.is_some() {
-                            let delta = if d.text.is_empty() {
-                                json!({})
-                            } else {
-                                json!({"content": d.text})
-                            };
-                            let lp = if st.logprobs {
-                                json!({"content": d.logprobs})
-                            } else {
-                                Value::Null
-                            };
-                            out.push(chunk(
+                    if let Some((k, d)) = st.g.push(&e)
+                        && (!d.text.is_empty() || !d.logprobs.is_empty() || d.finish.is_some())
+                    {
+                        let delta = if d.text.is_empty() {
+                            json!({})
+                        } else {
+                            json!({"content": d.text})
+                        };
+                        let lp = if st.logprobs {
+                            json!({"content": d.logprobs})
+                        } else {
+                            Value::Null
+                        };
+                        out.push(chunk(
                                 json!([{"index": k, "delta": delta, "logprobs": lp, "finish_reason": d.finish}]),
                                 None,
                             ));
-                        }
                     }
                     if st.g.done() {
                         if st.include_usage {
