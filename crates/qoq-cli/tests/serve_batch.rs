@@ -470,6 +470,10 @@ fn parameters_stop_logprobs_seed_n_limits_and_refusals() {
         &json!({"messages": user("q"), "presence_penalty": 0, "frequency_penalty": 0, "max_tokens": 1}),
     );
     assert_eq!(st, 200, "{r}");
+    // Choices ended by stop strings are not counted as abandoned by their clients.
+    let (_, m) = http(a, "GET", "/metrics", b"");
+    let m = String::from_utf8(m).unwrap();
+    assert!(m.contains("qoq_requests_cancelled_total 0\n"), "{m}");
 }
 
 #[test]

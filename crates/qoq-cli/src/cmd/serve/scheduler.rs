@@ -227,24 +227,40 @@ pub fn run(
                 metrics
                     .generation_tokens
                     .fetch_add(events.len() as u64, Ordering::Relaxed);
+                let mut closed: Vec<u64> = Vec::new();
                 for e in events {
                     let Some(r) = running.get_mut(&e.id) else {
                         continue;
                     };
                     let (id, k, done) = (e.id, e.rollout, e.finish.is_some());
+                    if closed.contains(&id) {
+                        continue;
+                    }
                     if r.tx.send(Out::Token(e)).is_err() {
-                        // The client went away: free its rows now.
-                        running.remove(&id);
-                        metrics.cancelled.fetch_add(1, Ordering::Relaxed);
-                        if let Err(e) = engine.cancel(id, None) {
-                            fail_all(&mut engine, &mut running, &format!("{e}"));
-                        }
+                        closed.push(id);
                         continue;
                     }
                     if done {
                         r.done[k] = true;
                         if r.finished() {
                             running.remove(&id);
+                        }
+                    }
+                }
+                if !closed.is_empty() {
+                    // A request whose stop strings ended every choice closes its channel after
+                    // sending its cancels: take those first, so that only requests whose
+                    // client went away count as cancelled.
+                    while let Ok(m) = rx.try_recv() {
+                        handle(m, &mut waiting, &mut running, &mut engine);
+                    }
+                    for id in closed {
+                        if running.remove(&id).is_some() {
+                            // The client went away: free its rows now.
+                            metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+                            if let Err(e) = engine.cancel(id, None) {
+                                fail_all(&mut engine, &mut running, &format!("{e}"));
+                            }
                         }
                     }
                 }
