@@ -4,7 +4,7 @@
 Exercises: the API key (missing, wrong, right), /v1/models, a plain completion, a streamed one,
 an image part (PNG data URI), an ECG part (the `input_ecg` extension, a .npy array), multi-turn
 history with a system message, a stop string inside a longer greedy answer (streamed and not),
-logprobs / top_logprobs (streamed and not), n + seed, max_completion_tokens, temperature /
+logprobs / top_logprobs (streamed and not), presence / frequency penalties, n + seed, max_completion_tokens, temperature /
 top_p, the refusals (remote image URL, unsupported ECG format, n out of range, unknown model,
 too many pixels, unimplemented parameters), disconnect cancellation (closed streams leave the
 batch at once: /health shows nothing running) and concurrent requests (counts of 200 / 429;
@@ -202,8 +202,12 @@ def main():
     check("n + seed", [c.message.content for c in r1.choices] == [c.message.content for c in r2.choices]
           and len(r1.choices) == 3 and r1.usage.completion_tokens == 18,
           f"3 choices reproduced, {r1.usage.completion_tokens} tokens")
-    expect_error("refuse presence_penalty", lambda: client.chat.completions.create(
-        model=name, messages=q, presence_penalty=0.5), 400, "unsupported_parameter")
+    pen = client.chat.completions.create(frequency_penalty=2.0, presence_penalty=0.5, logprobs=True, **greedy)
+    toks = [e.token for e in pen.choices[0].logprobs.content]
+    check("presence/frequency penalty", len(set(toks)) == len(toks),
+          f"{len(toks)} tokens, none repeated under frequency_penalty 2")
+    expect_error("refuse frequency_penalty=3", lambda: client.chat.completions.create(
+        model=name, messages=q, frequency_penalty=3), 400, "invalid_penalty")
     expect_error("refuse tools", lambda: client.chat.completions.create(
         model=name, messages=q, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]),
         400, "unsupported_parameter")

@@ -436,13 +436,13 @@ fn parameters_stop_logprobs_seed_n_limits_and_refusals() {
         "response_format",
     );
     refuse(
-        json!({"presence_penalty": 0.5}),
-        "unsupported_parameter",
+        json!({"presence_penalty": 2.5}),
+        "invalid_penalty",
         "presence_penalty",
     );
     refuse(
-        json!({"frequency_penalty": 1}),
-        "unsupported_parameter",
+        json!({"frequency_penalty": -3}),
+        "invalid_penalty",
         "frequency_penalty",
     );
     refuse(
@@ -465,11 +465,26 @@ fn parameters_stop_logprobs_seed_n_limits_and_refusals() {
         "invalid_logit_bias",
         "logit_bias",
     );
-    let (st, r) = post(
-        a,
-        &json!({"messages": user("q"), "presence_penalty": 0, "frequency_penalty": 0, "max_tokens": 1}),
-    );
-    assert_eq!(st, 200, "{r}");
+    // Presence and frequency penalties (over generated tokens): under a frequency penalty of 2
+    // the greedy answer repeats no token (the tiny model's logits lie within a few tenths);
+    // where the unpenalised answer repeats one, the answer changes.
+    let mut pen = base.clone();
+    pen["frequency_penalty"] = json!(2.0);
+    pen["presence_penalty"] = json!(0.5);
+    let (st, rp) = post(a, &pen);
+    assert_eq!(st, 200, "{rp}");
+    let ptoks: Vec<&str> = rp["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["token"].as_str().unwrap())
+        .collect();
+    let distinct: std::collections::HashSet<&&str> = ptoks.iter().collect();
+    assert_eq!(distinct.len(), ptoks.len(), "{ptoks:?}");
+    let plain_distinct: std::collections::HashSet<&String> = toks.iter().collect();
+    if plain_distinct.len() < toks.len() {
+        assert_ne!(content(&rp, 0), text);
+    }
     // Choices ended by stop strings are not counted as abandoned by their clients.
     let (_, m) = http(a, "GET", "/metrics", b"");
     let m = String::from_utf8(m).unwrap();

@@ -378,7 +378,9 @@ fn advance<'a>(
     for (i, mut r) in rows.into_iter().enumerate() {
         let g = &groups[&r.id];
         let l = logits(i);
-        let s = r.sampler.sample(l, &r.seen);
+        let s = r
+            .sampler
+            .sample_after(l, &r.seen, r.seen.len() - r.prompt_len);
         r.seen.push(s.token);
         r.last = s.token;
         let finish = g.stop.check(&r.seen[r.prompt_len..]);

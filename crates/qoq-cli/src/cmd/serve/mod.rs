@@ -42,8 +42,8 @@
 //! whatever else runs), `n` (1..=8), `stream`, `stream_options.include_usage`, `stop` (a string
 //! or up to 4, matched across token boundaries, excluded from the output, finish reason
 //! `stop`), `logprobs` and `top_logprobs` (0..=20; the raw model log-probabilities, OpenAI
-//! layout, streamed too), `logit_bias`, `presence_penalty` / `frequency_penalty` (0 only), `user`
-//! (unused), and the extensions `ignore_eos` (vLLM's) and `qoq_format_prompt` (default true).
+//! layout, streamed too), `logit_bias`, `presence_penalty` / `frequency_penalty` (OpenAI's:
+//! over the tokens generated so far, in [-2, 2]), `user` (unused), and the extensions `ignore_eos` (vLLM's) and `qoq_format_prompt` (default true).
 //! `usage` counts the prompt tokens (image pads included) and the generated tokens of all
 //! choices (up to a stop string).
 //!
@@ -713,6 +713,8 @@ async fn chat_inner(
             top_p: req.top_p,
             seed: req.seed,
             logit_bias,
+            presence_penalty: req.presence_penalty,
+            frequency_penalty: req.frequency_penalty,
             ..SamplingParams::default()
         },
         stop: StopCondition {

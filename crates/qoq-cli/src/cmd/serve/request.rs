@@ -3,9 +3,8 @@
 //! the field): a parameter that would change the output is never silently ignored.
 //!
 //! Accepted although unused, because they do not change the output: `user` (an end-user id for
-//! the caller's own records), an image part's `detail` when it is `"auto"`, and
-//! `presence_penalty` / `frequency_penalty` when they are 0 (any other value is refused, naming
-//! the field: the penalties are not implemented).
+//! the caller's own records) and an image part's `detail` when it is `"auto"` (other values are
+//! refused).
 
 use super::ApiError;
 use super::inputs::data_uri_payload;
@@ -136,6 +135,8 @@ pub struct ChatRequest {
     /// Token id and bias, in [-100, 100].
     pub logit_bias: Vec<(u32, f32)>,
     pub ignore_eos: bool,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
 }
 
 /// Server-side limits and facts the validation needs.
@@ -213,11 +214,11 @@ pub fn parse(body: &[u8], l: &Limits) -> Result<ChatRequest, ApiError> {
         ("frequency_penalty", b.frequency_penalty),
     ] {
         if let Some(x) = x
-            && x != 0.0
+            && !(-2.0..=2.0).contains(&x)
         {
             return Err(bad(
-                "unsupported_parameter",
-                format!("`{k}` is not implemented by this server (only 0 is accepted), got {x}"),
+                "invalid_penalty",
+                format!("`{k}` must be in [-2, 2], got {x}"),
             ));
         }
     }
@@ -452,5 +453,7 @@ pub fn parse(body: &[u8], l: &Limits) -> Result<ChatRequest, ApiError> {
         top_logprobs: top_logprobs as usize,
         logit_bias,
         ignore_eos: b.ignore_eos.unwrap_or(false),
+        presence_penalty: b.presence_penalty.unwrap_or(0.0) as f32,
+        frequency_penalty: b.frequency_penalty.unwrap_or(0.0) as f32,
     })
 }
