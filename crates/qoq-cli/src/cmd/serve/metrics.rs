@@ -70,6 +70,8 @@ pub struct Metrics {
     pub cancelled: AtomicU64,
     pub kv_bytes: AtomicU64,
     pub kv_budget_bytes: AtomicU64,
+    /// Sequences in the decode batch after the last step.
+    pub batch_rows: AtomicU64,
     pub ttft: Histogram,
     pub itl: Histogram,
 }
@@ -85,6 +87,7 @@ impl Metrics {
             cancelled: AtomicU64::new(0),
             kv_bytes: AtomicU64::new(0),
             kv_budget_bytes: AtomicU64::new(kv_budget_bytes),
+            batch_rows: AtomicU64::new(0),
             ttft: Histogram::new(TTFT),
             itl: Histogram::new(ITL),
         }
@@ -159,6 +162,13 @@ impl Metrics {
             "gauge",
             "The key/value budget admission keeps the batch within.",
             ld(&self.kv_budget_bytes),
+        );
+        g(
+            &mut o,
+            "qoq_batch_rows",
+            "gauge",
+            "Sequences in the decode batch.",
+            ld(&self.batch_rows),
         );
         self.ttft.render(
             &mut o,

@@ -5,7 +5,8 @@
 //! Endpoints:
 //!
 //! * `GET /health` (never needs the API key): `{"status": "ok", "model", "running",
-//!   "waiting", "in_flight", "capacity"}`;
+//!   "waiting", "batch_rows", "in_flight", "capacity"}` (running: requests admitted to the
+//!   engine, prefilling or decoding; batch_rows: sequences in the decode batch);
 //! * `GET /metrics`: Prometheus text ([`metrics`]);
 //! * `GET /v1/models`: the one served model (`--served-model-name`);
 //! * `POST /v1/chat/completions`: the chat-completions API, streamed (server-sent events,
@@ -500,6 +501,7 @@ async fn health(State(s): State<Arc<Served>>) -> Response {
         "model": s.name,
         "running": s.metrics.running.load(Ordering::Relaxed),
         "waiting": s.metrics.waiting.load(Ordering::Relaxed),
+        "batch_rows": s.metrics.batch_rows.load(Ordering::Relaxed),
         "in_flight": s.in_flight.load(Ordering::SeqCst),
         "capacity": s.capacity(),
     }))

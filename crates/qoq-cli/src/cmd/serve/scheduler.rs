@@ -220,6 +220,7 @@ pub fn run(
             .store(running.len() as u64, Ordering::Relaxed);
         if engine.is_idle() {
             metrics.kv_bytes.store(0, Ordering::Relaxed);
+            metrics.batch_rows.store(0, Ordering::Relaxed);
             continue;
         }
         match engine.step(lim.prefill_budget) {
@@ -270,6 +271,9 @@ pub fn run(
         metrics
             .kv_bytes
             .store(engine.kv_bytes() as u64, Ordering::Relaxed);
+        metrics
+            .batch_rows
+            .store(engine.running_rows() as u64, Ordering::Relaxed);
         metrics
             .running
             .store(running.len() as u64, Ordering::Relaxed);
