@@ -268,6 +268,45 @@ fn the_queue_bounds_waiting_requests_and_a_dropped_stream_frees_its_place() {
 }
 
 #[test]
+fn the_key_value_budget_bounds_admission_and_refuses_what_cannot_fit() {
+    // The tiny model holds 2 layers x 2 x 2 kv heads x 16 dims x 4 bytes = 512 bytes per
+    // position: 1 MiB is 2048 positions of the batch's worst case.
+    let srv = start(&[
+        "--kv-cache-mb",
+        "1",
+        "--step-delay-ms",
+        "30",
+        "--max-tokens-cap",
+        "100000",
+    ]);
+    let a = srv.addr.as_str();
+    let (_, r) = post(a, &json!({"messages": user("Findings?"), "max_tokens": 1}));
+    let prompt = r["usage"]["prompt_tokens"].as_u64().unwrap() as usize;
+    // One request alone larger than the budget: refused.
+    let (st, r) = post(
+        a,
+        &json!({"messages": user("Findings?"), "max_tokens": 2049 - prompt + 1}),
+    );
+    assert_eq!(st, 400, "{r}");
+    assert_eq!(r["error"]["code"], "context_too_long");
+    // Two that fit alone but not together: the second waits although --max-running allows it.
+    let each = 1500 - prompt;
+    let body = json!({"messages": user("Findings?"), "max_tokens": each, "ignore_eos": true});
+    let s1 = open_stream(a, &body);
+    wait_health(a, "one running", |h| h["running"] == 1);
+    let s2 = open_stream(a, &body);
+    wait_health(a, "the second waits for memory", |h| {
+        h["running"] == 1 && h["waiting"] == 1
+    });
+    drop(s1);
+    wait_health(a, "the second runs once the first is gone", |h| {
+        h["running"] == 1 && h["waiting"] == 0
+    });
+    drop(s2);
+    wait_health(a, "all gone", |h| h["running"] == 0);
+}
+
+#[test]
 fn a_request_past_its_deadline_leaves_the_batch() {
     let srv = start(&[
         "--timeout-s",

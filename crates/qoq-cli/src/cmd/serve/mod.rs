@@ -470,6 +470,7 @@ async fn auth(State(s): State<Arc<Served>>, req: Request, next: Next) -> Respons
         Some(g) if constant_time_eq(g.as_bytes(), key.as_bytes()) => next.run(req).await,
         other => {
             s.metrics.request_done(401);
+            tracing::info!(target: "qoq::access", path = %req.uri().path(), status = 401, "refused");
             let why = if other.is_some() {
                 "the API key is wrong"
             } else {

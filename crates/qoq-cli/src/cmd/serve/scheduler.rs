@@ -141,8 +141,16 @@ pub fn run(
             .filter(|(_, r)| r.tx.is_closed() || now >= r.deadline)
             .map(|(&id, _)| id)
             .collect();
+        if !gone.is_empty() {
+            // Cancels sent just before a channel closed (stop strings) come first.
+            while let Ok(m) = rx.try_recv() {
+                handle(m, &mut waiting, &mut running, &mut engine);
+            }
+        }
         for id in gone {
-            let r = running.remove(&id).expect("listed");
+            let Some(r) = running.remove(&id) else {
+                continue;
+            };
             if !r.tx.is_closed() {
                 let _ = r.tx.send(Out::Error(ApiError::timeout("while generating")));
             }
