@@ -50,8 +50,10 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // No colour codes when stderr is a file or a pipe (log files stay plain text).
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
                 tracing_subscriber::EnvFilter::new("info,jpeg2k=warn,openjp2=warn")

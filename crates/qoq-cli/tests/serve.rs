@@ -230,10 +230,7 @@ fn serve_answers_completions_streams_and_refuses_what_it_must() {
     assert_error(st, &serde_json::from_slice(&b).unwrap(), 404, "not_found");
     // Still healthy, nothing left admitted.
     let (_, b) = http(a, "GET", "/health", b"");
-    assert_eq!(
-        serde_json::from_slice::<Value>(&b).unwrap()["running_or_queued"],
-        0
-    );
+    assert_eq!(serde_json::from_slice::<Value>(&b).unwrap()["in_flight"], 0);
 }
 
 /// The ECG extension on a QoQ-Med checkpoint (its ECG encoder costs the tiny model about 3 s a
@@ -321,7 +318,7 @@ fn fire(addr: &str, body: &Value, n: usize, concurrency: usize) -> Vec<(u16, Dur
 
 #[test]
 fn a_full_queue_answers_429_and_a_stock_checkpoint_refuses_ecg() {
-    let srv = start(false, &["--queue-size", "0"]);
+    let srv = start(false, &["--max-running", "1", "--queue-size", "0"]);
     let a = srv.addr.as_str();
     let ecg = json!([{"type": "text", "text": "q"},
         {"type": "input_ecg", "input_ecg": {"data": "AAAA", "format": "npy"}}]);

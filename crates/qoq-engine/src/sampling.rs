@@ -32,10 +32,16 @@ pub struct SamplingParams {
     pub min_p: f32,
     /// Repetition penalty over prompt and generated tokens; 1 disables.
     pub repetition_penalty: f32,
-    /// Added to the logits of the given tokens before anything else but the penalty.
+    /// Added to the logits of the given tokens before anything else but the penalties.
     pub logit_bias: Vec<(u32, f32)>,
     /// Base seed; each sequence derives its own stream from it (see [`Sampler::new`]).
     pub seed: u64,
+    /// OpenAI's presence penalty, in [-2, 2]: subtracted once from the logit of every token
+    /// generated so far (the prompt does not count); 0 disables.
+    pub presence_penalty: f32,
+    /// OpenAI's frequency penalty, in [-2, 2]: subtracted from a token's logit once per time it
+    /// was generated; 0 disables.
+    pub frequency_penalty: f32,
 }
 
 impl Default for SamplingParams {
@@ -48,6 +54,8 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             logit_bias: vec![(151_655, -100.0)],
             seed: 1,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
         }
     }
 }
@@ -82,6 +90,14 @@ impl SamplingParams {
                 "repetition_penalty must be > 0, got {}",
                 self.repetition_penalty
             ));
+        }
+        for (name, x) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&x) {
+                return Err(format!("{name} must be in [-2, 2], got {x}"));
+            }
         }
         if let Some((t, b)) = self.logit_bias.iter().find(|(_, b)| !b.is_finite()) {
             return Err(format!("logit_bias for token {t} is not finite ({b})"));
@@ -139,9 +155,17 @@ impl Sampler {
     }
 
     /// Sample the next token from `logits` (one vocabulary row) given the tokens seen so far
-    /// (prompt and generated, for the repetition penalty). Non-finite logits are treated as -inf;
-    /// if no token is finite the lowest id is returned with log-probability -inf, never a panic.
+    /// (prompt and generated, for the repetition penalty), all of them taken as the prompt (so no
+    /// presence or frequency penalty applies: see [`Sampler::sample_after`]). Non-finite logits
+    /// are treated as -inf; if no token is finite the lowest id is returned with log-probability
+    /// -inf, never a panic.
     pub fn sample(&mut self, logits: &[f32], seen: &[u32]) -> Sampled {
+        self.sample_after(logits, seen, 0)
+    }
+
+    /// As [`Sampler::sample`], the last `generated` tokens of `seen` being the ones generated
+    /// so far (the presence and frequency penalties count those).
+    pub fn sample_after(&mut self, logits: &[f32], seen: &[u32], generated: usize) -> Sampled {
         let logprob_of = raw_logprobs(logits);
         let p = &self.params;
         self.work.clear();
@@ -163,6 +187,15 @@ impl Sampler {
                     } else {
                         *x * p.repetition_penalty
                     };
+                }
+            }
+        }
+        if (p.presence_penalty != 0.0 || p.frequency_penalty != 0.0) && generated > 0 {
+            let mut gen_sorted: Vec<u32> = seen[seen.len().saturating_sub(generated)..].to_vec();
+            gen_sorted.sort_unstable();
+            for run in gen_sorted.chunk_by(|a, b| a == b) {
+                if let Some(x) = w.get_mut(run[0] as usize) {
+                    *x -= p.presence_penalty + p.frequency_penalty * run.len() as f32;
                 }
             }
         }
@@ -204,6 +237,31 @@ impl Sampler {
             logprob: logprob_of(token),
         }
     }
+}
+
+/// The `k` most likely tokens under the raw logits at temperature 1 (the scale of
+/// [`Sampled::logprob`]), most likely first (ties: lower id first); non-finite logits never
+/// appear.
+pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let lp = raw_logprobs(logits);
+    let mut idx: Vec<u32> = (0..logits.len() as u32)
+        .filter(|&i| logits[i as usize].is_finite())
+        .collect();
+    let k = k.min(idx.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    let desc = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, desc);
+        idx.truncate(k);
+    }
+    idx.sort_unstable_by(desc);
+    idx.into_iter().map(|i| (i, lp(i))).collect()
 }
 
 /// A closure giving log-softmax(logits)[t] at temperature 1.
@@ -309,7 +367,43 @@ mod tests {
             repetition_penalty: 1.0,
             logit_bias: vec![],
             seed: 7,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
         }
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_count_generated_tokens_only() {
+        let logits = [1.0f32, 0.9, 0.0];
+        let greedy = |presence: f32, frequency: f32, seen: &[u32], generated: usize| {
+            let p = SamplingParams {
+                presence_penalty: presence,
+                frequency_penalty: frequency,
+                ..params(0.0, 1.0, 0, 0.0)
+            };
+            Sampler::new(p, 0, 0).sample_after(&logits, seen, generated)
+        };
+        // Token 0 generated once: a presence penalty of 0.5 puts it below token 1.
+        let s = greedy(0.5, 0.0, &[0], 1);
+        assert_eq!(s.token, 1);
+        // The log-prob is the raw one, before any penalty.
+        let raw = greedy(0.0, 0.0, &[], 0);
+        assert_eq!(raw.token, 0);
+        assert!((greedy(0.0, 0.0, &[], 0).logprob - raw.logprob).abs() < 1e-7);
+        let z: f32 = logits.iter().map(|x| x.exp()).sum();
+        assert!((s.logprob - (0.9 - z.ln())).abs() < 1e-5);
+        // Frequency: twice generated, 0.06 each = 0.12 > 0.1; 0.04 each = 0.08 < 0.1.
+        assert_eq!(greedy(0.0, 0.06, &[0, 0], 2).token, 1);
+        assert_eq!(greedy(0.0, 0.04, &[0, 0], 2).token, 0);
+        // The same tokens in the prompt do not count.
+        assert_eq!(greedy(0.5, 0.5, &[0, 0], 0).token, 0);
+        assert_eq!(greedy(0.5, 0.0, &[0, 2], 1).token, 0);
+        // Out of range is refused by name.
+        let p = SamplingParams {
+            frequency_penalty: 2.5,
+            ..SamplingParams::default()
+        };
+        assert!(p.validate().unwrap_err().contains("frequency_penalty"));
     }
 
     #[test]
@@ -447,6 +541,21 @@ mod tests {
         assert_eq!(out.token, 1);
         assert!(out.logprob.abs() < 1e-6);
         assert!(s.sample(&[], &[]).logprob.is_infinite());
+    }
+
+    #[test]
+    fn top_logprobs_are_the_largest_raw_logprobs_in_order() {
+        let logits = [0.5f32, 3.0, f32::NAN, 1.0, 3.0, -2.0];
+        let top = top_logprobs(&logits, 3);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 4, 3]);
+        let mut s = Sampler::new(SamplingParams::greedy(), 0, 0);
+        let got = s.sample(&logits, &[]);
+        assert_eq!(got.token, 1);
+        assert!((top[0].1 - got.logprob).abs() < 1e-6);
+        let z: f64 = [0.5f64, 3.0, 1.0, 3.0, -2.0].iter().map(|x| x.exp()).sum();
+        assert!((top[2].1 as f64 - (1.0 - z.ln())).abs() < 1e-5);
+        assert_eq!(top_logprobs(&logits, 99).len(), 5);
+        assert!(top_logprobs(&logits, 0).is_empty());
     }
 
     #[test]

@@ -211,13 +211,31 @@ impl ClinicalVlm {
             return Err(Error::Config("prefill needs an empty kv cache".into()));
         }
         let embeds = self.embed_inputs(inputs, mode)?;
-        let h = self.model.forward_embeds_cached(
+        self.prefill_chunk(
             &embeds,
             &inputs.position_ids,
             inputs.attention_mask.as_ref(),
             cache,
             mode,
-        )?; // (b, s, hidden)
+        )
+    }
+
+    /// One piece of a prefill run in pieces (chunked prefill): `embeds: (b, s, hidden)` are
+    /// positions `past..past + s` of the prompt's embeddings ([`Self::embed_inputs`], computed
+    /// once for the whole prompt), `position_ids: (3, b, s)` and `attention_mask: (b, s)` the same
+    /// positions' slices; `cache` holds the `past` positions before and all after. Returns the
+    /// logits of the piece's last position, `(b, vocab)`. [`Self::prefill`] is one piece.
+    pub fn prefill_chunk(
+        &self,
+        embeds: &Tensor,
+        position_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        mode: ForwardMode,
+    ) -> Result<Tensor> {
+        let h =
+            self.model
+                .forward_embeds_cached(embeds, position_ids, attention_mask, cache, mode)?; // (b, s, hidden)
         let s = h.dim(1)?;
         self.logits_from_hidden(&h.narrow(1, s - 1, 1)?.squeeze(1)?)
     }

@@ -200,6 +200,45 @@ impl KvCache {
         };
         Ok(KvCache { layers, key_mask })
     }
+
+    /// Drop the leading positions that are padding in every row (left after the longest rows
+    /// left the batch), so that the cache is as long as its longest live row.
+    pub fn trim_left_padding(&self) -> Result<KvCache> {
+        let Some(mask) = &self.key_mask else {
+            return Ok(self.clone());
+        };
+        let t = mask.dim(1)?;
+        let any = mask.to_dtype(DType::U8)?.max(0)?.to_vec1::<u8>()?;
+        let start = any.iter().position(|&m| m != 0).unwrap_or(t);
+        if start == 0 || start == t {
+            return Ok(self.clone());
+        }
+        let keep = t - start;
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| match l {
+                Some((k, v)) => Ok(Some((
+                    k.narrow(2, start, keep)?.contiguous()?,
+                    v.narrow(2, start, keep)?.contiguous()?,
+                ))),
+                None => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache {
+            layers,
+            key_mask: Some(mask.narrow(1, start, keep)?.contiguous()?),
+        })
+    }
+
+    /// Bytes held by the keys and values.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
+    }
 }
 
 impl KvCache {

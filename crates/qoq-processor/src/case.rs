@@ -57,6 +57,9 @@ pub struct Case {
     pub options: Vec<String>,
     /// A system message (the manifest's `system` key); `None`: the chat template's default.
     pub system: Option<String>,
+    /// Earlier turns of a conversation (`user` / `assistant` text messages), rendered between
+    /// the system message and the question; a manifest row has none.
+    pub history: Vec<crate::prompt::Message>,
     /// Images, DICOMs and volumes, in order.
     pub images: Vec<CaseImage>,
     /// The ECG.
@@ -102,6 +105,12 @@ impl Case {
     /// (a decoded image, an ECG signal): such a case has no manifest row.
     pub fn to_sample(&self, video_frames: usize) -> Result<ClinicalSample> {
         let what = || format!("case {}", self.id);
+        if !self.history.is_empty() {
+            return Err(Error::invalid(
+                what(),
+                "a case with earlier conversation turns has no manifest row",
+            ));
+        }
         let (images, videos, decoded) = self.split_images();
         if decoded > 0 {
             return Err(Error::invalid(
@@ -162,7 +171,7 @@ impl Processor {
             .iter()
             .any(|i| matches!(i, CaseImage::Decoded(_)))
             || matches!(case.ecg, Some(CaseEcg::Signal(_)));
-        if !in_memory {
+        if !in_memory && case.history.is_empty() {
             return self.process_sample(&case.to_sample(frames)?);
         }
         let problem = case.problem(frames)?;
@@ -187,6 +196,13 @@ impl Processor {
         } else {
             None
         };
-        self.process_loaded(&case.id, &problem, case.system.as_deref(), &images, ecg)
+        self.process_loaded(
+            &case.id,
+            &problem,
+            case.system.as_deref(),
+            &case.history,
+            &images,
+            ecg,
+        )
     }
 }

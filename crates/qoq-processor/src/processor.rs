@@ -351,7 +351,7 @@ impl Processor {
         } else {
             None
         };
-        self.process_loaded(&s.id.0, &s.problem, s.system.as_deref(), &images, ecg)
+        self.process_loaded(&s.id.0, &s.problem, s.system.as_deref(), &[], &images, ecg)
     }
 
     /// The last step of every sample, from a manifest row or a [`crate::case::Case`]: the
@@ -363,12 +363,13 @@ impl Processor {
         id: &str,
         problem: &str,
         system: Option<&str>,
+        history: &[crate::prompt::Message],
         images: &[RgbImage],
         ecg: Option<Vec<f32>>,
     ) -> Result<ProcessedSample> {
         let question = qoq_data::manifest::normalise_placeholders(problem, images.len())
             .map_err(|m| Error::invalid(format!("sample {id}"), m))?;
-        self.process_prompt(id, &question, system, images, ecg)
+        self.process_turns(id, &question, system, history, images, ecg)
     }
 
     /// Process a question (placeholders already normalised), its dataset-side images and its
@@ -392,10 +393,24 @@ impl Processor {
         images: &[RgbImage],
         ecg: Option<Vec<f32>>,
     ) -> Result<ProcessedSample> {
+        self.process_turns(id, question, system, &[], images, ecg)
+    }
+
+    /// As [`Processor::process_prompt`], with earlier turns of the conversation
+    /// ([`crate::prompt::PromptBuilder::prompt_with_turns`]).
+    pub fn process_turns(
+        &self,
+        id: &str,
+        question: &str,
+        system: Option<&str>,
+        history: &[crate::prompt::Message],
+        images: &[RgbImage],
+        ecg: Option<Vec<f32>>,
+    ) -> Result<ProcessedSample> {
         let what = || format!("sample {id}");
         let prompt = self
             .prompt
-            .prompt_with_system(question, self.time_series, system)?;
+            .prompt_with_turns(question, self.time_series, system, history)?;
         let raw_prompt_ids = self.tokenizer.encode(&prompt)?;
         let ids = self.tokenizer.ids;
         let n_pads = raw_prompt_ids

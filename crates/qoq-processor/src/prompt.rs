@@ -162,14 +162,28 @@ impl PromptBuilder {
         with_time_series: bool,
         system: Option<&str>,
     ) -> Result<String> {
+        self.prompt_with_turns(question, with_time_series, system, &[])
+    }
+
+    /// As [`PromptBuilder::prompt_with_system`], with earlier turns of the conversation
+    /// (`user` / `assistant` messages, rendered as they are) between the system message and the
+    /// question; the format prompt and the ECG item belong to the question, the last user turn.
+    pub fn prompt_with_turns(
+        &self,
+        question: &str,
+        with_time_series: bool,
+        system: Option<&str>,
+        history: &[Message],
+    ) -> Result<String> {
         let text = self.format(question)?;
-        let mut msgs = Vec::with_capacity(2);
+        let mut msgs = Vec::with_capacity(2 + history.len());
         if let Some(sys) = system {
             msgs.push(Message {
                 role: "system".into(),
                 content: Content::Text(sys.to_string()),
             });
         }
+        msgs.extend_from_slice(history);
         msgs.push(Message {
             role: "user".into(),
             content: Content::Items(user_content(&text, with_time_series)),
@@ -291,5 +305,33 @@ mod tests {
     fn bad_template_names_itself() {
         let err = PromptBuilder::new(Some("{{ content "), DEFAULT_CHAT_TEMPLATE).unwrap_err();
         assert!(err.to_string().contains("format_prompt"), "{err}");
+    }
+
+    #[test]
+    fn earlier_turns_come_between_the_system_message_and_the_question() {
+        let p = PromptBuilder::with_defaults(false).unwrap();
+        let turn = |role: &str, t: &str| Message {
+            role: role.into(),
+            content: Content::Text(t.into()),
+        };
+        let out = p
+            .prompt_with_turns(
+                "Q2",
+                false,
+                Some("S"),
+                &[turn("user", "Q1"), turn("assistant", "A1")],
+            )
+            .unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n\
+             <|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n\
+             <|im_start|>assistant\n"
+        );
+        // Without a system message the template's default comes first.
+        let out = p
+            .prompt_with_turns("Q2", false, None, &[turn("user", "Q1")])
+            .unwrap();
+        assert!(out.starts_with("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nQ1<|im_end|>"), "{out}");
     }
 }

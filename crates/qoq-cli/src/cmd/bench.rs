@@ -16,6 +16,10 @@ pub enum BenchCommand {
     /// with seconds and peak resident memory per phase, against the identical step in PyTorch
     /// (`tools/bench/train_step_ref.py`) in the same run.
     TrainStep(super::bench_train::TrainStepArgs),
+    /// Load on `qoq serve` over loopback (fixed request count, concurrency levels, mixed prompt
+    /// and output lengths, with and without images): throughput, TTFT and inter-token latency
+    /// percentiles, errors, against the one-at-a-time baseline (`--max-running 1`) in the same run.
+    Serve(super::bench_serve::ServeBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -29,6 +33,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Manifest(a) => manifest(a),
         BenchCommand::TrainStep(a) => super::bench_train::train_step(a),
+        BenchCommand::Serve(a) => super::bench_serve::serve(a),
     }
 }
 

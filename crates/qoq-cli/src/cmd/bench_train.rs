@@ -129,7 +129,7 @@ const HALF_B_CONFIG: &str = r#"{
 }"#;
 
 /// Writes `dir/model` (config, preprocessor config, tokenizer, seeded random weights).
-fn build_model_dir(size: BenchSize, dir: &Path) -> anyhow::Result<PathBuf> {
+pub(crate) fn build_model_dir(size: BenchSize, dir: &Path) -> anyhow::Result<PathBuf> {
     let fixture = repo_root().join("crates/qoq-processor/tests/fixtures/tiny_model");
     let m = dir.join("model");
     std::fs::create_dir_all(&m).with_context(|| format!("creating {}", m.display()))?;

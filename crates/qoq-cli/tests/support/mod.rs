@@ -75,8 +75,19 @@ pub fn spawn_serve<S: AsRef<std::ffi::OsStr>>(
     args: &[S],
     stderr: std::process::Stdio,
 ) -> Server {
+    spawn_serve_env(model, args, stderr, &[])
+}
+
+/// As [`spawn_serve`], with environment variables set for the server.
+pub fn spawn_serve_env<S: AsRef<std::ffi::OsStr>>(
+    model: &Path,
+    args: &[S],
+    stderr: std::process::Stdio,
+    env: &[(&str, &str)],
+) -> Server {
     use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_qoq"))
+        .envs(env.iter().copied())
         .arg("serve")
         .arg("--model")
         .arg(model)
@@ -101,12 +112,27 @@ pub fn spawn_serve<S: AsRef<std::ffi::OsStr>>(
 /// One HTTP/1.1 exchange over a raw `TcpStream` (120 s read timeout); returns the status and the
 /// (de-chunked) body.
 pub fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    http_with(addr, method, path, &[], body)
+}
+
+/// As [`http`], with extra request headers.
+pub fn http_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, Vec<u8>) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(std::time::Duration::from_secs(120)))
         .unwrap();
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes()).unwrap();

@@ -1,0 +1,332 @@
+//! The scheduler: one thread owning the model's [`Engine`]. Requests arrive on a channel, wait
+//! in arrival order, and join the running batch at a token boundary when it has room:
+//!
+//! * at most `max_running` requests run (`--max-running`; 1 gives one request at a time);
+//! * at most `max_rows` sequences decode together (a request takes `n` rows);
+//! * the key/value memory stays within `kv_budget_bytes`: a request is admitted only when the
+//!   batch's worst case, `rows x longest (prompt + max_tokens) x bytes per position`, fits (the
+//!   engine trims its cache to its longest live row, so this bounds what it holds); a request
+//!   alone larger than the budget is refused (400 `context_too_long`);
+//! * each step prefills at most `prefill_budget` prompt tokens, in pieces of `prefill_chunk`
+//!   (chunked prefill), so a long prompt delays the running requests' next tokens by a bounded
+//!   amount.
+//!
+//! Every token goes to its request's channel as it is sampled. A request whose channel is closed
+//! (its client went away) or whose deadline passed is removed from the batch before the next
+//! step; a `Cancel` message removes one choice (its stop string matched).
+
+use super::ApiError;
+use super::metrics::Metrics;
+use qoq_engine::{Engine, SamplingParams, SeqRequest, StopCondition, TokenEvent};
+use qoq_model::{ClinicalVlm, ModelInputs};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedSender;
+
+/// What the scheduler sends a request.
+pub enum Out {
+    Token(TokenEvent),
+    Error(ApiError),
+}
+
+/// A request for the engine.
+pub struct Job {
+    pub id: u64,
+    pub inputs: ModelInputs,
+    pub prompt_tokens: usize,
+    pub n: usize,
+    pub sampling: SamplingParams,
+    pub stop: StopCondition,
+    pub top_logprobs: usize,
+    pub deadline: Instant,
+    pub tx: UnboundedSender<Out>,
+}
+
+pub enum Msg {
+    Submit(Box<Job>),
+    /// Remove choice `rollout` of request `id` (all of it when `None`).
+    Cancel {
+        id: u64,
+        rollout: Option<usize>,
+    },
+}
+
+/// Admission and step limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_running: usize,
+    pub max_rows: usize,
+    pub kv_budget_bytes: u64,
+    /// Key and value bytes of one position of one sequence.
+    pub kv_bytes_per_position: u64,
+    pub prefill_budget: usize,
+    pub prefill_chunk: usize,
+    /// Pause after each step (hidden test flag: keeps requests running long enough to observe).
+    pub step_delay: Duration,
+}
+
+struct Running {
+    tx: UnboundedSender<Out>,
+    deadline: Instant,
+    rows: usize,
+    /// prompt + max_tokens
+    len: usize,
+    /// Per choice: finished or cancelled.
+    done: Vec<bool>,
+}
+
+impl Running {
+    fn finished(&self) -> bool {
+        self.done.iter().all(|&d| d)
+    }
+}
+
+impl Limits {
+    fn worst_case(&self, rows: usize, len: usize) -> u64 {
+        rows as u64 * len as u64 * self.kv_bytes_per_position
+    }
+}
+
+/// Run until every sender of `rx` is dropped and nothing is left to do.
+pub fn run(
+    model: &ClinicalVlm,
+    rx: std::sync::mpsc::Receiver<Msg>,
+    lim: Limits,
+    metrics: Arc<Metrics>,
+) {
+    let mut engine = Engine::new(model, lim.prefill_chunk);
+    let mut waiting: VecDeque<Box<Job>> = VecDeque::new();
+    let mut running: HashMap<u64, Running> = HashMap::new();
+    let mut open = true;
+    loop {
+        // The inbox: block while there is nothing to do.
+        if engine.is_idle() && waiting.is_empty() {
+            if !open {
+                break;
+            }
+            match rx.recv() {
+                Ok(m) => handle(m, &mut waiting, &mut running, &mut engine),
+                Err(_) => break,
+            }
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(m) => handle(m, &mut waiting, &mut running, &mut engine),
+                Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        // Requests whose client went away or whose deadline passed.
+        let now = Instant::now();
+        waiting.retain(|j| {
+            if j.tx.is_closed() {
+                metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            if now >= j.deadline {
+                let _ =
+                    j.tx.send(Out::Error(ApiError::timeout("waiting for the model")));
+                metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            true
+        });
+        let gone: Vec<u64> = running
+            .iter()
+            .filter(|(_, r)| r.tx.is_closed() || now >= r.deadline)
+            .map(|(&id, _)| id)
+            .collect();
+        if !gone.is_empty() {
+            // Cancels sent just before a channel closed (stop strings) come first.
+            while let Ok(m) = rx.try_recv() {
+                handle(m, &mut waiting, &mut running, &mut engine);
+            }
+        }
+        for id in gone {
+            let Some(r) = running.remove(&id) else {
+                continue;
+            };
+            if !r.tx.is_closed() {
+                let _ = r.tx.send(Out::Error(ApiError::timeout("while generating")));
+            }
+            metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = engine.cancel(id, None) {
+                fail_all(&mut engine, &mut running, &format!("{e}"));
+            }
+        }
+        // Admission, in arrival order.
+        while let Some(j) = waiting.front() {
+            let rows: usize = running.values().map(|r| r.rows).sum();
+            let len = j.prompt_tokens + j.stop.max_new_tokens;
+            if lim.worst_case(j.n, len) > lim.kv_budget_bytes {
+                let j = waiting.pop_front().expect("front");
+                let _ = j.tx.send(Out::Error(ApiError::bad(
+                    "context_too_long",
+                    format!(
+                        "{} choices of {} prompt tokens + {} new tokens need {} bytes of key/value memory, more than the server's budget of {} (--kv-cache-mb); ask for fewer tokens or choices",
+                        j.n,
+                        j.prompt_tokens,
+                        j.stop.max_new_tokens,
+                        lim.worst_case(j.n, len),
+                        lim.kv_budget_bytes
+                    ),
+                )));
+                continue;
+            }
+            if !running.is_empty() {
+                let longest = running.values().map(|r| r.len).max().unwrap_or(0).max(len);
+                if running.len() >= lim.max_running
+                    || rows + j.n > lim.max_rows
+                    || lim.worst_case(rows + j.n, longest) > lim.kv_budget_bytes
+                {
+                    break;
+                }
+            }
+            let j = waiting.pop_front().expect("front");
+            let req = SeqRequest {
+                inputs: j.inputs,
+                n: j.n,
+                stream: 0,
+                sampling: j.sampling,
+                stop: j.stop,
+                top_logprobs: j.top_logprobs,
+            };
+            let max_new = req.stop.max_new_tokens;
+            match engine.add(j.id, req) {
+                Ok(()) => {
+                    metrics
+                        .prompt_tokens
+                        .fetch_add(j.prompt_tokens as u64, Ordering::Relaxed);
+                    running.insert(
+                        j.id,
+                        Running {
+                            tx: j.tx,
+                            deadline: j.deadline,
+                            rows: j.n,
+                            len: j.prompt_tokens + max_new,
+                            done: vec![false; j.n],
+                        },
+                    );
+                }
+                Err(e) => {
+                    let _ = j.tx.send(Out::Error(ApiError::internal(format!(
+                        "the engine refused the request: {e}"
+                    ))));
+                }
+            }
+        }
+        metrics
+            .waiting
+            .store(waiting.len() as u64, Ordering::Relaxed);
+        metrics
+            .running
+            .store(running.len() as u64, Ordering::Relaxed);
+        if engine.is_idle() {
+            metrics.kv_bytes.store(0, Ordering::Relaxed);
+            metrics.batch_rows.store(0, Ordering::Relaxed);
+            continue;
+        }
+        match engine.step(lim.prefill_budget) {
+            Ok(events) => {
+                metrics
+                    .generation_tokens
+                    .fetch_add(events.len() as u64, Ordering::Relaxed);
+                let mut closed: Vec<u64> = Vec::new();
+                for e in events {
+                    let Some(r) = running.get_mut(&e.id) else {
+                        continue;
+                    };
+                    let (id, k, done) = (e.id, e.rollout, e.finish.is_some());
+                    if closed.contains(&id) {
+                        continue;
+                    }
+                    if r.tx.send(Out::Token(e)).is_err() {
+                        closed.push(id);
+                        continue;
+                    }
+                    if done {
+                        r.done[k] = true;
+                        if r.finished() {
+                            running.remove(&id);
+                        }
+                    }
+                }
+                if !closed.is_empty() {
+                    // A request whose stop strings ended every choice closes its channel after
+                    // sending its cancels: take those first, so that only requests whose
+                    // client went away count as cancelled.
+                    while let Ok(m) = rx.try_recv() {
+                        handle(m, &mut waiting, &mut running, &mut engine);
+                    }
+                    for id in closed {
+                        if running.remove(&id).is_some() {
+                            // The client went away: free its rows now.
+                            metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+                            if let Err(e) = engine.cancel(id, None) {
+                                fail_all(&mut engine, &mut running, &format!("{e}"));
+                            }
+                        }
+                    }
+                }
+            }
+            Err(e) => fail_all(&mut engine, &mut running, &format!("{e}")),
+        }
+        metrics
+            .kv_bytes
+            .store(engine.kv_bytes() as u64, Ordering::Relaxed);
+        metrics
+            .batch_rows
+            .store(engine.running_rows() as u64, Ordering::Relaxed);
+        metrics
+            .running
+            .store(running.len() as u64, Ordering::Relaxed);
+        if !lim.step_delay.is_zero() {
+            std::thread::sleep(lim.step_delay);
+        }
+    }
+}
+
+fn handle(
+    m: Msg,
+    waiting: &mut VecDeque<Box<Job>>,
+    running: &mut HashMap<u64, Running>,
+    engine: &mut Engine,
+) {
+    match m {
+        Msg::Submit(j) => waiting.push_back(j),
+        Msg::Cancel { id, rollout } => {
+            if let Some(r) = running.get_mut(&id) {
+                match rollout {
+                    Some(k) if k < r.done.len() && !r.done[k] => r.done[k] = true,
+                    Some(_) => return,
+                    None => r.done.iter_mut().for_each(|d| *d = true),
+                }
+                if engine.cancel(id, rollout).is_err() {
+                    // Only a tensor error can fail a cancel; the next step reports it.
+                    return;
+                }
+                if r.finished() {
+                    running.remove(&id);
+                }
+            } else if rollout.is_none() {
+                waiting.retain(|j| j.id != id);
+            }
+        }
+    }
+}
+
+/// An engine error: every running request gets a 500 and the engine starts afresh.
+fn fail_all(engine: &mut Engine, running: &mut HashMap<u64, Running>, msg: &str) {
+    tracing::error!("generation failed: {msg}");
+    for (_, r) in running.drain() {
+        let _ = r.tx.send(Out::Error(ApiError::internal(format!(
+            "generation failed: {msg}"
+        ))));
+    }
+    engine.clear();
+}
