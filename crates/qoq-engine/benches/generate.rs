@@ -120,6 +120,7 @@ fn main() {
                     max_new_tokens: tokens,
                 },
                 max_batch_rows: prompts * n,
+                prefill_tokens: 0,
             };
             let t0 = Instant::now();
             let out = generate(&model, &reqs, &cfg, |_, _, _| {}).expect("generate");

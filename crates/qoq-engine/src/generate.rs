@@ -32,6 +32,10 @@ pub struct GenerateConfig {
     pub stop: StopCondition,
     /// Sequences decoded together at most (rows of the decode batch).
     pub max_batch_rows: usize,
+    /// Prompt tokens per prefill forward at most (vLLM's `max_num_batched_tokens`): prompts are
+    /// prefilled in pieces of at most this many tokens, at most this many per step (chunked
+    /// prefill gives the same tokens as a whole one). 0: whole prompts, no bound.
+    pub prefill_tokens: usize,
 }
 
 /// One generated sequence.
@@ -75,7 +79,11 @@ pub fn generate(
     };
     let mut results: Vec<Vec<Generated>> =
         requests.iter().map(|r| vec![empty.clone(); r.n]).collect();
-    let mut engine = Engine::new(model, 0);
+    let mut engine = Engine::new(model, cfg.prefill_tokens);
+    let budget = match cfg.prefill_tokens {
+        0 => usize::MAX,
+        n => n,
+    };
     let max_rows = cfg.max_batch_rows.max(1);
     let mut waiting = 0usize; // next request to admit
     loop {
@@ -105,7 +113,7 @@ pub fn generate(
             }
             continue;
         }
-        for e in engine.step(usize::MAX)? {
+        for e in engine.step(budget)? {
             let g = &mut results[e.id as usize][e.rollout];
             g.tokens.push(e.token);
             g.logprobs.push(e.logprob);

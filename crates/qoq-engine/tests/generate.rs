@@ -31,6 +31,7 @@ fn cfg(sampling: SamplingParams, max_new: usize, rows: usize) -> GenerateConfig 
             max_new_tokens: max_new,
         },
         max_batch_rows: rows,
+        prefill_tokens: 0,
     }
 }
 
@@ -195,4 +196,43 @@ fn a_batched_prompt_is_refused_with_its_index() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("request 1"), "{e}");
+}
+
+#[test]
+fn a_prefill_token_bound_gives_the_rollouts_of_whole_prefills() {
+    // `rollout.max_num_batched_tokens`: prompts of 6 and 11 tokens prefilled in pieces of at
+    // most 4 tokens (4 per step) sample what whole prefills sample.
+    let m = model();
+    let reqs: Vec<GroupRequest> = [
+        &[3u32, 17, 42, 99, 5, 8][..],
+        &[7, 1, 2, 3, 4, 5, 6, 9, 10, 11, 12],
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, ids)| GroupRequest {
+        inputs: prompt(ids),
+        n: 2,
+        stream: i as u64,
+    })
+    .collect();
+    let sampling = SamplingParams {
+        temperature: 1.0,
+        top_p: 1.0,
+        seed: 5,
+        ..SamplingParams::default()
+    };
+    let whole = generate(&m, &reqs, &cfg(sampling.clone(), 6, 8), |_, _, _| {}).unwrap();
+    let bounded = GenerateConfig {
+        prefill_tokens: 4,
+        ..cfg(sampling, 6, 8)
+    };
+    let chunked = generate(&m, &reqs, &bounded, |_, _, _| {}).unwrap();
+    // Same tokens; log-probs to float rounding (the prompt's attention is summed in pieces).
+    for (a, b) in whole.iter().flatten().zip(chunked.iter().flatten()) {
+        assert_eq!(a.tokens, b.tokens);
+        assert_eq!(a.finish, b.finish);
+        for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+            assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+        }
+    }
 }

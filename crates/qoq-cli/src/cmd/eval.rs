@@ -354,6 +354,7 @@ pub(crate) fn eval_model(
             max_new_tokens: settings.max_new_tokens,
         },
         max_batch_rows: opts.batch_size,
+        prefill_tokens: 0,
     };
     let sizes = std::sync::Arc::new(std::sync::Mutex::new(HashMap::new()));
     let mut responder = EngineResponder {

@@ -156,6 +156,7 @@ pub fn run(a: InferArgs) -> anyhow::Result<ExitCode> {
             max_new_tokens: a.max_new_tokens,
         },
         max_batch_rows: 1,
+        prefill_tokens: 0,
     };
     let mut tokens: Vec<u32> = Vec::new();
     let mut printed = 0usize;

@@ -287,6 +287,10 @@ impl RunConfig {
             ("data.val_batch_size", self.data.val_batch_size),
             ("rollout.n", self.rollout.n),
             ("rollout.limit_images", self.rollout.limit_images),
+            (
+                "rollout.max_num_batched_tokens",
+                self.rollout.max_num_batched_tokens,
+            ),
             ("rollout.val_override.n", self.rollout.val_override.n),
             (
                 "rollout.tensor_parallel_size",

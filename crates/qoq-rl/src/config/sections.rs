@@ -170,7 +170,8 @@ pub struct RolloutConfig {
     /// Images per prompt at most (video frames and volume slices count as images); a row with
     /// more is an error naming it (skipped with `data.manifest.skip_bad_rows`). Default 4.
     pub limit_images: usize,
-    /// Engine token budget per forward. Default 8192.
+    /// Prompt tokens per prefill forward of the rollout engine at most (prompts are prefilled in
+    /// pieces; same tokens as whole prefills). Default 8192.
     pub max_num_batched_tokens: usize,
     /// Tensor-parallel ranks. Only 1 (one engine in this process) is implemented: more is
     /// refused at load. Default 1 (bf16 yaml: 4).

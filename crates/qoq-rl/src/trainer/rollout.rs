@@ -151,6 +151,7 @@ impl Trainer {
                 max_new_tokens: self.cfg.data.max_response_length,
             },
             max_batch_rows: self.cfg.rollouts_per_step(),
+            prefill_tokens: r.max_num_batched_tokens,
         }
     }
 
