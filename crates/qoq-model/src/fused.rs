@@ -26,6 +26,9 @@ fn slice<'a, T: candle_core::WithDType>(s: &'a [T], l: &Layout) -> Result<&'a [T
 trait Float: candle_core::WithDType + Send + Sync {
     fn to64(self) -> f64;
     fn of64(v: f64) -> Self;
+    /// `exp(self − m)` in the type's own precision (f32 `exp` for f32 data: the f64 one is about
+    /// twice as slow), widened for accumulation.
+    fn exp_minus(self, m: f64) -> f64;
 }
 
 impl Float for f32 {
@@ -35,6 +38,9 @@ impl Float for f32 {
     fn of64(v: f64) -> Self {
         v as f32
     }
+    fn exp_minus(self, m: f64) -> f64 {
+        f64::from((self - m as f32).exp())
+    }
 }
 
 impl Float for f64 {
@@ -43,6 +49,9 @@ impl Float for f64 {
     }
     fn of64(v: f64) -> Self {
         v
+    }
+    fn exp_minus(self, m: f64) -> f64 {
+        (self - m).exp()
     }
 }
 
@@ -257,7 +266,7 @@ fn softmax_fwd<T: Float>(x: &[T], dim: usize) -> Vec<T> {
         let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v.to64()));
         let mut sum = 0.0;
         for (o, &v) in o.iter_mut().zip(row) {
-            let e = (v.to64() - max).exp();
+            let e = v.exp_minus(max);
             sum += e;
             *o = T::of64(e);
         }
@@ -350,7 +359,7 @@ struct ChosenLogProb;
 
 fn lse<T: Float>(row: &[T]) -> (f64, f64) {
     let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v.to64()));
-    let sum: f64 = row.iter().map(|&v| (v.to64() - max).exp()).sum();
+    let sum: f64 = row.iter().map(|&v| v.exp_minus(max)).sum();
     (max, sum.ln())
 }
 
@@ -374,7 +383,7 @@ fn chosen_bwd<T: Float>(x: &[T], labels: &[u32], g: &[T], vocab: usize) -> Vec<T
         let (max, l) = lse(row);
         let gi = g[i].to64();
         for (o, &v) in o.iter_mut().zip(row) {
-            *o = T::of64(-gi * (v.to64() - max - l).exp());
+            *o = T::of64(-gi * v.exp_minus(max + l));
         }
         let k = labels[i] as usize;
         o[k] = T::of64(o[k].to64() + gi);
