@@ -4,9 +4,9 @@
 //! The run is an ordinary `qoq train` run (its run file is [`run_config`]): GRPO with the k3 KL
 //! to the frozen initial weights in the loss, `--prompts` image rows drawn in order (one step is
 //! one pass over them), `--n` rollouts each at temperature 1 and top-p 1 with EOS ignored (every
-//! response has exactly `--response-len` tokens), one AdamW step per step. The reward is a hash
-//! of the response text ([`HashReward`]), so that groups get mixed rewards and the loss does not
-//! vanish. The phases are the trainer's own step metrics ([`trainer_step`]):
+//! response has exactly `--response-len` tokens), one AdamW step per step. The reward alternates
+//! 0 and 1 by rollout position ([`AlternatingReward`]), so that every group has mixed rewards and
+//! the advantages are never all zero. The phases are the trainer's own step metrics ([`trainer_step`]):
 //!
 //! * `process`: drawing the rows, the processor (images, template, tokenizer) and the
 //!   generation requests (`timing_s/process`);
@@ -224,28 +224,40 @@ fn write_manifest(manifest: &Path, want: usize, dir: &Path) -> anyhow::Result<Pa
     Ok(out)
 }
 
-/// The benchmark's reward: a hash of the response text mapped to [0, 1], so that the rollouts of
-/// a group get distinct rewards and non-zero advantages (a random model earns no task reward,
-/// and equal rewards would leave the policy gradient at zero).
-struct HashReward;
+/// The benchmark's reward: by position in the step's batch, alternating 0 and 1 (the phase
+/// flips each step), so that every group of two or more rollouts has mixed rewards and the
+/// advantages are never all zero. It does not read the response: a random model's text carries
+/// no signal, and with the 0.5B-class config most sampled ids lie beyond the tiny tokenizer's
+/// vocabulary and decode to nothing, so a text-based reward gave equal rewards, zero advantages
+/// and a step whose gradient is rounding noise (which AdamW then turns into a full-size update).
+/// The trainer scores a step with one [`qoq_reward::RewardFn::score_batch`] call, in rollout
+/// order, so the rewards are deterministic.
+struct AlternatingReward {
+    calls: std::sync::atomic::AtomicU64,
+}
 
-impl qoq_reward::RewardFn for HashReward {
+impl qoq_reward::RewardFn for AlternatingReward {
     fn name(&self) -> &str {
-        "bench_hash"
+        "bench_alternating"
     }
 
-    fn score(&self, input: &qoq_reward::RewardInput<'_>) -> qoq_core::RewardScore {
-        // FNV-1a: stable across runs and platforms (std's hasher is not).
-        let h = input
-            .response
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-            });
+    fn score(&self, _input: &qoq_reward::RewardInput<'_>) -> qoq_core::RewardScore {
         qoq_core::RewardScore {
-            overall: (h % 1024) as f64 / 1023.0,
+            overall: 0.5,
             ..Default::default()
         }
+    }
+
+    fn score_batch(&self, inputs: &[qoq_reward::RewardInput<'_>]) -> Vec<qoq_core::RewardScore> {
+        let phase = self
+            .calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        (0..inputs.len() as u64)
+            .map(|j| qoq_core::RewardScore {
+                overall: ((j + phase) % 2) as f64,
+                ..Default::default()
+            })
+            .collect()
     }
 }
 
@@ -485,8 +497,13 @@ fn worker(a: &TrainStepArgs, dir: &Path) -> anyhow::Result<()> {
     let optim = run.actor.optim.clone();
     let opts = run.processor_options();
     let placeholder_bias = run.rollout.image_pad_logit_bias;
-    let mut trainer =
-        Trainer::with_reward(run, Box::new(HashReward)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut trainer = Trainer::with_reward(
+        run,
+        Box::new(AlternatingReward {
+            calls: Default::default(),
+        }),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     trainer.set_phase_memory(true);
     trainer.set_capture(true);
     let size = size_name(a.size);
