@@ -119,20 +119,8 @@ fn npy_of_record(hea: &Path) -> (Vec<u8>, f64) {
         "the record must hold the 12 standard leads in order"
     );
     let (leads, n) = (sig.data.len(), sig.data[0].len());
-    let mut header =
-        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({leads}, {n}), }}");
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    out.extend_from_slice(header.as_bytes());
-    for row in &sig.data {
-        for v in row {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
-    }
+    let values: Vec<f32> = sig.data.iter().flatten().copied().collect();
+    let out = qoq_data::npy::encode_f32(&[leads, n], &values);
     (out, sig.fs)
 }
 

@@ -176,22 +176,6 @@ fn testdata(rel: &str) -> std::path::PathBuf {
     p
 }
 
-fn npy_f32(shape: (usize, usize), values: &[f32]) -> Vec<u8> {
-    let mut header = format!(
-        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {}), }}",
-        shape.0, shape.1
-    );
-    while !(10 + header.len() + 1).is_multiple_of(64) {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend((header.len() as u16).to_le_bytes());
-    out.extend(header.as_bytes());
-    out.extend(values.iter().flat_map(|v| v.to_le_bytes()));
-    out
-}
-
 #[test]
 fn data_check_decodes_dicom_volumes_and_ecg_files() {
     let dir = tempfile::tempdir().unwrap();
@@ -208,7 +192,7 @@ fn data_check_decodes_dicom_volumes_and_ecg_files() {
     let samples: Vec<f32> = (0..12 * 100).map(|i| (i as f32 * 0.01).sin()).collect();
     std::fs::write(
         dir.path().join("ecg/arr/x.npy"),
-        npy_f32((100, 12), &samples),
+        qoq_data::npy::encode_f32(&[100, 12], &samples),
     )
     .unwrap();
     std::fs::write(dir.path().join("ecg/arr/x.csv"), "I,II\n0.1,0.2\n0.3,0.4\n").unwrap();

@@ -51,22 +51,10 @@ fn png_data_uri(w: u32, h: u32) -> String {
 /// A `.npy` file (version 1, little-endian f4) of a 12 x 5000 sine ECG.
 fn npy_ecg() -> Vec<u8> {
     let (leads, n) = (12usize, 5000usize);
-    let mut header =
-        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({leads}, {n}), }}");
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    out.extend_from_slice(header.as_bytes());
-    for l in 0..leads {
-        for i in 0..n {
-            let v = ((i as f32) * 0.01 * (l as f32 + 1.0)).sin() * 0.5;
-            out.extend_from_slice(&v.to_le_bytes());
-        }
-    }
-    out
+    let values: Vec<f32> = (0..leads)
+        .flat_map(|l| (0..n).map(move |i| ((i as f32) * 0.01 * (l as f32 + 1.0)).sin() * 0.5))
+        .collect();
+    qoq_data::npy::encode_f32(&[leads, n], &values)
 }
 
 fn assert_error(status: u16, body: &Value, want_status: u16, want_code: &str) {

@@ -342,7 +342,7 @@ pub fn corpus_sources(cache: &Path, derived: &Path) -> Result<Vec<(PathBuf, Role
         let npy = derived.join("mit_bih.npy");
         io(
             &npy,
-            std::fs::write(&npy, npy_f4(&[1, samples.len()], &samples)),
+            std::fs::write(&npy, crate::npy::encode_f32(&[1, samples.len()], &samples)),
         )?;
         out.push((npy, Role::Ecg));
         let mut csv = String::from("time,MLII\n");
@@ -373,24 +373,6 @@ pub fn corpus_sources(cache: &Path, derived: &Path) -> Result<Vec<(PathBuf, Role
         out.push((png, Role::Image));
     }
     Ok(out)
-}
-
-/// A C-order little-endian `f4` `.npy` file.
-fn npy_f4(shape: &[usize], data: &[f32]) -> Vec<u8> {
-    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let mut header = format!(
-        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}",
-        dims.join(", ")
-    );
-    while !(10 + header.len() + 1).is_multiple_of(64) {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend((header.len() as u16).to_le_bytes());
-    out.extend(header.as_bytes());
-    out.extend(data.iter().flat_map(|v| v.to_le_bytes()));
-    out
 }
 
 /// Write `per_file` damaged copies (the kinds in turn, seeded by `seed` and the source's

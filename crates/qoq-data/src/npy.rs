@@ -1,7 +1,9 @@
 //! NumPy `.npy` (format versions 1, 2 and 3) and `.npz` arrays, for ECG signals stored with
 //! `np.save` / `np.savez` (CLIMB's MIMIC-IV ECGs, [CLIMB] `fusion/fusion_experiment.py`, spec
 //! §5.1). Written by hand: the format is a magic, a Python-dict header and raw data, and the
-//! crates that read it pull in `ndarray`; this reader returns `f32` values and a shape.
+//! crates that read it pull in `ndarray`; this reader returns `f32` values and a shape. The
+//! writer ([`encode`], [`encode_f32`]) is the inverse, for fixtures and for clients that send an
+//! ECG as `.npy`.
 //!
 //! Supported dtypes: little- or big-endian `f4`, `f8`, `i2`, `u2`, `i4`, `u4`, `i8`, `u8` and
 //! `i1` / `u1`, C or Fortran order (Fortran arrays are returned in C order).
@@ -137,6 +139,36 @@ pub fn parse_npy(bytes: &[u8]) -> std::result::Result<NpyArray, String> {
     Ok(NpyArray { shape, data })
 }
 
+/// The bytes of a `.npy` file (format version 1.0) holding `body`, the raw values of an array of
+/// `descr` (e.g. `<f4`), `shape`, in Fortran order when `fortran_order`.
+pub fn encode(descr: &str, fortran_order: bool, shape: &[usize], body: &[u8]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    // A Python tuple: `(n,)` for one axis.
+    let shape = match dims.len() {
+        1 => format!("({},)", dims[0]),
+        _ => format!("({})", dims.join(", ")),
+    };
+    let order = if fortran_order { "True" } else { "False" };
+    let mut header =
+        format!("{{'descr': '{descr}', 'fortran_order': {order}, 'shape': {shape}, }}");
+    // Magic (6) + version (2) + header length (2) + header + newline, padded to 64 bytes.
+    while !(10 + header.len() + 1).is_multiple_of(64) {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((header.len() as u16).to_le_bytes());
+    out.extend(header.as_bytes());
+    out.extend(body);
+    out
+}
+
+/// [`encode`] of C-order little-endian `f4` values.
+pub fn encode_f32(shape: &[usize], data: &[f32]) -> Vec<u8> {
+    let body: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    encode("<f4", false, shape, &body)
+}
+
 /// Read a `.npy` file (behind [`crate::guard::contain`]).
 pub fn read_npy(path: &Path) -> Result<NpyArray> {
     crate::guard::contain(path, ".npy", || {
@@ -190,42 +222,26 @@ fn read_npz_unguarded(path: &Path, key: Option<&str>) -> Result<NpyArray> {
 mod tests {
     use super::*;
 
-    fn npy(descr: &str, fortran: bool, shape: &str, body: &[u8]) -> Vec<u8> {
-        let mut header = format!(
-            "{{'descr': '{descr}', 'fortran_order': {}, 'shape': {shape}, }}",
-            if fortran { "True" } else { "False" }
-        );
-        while !(10 + header.len() + 1).is_multiple_of(64) {
-            header.push(' ');
-        }
-        header.push('\n');
-        let mut out = b"\x93NUMPY\x01\x00".to_vec();
-        out.extend((header.len() as u16).to_le_bytes());
-        out.extend(header.as_bytes());
-        out.extend(body);
-        out
-    }
-
     #[test]
     fn dtypes_orders_and_endianness_decode() {
         let body: Vec<u8> = [1i16, -2, 3, -4, 5, -6]
             .iter()
             .flat_map(|v| v.to_le_bytes())
             .collect();
-        let a = parse_npy(&npy("<i2", false, "(2, 3)", &body)).unwrap();
+        let a = parse_npy(&encode("<i2", false, &[2, 3], &body)).unwrap();
         assert_eq!(a.shape, vec![2, 3]);
         assert_eq!(a.data, vec![1.0, -2.0, 3.0, -4.0, 5.0, -6.0]);
         // the same bytes in Fortran order are the transpose's memory: [[1, 3, 5], [-2, -4, -6]]
-        let f = parse_npy(&npy("<i2", true, "(2, 3)", &body)).unwrap();
+        let f = parse_npy(&encode("<i2", true, &[2, 3], &body)).unwrap();
         assert_eq!(f.data, vec![1.0, 3.0, 5.0, -2.0, -4.0, -6.0]);
         let be: Vec<u8> = [1.5f64, -0.25]
             .iter()
             .flat_map(|v| v.to_be_bytes())
             .collect();
-        let b = parse_npy(&npy(">f8", false, "(2,)", &be)).unwrap();
+        let b = parse_npy(&encode(">f8", false, &[2], &be)).unwrap();
         assert_eq!((b.shape.clone(), b.data), (vec![2], vec![1.5, -0.25]));
-        assert!(parse_npy(&npy("<c8", false, "(1,)", &[0; 8])).is_err());
-        assert!(parse_npy(&npy("<f4", false, "(4,)", &[0; 8])).is_err());
+        assert!(parse_npy(&encode("<c8", false, &[1], &[0; 8])).is_err());
+        assert!(parse_npy(&encode("<f4", false, &[4], &[0; 8])).is_err());
         assert!(parse_npy(b"PK\x03\x04").is_err());
     }
 }
