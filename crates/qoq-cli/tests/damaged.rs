@@ -21,10 +21,7 @@ fn cache() -> Option<PathBuf> {
 fn data_check_reports_every_damaged_file_and_never_panics() {
     let Some(cache) = cache() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let sources = damage::corpus_sources(&cache, &dir.path().join("derived")).unwrap();
-    let files = damage::write_corpus(&sources, &dir.path().join("damaged"), 12, 24).unwrap();
-    let manifest = dir.path().join("damaged.jsonl");
-    damage::write_corpus_manifest(&files, &manifest).unwrap();
+    let (files, manifest) = damage::build_corpus(&cache, dir.path(), 12, 24).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_qoq"))
         .args(["data", "check", "--quiet"])
         .arg(&manifest)

@@ -445,6 +445,22 @@ pub fn write_corpus(
     Ok(files)
 }
 
+/// The damaged corpus of the cached real files `cache`, built in `dir` (`derived/` for the files
+/// derived from them, `damaged/` for the copies, [`write_corpus`]) with its manifest
+/// `dir/damaged.jsonl` ([`write_corpus_manifest`]): what each crate's corpus test reads.
+pub fn build_corpus(
+    cache: &Path,
+    dir: &Path,
+    per_file: usize,
+    seed: u64,
+) -> Result<(Vec<CorpusFile>, PathBuf)> {
+    let sources = corpus_sources(cache, &dir.join("derived"))?;
+    let files = write_corpus(&sources, &dir.join("damaged"), per_file, seed)?;
+    let manifest = dir.join("damaged.jsonl");
+    write_corpus_manifest(&files, &manifest)?;
+    Ok((files, manifest))
+}
+
 /// A manifest naming each corpus file in one row (under the key of its role), paths relative
 /// to the manifest's folder when they are inside it. Row `i` (line `i + 1`) is `files[i]`.
 pub fn write_corpus_manifest(files: &[CorpusFile], manifest: &Path) -> Result<()> {

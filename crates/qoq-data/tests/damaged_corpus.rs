@@ -132,17 +132,14 @@ fn timed<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) 
 fn every_damaged_real_file_ends_in_ok_or_an_error_naming_it() {
     let Some(cache) = cache() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let sources = damage::corpus_sources(&cache, &dir.path().join("derived")).unwrap();
-    let files = damage::write_corpus(
-        &sources,
-        &dir.path().join("damaged"),
+    let (files, manifest) = damage::build_corpus(
+        &cache,
+        dir.path(),
         env_or("QOQ_CORPUS_PER_FILE", PER_FILE),
         env_or("QOQ_CORPUS_SEED", SEED),
     )
     .unwrap();
     assert!(files.len() >= 200, "{} damaged files", files.len());
-    let manifest = dir.path().join("damaged.jsonl");
-    damage::write_corpus_manifest(&files, &manifest).unwrap();
     let opts = qoq_data::check::CheckOptions::default();
 
     // One file at a time, each under the time and allocation limits.

@@ -38,10 +38,7 @@ fn processor() -> Processor {
 fn every_damaged_real_file_is_processed_or_refused_naming_it() {
     let Some(cache) = cache() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let sources = damage::corpus_sources(&cache, &dir.path().join("derived")).unwrap();
-    let files = damage::write_corpus(&sources, &dir.path().join("damaged"), 12, 24).unwrap();
-    let manifest = dir.path().join("damaged.jsonl");
-    damage::write_corpus_manifest(&files, &manifest).unwrap();
+    let (files, manifest) = damage::build_corpus(&cache, dir.path(), 12, 24).unwrap();
     let p = Arc::new(processor());
     let m = Manifest::open(&manifest, ManifestConfig::default()).unwrap();
     let (mut ok, mut refused) = (0, 0);
