@@ -22,6 +22,24 @@ fn slice<'a, T: candle_core::WithDType>(s: &'a [T], l: &Layout) -> Result<&'a [T
     }
 }
 
+/// Runs `$body` on the contiguous slices `$x` of the storages `$s` (layouts `$l`), all f32 or
+/// all f64, and wraps the result in the same dtype; `$what` names the op in the error otherwise.
+macro_rules! float_kernel {
+    ($what:literal, $($x:ident = ($s:expr, $l:expr)),+ => $body:expr) => {
+        match ($($s,)+) {
+            ($(CpuStorage::F32($x),)+) => {
+                $(let $x = slice($x, $l)?;)+
+                CpuStorage::F32($body)
+            }
+            ($(CpuStorage::F64($x),)+) => {
+                $(let $x = slice($x, $l)?;)+
+                CpuStorage::F64($body)
+            }
+            _ => candle_core::bail!(concat!($what, ": f32 or f64 inputs of one dtype")),
+        }
+    };
+}
+
 /// The float types the kernels run in.
 trait Float: candle_core::WithDType + Send + Sync {
     fn to64(self) -> f64;
@@ -165,15 +183,8 @@ impl CustomOp2 for RmsNorm {
     ) -> Result<(CpuStorage, Shape)> {
         let dim = l2.shape().elem_count();
         check_dim(l1, dim, "the input")?;
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
-                CpuStorage::F32(rms_fwd(slice(x, l1)?, slice(w, l2)?, self.eps))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w)) => {
-                CpuStorage::F64(rms_fwd(slice(x, l1)?, slice(w, l2)?, self.eps))
-            }
-            _ => candle_core::bail!("fused rms_norm: f32 or f64 input and weight of one dtype"),
-        };
+        let out =
+            float_kernel!("fused rms_norm", x = (s1, l1), w = (s2, l2) => rms_fwd(x, w, self.eps));
         Ok((out, l1.shape().clone()))
     }
 
@@ -212,15 +223,10 @@ impl CustomOp3 for RmsNormBwdX {
         let dim = l2.shape().elem_count();
         check_dim(l1, dim, "the input")?;
         check_dim(l3, dim, "the gradient")?;
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => CpuStorage::F32(
-                rms_bwd_x(slice(x, l1)?, slice(w, l2)?, slice(g, l3)?, self.eps),
-            ),
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => CpuStorage::F64(
-                rms_bwd_x(slice(x, l1)?, slice(w, l2)?, slice(g, l3)?, self.eps),
-            ),
-            _ => candle_core::bail!("fused rms_norm backward: one float dtype"),
-        };
+        let out = float_kernel!(
+            "fused rms_norm backward",
+            x = (s1, l1), w = (s2, l2), g = (s3, l3) => rms_bwd_x(x, w, g, self.eps)
+        );
         Ok((out, l1.shape().clone()))
     }
 }
@@ -243,15 +249,10 @@ impl CustomOp2 for RmsNormBwdW {
     ) -> Result<(CpuStorage, Shape)> {
         let dim = *l1.dims().last().unwrap_or(&1);
         check_dim(l2, dim, "the gradient")?;
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
-                CpuStorage::F32(rms_bwd_w(slice(x, l1)?, slice(g, l2)?, dim, self.eps))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
-                CpuStorage::F64(rms_bwd_w(slice(x, l1)?, slice(g, l2)?, dim, self.eps))
-            }
-            _ => candle_core::bail!("fused rms_norm backward: one float dtype"),
-        };
+        let out = float_kernel!(
+            "fused rms_norm backward",
+            x = (s1, l1), g = (s2, l2) => rms_bwd_w(x, g, dim, self.eps)
+        );
         Ok((out, Shape::from(dim)))
     }
 }
@@ -298,11 +299,7 @@ impl candle_core::CustomOp1 for Softmax {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let dim = *l.dims().last().unwrap_or(&1);
-        let out = match s {
-            CpuStorage::F32(x) => CpuStorage::F32(softmax_fwd(slice(x, l)?, dim)),
-            CpuStorage::F64(x) => CpuStorage::F64(softmax_fwd(slice(x, l)?, dim)),
-            _ => candle_core::bail!("fused softmax: f32 or f64 input"),
-        };
+        let out = float_kernel!("fused softmax", x = (s, l) => softmax_fwd(x, dim));
         Ok((out, l.shape().clone()))
     }
 
@@ -334,15 +331,10 @@ impl CustomOp2 for SoftmaxBwd {
                 l2.dims()
             );
         }
-        let out = match (s1, s2) {
-            (CpuStorage::F32(y), CpuStorage::F32(g)) => {
-                CpuStorage::F32(softmax_bwd(slice(y, l1)?, slice(g, l2)?, dim))
-            }
-            (CpuStorage::F64(y), CpuStorage::F64(g)) => {
-                CpuStorage::F64(softmax_bwd(slice(y, l1)?, slice(g, l2)?, dim))
-            }
-            _ => candle_core::bail!("fused softmax backward: one float dtype"),
-        };
+        let out = float_kernel!(
+            "fused softmax backward",
+            y = (s1, l1), g = (s2, l2) => softmax_bwd(y, g, dim)
+        );
         Ok((out, l1.shape().clone()))
     }
 }
@@ -422,11 +414,7 @@ impl CustomOp2 for ChosenLogProb {
         if let Some(bad) = labels.iter().find(|&&t| t as usize >= vocab) {
             candle_core::bail!("fused log-probs: label {bad} outside the vocabulary of {vocab}");
         }
-        let out = match s1 {
-            CpuStorage::F32(x) => CpuStorage::F32(chosen_fwd(slice(x, l1)?, labels, vocab)),
-            CpuStorage::F64(x) => CpuStorage::F64(chosen_fwd(slice(x, l1)?, labels, vocab)),
-            _ => candle_core::bail!("fused log-probs: f32 or f64 logits"),
-        };
+        let out = float_kernel!("fused log-probs", x = (s1, l1) => chosen_fwd(x, labels, vocab));
         Ok((out, l2.shape().clone()))
     }
 
@@ -466,15 +454,10 @@ impl CustomOp3 for ChosenLogProbBwd {
         if l3.shape().elem_count() != labels.len() {
             candle_core::bail!("fused log-probs backward: gradient {:?}", l3.dims());
         }
-        let out = match (s1, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
-                CpuStorage::F32(chosen_bwd(slice(x, l1)?, labels, slice(g, l3)?, vocab))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
-                CpuStorage::F64(chosen_bwd(slice(x, l1)?, labels, slice(g, l3)?, vocab))
-            }
-            _ => candle_core::bail!("fused log-probs backward: one float dtype"),
-        };
+        let out = float_kernel!(
+            "fused log-probs backward",
+            x = (s1, l1), g = (s3, l3) => chosen_bwd(x, labels, g, vocab)
+        );
         Ok((out, l1.shape().clone()))
     }
 }
@@ -496,12 +479,12 @@ pub enum RopeLayout {
     Thd,
 }
 
-/// Rotary embedding `y = x·cos + rotate_half(x)·sin` with fixed tables: linear in `x`, so its
-/// backward is the same rotation by `−sin` (the transpose of a rotation).
+/// Rotary embedding `y = x·cos + rotate_half(x)·sin·sign` of `x` (the first input) with fixed
+/// tables (the second and third, `(rows, d/2)`): linear in `x`, so its backward is the same
+/// rotation with the sign flipped (the transpose of a rotation). No gradient reaches the tables.
 struct Rope {
-    cos: Tensor,
-    sin: Tensor,
     layout: RopeLayout,
+    sign: f64,
 }
 
 /// The table row of each row of `x` (`d` elements), for `dims` of `x`.
@@ -544,77 +527,63 @@ fn rope_kernel<T: Float>(
     out
 }
 
-impl Rope {
-    fn run(&self, s: &CpuStorage, l: &Layout, sign: f64) -> Result<(CpuStorage, Shape)> {
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "qoq-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        cs: &CpuStorage,
+        cl: &Layout,
+        ss: &CpuStorage,
+        sl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let dims = l.dims();
         let want = match self.layout {
             RopeLayout::Bhtd => 4,
             RopeLayout::Thd => 3,
         };
         let d = *dims.last().unwrap_or(&0);
-        let table_rows = self.cos.elem_count() / (d / 2).max(1);
-        if dims.len() != want || !d.is_multiple_of(2) || self.cos.dims() != self.sin.dims() {
+        let table_rows = cl.shape().elem_count() / (d / 2).max(1);
+        if dims.len() != want || !d.is_multiple_of(2) || cl.dims() != sl.dims() {
             candle_core::bail!(
                 "fused rope: x {dims:?} ({:?} layout), tables {:?}",
                 self.layout,
-                self.cos.dims()
+                cl.dims()
             );
         }
         let rows_needed = match self.layout {
             RopeLayout::Bhtd => [dims[2], dims[0] * dims[2]].contains(&table_rows),
             RopeLayout::Thd => table_rows == dims[0],
         };
-        if !rows_needed || self.cos.dim(candle_core::D::Minus1)? != d / 2 {
-            candle_core::bail!(
-                "fused rope: tables {:?} do not fit x {dims:?}",
-                self.cos.dims()
-            );
+        if !rows_needed || cl.dims().last() != Some(&(d / 2)) {
+            candle_core::bail!("fused rope: tables {:?} do not fit x {dims:?}", cl.dims());
         }
         let row_of = table_row(self.layout, dims, table_rows);
-        let (cs, _) = self.cos.storage_and_layout();
-        let (ss, _) = self.sin.storage_and_layout();
-        let out = match (s, &*cs, &*ss) {
-            (
-                CpuStorage::F32(x),
-                candle_core::Storage::Cpu(CpuStorage::F32(c)),
-                candle_core::Storage::Cpu(CpuStorage::F32(sn)),
-            ) => CpuStorage::F32(rope_kernel(slice(x, l)?, c, sn, d, row_of, sign)),
-            (
-                CpuStorage::F64(x),
-                candle_core::Storage::Cpu(CpuStorage::F64(c)),
-                candle_core::Storage::Cpu(CpuStorage::F64(sn)),
-            ) => CpuStorage::F64(rope_kernel(slice(x, l)?, c, sn, d, row_of, sign)),
-            _ => candle_core::bail!("fused rope: x and tables f32 or f64 of one dtype, on the CPU"),
-        };
+        let out = float_kernel!(
+            "fused rope",
+            x = (s, l), c = (cs, cl), sn = (ss, sl) => rope_kernel(x, c, sn, d, row_of, self.sign)
+        );
         Ok((out, l.shape().clone()))
     }
-}
 
-impl candle_core::CustomOp1 for Rope {
-    fn name(&self) -> &'static str {
-        "qoq-rope"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.run(s, l, 1.0)
-    }
-
-    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let grad = grad.contiguous()?;
-        Ok(Some(grad.apply_op1_no_bwd(&RopeT(self))?))
-    }
-}
-
-/// The transpose of [`Rope`] (rotation by `−sin`), for its backward.
-struct RopeT<'a>(&'a Rope);
-
-impl candle_core::CustomOp1 for RopeT<'_> {
-    fn name(&self) -> &'static str {
-        "qoq-rope-bwd"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.0.run(s, l, -1.0)
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let transpose = Rope {
+            layout: self.layout,
+            sign: -self.sign,
+        };
+        let dx = grad.contiguous()?.apply_op3_no_bwd(cos, sin, &transpose)?;
+        Ok((Some(dx), None, None))
     }
 }
 
@@ -628,12 +597,10 @@ pub(crate) fn rope(
     layout: RopeLayout,
     work: DType,
 ) -> Result<Tensor> {
-    let op = Rope {
-        cos: cos_half.detach().to_dtype(work)?.contiguous()?,
-        sin: sin_half.detach().to_dtype(work)?.contiguous()?,
-        layout,
-    };
-    x.to_dtype(work)?.contiguous()?.apply_op1(op)
+    let cos = cos_half.detach().to_dtype(work)?.contiguous()?;
+    let sin = sin_half.detach().to_dtype(work)?.contiguous()?;
+    let op = Rope { layout, sign: 1.0 };
+    x.to_dtype(work)?.contiguous()?.apply_op3(&cos, &sin, op)
 }
 
 /// Whether the fused kernels can run on `x` (CPU, computing in f32 or f64).
@@ -973,6 +940,16 @@ mod tests {
                 assert!(max_rel(&gf, &gc) < tol, "{dtype:?} {xs:?} {ts:?} gradient");
             }
         }
+        // Tables that are views into a larger tensor (a storage offset) are read through their
+        // layout.
+        let x = Tensor::randn(0f32, 1.0, (6, 2, 8), &dev).unwrap();
+        let ang = Tensor::randn(0f32, 2.0, (12, 4), &dev).unwrap();
+        let (c, sn) = (ang.cos().unwrap(), ang.sin().unwrap());
+        let (cv, sv) = (c.narrow(0, 6, 6).unwrap(), sn.narrow(0, 6, 6).unwrap());
+        let (cc, sc) = (cv.copy().unwrap(), sv.copy().unwrap());
+        let view = rope(&x, &cv, &sv, RopeLayout::Thd, DType::F32).unwrap();
+        let copied = rope(&x, &cc, &sc, RopeLayout::Thd, DType::F32).unwrap();
+        assert_eq!(max_rel(&view, &copied), 0.0, "offset tables");
         let x = Tensor::zeros((2, 3, 5, 8), DType::F32, &dev).unwrap();
         let t = Tensor::zeros((3, 5, 4), DType::F32, &dev).unwrap();
         assert!(
