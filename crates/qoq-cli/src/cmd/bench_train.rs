@@ -523,12 +523,7 @@ fn worker(a: &TrainStepArgs, dir: &Path) -> anyhow::Result<()> {
         );
         outs.push(o);
     }
-    let pad_id =
-        qoq_processor::processor::Processor::from_model_dir(&model_dir, None, opts.clone())
-            .with_context(|| format!("processor of {}", model_dir.display()))?
-            .tokenizer
-            .ids
-            .endoftext;
+    let pad_id = trainer.processor().tokenizer.ids.endoftext;
     // Free the models before the reference runs, so that its memory is not shared with ours.
     drop(trainer);
 

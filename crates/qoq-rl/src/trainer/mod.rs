@@ -356,6 +356,11 @@ impl Trainer {
         &self.model
     }
 
+    /// The run's processor (tokenizer, template, image settings).
+    pub fn processor(&self) -> &Processor {
+        &self.processor
+    }
+
     /// Every parameter's current value by checkpoint name, LoRA adapters merged.
     pub fn weights(&self) -> Result<HashMap<String, Tensor>> {
         let mut out: HashMap<String, Tensor> = self

@@ -312,22 +312,7 @@ impl Trainer {
         path: &Path,
         prompts: &[Prompt],
     ) -> Result<Vec<f64>> {
-        let mut requests = Vec::with_capacity(prompts.len());
-        for p in prompts {
-            let batch = self
-                .processor
-                .collate(std::slice::from_ref(&p.processed), None)
-                .map_err(|e| TrainerError::Data {
-                    step,
-                    path: path.to_path_buf(),
-                    message: format!("line {}: {e}", p.sample.line),
-                })?;
-            requests.push(GroupRequest {
-                inputs: qoq_model::prompt_inputs(&batch, &self.device)?,
-                n: 1,
-                stream: p.stream,
-            });
-        }
+        let requests = self.requests(step, path, prompts, 1)?;
         let mut cfg = self.sampling();
         cfg.sampling.temperature = 0.0;
         cfg.max_batch_rows = prompts.len();
