@@ -100,6 +100,37 @@ fn qoq() -> Command {
     c
 }
 
+/// `qoq train --no-plot <flag> <path>` to its end; asserts success and returns its stderr.
+fn train_to_end(flag: &str, path: &Path) -> String {
+    let o = qoq()
+        .args(["train", "--no-plot", flag])
+        .arg(path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{stderr}");
+    stderr
+}
+
+/// `qoq train --config cfg` SIGKILLed as soon as `out` logs step 2, then resumed to its end;
+/// returns the resume's stderr.
+fn killed_at_step_2_then_resumed(cfg: &Path, out: &Path) -> String {
+    let mut first = qoq();
+    first.args(["train", "--no-plot", "--config"]).arg(cfg);
+    kill_when_logged(first, out, 2, 0);
+    train_to_end("--resume", out)
+}
+
+/// `files` of `checkpoint_step_{step}` are byte-identical in the two runs.
+fn assert_same_checkpoint_files(a: &Path, b: &Path, step: u64, files: &[&str]) {
+    let ck = format!("checkpoint_step_{step}");
+    for file in files {
+        let x = std::fs::read(a.join(&ck).join(file)).unwrap();
+        let y = std::fs::read(b.join(&ck).join(file)).unwrap();
+        assert!(x == y, "{file} differs after kill and resume");
+    }
+}
+
 /// Metrics lines without the wall-clock fields (times differ between runs).
 fn comparable_log(out: &Path) -> Vec<(u64, Vec<(String, u64)>)> {
     qoq_rl::metrics_log::read_records(&out.join("metrics.jsonl"))
@@ -158,12 +189,7 @@ fn sigkill_mid_step_then_resume_matches_the_uninterrupted_run() {
     // The uninterrupted run.
     let out_a = dir.path().join("a");
     let cfg_a = run_file(dir.path(), &model, &out_a);
-    let o = qoq()
-        .args(["train", "--no-plot", "--config"])
-        .arg(&cfg_a)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    train_to_end("--config", &cfg_a);
 
     // The killed run, twice: first SIGKILL as soon as the log holds step 2 (while checkpoint 2
     // is being written, or just after), then, resumed, SIGKILL 300 ms after the log holds
@@ -181,21 +207,16 @@ fn sigkill_mid_step_then_resume_matches_the_uninterrupted_run() {
     let events = std::fs::read_to_string(out_b.join(qoq_rl::run_dir::EVENTS_FILE)).unwrap();
     assert!(events.contains("stale_lock_taken_over"), "{events}");
 
-    let o = qoq()
-        .args(["train", "--no-plot", "--resume"])
-        .arg(&out_b)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{stderr}");
+    let stderr = train_to_end("--resume", &out_b);
     assert!(stderr.contains("step 5/5"), "{stderr}");
 
     // The same final weights, byte for byte, and the same optimiser state.
-    for file in ["model.safetensors", "optimizer.safetensors"] {
-        let a = std::fs::read(out_a.join("checkpoint_step_5").join(file)).unwrap();
-        let b = std::fs::read(out_b.join("checkpoint_step_5").join(file)).unwrap();
-        assert!(a == b, "{file} differs after kill and resume");
-    }
+    assert_same_checkpoint_files(
+        &out_a,
+        &out_b,
+        5,
+        &["model.safetensors", "optimizer.safetensors"],
+    );
     // The same metrics log (every step once, validation included), bit for bit.
     let (la, lb) = (comparable_log(&out_a), comparable_log(&out_b));
     assert_eq!(
@@ -235,34 +256,21 @@ fn ppo_with_gae_resumes_after_sigkill_with_the_same_policy_and_critic() {
     let algorithm = "estimator = \"gae\"\nlam = 0.95\n\n[critic]\ncliprange_value = 0.2\n\n[critic.optim]\nlr = 1e-3";
     let out_a = dir.path().join("a");
     let cfg_a = run_file_with(dir.path(), &model, &out_a, algorithm, 3, 0, "");
-    let o = qoq()
-        .args(["train", "--no-plot", "--config"])
-        .arg(&cfg_a)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    train_to_end("--config", &cfg_a);
     let out_b = dir.path().join("b");
     let cfg_b = run_file_with(dir.path(), &model, &out_b, algorithm, 3, 0, "");
-    let mut first = qoq();
-    first.args(["train", "--no-plot", "--config"]).arg(&cfg_b);
-    kill_when_logged(first, &out_b, 2, 0);
-    let o = qoq()
-        .args(["train", "--no-plot", "--resume"])
-        .arg(&out_b)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{stderr}");
-    for file in [
-        "model.safetensors",
-        "optimizer.safetensors",
-        "critic.safetensors",
-        "critic_optimizer.safetensors",
-    ] {
-        let a = std::fs::read(out_a.join("checkpoint_step_3").join(file)).unwrap();
-        let b = std::fs::read(out_b.join("checkpoint_step_3").join(file)).unwrap();
-        assert!(a == b, "{file} differs after kill and resume");
-    }
+    killed_at_step_2_then_resumed(&cfg_b, &out_b);
+    assert_same_checkpoint_files(
+        &out_a,
+        &out_b,
+        3,
+        &[
+            "model.safetensors",
+            "optimizer.safetensors",
+            "critic.safetensors",
+            "critic_optimizer.safetensors",
+        ],
+    );
     let (la, lb) = (comparable_log(&out_a), comparable_log(&out_b));
     assert_eq!(la, lb, "metrics differ after kill and resume");
     assert!(la[0].1.iter().any(|(k, _)| k == "critic/vf_loss"));
@@ -279,13 +287,7 @@ fn early_stopping_after_sigkill_and_resume_stops_at_the_same_step_with_the_same_
         "[trainer.early_stopping]\nmetric = \"val/reward_score\"\npatience = 3\nmin_delta = 10.0";
     let out_a = dir.path().join("a");
     let cfg_a = run_file_with(dir.path(), &model, &out_a, algorithm, 5, 1, es);
-    let o = qoq()
-        .args(["train", "--no-plot", "--config"])
-        .arg(&cfg_a)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{stderr}");
+    let stderr = train_to_end("--config", &cfg_a);
     assert!(
         stderr.contains("stopped after step 4: early stopping: val/reward_score"),
         "{stderr}"
@@ -293,16 +295,7 @@ fn early_stopping_after_sigkill_and_resume_stops_at_the_same_step_with_the_same_
 
     let out_b = dir.path().join("b");
     let cfg_b = run_file_with(dir.path(), &model, &out_b, algorithm, 5, 1, es);
-    let mut first = qoq();
-    first.args(["train", "--no-plot", "--config"]).arg(&cfg_b);
-    kill_when_logged(first, &out_b, 2, 0);
-    let o = qoq()
-        .args(["train", "--no-plot", "--resume"])
-        .arg(&out_b)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{stderr}");
+    let stderr = killed_at_step_2_then_resumed(&cfg_b, &out_b);
     assert!(stderr.contains("stopped after step 4"), "{stderr}");
 
     // The same stop, the same best, the same weights and log.
@@ -325,7 +318,5 @@ fn early_stopping_after_sigkill_and_resume_stops_at_the_same_step_with_the_same_
         let events = std::fs::read_to_string(out.join(qoq_rl::run_dir::EVENTS_FILE)).unwrap();
         assert!(events.contains("\"early_stop\""), "{events}");
     }
-    let a = std::fs::read(out_a.join("checkpoint_step_4/model.safetensors")).unwrap();
-    let b = std::fs::read(out_b.join("checkpoint_step_4/model.safetensors")).unwrap();
-    assert!(a == b, "weights differ after kill and resume");
+    assert_same_checkpoint_files(&out_a, &out_b, 4, &["model.safetensors"]);
 }

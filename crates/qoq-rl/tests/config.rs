@@ -342,13 +342,16 @@ fn the_paper_stage_files_carry_the_papers_values() {
     assert_eq!(a, s2);
 }
 
+/// The error of loading `base` with the overrides `set`.
+fn load_err(base: &std::path::Path, set: &[&str]) -> String {
+    let o: Vec<String> = set.iter().map(|s| s.to_string()).collect();
+    RunConfig::load(base, &o).unwrap_err().to_string()
+}
+
 #[test]
 fn new_keys_are_refused_when_they_cannot_work() {
     let base = configs_dir().join("qoq_med_paper_stage1.toml");
-    let err = |set: &[&str]| {
-        let o: Vec<String> = set.iter().map(|s| s.to_string()).collect();
-        RunConfig::load(&base, &o).unwrap_err().to_string()
-    };
+    let err = |set: &[&str]| load_err(&base, set);
     let e = err(&["trainer.early_stopping.metric=val/f2"]);
     assert!(e.contains("`val/f2`") && e.contains("val/accuracy"), "{e}");
     let e = err(&["trainer.val_freq=0"]);
@@ -374,10 +377,7 @@ fn new_keys_are_refused_when_they_cannot_work() {
 fn settings_without_an_implementation_are_refused_naming_the_key() {
     let base = configs_dir().join("qoq_med_7b_drpo.toml");
     RunConfig::load(&base, &[]).expect("the 7B recipe loads");
-    let err = |set: &[&str]| {
-        let o: Vec<String> = set.iter().map(|s| s.to_string()).collect();
-        RunConfig::load(&base, &o).unwrap_err().to_string()
-    };
+    let err = |set: &[&str]| load_err(&base, set);
     let e = err(&["model.compute_dtype=bf16"]);
     assert!(
         e.contains("model.compute_dtype") && e.contains("mixed precision"),

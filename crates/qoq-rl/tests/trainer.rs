@@ -6,7 +6,7 @@ use qoq_core::RewardScore;
 use qoq_reward::{RewardFn, RewardInput};
 use qoq_rl::trainer::Trainer;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 mod support;
 
@@ -348,16 +348,22 @@ fn kl_in_the_reward_is_logged_and_grows_as_the_policy_moves() {
     assert!(err.to_string().contains("kl_penalty"), "{err}");
 }
 
-#[test]
-fn resuming_with_overrides_extends_the_run_and_refuses_model_keys() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path());
-    let manifest = text_manifest(dir.path(), 6);
-    let out = dir.path().join("run");
+/// A one-step GRPO run of 6 text rows in `dir` (checkpointed at step 1): its manifest and its
+/// out_dir.
+fn one_step_run(dir: &Path) -> (PathBuf, PathBuf) {
+    let model = tiny_model(dir);
+    let manifest = text_manifest(dir, 6);
+    let out = dir.join("run");
     let cfg = config(&model, &manifest, &out, 4, 2, 4, 1e-3, 1, 1, false);
     let mut t = Trainer::with_reward(cfg, Box::new(Vowels)).unwrap();
     t.run().unwrap();
-    drop(t);
+    (manifest, out)
+}
+
+#[test]
+fn resuming_with_overrides_extends_the_run_and_refuses_model_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, out) = one_step_run(dir.path());
     let ck = out.join("checkpoint_step_1");
     let r = Trainer::resume_with_overrides(&ck, &["trainer.max_steps=2".to_string()]).unwrap();
     assert_eq!(r.total_steps(), 2);
@@ -419,13 +425,7 @@ fn paper_drpo_trains_with_the_kl_loss_and_damping_from_the_reference() {
 #[test]
 fn resume_refuses_changed_data_unless_allowed_and_records_it() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path());
-    let manifest = text_manifest(dir.path(), 6);
-    let out = dir.path().join("run");
-    let cfg = config(&model, &manifest, &out, 4, 2, 4, 1e-3, 1, 1, false);
-    let mut t = Trainer::with_reward(cfg, Box::new(Vowels)).unwrap();
-    t.run().unwrap();
-    drop(t);
+    let (manifest, out) = one_step_run(dir.path());
     let ck = out.join("checkpoint_step_1");
     let state = qoq_rl::checkpoint::Checkpoint::open(&ck)
         .unwrap()
