@@ -49,7 +49,10 @@ enum Command {
     Train(cmd::train::TrainArgs),
 }
 
+#[allow(unsafe_code)] // qoq_model::threads::pin_thread_count, before any thread exists
 fn main() -> std::process::ExitCode {
+    // SAFETY: the first statement of main, before any thread exists.
+    unsafe { qoq_model::threads::pin_thread_count() };
     // No colour codes when stderr is a file or a pipe (log files stay plain text).
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

@@ -81,7 +81,10 @@ fn reference(prompt: usize, new: usize) -> Vec<serde_json::Value> {
     }
 }
 
+#[allow(unsafe_code)] // qoq_model::threads::pin_thread_count, before any thread exists
 fn main() {
+    // SAFETY: the first statement of main, before any thread exists.
+    unsafe { qoq_model::threads::pin_thread_count() };
     if !std::env::args().any(|a| a == "--bench") {
         eprintln!("generate: run with `cargo bench -p qoq-engine --bench generate`");
         return;

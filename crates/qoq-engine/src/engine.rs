@@ -227,7 +227,7 @@ impl<'m> Engine<'m> {
             self.cache = if keep.is_empty() {
                 KvCache::new()
             } else {
-                self.cache.select(&keep)?.trim_left_padding()?
+                self.cache.select_trimmed(&keep)?
             };
             self.rows.retain(|r| !hit(r));
         }
@@ -406,7 +406,7 @@ fn advance<'a>(
     } else if keep.len() == n {
         cache
     } else {
-        cache.select(&keep)?.trim_left_padding()?
+        cache.select_trimmed(&keep)?
     };
     Ok((live, cache))
 }

@@ -274,11 +274,16 @@ fn raw_logprobs(logits: &[f32]) -> impl Fn(u32) -> f32 + '_ {
     let lse = if max == f32::NEG_INFINITY {
         f64::INFINITY
     } else {
+        // f32 `exp` (the f64 one is about twice as slow and this runs per row and token),
+        // summed in f64; terms below f32's range are 0 without the libm underflow path.
         max as f64
             + logits
                 .iter()
                 .filter(|x| x.is_finite())
-                .map(|&x| ((x - max) as f64).exp())
+                .map(|&x| {
+                    let d = x - max;
+                    if d < -87.0 { 0.0 } else { f64::from(d.exp()) }
+                })
                 .sum::<f64>()
                 .ln()
     };
@@ -298,60 +303,74 @@ fn argmax(w: &[f32]) -> u32 {
     best as u32
 }
 
-/// Fill `idx` with the surviving candidates in descending probability (ties: lower id first).
+/// Fill `idx` with the surviving candidates, in id order (the draw walks them in that order).
+///
+/// The cuts are those of vLLM, in its order: zero-probability tokens (-inf logits) never; top-k
+/// (ties: lower id first); the nucleus, the smallest set of most likely tokens (ties: lower id
+/// first) whose mass reaches `top_p` of the whole distribution, or of the top-k set when top-k
+/// cut it; min-p against the most likely token. No step orders the vocabulary: top-k is a
+/// selection and the nucleus a weighted selection ([`keep_nucleus`]), so a flat distribution
+/// over a large vocabulary (a random model's) costs linear time per token, not a sort.
 fn candidates(w: &[f32], idx: &mut Vec<u32>, top_k: usize, top_p: f32, min_p: f32, total: f64) {
-    let n = w.len();
+    idx.clear();
+    idx.extend((0..w.len() as u32).filter(|&i| w[i as usize] > 0.0));
+    if idx.is_empty() {
+        // Unreachable from `sample_after` (the most likely token has weight 1); keep a token.
+        idx.push(argmax(w));
+        return;
+    }
     let desc = |a: &u32, b: &u32| w[*b as usize].total_cmp(&w[*a as usize]).then(a.cmp(b));
-    let cap = if top_k == 0 { n } else { top_k.min(n) };
-    // With top-k the nucleus is taken inside the whole top-k set, so select all of it at once.
-    let mut k = if top_k > 0 { cap } else { n.min(64) };
-    loop {
-        idx.clear();
-        idx.extend(0..n as u32);
-        if k < n {
-            idx.select_nth_unstable_by(k - 1, desc);
-            idx.truncate(k);
-        }
-        idx.sort_unstable_by(desc);
-        let mass: f64 = idx.iter().map(|&i| w[i as usize] as f64).sum();
-        if top_p >= 1.0 && k >= cap {
-            break;
-        }
-        if k >= cap || mass >= top_p as f64 * total {
-            break;
-        }
-        k = (2 * k).min(cap);
+    if top_k > 0 && top_k < idx.len() {
+        idx.select_nth_unstable_by(top_k - 1, desc);
+        idx.truncate(top_k);
     }
     if top_p < 1.0 {
-        // Keep the smallest prefix whose mass reaches top_p of the whole distribution (vLLM
-        // renormalises after top-k first: the nucleus is taken within the top-k set).
+        // vLLM renormalises after top-k first: the nucleus is taken within the top-k set.
         let denom: f64 = if top_k == 0 {
             total
         } else {
             idx.iter().map(|&i| w[i as usize] as f64).sum()
         };
-        let mut acc = 0.0;
-        let mut keep = idx.len();
-        for (j, &i) in idx.iter().enumerate() {
-            acc += w[i as usize] as f64;
-            if acc >= top_p as f64 * denom {
-                keep = j + 1;
-                break;
-            }
-        }
-        idx.truncate(keep.max(1));
+        keep_nucleus(w, idx, top_p as f64 * denom);
     }
-    // Zero-probability tokens (-inf logits) are never candidates.
-    let nonzero = idx.iter().take_while(|&&i| w[i as usize] > 0.0).count();
-    idx.truncate(nonzero.max(1));
     if min_p > 0.0 {
-        let top = w[idx[0] as usize];
-        let keep = idx
-            .iter()
-            .take_while(|&&i| w[i as usize] >= min_p * top)
-            .count();
-        idx.truncate(keep.max(1));
+        let top = idx.iter().map(|&i| w[i as usize]).fold(0.0f32, f32::max);
+        idx.retain(|&i| w[i as usize] >= min_p * top);
     }
+    if top_k > 0 || top_p < 1.0 {
+        // Back to id order without a sort: mark the survivors, then list them.
+        let mut kept = vec![false; w.len()];
+        for &i in idx.iter() {
+            kept[i as usize] = true;
+        }
+        idx.clear();
+        idx.extend((0..w.len() as u32).filter(|&i| kept[i as usize]));
+    }
+}
+
+/// Keep in `idx` the smallest set of its most likely tokens (ties: lower id first) whose mass
+/// reaches `target`, by halving selections: the upper half of the undecided range is either
+/// enough (the set ends inside it) or kept whole (the rest is sought in the lower half). Linear
+/// expected time; the kept tokens come first, in no particular order.
+fn keep_nucleus(w: &[f32], idx: &mut Vec<u32>, target: f64) {
+    let desc = |a: &u32, b: &u32| w[*b as usize].total_cmp(&w[*a as usize]).then(a.cmp(b));
+    // idx[..lo] is kept, idx[hi..] dropped, idx[lo..hi] undecided; `need` is the mass still
+    // missing after idx[..lo].
+    let (mut lo, mut hi) = (0usize, idx.len());
+    let mut need = target;
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        idx[lo..hi].select_nth_unstable_by(mid - lo, desc);
+        let upper: f64 = idx[lo..mid].iter().map(|&i| w[i as usize] as f64).sum();
+        if upper >= need {
+            hi = mid;
+        } else {
+            need -= upper;
+            lo = mid;
+        }
+    }
+    let keep = if hi > lo && need > 0.0 { hi } else { lo };
+    idx.truncate(keep.max(1));
 }
 
 #[cfg(test)]
@@ -466,6 +485,50 @@ mod tests {
             (0..20_000).map(|_| s.sample(&logits, &[]).token).collect();
         assert!(seen.len() > 450 && seen.len() <= 500, "{}", seen.len());
         assert!(seen.iter().all(|&t| t < 500), "ties keep the lower ids");
+    }
+
+    /// The weighted selection keeps exactly the sorted definition's nucleus (smallest prefix
+    /// in descending order, ties by lower id, whose mass reaches the target), on peaked, flat
+    /// and tied distributions, for targets across (0, 1].
+    #[test]
+    fn the_nucleus_selection_equals_the_sorted_prefix() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        for case in 0..300 {
+            let n = 1 + case % 97;
+            let w: Vec<f32> = (0..n)
+                .map(|_| match case % 3 {
+                    0 => rng.random::<f32>().powi(8),           // peaked
+                    1 => 1.0,                                   // flat: ties everywhere
+                    _ => (rng.random_range(0..4) as f32) / 3.0, // few levels, some zeros
+                })
+                .collect();
+            let total: f64 = w.iter().map(|&x| x as f64).sum();
+            for top_p in [0.05f32, 0.3, 0.5, 0.9, 0.99, 1.0] {
+                let mut idx = Vec::new();
+                candidates(&w, &mut idx, 0, top_p, 0.0, total);
+                // The sorted definition.
+                let mut order: Vec<u32> = (0..n as u32).filter(|&i| w[i as usize] > 0.0).collect();
+                order.sort_by(|a, b| w[*b as usize].total_cmp(&w[*a as usize]).then(a.cmp(b)));
+                let mut want = order.clone();
+                if top_p < 1.0 {
+                    let mut acc = 0.0;
+                    let mut keep = order.len();
+                    for (j, &i) in order.iter().enumerate() {
+                        acc += w[i as usize] as f64;
+                        if acc >= top_p as f64 * total {
+                            keep = j + 1;
+                            break;
+                        }
+                    }
+                    want.truncate(keep.max(1));
+                }
+                if want.is_empty() {
+                    continue; // all weights zero: not a distribution sample_after produces
+                }
+                want.sort_unstable();
+                assert_eq!(idx, want, "case {case}, n {n}, top_p {top_p}, w {w:?}");
+            }
+        }
     }
 
     #[test]

@@ -104,7 +104,10 @@ fn reference(runs: usize) -> Option<f64> {
     v["tokens_per_s"].as_f64()
 }
 
+#[allow(unsafe_code)] // qoq_model::threads::pin_thread_count, before any thread exists
 fn main() {
+    // SAFETY: the first statement of main, before any thread exists.
+    unsafe { qoq_model::threads::pin_thread_count() };
     // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this binary without it, and
     // a 0.5B-parameter forward has no place in the test suite.
     if !std::env::args().any(|a| a == "--bench") {

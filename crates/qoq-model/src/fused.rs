@@ -45,7 +45,10 @@ trait Float: candle_core::WithDType + Send + Sync {
     fn to64(self) -> f64;
     fn of64(v: f64) -> Self;
     /// `exp(self − m)` in the type's own precision (f32 `exp` for f32 data: the f64 one is about
-    /// twice as slow), widened for accumulation.
+    /// twice as slow), widened for accumulation. Arguments below the type's smallest normal
+    /// result give 0 without calling `exp`: libm's underflow path (errno, a function call per
+    /// element) made masked attention logits (`f32::MIN` − max) cost ten times a real one,
+    /// and the terms dropped (below 1e-37 against a row maximum's 1) change no sum.
     fn exp_minus(self, m: f64) -> f64;
 }
 
@@ -57,7 +60,8 @@ impl Float for f32 {
         v as f32
     }
     fn exp_minus(self, m: f64) -> f64 {
-        f64::from((self - m as f32).exp())
+        let d = self - m as f32;
+        if d < -87.0 { 0.0 } else { f64::from(d.exp()) }
     }
 }
 
@@ -69,7 +73,8 @@ impl Float for f64 {
         v
     }
     fn exp_minus(self, m: f64) -> f64 {
-        (self - m).exp()
+        let d = self - m;
+        if d < -708.0 { 0.0 } else { d.exp() }
     }
 }
 
@@ -775,6 +780,40 @@ mod tests {
             .unwrap();
         let gx = g.get(xb.as_tensor()).expect("bf16 input gets a gradient");
         assert_eq!(gx.dtype(), DType::BF16);
+    }
+
+    /// Masked attention rows (`f32::MIN` logits, whose `exp` is skipped): a partly masked row
+    /// puts all its mass on the real logits, a fully masked one (a left-pad query) is uniform,
+    /// as with the reference's additive `finfo.min` mask.
+    #[test]
+    fn masked_logits_get_no_mass_and_a_fully_masked_row_is_uniform() {
+        let m = f32::MIN;
+        let x = Tensor::new(
+            &[[0.0f32, m, 0.0, m], [m, m, m, m], [1.0, -100.0, m, 2.0]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let y: Vec<Vec<f32>> = softmax_last_dim(&x, DType::F32).unwrap().to_vec2().unwrap();
+        assert_eq!(y[0], vec![0.5, 0.0, 0.5, 0.0]);
+        assert_eq!(y[1], vec![0.25; 4]);
+        let (e1, e2) = ((1.0f64 - 2.0).exp(), 1.0);
+        let z = e1 + e2 + (-102.0f64).exp();
+        assert!((y[2][0] as f64 - e1 / z).abs() < 1e-7 && (y[2][3] as f64 - e2 / z).abs() < 1e-7);
+        assert_eq!(y[2][2], 0.0);
+        for dtype in [DType::F32, DType::F64] {
+            let y = softmax_last_dim(&x.to_dtype(dtype).unwrap(), dtype).unwrap();
+            let sums: Vec<f64> = y
+                .sum(1)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert!(
+                sums.iter().all(|s| (s - 1.0).abs() < 1e-6),
+                "{dtype:?}: {sums:?}"
+            );
+        }
     }
 
     #[test]

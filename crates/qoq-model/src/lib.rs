@@ -27,6 +27,7 @@ pub mod lora;
 pub mod model;
 pub mod splice;
 pub mod text;
+pub mod threads;
 pub mod train;
 pub mod value;
 

@@ -32,16 +32,19 @@ pub enum ForwardMode {
 pub fn softmax_last_dim(x: &Tensor, mode: ForwardMode) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(compute_dtype(dtype))?;
-    let y = match mode {
-        ForwardMode::Inference => candle_nn::ops::softmax_last_dim(&x)?,
-        ForwardMode::Train if crate::fused::available(&x) => {
-            crate::fused::softmax_last_dim(&x, x.dtype())?
-        }
-        ForwardMode::Train => {
-            let max = x.max_keepdim(D::Minus1)?.detach();
-            let e = x.broadcast_sub(&max)?.exp()?;
-            let s = e.sum_keepdim(D::Minus1)?;
-            e.broadcast_div(&s)?
+    let y = if crate::fused::available(&x) {
+        // The fused kernel on the CPU in both modes: candle's inference softmax calls `exp` on
+        // masked logits too, whose underflow path dominated prefill attention (see `fused`).
+        crate::fused::softmax_last_dim(&x, x.dtype())?
+    } else {
+        match mode {
+            ForwardMode::Inference => candle_nn::ops::softmax_last_dim(&x)?,
+            ForwardMode::Train => {
+                let max = x.max_keepdim(D::Minus1)?.detach();
+                let e = x.broadcast_sub(&max)?.exp()?;
+                let s = e.sum_keepdim(D::Minus1)?;
+                e.broadcast_div(&s)?
+            }
         }
     };
     y.to_dtype(dtype)

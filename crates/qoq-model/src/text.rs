@@ -142,13 +142,92 @@ pub fn causal_padding_mask(
 
 /// Keys and values of every decoder layer for a batch of sequences, with the key padding mask,
 /// so that generation runs the prompt once (prefill) and then one token at a time (decode).
-/// Keys are stored after rotary embedding and before the grouped-query repeat:
-/// `(b, kv_heads, t, head_dim)` per layer.
-#[derive(Debug, Clone, Default)]
+/// Keys are stored after rotary embedding and before the grouped-query repeat, in buffers of
+/// `(b, kv_heads, capacity, head_dim)` per layer ([`LayerKv`]) that new positions are written
+/// into in place: a decode step copies only its own keys, not the whole cache. The capacity
+/// grows geometrically when a step would overflow it (a copy of the filled part, amortised over
+/// many steps). Not `Clone`: two owners of one buffer would write over each other's positions;
+/// [`KvCache::select`] makes an independent copy.
+#[derive(Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerKv>>,
     /// `(b, t)` u8, 1 = a real key, 0 = left padding.
     key_mask: Option<Tensor>,
+}
+
+/// One decoder layer's keys and values: `k`, `v` of `(b, kv_heads, capacity, head_dim)`, the
+/// first `len` positions filled.
+#[derive(Debug)]
+pub struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+/// Capacity for `need` positions: half as much again, in whole blocks of 64, so that a
+/// sequence growing one token at a time reallocates O(log n) times.
+fn kv_capacity(need: usize) -> usize {
+    (need + need / 2).max(1).next_multiple_of(64)
+}
+
+impl LayerKv {
+    /// A buffer of `capacity` positions holding `k`, `v` (`(b, kv_heads, t, head_dim)`, any
+    /// layout) at positions `0..t`.
+    fn with_capacity(k: &Tensor, v: &Tensor, capacity: usize) -> Result<LayerKv> {
+        let (b, h, t, d) = k.dims4()?;
+        let buf = |x: &Tensor| -> Result<Tensor> {
+            let out = Tensor::zeros((b, h, capacity, d), x.dtype(), x.device())?;
+            out.slice_set(&x.contiguous()?, 2, 0)?;
+            Ok(out)
+        };
+        Ok(LayerKv {
+            k: buf(k)?,
+            v: buf(v)?,
+            len: t,
+        })
+    }
+
+    /// Append `k`, `v` (`(b, kv_heads, s, head_dim)`) after the filled positions (in place while
+    /// the capacity lasts) and return views of all filled keys and values,
+    /// `(b, kv_heads, len, head_dim)`.
+    fn append(slot: &mut Option<LayerKv>, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let s = k.dim(2)?;
+        let l = match slot.take() {
+            None => LayerKv::with_capacity(k, v, kv_capacity(s))?,
+            Some(l) if l.len + s > l.k.dim(2)? => {
+                let grown = LayerKv::with_capacity(
+                    &l.k.narrow(2, 0, l.len)?,
+                    &l.v.narrow(2, 0, l.len)?,
+                    kv_capacity(l.len + s),
+                )?;
+                grown.k.slice_set(&k.contiguous()?, 2, l.len)?;
+                grown.v.slice_set(&v.contiguous()?, 2, l.len)?;
+                LayerKv {
+                    len: l.len + s,
+                    ..grown
+                }
+            }
+            Some(l) => {
+                l.k.slice_set(&k.contiguous()?, 2, l.len)?;
+                l.v.slice_set(&v.contiguous()?, 2, l.len)?;
+                LayerKv {
+                    len: l.len + s,
+                    ..l
+                }
+            }
+        };
+        let out = (l.k.narrow(2, 0, l.len)?, l.v.narrow(2, 0, l.len)?);
+        *slot = Some(l);
+        Ok(out)
+    }
+
+    /// The filled keys and values, `(b, kv_heads, len, head_dim)` views.
+    fn filled(&self) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.k.narrow(2, 0, self.len)?,
+            self.v.narrow(2, 0, self.len)?,
+        ))
+    }
 }
 
 impl KvCache {
@@ -178,65 +257,89 @@ impl KvCache {
             .unwrap_or(0)
     }
 
-    /// The cache of the given rows only (e.g. to free finished sequences, or `[0; n]` to share
-    /// one prompt's prefill among its `n` rollouts).
-    pub fn select(&self, rows: &[u32]) -> Result<KvCache> {
-        if self.is_empty() {
-            return Ok(self.clone());
-        }
-        let dev = self.key_mask.as_ref().map(|m| m.device().clone());
-        let idx = Tensor::new(rows, dev.as_ref().unwrap_or(&Device::Cpu))?;
-        let layers = self
-            .layers
+    /// Positions the buffers hold without growing (0 when empty).
+    pub fn capacity(&self) -> usize {
+        self.layers
             .iter()
-            .map(|l| match l {
-                Some((k, v)) => Ok(Some((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?))),
-                None => Ok(None),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let key_mask = match &self.key_mask {
-            Some(m) => Some(m.index_select(&idx, 0)?),
-            None => None,
-        };
-        Ok(KvCache { layers, key_mask })
+            .flatten()
+            .map(|l| l.k.dim(2).unwrap_or(0))
+            .min()
+            .unwrap_or(0)
     }
 
-    /// Drop the leading positions that are padding in every row (left after the longest rows
-    /// left the batch), so that the cache is as long as its longest live row.
-    pub fn trim_left_padding(&self) -> Result<KvCache> {
-        let Some(mask) = &self.key_mask else {
-            return Ok(self.clone());
-        };
-        let t = mask.dim(1)?;
-        let any = mask.to_dtype(DType::U8)?.max(0)?.to_vec1::<u8>()?;
-        let start = any.iter().position(|&m| m != 0).unwrap_or(t);
-        if start == 0 || start == t {
-            return Ok(self.clone());
+    /// An independent cache of the given rows only (e.g. to free finished sequences, or
+    /// `[0; n]` to share one prompt's prefill among its `n` rollouts), keeping only the
+    /// positions from `start` on.
+    fn gather(&self, rows: &[u32], start: usize) -> Result<KvCache> {
+        if self.is_empty() || rows.is_empty() {
+            return Ok(KvCache::new());
         }
-        let keep = t - start;
+        let mask = self.key_mask.as_ref().expect("non-empty cache has a mask");
+        let keep = self.len() - start;
+        let idx = Tensor::new(rows, mask.device())?;
         let layers = self
             .layers
             .iter()
             .map(|l| match l {
-                Some((k, v)) => Ok(Some((
-                    k.narrow(2, start, keep)?.contiguous()?,
-                    v.narrow(2, start, keep)?.contiguous()?,
-                ))),
+                Some(l) => {
+                    // Whole rows of the (contiguous) buffers; shifted into new ones if trimmed.
+                    let (k, v) = (l.k.index_select(&idx, 0)?, l.v.index_select(&idx, 0)?);
+                    Ok(Some(if start == 0 {
+                        LayerKv { k, v, len: l.len }
+                    } else {
+                        LayerKv::with_capacity(
+                            &k.narrow(2, start, keep)?,
+                            &v.narrow(2, start, keep)?,
+                            kv_capacity(keep),
+                        )?
+                    }))
+                }
                 None => Ok(None),
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(KvCache {
             layers,
-            key_mask: Some(mask.narrow(1, start, keep)?.contiguous()?),
+            key_mask: Some(
+                mask.index_select(&idx, 0)?
+                    .narrow(1, start, keep)?
+                    .contiguous()?,
+            ),
         })
     }
 
-    /// Bytes held by the keys and values.
+    /// The cache of the given rows only, as an independent copy (e.g. to free finished
+    /// sequences, or `[0; n]` to share one prompt's prefill among its `n` rollouts).
+    pub fn select(&self, rows: &[u32]) -> Result<KvCache> {
+        self.gather(rows, 0)
+    }
+
+    /// The cache of the given rows, without the leading positions that are padding in every
+    /// one of them (left after the longest rows left the batch), so that the cache is as long
+    /// as its longest kept row: [`KvCache::select`] and the trim in one copy.
+    pub fn select_trimmed(&self, rows: &[u32]) -> Result<KvCache> {
+        let Some(mask) = &self.key_mask else {
+            return Ok(KvCache::new());
+        };
+        if rows.is_empty() {
+            return Ok(KvCache::new());
+        }
+        let idx = Tensor::new(rows, mask.device())?;
+        let any = mask
+            .index_select(&idx, 0)?
+            .to_dtype(DType::U8)?
+            .max(0)?
+            .to_vec1::<u8>()?;
+        let t = any.len();
+        let start = any.iter().position(|&m| m != 0).unwrap_or(t);
+        self.gather(rows, start.min(t.saturating_sub(1)))
+    }
+
+    /// Bytes held by the keys and values (their buffers' capacity).
     pub fn bytes(&self) -> usize {
         self.layers
             .iter()
             .flatten()
-            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .map(|l| (l.k.elem_count() + l.v.elem_count()) * l.k.dtype().size_in_bytes())
             .sum()
     }
 }
@@ -254,34 +357,45 @@ impl KvCache {
         if parts.iter().any(|c| c.layers.len() != n_layers) {
             candle_core::bail!("kv caches of different depths cannot be joined");
         }
-        let pad = |x: &Tensor, dim: usize| -> Result<Tensor> {
-            let have = x.dim(dim)?;
+        let cap = kv_capacity(t);
+        let mut layers = Vec::with_capacity(n_layers);
+        for l in 0..n_layers {
+            let Some(l0) = &first.layers[l] else {
+                candle_core::bail!("kv cache layer {l} is empty");
+            };
+            let (_, h, _, d) = l0.k.dims4()?;
+            // Each part's rows in a buffer of the joint capacity, right-aligned at position t
+            // (their left padding stays zero), then the parts stacked.
+            let mut ks = Vec::with_capacity(parts.len());
+            let mut vs = Vec::with_capacity(parts.len());
+            for c in &parts {
+                let Some(lc) = &c.layers[l] else {
+                    candle_core::bail!("kv cache layer {l} is empty");
+                };
+                let (pk, pv) = lc.filled()?;
+                let n = c.batch_size();
+                let place = |x: Tensor| -> Result<Tensor> {
+                    let buf = Tensor::zeros((n, h, cap, d), x.dtype(), x.device())?;
+                    buf.slice_set(&x.contiguous()?, 2, t - lc.len)?;
+                    Ok(buf)
+                };
+                ks.push(place(pk)?);
+                vs.push(place(pv)?);
+            }
+            let (k, v) = (Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?);
+            layers.push(Some(LayerKv { k, v, len: t }));
+        }
+        let pad = |x: &Tensor| -> Result<Tensor> {
+            let have = x.dim(1)?;
             if have == t {
                 return Ok(x.clone());
             }
-            let mut shape = x.dims().to_vec();
-            shape[dim] = t - have;
-            let z = Tensor::zeros(shape, x.dtype(), x.device())?;
-            Tensor::cat(&[&z, x], dim)
+            let z = Tensor::zeros((x.dim(0)?, t - have), x.dtype(), x.device())?;
+            Tensor::cat(&[&z, x], 1)
         };
-        let mut layers = Vec::with_capacity(n_layers);
-        for l in 0..n_layers {
-            let mut ks = Vec::new();
-            let mut vs = Vec::new();
-            for c in &parts {
-                match &c.layers[l] {
-                    Some((k, v)) => {
-                        ks.push(pad(k, 2)?);
-                        vs.push(pad(v, 2)?);
-                    }
-                    None => candle_core::bail!("kv cache layer {l} is empty"),
-                }
-            }
-            layers.push(Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)));
-        }
         let masks = parts
             .iter()
-            .map(|c| pad(c.key_mask.as_ref().expect("non-empty cache has a mask"), 1))
+            .map(|c| pad(c.key_mask.as_ref().expect("non-empty cache has a mask")))
             .collect::<Result<Vec<_>>>()?;
         Ok(KvCache {
             layers,
@@ -344,16 +458,6 @@ impl RmsNorm {
     }
 }
 
-fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x);
-    }
-    let (b, kv, s, d) = x.dims4()?;
-    x.unsqueeze(2)?
-        .expand((b, kv, n_rep, s, d))?
-        .reshape((b, kv * n_rep, s, d))
-}
-
 /// Grouped-query self-attention with q/k/v biases and M-RoPE.
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -392,7 +496,7 @@ impl Attention {
         mode: ForwardMode,
     ) -> Result<Tensor> {
         // No past keys: the cached path with a cache that is dropped afterwards.
-        self.forward_cached(x, rope, mask, &mut None, mode)
+        self.forward_cached(x, rope, mask, None, mode)
     }
 
     /// As [`Attention::forward`] for `s` new tokens after the keys in `cache` (which receives the
@@ -403,7 +507,7 @@ impl Attention {
         x: &Tensor,
         rope: &RopeTables,
         mask: &Tensor,
-        cache: &mut Option<(Tensor, Tensor)>,
+        cache: Option<&mut Option<LayerKv>>,
         mode: ForwardMode,
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
@@ -417,21 +521,28 @@ impl Attention {
         let v = split(self.v_proj.forward(x)?, self.num_kv_heads)?;
         let q = apply_rope(&q, rope, mode)?;
         let k = apply_rope(&k, rope, mode)?;
-        let (k, v) = match cache.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+        let (k, v) = match cache {
+            Some(slot) => LayerKv::append(slot, &k, &v)?,
             None => (k, v),
         }; // (b, nkv, past + s, hd)
-        *cache = Some((k.clone(), v.clone()));
+        // Grouped-query attention without repeating the keys: head `kv * n_rep + r` reads
+        // key-value head `kv` (repeat_interleave), so the queries of one group are stacked as
+        // `n_rep * s` rows against their shared keys.
         let n_rep = self.num_heads / self.num_kv_heads;
-        let k = repeat_kv(k, n_rep)?.contiguous()?; // (b, nh, t, hd)
-        let v = repeat_kv(v, n_rep)?.contiguous()?;
+        let t = k.dim(2)?;
+        let q = q
+            .contiguous()?
+            .reshape((b, self.num_kv_heads, n_rep * s, self.head_dim))?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?; // (b, nh, s, t)
+        let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, self.num_heads, s, t))?;
         let work = ops::compute_dtype(x.dtype());
         let scores = mask_scores(&scores.to_dtype(work)?, mask)?;
-        let probs = ops::softmax_last_dim(&scores, mode)?.to_dtype(x.dtype())?;
-        let out = probs.matmul(&v)?; // (b, nh, s, hd)
+        let probs = ops::softmax_last_dim(&scores, mode)?
+            .to_dtype(x.dtype())?
+            .reshape((b, self.num_kv_heads, n_rep * s, t))?;
+        let out = probs.matmul(&v)?; // (b, nkv, n_rep * s, hd) = (b, nh, s, hd)
         let out = out
+            .reshape((b, self.num_heads, s, self.head_dim))?
             .transpose(1, 2)?
             .reshape((b, s, self.num_heads * self.head_dim))?;
         self.o_proj.forward(&out)
@@ -504,7 +615,7 @@ impl DecoderLayer {
         mask: &Tensor,
         mode: ForwardMode,
     ) -> Result<Tensor> {
-        self.forward_cached(x, rope, mask, &mut None, mode)
+        self.forward_cached(x, rope, mask, None, mode)
     }
 }
 
@@ -515,7 +626,7 @@ impl DecoderLayer {
         x: &Tensor,
         rope: &RopeTables,
         mask: &Tensor,
-        cache: &mut Option<(Tensor, Tensor)>,
+        cache: Option<&mut Option<LayerKv>>,
         mode: ForwardMode,
     ) -> Result<Tensor> {
         let h = self.input_layernorm.forward(x, mode)?;
@@ -611,12 +722,12 @@ impl TextModel {
         let mask = causal_padding_mask_with_past(&key_mask, s)?;
         cache.key_mask = Some(key_mask);
         if cache.layers.len() != self.layers.len() {
-            cache.layers = vec![None; self.layers.len()];
+            cache.layers = (0..self.layers.len()).map(|_| None).collect();
         }
         let rope = self.rotary.tables(position_ids, inputs_embeds.dtype())?;
         let mut x = inputs_embeds.clone();
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward_cached(&x, &rope, &mask, kv, mode)?;
+            x = layer.forward_cached(&x, &rope, &mask, Some(kv), mode)?;
         }
         self.norm.forward(&x, mode)
     }

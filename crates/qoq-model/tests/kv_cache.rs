@@ -121,7 +121,7 @@ fn selecting_cache_rows_equals_decoding_those_rows_alone() {
         .unwrap();
     assert!(max_abs(&r, &out.narrow(0, 1, 1).unwrap()) < 1e-5);
     // A mismatched batch is refused.
-    let mut wrong = shared.clone();
+    let mut wrong = shared.select(&[0]).unwrap();
     assert!(
         model
             .decode_step(&ids, &p, &mut wrong, ForwardMode::Inference)
@@ -235,4 +235,90 @@ fn with_mask(mut i: ModelInputs) -> ModelInputs {
             Some(Tensor::ones(i.input_ids.dims(), DType::I64, &Device::Cpu).unwrap());
     }
     i
+}
+
+/// Two copies of one prompt's cache ([`KvCache::select`]) decode different continuations well
+/// past the first buffer's capacity (so the buffers grow while being written in place): each
+/// ends with the logits of one full forward over its prompt and continuation, so the copies
+/// share no storage and growth loses no position.
+#[test]
+fn in_place_decoding_across_growth_from_independent_copies_equals_full_forwards() {
+    let (_, model) = load_model(&tiny_dir(), DType::F32, &Device::Cpu).unwrap();
+    let all = cases();
+    let (p_in, _) = case_inputs(&all, "text_only");
+    let p_in = prefix_row(&with_mask(p_in), 0);
+    let mut cache = KvCache::new();
+    model
+        .prefill(&p_in, &mut cache, ForwardMode::Inference)
+        .unwrap();
+    let first_cap = cache.capacity();
+    assert!(first_cap >= cache.len());
+    let mut copies = [cache.select(&[0]).unwrap(), cache.select(&[0]).unwrap()];
+    let start = p_in
+        .position_ids
+        .max(D::Minus1)
+        .unwrap()
+        .max(D::Minus1)
+        .unwrap()
+        .max(D::Minus1)
+        .unwrap()
+        .to_dtype(DType::I64)
+        .unwrap()
+        .to_scalar::<i64>()
+        .unwrap()
+        + 1;
+    let n = first_cap + 70 - cache.len();
+    let token = |c: usize, j: usize| (10 + (j * (7 + 6 * c) + 3 * c) % 100) as u32;
+    let mut last: [Option<Tensor>; 2] = [None, None];
+    for j in 0..n {
+        for (c, cc) in copies.iter_mut().enumerate() {
+            let ids = Tensor::new(&[[token(c, j)]], &Device::Cpu).unwrap();
+            let pos = Tensor::full(start + j as i64, (3, 1, 1), &Device::Cpu).unwrap();
+            last[c] = Some(
+                model
+                    .decode_step(&ids, &pos, cc, ForwardMode::Inference)
+                    .unwrap(),
+            );
+        }
+    }
+    for (c, cc) in copies.iter().enumerate() {
+        assert!(cc.capacity() > first_cap, "the buffer grew");
+        let cont: Vec<u32> = (0..n).map(|j| token(c, j)).collect();
+        let mut full = p_in.clone();
+        full.input_ids = Tensor::cat(
+            &[
+                &p_in.input_ids.to_dtype(DType::U32).unwrap(),
+                &Tensor::new(cont.as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+            ],
+            1,
+        )
+        .unwrap()
+        .to_dtype(p_in.input_ids.dtype())
+        .unwrap();
+        let new_pos: Vec<i64> = (0..n as i64).map(|j| start + j).collect();
+        let new_pos = Tensor::new(new_pos.as_slice(), &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, n))
+            .unwrap()
+            .broadcast_as((3, 1, n))
+            .unwrap();
+        full.position_ids = Tensor::cat(
+            &[
+                &p_in.position_ids.to_dtype(DType::I64).unwrap(),
+                &new_pos.contiguous().unwrap(),
+            ],
+            2,
+        )
+        .unwrap()
+        .to_dtype(p_in.position_ids.dtype())
+        .unwrap();
+        full.attention_mask = None;
+        let want = model.forward(&full, ForwardMode::Inference).unwrap();
+        let s = want.dim(1).unwrap();
+        let d = max_abs(last[c].as_ref().unwrap(), &want.i((.., s - 1, ..)).unwrap());
+        assert!(d < 1e-4, "continuation {c}: last logits differ by {d}");
+    }
 }

@@ -1,0 +1,62 @@
+//! The CPU thread count of candle's kernels, fixed once per process.
+//!
+//! candle 0.11's CPU matmul asks `candle_core::utils::get_num_threads()` for its thread count on
+//! every call, and without `RAYON_NUM_THREADS` that function counts the physical cores by opening
+//! and parsing `/proc/cpuinfo` (`num_cpus::get_physical`), uncached. For the small matrices of
+//! decoding, ECG and tiny models that parse costs more than the product itself: a `qoq serve`
+//! decode step of the tiny model spent most of its time in it (13,000 opens of `/proc/cpuinfo` in
+//! a 16-request run, `strace -f -e openat`). Setting the variable to the value candle would
+//! compute makes the call a cheap environment read and changes no thread count.
+
+/// The environment variable candle (and rayon) read for the thread count.
+pub const THREADS_VAR: &str = "RAYON_NUM_THREADS";
+
+/// Set [`THREADS_VAR`] to candle's own default when the user has not set it (a positive value
+/// they set is kept; an empty, zero or malformed one is replaced, as candle would ignore it).
+/// Returns the thread count in effect.
+///
+/// # Safety
+/// Changes the process environment: call it at the start of `main`, before any other thread
+/// exists (a thread reading the environment at the same time would be undefined behaviour).
+#[allow(unsafe_code)] // std::env::set_var is unsafe in edition 2024; see # Safety
+pub unsafe fn pin_thread_count() -> usize {
+    if let Some(n) = std::env::var(THREADS_VAR)
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+    {
+        return n;
+    }
+    // Without the variable, this is candle's default (one /proc/cpuinfo parse, here only).
+    let n = candle_core::utils::get_num_threads().max(1);
+    // SAFETY: the caller guarantees no other thread runs (see the function's contract).
+    unsafe { std::env::set_var(THREADS_VAR, n.to_string()) };
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The variable is set to candle's default, after which candle answers the same count
+    /// from the environment. (Only this test in this binary touches the variable.)
+    #[test]
+    #[allow(unsafe_code)] // environment writes, see the SAFETY note
+    fn pins_candles_default_and_keeps_a_user_value() {
+        // SAFETY: unit tests of this module are the only code reading or writing the variable,
+        // and this is the only test that does.
+        unsafe {
+            std::env::remove_var(THREADS_VAR);
+            let default = candle_core::utils::get_num_threads();
+            assert_eq!(pin_thread_count(), default);
+            assert_eq!(std::env::var(THREADS_VAR).unwrap(), default.to_string());
+            assert_eq!(candle_core::utils::get_num_threads(), default);
+            std::env::set_var(THREADS_VAR, "3");
+            assert_eq!(pin_thread_count(), 3);
+            assert_eq!(candle_core::utils::get_num_threads(), 3);
+            std::env::set_var(THREADS_VAR, "0");
+            assert_eq!(pin_thread_count(), default);
+            std::env::remove_var(THREADS_VAR);
+        }
+    }
+}
