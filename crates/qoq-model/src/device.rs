@@ -112,16 +112,6 @@ impl DeviceSpec {
             }),
         }
     }
-
-    /// The spec of an open device (`cuda:N` with the device's ordinal). `None` for Metal, which
-    /// qoq never opens.
-    pub fn of(device: &Device) -> Option<Self> {
-        match device.location() {
-            candle_core::DeviceLocation::Cpu => Some(Self::Cpu),
-            candle_core::DeviceLocation::Cuda { gpu_id } => Some(Self::Cuda(gpu_id)),
-            candle_core::DeviceLocation::Metal { .. } => None,
-        }
-    }
 }
 
 /// The canonical name: `cpu` or `cuda:N` (what a resolved run file records).
@@ -158,7 +148,6 @@ mod tests {
         assert_eq!(s, DeviceSpec::default());
         assert_eq!(s.to_string(), "cpu");
         assert!(parse_device("cpu").unwrap().is_cpu());
-        assert_eq!(DeviceSpec::of(&Device::Cpu), Some(DeviceSpec::Cpu));
         assert_eq!("cpu".parse::<DeviceSpec>(), Ok(DeviceSpec::Cpu));
     }
 
