@@ -8,8 +8,11 @@
 //! resident memory of this process.
 //!
 //! Run: `cargo bench -p qoq-engine --bench generate` (`QOQ_BENCH_PYTHON` picks the interpreter).
+//! `QOQ_BENCH_DEVICE` (`cpu`, `cuda`, `cuda:N`; default `cpu`, parsed by
+//! [`qoq_model::parse_device`]; CUDA needs `--features cuda`) moves the qoq side only: the
+//! reference stays on the CPU, so its ratio means something on the CPU alone.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use qoq_core::hf_config::QwenVlConfig;
 use qoq_engine::generate::text_positions;
@@ -91,7 +94,10 @@ fn main() {
     }
     let prompt = env("QOQ_BENCH_PROMPT", 64);
     let new = env("QOQ_BENCH_NEW", 16).max(2);
-    let dev = Device::Cpu;
+    let dev = qoq_model::parse_device(
+        &std::env::var("QOQ_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into()),
+    )
+    .unwrap_or_else(|e| panic!("QOQ_BENCH_DEVICE: {e}"));
     let cfg = config();
     let vm = VarMap::new();
     let model = ClinicalVlm::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))

@@ -9,6 +9,9 @@
 //! with a notice.
 //!
 //! Run: `cargo bench -p qoq-model --bench prefill`.
+//! `QOQ_BENCH_DEVICE` (`cpu`, `cuda`, `cuda:N`; default `cpu`, parsed by
+//! [`qoq_model::parse_device`]; CUDA needs `--features cuda`) moves the qoq side only: the
+//! reference stays on the CPU, so its ratio means something on the CPU alone.
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -118,7 +121,10 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
-    let dev = Device::Cpu;
+    let dev = qoq_model::parse_device(
+        &std::env::var("QOQ_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into()),
+    )
+    .unwrap_or_else(|e| panic!("QOQ_BENCH_DEVICE: {e}"));
     let cfg = config();
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);

@@ -4,7 +4,8 @@
 //! projector ([`ecg`]) and the Qwen2 decoder with M-RoPE ([`text`]), joined by one splice helper
 //! ([`splice`]). [`loading`] reads HF checkpoints in both key layouts; [`train`] and [`lora`] hold
 //! the training switches (trainable `Var`s, freezing, LoRA adapters, merged saving); [`value`]
-//! the critic of PPO (the same body with a scalar head).
+//! the critic of PPO (the same body with a scalar head). [`device`] is the one parser of device
+//! names (`--device`, `model.device`).
 
 /// Composed (differentiable) and fused numerical blocks, selected by [`ForwardMode`].
 pub mod ops;
@@ -18,6 +19,7 @@ pub mod ecg;
 pub mod vision;
 
 pub mod batch;
+pub mod device;
 pub mod error;
 pub mod fused;
 pub mod init;
@@ -32,6 +34,7 @@ pub mod train;
 pub mod value;
 
 pub use batch::{RolloutTensors, batch_to_inputs, prompt_inputs, rollout_tensors};
+pub use device::{DeviceError, DeviceSpec, parse_device};
 pub use error::{Error, Result};
 pub use inputs::ModelInputs;
 pub use model::ClinicalVlm;

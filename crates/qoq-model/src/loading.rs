@@ -215,6 +215,8 @@ pub fn requested_parameters_with(
         seen: Arc::default(),
         known: Arc::new(known.clone()),
     };
+    // The recorder answers with broadcast zero scalars (nothing allocated), so the CPU is
+    // enough whatever device the model will run on.
     let vb = VarBuilder::from_backend(Box::new(rec.clone()), DType::BF16, Device::Cpu);
     ClinicalVlm::new(cfg, vb)?;
     let m = rec

@@ -242,6 +242,7 @@ pub fn write_random_checkpoint_seeded(
         source,
     })?;
     let vm = candle_nn::VarMap::new();
+    // A file writer: the values are generated on the host and written out, never computed with.
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
     let (vb, store) = trainable_var_builder(vb, Freeze::default());
     let model = ClinicalVlm::new(cfg, vb)?;
@@ -268,7 +269,7 @@ pub fn write_random_checkpoint_seeded(
             ts.embed_dim,
             ts.leads,
             ts.patches_per_lead,
-            &Device::Cpu,
+            &Device::Cpu, // written to the file, as the weights above
         )?
         .reshape(old.shape())?;
         tensors.insert(key.to_string(), table);

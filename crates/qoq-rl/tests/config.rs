@@ -409,3 +409,47 @@ fn settings_without_an_implementation_are_refused_naming_the_key() {
         "{e}"
     );
 }
+
+/// `model.device` goes through qoq-model's device parser: `cpu` by default, `cuda:N` refused by
+/// a build without the `cuda` feature (with the command that builds one), an unknown name
+/// refused naming the field; an override replaces the file's value before validation (what
+/// `qoq train --device` does).
+#[test]
+fn model_device_is_parsed_and_cuda_needs_the_cuda_feature() {
+    use qoq_model::DeviceSpec;
+    let base = configs_dir().join("qoq_med_7b_drpo.toml");
+    let c = RunConfig::load(&base, &[]).unwrap();
+    assert_eq!(c.model.device, "cpu");
+    assert_eq!(c.device().unwrap(), DeviceSpec::Cpu);
+    assert_eq!(RunConfig::default().model.device, "cpu");
+    let text = std::fs::read_to_string(&base)
+        .unwrap()
+        .replace("device = \"cpu\"", "device = \"cuda:0\"");
+    assert!(text.contains("device = \"cuda:0\""));
+    let r = RunConfig::from_toml_str_with_overrides(&text, "run.toml", &[]);
+    if cfg!(feature = "cuda") {
+        assert_eq!(r.unwrap().device().unwrap(), DeviceSpec::Cuda(0));
+    } else {
+        let e = r.unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "config `model.device`: device `cuda:0`: qoq was built without the `cuda` feature: \
+             rebuild with `cargo build --release -p qoq-cli --features cuda`"
+        );
+    }
+    let c =
+        RunConfig::from_toml_str_with_overrides(&text, "run.toml", &["model.device=cpu".into()])
+            .unwrap();
+    assert_eq!(c.device().unwrap(), DeviceSpec::Cpu);
+    let err = |set: &[&str]| load_err(&base, set);
+    let e = err(&["model.device=gpu"]);
+    assert!(
+        e.starts_with("config `model.device`: unknown device `gpu`") && e.contains("`cuda:N`"),
+        "{e}"
+    );
+    let e = err(&["model.device=metal"]);
+    assert!(
+        e.contains("model.device") && e.contains("Metal is not supported"),
+        "{e}"
+    );
+}

@@ -45,6 +45,9 @@ pub struct ServeBenchArgs {
     /// Write the results as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Where the servers run the model (their `--device`).
+    #[command(flatten)]
+    pub device: crate::cmd::DeviceArgs,
 }
 
 /// A running `qoq serve`; killed when dropped.
@@ -62,6 +65,7 @@ impl Drop for Server {
 
 fn spawn_server(
     model: &std::path::Path,
+    device: qoq_model::DeviceSpec,
     max_running: usize,
     queue: usize,
     cap: usize,
@@ -71,6 +75,7 @@ fn spawn_server(
         .arg("serve")
         .arg("--model")
         .arg(model)
+        .args(["--device", &device.to_string()])
         .args(["--port", "0"])
         .args(["--max-running", &max_running.to_string()])
         .args(["--max-batch-rows", &max_running.max(1).to_string()])
@@ -292,7 +297,7 @@ pub fn serve(a: ServeBenchArgs) -> anyhow::Result<ExitCode> {
     };
     let mut rows: Vec<Row> = Vec::new();
     for (server, max_running) in [("batched", top), ("one-at-a-time", 1)] {
-        let srv = spawn_server(&model, max_running, top, cap)?;
+        let srv = spawn_server(&model, a.device.device, max_running, top, cap)?;
         for &(mix, images) in &mixes {
             let bodies: Vec<String> = (0..a.requests)
                 .map(|i| body(i, images, &a.output_tokens))

@@ -92,6 +92,10 @@ pub struct TrainStepArgs {
     /// Write the results as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Where the qoq side runs (the run file's `model.device`; the PyTorch reference runs on
+    /// its script's own device).
+    #[command(flatten)]
+    pub device: crate::cmd::DeviceArgs,
     /// Internal: run the qoq side only, writing the model, the batch and `qoq.json` into this
     /// folder (the command runs itself so with this, so that the reference does not share the
     /// machine's memory with a finished process's heap).
@@ -277,6 +281,7 @@ max_response_length = {len}
 
 [model]
 model_path = {model}
+device = "{device}"
 
 [rollout]
 n = {n}
@@ -310,6 +315,7 @@ out_dir = {out}
         n = a.n,
         micro = a.micro_batch,
         steps = a.steps,
+        device = a.device.device,
     )
 }
 
@@ -424,6 +430,8 @@ fn trainer_step(trainer: &mut Trainer, step: usize) -> anyhow::Result<StepOut> {
     })
 }
 
+/// The grid rows as an i64 tensor for the batch file (host memory: written out, never computed
+/// with).
 fn grid_tensor(grid: &[[usize; 3]]) -> candle_core::Result<Tensor> {
     let v: Vec<i64> = grid.iter().flatten().map(|&x| x as i64).collect();
     Tensor::from_vec(v, (grid.len(), 3), &Device::Cpu)

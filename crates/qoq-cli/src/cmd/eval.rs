@@ -54,6 +54,8 @@ pub struct EvalArgs {
     /// Sampling seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    #[command(flatten)]
+    device: crate::cmd::DeviceArgs,
     /// Run directory (created; an existing run there is resumed).
     #[arg(long, required_unless_present = "compare")]
     out: Option<PathBuf>,
@@ -285,6 +287,7 @@ fn eval_with_model(
         max_new_tokens: a.max_new_tokens,
         processor,
         dump_inputs: a.dump_inputs.clone(),
+        device: a.device.open()?,
     };
     let outcome = eval_model(
         model_dir,
@@ -314,6 +317,8 @@ pub(crate) struct ModelEvalSettings {
     pub processor: qoq_processor::processor::ProcessorOptions,
     /// Where each sample's processed inputs are written (`qoq eval --dump-inputs`).
     pub dump_inputs: Option<PathBuf>,
+    /// Where the model runs (`qoq eval --device`).
+    pub device: candle_core::Device,
 }
 
 /// Evaluates the model in `model_dir` on `manifest` into `out` (one response per sample):
@@ -334,12 +339,9 @@ pub(crate) fn eval_model(
         settings.processor.clone(),
     )
     .with_context(|| format!("loading the processor of {}", model_dir.display()))?;
-    let (cfg, model) = qoq_model::loading::load_model(
-        model_dir,
-        candle_core::DType::F32,
-        &candle_core::Device::Cpu,
-    )
-    .with_context(|| format!("loading the model in {}", model_dir.display()))?;
+    let (cfg, model) =
+        qoq_model::loading::load_model(model_dir, candle_core::DType::F32, &settings.device)
+            .with_context(|| format!("loading the model in {}", model_dir.display()))?;
     let ids = processor.tokenizer.ids;
     let gen_cfg = qoq_engine::GenerateConfig {
         sampling: qoq_engine::SamplingParams {

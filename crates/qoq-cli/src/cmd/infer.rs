@@ -9,7 +9,7 @@
 //! one, else the defaults.
 
 use anyhow::{Context, bail};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use clap::Args;
 use qoq_engine::{GenerateConfig, GroupRequest, SamplingParams, StopCondition, generate};
 use qoq_processor::processor::{Processor, ProcessorOptions};
@@ -65,6 +65,8 @@ pub struct InferArgs {
     /// Do not stream tokens; print only the summary.
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    device: crate::cmd::DeviceArgs,
     /// Write the processed inputs (the `qoq process` safetensors layout) here and exit (for
     /// tests comparing them with the manifest path's).
     #[arg(long, hide = true)]
@@ -133,9 +135,10 @@ pub fn run(a: InferArgs) -> anyhow::Result<ExitCode> {
         crate::cmd::process::write_batch(&batch, path)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let (cfg, model) = qoq_model::loading::load_model(&a.model, DType::F32, &Device::Cpu)
+    let dev = a.device.open()?;
+    let (cfg, model) = qoq_model::loading::load_model(&a.model, DType::F32, &dev)
         .with_context(|| format!("loading the model in {}", a.model.display()))?;
-    let inputs = qoq_model::prompt_inputs(&batch, &Device::Cpu)?;
+    let inputs = qoq_model::prompt_inputs(&batch, &dev)?;
     tracing::info!(
         prompt_tokens = batch.seq_len(),
         images = processed.image_grid_thw.len(),

@@ -8,7 +8,7 @@
 //! (f32 `[b, s, vocab]`).
 
 use anyhow::{Context, bail};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use clap::{Args, ValueEnum};
 use qoq_model::loading::load_model;
 use qoq_model::{ForwardMode, ModelInputs};
@@ -41,6 +41,8 @@ pub struct LogitsArgs {
     /// Weight and activation dtype.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DtypeArg,
+    #[command(flatten)]
+    pub device: crate::cmd::DeviceArgs,
 }
 
 fn int_rows(t: &Tensor, name: &str) -> anyhow::Result<Vec<Vec<u32>>> {
@@ -59,7 +61,7 @@ fn int_rows(t: &Tensor, name: &str) -> anyhow::Result<Vec<Vec<u32>>> {
 
 /// Run the command.
 pub fn run(args: LogitsArgs) -> anyhow::Result<std::process::ExitCode> {
-    let dev = Device::Cpu;
+    let dev = args.device.open()?;
     let dtype = match args.dtype {
         DtypeArg::F32 => DType::F32,
         DtypeArg::Bf16 => DType::BF16,

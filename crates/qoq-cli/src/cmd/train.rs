@@ -23,7 +23,8 @@ pub struct TrainArgs {
     #[arg(long)]
     config: Option<PathBuf>,
     /// Override a key, e.g. `--set trainer.max_steps=2` (repeatable; with --resume it applies on
-    /// top of the checkpoint's config, except `model.*` and `algorithm.estimator`).
+    /// top of the checkpoint's config, except `model.*` other than `model.device`, and
+    /// `algorithm.estimator`).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
     /// Continue from a checkpoint folder (`<out_dir>/checkpoint_step_N`), or from the latest
@@ -48,6 +49,12 @@ pub struct TrainArgs {
     /// checkpoints. Its weights must fit model.model_path's architecture.
     #[arg(long, value_name = "RUN_OR_CHECKPOINT")]
     init_from: Option<PathBuf>,
+    /// Where the run computes: `cpu`, `cuda` (= `cuda:0`) or `cuda:N`; overrides the run file's
+    /// `model.device` (default `cpu`), also with --resume. The checkpoints' config records the
+    /// device used. CUDA needs a binary built with `cargo build --release -p qoq-cli --features
+    /// cuda`.
+    #[arg(long, value_parser = qoq_model::DeviceSpec::parse)]
+    device: Option<qoq_model::DeviceSpec>,
 }
 
 pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
@@ -58,6 +65,11 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
         bail!(
             "--init-from starts a new run from another run's weights and --resume continues a              run: give one of them"
         );
+    }
+    // `--device` is the override `model.device=...`, after the `--set` ones.
+    let mut overrides = a.overrides.clone();
+    if let Some(d) = a.device {
+        overrides.push(format!("model.device={d}"));
     }
     // The run folder is locked before anything in it is opened (a resume truncates the metrics
     // log): a second `qoq train` on it stops here, naming the first.
@@ -71,7 +83,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
             let run_dir = ck.parent().unwrap_or(Path::new("."));
             _lock = RunLock::acquire(run_dir)?;
             let opts = ResumeOptions {
-                overrides: a.overrides.clone(),
+                overrides,
                 allow_changed_data: a.allow_changed_data,
             };
             let t = Trainer::resume_with(&ck, &opts)
@@ -85,7 +97,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
             t
         }
         (None, Some(path)) => {
-            let cfg = RunConfig::load(path, &a.overrides)
+            let cfg = RunConfig::load(path, &overrides)
                 .with_context(|| format!("reading {}", path.display()))?;
             _lock = RunLock::acquire(Path::new(&cfg.trainer.out_dir))?;
             let mut t = match &a.init_from {

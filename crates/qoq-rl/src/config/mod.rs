@@ -338,6 +338,7 @@ impl RunConfig {
         if !(p > 0.0 && p <= 1.0) {
             return Err(invalid("rollout.top_p", format!("{p} is not in (0, 1]")));
         }
+        self.device()?;
         // Settings whose implementation does not exist yet are refused rather than ignored.
         if self.model.compute_dtype != self.model.master_dtype {
             return Err(invalid(
@@ -451,6 +452,13 @@ impl RunConfig {
 }
 
 impl RunConfig {
+    /// `model.device` parsed: an unknown name, or `cuda` in a build without the `cuda` feature,
+    /// is an error naming the field.
+    pub fn device(&self) -> Result<qoq_model::DeviceSpec> {
+        qoq_model::DeviceSpec::parse(&self.model.device)
+            .map_err(|e| invalid("model.device", e.to_string()))
+    }
+
     /// `model.trainable`, `trainer.early_stopping`.
     fn validate_paper_keys(&self) -> Result<()> {
         if let Some(names) = &self.model.trainable {

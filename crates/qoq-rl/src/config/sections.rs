@@ -112,6 +112,12 @@ pub struct ModelConfig {
     /// Stage 1 trains `["merger", "ecg"]`. Not combined with the `freeze_*` switches.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trainable: Option<Vec<String>>,
+    /// Where the actor, the reference, the critic and the rollout engine run: `cpu`, `cuda`
+    /// (= `cuda:0`) or `cuda:N` ([`qoq_model::DeviceSpec`]); `qoq train --device` overrides it.
+    /// A CUDA device needs a build with the `cuda` feature (refused at load otherwise). The
+    /// resolved config saved with checkpoints records the device the run used (`cuda:N`).
+    /// Default `cpu`.
+    pub device: String,
 }
 
 impl Default for ModelConfig {
@@ -126,6 +132,7 @@ impl Default for ModelConfig {
             freeze_time_series_encoder: false,
             gradient_checkpointing: false,
             trainable: None,
+            device: "cpu".into(),
         }
     }
 }

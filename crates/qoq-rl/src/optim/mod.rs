@@ -286,6 +286,8 @@ impl AdamW {
             if let Some(c) = self.comp.get(i) {
                 out.insert(format!("c.{n}"), c.clone());
             }
+            // Counters are host integers written to the state file: CPU tensors whatever the
+            // parameters' device.
             out.insert(
                 format!("t.{n}"),
                 Tensor::new(&[self.t[i] as i64], &Device::Cpu)?,
@@ -306,6 +308,7 @@ impl AdamW {
     /// Restore the state from [`Self::save`]'s file. Every parameter's moments must be present
     /// with the parameter's shape; the error names the first that is not.
     pub fn load(&mut self, path: &Path) -> candle_core::Result<()> {
+        // Read into host memory; the moments are moved to their parameter's device below.
         let t = candle_core::safetensors::load(path, &Device::Cpu)
             .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
         let counts = t

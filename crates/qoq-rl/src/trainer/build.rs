@@ -30,32 +30,49 @@ pub fn dtype_of(d: DtypeName) -> DType {
     }
 }
 
+/// Opens the run's device (`model.device`) and writes its canonical name (`cuda` → `cuda:0`)
+/// back into the config, so that the resolved config saved with every checkpoint names the
+/// device the run used.
+fn open_device(cfg: &mut RunConfig) -> Result<Device> {
+    let spec = cfg
+        .device()
+        .map_err(|e| TrainerError::Config(e.to_string()))?;
+    let device = spec
+        .device()
+        .map_err(|e| TrainerError::Config(format!("model.device: {e}")))?;
+    cfg.model.device = spec.to_string();
+    Ok(device)
+}
+
 /// A fresh run of `cfg` from the checkpoint at `model.model_path`, writing into
 /// `trainer.out_dir`.
-pub(super) fn fresh(cfg: RunConfig, reward: Box<dyn RewardFn>) -> Result<Trainer> {
+pub(super) fn fresh(mut cfg: RunConfig, reward: Box<dyn RewardFn>) -> Result<Trainer> {
+    let device = open_device(&mut cfg)?;
     let out_dir = PathBuf::from(&cfg.trainer.out_dir);
     let model_dir = PathBuf::from(&cfg.model.model_path);
     let dtype = dtype_of(cfg.model.master_dtype);
-    let (vb, _) = qoq_model::loading::checkpoint_var_builder(&model_dir, dtype, &Device::Cpu)
+    let (vb, _) = qoq_model::loading::checkpoint_var_builder(&model_dir, dtype, &device)
         .map_err(|e| model_err(format!("{}: {e}", model_dir.display())))?;
-    build(cfg, reward, vb, out_dir, None, false, None)
+    build(cfg, reward, vb, device, out_dir, None, false, None)
 }
 
 /// A fresh run of `cfg` whose initial weights are those of another run's checkpoint
 /// ([`super::init::InitFrom`]): fresh optimiser, estimator and data cursor.
 pub(super) fn init_from(
-    cfg: RunConfig,
+    mut cfg: RunConfig,
     reward: Box<dyn RewardFn>,
     init: super::init::InitFrom,
 ) -> Result<Trainer> {
+    let device = open_device(&mut cfg)?;
     let out_dir = PathBuf::from(&cfg.trainer.out_dir);
     let dtype = dtype_of(cfg.model.master_dtype);
-    let vb = VarBuilder::from_tensors(init.weights.clone(), dtype, &Device::Cpu);
-    build(cfg, reward, vb, out_dir, None, false, Some(&init))
+    let vb = VarBuilder::from_tensors(init.weights.clone(), dtype, &device);
+    build(cfg, reward, vb, device, out_dir, None, false, Some(&init))
 }
 
 /// The run of the checkpoint `dir`, its config changed by `overrides` (`key=value`), scored by
-/// `reward` or the configured reward.
+/// `reward` or the configured reward. `model.device` may change (the saved state does not depend
+/// on where it was computed); other `model.*` keys and `algorithm.estimator` may not.
 pub(super) fn resume(
     dir: &Path,
     reward: Option<Box<dyn RewardFn>>,
@@ -66,14 +83,14 @@ pub(super) fn resume(
     let text = ck.config_toml()?;
     for o in overrides {
         let key = o.split('=').next().unwrap_or("").trim();
-        if key.starts_with("model.") || key == "algorithm.estimator" {
+        if (key.starts_with("model.") && key != "model.device") || key == "algorithm.estimator" {
             return Err(TrainerError::Config(format!(
                 "--set {o}: `{key}` cannot change when resuming (the checkpoint's weights and \
                  estimator state depend on it)"
             )));
         }
     }
-    let cfg = RunConfig::from_toml_str_with_overrides(
+    let mut cfg = RunConfig::from_toml_str_with_overrides(
         &text,
         &dir.join(checkpoint::files::CONFIG).display().to_string(),
         overrides,
@@ -86,9 +103,10 @@ pub(super) fn resume(
             .build()
             .map_err(|e| TrainerError::Config(format!("reward: {e}")))?,
     };
+    let device = open_device(&mut cfg)?;
     let dtype = dtype_of(cfg.model.master_dtype);
-    let weights = ck.model(&Device::Cpu)?;
-    let vb = VarBuilder::from_tensors(weights, dtype, &Device::Cpu);
+    let weights = ck.model(&device)?;
+    let vb = VarBuilder::from_tensors(weights, dtype, &device);
     // A run started with --init-from has the source's weights as its KL reference.
     let init = match ck.trainer_state()?.init_from {
         Some(src) if cfg.algorithm.needs_reference() => Some(super::init::InitFrom::reopen(&src)?),
@@ -102,6 +120,7 @@ pub(super) fn resume(
         cfg,
         reward,
         vb,
+        device,
         out_dir,
         Some(&ck),
         opts.allow_changed_data,
@@ -139,15 +158,12 @@ fn open_manifest(path: &Path, cfg: &RunConfig) -> Result<Manifest> {
 fn initial_weights(
     model_dir: &Path,
     dtype: DType,
+    device: &Device,
     init: Option<&super::init::InitFrom>,
 ) -> Result<VarBuilder<'static>> {
     match init {
-        Some(i) => Ok(VarBuilder::from_tensors(
-            i.weights.clone(),
-            dtype,
-            &Device::Cpu,
-        )),
-        None => qoq_model::loading::checkpoint_var_builder(model_dir, dtype, &Device::Cpu)
+        Some(i) => Ok(VarBuilder::from_tensors(i.weights.clone(), dtype, device)),
+        None => qoq_model::loading::checkpoint_var_builder(model_dir, dtype, device)
             .map(|(vb, _)| vb)
             .map_err(|e| model_err(format!("{}: {e}", model_dir.display()))),
     }
@@ -157,13 +173,13 @@ fn build(
     cfg: RunConfig,
     reward: Box<dyn RewardFn>,
     vb: VarBuilder<'static>,
+    device: Device,
     out_dir: PathBuf,
     ck: Option<&Checkpoint>,
     allow_changed_data: bool,
     init: Option<&super::init::InitFrom>,
 ) -> Result<Trainer> {
     check(&cfg)?;
-    let device = Device::Cpu;
     let model_dir = PathBuf::from(&cfg.model.model_path);
     let model_cfg = qoq_model::loading::read_config(&model_dir).map_err(model_err)?;
     let opts = cfg.processor_options();
@@ -196,7 +212,7 @@ fn build(
     let dtype = dtype_of(cfg.model.master_dtype);
     // The KL reference is the run's initial policy (the --init-from source's weights when given).
     let ref_model = if cfg.algorithm.needs_reference() {
-        let vb = initial_weights(&model_dir, dtype, init)?;
+        let vb = initial_weights(&model_dir, dtype, &device, init)?;
         Some(ClinicalVlm::new(&model_cfg, vb).map_err(model_err)?)
     } else {
         None
@@ -219,9 +235,9 @@ fn build(
     let mut critic = if cfg.algorithm.estimator == EstimatorKind::Gae {
         let dtype = dtype_of(cfg.model.master_dtype);
         let vb = match ck.filter(|c| c.has_critic()) {
-            Some(c) => VarBuilder::from_tensors(c.critic(&Device::Cpu)?, dtype, &Device::Cpu),
+            Some(c) => VarBuilder::from_tensors(c.critic(&device)?, dtype, &device),
             None => {
-                let policy = initial_weights(&model_dir, dtype, init)?;
+                let policy = initial_weights(&model_dir, dtype, &device, init)?;
                 qoq_model::value::value_var_builder(policy, 0)
             }
         };

@@ -60,6 +60,8 @@ impl InitFrom {
             }
         };
         let ck = Checkpoint::open(&dir)?;
+        // Host memory on purpose: read once, before the run's device is opened; each
+        // VarBuilder that takes them (policy, KL reference, critic) copies them to that device.
         let weights = ck.model(&Device::Cpu)?;
         let source = InitSource {
             checkpoint: std::fs::canonicalize(&dir)
@@ -101,6 +103,7 @@ impl InitFrom {
         }
         Ok(Self {
             source: source.clone(),
+            // Host memory, as in `resolve`: copied to the run's device by the VarBuilders.
             weights: ck.model(&Device::Cpu)?,
         })
     }

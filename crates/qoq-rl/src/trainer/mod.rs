@@ -311,8 +311,8 @@ impl Trainer {
 
     /// [`Trainer::resume`] with `key=value` overrides applied to the checkpoint's config (e.g. a
     /// longer `trainer.max_steps`, another `trainer.save_freq`). Keys that would make the saved
-    /// state meaningless are refused: `model.*` (the weights' architecture and freezing) and
-    /// `algorithm.estimator` (the estimator state).
+    /// state meaningless are refused: `model.*` (the weights' architecture and freezing; but
+    /// `model.device` may change) and `algorithm.estimator` (the estimator state).
     pub fn resume_with_overrides(dir: &Path, overrides: &[String]) -> Result<Self> {
         let opts = ResumeOptions {
             overrides: overrides.to_vec(),

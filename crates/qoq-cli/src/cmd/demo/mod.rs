@@ -506,6 +506,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
             max_new_tokens: p.max_response,
             processor,
             dump_inputs: None,
+            device: candle_core::Device::Cpu, // the demo is the laptop walk-through: no --device
         };
         let bar = phases.bar(&format!("eval {name}"), test.len() as u64);
         let eval_dir = out.join("eval").join(name);

@@ -5,7 +5,6 @@ use super::request::{ChatRequest, Media};
 use super::{ApiError, Served};
 use axum::http::StatusCode;
 use base64::Engine as _;
-use candle_core::Device;
 use qoq_processor::processor::Processor;
 use qoq_processor::{Case, CaseEcg, CaseImage};
 use std::io::Write as _;
@@ -195,7 +194,7 @@ pub(super) fn prepare(s: &Served, r: &ChatRequest) -> Result<Prepared, ApiError>
         crate::cmd::process::write_batch(&batch, &dir.join(format!("{}.safetensors", case.id)))
             .map_err(|e| ApiError::internal(format!("{e:#}")))?;
     }
-    let inputs = qoq_model::prompt_inputs(&batch, &Device::Cpu)
+    let inputs = qoq_model::prompt_inputs(&batch, &s.device)
         .map_err(|e| ApiError::internal(e.to_string()))?;
     tracing::debug!(
         prompt_tokens = batch.seq_len(),

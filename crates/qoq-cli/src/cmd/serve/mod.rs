@@ -159,6 +159,8 @@ pub struct ServeArgs {
     /// Pause after each scheduler step, milliseconds (for tests that must see requests running).
     #[arg(long, hide = true, default_value_t = 0)]
     step_delay_ms: u64,
+    #[command(flatten)]
+    device: crate::cmd::DeviceArgs,
 }
 
 /// A refusal: its status and the OpenAI error object.
@@ -241,6 +243,8 @@ struct Served {
     max_tokens_cap: usize,
     timeout: Duration,
     dump_inputs: Option<PathBuf>,
+    /// Where the model runs (`--device`): requests' inputs are built there.
+    device: Device,
     /// The scheduler's inbox; taken at shutdown.
     inbox: Mutex<Option<std::sync::mpsc::Sender<Msg>>>,
     metrics: Arc<Metrics>,
@@ -326,7 +330,8 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(d) = &a.dump_inputs {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
-    let (cfg, model) = qoq_model::loading::load_model(&a.model, DType::F32, &Device::Cpu)
+    let device = a.device.open()?;
+    let (cfg, model) = qoq_model::loading::load_model(&a.model, DType::F32, &device)
         .with_context(|| format!("loading the model in {}", a.model.display()))?;
     let t = &cfg.text;
     let head_dim = t.hidden_size / t.num_attention_heads.max(1);
@@ -365,6 +370,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         max_tokens_cap: a.max_tokens_cap.max(1),
         timeout: Duration::from_secs(a.timeout_s.max(1)),
         dump_inputs: a.dump_inputs.clone(),
+        device,
         inbox: Mutex::new(Some(tx)),
         metrics: metrics.clone(),
         api_key,
