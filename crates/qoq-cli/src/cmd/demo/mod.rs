@@ -86,17 +86,7 @@ struct Preset {
 }
 
 fn preset(a: &DemoArgs) -> Preset {
-    let model = ModelSize {
-        hidden: 64,
-        intermediate: 128,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        vision_hidden: 32,
-        vision_depth: 2,
-        ecg_embed: 32,
-        ecg_depth: 2,
-    };
+    let model = ModelSize::DEMO;
     let mut p = if a.tiny {
         Preset {
             name: "tiny",
