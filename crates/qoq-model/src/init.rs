@@ -322,6 +322,85 @@ mod tests {
         assert!(export(&out, &dir.path().join("missing"), &w, &Default::default()).is_err());
     }
 
+    /// A fresh model's vision tower and ECG encoder pass their input on: their norms start at
+    /// one (they started at zero, which made every image give the same vision tokens and every
+    /// ECG the same embedding, and left the vision MLPs without a gradient).
+    #[test]
+    fn a_fresh_models_towers_depend_on_their_inputs() {
+        let corpus: Vec<String> = (0..20).map(|i| format!("benign {i} malignant")).collect();
+        let (tok_json, tok) = qoq_processor::bpe::train_bpe(&corpus, 300).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let size = ModelSize::DEMO;
+        let cfg_json = config_json(&size, tok.ids.endoftext as usize);
+        write_initial(dir.path(), &cfg_json, &tok_json, 0).unwrap();
+        let dev = Device::Cpu;
+        let weights =
+            candle_core::safetensors::load(dir.path().join("model.safetensors"), &dev).unwrap();
+        let mut norms = 0;
+        for (name, t) in &weights {
+            let is_norm_scale = name.ends_with("ln_q.weight")
+                || (name.ends_with(".weight")
+                    && name.rsplit('.').nth(1).is_some_and(|m| m.contains("norm")));
+            if is_norm_scale {
+                let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+                assert!(v.iter().all(|&x| x == 1.0), "{name} does not start at one");
+                norms += 1;
+            }
+        }
+        // Decoder 2 x 2 + final, vision 2 x 2 + merger, ECG 2 x 2 + final.
+        assert_eq!(norms, 5 + 5 + 5);
+        let cfg: qoq_core::hf_config::QwenVlConfig = serde_json::from_value(cfg_json).unwrap();
+        let vb = candle_nn::VarBuilder::from_tensors(weights, DType::F32, &dev);
+        let mode = crate::ForwardMode::Train;
+        let differ = |a: &Tensor, b: &Tensor| -> f32 {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+
+        let tower = crate::vision::VisionTower::new(&cfg.vision, vb.pp("visual")).unwrap();
+        let grid = [[1, 4, 4]];
+        let pixels = |phase: f64| {
+            let v: Vec<f32> = (0..16 * cfg.vision.patch_dim())
+                .map(|k| (k as f64 * 0.37 + phase).sin() as f32)
+                .collect();
+            Tensor::from_vec(v, (16, cfg.vision.patch_dim()), &dev).unwrap()
+        };
+        let (a, b) = (
+            tower.forward(&pixels(0.0), &grid, mode).unwrap(),
+            tower.forward(&pixels(1.3), &grid, mode).unwrap(),
+        );
+        assert!(
+            differ(&a, &b) > 1e-3,
+            "two images give the same vision tokens"
+        );
+
+        let ecg = crate::ecg::TimeSeriesEmbedding::new(
+            &cfg.time_series,
+            cfg.text.hidden_size,
+            vb.pp("time_series_embedding"),
+        )
+        .unwrap();
+        let n = cfg.time_series.samples();
+        let signal = |f: f64| {
+            let v: Vec<f32> = (0..8 * n).map(|k| (k as f64 * f).sin() as f32).collect();
+            Tensor::from_vec(v, (1, 8, n), &dev).unwrap()
+        };
+        let (a, b) = (
+            ecg.forward(&signal(0.01), mode).unwrap(),
+            ecg.forward(&signal(0.05), mode).unwrap(),
+        );
+        // Mean-pooled over 400 patches with 0.02-scale weights, an untrained ECG encoder's
+        // output moves little with its input (about 3e-4 here), but it moves.
+        let d = differ(&a, &b);
+        assert!(d > 1e-5, "two ECGs give the same embedding ({d})");
+    }
+
     #[test]
     fn init_model_takes_the_tokenizer_file_or_folder_and_refuses_a_non_empty_folder() {
         let corpus: Vec<String> = (0..20).map(|i| format!("benign {i} malignant")).collect();
