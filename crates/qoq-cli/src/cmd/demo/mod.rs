@@ -616,7 +616,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     std::fs::write(&log, phases.log.join("\n") + "\n")
         .with_context(|| format!("writing {}", log.display()))?;
     eprintln!(
-        "demo finished in {:.1} s; run directory {} (report.md, demo_metrics.json, curves.png, boxes/, eval/*/traces.jsonl)",
+        "demo finished in {:.1} s; run directory {} (report.md, demo_metrics.json, curves.png, boxes/, eval/*/traces.jsonl, configs/*.toml)",
         started.elapsed().as_secs_f64(),
         out.display()
     );
