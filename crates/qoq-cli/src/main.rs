@@ -45,6 +45,9 @@ enum Command {
     Synth(cmd::synth::SynthArgs),
     /// OpenAI-compatible HTTP server (chat completions, streaming, images, ECG).
     Serve(cmd::serve::ServeArgs),
+    /// Model folders: a fresh one with seeded random weights (`init`).
+    #[command(subcommand)]
+    Model(cmd::model::ModelCommand),
     /// RL training of a run file (rollouts, rewards, advantages, updates, checkpoints).
     Train(cmd::train::TrainArgs),
 }
@@ -79,6 +82,7 @@ fn main() -> std::process::ExitCode {
         Command::Infer(a) => cmd::infer::run(a),
         Command::Plot(a) => cmd::plot::run(a),
         Command::Serve(a) => cmd::serve::run(a),
+        Command::Model(c) => cmd::model::run(c),
         Command::Train(a) => cmd::train::run(a),
     };
     match result {

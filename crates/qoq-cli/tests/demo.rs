@@ -126,4 +126,90 @@ fn demo_writes_every_artefact_and_training_beats_the_untrained_model() {
     }
     assert!(m["training"]["sft"].as_array().unwrap().len() >= 2);
     assert!(m["wall_s"].as_f64().unwrap() > 0.0);
+
+    run_files_rerun_and_extend_the_phases(&out, dir.path());
+}
+
+/// The demo's run files (`<out>/configs/*.toml`) load as `qoq train` reads them, say where each
+/// phase starts (the RL phases from the exported SFT model), and `qoq train --config` on them
+/// reproduces the demo's first steps; `qoq train --resume` continues a phase.
+fn run_files_rerun_and_extend_the_phases(out: &Path, tmp: &Path) {
+    use qoq_rl::config::{EstimatorKind, RunConfig};
+    let load = |name: &str| {
+        let p = out.join("configs").join(format!("{name}.toml"));
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.starts_with("# Run file of `qoq demo`"), "{text}");
+        let c = RunConfig::from_toml_str(&text, &p.display().to_string()).unwrap();
+        assert_eq!(RunConfig::load(&p, &[]).unwrap(), c);
+        c
+    };
+    let sft = load("sft");
+    assert!(sft.trainer.sft);
+    assert_eq!(Path::new(&sft.model.model_path), out.join("model_init"));
+    assert_eq!(Path::new(&sft.trainer.out_dir), out.join("sft"));
+    for (name, kind) in [("grpo", EstimatorKind::Grpo), ("drpo", EstimatorKind::Drpo)] {
+        let c = load(name);
+        assert!(!c.trainer.sft, "{name}");
+        assert_eq!(c.algorithm.estimator, kind);
+        // The RL phases start from the SFT phase's weights: the run file says so.
+        assert_eq!(
+            Path::new(&c.model.model_path),
+            out.join("sft_model"),
+            "{name}"
+        );
+        assert_eq!(c.data.train_files, sft.data.train_files);
+    }
+
+    let train = |args: &[&std::ffi::OsStr]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_qoq"))
+            .arg("train")
+            .args(args)
+            .arg("--no-plot")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let metric = |run: &Path, step: u64, key: &str| -> f64 {
+        let recs = qoq_rl::metrics_log::read_records(&run.join("metrics.jsonl")).unwrap();
+        let r = recs
+            .iter()
+            .find(|r| r.step == step)
+            .unwrap_or_else(|| panic!("{}: no step {step}", run.display()));
+        r.metrics[key]
+    };
+    // A rerun of a phase from its run file takes the demo's steps again (same weights, data
+    // order and sampling seeds).
+    for (name, key) in [("sft", "sft/loss"), ("drpo", "reward/overall")] {
+        let rerun = tmp.join(format!("rerun_{name}"));
+        let mut out_dir = std::ffi::OsString::from("trainer.out_dir=");
+        out_dir.push(&rerun);
+        train(&[
+            "--config".as_ref(),
+            out.join("configs").join(format!("{name}.toml")).as_os_str(),
+            "--set".as_ref(),
+            "trainer.max_steps=1".as_ref(),
+            "--set".as_ref(),
+            &out_dir,
+        ]);
+        let (a, b) = (metric(&rerun, 1, key), metric(&out.join(name), 1, key));
+        assert!(
+            (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+            "{name} {key}: {a} vs {b}"
+        );
+    }
+    // The demo's DRPO run continues from its last checkpoint for one more step.
+    let drpo = out.join("drpo");
+    let last = qoq_rl::metrics_log::read_records(&drpo.join("metrics.jsonl"))
+        .unwrap()
+        .last()
+        .unwrap()
+        .step;
+    let steps = format!("trainer.max_steps={}", last + 1);
+    train(&[
+        "--resume".as_ref(),
+        drpo.as_os_str(),
+        "--set".as_ref(),
+        steps.as_ref(),
+    ]);
+    assert!(metric(&drpo, last + 1, "reward/overall").is_finite());
 }

@@ -101,6 +101,107 @@ fn eval_scores_responses_resumes_and_compares() {
         table.contains("| val/accuracy |") && table.contains("+0.0000"),
         "{table}"
     );
+    // A run against itself: every paired interval is [0, 0].
+    assert!(
+        table.contains("| val/f1 | ") && table.contains("[+0.0000, +0.0000] |"),
+        "{table}"
+    );
+    assert!(
+        table.contains("overall: B - A macro-F1 +0.0 [+0.0, +0.0]; B - A balanced accuracy +0.0"),
+        "{table}"
+    );
+
+    // Against a run answering every row right: B - A is positive with an interval above 0,
+    // and the same seed gives the same output.
+    let mut perfect = std::fs::File::create(dir.path().join("perfect.jsonl")).unwrap();
+    for line in std::fs::read_to_string(&test).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let resp = format!("\\boxed{{{}}}", v["answer"].as_str().unwrap());
+        writeln!(
+            perfect,
+            "{}",
+            serde_json::json!({"id": v["id"], "response": resp})
+        )
+        .unwrap();
+    }
+    drop(perfect);
+    let better = dir.path().join("better");
+    let o = qoq()
+        .args(["eval", "--data"])
+        .arg(&test)
+        .arg("--responses")
+        .arg(dir.path().join("perfect.jsonl"))
+        .arg("--out")
+        .arg(&better)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let compare = |b: &std::path::Path, extra: &[&str]| {
+        qoq()
+            .arg("eval")
+            .arg("--compare")
+            .arg(&run)
+            .arg(b)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = compare(&better, &["--bootstrap", "300", "--seed", "7"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(text.contains("300 replicates (seed 7)"), "{text}");
+    let overall = text
+        .lines()
+        .find(|l| l.starts_with("overall: "))
+        .unwrap_or_else(|| panic!("{text}"));
+    // "overall: B - A macro-F1 +12.3 [+4.5, +20.1]; ...": the lower end is above 0.
+    let lo: f64 = overall
+        .split('[')
+        .nth(1)
+        .and_then(|x| x.split(',').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(lo > 0.0, "{overall}");
+    let again = compare(&better, &["--bootstrap", "300", "--seed", "7"]);
+    assert_eq!(String::from_utf8_lossy(&again.stdout), text);
+
+    // Runs over different cases are refused; so are the bootstrap flags without --compare.
+    let partial = dir.path().join("partial");
+    let o = qoq()
+        .args(["eval", "--data"])
+        .arg(&test)
+        .arg("--responses")
+        .arg(dir.path().join("perfect.jsonl"))
+        .arg("--out")
+        .arg(&partial)
+        .args(["--limit", "5"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = compare(&partial, &[]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("not evaluated on the same cases"), "{err}");
+    // Without intervals the table alone is still available.
+    let o = compare(&partial, &["--bootstrap", "0"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("interval"));
+    for flags in [["--bootstrap", "10"], ["--seed", "3"]] {
+        let o = qoq()
+            .args(["eval", "--data"])
+            .arg(&test)
+            .arg("--responses")
+            .arg(dir.path().join("perfect.jsonl"))
+            .arg("--out")
+            .arg(dir.path().join("refused"))
+            .args(flags)
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(flags[0]), "{err}");
+    }
 
     // A response file without a row's id is an error naming the sample.
     std::fs::write(dir.path().join("empty.jsonl"), "").unwrap();

@@ -97,3 +97,56 @@ fn a_missing_file_is_named() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("nope.png"));
 }
+
+#[test]
+fn model_init_writes_a_folder_that_infer_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("fresh");
+    let tokenizer = repo().join("crates/qoq-processor/tests/fixtures/tiny_model/tokenizer.json");
+    let init = |out: &Path, seed: &str| {
+        Command::new(env!("CARGO_BIN_EXE_qoq"))
+            .args(["model", "init", "--preset", "tiny", "--tokenizer"])
+            .arg(&tokenizer)
+            .arg("--out")
+            .arg(out)
+            .args(["--seed", seed])
+            .output()
+            .unwrap()
+    };
+    let o = init(&out, "3");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "preprocessor_config.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let mini = repo().join("examples/mini");
+    let o = infer(
+        &out,
+        &[
+            "--image".as_ref(),
+            mini.join("chest_xray/demo-cxr/case_000.png").as_os_str(),
+            "--ecg".as_ref(),
+            mini.join("ecg/demo-ecg/rec_003.hea").as_os_str(),
+            "What is the diagnosis?".as_ref(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("=== answer ==="));
+    // An existing model folder is never overwritten.
+    let before = std::fs::read(out.join("model.safetensors")).unwrap();
+    let o = init(&out, "4");
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not empty"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        before
+    );
+}

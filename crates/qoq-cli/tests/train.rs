@@ -253,3 +253,51 @@ out_dir = "{out}"
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--config"));
 }
+
+/// `configs/tiny_cpu.toml` runs after the commands its header (and the README) shows: `qoq
+/// synth`, `qoq model init --preset tiny`, then `qoq train` (paths moved to a temporary folder
+/// with `--set`, one step, a small world).
+#[test]
+fn tiny_cpu_config_runs_after_synth_and_model_init() {
+    let dir = tempfile::tempdir().unwrap();
+    let qoq = || Command::new(env!("CARGO_BIN_EXE_qoq"));
+    let synth = dir.path().join("synth");
+    let o = qoq()
+        .args(["synth", "--out"])
+        .arg(&synth)
+        .args(["--largest-domain-rows", "12", "--test-per-class", "1"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let model = dir.path().join("tiny_model");
+    let o = qoq()
+        .args(["model", "init", "--preset", "tiny", "--out"])
+        .arg(&model)
+        .arg("--tokenizer")
+        .arg(repo().join("crates/qoq-processor/tests/fixtures/tiny_model/tokenizer.json"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let run = dir.path().join("tiny_cpu");
+    let set = |k: &str, v: &std::path::Path| format!("{k}={}", v.display());
+    let o = train(&[
+        "--config".as_ref(),
+        repo().join("configs/tiny_cpu.toml").as_os_str(),
+        "--set".as_ref(),
+        set("data.train_files", &synth.join("train.jsonl")).as_ref(),
+        "--set".as_ref(),
+        set("data.val_files", &synth.join("test.jsonl")).as_ref(),
+        "--set".as_ref(),
+        set("model.model_path", &model).as_ref(),
+        "--set".as_ref(),
+        set("trainer.out_dir", &run).as_ref(),
+        "--set".as_ref(),
+        "trainer.max_steps=1".as_ref(),
+        "--no-plot".as_ref(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let recs = qoq_rl::metrics_log::read_records(&run.join("metrics.jsonl")).unwrap();
+    let step1 = recs.iter().find(|r| r.step == 1).expect("step 1 logged");
+    assert!(step1.metrics["reward/overall"].is_finite());
+    assert!(run.join("checkpoint_step_1").is_dir());
+}

@@ -7,6 +7,7 @@
 //! * [`metrics`]: [`Prediction`], [`MetricsAccumulator`] (`push`, `merge`, `finish`) and
 //!   [`MetricsReport`] (per dataset, per data source, `val`; `to_flat_json`, `to_markdown`).
 //! * [`io`]: predictions JSONL reading with file/line errors.
+//! * [`bootstrap`]: paired, seeded bootstrap intervals of the difference between two runs.
 //! * [`run`]: resumable evaluation runs over a [`run::Responder`]: traces, metrics, report, charts.
 //! * [`plot`]: PNG confusion matrices, grouped bars and line curves on a plain raster.
 //!
@@ -28,6 +29,7 @@
 //! ```
 
 pub mod answer;
+pub mod bootstrap;
 pub mod confusion;
 pub mod error;
 pub mod io;

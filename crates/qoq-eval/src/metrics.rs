@@ -14,7 +14,7 @@ use crate::confusion::{ClassCounts, ClassMetrics};
 use qoq_core::{ClinicalSample, Domain};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// One line of a predictions file: a model response with its sample's gold answer and grouping.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -415,16 +415,29 @@ impl MetricsAccumulator {
     pub fn push(&mut self, p: &Prediction) {
         let pred = predicted_conditions(&p.response, self.extraction);
         let gold = gold_conditions(&p.answer);
-        let ds = self.source(&p.data_source).dataset(&p.dataset);
+        self.push_conditions(&p.data_source, &p.dataset, &pred, &gold, p.iou);
+    }
+
+    /// Count one case whose predicted and gold condition sets are already extracted (a
+    /// [`crate::run::Trace`]'s `predicted` and `gold`); [`Self::push`] extracts them first.
+    pub fn push_conditions(
+        &mut self,
+        data_source: &str,
+        dataset: &str,
+        pred: &BTreeSet<String>,
+        gold: &BTreeSet<String>,
+        iou: Option<f64>,
+    ) {
+        let ds = self.source(data_source).dataset(dataset);
         ds.samples += 1;
         if pred == gold {
             ds.exact += 1;
         }
-        if let Some(v) = p.iou.filter(|v| v.is_finite()) {
+        if let Some(v) = iou.filter(|v| v.is_finite()) {
             ds.iou_sum += v;
             ds.iou_count += 1;
         }
-        for label in &gold {
+        for label in gold {
             let c = ds.classes.entry(label.clone()).or_default();
             if pred.contains(label) {
                 c.tp += 1;
@@ -432,7 +445,7 @@ impl MetricsAccumulator {
                 c.fn_ += 1;
             }
         }
-        for label in pred.difference(&gold) {
+        for label in pred.difference(gold) {
             ds.classes.entry(label.clone()).or_default().fp += 1;
         }
     }

@@ -15,6 +15,7 @@
 //! model or a file of precomputed responses.
 
 use crate::answer::{Extraction, gold_conditions, predicted_conditions};
+use crate::bootstrap::{METRICS, OVERALL, PairedBootstrap};
 use crate::error::{Error, Result};
 use crate::metrics::{MetricsAccumulator, MetricsReport, Prediction};
 use crate::plot;
@@ -469,8 +470,11 @@ fn write_charts(traces: &[Trace], report: &MetricsReport, out_dir: &Path) -> Res
 }
 
 /// A side-by-side comparison of two runs' `metrics.json`: every key present in either, with
-/// both values and B - A, as a Markdown table.
-pub fn compare_runs(a: &Path, b: &Path) -> Result<String> {
+/// both values and B - A, as a Markdown table. With `intervals` (a
+/// [`crate::bootstrap::paired_bootstrap`] of the same two runs) the table gains a column with
+/// the interval of B - A where there is one, and the text ends with one statement per domain
+/// and overall, e.g. `B - A macro-F1 +3.1 [-1.2, +7.5]` (percentage points).
+pub fn compare_runs(a: &Path, b: &Path, intervals: Option<&PairedBootstrap>) -> Result<String> {
     let load = |dir: &Path| -> Result<BTreeMap<String, f64>> {
         let p = dir.join("metrics.json");
         let text = std::fs::read_to_string(&p).map_err(|e| Error::file(&p, e.to_string()))?;
@@ -483,10 +487,17 @@ pub fn compare_runs(a: &Path, b: &Path) -> Result<String> {
     let (ma, mb) = (load(a)?, load(b)?);
     let keys: BTreeSet<&String> = ma.keys().chain(mb.keys()).collect();
     let mut out = format!(
-        "| key | A ({}) | B ({}) | B - A |\n|---|---|---|---|\n",
+        "| key | A ({}) | B ({}) | B - A |",
         a.display(),
         b.display()
     );
+    match intervals {
+        Some(bs) => out.push_str(&format!(
+            " B - A {:.0} % interval |\n|---|---|---|---|---|\n",
+            100.0 * bs.options.level
+        )),
+        None => out.push_str("\n|---|---|---|---|\n"),
+    }
     // `val/*` first, then per source, then per dataset.
     let mut keys: Vec<&String> = keys.into_iter().collect();
     keys.sort_by_key(|k| {
@@ -503,7 +514,48 @@ pub fn compare_runs(a: &Path, b: &Path) -> Result<String> {
             (Some(x), Some(y)) => format!("{:+.4}", y - x),
             _ => "-".into(),
         };
-        out.push_str(&format!("| {k} | {} | {} | {d} |\n", f(va), f(vb)));
+        out.push_str(&format!("| {k} | {} | {} | {d} |", f(va), f(vb)));
+        if let Some(bs) = intervals {
+            let ci = bs
+                .for_key(k)
+                .map_or("-".to_string(), |i| format!("[{:+.4}, {:+.4}]", i.lo, i.hi));
+            out.push_str(&format!(" {ci} |"));
+        }
+        out.push('\n');
+    }
+    if let Some(bs) = intervals {
+        out.push_str(&format!(
+            "\nPaired bootstrap of B - A: {} replicates (seed {}) of the {} cases, resampled \
+             within each dataset; {:.0} % percentile intervals, in percentage points.\n",
+            bs.options.replicates,
+            bs.options.seed,
+            bs.cases,
+            100.0 * bs.options.level
+        ));
+        // Overall first, then the domains in the paper's order.
+        let mut levels: Vec<&String> = bs
+            .intervals
+            .keys()
+            .map(|(l, _)| l)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        levels.sort_by_key(|l| {
+            (
+                l.as_str() != OVERALL,
+                qoq_core::Domain::from_source(l).paper_rank(),
+                l.to_string(),
+            )
+        });
+        for level in levels {
+            let parts: Vec<String> = METRICS
+                .iter()
+                .filter_map(|(m, _)| bs.intervals.get(&(level.clone(), *m)))
+                .map(|i| i.statement())
+                .collect();
+            let name = if level == OVERALL { "overall" } else { level };
+            out.push_str(&format!("{name}: {}\n", parts.join("; ")));
+        }
     }
     Ok(out)
 }

@@ -219,12 +219,12 @@ fn compare_lists_both_runs_and_the_difference() {
     )
     .unwrap();
     std::fs::write(b.path().join("metrics.json"), r#"{"val/f1": 0.75}"#).unwrap();
-    let t = compare_runs(a.path(), b.path()).unwrap();
+    let t = compare_runs(a.path(), b.path(), None).unwrap();
     let lines: Vec<&str> = t.lines().collect();
     assert!(
         lines[2].starts_with("| val/f1 | 0.5000 | 0.7500 | +0.2500 |"),
         "{t}"
     );
     assert!(t.contains("| x/f1 | 0.1000 | - | - |"));
-    assert!(compare_runs(a.path(), &a.path().join("missing")).is_err());
+    assert!(compare_runs(a.path(), &a.path().join("missing"), None).is_err());
 }

@@ -33,7 +33,7 @@ struct LayerNorm {
 impl LayerNorm {
     fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            weight: vb.get(dim, "weight")?,
+            weight: ops::norm_weight(&vb, dim, "weight")?,
             bias: vb.get(dim, "bias")?,
             eps,
         })

@@ -30,6 +30,86 @@ pub struct ModelSize {
     pub ecg_embed: usize,
     /// ECG-JEPA encoder blocks.
     pub ecg_depth: usize,
+    /// Vision tower MLP width.
+    pub vision_intermediate: usize,
+    /// Vision tower attention heads.
+    pub vision_heads: usize,
+    /// ECG-JEPA attention heads.
+    pub ecg_heads: usize,
+    /// Whether the language-model head shares the token embedding.
+    pub tie_embeddings: bool,
+}
+
+impl ModelSize {
+    /// The smallest model that runs every path (decoder hidden 32, 1 layer; vision 16 x 1;
+    /// ECG 16 x 1): for tests.
+    pub const TINY: ModelSize = ModelSize {
+        hidden: 32,
+        intermediate: 64,
+        layers: 1,
+        heads: 4,
+        kv_heads: 2,
+        vision_hidden: 16,
+        vision_depth: 1,
+        ecg_embed: 16,
+        ecg_depth: 1,
+        vision_intermediate: 32,
+        vision_heads: 2,
+        ecg_heads: 2,
+        tie_embeddings: false,
+    };
+
+    /// The demo's model (`qoq demo`): decoder hidden 64, 2 layers; vision 32 x 2; ECG 32 x 2.
+    pub const DEMO: ModelSize = ModelSize {
+        hidden: 64,
+        intermediate: 128,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        vision_hidden: 32,
+        vision_depth: 2,
+        ecg_embed: 32,
+        ecg_depth: 2,
+        vision_intermediate: 64,
+        vision_heads: 2,
+        ecg_heads: 2,
+        tie_embeddings: false,
+    };
+
+    /// The project's 0.5B class (the prefill and train-step benches): Qwen2.5-0.5B's decoder
+    /// (hidden 896, intermediate 4864, 24 layers, 14 heads, 2 key/value heads, tied
+    /// embeddings), a 2-block vision tower of the 7B's width (1280, MLP 3420, 16 heads) and the
+    /// QoQ-Med ECG-JEPA encoder (768 x 12, 16 heads).
+    pub const HALF_B: ModelSize = ModelSize {
+        hidden: 896,
+        intermediate: 4864,
+        layers: 24,
+        heads: 14,
+        kv_heads: 2,
+        vision_hidden: 1280,
+        vision_depth: 2,
+        ecg_embed: 768,
+        ecg_depth: 12,
+        vision_intermediate: 3420,
+        vision_heads: 16,
+        ecg_heads: 16,
+        tie_embeddings: true,
+    };
+
+    /// The presets by name, as `qoq model init --preset` takes them.
+    pub const PRESETS: [(&'static str, ModelSize); 3] = [
+        ("tiny", Self::TINY),
+        ("demo", Self::DEMO),
+        ("0.5b", Self::HALF_B),
+    ];
+
+    /// The preset called `name` ([`Self::PRESETS`]).
+    pub fn preset(name: &str) -> Option<ModelSize> {
+        Self::PRESETS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, s)| *s)
+    }
 }
 
 /// `config.json` for a BPE vocabulary of `bpe_vocab` entries: the 23 added tokens follow it in
@@ -57,12 +137,12 @@ pub fn config_json(size: &ModelSize, bpe_vocab: usize) -> serde_json::Value {
         "rope_theta": 1_000_000.0,
         "max_position_embeddings": 4096,
         "rope_scaling": {"type": "mrope", "mrope_section": [t, h, w]},
-        "tie_word_embeddings": false,
+        "tie_word_embeddings": size.tie_embeddings,
         "vision_config": {
             "depth": size.vision_depth,
             "hidden_size": size.vision_hidden,
-            "intermediate_size": 2 * size.vision_hidden,
-            "num_heads": 2,
+            "intermediate_size": size.vision_intermediate,
+            "num_heads": size.vision_heads,
             "out_hidden_size": size.hidden,
             "fullatt_block_indexes": [size.vision_depth - 1],
             "patch_size": 14,
@@ -82,7 +162,7 @@ pub fn config_json(size: &ModelSize, bpe_vocab: usize) -> serde_json::Value {
         "time_series_config": {
             "embed_dim": size.ecg_embed,
             "depth": size.ecg_depth,
-            "num_heads": 2
+            "num_heads": size.ecg_heads
         }
     })
 }
@@ -135,6 +215,41 @@ pub fn write_initial(
     std::fs::write(&tok, tokenizer_json).map_err(io(&tok))
 }
 
+/// A fresh model folder (`qoq model init`): `size`'s architecture for the tokenizer at
+/// `tokenizer` (a `tokenizer.json`, or a folder holding one), whose special-token ids the
+/// config takes ([`config_json`]), with weights seeded by `seed` ([`write_initial`]). `dir` must
+/// not exist or be empty: an existing model is never overwritten.
+pub fn init_model(dir: &Path, size: &ModelSize, tokenizer: &Path, seed: u64) -> Result<()> {
+    if let Ok(mut entries) = std::fs::read_dir(dir)
+        && entries.next().is_some()
+    {
+        return Err(Error::Config(format!(
+            "{} exists and is not empty; give a new or empty folder",
+            dir.display()
+        )));
+    }
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::Config(format!(
+            "{} exists and is not a folder",
+            dir.display()
+        )));
+    }
+    let tok_path = if tokenizer.is_dir() {
+        tokenizer.join("tokenizer.json")
+    } else {
+        tokenizer.to_path_buf()
+    };
+    let text = std::fs::read_to_string(&tok_path).map_err(io(&tok_path))?;
+    let tok = qoq_processor::tokenizer::QoqTokenizer::from_json_bytes(text.as_bytes())
+        .map_err(|e| Error::Config(format!("{}: {e}", tok_path.display())))?;
+    write_initial(
+        dir,
+        &config_json(size, tok.ids.endoftext as usize),
+        &text,
+        seed,
+    )
+}
+
 /// Writes a model folder with `weights`, the other files of `like` (config, preprocessor
 /// config, tokenizer) and the processor settings it was trained with
 /// ([`qoq_processor::SETTINGS_FILE`]).
@@ -171,17 +286,7 @@ mod tests {
             .collect();
         let (tok_json, tok) = qoq_processor::bpe::train_bpe(&corpus, 300).unwrap();
         let bpe = tok.ids.endoftext as usize;
-        let size = ModelSize {
-            hidden: 32,
-            intermediate: 64,
-            layers: 1,
-            heads: 4,
-            kv_heads: 2,
-            vision_hidden: 16,
-            vision_depth: 1,
-            ecg_embed: 16,
-            ecg_depth: 1,
-        };
+        let size = ModelSize::TINY;
         let dir = tempfile::tempdir().unwrap();
         let init = dir.path().join("init");
         write_initial(&init, &config_json(&size, bpe), &tok_json, 3).unwrap();
@@ -215,5 +320,135 @@ mod tests {
         crate::loading::load_model(&out, DType::F32, &Device::Cpu).unwrap();
         assert!(out.join(qoq_processor::SETTINGS_FILE).is_file());
         assert!(export(&out, &dir.path().join("missing"), &w, &Default::default()).is_err());
+    }
+
+    /// A fresh model's vision tower and ECG encoder pass their input on: their norms start at
+    /// one (they started at zero, which made every image give the same vision tokens and every
+    /// ECG the same embedding, and left the vision MLPs without a gradient).
+    #[test]
+    fn a_fresh_models_towers_depend_on_their_inputs() {
+        let corpus: Vec<String> = (0..20).map(|i| format!("benign {i} malignant")).collect();
+        let (tok_json, tok) = qoq_processor::bpe::train_bpe(&corpus, 300).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let size = ModelSize::DEMO;
+        let cfg_json = config_json(&size, tok.ids.endoftext as usize);
+        write_initial(dir.path(), &cfg_json, &tok_json, 0).unwrap();
+        let dev = Device::Cpu;
+        let weights =
+            candle_core::safetensors::load(dir.path().join("model.safetensors"), &dev).unwrap();
+        let mut norms = 0;
+        for (name, t) in &weights {
+            let is_norm_scale = name.ends_with("ln_q.weight")
+                || (name.ends_with(".weight")
+                    && name.rsplit('.').nth(1).is_some_and(|m| m.contains("norm")));
+            if is_norm_scale {
+                let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+                assert!(v.iter().all(|&x| x == 1.0), "{name} does not start at one");
+                norms += 1;
+            }
+        }
+        // Decoder 2 x 2 + final, vision 2 x 2 + merger, ECG 2 x 2 + final.
+        assert_eq!(norms, 5 + 5 + 5);
+        let cfg: qoq_core::hf_config::QwenVlConfig = serde_json::from_value(cfg_json).unwrap();
+        let vb = candle_nn::VarBuilder::from_tensors(weights, DType::F32, &dev);
+        let mode = crate::ForwardMode::Train;
+        let differ = |a: &Tensor, b: &Tensor| -> f32 {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+
+        let tower = crate::vision::VisionTower::new(&cfg.vision, vb.pp("visual")).unwrap();
+        let grid = [[1, 4, 4]];
+        let pixels = |phase: f64| {
+            let v: Vec<f32> = (0..16 * cfg.vision.patch_dim())
+                .map(|k| (k as f64 * 0.37 + phase).sin() as f32)
+                .collect();
+            Tensor::from_vec(v, (16, cfg.vision.patch_dim()), &dev).unwrap()
+        };
+        let (a, b) = (
+            tower.forward(&pixels(0.0), &grid, mode).unwrap(),
+            tower.forward(&pixels(1.3), &grid, mode).unwrap(),
+        );
+        assert!(
+            differ(&a, &b) > 1e-3,
+            "two images give the same vision tokens"
+        );
+
+        let ecg = crate::ecg::TimeSeriesEmbedding::new(
+            &cfg.time_series,
+            cfg.text.hidden_size,
+            vb.pp("time_series_embedding"),
+        )
+        .unwrap();
+        let n = cfg.time_series.samples();
+        let signal = |f: f64| {
+            let v: Vec<f32> = (0..8 * n).map(|k| (k as f64 * f).sin() as f32).collect();
+            Tensor::from_vec(v, (1, 8, n), &dev).unwrap()
+        };
+        let (a, b) = (
+            ecg.forward(&signal(0.01), mode).unwrap(),
+            ecg.forward(&signal(0.05), mode).unwrap(),
+        );
+        // Mean-pooled over 400 patches with 0.02-scale weights, an untrained ECG encoder's
+        // output moves little with its input (about 3e-4 here), but it moves.
+        let d = differ(&a, &b);
+        assert!(d > 1e-5, "two ECGs give the same embedding ({d})");
+    }
+
+    #[test]
+    fn init_model_takes_the_tokenizer_file_or_folder_and_refuses_a_non_empty_folder() {
+        let corpus: Vec<String> = (0..20).map(|i| format!("benign {i} malignant")).collect();
+        let (tok_json, tok) = qoq_processor::bpe::train_bpe(&corpus, 300).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let tok_file = dir.path().join("tok.json");
+        std::fs::write(&tok_file, &tok_json).unwrap();
+        let a = dir.path().join("a");
+        init_model(&a, &ModelSize::TINY, &tok_file, 5).unwrap();
+        let (cfg, _) = crate::loading::load_model(&a, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(cfg.image_token_id, tok.ids.image_pad);
+        assert_eq!(cfg.text.hidden_size, ModelSize::TINY.hidden);
+        for f in [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "preprocessor_config.json",
+        ] {
+            assert!(a.join(f).is_file(), "{f}");
+        }
+        // A model folder as the tokenizer; an empty folder as the destination.
+        let b = dir.path().join("b");
+        std::fs::create_dir(&b).unwrap();
+        init_model(&b, &ModelSize::TINY, &a, 5).unwrap();
+        let bytes = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+        assert_eq!(bytes(&a), bytes(&b), "same preset, tokenizer and seed");
+        // Never over an existing model.
+        let e = init_model(&a, &ModelSize::TINY, &tok_file, 6).unwrap_err();
+        assert!(e.to_string().contains("not empty"), "{e}");
+        assert_eq!(bytes(&a), bytes(&b));
+        // A file that is not a tokenizer is named.
+        let e = init_model(
+            &dir.path().join("c"),
+            &ModelSize::TINY,
+            &a.join("config.json"),
+            0,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("config.json"), "{e}");
+        // Every preset's config parses with its sizes.
+        for (name, size) in ModelSize::PRESETS {
+            assert_eq!(ModelSize::preset(name), Some(size));
+            let v = config_json(&size, 1000);
+            let cfg: qoq_core::hf_config::QwenVlConfig = serde_json::from_value(v).unwrap();
+            assert_eq!(cfg.text.num_hidden_layers, size.layers, "{name}");
+            assert_eq!(cfg.vision.num_heads, size.vision_heads, "{name}");
+            assert_eq!(cfg.time_series.num_heads, size.ecg_heads, "{name}");
+        }
+        assert_eq!(ModelSize::preset("7b"), None);
     }
 }

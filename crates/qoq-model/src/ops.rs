@@ -50,6 +50,14 @@ pub fn softmax_last_dim(x: &Tensor, mode: ForwardMode) -> Result<Tensor> {
     y.to_dtype(dtype)
 }
 
+/// A norm's scale (`weight`, one per feature) from `vb`: a fresh model (a `VarMap`-backed
+/// builder) starts it at one, as PyTorch's `nn.LayerNorm` and `Qwen2RMSNorm` do; a loaded one
+/// takes the file's. (A plain `vb.get` starts it at zero, which silences the normalised input:
+/// a tower whose norms are zero passes nothing of its input on.)
+pub fn norm_weight(vb: &candle_nn::VarBuilder, dim: usize, name: &str) -> Result<Tensor> {
+    vb.get_with_hints(dim, name, candle_nn::Init::Const(1.0))
+}
+
 /// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`, in f32 (f64 for f64
 /// input).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, mode: ForwardMode) -> Result<Tensor> {

@@ -237,8 +237,8 @@ struct VisionBlock {
 impl VisionBlock {
     fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            norm1: vb.get(cfg.hidden_size, "norm1.weight")?,
-            norm2: vb.get(cfg.hidden_size, "norm2.weight")?,
+            norm1: ops::norm_weight(&vb, cfg.hidden_size, "norm1.weight")?,
+            norm2: ops::norm_weight(&vb, cfg.hidden_size, "norm2.weight")?,
             attn: VisionAttention::new(cfg, vb.pp("attn"))?,
             mlp: VisionMlp::new(cfg, vb.pp("mlp"))?,
         })
@@ -279,7 +279,7 @@ impl PatchMerger {
     fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
         let merged_dim = cfg.hidden_size * cfg.spatial_merge_size * cfg.spatial_merge_size;
         Ok(Self {
-            ln_q: vb.get(cfg.hidden_size, "ln_q.weight")?,
+            ln_q: ops::norm_weight(&vb, cfg.hidden_size, "ln_q.weight")?,
             fc1: linear(merged_dim, merged_dim, vb.pp("mlp.0"))?,
             fc2: linear(merged_dim, cfg.out_hidden_size, vb.pp("mlp.2"))?,
             merged_dim,

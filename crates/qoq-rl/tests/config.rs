@@ -98,6 +98,26 @@ fn shipped_configs_parse_and_validate() {
     let t = RunConfig::load(&configs_dir().join("tiny_cpu.toml"), &[]).unwrap();
     assert_eq!(t.trainer.world_size(), 1);
     assert!(t.rollouts_per_step() < 100, "{}", t.rollouts_per_step());
+    // The files `qoq synth` and `qoq model init` write (the commands in its header).
+    assert_eq!(t.data.train_files, "runs/synth/train.jsonl");
+    assert_eq!(t.data.val_files, "runs/synth/test.jsonl");
+    assert_eq!(t.model.model_path, "runs/tiny_model");
+}
+
+#[test]
+fn every_shipped_config_loads() {
+    let mut n = 0;
+    for e in std::fs::read_dir(configs_dir()).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            let c = RunConfig::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            let back =
+                RunConfig::from_toml_str(&c.to_toml_string().unwrap(), "<resolved>").unwrap();
+            assert_eq!(back, c, "{}", p.display());
+            n += 1;
+        }
+    }
+    assert!(n >= 4, "{n} run files in configs/");
 }
 
 #[test]

@@ -190,6 +190,24 @@ fn sft_steps_lower_the_answer_cross_entropy_and_checkpoint() {
     let r = Trainer::resume(&out.join("checkpoint_step_3")).unwrap();
     assert!(r.is_sft());
     assert_eq!(r.step_count(), 3);
+    // The mode is a run-file key: the config saved with the checkpoints says `trainer.sft`
+    // (set_sft keeps them in step), and a run file with it builds an SFT trainer.
+    assert!(r.config().trainer.sft);
+    let mut cfg = config(
+        &model,
+        &manifest,
+        &dir.path().join("run2"),
+        4,
+        2,
+        16,
+        1e-2,
+        6,
+        3,
+        false,
+    );
+    assert!(!Trainer::new(cfg.clone()).unwrap().is_sft());
+    cfg.trainer.sft = true;
+    assert!(Trainer::new(cfg).unwrap().is_sft());
 }
 
 #[test]
@@ -376,6 +394,11 @@ fn resuming_with_overrides_extends_the_run_and_refuses_model_keys() {
         .err()
         .unwrap();
     assert!(err.to_string().contains("algorithm.estimator"), "{err}");
+    // A resumed run keeps its mode.
+    let err = Trainer::resume_with_overrides(&ck, &["trainer.sft=true".to_string()])
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("trainer.sft"), "{err}");
 }
 
 #[test]

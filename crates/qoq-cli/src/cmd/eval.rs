@@ -12,7 +12,10 @@
 //!   ground-truth boxes rescaled to it (spec §4.3). Only `--n 1` is supported so far. The
 //!   processor settings (and the manifest's frames per volume) are the model folder's
 //!   `qoq_processor.json`, those it was trained with, when it has one; else the defaults.
-//! * `qoq eval --compare RUN_A RUN_B` prints both runs' metrics side by side with B - A.
+//! * `qoq eval --compare RUN_A RUN_B [--bootstrap 1000] [--seed 0]` prints both runs' metrics
+//!   side by side with B - A and, from their `traces.jsonl`, paired bootstrap 95 % intervals of
+//!   B - A for macro-F1, balanced accuracy and IoU per domain and overall
+//!   ([`qoq_eval::bootstrap`]; runs evaluated on different cases are refused).
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -51,9 +54,14 @@ pub struct EvalArgs {
     /// Samples decoded together (prompts per batch; rows = prompts x n).
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
-    /// Sampling seed.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
+    /// With --model: the sampling seed (default 1). With --compare: the bootstrap's resampling
+    /// seed (default 0).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// With --compare: bootstrap replicates of the paired intervals of B - A (0: the table
+    /// without intervals).
+    #[arg(long, value_name = "N")]
+    bootstrap: Option<usize>,
     #[command(flatten)]
     device: crate::cmd::DeviceArgs,
     /// Run directory (created; an existing run there is resumed).
@@ -135,8 +143,34 @@ fn read_responses(path: &PathBuf) -> anyhow::Result<HashMap<String, String>> {
 
 pub fn run(a: EvalArgs) -> anyhow::Result<ExitCode> {
     if let Some(runs) = &a.compare {
-        print!("{}", compare_runs(&runs[0], &runs[1])?);
+        let replicates = a.bootstrap.unwrap_or(1000);
+        let intervals = if replicates == 0 {
+            if a.seed.is_some() {
+                bail!("--seed with --compare seeds the bootstrap, which --bootstrap 0 turns off");
+            }
+            None
+        } else {
+            let opts = qoq_eval::bootstrap::BootstrapOptions {
+                replicates,
+                seed: a.seed.unwrap_or(0),
+                level: 0.95,
+            };
+            Some(
+                qoq_eval::bootstrap::paired_bootstrap_runs(&runs[0], &runs[1], &opts)
+                    .context("paired bootstrap intervals")?,
+            )
+        };
+        print!("{}", compare_runs(&runs[0], &runs[1], intervals.as_ref())?);
         return Ok(ExitCode::SUCCESS);
+    }
+    if a.bootstrap.is_some() {
+        bail!("--bootstrap applies to --compare only (intervals of the difference of two runs)");
+    }
+    if a.seed.is_some() && a.model.is_none() {
+        bail!(
+            "--seed applies to --model (the sampling seed) and to --compare (the bootstrap seed) \
+             only; precomputed --responses are not sampled"
+        );
     }
     let (Some(data), Some(out)) = (&a.data, &a.out) else {
         bail!("--data and --out are required unless --compare is given");
@@ -283,7 +317,7 @@ fn eval_with_model(
     let settings = ModelEvalSettings {
         temperature: a.temperature,
         top_p: a.top_p,
-        seed: a.seed,
+        seed: a.seed.unwrap_or(1),
         max_new_tokens: a.max_new_tokens,
         processor,
         dump_inputs: a.dump_inputs.clone(),

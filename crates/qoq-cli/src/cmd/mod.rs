@@ -10,6 +10,7 @@ pub mod eval;
 pub mod infer;
 pub mod logits;
 pub mod metrics;
+pub mod model;
 pub mod plot;
 pub mod process;
 pub mod reward;

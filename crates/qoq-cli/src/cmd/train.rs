@@ -32,7 +32,8 @@ pub struct TrainArgs {
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Supervised fine-tuning on the manifest's answers (`<think>\n</think>\n\boxed{answer}`)
-    /// instead of RL. Stored in checkpoints: a resumed SFT run stays SFT.
+    /// instead of RL (as `trainer.sft = true` in the run file). Stored in checkpoints: a resumed
+    /// SFT run stays SFT.
     #[arg(long)]
     sft: bool,
     /// Do not draw the curves at the end.
@@ -114,7 +115,9 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
                 }
                 None => Trainer::new(cfg).context("setting up the run")?,
             };
-            t.set_sft(a.sft);
+            if a.sft {
+                t.set_sft(true);
+            }
             t
         }
         (None, None) => bail!("give --config RUN.toml or --resume CHECKPOINT"),

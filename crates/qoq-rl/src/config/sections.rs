@@ -420,6 +420,10 @@ pub struct TrainerConfig {
     /// Validate once before the first step (logged as step 0; EasyR1 `val_before_train`).
     /// Default true.
     pub val_before_train: bool,
+    /// Supervised fine-tuning on the manifest's answers (the trainer's SFT steps) instead of RL
+    /// steps (`qoq train --sft` sets it). A resumed run keeps its checkpoint's mode. Default
+    /// false.
+    pub sft: bool,
     /// Stop when a validation metric stops improving ([`crate::early_stopping`]; the paper:
     /// one epoch with early stopping). Unset by default (the released code has none).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -441,6 +445,7 @@ impl Default for TrainerConfig {
             load_checkpoint_path: None,
             tensorboard: true,
             val_before_train: true,
+            sft: false,
             early_stopping: None,
         }
     }

@@ -89,6 +89,12 @@ pub(super) fn resume(
                  estimator state depend on it)"
             )));
         }
+        if key == "trainer.sft" {
+            return Err(TrainerError::Config(format!(
+                "--set {o}: `{key}` cannot change when resuming (a resumed run keeps its \
+                 checkpoint's mode, SFT or RL)"
+            )));
+        }
     }
     let mut cfg = RunConfig::from_toml_str_with_overrides(
         &text,
@@ -334,6 +340,7 @@ fn build(
             cfg.algorithm.build_estimator(),
             Cursor::default(),
             TrainerState {
+                sft: cfg.trainer.sft,
                 kl_controller,
                 data,
                 early_stopping: cfg

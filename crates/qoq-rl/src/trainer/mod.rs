@@ -437,9 +437,17 @@ impl Trainer {
     }
 
     /// Whether [`Trainer::run`] takes supervised steps ([`Trainer::sft_step`]) instead of RL
-    /// steps. Saved in checkpoints: a resumed run continues in its mode.
+    /// steps (`trainer.sft` of the run file; the config saved in checkpoints follows). Saved in
+    /// checkpoints: a resumed run continues in its mode.
     pub fn set_sft(&mut self, sft: bool) {
         self.state.sft = sft;
+        if self.cfg.trainer.sft != sft {
+            self.cfg.trainer.sft = sft;
+            // The same config serialised at build time; it cannot fail now.
+            if let Ok(t) = self.cfg.to_toml_string() {
+                self.config_toml = t;
+            }
+        }
     }
 
     /// Writes `<out_dir>/checkpoint_step_<step>` and prunes old ones per `trainer.save_limit`

@@ -9,6 +9,11 @@
 //! 4. from the SFT model, RL with GRPO and with DRPO with the same steps, seeds and batches
 //!    (`<out>/grpo`, `<out>/drpo`, exported as `<out>/grpo_model`, `<out>/drpo_model`), scored by
 //!    the configured QoQ medical reward;
+//!
+//!    each phase is a run file, `<out>/configs/{sft,grpo,drpo}.toml`, written first and then
+//!    trained as `qoq train --config` trains it (the RL files start from the exported SFT
+//!    model, `model.model_path`), with a checkpoint after its last step, so that a user can
+//!    rerun a phase (`--config`) or continue it (`--resume <out>/<phase>`);
 //! 5. evaluates the untrained, SFT, GRPO and DRPO models greedily on the balanced test split
 //!    (`<out>/eval/<model>/`: traces, metrics, report, charts);
 //! 6. prints the paper's Table 2 layout and writes `demo_metrics.json`, `report.md`,
@@ -86,17 +91,7 @@ struct Preset {
 }
 
 fn preset(a: &DemoArgs) -> Preset {
-    let model = ModelSize {
-        hidden: 64,
-        intermediate: 128,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        vision_hidden: 32,
-        vision_depth: 2,
-        ecg_embed: 32,
-        ecg_depth: 2,
-    };
+    let model = ModelSize::DEMO;
     let mut p = if a.tiny {
         Preset {
             name: "tiny",
@@ -166,8 +161,9 @@ fn preset(a: &DemoArgs) -> Preset {
 
 /// The files and folders a demo writes in its run directory (removed before a new run, so that
 /// no stale trace is resumed).
-const OUTPUTS: [&str; 14] = [
+const OUTPUTS: [&str; 15] = [
     "world",
+    "configs",
     "model_init",
     "sft",
     "sft_model",
@@ -293,7 +289,46 @@ fn run_config(
     c.trainer.out_dir = out.display().to_string();
     c.trainer.find_last_checkpoint = false;
     c.trainer.tensorboard = false;
+    c.trainer.sft = rl.is_none();
     c
+}
+
+/// Writes the run file of a phase, `<out>/configs/<name>.toml` (a comment saying how to rerun
+/// it, then [`RunConfig::to_toml_string`]), and returns it as `qoq train --config` reads it: the
+/// demo trains from its run files, so a rerun is the same phase.
+fn write_run_file(
+    out: &Path,
+    name: &str,
+    cfg: &RunConfig,
+    what: &str,
+) -> anyhow::Result<RunConfig> {
+    let dir = out.join("configs");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(format!("{name}.toml"));
+    let text = format!(
+        "# Run file of `qoq demo`'s {name} phase: {what}.\n\
+         # Rerun it as the demo ran it, or longer:\n\
+         #   qoq train --config {p} --set trainer.max_steps=200 --set trainer.out_dir=<new folder>\n\
+         # or continue the demo's run from its last checkpoint:\n\
+         #   qoq train --resume {run} --set trainer.max_steps=200\n{relative}\n{}",
+        cfg.to_toml_string()?,
+        p = path.display(),
+        run = cfg.trainer.out_dir,
+        relative = if out.is_relative() {
+            "# Paths are relative to the folder the demo ran in.\n"
+        } else {
+            ""
+        },
+    );
+    std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
+    let back =
+        RunConfig::load(&path, &[]).with_context(|| format!("reading back {}", path.display()))?;
+    anyhow::ensure!(
+        &back == cfg,
+        "{} does not read back as the config it was written from",
+        path.display()
+    );
+    Ok(back)
 }
 
 /// Per-step metrics of a training phase, as logged.
@@ -309,17 +344,19 @@ fn train_phase(
     like: &Path,
     export_to: &Path,
 ) -> anyhow::Result<Curve> {
-    trainer.set_sft(sft);
+    anyhow::ensure!(
+        trainer.is_sft() == sft,
+        "{prefix}: the run file's trainer.sft is {}",
+        trainer.is_sft()
+    );
     let total = trainer.total_steps();
     let bar = phases.bar(prefix, total);
     let mut curve = Vec::new();
     while trainer.step_count() < total {
-        let o = if sft {
-            trainer.sft_step()
-        } else {
-            trainer.step()
-        }
-        .with_context(|| format!("{prefix} step {}", trainer.step_count() + 1))?;
+        // `qoq train`'s step: SFT or RL as the run file says, a checkpoint after the last.
+        let o = trainer
+            .train_step()
+            .with_context(|| format!("{prefix} step {}", trainer.step_count() + 1))?;
         let get = |k: &str| o.metrics.get(k).copied().unwrap_or(f64::NAN);
         bar.set_message(if sft {
             format!("loss {:.3}", get(SFT_LOSS))
@@ -446,6 +483,15 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     let t = Instant::now();
     let sft_model = out.join("sft_model");
     let cfg = run_config(&p, a.seed, &world_dir, &init, &out.join("sft"), None);
+    let cfg = write_run_file(
+        &out,
+        "sft",
+        &cfg,
+        &format!(
+            "supervised fine-tuning (trainer.sft) of the seeded random model {}",
+            init.display()
+        ),
+    )?;
     // The untrained model is evaluated with the settings every stage trains with.
     cfg.processor_options().write_to_model_dir(&init)?;
     let trainer = Trainer::new(cfg).context("setting up SFT")?;
@@ -464,6 +510,16 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
             &out.join(name),
             Some(kind),
         );
+        let cfg = write_run_file(
+            &out,
+            name,
+            &cfg,
+            &format!(
+                "{} from the SFT phase's model (model.model_path = {})",
+                name.to_uppercase(),
+                sft_model.display()
+            ),
+        )?;
         let trainer = Trainer::new(cfg).with_context(|| format!("setting up {name}"))?;
         let dest = out.join(format!("{name}_model"));
         let curve = if p.rl_steps == 0 {
@@ -561,7 +617,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     std::fs::write(&log, phases.log.join("\n") + "\n")
         .with_context(|| format!("writing {}", log.display()))?;
     eprintln!(
-        "demo finished in {:.1} s; run directory {} (report.md, demo_metrics.json, curves.png, boxes/, eval/*/traces.jsonl)",
+        "demo finished in {:.1} s; run directory {} (report.md, demo_metrics.json, curves.png, boxes/, eval/*/traces.jsonl, configs/*.toml)",
         started.elapsed().as_secs_f64(),
         out.display()
     );
