@@ -165,8 +165,10 @@ pub struct LayerKv {
 }
 
 /// Capacity for `need` positions: half as much again, in whole blocks of 64, so that a
-/// sequence growing one token at a time reallocates O(log n) times.
-fn kv_capacity(need: usize) -> usize {
+/// sequence growing one token at a time reallocates O(log n) times. A cache that never holds
+/// more than `n` positions never holds buffers larger than `kv_capacity(n)` (memory budgets
+/// count this).
+pub fn kv_capacity(need: usize) -> usize {
     (need + need / 2).max(1).next_multiple_of(64)
 }
 

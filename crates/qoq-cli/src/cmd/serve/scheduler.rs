@@ -4,7 +4,8 @@
 //! * at most `max_running` requests run (`--max-running`; 1 gives one request at a time);
 //! * at most `max_rows` sequences decode together (a request takes `n` rows);
 //! * the key/value memory stays within `kv_budget_bytes`: a request is admitted only when the
-//!   batch's worst case, `rows x longest (prompt + max_tokens) x bytes per position`, fits (the
+//!   batch's worst case, `rows x capacity(longest (prompt + max_tokens)) x bytes per position`
+//!   (the cache's buffers grow in steps: [`qoq_model::text::kv_capacity`]), fits (the
 //!   engine trims its cache to its longest live row, so this bounds what it holds); a request
 //!   alone larger than the budget is refused (400 `context_too_long`);
 //! * each step prefills at most `prefill_budget` prompt tokens, in pieces of `prefill_chunk`
@@ -84,8 +85,10 @@ impl Running {
 }
 
 impl Limits {
+    /// The batch's key/value bytes at most: the cache's buffers hold `kv_capacity(len)`
+    /// positions for a batch whose longest row reaches `len`.
     fn worst_case(&self, rows: usize, len: usize) -> u64 {
-        rows as u64 * len as u64 * self.kv_bytes_per_position
+        rows as u64 * qoq_model::text::kv_capacity(len) as u64 * self.kv_bytes_per_position
     }
 }
 
