@@ -231,6 +231,60 @@ out_dir = "{out}"
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--resume only"));
 
+    // The run file again on the same folder: trainer.find_last_checkpoint (default true)
+    // continues the run from its newest checkpoint with the file's current values (here one
+    // more step), keeping its metrics log.
+    let o = train(&[
+        "--config".as_ref(),
+        run_toml.as_os_str(),
+        "--set".as_ref(),
+        "trainer.max_steps=5".as_ref(),
+        "--no-plot".as_ref(),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("checkpoint_step_4") && stderr.contains("trainer.max_steps=5"),
+        "{stderr}"
+    );
+    let recs = qoq_rl::metrics_log::read_records(&out.join("metrics.jsonl")).unwrap();
+    assert_eq!(
+        recs.iter().map(|r| r.step).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3, 4, 5]
+    );
+    // Without it, a new run there would overwrite the old one: refused, nothing touched.
+    let log_before = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    for (key, want) in [
+        ("trainer.find_last_checkpoint=false", "already holds a run"),
+        (
+            "trainer.load_checkpoint_path=/nonexistent/checkpoint_step_1",
+            "no checkpoint there",
+        ),
+    ] {
+        let o = train(&[
+            "--config".as_ref(),
+            run_toml.as_os_str(),
+            "--set".as_ref(),
+            key.as_ref(),
+        ]);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{key}: {stderr}");
+        assert!(stderr.contains(want), "{key}: {stderr}");
+    }
+    // A key the saved run may not change is refused by name, as with --resume.
+    let o = train(&[
+        "--config".as_ref(),
+        run_toml.as_os_str(),
+        "--set".as_ref(),
+        "model.freeze_llm=true".as_ref(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("model.freeze_llm"));
+    assert_eq!(
+        std::fs::read_to_string(out.join("metrics.jsonl")).unwrap(),
+        log_before
+    );
+
     // SFT mode on the same run file.
     let sft_out = dir.path().join("sft");
     let o = train(&[

@@ -473,3 +473,40 @@ fn model_device_is_parsed_and_cuda_needs_the_cuda_feature() {
         "{e}"
     );
 }
+
+/// `overrides_from` lists exactly the differing leaves (strings quoted, arrays whole, skipped
+/// prefixes left out), and applying them to the base gives the other config back.
+#[test]
+fn overrides_from_rebuilds_a_config_from_its_base() {
+    let file = configs_dir().join("tiny_cpu.toml");
+    let base = RunConfig::load(&file, &[]).unwrap();
+    let want = RunConfig::load(
+        &file,
+        &[
+            "trainer.max_steps=7".into(),
+            "trainer.out_dir=\"runs/a b=1\"".into(),
+            "actor.optim.lr=3e-6".into(),
+            "trainer.find_last_checkpoint=false".into(),
+            "data.seed=5".into(),
+        ],
+    )
+    .unwrap();
+    let diff = want
+        .overrides_from(&base, &["trainer.find_last_checkpoint"])
+        .unwrap();
+    assert_eq!(diff.len(), 4, "{diff:?}");
+    assert!(diff.iter().all(|d| !d.contains("find_last_checkpoint")));
+    let mut redo = want.clone();
+    redo.trainer.find_last_checkpoint = base.trainer.find_last_checkpoint;
+    let back = RunConfig::load(&file, &diff).unwrap();
+    assert_eq!(back, redo);
+    assert!(base.overrides_from(&base, &[]).unwrap().is_empty());
+    // A key set in the base and unset in the file cannot be an override: named.
+    let mut with_path = base.clone();
+    with_path.trainer.load_checkpoint_path = Some("x".into());
+    let e = base.overrides_from(&with_path, &[]).unwrap_err();
+    assert!(
+        e.to_string().contains("trainer.load_checkpoint_path"),
+        "{e}"
+    );
+}

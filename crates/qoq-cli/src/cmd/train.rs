@@ -101,24 +101,67 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
             let cfg = RunConfig::load(path, &overrides)
                 .with_context(|| format!("reading {}", path.display()))?;
             _lock = RunLock::acquire(Path::new(&cfg.trainer.out_dir))?;
-            let mut t = match &a.init_from {
-                Some(src) => {
-                    let t = Trainer::init_from(cfg, src)
-                        .with_context(|| format!("--init-from {}", src.display()))?;
-                    if let Some(s) = t.init_source() {
-                        eprintln!(
-                            "initialised from {} (step {}, the {} checkpoint; weights sha256 {})",
-                            s.checkpoint, s.step, s.chosen, s.model_sha256
-                        );
-                    }
-                    t
+            if let Some(ck) = previous_checkpoint(&cfg)? {
+                if a.init_from.is_some() {
+                    bail!(
+                        "--init-from starts a new run, but trainer.out_dir {} holds this run's \
+                         checkpoint {} to continue (trainer.find_last_checkpoint / \
+                         trainer.load_checkpoint_path): choose another trainer.out_dir",
+                        cfg.trainer.out_dir,
+                        ck.display()
+                    );
                 }
-                None => Trainer::new(cfg).context("setting up the run")?,
-            };
-            if a.sft {
-                t.set_sft(true);
+                let saved = RunConfig::load(&ck.join(qoq_rl::checkpoint::files::CONFIG), &[])
+                    .with_context(|| format!("reading the config saved in {}", ck.display()))?;
+                // The run file's current values, on top of the saved run's.
+                let diff = cfg
+                    .overrides_from(&saved, &FIND_KEYS)
+                    .with_context(|| format!("continuing {}", ck.display()))?;
+                eprintln!(
+                    "continuing the run in {} from {} (trainer.find_last_checkpoint){}",
+                    cfg.trainer.out_dir,
+                    ck.display(),
+                    if diff.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" with the run file's {}", diff.join(", "))
+                    }
+                );
+                let opts = ResumeOptions {
+                    overrides: diff,
+                    allow_changed_data: false,
+                };
+                let t = Trainer::resume_with(&ck, &opts)
+                    .with_context(|| format!("continuing from {}", ck.display()))?;
+                if t.is_sft() != cfg.trainer.sft {
+                    bail!(
+                        "{} is a checkpoint of an {} run and the run file asks for {}",
+                        ck.display(),
+                        if t.is_sft() { "SFT" } else { "RL" },
+                        if cfg.trainer.sft { "SFT" } else { "RL" }
+                    );
+                }
+                t
+            } else {
+                let mut t = match &a.init_from {
+                    Some(src) => {
+                        let t = Trainer::init_from(cfg, src)
+                            .with_context(|| format!("--init-from {}", src.display()))?;
+                        if let Some(s) = t.init_source() {
+                            eprintln!(
+                                "initialised from {} (step {}, the {} checkpoint; weights sha256 {})",
+                                s.checkpoint, s.step, s.chosen, s.model_sha256
+                            );
+                        }
+                        t
+                    }
+                    None => Trainer::new(cfg).context("setting up the run")?,
+                };
+                if a.sft {
+                    t.set_sft(true);
+                }
+                t
             }
-            t
         }
         (None, None) => bail!("give --config RUN.toml or --resume CHECKPOINT"),
     };
@@ -194,4 +237,60 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The keys that choose where a run continues from: not part of the run's identity.
+const FIND_KEYS: [&str; 2] = [
+    "trainer.find_last_checkpoint",
+    "trainer.load_checkpoint_path",
+];
+
+/// The checkpoint a `--config` run continues from: `trainer.load_checkpoint_path` (a checkpoint,
+/// or a run folder's newest), else with `trainer.find_last_checkpoint` the newest complete one
+/// in `trainer.out_dir`. A folder that holds checkpoints with `find_last_checkpoint = false` is
+/// refused: a fresh run would empty its metrics log and overwrite its checkpoints.
+fn previous_checkpoint(cfg: &RunConfig) -> anyhow::Result<Option<PathBuf>> {
+    let out_dir = Path::new(&cfg.trainer.out_dir);
+    let latest_in_out = qoq_rl::checkpoint::latest(out_dir)
+        .with_context(|| format!("listing the checkpoints in {}", out_dir.display()))?;
+    if let Some(p) = &cfg.trainer.load_checkpoint_path {
+        let p = PathBuf::from(p);
+        let ck = match qoq_rl::checkpoint::latest(&p)? {
+            Some((_, c)) => c,
+            None => p.clone(),
+        };
+        let same_dir = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        if !ck.join(qoq_rl::checkpoint::files::CONFIG).is_file() {
+            bail!(
+                "trainer.load_checkpoint_path {}: no checkpoint there (no {})",
+                p.display(),
+                qoq_rl::checkpoint::files::CONFIG
+            );
+        }
+        if !ck.parent().is_some_and(|d| same_dir(d, out_dir)) {
+            bail!(
+                "trainer.load_checkpoint_path {} is not a checkpoint of trainer.out_dir {}: a run \
+                 continues in its own folder (to start a new run from another run's weights, \
+                 use qoq train --init-from)",
+                ck.display(),
+                out_dir.display()
+            );
+        }
+        return Ok(Some(ck));
+    }
+    match latest_in_out {
+        Some((_, ck)) if cfg.trainer.find_last_checkpoint => Ok(Some(ck)),
+        Some((_, ck)) => bail!(
+            "trainer.out_dir {} already holds a run (checkpoint {}) and \
+             trainer.find_last_checkpoint is false: a new run there would overwrite it; \
+             continue it (trainer.find_last_checkpoint = true, or qoq train --resume) or choose \
+             another trainer.out_dir",
+            out_dir.display(),
+            ck.display()
+        ),
+        None => Ok(None),
+    }
 }

@@ -152,6 +152,79 @@ pub fn apply_override(doc: &mut toml::Value, key: &str, raw: &str) -> Result<()>
     }
 }
 
+impl RunConfig {
+    /// The `key.path=value` overrides that turn `base` into `self` (every leaf whose value
+    /// differs, arrays compared whole), skipping the keys under the given prefixes: how a run
+    /// file rerun on a folder with checkpoints continues the saved run with the file's current
+    /// values (`trainer.find_last_checkpoint`). A key `self` leaves unset where `base` sets it
+    /// cannot be written as an override and is an error naming it.
+    pub fn overrides_from(&self, base: &RunConfig, skip: &[&str]) -> Result<Vec<String>> {
+        let to_doc = |c: &RunConfig| {
+            toml::Value::try_from(c).map_err(|e| ConfigError::Parse {
+                origin: "a run configuration".into(),
+                message: e.to_string(),
+            })
+        };
+        let (want, have) = (to_doc(self)?, to_doc(base)?);
+        let mut out = Vec::new();
+        diff(&want, Some(&have), "", skip, &mut out)?;
+        Ok(out)
+    }
+}
+
+fn diff(
+    want: &toml::Value,
+    have: Option<&toml::Value>,
+    path: &str,
+    skip: &[&str],
+    out: &mut Vec<String>,
+) -> Result<()> {
+    if skip
+        .iter()
+        .any(|s| path == *s || path.starts_with(&format!("{s}.")))
+    {
+        return Ok(());
+    }
+    match (want, have) {
+        (toml::Value::Table(w), Some(toml::Value::Table(h))) => {
+            for (k, v) in w {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                diff(v, h.get(k), &p, skip, out)?;
+            }
+            for k in h.keys().filter(|k| !w.contains_key(*k)) {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                if !skip
+                    .iter()
+                    .any(|s| p == *s || p.starts_with(&format!("{s}.")))
+                {
+                    return Err(ConfigError::BadOverride {
+                        key: p,
+                        reason: "set in the saved run, unset in the run file: an override \
+                                 cannot unset a key (use --resume, or another trainer.out_dir)"
+                            .into(),
+                    });
+                }
+            }
+        }
+        (toml::Value::Table(w), None) => {
+            for (k, v) in w {
+                diff(v, None, &format!("{path}.{k}"), skip, out)?;
+            }
+        }
+        (w, h) if Some(w) == h => {}
+        (w, _) => out.push(format!("{path}={w}")),
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -410,9 +410,12 @@ pub struct TrainerConfig {
     /// Run directory: `metrics.jsonl`, TensorBoard events, checkpoints. Default
     /// `runs/qoq_med_7b`.
     pub out_dir: String,
-    /// Resume from the newest complete checkpoint in `out_dir` when there is one. Default true.
+    /// `qoq train --config` on an `out_dir` holding checkpoints continues that run from its
+    /// newest complete checkpoint, with the run file's current values applied as overrides
+    /// (those a resume may not change are refused by name). When false, such an `out_dir` is
+    /// refused (a new run would overwrite it). Default true.
     pub find_last_checkpoint: bool,
-    /// Resume from this checkpoint directory instead.
+    /// Continue from this checkpoint of `out_dir` (or the newest in this run folder) instead.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub load_checkpoint_path: Option<String>,
     /// Write TensorBoard event files under `out_dir/tensorboard`. Default true.
