@@ -142,6 +142,14 @@ fn read_responses(path: &PathBuf) -> anyhow::Result<HashMap<String, String>> {
 }
 
 pub fn run(a: EvalArgs) -> anyhow::Result<ExitCode> {
+    // Only --model runs anything on a device (on a CPU build `--device cuda` already fails
+    // while the arguments are parsed).
+    if a.model.is_none() && a.device.device != qoq_model::DeviceSpec::Cpu {
+        bail!(
+            "--device {} applies to --model only: --compare and --responses run no model",
+            a.device.device
+        );
+    }
     if let Some(runs) = &a.compare {
         let replicates = a.bootstrap.unwrap_or(1000);
         let intervals = if replicates == 0 {
