@@ -196,20 +196,13 @@ impl LayerKv {
         let s = k.dim(2)?;
         let l = match slot.take() {
             None => LayerKv::with_capacity(k, v, kv_capacity(s))?,
-            Some(l) if l.len + s > l.k.dim(2)? => {
-                let grown = LayerKv::with_capacity(
-                    &l.k.narrow(2, 0, l.len)?,
-                    &l.v.narrow(2, 0, l.len)?,
-                    kv_capacity(l.len + s),
-                )?;
-                grown.k.slice_set(&k.contiguous()?, 2, l.len)?;
-                grown.v.slice_set(&v.contiguous()?, 2, l.len)?;
-                LayerKv {
-                    len: l.len + s,
-                    ..grown
-                }
-            }
             Some(l) => {
+                let l = if l.len + s > l.k.dim(2)? {
+                    let (fk, fv) = l.filled()?;
+                    LayerKv::with_capacity(&fk, &fv, kv_capacity(l.len + s))?
+                } else {
+                    l
+                };
                 l.k.slice_set(&k.contiguous()?, 2, l.len)?;
                 l.v.slice_set(&v.contiguous()?, 2, l.len)?;
                 LayerKv {
@@ -218,7 +211,7 @@ impl LayerKv {
                 }
             }
         };
-        let out = (l.k.narrow(2, 0, l.len)?, l.v.narrow(2, 0, l.len)?);
+        let out = l.filled()?;
         *slot = Some(l);
         Ok(out)
     }
@@ -269,16 +262,27 @@ impl KvCache {
             .unwrap_or(0)
     }
 
-    /// An independent cache of the given rows only (e.g. to free finished sequences, or
-    /// `[0; n]` to share one prompt's prefill among its `n` rollouts), keeping only the
-    /// positions from `start` on.
-    fn gather(&self, rows: &[u32], start: usize) -> Result<KvCache> {
-        if self.is_empty() || rows.is_empty() {
+    /// An independent copy of the given rows (e.g. to free finished sequences, or `[0; n]` to
+    /// share one prompt's prefill among its `n` rollouts); with `trim`, without the leading
+    /// positions that are padding in every one of them.
+    fn gather(&self, rows: &[u32], trim: bool) -> Result<KvCache> {
+        let Some(mask) = &self.key_mask else {
+            return Ok(KvCache::new());
+        };
+        if rows.is_empty() {
             return Ok(KvCache::new());
         }
-        let mask = self.key_mask.as_ref().expect("non-empty cache has a mask");
-        let keep = self.len() - start;
         let idx = Tensor::new(rows, mask.device())?;
+        let mask = mask.index_select(&idx, 0)?;
+        let t = mask.dim(1)?;
+        let start = if trim {
+            let any = mask.to_dtype(DType::U8)?.max(0)?.to_vec1::<u8>()?;
+            // All padding (not a live row): nothing to trim.
+            any.iter().position(|&m| m != 0).unwrap_or(0)
+        } else {
+            0
+        };
+        let keep = t - start;
         let layers = self
             .layers
             .iter()
@@ -299,41 +303,28 @@ impl KvCache {
                 None => Ok(None),
             })
             .collect::<Result<Vec<_>>>()?;
+        let key_mask = if start == 0 {
+            mask
+        } else {
+            mask.narrow(1, start, keep)?.contiguous()?
+        };
         Ok(KvCache {
             layers,
-            key_mask: Some(
-                mask.index_select(&idx, 0)?
-                    .narrow(1, start, keep)?
-                    .contiguous()?,
-            ),
+            key_mask: Some(key_mask),
         })
     }
 
     /// The cache of the given rows only, as an independent copy (e.g. to free finished
     /// sequences, or `[0; n]` to share one prompt's prefill among its `n` rollouts).
     pub fn select(&self, rows: &[u32]) -> Result<KvCache> {
-        self.gather(rows, 0)
+        self.gather(rows, false)
     }
 
     /// The cache of the given rows, without the leading positions that are padding in every
     /// one of them (left after the longest rows left the batch), so that the cache is as long
     /// as its longest kept row: [`KvCache::select`] and the trim in one copy.
     pub fn select_trimmed(&self, rows: &[u32]) -> Result<KvCache> {
-        let Some(mask) = &self.key_mask else {
-            return Ok(KvCache::new());
-        };
-        if rows.is_empty() {
-            return Ok(KvCache::new());
-        }
-        let idx = Tensor::new(rows, mask.device())?;
-        let any = mask
-            .index_select(&idx, 0)?
-            .to_dtype(DType::U8)?
-            .max(0)?
-            .to_vec1::<u8>()?;
-        let t = any.len();
-        let start = any.iter().position(|&m| m != 0).unwrap_or(t);
-        self.gather(rows, start.min(t.saturating_sub(1)))
+        self.gather(rows, true)
     }
 
     /// Bytes held by the keys and values (their buffers' capacity).
