@@ -251,11 +251,7 @@ pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
     if k == 0 {
         return Vec::new();
     }
-    let desc = |a: &u32, b: &u32| {
-        logits[*b as usize]
-            .total_cmp(&logits[*a as usize])
-            .then(a.cmp(b))
-    };
+    let desc = most_likely_first(logits);
     if k < idx.len() {
         idx.select_nth_unstable_by(k - 1, desc);
         idx.truncate(k);
@@ -275,15 +271,12 @@ fn raw_logprobs(logits: &[f32]) -> impl Fn(u32) -> f32 + '_ {
         f64::INFINITY
     } else {
         // f32 `exp` (the f64 one is about twice as slow and this runs per row and token),
-        // summed in f64; terms below f32's range are 0 without the libm underflow path.
+        // summed in f64.
         max as f64
             + logits
                 .iter()
                 .filter(|x| x.is_finite())
-                .map(|&x| {
-                    let d = x - max;
-                    if d < -87.0 { 0.0 } else { f64::from(d.exp()) }
-                })
+                .map(|&x| f64::from(qoq_model::fused::exp_or_zero(x - max)))
                 .sum::<f64>()
                 .ln()
     };
@@ -319,7 +312,7 @@ fn candidates(w: &[f32], idx: &mut Vec<u32>, top_k: usize, top_p: f32, min_p: f3
         idx.push(argmax(w));
         return;
     }
-    let desc = |a: &u32, b: &u32| w[*b as usize].total_cmp(&w[*a as usize]).then(a.cmp(b));
+    let desc = most_likely_first(w);
     if top_k > 0 && top_k < idx.len() {
         idx.select_nth_unstable_by(top_k - 1, desc);
         idx.truncate(top_k);
@@ -348,12 +341,17 @@ fn candidates(w: &[f32], idx: &mut Vec<u32>, top_k: usize, top_p: f32, min_p: f3
     }
 }
 
+/// Token ids ordered by descending `w`, ties by lower id first.
+fn most_likely_first(w: &[f32]) -> impl Fn(&u32, &u32) -> std::cmp::Ordering + Copy + '_ {
+    move |a, b| w[*b as usize].total_cmp(&w[*a as usize]).then(a.cmp(b))
+}
+
 /// Keep in `idx` the smallest set of its most likely tokens (ties: lower id first) whose mass
 /// reaches `target`, by halving selections: the upper half of the undecided range is either
 /// enough (the set ends inside it) or kept whole (the rest is sought in the lower half). Linear
 /// expected time; the kept tokens come first, in no particular order.
 fn keep_nucleus(w: &[f32], idx: &mut Vec<u32>, target: f64) {
-    let desc = |a: &u32, b: &u32| w[*b as usize].total_cmp(&w[*a as usize]).then(a.cmp(b));
+    let desc = most_likely_first(w);
     // idx[..lo] is kept, idx[hi..] dropped, idx[lo..hi] undecided; `need` is the mass still
     // missing after idx[..lo].
     let (mut lo, mut hi) = (0usize, idx.len());
@@ -508,7 +506,7 @@ mod tests {
                 candidates(&w, &mut idx, 0, top_p, 0.0, total);
                 // The sorted definition.
                 let mut order: Vec<u32> = (0..n as u32).filter(|&i| w[i as usize] > 0.0).collect();
-                order.sort_by(|a, b| w[*b as usize].total_cmp(&w[*a as usize]).then(a.cmp(b)));
+                order.sort_by(most_likely_first(&w));
                 let mut want = order.clone();
                 if top_p < 1.0 {
                     let mut acc = 0.0;

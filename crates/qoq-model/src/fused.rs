@@ -52,6 +52,13 @@ trait Float: candle_core::WithDType + Send + Sync {
     fn exp_minus(self, m: f64) -> f64;
 }
 
+/// `exp(d)` for `d <= 0` in f32, 0 below f32's normal range without calling libm's underflow
+/// path (errno, a function call per element: about ten times a normal `exp`; masked attention
+/// logits and the tail of a vocabulary land there). The terms dropped are below 1e-37.
+pub fn exp_or_zero(d: f32) -> f32 {
+    if d < -87.0 { 0.0 } else { d.exp() }
+}
+
 impl Float for f32 {
     fn to64(self) -> f64 {
         f64::from(self)
@@ -60,8 +67,7 @@ impl Float for f32 {
         v as f32
     }
     fn exp_minus(self, m: f64) -> f64 {
-        let d = self - m as f32;
-        if d < -87.0 { 0.0 } else { f64::from(d.exp()) }
+        f64::from(exp_or_zero(self - m as f32))
     }
 }
 
