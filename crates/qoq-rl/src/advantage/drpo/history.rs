@@ -31,19 +31,21 @@ impl Summary {
             .collect();
     }
 
+    /// The index of the cell with `key`, created empty when new.
+    fn cell(&mut self, key: Vec<i64>, n: usize) -> usize {
+        if let Some(&i) = self.index.get(&key) {
+            return i;
+        }
+        self.counts.push(0.0);
+        self.sums.extend(std::iter::repeat_n(0.0, n));
+        self.keys.extend_from_slice(&key);
+        self.index.insert(key, self.counts.len() - 1);
+        self.counts.len() - 1
+    }
+
     pub(super) fn add(&mut self, v: &[f64], count: f64, max_cells: usize) {
         let n = v.len();
-        let key = self.key(v);
-        let idx = match self.index.get(&key) {
-            Some(&i) => i,
-            None => {
-                self.counts.push(0.0);
-                self.sums.extend(std::iter::repeat_n(0.0, n));
-                self.keys.extend_from_slice(&key);
-                self.index.insert(key, self.counts.len() - 1);
-                self.counts.len() - 1
-            }
-        };
+        let idx = self.cell(self.key(v), n);
         self.counts[idx] += count;
         for (s, x) in self.sums[idx * n..(idx + 1) * n].iter_mut().zip(v) {
             *s += x * count;
@@ -62,17 +64,7 @@ impl Summary {
         self.h *= 2.0;
         for (c, s) in old_counts.iter().zip(old_sums.chunks_exact(n)) {
             let mean: Vec<f64> = s.iter().map(|v| v / c).collect();
-            let key = self.key(&mean);
-            let idx = match self.index.get(&key) {
-                Some(&i) => i,
-                None => {
-                    self.counts.push(0.0);
-                    self.sums.extend(std::iter::repeat_n(0.0, n));
-                    self.keys.extend_from_slice(&key);
-                    self.index.insert(key, self.counts.len() - 1);
-                    self.counts.len() - 1
-                }
-            };
+            let idx = self.cell(self.key(&mean), n);
             self.counts[idx] += c;
             for (a, b) in self.sums[idx * n..(idx + 1) * n].iter_mut().zip(s) {
                 *a += b;
