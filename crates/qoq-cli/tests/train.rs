@@ -5,7 +5,7 @@ use std::process::Command;
 
 mod support;
 
-use support::{repo, tiny_model};
+use support::{derm_manifest, repo, tiny_model};
 
 fn train(args: &[&std::ffi::OsStr]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_qoq"))
@@ -19,16 +19,11 @@ fn train(args: &[&std::ffi::OsStr]) -> std::process::Output {
 fn train_runs_two_steps_checkpoints_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path());
-    let img = repo().join("examples/mini/derm/demo-derm/case_001.png");
-    let manifest = dir.path().join("train.jsonl");
-    let mut rows = String::new();
-    for i in 0..4 {
-        rows.push_str(&format!(
-            "{{\"problem\": \"<image>Case {i}. What is the diagnosis?Answer with one of the following:\\nbenign\\nmalignant\", \"answer\": \"benign\", \"images\": [\"{}\"], \"data_source\": \"derm\", \"dataset\": \"demo-derm\"}}\n",
-            img.display()
-        ));
-    }
-    std::fs::write(&manifest, rows).unwrap();
+    let manifest = derm_manifest(
+        dir.path(),
+        4,
+        "What is the diagnosis?Answer with one of the following:\nbenign\nmalignant",
+    );
     let out = dir.path().join("run");
     let run_toml = dir.path().join("run.toml");
     std::fs::write(
@@ -271,6 +266,10 @@ out_dir = "{out}"
         assert!(!o.status.success(), "{key}: {stderr}");
         assert!(stderr.contains(want), "{key}: {stderr}");
     }
+    // --sft on this RL run is refused, as with --resume.
+    let o = train(&["--config".as_ref(), run_toml.as_os_str(), "--sft".as_ref()]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("RL run"));
     // A key the saved run may not change is refused by name, as with --resume.
     let o = train(&[
         "--config".as_ref(),

@@ -459,6 +459,12 @@ pub fn latest(root: &Path) -> Result<Option<(u64, PathBuf)>> {
     Ok(list(root)?.pop())
 }
 
+/// `path` as a checkpoint to resume: the newest complete checkpoint when `path` is a run folder
+/// that holds one, else `path` itself (a checkpoint folder; opening it says what is wrong).
+pub fn latest_or_self(path: &Path) -> Result<PathBuf> {
+    Ok(latest(path)?.map_or_else(|| path.to_path_buf(), |(_, p)| p))
+}
+
 /// Keeps the newest `keep_last` completed checkpoints (the reference's `save_limit`; `None`
 /// keeps all) and removes the older ones. Returns the removed directories.
 pub fn prune(root: &Path, keep_last: Option<usize>) -> Result<Vec<PathBuf>> {

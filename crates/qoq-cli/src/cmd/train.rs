@@ -77,10 +77,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
     let _lock;
     let mut trainer = match (&a.resume, &a.config) {
         (Some(dir), _) => {
-            let ck = match qoq_rl::checkpoint::latest(dir)? {
-                Some((_, p)) => p,
-                None => dir.clone(),
-            };
+            let ck = qoq_rl::checkpoint::latest_or_self(dir)?;
             let run_dir = ck.parent().unwrap_or(Path::new("."));
             _lock = RunLock::acquire(run_dir)?;
             let opts = ResumeOptions {
@@ -133,12 +130,12 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
                 };
                 let t = Trainer::resume_with(&ck, &opts)
                     .with_context(|| format!("continuing from {}", ck.display()))?;
-                if t.is_sft() != cfg.trainer.sft {
+                // The run file's trainer.sft is in the overrides; --sft asks for SFT too.
+                if a.sft && !t.is_sft() {
                     bail!(
-                        "{} is a checkpoint of an {} run and the run file asks for {}",
-                        ck.display(),
-                        if t.is_sft() { "SFT" } else { "RL" },
-                        if cfg.trainer.sft { "SFT" } else { "RL" }
+                        "--sft: {} is a checkpoint of an RL run; start an SFT run in another \
+                         trainer.out_dir",
+                        ck.display()
                     );
                 }
                 t
@@ -255,10 +252,7 @@ fn previous_checkpoint(cfg: &RunConfig) -> anyhow::Result<Option<PathBuf>> {
         .with_context(|| format!("listing the checkpoints in {}", out_dir.display()))?;
     if let Some(p) = &cfg.trainer.load_checkpoint_path {
         let p = PathBuf::from(p);
-        let ck = match qoq_rl::checkpoint::latest(&p)? {
-            Some((_, c)) => c,
-            None => p.clone(),
-        };
+        let ck = qoq_rl::checkpoint::latest_or_self(&p)?;
         let same_dir = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
             (Ok(a), Ok(b)) => a == b,
             _ => false,
