@@ -179,44 +179,42 @@ fn diff(
     skip: &[&str],
     out: &mut Vec<String>,
 ) -> Result<()> {
-    if skip
-        .iter()
-        .any(|s| path == *s || path.starts_with(&format!("{s}.")))
-    {
+    let skipped = |p: &str| {
+        skip.iter()
+            .any(|s| p == *s || p.starts_with(&format!("{s}.")))
+    };
+    let child = |k: &str| {
+        if path.is_empty() {
+            k.to_string()
+        } else {
+            format!("{path}.{k}")
+        }
+    };
+    if skipped(path) {
         return Ok(());
     }
     match (want, have) {
         (toml::Value::Table(w), Some(toml::Value::Table(h))) => {
             for (k, v) in w {
-                let p = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
-                diff(v, h.get(k), &p, skip, out)?;
+                diff(v, h.get(k), &child(k), skip, out)?;
             }
-            for k in h.keys().filter(|k| !w.contains_key(*k)) {
-                let p = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
-                if !skip
-                    .iter()
-                    .any(|s| p == *s || p.starts_with(&format!("{s}.")))
-                {
-                    return Err(ConfigError::BadOverride {
-                        key: p,
-                        reason: "set in the saved run, unset in the run file: an override \
-                                 cannot unset a key (use --resume, or another trainer.out_dir)"
-                            .into(),
-                    });
-                }
+            if let Some(p) = h
+                .keys()
+                .filter(|k| !w.contains_key(*k))
+                .map(|k| child(k))
+                .find(|p| !skipped(p))
+            {
+                return Err(ConfigError::BadOverride {
+                    key: p,
+                    reason: "set in the saved run, unset in the run file: an override cannot \
+                             unset a key (use --resume, or another trainer.out_dir)"
+                        .into(),
+                });
             }
         }
         (toml::Value::Table(w), None) => {
             for (k, v) in w {
-                diff(v, None, &format!("{path}.{k}"), skip, out)?;
+                diff(v, None, &child(k), skip, out)?;
             }
         }
         (w, h) if Some(w) == h => {}
