@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 
 mod support;
 
-use support::{repo, tiny_model};
+use support::{derm_manifest, tiny_model};
 
 const FEATURE_MESSAGE: &str = "qoq was built without the `cuda` feature: rebuild with \
                                `cargo build --release -p qoq-cli --features cuda`";
@@ -93,16 +93,7 @@ fn train_device_overrides_the_run_file_and_the_checkpoint_records_it() {
     }
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path());
-    let img = repo().join("examples/mini/derm/demo-derm/case_001.png");
-    let manifest = dir.path().join("train.jsonl");
-    let mut rows = String::new();
-    for i in 0..2 {
-        rows.push_str(&format!(
-            "{{\"problem\": \"<image>Case {i}. What is the diagnosis?\", \"answer\": \"benign\", \"images\": [\"{}\"], \"data_source\": \"derm\", \"dataset\": \"demo-derm\"}}\n",
-            img.display()
-        ));
-    }
-    std::fs::write(&manifest, rows).unwrap();
+    let manifest = derm_manifest(dir.path(), 2, "What is the diagnosis?");
     let out = dir.path().join("run");
     let run_toml = dir.path().join("run.toml");
     std::fs::write(

@@ -53,14 +53,19 @@ fn eval_scores_responses_resumes_and_compares() {
     }
     drop(out);
     let run = dir.path().join("run");
-    let args = |limit: Option<&str>| {
+    // `qoq eval` of the responses in `dir/responses` on the test split, into `out`.
+    let score = |responses: &str, out: &std::path::Path| {
         let mut c = qoq();
         c.args(["eval", "--data"])
             .arg(&test)
             .arg("--responses")
-            .arg(dir.path().join("gens.jsonl"))
+            .arg(dir.path().join(responses))
             .arg("--out")
-            .arg(&run);
+            .arg(out);
+        c
+    };
+    let args = |limit: Option<&str>| {
+        let mut c = score("gens.jsonl", &run);
         if let Some(l) = limit {
             c.args(["--limit", l]);
         }
@@ -126,15 +131,7 @@ fn eval_scores_responses_resumes_and_compares() {
     }
     drop(perfect);
     let better = dir.path().join("better");
-    let o = qoq()
-        .args(["eval", "--data"])
-        .arg(&test)
-        .arg("--responses")
-        .arg(dir.path().join("perfect.jsonl"))
-        .arg("--out")
-        .arg(&better)
-        .output()
-        .unwrap();
+    let o = score("perfect.jsonl", &better).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let compare = |b: &std::path::Path, extra: &[&str]| {
         qoq()
@@ -168,13 +165,7 @@ fn eval_scores_responses_resumes_and_compares() {
 
     // Runs over different cases are refused; so are the bootstrap flags without --compare.
     let partial = dir.path().join("partial");
-    let o = qoq()
-        .args(["eval", "--data"])
-        .arg(&test)
-        .arg("--responses")
-        .arg(dir.path().join("perfect.jsonl"))
-        .arg("--out")
-        .arg(&partial)
+    let o = score("perfect.jsonl", &partial)
         .args(["--limit", "5"])
         .output()
         .unwrap();
@@ -188,13 +179,7 @@ fn eval_scores_responses_resumes_and_compares() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(!String::from_utf8_lossy(&o.stdout).contains("interval"));
     for flags in [["--bootstrap", "10"], ["--seed", "3"]] {
-        let o = qoq()
-            .args(["eval", "--data"])
-            .arg(&test)
-            .arg("--responses")
-            .arg(dir.path().join("perfect.jsonl"))
-            .arg("--out")
-            .arg(dir.path().join("refused"))
+        let o = score("perfect.jsonl", &dir.path().join("refused"))
             .args(flags)
             .output()
             .unwrap();
@@ -205,13 +190,7 @@ fn eval_scores_responses_resumes_and_compares() {
 
     // A response file without a row's id is an error naming the sample.
     std::fs::write(dir.path().join("empty.jsonl"), "").unwrap();
-    let o = qoq()
-        .args(["eval", "--data"])
-        .arg(&test)
-        .arg("--responses")
-        .arg(dir.path().join("empty.jsonl"))
-        .arg("--out")
-        .arg(dir.path().join("run2"))
+    let o = score("empty.jsonl", &dir.path().join("run2"))
         .output()
         .unwrap();
     assert!(!o.status.success());

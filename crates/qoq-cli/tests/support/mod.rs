@@ -25,6 +25,29 @@ pub fn cache(rel: &str) -> PathBuf {
     p
 }
 
+/// `dir/train.jsonl`: `rows` derm rows on the mini example's first image (absolute path),
+/// answer `benign`, asking `question` after `<image>Case {i}. `.
+pub fn derm_manifest(dir: &Path, rows: usize, question: &str) -> PathBuf {
+    let img = repo().join("examples/mini/derm/demo-derm/case_001.png");
+    let text: String = (0..rows)
+        .map(|i| {
+            format!(
+                "{}\n",
+                serde_json::json!({
+                    "problem": format!("<image>Case {i}. {question}"),
+                    "answer": "benign",
+                    "images": [img.display().to_string()],
+                    "data_source": "derm",
+                    "dataset": "demo-derm",
+                })
+            )
+        })
+        .collect();
+    let manifest = dir.join("train.jsonl");
+    std::fs::write(&manifest, text).unwrap();
+    manifest
+}
+
 /// `dir/model`: the processor fixture's files plus deterministic random weights for its config.
 pub fn tiny_model(dir: &Path) -> PathBuf {
     tiny_model_with(dir, true)
