@@ -39,14 +39,35 @@ mod tests {
     use super::*;
 
     /// The variable is set to candle's default, after which candle answers the same count
-    /// from the environment. (Only this test in this binary touches the variable.)
+    /// from the environment; a positive user value is kept, zero replaced. The environment is
+    /// changed only in a child process running this test alone (`cargo test` runs other tests,
+    /// which read the variable through candle, on threads of this one).
     #[test]
     #[allow(unsafe_code)] // environment writes, see the SAFETY note
     fn pins_candles_default_and_keeps_a_user_value() {
-        // SAFETY: unit tests of this module are the only code reading or writing the variable,
-        // and this is the only test that does.
+        const CHILD: &str = "QOQ_THREADS_TEST_CHILD";
+        if std::env::var_os(CHILD).is_none() {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "threads::tests::pins_candles_default_and_keeps_a_user_value",
+                    "--test-threads=1",
+                ])
+                .env(CHILD, "1")
+                .env_remove(THREADS_VAR)
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "{text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(text.contains("1 passed"), "the child ran no test: {text}");
+            return;
+        }
+        // SAFETY: this child process runs this test alone, on one thread.
         unsafe {
-            std::env::remove_var(THREADS_VAR);
             let default = candle_core::utils::get_num_threads();
             assert_eq!(pin_thread_count(), default);
             assert_eq!(std::env::var(THREADS_VAR).unwrap(), default.to_string());
@@ -56,7 +77,6 @@ mod tests {
             assert_eq!(candle_core::utils::get_num_threads(), 3);
             std::env::set_var(THREADS_VAR, "0");
             assert_eq!(pin_thread_count(), default);
-            std::env::remove_var(THREADS_VAR);
         }
     }
 }
