@@ -130,6 +130,7 @@ fn main() {
                 },
                 max_batch_rows: prompts * n,
                 prefill_tokens: 0,
+                kv_budget: None,
             };
             let t0 = Instant::now();
             let out = generate(&model, &reqs, &cfg, |_, _, _| {}).expect("generate");

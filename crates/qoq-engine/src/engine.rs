@@ -38,6 +38,11 @@ pub struct SeqRequest {
     pub inputs: ModelInputs,
     /// Rollouts to sample.
     pub n: usize,
+    /// Index of the first of them: the rollouts are `first_rollout .. first_rollout + n`, each
+    /// sampling from the stream `(stream, index)` and reported under its index, so a group run
+    /// in parts (a memory budget too small for all its rows at once) gives the same tokens as
+    /// the group run whole. Usually 0.
+    pub first_rollout: usize,
     /// The prompt's random stream id.
     pub stream: u64,
     pub sampling: SamplingParams,
@@ -299,9 +304,9 @@ impl<'m> Engine<'m> {
                 .to_dtype(DType::F32)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
-            let n = p.req.n;
+            let (n, first) = (p.req.n, p.req.first_rollout);
             let shared = p.cache.select(&vec![0u32; n])?;
-            let rows = (0..n)
+            let rows = (first..first + n)
                 .map(|k| Row {
                     id: p.id,
                     rollout: k,

@@ -7,6 +7,7 @@
 //! whenever the batch has room. Every rollout samples from its own random stream (prompt stream
 //! id, rollout index), so a request gives the same tokens whatever else shares the batch.
 
+use crate::budget::KvBudget;
 use crate::engine::{Engine, SeqRequest};
 use crate::sampling::SamplingParams;
 use crate::stop::StopCondition;
@@ -36,6 +37,9 @@ pub struct GenerateConfig {
     /// prefilled in pieces of at most this many tokens, at most this many per step (chunked
     /// prefill gives the same tokens as a whole one). 0: whole prompts, no bound.
     pub prefill_tokens: usize,
+    /// Key/value memory the batch may hold (`rollout.kv_cache_mib`,
+    /// `rollout.gpu_memory_utilization`); `None`: unbounded.
+    pub kv_budget: Option<KvBudget>,
 }
 
 /// One generated sequence.
@@ -59,10 +63,16 @@ pub enum GenerateError {
     Candle(#[from] candle_core::Error),
 }
 
-/// Generate `n` rollouts for every request: the [`Engine`] fed from the list, a request
-/// admitted whenever the batch has room for its `n` rows (always when it is empty), every prompt
-/// prefilled whole. `on_token(group, rollout, token)` is called for every sampled token as it
+/// Generate `n` rollouts for every request: the [`Engine`] fed from the list, in order. A
+/// request is admitted whenever the batch has room for its `n` rows (always when it is empty)
+/// and, with [`GenerateConfig::kv_budget`], when the batch's key/value memory stays within the
+/// budget with it ([`KvBudget::worst_case`]); otherwise it waits for rows to finish. A request
+/// with more rows than fit in an empty batch runs in parts of rows that fit (each part prefills
+/// the prompt again); every rollout samples from its own stream, so the tokens are those of the
+/// unbounded run. `on_token(group, rollout, token)` is called for every sampled token as it
 /// comes (for streaming). Output: per request, its `n` sequences in rollout order.
+///
+/// Errors: a request of which not even one row fits the budget (named with the budget's origin).
 pub fn generate(
     model: &ClinicalVlm,
     requests: &[GroupRequest],
@@ -85,27 +95,81 @@ pub fn generate(
         n => n,
     };
     let max_rows = cfg.max_batch_rows.max(1);
+    // Parts in the engine (engine id = index here): request, rows still live, longest length.
+    let mut parts: Vec<(usize, usize, usize)> = Vec::new();
     let mut waiting = 0usize; // next request to admit
+    let mut admitted = 0usize; // rows of it already admitted
     loop {
-        // Admit prompts while there is room (always at least one when the batch is empty).
+        // Admit prompts while there is room (always at least one row when the batch is empty).
         while waiting < requests.len() {
             let req = &requests[waiting];
-            let rows = engine.running_rows() + engine.pending_rows();
-            if rows > 0 && rows + req.n > max_rows {
-                break;
-            }
-            engine.add(
-                waiting as u64,
-                SeqRequest {
-                    inputs: req.inputs.clone(),
-                    n: req.n,
-                    stream: req.stream,
-                    sampling: cfg.sampling.clone(),
-                    stop: cfg.stop.clone(),
-                    top_logprobs: 0,
+            let (index, remaining) = (waiting, req.n - admitted);
+            let len = req.inputs.input_ids.dim(1)? + cfg.stop.max_new_tokens;
+            let rows: usize = parts.iter().map(|p| p.1).sum();
+            let longest = parts.iter().filter(|p| p.1 > 0).map(|p| p.2).max();
+            let part = match &cfg.kv_budget {
+                Some(b) if remaining > 0 => match b.rows_alone(len) {
+                    0 => {
+                        return Err(GenerateError::Request {
+                            index,
+                            message: format!(
+                                "one rollout of {} prompt tokens + {} new tokens needs {:.1} MiB \
+                                 of key/value memory, more than {} allows ({:.1} MiB)",
+                                len - cfg.stop.max_new_tokens,
+                                cfg.stop.max_new_tokens,
+                                KvBudget::mib(b.worst_case(1, len)),
+                                b.origin,
+                                KvBudget::mib(b.bytes)
+                            ),
+                        });
+                    }
+                    alone => remaining.min(alone),
                 },
-            )?;
-            waiting += 1;
+                _ => remaining,
+            };
+            if rows > 0 {
+                let longest = longest.unwrap_or(0).max(len);
+                let over_budget = cfg
+                    .kv_budget
+                    .as_ref()
+                    .is_some_and(|b| !b.fits(rows + part, longest));
+                if rows + part > max_rows || over_budget {
+                    break;
+                }
+            }
+            if part > 0 {
+                engine
+                    .add(
+                        parts.len() as u64,
+                        SeqRequest {
+                            inputs: req.inputs.clone(),
+                            n: part,
+                            first_rollout: admitted,
+                            stream: req.stream,
+                            sampling: cfg.sampling.clone(),
+                            stop: cfg.stop.clone(),
+                            top_logprobs: 0,
+                        },
+                    )
+                    .map_err(|e| match e {
+                        GenerateError::Request { message, .. } => {
+                            GenerateError::Request { index, message }
+                        }
+                        e => e,
+                    })?;
+                // A part that runs nothing (max_new_tokens 0) has no live rows.
+                let live = if cfg.stop.max_new_tokens == 0 {
+                    0
+                } else {
+                    part
+                };
+                parts.push((index, live, len));
+            }
+            admitted += part;
+            if admitted == req.n {
+                waiting += 1;
+                admitted = 0;
+            }
         }
         if engine.is_idle() {
             if waiting >= requests.len() {
@@ -114,13 +178,15 @@ pub fn generate(
             continue;
         }
         for e in engine.step(budget)? {
-            let g = &mut results[e.id as usize][e.rollout];
+            let part = &mut parts[e.id as usize];
+            let g = &mut results[part.0][e.rollout];
             g.tokens.push(e.token);
             g.logprobs.push(e.logprob);
             if let Some(f) = e.finish {
                 g.finish = f;
+                part.1 -= 1;
             }
-            on_token(e.id as usize, e.rollout, e.token);
+            on_token(part.0, e.rollout, e.token);
         }
     }
     Ok(results)

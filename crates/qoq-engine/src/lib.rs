@@ -6,13 +6,16 @@
 //! the response mask the trainer uses (1 up to and including the first EOS). [`engine`] runs the
 //! model with a key/value cache, requests joining and leaving one decode batch at token
 //! boundaries (the server's scheduler drives it); [`generate`] feeds it a list: n rollouts per
-//! prompt, continuous batching across prompts.
+//! prompt, continuous batching across prompts; [`budget`] bounds the key/value memory both admit
+//! rows against.
 
+pub mod budget;
 pub mod engine;
 pub mod generate;
 pub mod sampling;
 pub mod stop;
 
+pub use budget::{KvBudget, kv_bytes_per_position};
 pub use engine::{Engine, SeqRequest, TokenEvent};
 pub use generate::{GenerateConfig, Generated, GroupRequest, generate};
 pub use sampling::{Sampled, Sampler, SamplingParams};

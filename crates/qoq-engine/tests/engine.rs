@@ -25,6 +25,7 @@ fn req(ids: &[u32], n: usize, sampling: SamplingParams, max_new: usize) -> SeqRe
     SeqRequest {
         inputs: ModelInputs::text(t, None, text_positions(ids.len(), &Device::Cpu).unwrap()),
         n,
+        first_rollout: 0,
         stream: 0,
         sampling,
         stop: StopCondition {

@@ -32,6 +32,7 @@ fn cfg(sampling: SamplingParams, max_new: usize, rows: usize) -> GenerateConfig 
         },
         max_batch_rows: rows,
         prefill_tokens: 0,
+        kv_budget: None,
     }
 }
 
@@ -235,4 +236,74 @@ fn a_prefill_token_bound_gives_the_rollouts_of_whole_prefills() {
             assert!((x - y).abs() < 1e-4, "{x} vs {y}");
         }
     }
+}
+
+#[test]
+fn a_kv_budget_makes_rows_wait_and_splits_groups_without_changing_a_rollout() {
+    // `rollout.kv_cache_mib`: every row here reaches at most 11 + 6 positions, a 64-position
+    // buffer; a budget of two such rows makes groups of 3 run in parts of 2 and 1 and makes
+    // rows wait for others to finish. The rollouts are those of the unbounded run.
+    let m = model();
+    let reqs: Vec<GroupRequest> = [
+        &[3u32, 17, 42, 99, 5, 8][..],
+        &[7, 1, 2, 3, 4, 5, 6, 9, 10, 11, 12],
+        &[4, 4, 2, 19],
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, ids)| GroupRequest {
+        inputs: prompt(ids),
+        n: 3,
+        stream: i as u64,
+    })
+    .collect();
+    let sampling = SamplingParams {
+        temperature: 1.0,
+        top_p: 1.0,
+        seed: 9,
+        ..SamplingParams::default()
+    };
+    let free = generate(&m, &reqs, &cfg(sampling.clone(), 6, 16), |_, _, _| {}).unwrap();
+    let one_row = qoq_engine::KvBudget::for_model(&m, 0, "test").worst_case(1, 17);
+    let bounded = GenerateConfig {
+        kv_budget: Some(qoq_engine::KvBudget::for_model(
+            &m,
+            2 * one_row,
+            "rollout.kv_cache_mib = test",
+        )),
+        ..cfg(sampling.clone(), 6, 16)
+    };
+    // Rows that have sampled a first token and not yet their sixth: running together.
+    let mut seen = std::collections::HashMap::<(usize, usize), usize>::new();
+    let mut peak = 0;
+    let waited = generate(&m, &reqs, &bounded, |g, r, _| {
+        *seen.entry((g, r)).or_default() += 1;
+        peak = peak.max(seen.values().filter(|&&k| k < 6).count());
+    })
+    .unwrap();
+    assert_eq!(peak, 2, "at most two rows live at once, and two do");
+    assert_eq!(seen.len(), 9);
+    for (a, b) in free.iter().flatten().zip(waited.iter().flatten()) {
+        assert_eq!(a.tokens, b.tokens);
+        assert_eq!(a.finish, b.finish);
+        for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+            assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+        }
+    }
+    // A budget below one row is an error naming the setting, not a silent overrun.
+    let tiny = GenerateConfig {
+        kv_budget: Some(qoq_engine::KvBudget::for_model(
+            &m,
+            one_row - 1,
+            "rollout.kv_cache_mib = 0.001",
+        )),
+        ..cfg(sampling, 6, 16)
+    };
+    let e = generate(&m, &reqs, &tiny, |_, _, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("request 0") && e.contains("rollout.kv_cache_mib = 0.001") && e.contains("MiB"),
+        "{e}"
+    );
 }

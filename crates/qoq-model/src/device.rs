@@ -137,9 +137,76 @@ pub fn parse_device(value: &str) -> Result<Device, DeviceError> {
     DeviceSpec::parse(value)?.device()
 }
 
+/// A device's memory in bytes: what is free for new allocations, and the total.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Memory {
+    /// CPU: `MemAvailable` of `/proc/meminfo`; CUDA: the driver's free memory on the GPU.
+    pub free: u64,
+    /// CPU: `MemTotal`; CUDA: the GPU's memory.
+    pub total: u64,
+}
+
+/// The memory of `dev` (for budgets and the dry-run's fit check); the error says what could not
+/// be read.
+pub fn memory(dev: &Device) -> Result<Memory, String> {
+    match dev {
+        Device::Cpu => {
+            let text = std::fs::read_to_string("/proc/meminfo")
+                .map_err(|e| format!("reading /proc/meminfo: {e}"))?;
+            cpu_memory(&text).ok_or_else(|| {
+                "/proc/meminfo has no MemTotal and MemAvailable lines in kB".to_string()
+            })
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            let (free, total) = d
+                .cuda_stream()
+                .context()
+                .mem_get_info()
+                .map_err(|e| format!("querying the GPU's memory: {e}"))?;
+            Ok(Memory {
+                free: free as u64,
+                total: total as u64,
+            })
+        }
+        other => Err(format!("memory of device {other:?} is not known to qoq")),
+    }
+}
+
+/// `MemAvailable` and `MemTotal` of a `/proc/meminfo` text.
+fn cpu_memory(meminfo: &str) -> Option<Memory> {
+    let field = |name: &str| {
+        meminfo.lines().find_map(|l| {
+            let rest = l.strip_prefix(name)?.strip_prefix(':')?.trim();
+            let kb = rest.strip_suffix("kB")?.trim().parse::<u64>().ok()?;
+            Some(kb * 1024)
+        })
+    };
+    Some(Memory {
+        free: field("MemAvailable")?,
+        total: field("MemTotal")?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_memory_reads_meminfo() {
+        let text =
+            "MemTotal:       24576000 kB\nMemFree:         100 kB\nMemAvailable:   12288000 kB\n";
+        assert_eq!(
+            cpu_memory(text),
+            Some(Memory {
+                free: 12_288_000 * 1024,
+                total: 24_576_000 * 1024
+            })
+        );
+        assert_eq!(cpu_memory("MemTotal: 5 kB\n"), None);
+        let here = memory(&Device::Cpu).unwrap();
+        assert!(here.free > 0 && here.free <= here.total, "{here:?}");
+    }
 
     #[test]
     fn cpu_parses_opens_and_prints_back() {

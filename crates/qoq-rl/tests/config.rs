@@ -410,24 +410,39 @@ fn settings_without_an_implementation_are_refused_naming_the_key() {
     );
     let e = err(&["rollout.tensor_parallel_size=4"]);
     assert!(e.contains("rollout.tensor_parallel_size"), "{e}");
-    let e = err(&["rollout.gpu_memory_utilization=0.4"]);
-    assert!(
-        e.contains("rollout.gpu_memory_utilization") && e.contains("not implemented"),
-        "{e}"
-    );
     let e = err(&["rollout.limit_images=0"]);
     assert!(e.contains("rollout.limit_images"), "{e}");
-    // In a run file, too.
-    let text = std::fs::read_to_string(&base)
-        .unwrap()
-        .replace("[rollout]\n", "[rollout]\ngpu_memory_utilization = 0.6\n");
-    let e = RunConfig::from_toml_str_with_overrides(&text, "run.toml", &[])
-        .unwrap_err()
-        .to_string();
+}
+
+/// `rollout.gpu_memory_utilization` sizes the cache from GPU memory: on the CPU it is refused
+/// naming `rollout.kv_cache_mib` (the CPU's bound), outside (0, 1] it is refused, and with
+/// `kv_cache_mib` also set it is refused (two bounds for one cache); `kv_cache_mib` alone loads.
+#[test]
+fn kv_cache_bounds_are_checked_against_the_device() {
+    let base = configs_dir().join("qoq_med_7b_drpo.toml");
+    let err = |set: &[&str]| load_err(&base, set);
+    let e = err(&["rollout.gpu_memory_utilization=0.4"]);
     assert!(
-        e.contains("run.toml") && e.contains("rollout.gpu_memory_utilization"),
+        e.contains("rollout.gpu_memory_utilization")
+            && e.contains("device is cpu")
+            && e.contains("rollout.kv_cache_mib"),
         "{e}"
     );
+    for bad in ["0", "1.5", "-0.2"] {
+        let e = err(&[&format!("rollout.gpu_memory_utilization={bad}")]);
+        assert!(e.contains("is not in (0, 1]"), "{bad}: {e}");
+    }
+    let c = RunConfig::load(&base, &["rollout.kv_cache_mib=512".to_string()]).unwrap();
+    assert_eq!(c.rollout.kv_cache_mib, 512);
+    assert_eq!(c.rollout.gpu_memory_utilization, None);
+    if cfg!(feature = "cuda") {
+        let e = err(&[
+            "model.device=cuda",
+            "rollout.gpu_memory_utilization=0.6",
+            "rollout.kv_cache_mib=64",
+        ]);
+        assert!(e.contains("set one of them"), "{e}");
+    }
 }
 
 /// `model.device` goes through qoq-model's device parser: `cpu` by default, `cuda:N` refused by

@@ -708,3 +708,65 @@ fn a_row_with_more_images_than_rollout_limit_images_is_an_error_naming_it() {
         "{e}"
     );
 }
+
+/// `rollout.kv_cache_mib` bounds the rollout batch's key/value memory: on the tiny model
+/// (512 bytes per position) 1 MiB holds three rows of ~400 + prompt positions, so the groups
+/// of four run in parts and rows wait; the step is the unbounded step (to the rounding of the
+/// engine's log-probs in another batch composition). A budget that cannot
+/// hold one row is an error naming the key.
+#[test]
+fn a_kv_cache_budget_changes_nothing_but_memory_and_names_itself_when_too_small() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = text_manifest(dir.path(), 4);
+    let run = |name: &str, mib: u64, resp: usize| {
+        let mut cfg = config(
+            &model,
+            &manifest,
+            &dir.path().join(name),
+            2,
+            4,
+            resp,
+            1e-3,
+            1,
+            1,
+            true,
+        );
+        cfg.rollout.kv_cache_mib = mib;
+        cfg.rollout.ignore_eos = true;
+        let mut t = Trainer::with_reward(cfg, Box::new(Vowels)).unwrap();
+        t.step().map(|_| t).map_err(|e| e.to_string())
+    };
+    let free = run("free", 0, 400).unwrap();
+    let bounded = run("bounded", 1, 400).unwrap();
+    // The same rollouts (so the same rewards and advantages); the engine's log-probs, the
+    // update's old log-probs, come from differently composed batches: equal to float rounding.
+    let (a, b) = (&comparable(&free)[0].1, &comparable(&bounded)[0].1);
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (k, x) in a {
+        let y = b[k];
+        if k.starts_with("reward") || k.starts_with("critic/") || k.contains("length") {
+            assert_eq!(*x, y, "{k}");
+        } else {
+            assert!((x - y).abs() <= 1e-6 * x.abs().max(1.0), "{k}: {x} vs {y}");
+        }
+    }
+    // AdamW's first step moves a weight by about lr·g/(|g| + eps): gradients that differ in
+    // their last bits move weights with tiny gradients by a visible fraction of lr (1e-3).
+    let (wa, wb) = (weights(&free), weights(&bounded));
+    let mut worst = 0f32;
+    for (name, x) in &wa {
+        for (p, q) in x.iter().zip(&wb[name]) {
+            worst = worst.max((p - q).abs());
+        }
+    }
+    assert!(worst <= 1e-5, "weights differ by {worst}");
+    let e = run("small", 1, 3000)
+        .err()
+        .expect("one row needs > 1 MiB")
+        .to_string();
+    assert!(
+        e.contains("rollout.kv_cache_mib = 1") && e.contains("MiB"),
+        "{e}"
+    );
+}

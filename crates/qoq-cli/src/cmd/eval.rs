@@ -399,6 +399,7 @@ pub(crate) fn eval_model(
         },
         max_batch_rows: opts.batch_size,
         prefill_tokens: 0,
+        kv_budget: None,
     };
     let sizes = std::sync::Arc::new(std::sync::Mutex::new(HashMap::new()));
     let mut responder = EngineResponder {

@@ -160,6 +160,7 @@ pub fn run(a: InferArgs) -> anyhow::Result<ExitCode> {
         },
         max_batch_rows: 1,
         prefill_tokens: 0,
+        kv_budget: None,
     };
     let mut tokens: Vec<u32> = Vec::new();
     let mut printed = 0usize;

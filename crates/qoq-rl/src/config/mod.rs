@@ -86,11 +86,7 @@ pub type Result<T> = std::result::Result<T, ConfigError>;
 /// Keys of the reference's configuration that this build does not implement, with the reason:
 /// a run file setting one is refused with that reason (rather than by an unknown-key error, or
 /// worse, accepted and ignored).
-pub const NOT_IMPLEMENTED: &[(&str, &str)] = &[(
-    "rollout.gpu_memory_utilization",
-    "the rollout engine runs on the CPU in this build; its KV cache is not sized from device \
-     memory (remove the key)",
-)];
+pub const NOT_IMPLEMENTED: &[(&str, &str)] = &[];
 
 /// Refuses a document that sets a [`NOT_IMPLEMENTED`] key.
 fn refuse_unimplemented(doc: &toml::Value, origin: &str) -> Result<()> {
@@ -338,7 +334,33 @@ impl RunConfig {
         if !(p > 0.0 && p <= 1.0) {
             return Err(invalid("rollout.top_p", format!("{p} is not in (0, 1]")));
         }
-        self.device()?;
+        let device = self.device()?;
+        if let Some(u) = self.rollout.gpu_memory_utilization {
+            if !(u > 0.0 && u <= 1.0) {
+                return Err(invalid(
+                    "rollout.gpu_memory_utilization",
+                    format!("{u} is not in (0, 1]"),
+                ));
+            }
+            if !matches!(device, qoq_model::DeviceSpec::Cuda(_)) {
+                return Err(invalid(
+                    "rollout.gpu_memory_utilization",
+                    format!(
+                        "sizes the key/value cache from GPU memory, but the run's device is \
+                         {device}: bound the cache with rollout.kv_cache_mib instead"
+                    ),
+                ));
+            }
+            if self.rollout.kv_cache_mib > 0 {
+                return Err(invalid(
+                    "rollout.gpu_memory_utilization",
+                    format!(
+                        "set together with rollout.kv_cache_mib = {}: set one of them",
+                        self.rollout.kv_cache_mib
+                    ),
+                ));
+            }
+        }
         // Settings whose implementation does not exist yet are refused rather than ignored.
         if self.model.compute_dtype != self.model.master_dtype {
             return Err(invalid(

@@ -180,6 +180,16 @@ pub struct RolloutConfig {
     /// Prompt tokens per prefill forward of the rollout engine at most (prompts are prefilled in
     /// pieces; same tokens as whole prefills). Default 8192.
     pub max_num_batched_tokens: usize,
+    /// Key/value cache memory of the rollout batch at most, in MiB (0: unbounded). Rows wait
+    /// for memory, never fail: a group whose rows do not fit at once runs in parts, with the
+    /// same tokens. The CPU's setting; on a GPU `gpu_memory_utilization` may size it instead.
+    /// Default 0.
+    pub kv_cache_mib: u64,
+    /// Fraction of the GPU's memory the process may use when the rollout starts (vLLM's
+    /// setting): the key/value budget is what remains of it after what is already allocated
+    /// (weights, optimiser state). CUDA devices only. Default unset (reference yaml: 0.6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_memory_utilization: Option<f64>,
     /// Tensor-parallel ranks. Only 1 (one engine in this process) is implemented: more is
     /// refused at load. Default 1 (bf16 yaml: 4).
     pub tensor_parallel_size: usize,
@@ -199,6 +209,8 @@ impl Default for RolloutConfig {
             image_pad_logit_bias: -100.0,
             limit_images: 4,
             max_num_batched_tokens: 8192,
+            kv_cache_mib: 0,
+            gpu_memory_utilization: None,
             tensor_parallel_size: 1,
             val_override: ValOverride::default(),
         }

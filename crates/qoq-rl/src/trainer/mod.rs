@@ -511,7 +511,7 @@ impl Trainer {
                 .collect();
         });
         let phase = self.perf.phase();
-        let gen_cfg = self.sampling();
+        let gen_cfg = self.sampling()?;
         let groups: Vec<RolloutGroup> = self.generate(step, &path, &prompts, requests, &gen_cfg)?;
         // ReMax: each prompt's greedy rollout, scored, is its rollouts' baseline.
         let baselines = if matches!(self.estimator, Estimator::Remax) {

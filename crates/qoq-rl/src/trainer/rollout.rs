@@ -4,7 +4,7 @@
 
 use super::{Result, Trainer, TrainerError};
 use qoq_core::{ClinicalSample, GroupId, Rollout, RolloutGroup};
-use qoq_engine::{GenerateConfig, GroupRequest, SamplingParams, StopCondition};
+use qoq_engine::{GenerateConfig, GroupRequest, KvBudget, SamplingParams, StopCondition};
 use qoq_processor::processor::ProcessedSample;
 use qoq_reward::MaskIndex;
 use std::path::Path;
@@ -119,14 +119,49 @@ impl Trainer {
         Ok(out)
     }
 
+    /// The key/value budget of the rollout batch: `rollout.kv_cache_mib`, or what
+    /// `rollout.gpu_memory_utilization` of the GPU's memory leaves after what is allocated now.
+    fn kv_budget(&self) -> Result<Option<KvBudget>> {
+        let r = &self.cfg.rollout;
+        if let Some(u) = r.gpu_memory_utilization {
+            let key = "rollout.gpu_memory_utilization";
+            let mem = qoq_model::device::memory(self.model.device())
+                .map_err(|e| TrainerError::Config(format!("{key}: {e}")))?;
+            let cap = (u * mem.total as f64) as u64;
+            let used = mem.total.saturating_sub(mem.free);
+            if cap <= used {
+                return Err(TrainerError::Config(format!(
+                    "{key} = {u}: {:.0} MiB of the GPU's {:.0} MiB, but {:.0} MiB are in use \
+                     already (weights, optimiser state): nothing is left for the key/value \
+                     cache; raise it",
+                    KvBudget::mib(cap),
+                    KvBudget::mib(mem.total),
+                    KvBudget::mib(used)
+                )));
+            }
+            return Ok(Some(KvBudget::for_model(
+                &self.model,
+                cap - used,
+                format!("{key} = {u}"),
+            )));
+        }
+        Ok((r.kv_cache_mib > 0).then(|| {
+            KvBudget::for_model(
+                &self.model,
+                r.kv_cache_mib.saturating_mul(1024 * 1024),
+                format!("rollout.kv_cache_mib = {}", r.kv_cache_mib),
+            )
+        }))
+    }
+
     /// The rollout sampling settings of the run.
-    pub(super) fn sampling(&self) -> GenerateConfig {
+    pub(super) fn sampling(&self) -> Result<GenerateConfig> {
         let r = &self.cfg.rollout;
         let ids = self.processor.tokenizer.ids;
         // The reference biases `<|image_pad|>`; the video and ECG placeholders get the same
         // bias here, as a sampled placeholder cannot be re-encoded by the training forward.
         let placeholders = self.placeholder_ids();
-        GenerateConfig {
+        Ok(GenerateConfig {
             sampling: SamplingParams {
                 temperature: r.temperature as f32,
                 top_p: r.top_p as f32,
@@ -152,7 +187,8 @@ impl Trainer {
             },
             max_batch_rows: self.cfg.rollouts_per_step(),
             prefill_tokens: r.max_num_batched_tokens,
-        }
+            kv_budget: self.kv_budget()?,
+        })
     }
 
     /// Token ids the model replaces by encoder features.
@@ -313,7 +349,7 @@ impl Trainer {
         prompts: &[Prompt],
     ) -> Result<Vec<f64>> {
         let requests = self.requests(step, path, prompts, 1)?;
-        let mut cfg = self.sampling();
+        let mut cfg = self.sampling()?;
         cfg.sampling.temperature = 0.0;
         cfg.max_batch_rows = prompts.len();
         let groups = self.generate(step, path, prompts, requests, &cfg)?;

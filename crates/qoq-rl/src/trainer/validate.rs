@@ -26,7 +26,7 @@ impl Trainer {
             message,
         };
         let vo = &self.cfg.rollout.val_override;
-        let mut gen_cfg = self.sampling();
+        let mut gen_cfg = self.sampling()?;
         gen_cfg.sampling.temperature = vo.temperature as f32;
         gen_cfg.max_batch_rows = self.cfg.data.val_batch_size * vo.n;
         let mut acc =

@@ -333,20 +333,18 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
     let device = a.device.open()?;
     let (cfg, model) = qoq_model::loading::load_model(&a.model, DType::F32, &device)
         .with_context(|| format!("loading the model in {}", a.model.display()))?;
-    let t = &cfg.text;
-    let head_dim = t.hidden_size / t.num_attention_heads.max(1);
-    let kv_bytes_per_position =
-        (t.num_hidden_layers * 2 * t.num_key_value_heads * head_dim * DType::F32.size_in_bytes())
-            as u64;
-    let kv_budget_bytes = a.kv_cache_mb.saturating_mul(1024 * 1024);
-    let metrics = Arc::new(Metrics::new(kv_budget_bytes));
+    let kv = qoq_engine::KvBudget::for_model(
+        &model,
+        a.kv_cache_mb.saturating_mul(1024 * 1024),
+        format!("--kv-cache-mb {}", a.kv_cache_mb),
+    );
+    let metrics = Arc::new(Metrics::new(kv.bytes));
     let ids = with_format.tokenizer.ids;
     let (tx, rx) = std::sync::mpsc::channel::<Msg>();
     let limits = scheduler::Limits {
         max_running: a.max_running,
         max_rows: a.max_batch_rows.max(1),
-        kv_budget_bytes,
-        kv_bytes_per_position,
+        kv,
         prefill_budget: a.prefill_budget.max(1),
         prefill_chunk: a.prefill_chunk,
         step_delay: Duration::from_millis(a.step_delay_ms),
@@ -359,7 +357,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         eos: vec![ids.im_end, ids.endoftext],
         image_token_id: cfg.image_token_id,
         has_ecg: cfg.has_time_series(),
-        vocab_size: t.vocab_size,
+        vocab_size: cfg.text.vocab_size,
         in_flight: AtomicUsize::new(0),
         max_running: a.max_running,
         queue_size: a.queue_size,

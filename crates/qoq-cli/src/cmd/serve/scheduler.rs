@@ -3,7 +3,7 @@
 //!
 //! * at most `max_running` requests run (`--max-running`; 1 gives one request at a time);
 //! * at most `max_rows` sequences decode together (a request takes `n` rows);
-//! * the key/value memory stays within `kv_budget_bytes`: a request is admitted only when the
+//! * the key/value memory stays within the budget ([`KvBudget`], `--kv-cache-mb`): a request is admitted only when the
 //!   batch's worst case, `rows x capacity(longest (prompt + max_tokens)) x bytes per position`
 //!   (the cache's buffers grow in steps: [`qoq_model::text::kv_capacity`]), fits (the
 //!   engine trims its cache to its longest live row, so this bounds what it holds); a request
@@ -18,7 +18,7 @@
 
 use super::ApiError;
 use super::metrics::Metrics;
-use qoq_engine::{Engine, SamplingParams, SeqRequest, StopCondition, TokenEvent};
+use qoq_engine::{Engine, KvBudget, SamplingParams, SeqRequest, StopCondition, TokenEvent};
 use qoq_model::{ClinicalVlm, ModelInputs};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -59,9 +59,8 @@ pub enum Msg {
 pub struct Limits {
     pub max_running: usize,
     pub max_rows: usize,
-    pub kv_budget_bytes: u64,
-    /// Key and value bytes of one position of one sequence.
-    pub kv_bytes_per_position: u64,
+    /// The batch's key/value memory (`--kv-cache-mb`).
+    pub kv: KvBudget,
     pub prefill_budget: usize,
     pub prefill_chunk: usize,
     /// Pause after each step (hidden test flag: keeps requests running long enough to observe).
@@ -81,14 +80,6 @@ struct Running {
 impl Running {
     fn finished(&self) -> bool {
         self.done.iter().all(|&d| d)
-    }
-}
-
-impl Limits {
-    /// The batch's key/value bytes at most: the cache's buffers hold `kv_capacity(len)`
-    /// positions for a batch whose longest row reaches `len`.
-    fn worst_case(&self, rows: usize, len: usize) -> u64 {
-        rows as u64 * qoq_model::text::kv_capacity(len) as u64 * self.kv_bytes_per_position
     }
 }
 
@@ -166,7 +157,7 @@ pub fn run(
         while let Some(j) = waiting.front() {
             let rows: usize = running.values().map(|r| r.rows).sum();
             let len = j.prompt_tokens + j.stop.max_new_tokens;
-            if lim.worst_case(j.n, len) > lim.kv_budget_bytes {
+            if !lim.kv.fits(j.n, len) {
                 let j = waiting.pop_front().expect("front");
                 let _ = j.tx.send(Out::Error(ApiError::bad(
                     "context_too_long",
@@ -175,8 +166,8 @@ pub fn run(
                         j.n,
                         j.prompt_tokens,
                         j.stop.max_new_tokens,
-                        lim.worst_case(j.n, len),
-                        lim.kv_budget_bytes
+                        lim.kv.worst_case(j.n, len),
+                        lim.kv.bytes
                     ),
                 )));
                 continue;
@@ -185,7 +176,7 @@ pub fn run(
                 let longest = running.values().map(|r| r.len).max().unwrap_or(0).max(len);
                 if running.len() >= lim.max_running
                     || rows + j.n > lim.max_rows
-                    || lim.worst_case(rows + j.n, longest) > lim.kv_budget_bytes
+                    || !lim.kv.fits(rows + j.n, longest)
                 {
                     break;
                 }
@@ -194,6 +185,7 @@ pub fn run(
             let req = SeqRequest {
                 inputs: j.inputs,
                 n: j.n,
+                first_rollout: 0,
                 stream: 0,
                 sampling: j.sampling,
                 stop: j.stop,
