@@ -21,6 +21,7 @@
 //! Files: this one (the whole file, its errors, validation), `sections.rs` (one struct per
 //! section), `overrides.rs` (`--set` overrides).
 
+pub mod consumers;
 mod overrides;
 mod sections;
 
