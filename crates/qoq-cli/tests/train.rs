@@ -354,3 +354,102 @@ fn tiny_cpu_config_runs_after_synth_and_model_init() {
     assert!(step1.metrics["reward/overall"].is_finite());
     assert!(run.join("checkpoint_step_1").is_dir());
 }
+
+/// The real 7B checkpoint's shape (`config.json` of Qwen2.5-VL-7B: dimensions only).
+const SEVEN_B_CONFIG: &str = r#"{
+  "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+  "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+  "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+  "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "max_position_embeddings": 128000,
+  "hidden_act": "silu", "tie_word_embeddings": false, "image_token_id": 151655,
+  "video_token_id": 151656, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+  "vision_token_id": 151654, "bos_token_id": 151643, "eos_token_id": 151645,
+  "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+  "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420,
+    "num_heads": 16, "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2,
+    "temporal_patch_size": 2, "tokens_per_second": 2, "window_size": 112,
+    "fullatt_block_indexes": [7, 15, 23, 31], "out_hidden_size": 3584, "hidden_act": "silu"}
+}"#;
+
+/// `--dry-run` loads no weights and writes nothing: on the tiny model it prints the estimate and
+/// fits; the 7B recipe on a 7B-shaped model (its config.json only, no weights) does not fit this
+/// machine (f32 weights, reference, AdamW moments and gradients: about 200 GiB) and exits 1
+/// with the numbers.
+#[test]
+fn dry_run_prints_the_memory_estimate_and_refuses_a_plan_that_cannot_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = derm_manifest(dir.path(), 2, "What is the diagnosis?");
+    let out = dir.path().join("run");
+    let run_toml = dir.path().join("run.toml");
+    std::fs::write(
+        &run_toml,
+        format!(
+            "[data]\ntrain_files = \"{m}\"\nval_files = \"{m}\"\nrollout_batch_size = 2\n\
+             [model]\nmodel_path = \"{model}\"\n[actor]\nglobal_batch_size = 2\n\
+             micro_batch_size_per_device_for_update = 2\n[trainer]\nn_gpus_per_node = 1\n\
+             out_dir = \"{out}\"\n",
+            m = manifest.display(),
+            model = model.display(),
+            out = out.display()
+        ),
+    )
+    .unwrap();
+    let o = train(&[
+        "--config".as_ref(),
+        run_toml.as_os_str(),
+        "--dry-run".as_ref(),
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for part in [
+        "parameters",
+        "weights",
+        "reference",
+        "optimiser",
+        "kv cache",
+        "activations",
+        "gradients",
+        "peak",
+        "the run fits",
+    ] {
+        assert!(stdout.contains(part), "{part}: {stdout}");
+    }
+    assert!(!out.exists(), "a dry run wrote {}", out.display());
+
+    let big = dir.path().join("seven_b");
+    std::fs::create_dir_all(&big).unwrap();
+    std::fs::write(big.join("config.json"), SEVEN_B_CONFIG).unwrap();
+    let recipe = repo().join("configs/qoq_med_7b_drpo.toml");
+    let o = train(&[
+        "--config".as_ref(),
+        recipe.as_os_str(),
+        "--set".as_ref(),
+        format!("model.model_path={}", big.display()).as_ref(),
+        "--set".as_ref(),
+        format!("trainer.out_dir={}", out.display()).as_ref(),
+        "--dry-run".as_ref(),
+    ]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert_eq!(o.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("the run does not fit: it needs about") && stderr.contains("GiB"),
+        "{stderr}"
+    );
+    // 8.3 billion parameters, all trained.
+    let params: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("parameters "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!((8_200_000_000..8_400_000_000).contains(&params), "{params}");
+    assert!(!out.exists());
+}

@@ -8,6 +8,7 @@ pub mod early_stopping;
 pub mod error;
 pub mod kmeans;
 pub mod loss;
+pub mod memory;
 pub mod metrics_log;
 pub mod optim;
 pub mod rng;

@@ -505,6 +505,7 @@ fn worker(a: &TrainStepArgs, dir: &Path) -> anyhow::Result<()> {
     let optim = run.actor.optim.clone();
     let opts = run.processor_options();
     let placeholder_bias = run.rollout.image_pad_logit_bias;
+    let plan_cfg = run.clone();
     let mut trainer = Trainer::with_reward(
         run,
         Box::new(AlternatingReward {
@@ -535,7 +536,29 @@ fn worker(a: &TrainStepArgs, dir: &Path) -> anyhow::Result<()> {
     // Free the models before the reference runs, so that its memory is not shared with ours.
     drop(trainer);
 
+    // `qoq train --dry-run`'s estimate for this run, with the step's own prompt lengths and
+    // images, beside the measured peak.
+    let model_cfg = qoq_core::hf_config::QwenVlConfig::from_file(&model_dir.join("config.json"))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", model_dir.display()))?;
+    let longest = outs[0].prompt_lens.iter().copied().max().unwrap_or(0);
+    let patches: Vec<usize> = outs[0]
+        .requests
+        .iter()
+        .map(|r| {
+            r.image_grid_thw
+                .iter()
+                .map(|g| g[0] * g[1] * g[2])
+                .collect::<Vec<_>>()
+        })
+        .max_by_key(|p| p.iter().sum::<usize>())
+        .unwrap_or_default();
+    let plan = qoq_rl::memory::MemoryPlan::estimate(&plan_cfg, &model_cfg, longest, &patches)
+        .map_err(|e| anyhow::anyhow!(e))?;
     let qoq = json!({
+        "estimate": {
+            "peak_mib": plan.peak() as f64 / (1u64 << 20) as f64,
+            "table": plan.table(),
+        },
         "threads": threads,
         "phases": phase_json(&summarise(&outs.iter().map(|o| o.phases.clone()).collect::<Vec<_>>())),
         "steps": outs.iter().map(|o| json!({
@@ -759,6 +782,13 @@ pub fn train_step(a: TrainStepArgs) -> anyhow::Result<ExitCode> {
             cell(tm, 0)
         );
     }
+    let est = num(&qoq["estimate"]["peak_mib"]);
+    let measured = num(&qoq["phases"]["total"]["peak_mib"]);
+    println!(
+        "memory estimate (as `qoq train --dry-run` computes it, for this step's prompts): \
+         {est:.0} MiB, measured peak {measured:.0} MiB (estimate/measured {:.2})",
+        est / measured
+    );
     let mut check: Option<Value> = None;
     match (&torch, &absent) {
         (_, Some(why)) => println!("PyTorch reference not run: {why}"),

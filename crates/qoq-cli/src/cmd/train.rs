@@ -56,6 +56,13 @@ pub struct TrainArgs {
     /// cuda`.
     #[arg(long, value_parser = qoq_model::DeviceSpec::parse)]
     device: Option<qoq_model::DeviceSpec>,
+    /// Load nothing and train nothing: print the run's memory estimate on its device
+    /// (parameters; weights, reference, optimiser, gradients, activations, kv cache) for prompts
+    /// of `data.max_prompt_length` tokens with `rollout.limit_images` images of
+    /// `data.max_pixels`, and exit 1 when it does not fit the memory available (CPU: MemAvailable;
+    /// GPU: the device's free memory).
+    #[arg(long)]
+    dry_run: bool,
 }
 
 pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
@@ -71,6 +78,12 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
     let mut overrides = a.overrides.clone();
     if let Some(d) = a.device {
         overrides.push(format!("model.device={d}"));
+    }
+    if a.dry_run {
+        if a.init_from.is_some() || a.allow_changed_data || a.sft || a.no_plot {
+            bail!("--dry-run takes --config or --resume, with --set and --device only");
+        }
+        return dry_run(&a, &overrides);
     }
     // The run folder is locked before anything in it is opened (a resume truncates the metrics
     // log): a second `qoq train` on it stops here, naming the first.
@@ -233,6 +246,82 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
             eprintln!("curves not drawn: {e:#}");
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--dry-run`: the memory estimate of the run file (or of the checkpoint's saved run), against
+/// the memory its device has free now.
+fn dry_run(a: &TrainArgs, overrides: &[String]) -> anyhow::Result<ExitCode> {
+    let (cfg, model_dir) = match (&a.resume, &a.config) {
+        (Some(dir), _) => {
+            let ck = qoq_rl::checkpoint::latest_or_self(dir)?;
+            let path = ck.join(qoq_rl::checkpoint::files::CONFIG);
+            let cfg = RunConfig::load(&path, overrides)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let dir = if ck.join("config.json").is_file() {
+                ck
+            } else {
+                PathBuf::from(&cfg.model.model_path)
+            };
+            (cfg, dir)
+        }
+        (None, Some(path)) => {
+            let cfg = RunConfig::load(path, overrides)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let dir = PathBuf::from(&cfg.model.model_path);
+            (cfg, dir)
+        }
+        (None, None) => bail!("give --config RUN.toml or --resume CHECKPOINT"),
+    };
+    let model = qoq_model::loading::read_config(&model_dir).with_context(|| {
+        format!(
+            "model.model_path: reading {}/config.json",
+            model_dir.display()
+        )
+    })?;
+    // The worst case the run file allows: prompts of max_prompt_length tokens, holding
+    // limit_images images of max_pixels (as many as the prompt can hold).
+    let v = &model.vision;
+    let per_image = cfg.data.max_pixels / (v.patch_size * v.patch_size).max(1);
+    let merge = (v.spatial_merge_size * v.spatial_merge_size).max(1);
+    let images = cfg
+        .rollout
+        .limit_images
+        .min(cfg.data.max_prompt_length * merge / per_image.max(1));
+    let plan = qoq_rl::memory::MemoryPlan::estimate(
+        &cfg,
+        &model,
+        cfg.data.max_prompt_length,
+        &vec![per_image; images],
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
+    let spec = cfg.device()?;
+    let device = spec.device()?;
+    let mem = qoq_model::device::memory(&device).map_err(|e| anyhow::anyhow!("{spec}: {e}"))?;
+    let gib = qoq_rl::memory::gib;
+    println!(
+        "memory estimate of {} on {spec} (prompts of {} tokens with {images} image(s) of {} \
+         patches, responses of {} tokens):",
+        model_dir.display(),
+        cfg.data.max_prompt_length,
+        per_image,
+        cfg.data.max_response_length
+    );
+    print!("{}", plan.table());
+    println!(
+        "{spec}: {:.2} GiB available of {:.2} GiB",
+        gib(mem.free),
+        gib(mem.total)
+    );
+    if plan.peak() > mem.free {
+        eprintln!(
+            "the run does not fit: it needs about {:.2} GiB, {spec} has {:.2} GiB available",
+            gib(plan.peak()),
+            gib(mem.free)
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    println!("the run fits");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -482,6 +482,35 @@ impl RunConfig {
             .map_err(|e| invalid("model.device", e.to_string()))
     }
 
+    /// The trained components: `model.trainable`'s groups when set (a parameter trains when its
+    /// group is listed and the component is not frozen), else the `model.freeze_*` switches.
+    pub fn trainable(
+        &self,
+    ) -> std::result::Result<
+        (
+            Option<crate::trainable::TrainableGroups>,
+            qoq_model::train::Freeze,
+        ),
+        String,
+    > {
+        let groups = match &self.model.trainable {
+            Some(names) => Some(
+                crate::trainable::TrainableGroups::parse(names)
+                    .map_err(|e| format!("model.trainable: {e}"))?,
+            ),
+            None => None,
+        };
+        let freeze = match &groups {
+            Some(g) => g.freeze(),
+            None => qoq_model::train::Freeze {
+                vision_tower: self.model.freeze_vision_tower,
+                time_series_encoder: self.model.freeze_time_series_encoder,
+                llm: self.model.freeze_llm,
+            },
+        };
+        Ok((groups, freeze))
+    }
+
     /// `model.trainable`, `trainer.early_stopping`.
     fn validate_paper_keys(&self) -> Result<()> {
         if let Some(names) = &self.model.trainable {

@@ -82,6 +82,17 @@ pub enum DtypeName {
     F16,
 }
 
+impl DtypeName {
+    /// The tensor type.
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            DtypeName::F32 => candle_core::DType::F32,
+            DtypeName::Bf16 => candle_core::DType::BF16,
+            DtypeName::F16 => candle_core::DType::F16,
+        }
+    }
+}
+
 /// `[model]`: which checkpoint, which parts train, precision (reference
 /// `worker.actor.model`, spec §6).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

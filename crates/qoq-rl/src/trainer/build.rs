@@ -11,23 +11,18 @@ use crate::early_stopping::EarlyStoppingState;
 use crate::metrics_log::RunLog;
 use crate::optim::AdamW;
 use crate::run_dir::{DataFingerprint, data_changes};
-use crate::trainable::TrainableGroups;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use qoq_data::manifest::{Cursor, Manifest, RowOrder};
 use qoq_model::ClinicalVlm;
-use qoq_model::train::{Freeze, trainable_var_builder};
+use qoq_model::train::trainable_var_builder;
 use qoq_processor::processor::Processor;
 use qoq_reward::RewardFn;
 use std::path::{Path, PathBuf};
 
 /// The candle dtype of a config dtype name.
 pub fn dtype_of(d: DtypeName) -> DType {
-    match d {
-        DtypeName::F32 => DType::F32,
-        DtypeName::Bf16 => DType::BF16,
-        DtypeName::F16 => DType::F16,
-    }
+    d.dtype()
 }
 
 /// Opens the run's device (`model.device`) and writes its canonical name (`cuda` → `cuda:0`)
@@ -198,21 +193,7 @@ fn build(
     if let Some(i) = init {
         i.check_architecture(&model_cfg, &model_dir)?;
     }
-    let groups = match &cfg.model.trainable {
-        Some(names) => Some(
-            TrainableGroups::parse(names)
-                .map_err(|e| TrainerError::Config(format!("model.trainable: {e}")))?,
-        ),
-        None => None,
-    };
-    let freeze = match &groups {
-        Some(g) => g.freeze(),
-        None => Freeze {
-            vision_tower: cfg.model.freeze_vision_tower,
-            time_series_encoder: cfg.model.freeze_time_series_encoder,
-            llm: cfg.model.freeze_llm,
-        },
-    };
+    let (groups, freeze) = cfg.trainable().map_err(TrainerError::Config)?;
     let (vb, store) = trainable_var_builder(vb, freeze);
     let model = ClinicalVlm::new(&model_cfg, vb).map_err(model_err)?;
     let dtype = dtype_of(cfg.model.master_dtype);

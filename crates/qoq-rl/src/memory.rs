@@ -1,0 +1,307 @@
+//! The memory a run needs on its device, estimated from the run file and the model's
+//! `config.json` alone (nothing loaded): `qoq train --dry-run` prints it and refuses a plan that
+//! cannot fit, and `qoq bench train-step` prints it beside the measured peak.
+//!
+//! The parts, in bytes:
+//! - **weights**: every parameter in `model.master_dtype`;
+//! - **reference**: the frozen KL reference model, another copy, when the run needs one;
+//! - **optimiser**: AdamW's two moments per trained parameter (f32, or bf16 moments plus a bf16
+//!   compensation buffer with `actor.strategy = "adamw_bf16"`);
+//! - **gradients**: the trained parameters' f32 gradients, twice (one micro-batch's, and the sum
+//!   over the mini-batch's micro-batches);
+//! - **activations**: what one update micro-batch keeps for its backward. The training forward
+//!   is composed of candle ops, each of which keeps its output until the backward has passed it:
+//!   per token and decoder layer about [`DECODER_VALUES_PER_TOKEN`] hidden-sized values, five
+//!   MLP-sized ones and four attention rows of its length per head; the vision tower likewise
+//!   per patch; the chosen-token log-probabilities keep [`LOGIT_COPIES`] copies of the response
+//!   positions' logits. In f32.
+//! - **kv cache**: the rollout batch's keys and values, `rows · kv_capacity(prompt + response)`
+//!   positions, bounded by `rollout.kv_cache_mib` when set; it is freed before the update.
+//!
+//! The peak is the resident parts plus the larger of the rollout phase (kv cache) and the update
+//! phase (activations and gradients), plus [`RUNTIME_BYTES`] for the program itself.
+
+use crate::config::{DtypeName, OptimizerStrategy, RunConfig};
+use qoq_core::hf_config::QwenVlConfig;
+
+/// Hidden-sized f32 values a decoder layer's training forward keeps per token: norms (input,
+/// normalised, scaled: 3, twice), q/k/v and their bias sums, the rotary embedding's products,
+/// the attention output and its copies, the output projection, two residual sums.
+pub const DECODER_VALUES_PER_TOKEN: usize = 20;
+/// MLP-sized (intermediate) values per token and layer: gate, up, sigmoid, SiLU, product.
+pub const MLP_VALUES_PER_TOKEN: usize = 5;
+/// Attention rows (one per head, of the sequence's length) per token and layer: the masked
+/// scores, their exponentials, the probabilities, and the mask added.
+pub const ATTENTION_ROWS_PER_TOKEN: usize = 4;
+/// Copies of the response positions' logits the log-probability and its gradient hold.
+pub const LOGIT_COPIES: usize = 3;
+/// The program, its allocator and its tokenizer.
+pub const RUNTIME_BYTES: u64 = 256 << 20;
+
+/// One part of the estimate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Part {
+    /// `weights`, `reference`, ...
+    pub name: &'static str,
+    pub bytes: u64,
+    /// How it was counted.
+    pub detail: String,
+}
+
+/// The estimate of a run's memory on its device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryPlan {
+    /// Parameters of the model.
+    pub parameters: u64,
+    /// Of them, trained.
+    pub trained: u64,
+    /// Resident for the whole run.
+    pub resident: Vec<Part>,
+    /// The rollout phase's own memory.
+    pub rollout: Vec<Part>,
+    /// The update phase's own memory.
+    pub update: Vec<Part>,
+}
+
+fn sum(parts: &[Part]) -> u64 {
+    parts.iter().map(|p| p.bytes).sum()
+}
+
+fn bytes_of(d: DtypeName) -> u64 {
+    d.dtype().size_in_bytes() as u64
+}
+
+/// `n` bytes in GiB.
+pub fn gib(n: u64) -> f64 {
+    n as f64 / (1u64 << 30) as f64
+}
+
+impl MemoryPlan {
+    /// The estimate for `cfg` on a model of shape `model`, with prompts of `prompt_tokens`
+    /// tokens at most (image and ECG placeholders included; `data.max_prompt_length` when
+    /// nothing better is known) holding images of `image_patches` patches each (before the
+    /// merger; none for text).
+    pub fn estimate(
+        cfg: &RunConfig,
+        model: &QwenVlConfig,
+        prompt_tokens: usize,
+        image_patches: &[usize],
+    ) -> Result<Self, String> {
+        let shapes = qoq_model::loading::requested_parameters(model).map_err(|e| e.to_string())?;
+        let (groups, freeze) = cfg.trainable()?;
+        let trains =
+            |name: &str| freeze.trains(name) && groups.as_ref().is_none_or(|g| g.trains(name));
+        let count = |s: &Vec<usize>| s.iter().product::<usize>() as u64;
+        let parameters: u64 = shapes.values().map(count).sum();
+        let trained: u64 = shapes
+            .iter()
+            .filter(|(n, _)| trains(n))
+            .map(|(_, s)| count(s))
+            .sum();
+        let master = bytes_of(cfg.model.master_dtype);
+        let mut resident = vec![Part {
+            name: "weights",
+            bytes: parameters * master,
+            detail: format!(
+                "{parameters} parameters × {master} B ({:?})",
+                cfg.model.master_dtype
+            ),
+        }];
+        if cfg.algorithm.needs_reference() {
+            resident.push(Part {
+                name: "reference",
+                bytes: parameters * master,
+                detail: "the frozen KL reference, a second copy".into(),
+            });
+        }
+        let (moments, what) = match cfg.actor.strategy {
+            OptimizerStrategy::Adamw => (8, "two f32 moments"),
+            OptimizerStrategy::AdamwBf16 => (6, "two bf16 moments + bf16 compensation"),
+        };
+        resident.push(Part {
+            name: "optimiser",
+            bytes: trained * moments,
+            detail: format!("{trained} trained parameters × {what}"),
+        });
+        let t = &model.text;
+        let response = cfg.data.max_response_length;
+        let seq = prompt_tokens + response;
+        let rows = cfg.rollouts_per_step();
+        let bpp = qoq_engine::kv_bytes_per_position(t, cfg.model.master_dtype.dtype());
+        let kv_rows = rows as u64 * qoq_model::text::kv_capacity(seq) as u64 * bpp;
+        let (kv, kv_detail) = match cfg.rollout.kv_cache_mib {
+            0 => (
+                kv_rows,
+                format!("{rows} rows × {seq} positions × {bpp} B (buffers grown by 1.5×)"),
+            ),
+            mib => (
+                kv_rows.min(mib << 20),
+                format!("bounded by rollout.kv_cache_mib = {mib}"),
+            ),
+        };
+        let rollout = vec![Part {
+            name: "kv cache",
+            bytes: kv,
+            detail: kv_detail,
+        }];
+        let micro = cfg.actor.micro_batch_size_per_device_for_update as u64;
+        let (h, i, heads, layers) = (
+            t.hidden_size as u64,
+            t.intermediate_size as u64,
+            t.num_attention_heads as u64,
+            t.num_hidden_layers as u64,
+        );
+        let s = seq as u64;
+        let per_token = DECODER_VALUES_PER_TOKEN as u64 * h
+            + MLP_VALUES_PER_TOKEN as u64 * i
+            + ATTENTION_ROWS_PER_TOKEN as u64 * heads * s;
+        let decoder = micro * s * layers * per_token * 4;
+        let v = &model.vision;
+        let p: u64 = image_patches.iter().map(|&n| n as u64).sum();
+        // Each image attends within itself.
+        let vision: u64 = image_patches
+            .iter()
+            .map(|&n| {
+                let n = n as u64;
+                let per_patch = DECODER_VALUES_PER_TOKEN as u64 * v.hidden_size as u64
+                    + MLP_VALUES_PER_TOKEN as u64 * v.intermediate_size as u64
+                    + ATTENTION_ROWS_PER_TOKEN as u64 * v.num_heads as u64 * n;
+                micro * n * v.depth as u64 * per_patch * 4
+            })
+            .sum();
+        let logits = micro * response as u64 * t.vocab_size as u64 * 4 * LOGIT_COPIES as u64;
+        let update = vec![
+            Part {
+                name: "activations",
+                bytes: decoder + vision,
+                detail: format!(
+                    "{micro} rows × {seq} tokens × {layers} layers{}, f32",
+                    if p > 0 {
+                        format!(" + {p} image patches × {} vision blocks", v.depth)
+                    } else {
+                        String::new()
+                    }
+                ),
+            },
+            Part {
+                name: "logits",
+                bytes: logits,
+                detail: format!(
+                    "{micro} rows × {response} response tokens × {} vocabulary × {LOGIT_COPIES}",
+                    t.vocab_size
+                ),
+            },
+            Part {
+                name: "gradients",
+                bytes: trained * 4 * 2,
+                detail: "f32, a micro-batch's and the mini-batch's sum".into(),
+            },
+        ];
+        Ok(MemoryPlan {
+            parameters,
+            trained,
+            resident,
+            rollout,
+            update,
+        })
+    }
+
+    /// The peak: resident + the larger phase + the program.
+    pub fn peak(&self) -> u64 {
+        sum(&self.resident) + sum(&self.rollout).max(sum(&self.update)) + RUNTIME_BYTES
+    }
+
+    /// A table of the parts (GiB) and the peak.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "parameters {} ({} trained)\n",
+            self.parameters, self.trained
+        );
+        for (phase, parts) in [
+            ("resident", &self.resident),
+            ("rollout", &self.rollout),
+            ("update", &self.update),
+        ] {
+            for p in parts.iter() {
+                out += &format!(
+                    "  {phase:<9} {:<12} {:>9.2} GiB  {}\n",
+                    p.name,
+                    gib(p.bytes),
+                    p.detail
+                );
+            }
+        }
+        out += &format!(
+            "  peak (resident + larger phase + {:.2} GiB program) {:.2} GiB\n",
+            gib(RUNTIME_BYTES),
+            gib(self.peak())
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RunConfig;
+
+    fn tiny() -> QwenVlConfig {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../qoq-processor/tests/fixtures/tiny_model/config.json");
+        QwenVlConfig::from_file(&p).unwrap()
+    }
+
+    fn part(parts: &[Part], name: &str) -> u64 {
+        parts.iter().find(|p| p.name == name).map_or(0, |p| p.bytes)
+    }
+
+    /// The parts follow the settings they count: parameters from the model's shapes, the
+    /// reference only with a KL term, bf16 moments at 6 bytes, the kv cache capped by
+    /// `rollout.kv_cache_mib`, frozen components without optimiser state.
+    #[test]
+    fn the_parts_follow_the_run_file() {
+        let m = tiny();
+        let shapes = qoq_model::loading::requested_parameters(&m).unwrap();
+        let total: u64 = shapes
+            .values()
+            .map(|s| s.iter().product::<usize>() as u64)
+            .sum();
+        let mut c = RunConfig::default();
+        let p = MemoryPlan::estimate(&c, &m, 100, &[64]).unwrap();
+        assert_eq!(p.parameters, total);
+        assert_eq!(part(&p.resident, "weights"), total * 4);
+        assert_eq!(part(&p.resident, "reference"), total * 4);
+        assert_eq!(part(&p.resident, "optimiser"), p.trained * 8);
+        assert_eq!(
+            p.peak(),
+            p.resident.iter().map(|x| x.bytes).sum::<u64>()
+                + p.rollout
+                    .iter()
+                    .map(|x| x.bytes)
+                    .sum::<u64>()
+                    .max(p.update.iter().map(|x| x.bytes).sum::<u64>())
+                + RUNTIME_BYTES
+        );
+        c.actor.strategy = OptimizerStrategy::AdamwBf16;
+        c.algorithm.kl.use_kl_loss = false;
+        c.algorithm.kl.disable_kl = true;
+        let q = MemoryPlan::estimate(&c, &m, 100, &[64]).unwrap();
+        assert_eq!(part(&q.resident, "optimiser"), q.trained * 6);
+        assert_eq!(part(&q.resident, "reference"), 0);
+        c.rollout.kv_cache_mib = 1;
+        let uncapped = part(&q.rollout, "kv cache");
+        let capped = MemoryPlan::estimate(&c, &m, 100, &[64]).unwrap();
+        assert_eq!(part(&capped.rollout, "kv cache"), uncapped.min(1 << 20));
+        c.model.freeze_vision_tower = true;
+        let frozen = MemoryPlan::estimate(&c, &m, 100, &[64]).unwrap();
+        let vision: u64 = shapes
+            .iter()
+            .filter(|(n, _)| n.starts_with("visual."))
+            .map(|(_, s)| s.iter().product::<usize>() as u64)
+            .sum();
+        assert_eq!(frozen.trained, q.trained - vision);
+        // Longer prompts and more image patches need more activation memory.
+        let longer = MemoryPlan::estimate(&c, &m, 400, &[256]).unwrap();
+        assert!(part(&longer.update, "activations") > part(&frozen.update, "activations"));
+    }
+}
