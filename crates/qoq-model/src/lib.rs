@@ -19,6 +19,7 @@ pub mod ecg;
 pub mod vision;
 
 pub mod batch;
+pub mod checkpoint;
 pub mod device;
 pub mod error;
 pub mod fused;

@@ -679,7 +679,16 @@ impl TextModel {
         let mask = causal_padding_mask(attention_mask, b, s, inputs_embeds.device())?;
         let mut x = inputs_embeds.clone();
         for layer in &self.layers {
-            x = layer.forward(&x, &rope, &mask, mode)?;
+            x = if mode == ForwardMode::Train {
+                // Recomputed in the backward under activation checkpointing.
+                let (layer, rope, mask) = (layer.clone(), rope.clone(), mask.clone());
+                crate::checkpoint::checkpointed(
+                    &x,
+                    std::sync::Arc::new(move |x: &Tensor| layer.forward(x, &rope, &mask, mode)),
+                )?
+            } else {
+                layer.forward(&x, &rope, &mask, mode)?
+            };
         }
         self.norm.forward(&x, mode)
     }

@@ -531,7 +531,16 @@ impl VisionTower {
             } else {
                 &window_runs
             };
-            x = blk.forward(&x, runs, &rot, mode)?;
+            x = if mode == ForwardMode::Train {
+                // Recomputed in the backward under activation checkpointing.
+                let (blk, runs, rot) = (blk.clone(), runs.clone(), rot.clone());
+                crate::checkpoint::checkpointed(
+                    &x,
+                    std::sync::Arc::new(move |x: &Tensor| blk.forward(x, &runs, &rot, mode)),
+                )?
+            } else {
+                blk.forward(&x, runs, &rot, mode)?
+            };
         }
         let merged = self.merger.forward(&x, mode)?; // (s / unit, out), window order
         merged.index_select(&inverse_t, 0)

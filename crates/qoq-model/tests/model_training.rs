@@ -9,7 +9,7 @@ use candle_nn::{VarBuilder, VarMap};
 use qoq_model::loading::{checkpoint_var_builder, load_model, read_config};
 use qoq_model::lora::{LoraBuilder, LoraConfig, all_targets};
 use qoq_model::train::{Component, Freeze, ParamStore, save_merged, trainable_var_builder};
-use qoq_model::{ClinicalVlm, ForwardMode, ModelInputs};
+use qoq_model::{ClinicalVlm, ForwardMode, ModelInputs, checkpoint};
 use support::*;
 
 fn build(dtype: DType, freeze: Freeze) -> (ClinicalVlm, ParamStore) {
@@ -58,6 +58,51 @@ fn every_trainable_parameter_receives_a_finite_nonzero_gradient() {
     assert_eq!(
         seen, [true; 3],
         "vision, ECG and LLM parameters all trained"
+    );
+}
+
+#[test]
+fn checkpointed_gradients_equal_the_plain_ones_for_every_parameter() {
+    // Activation checkpointing (every decoder layer and vision block recomputed in the
+    // backward) changes where activations live, not the gradients: image + ECG + text, f64.
+    let (model, store) = build(DType::F64, Freeze::default());
+    let (inputs, _) = case_inputs(&cases(), "ecg_image_text");
+    let plain = checkpoint::backward(&loss(&model, &inputs)).unwrap();
+    let ckpt_loss = checkpoint::scope(true, || loss(&model, &inputs));
+    let ckpt = checkpoint::backward(&ckpt_loss).unwrap();
+    let trainable = store.trainable().unwrap();
+    assert_eq!(trainable.len(), store.tensors().unwrap().len() - 1);
+    for (name, var) in &trainable {
+        let a = plain
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let b = ckpt
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no checkpointed gradient"));
+        let scale: f64 = a.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let d: f64 = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(scale > 0.0, "{name}: zero gradient");
+        assert!(
+            d <= 1e-6 * scale.max(1.0),
+            "{name}: differs by {d} (scale {scale})"
+        );
+    }
+    // The checkpointed forward really went through the recomputing op: its graph holds one
+    // node per layer and block boundary instead of every activation.
+    let plain_nodes = loss(&model, &inputs).sorted_nodes().len();
+    let ckpt_nodes = checkpoint::scope(true, || loss(&model, &inputs))
+        .sorted_nodes()
+        .len();
+    assert!(
+        ckpt_nodes * 2 < plain_nodes,
+        "graph nodes: {ckpt_nodes} checkpointed vs {plain_nodes} plain"
     );
 }
 
