@@ -21,7 +21,17 @@ use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, Layout, MetalStorage, Result, Shape, Storage, Tensor, Var,
 };
 use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+/// Segments recomputed by backward passes in this process so far (all threads).
+static RECOMPUTED: AtomicU64 = AtomicU64::new(0);
+
+/// How many checkpointed segments backward passes in this process have recomputed so far: a
+/// caller can tell that its update really ran checkpointed.
+pub fn recomputed() -> u64 {
+    RECOMPUTED.load(Ordering::Relaxed)
+}
 
 thread_local! {
     /// Whether Train-mode forwards on this thread checkpoint their layers.
@@ -160,6 +170,7 @@ impl CustomOp1 for Checkpoint {
                  with qoq_model::checkpoint::backward, which collects its parameters' gradients"
             );
         }
+        RECOMPUTED.fetch_add(1, Ordering::Relaxed);
         let x = Var::from_tensor(&arg.detach())?;
         let y = scope(false, || (self.f)(x.as_tensor()))?;
         let mut grads = (y * grad_res.detach())?.sum_all()?.backward()?;
