@@ -212,12 +212,15 @@ impl VisionAttention {
                     .contiguous()
             };
             let (qs, ks, vs) = (split(&q)?, split(&k)?, split(&v)?);
-            let logits = (qs.matmul(&ks.t()?)? * scale)?; // (count, h, len, len)
-            let probs = ops::softmax_last_dim(&logits, mode)?;
-            let o = probs
-                .matmul(&vs)? // (count, h, len, hd)
-                .transpose(1, 2)?
-                .reshape((n, d))?;
+            let o = if mode == ForwardMode::Train && crate::attention::use_chunked(&qs, r.len) {
+                // Long segments (whole frames) in training: no (count, h, len, len) scores.
+                let none = crate::attention::AttentionMask::default();
+                crate::attention::chunked_attention(&qs, &ks, &vs, scale, &none)?
+            } else {
+                let logits = (qs.matmul(&ks.t()?)? * scale)?; // (count, h, len, len)
+                ops::softmax_last_dim(&logits, mode)?.matmul(&vs)? // (count, h, len, hd)
+            };
+            let o = o.transpose(1, 2)?.reshape((n, d))?;
             outs.push(o);
         }
         let out = Tensor::cat(&outs, 0)?; // (s, d)
