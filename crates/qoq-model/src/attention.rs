@@ -1,25 +1,28 @@
 //! Chunked differentiable attention for the training forward: `softmax(q kᵀ · scale + mask) v`
 //! without the `(b, heads, s, t)` score matrix, forward or backward.
 //!
-//! A candle custom op (CPU, f32 and f64; rayon over query rows forward, over key rows in the
-//! backward) in the manner of FlashAttention-2 (Dao 2023): the forward computes one query row's
-//! `t` scores at a time (a per-thread buffer of `t` values), its softmax and its output, and
-//! saves the output and the row's log-sum-exp `lse = max + ln Σ exp(score − max)`; the backward
-//! recomputes every probability `exp(score − lse)` from `q`, `k` and `lse`, one query row (for
-//! `dq`) or one key row (for `dk`, `dv`) at a time, with `D_i = do_i · o_i`:
-//! `ds_ij = p_ij (do_i · v_j − D_i)`, `dq_i = scale Σ_j ds_ij k_j`, `dk_j = scale Σ_i ds_ij q_i`,
-//! `dv_j = Σ_i p_ij do_i`. What the graph keeps is `q`, `k`, `v`, the output and `lse`
-//! (`(b, heads, s)`), so memory grows with `s`, not `s · t`.
+//! A candle custom op (CPU, f32 and f64) in the manner of FlashAttention-2 (Dao 2023), in
+//! blocks of [`BLOCK`] rows whose products run through candle's matrix multiply: the forward,
+//! per (batch row, head) and block of query rows (rayon over both), computes the block's scores
+//! over the keys it may see (`BLOCK × t` values, not `s × t`), their softmax and `P · V`, and
+//! saves each query row's log-sum-exp `lse = max + ln Σ exp(score − max)`. The backward
+//! recomputes the probabilities `p_ij = exp(score_ij − lse_i)` from `q`, `k` and `lse`, with
+//! `D_i = do_i · o_i` and `ds_ij = p_ij (do_i · v_j − D_i)`: per block of query rows
+//! `dq_i = scale Σ_j ds_ij k_j`, and per (batch row, key-value head) and block of keys
+//! `dk_j = scale Σ_i ds_ij q_i`, `dv_j = Σ_i p_ij do_i` over every query row of the group that
+//! may see them. What the graph keeps is `q`, `k`, `v`, the output and `lse` (`(b, heads, s)`),
+//! so memory grows with `s`, not `s · t`. The work is the eager path's two products forward and
+//! six instead of four backward (the scores and `do · vᵀ` are recomputed once per pass).
 //!
 //! Grouped-query attention reads key-value head `h / n_rep` for query head `h` (transformers'
-//! `repeat_kv`), without copying the keys. The mask is causal (query `i` of `s` sees keys
+//! `repeat_kv`) without a per-head copy of the keys. The mask is causal (query `i` of `s` sees keys
 //! `j <= t - s + i`: the queries are the last `s` positions) and/or a key padding mask `(b, t)`,
 //! as [`crate::text::causal_padding_mask_with_past`]; a query with no visible key attends
 //! uniformly to all `t` keys and passes no gradient to `q`, `k` (the eager path's `finfo.min`
 //! fill, [`crate::text`]). On another device or dtype callers use the eager path
 //! ([`available`]).
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,9 +32,10 @@ use std::sync::{Arc, Mutex};
 ///
 /// Below it the eager path's score and probability tensors (kept for the backward: two
 /// `heads · s · t` f32 tensors per layer, 2 · 14 · 512² · 4 B = 29 MiB per sequence and layer for
-/// Qwen2.5-0.5B) are small next to the weights and its matrix products are faster than the
-/// op's row loops; from here they grow quadratically (at 8k tokens 7.5 GiB per layer) and
-/// dominate a step's memory. The lead's `qoq bench train-step` measures the speed either side.
+/// Qwen2.5-0.5B) are small next to the weights, and its one product per block of the whole
+/// matrix has less overhead than the op's blocks and its extra backward products; from here they
+/// grow quadratically (7.5 GiB per layer at 8k tokens) and dominate a step's memory. Not
+/// measured: the lead's `qoq bench train-step` gives the speed either side.
 pub const CHUNKED_MIN_KEYS: usize = 512;
 
 /// Calls of [`chunked_attention`] in this process so far (all threads).
@@ -175,16 +179,6 @@ impl Geometry {
         self.key_keep.as_ref().is_none_or(|k| k[bi * self.t + j])
     }
 
-    /// Whether query `i` of batch row `bi` may see key `j`.
-    fn sees(&self, bi: usize, i: usize, j: usize) -> bool {
-        j <= self.last_key(i) && self.keeps(bi, j)
-    }
-
-    /// `(batch row, query head, query position)` of flat query row `r`.
-    fn query(&self, r: usize) -> (usize, usize, usize) {
-        (r / (self.h * self.s), (r / self.s) % self.h, r % self.s)
-    }
-
     /// Flat index of key row `j` of the key-value head read by query head `hi` of batch row `bi`.
     fn key_row(&self, bi: usize, hi: usize, j: usize) -> usize {
         (bi * self.hk + hi / (self.h / self.hk)) * self.t + j
@@ -215,21 +209,23 @@ impl Float for f64 {
     }
 }
 
-/// `a · b` in the data's precision (four partial sums: the loop vectorises).
-fn dot<T: Float>(a: &[T], b: &[T]) -> f64 {
-    let mut acc = [T::zero(); 4];
-    let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..4 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-    for (&x, &y) in ra.iter().zip(rb) {
-        sum += x * y;
-    }
-    sum.to64()
+/// Query rows per block of the forward and of `dq`; key rows per block of `dk`, `dv`.
+const BLOCK: usize = 64;
+
+/// `a · bᵀ` for `a: (m, k)`, `b: (n, k)` row-major → `(m, n)`, by candle's matrix product.
+fn mm_t<T: Float>(a: &[T], m: usize, b: &[T], n: usize, k: usize) -> Result<Vec<T>> {
+    let dev = Device::Cpu;
+    let a = Tensor::from_slice(a, (m, k), &dev)?;
+    let b = Tensor::from_slice(b, (n, k), &dev)?;
+    a.matmul(&b.t()?)?.flatten_all()?.to_vec1()
+}
+
+/// `a · b` for `a: (m, k)`, `b: (k, n)` row-major → `(m, n)`.
+fn mm<T: Float>(a: &[T], m: usize, b: &[T], k: usize, n: usize) -> Result<Vec<T>> {
+    let dev = Device::Cpu;
+    let a = Tensor::from_slice(a, (m, k), &dev)?;
+    let b = Tensor::from_slice(b, (k, n), &dev)?;
+    a.matmul(&b)?.flatten_all()?.to_vec1()
 }
 
 /// `exp(x)` for `x <= 0`, 0 far below the type's normal range (see [`crate::fused::exp_or_zero`]).
@@ -243,157 +239,199 @@ fn exp_neg<T: Float>(x: f64) -> f64 {
     }
 }
 
-/// Forward: the output `(b, h, s, d)` and each query row's log-sum-exp (NaN for a row that sees
-/// no key and attends uniformly).
-fn forward<T: Float>(g: &Geometry, q: &[T], k: &[T], v: &[T]) -> (Vec<T>, Vec<f64>) {
-    let (d, t) = (g.d, g.t);
-    let mut out = vec![T::zero(); q.len()];
-    let mut lse = vec![0f64; g.b * g.h * g.s];
-    out.par_chunks_mut(d)
-        .zip(lse.par_iter_mut())
-        .enumerate()
-        .for_each_init(
-            || vec![0f64; t],
-            |scores, (r, (o, lse))| {
-                let (bi, hi, i) = g.query(r);
-                let qr = &q[r * d..(r + 1) * d];
-                let base = g.key_row(bi, hi, 0);
-                let last = g.last_key(i);
-                let mut max = f64::NEG_INFINITY;
-                for (j, sc) in scores.iter_mut().enumerate().take(last + 1) {
-                    if g.keeps(bi, j) {
-                        let kr = &k[(base + j) * d..(base + j + 1) * d];
-                        *sc = T::of64(dot(qr, kr) * g.scale).to64();
-                        max = max.max(*sc);
-                    }
-                }
-                let mut acc = vec![0f64; d];
-                if max == f64::NEG_INFINITY {
-                    // No visible key: uniform over all t keys (the eager path's finfo.min fill).
-                    for j in 0..t {
-                        let vr = &v[(base + j) * d..(base + j + 1) * d];
-                        for (a, &x) in acc.iter_mut().zip(vr) {
-                            *a += x.to64();
-                        }
-                    }
-                    for (o, a) in o.iter_mut().zip(&acc) {
-                        *o = T::of64(a / t as f64);
-                    }
-                    *lse = f64::NAN;
-                    return;
-                }
-                let mut sum = 0f64;
-                for (j, &sc) in scores.iter().enumerate().take(last + 1) {
-                    if !g.keeps(bi, j) {
-                        continue;
-                    }
-                    let p = exp_neg::<T>(sc - max);
-                    if p == 0.0 {
-                        continue;
-                    }
-                    sum += p;
-                    let vr = &v[(base + j) * d..(base + j + 1) * d];
-                    for (a, &x) in acc.iter_mut().zip(vr) {
-                        *a += p * x.to64();
-                    }
-                }
-                for (o, a) in o.iter_mut().zip(&acc) {
-                    *o = T::of64(a / sum);
-                }
-                *lse = max + sum.ln();
-            },
-        );
-    (out, lse)
+/// A score `q·k` as the eager path rounds it: scaled in the data's precision.
+fn scaled<T: Float>(dot: T, scale: f64) -> f64 {
+    T::of64(dot.to64() * scale).to64()
 }
 
-/// Backward: `(dq, dk, dv)` from the inputs, the output, its gradient and the saved `lse`.
+/// Forward: the output `(b, h, s, d)` and each query row's log-sum-exp (NaN for a row that sees
+/// no key and attends uniformly). Per (batch row, head), blocks of [`BLOCK`] query rows: their
+/// scores over the keys the block may see (`BLOCK × t` values), the softmax, `P · V`.
+fn forward<T: Float>(g: &Geometry, q: &[T], k: &[T], v: &[T]) -> Result<(Vec<T>, Vec<f64>)> {
+    let (s, t, d) = (g.s, g.t, g.d);
+    let mut out = vec![T::zero(); q.len()];
+    let mut lse = vec![0f64; g.b * g.h * s];
+    out.par_chunks_mut(s * d)
+        .zip(lse.par_chunks_mut(s))
+        .enumerate()
+        .try_for_each(|(bh, (out, lse))| -> Result<()> {
+            let (bi, hi) = (bh / g.h, bh % g.h);
+            let base = g.key_row(bi, hi, 0);
+            let (kh, vh) = (&k[base * d..(base + t) * d], &v[base * d..(base + t) * d]);
+            out.par_chunks_mut(BLOCK * d)
+                .zip(lse.par_chunks_mut(BLOCK))
+                .enumerate()
+                .try_for_each(|(blk, (o, l))| -> Result<()> {
+                    let (i0, n) = (blk * BLOCK, l.len());
+                    let tk = g.last_key(i0 + n - 1) + 1;
+                    let r0 = bh * s + i0;
+                    let scores = mm_t(&q[r0 * d..(r0 + n) * d], n, &kh[..tk * d], tk, d)?;
+                    let mut p = vec![T::zero(); n * tk];
+                    for (ii, (row, prow)) in scores.chunks(tk).zip(p.chunks_mut(tk)).enumerate() {
+                        let last = g.last_key(i0 + ii);
+                        let mut max = f64::NEG_INFINITY;
+                        for (j, &sc) in row.iter().enumerate().take(last + 1) {
+                            if g.keeps(bi, j) {
+                                max = max.max(scaled(sc, g.scale));
+                            }
+                        }
+                        if max == f64::NEG_INFINITY {
+                            l[ii] = f64::NAN; // no visible key: uniform, below
+                            continue;
+                        }
+                        let mut sum = 0f64;
+                        for (j, (&sc, pv)) in row.iter().zip(prow.iter_mut()).enumerate() {
+                            if j <= last && g.keeps(bi, j) {
+                                let e = exp_neg::<T>(scaled(sc, g.scale) - max);
+                                sum += e;
+                                *pv = T::of64(e);
+                            }
+                        }
+                        for pv in prow.iter_mut() {
+                            *pv = T::of64(pv.to64() / sum);
+                        }
+                        l[ii] = max + sum.ln();
+                    }
+                    o.copy_from_slice(&mm(&p, n, &vh[..tk * d], tk, d)?);
+                    for (orow, &li) in o.chunks_mut(d).zip(l.iter()) {
+                        if li.is_nan() {
+                            // The eager path's finfo.min fill: 1/t to every one of the t keys.
+                            let mut acc = vec![0f64; d];
+                            for vr in vh.chunks(d) {
+                                for (a, &x) in acc.iter_mut().zip(vr) {
+                                    *a += x.to64();
+                                }
+                            }
+                            for (ov, a) in orow.iter_mut().zip(&acc) {
+                                *ov = T::of64(a / t as f64);
+                            }
+                        }
+                    }
+                    Ok(())
+                })
+        })?;
+    Ok((out, lse))
+}
+
+/// Backward: `(dq, dk, dv)` from the inputs, the output, its gradient and the saved `lse`. `dq`
+/// per (batch row, head) and block of query rows; `dk`, `dv` per (batch row, key-value head)
+/// and block of [`BLOCK`] keys against every query row of the group's heads that may see them.
 fn backward<T: Float>(
     g: &Geometry,
     (q, k, v): (&[T], &[T], &[T]),
     o: &[T],
     go: &[T],
     lse: &[f64],
-) -> (Vec<T>, Vec<T>, Vec<T>) {
-    let (d, t, s) = (g.d, g.t, g.s);
+) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
+    let (s, t, d) = (g.s, g.t, g.d);
     // D_i = do_i · o_i.
     let delta: Vec<f64> = go
         .par_chunks(d)
         .zip(o.par_chunks(d))
         .map(|(a, b)| a.iter().zip(b).map(|(&x, &y)| x.to64() * y.to64()).sum())
         .collect();
-    // The probability and score gradient of (query row r, key j), None when masked.
-    let ds = |r: usize, bi: usize, i: usize, key: usize, j: usize| -> Option<(f64, f64)> {
-        if lse[r].is_nan() || !g.sees(bi, i, j) {
-            return None;
+    // `scale · p (dp − D)` of query row r against key j, 0 where masked or the row is uniform.
+    let ds = |r: usize, bi: usize, j: usize, sc: T, dp: T| -> (f64, f64) {
+        let i = r % s;
+        if lse[r].is_nan() || j > g.last_key(i) || !g.keeps(bi, j) {
+            return (0.0, 0.0);
         }
-        let qr = &q[r * d..(r + 1) * d];
-        let kr = &k[key * d..(key + 1) * d];
-        let sc = T::of64(dot(qr, kr) * g.scale).to64();
-        let p = exp_neg::<T>(sc - lse[r]);
-        let dp = dot(&go[r * d..(r + 1) * d], &v[key * d..(key + 1) * d]);
-        Some((p, p * (dp - delta[r])))
+        let p = exp_neg::<T>(scaled(sc, g.scale) - lse[r]);
+        (p, p * (dp.to64() - delta[r]) * g.scale)
     };
     let mut dq = vec![T::zero(); q.len()];
-    dq.par_chunks_mut(d).enumerate().for_each(|(r, dqr)| {
-        let (bi, hi, i) = g.query(r);
-        let base = g.key_row(bi, hi, 0);
-        let mut acc = vec![0f64; d];
-        for j in 0..=g.last_key(i) {
-            if let Some((_, dsv)) = ds(r, bi, i, base + j, j) {
-                let kr = &k[(base + j) * d..(base + j + 1) * d];
-                for (a, &x) in acc.iter_mut().zip(kr) {
-                    *a += dsv * x.to64();
-                }
-            }
-        }
-        for (o, a) in dqr.iter_mut().zip(&acc) {
-            *o = T::of64(a * g.scale);
-        }
-    });
+    dq.par_chunks_mut(s * d)
+        .enumerate()
+        .try_for_each(|(bh, dq)| -> Result<()> {
+            let (bi, hi) = (bh / g.h, bh % g.h);
+            let base = g.key_row(bi, hi, 0);
+            let (kh, vh) = (&k[base * d..(base + t) * d], &v[base * d..(base + t) * d]);
+            dq.par_chunks_mut(BLOCK * d)
+                .enumerate()
+                .try_for_each(|(blk, dqb)| -> Result<()> {
+                    let (i0, n) = (blk * BLOCK, dqb.len() / d);
+                    let tk = g.last_key(i0 + n - 1) + 1;
+                    let r0 = bh * s + i0;
+                    let scores = mm_t(&q[r0 * d..(r0 + n) * d], n, &kh[..tk * d], tk, d)?;
+                    let dp = mm_t(&go[r0 * d..(r0 + n) * d], n, &vh[..tk * d], tk, d)?;
+                    let mut dsb = vec![T::zero(); n * tk];
+                    for (e, dsv) in dsb.iter_mut().enumerate() {
+                        let (ii, j) = (e / tk, e % tk);
+                        *dsv = T::of64(ds(r0 + ii, bi, j, scores[e], dp[e]).1);
+                    }
+                    dqb.copy_from_slice(&mm(&dsb, n, &kh[..tk * d], tk, d)?);
+                    Ok(())
+                })
+        })?;
     let n_rep = g.h / g.hk;
     let mut dk = vec![T::zero(); k.len()];
     let mut dv = vec![T::zero(); v.len()];
-    dk.par_chunks_mut(d)
-        .zip(dv.par_chunks_mut(d))
+    dk.par_chunks_mut(t * d)
+        .zip(dv.par_chunks_mut(t * d))
         .enumerate()
-        .for_each(|(key, (dkr, dvr))| {
-            let (bi, gi, j) = (key / (g.hk * t), (key / t) % g.hk, key % t);
-            let mut ak = vec![0f64; d];
-            let mut av = vec![0f64; d];
-            // The first query that may see key j under the causal rule.
-            let first = if g.causal { j.saturating_sub(t - s) } else { 0 };
-            for hi in gi * n_rep..(gi + 1) * n_rep {
-                let row0 = (bi * g.h + hi) * s;
+        .try_for_each(|(bg, (dk, dv))| -> Result<()> {
+            let (bi, gi) = (bg / g.hk, bg % g.hk);
+            let heads = gi * n_rep..(gi + 1) * n_rep;
+            // Uniform rows give every key 1/t of their output gradient.
+            let mut uniform = vec![0f64; d];
+            for hi in heads.clone() {
                 for i in 0..s {
-                    let r = row0 + i;
-                    let gor = &go[r * d..(r + 1) * d];
+                    let r = (bi * g.h + hi) * s + i;
                     if lse[r].is_nan() {
-                        // A uniform row: 1/t to every key, no score gradient.
-                        for (a, &x) in av.iter_mut().zip(gor) {
+                        for (a, &x) in uniform.iter_mut().zip(&go[r * d..(r + 1) * d]) {
                             *a += x.to64() / t as f64;
-                        }
-                        continue;
-                    }
-                    if i < first {
-                        continue;
-                    }
-                    if let Some((p, dsv)) = ds(r, bi, i, key, j) {
-                        let qr = &q[r * d..(r + 1) * d];
-                        for ((a, b), (&x, &y)) in
-                            ak.iter_mut().zip(av.iter_mut()).zip(qr.iter().zip(gor))
-                        {
-                            *a += dsv * x.to64();
-                            *b += p * y.to64();
                         }
                     }
                 }
             }
-            for ((ok, ov), (a, b)) in dkr.iter_mut().zip(dvr.iter_mut()).zip(ak.iter().zip(&av)) {
-                *ok = T::of64(a * g.scale);
-                *ov = T::of64(*b);
-            }
-        });
-    (dq, dk, dv)
+            dk.par_chunks_mut(BLOCK * d)
+                .zip(dv.par_chunks_mut(BLOCK * d))
+                .enumerate()
+                .try_for_each(|(blk, (dkb, dvb))| -> Result<()> {
+                    let (j0, nb) = (blk * BLOCK, dkb.len() / d);
+                    // Query rows before `first` see none of the block's keys (causal).
+                    let first = if g.causal {
+                        j0.saturating_sub(t - s)
+                    } else {
+                        0
+                    };
+                    let rows: Vec<usize> = heads
+                        .clone()
+                        .flat_map(|hi| (first..s).map(move |i| (bi * g.h + hi) * s + i))
+                        .collect();
+                    let m = rows.len();
+                    let (mut dkv, mut dvv) = (vec![T::zero(); nb * d], vec![T::zero(); nb * d]);
+                    if m > 0 {
+                        let gather = |x: &[T]| -> Vec<T> {
+                            rows.iter()
+                                .flat_map(|&r| x[r * d..(r + 1) * d].iter().copied())
+                                .collect()
+                        };
+                        let (qg, gog) = (gather(q), gather(go));
+                        let kr = (bg * t + j0) * d..(bg * t + j0 + nb) * d;
+                        let st = mm_t(&k[kr.clone()], nb, &qg, m, d)?; // (nb, m)
+                        let dpt = mm_t(&v[kr], nb, &gog, m, d)?;
+                        let mut pt = vec![T::zero(); nb * m];
+                        let mut dst = vec![T::zero(); nb * m];
+                        for e in 0..nb * m {
+                            let (jj, c) = (e / m, e % m);
+                            let (p, dsv) = ds(rows[c], bi, j0 + jj, st[e], dpt[e]);
+                            pt[e] = T::of64(p);
+                            dst[e] = T::of64(dsv);
+                        }
+                        dvv = mm(&pt, nb, &gog, m, d)?;
+                        dkv = mm(&dst, nb, &qg, m, d)?;
+                    }
+                    dkb.copy_from_slice(&dkv);
+                    for (row, vrow) in dvb.chunks_mut(d).zip(dvv.chunks(d)) {
+                        for ((x, &y), &u) in row.iter_mut().zip(vrow).zip(&uniform) {
+                            *x = T::of64(y.to64() + u);
+                        }
+                    }
+                    Ok(())
+                })
+        })?;
+    Ok((dq, dk, dv))
 }
 
 /// The op: the geometry and, after the forward, the saved log-sum-exp `(b, heads, s)`.
@@ -430,7 +468,7 @@ impl Chunked {
             .ok_or_else(|| candle_core::Error::Msg("chunked attention: no forward".into()))?;
         let (qv, kv, vv) = (values::<T>(q)?, values::<T>(k)?, values::<T>(v)?);
         let (ov, gv) = (values::<T>(o)?, values::<T>(go)?);
-        let (dq, dk, dv) = backward(&self.geo, (&qv, &kv, &vv), &ov, &gv, &lse);
+        let (dq, dk, dv) = backward(&self.geo, (&qv, &kv, &vv), &ov, &gv, &lse)?;
         let dev = q.device();
         Ok((
             Tensor::from_vec(dq, q.shape(), dev)?,
@@ -456,11 +494,11 @@ impl CustomOp3 for Chunked {
     ) -> Result<(CpuStorage, Shape)> {
         let (out, lse) = match (s1, s2, s3) {
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                let (o, lse) = forward(&self.geo, slice(q, l1)?, slice(k, l2)?, slice(v, l3)?);
+                let (o, lse) = forward(&self.geo, slice(q, l1)?, slice(k, l2)?, slice(v, l3)?)?;
                 (CpuStorage::F32(o), lse)
             }
             (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
-                let (o, lse) = forward(&self.geo, slice(q, l1)?, slice(k, l2)?, slice(v, l3)?);
+                let (o, lse) = forward(&self.geo, slice(q, l1)?, slice(k, l2)?, slice(v, l3)?)?;
                 (CpuStorage::F64(o), lse)
             }
             _ => candle_core::bail!("chunked attention: f32 or f64 inputs of one dtype"),

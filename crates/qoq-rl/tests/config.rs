@@ -207,9 +207,13 @@ fn validation_names_the_field() {
 }
 
 #[test]
-fn the_7b_recipe_differs_from_the_defaults_only_in_estimator_and_paths() {
+fn the_7b_recipe_differs_from_the_defaults_only_in_estimator_paths_and_checkpointing() {
     let mut c = RunConfig::load(&configs_dir().join("qoq_med_7b_drpo.toml"), &[]).unwrap();
     assert_eq!(c.data.train_files, "data/climb/geom_train.jsonl");
+    // Activation checkpointing: on in the recipe as in the yaml, off by default (it costs a
+    // second forward of every layer, which small runs need not pay).
+    assert!(c.model.gradient_checkpointing);
+    c.model.gradient_checkpointing = false;
     c.algorithm.estimator = EstimatorKind::Grpo;
     c.data.train_files.clear();
     c.data.val_files.clear();
