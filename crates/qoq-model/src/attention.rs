@@ -2,7 +2,7 @@
 //! without the `(b, heads, s, t)` score matrix, forward or backward.
 //!
 //! A candle custom op (CPU, f32 and f64) in the manner of FlashAttention-2 (Dao 2023), in
-//! blocks of [`BLOCK`] rows whose products run through candle's matrix multiply: the forward,
+//! blocks of 64 rows whose products run through candle's matrix multiply: the forward,
 //! per (batch row, head) and block of query rows (rayon over both), computes the block's scores
 //! over the keys it may see (`BLOCK × t` values, not `s × t`), their softmax and `P · V`, and
 //! saves each query row's log-sum-exp `lse = max + ln Σ exp(score − max)`. The backward
