@@ -73,6 +73,59 @@ fn tiny_train_step_reports_every_phase() {
     assert!(norm.is_finite() && norm > 1e-3, "grad norm {norm}");
 }
 
+/// `qoq bench train-step --size tiny` (one step, 2 prompts x 2 rollouts x 4 tokens, no
+/// reference) with `extra` arguments: its JSON report.
+fn tiny_step(extra: &[&str]) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.json");
+    let o = qoq()
+        .current_dir(support::repo())
+        .args([
+            "bench",
+            "train-step",
+            "--size",
+            "tiny",
+            "--prompts",
+            "2",
+            "--n",
+            "2",
+            "--response-len",
+            "4",
+            "--steps",
+            "1",
+            "--no-reference",
+        ])
+        .args(extra)
+        .arg("--json")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap()
+}
+
+#[test]
+fn gradient_checkpointing_flag_recomputes_the_layers_and_keeps_the_step() {
+    let plain = tiny_step(&[]);
+    let ckpt = tiny_step(&["--gradient-checkpointing"]);
+    assert_eq!(plain["gradient_checkpointing"], false);
+    assert_eq!(ckpt["gradient_checkpointing"], true);
+    assert_eq!(plain["qoq"]["recomputed_segments"], 0);
+    assert!(ckpt["qoq"]["recomputed_segments"].as_u64().unwrap() > 0);
+    let (a, b) = (&plain["qoq"]["steps"][0], &ckpt["qoq"]["steps"][0]);
+    assert_eq!(a["losses"], b["losses"], "the same forward");
+    let (na, nb) = (
+        a["grad_norm"].as_f64().unwrap(),
+        b["grad_norm"].as_f64().unwrap(),
+    );
+    assert!((na - nb).abs() <= 1e-5 * na, "grad norm {na} vs {nb}");
+}
+
 #[test]
 fn zero_rollouts_are_refused() {
     let o = qoq()

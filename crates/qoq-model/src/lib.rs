@@ -18,7 +18,9 @@ pub mod ecg;
 /// Qwen2.5-VL vision tower.
 pub mod vision;
 
+pub mod attention;
 pub mod batch;
+pub mod checkpoint;
 pub mod device;
 pub mod error;
 pub mod fused;

@@ -112,34 +112,6 @@ pub fn apply_rope(x: &Tensor, t: &RopeTables, mode: ForwardMode) -> Result<Tenso
     }
 }
 
-/// Attention mask `(b, 1, s, s)` as u8: 1 where query `i` may see key `j` (`j <= i` and key `j`
-/// not padding), 0 elsewhere — `_update_causal_mask` of the reference.
-///
-/// `attention_mask: (b, s)`, 1 = real token, 0 = padding (left padding in practice).
-pub fn causal_padding_mask(
-    attention_mask: Option<&Tensor>,
-    b: usize,
-    s: usize,
-    dev: &Device,
-) -> Result<Tensor> {
-    let keep: Option<Vec<Vec<f32>>> = match attention_mask {
-        Some(m) => Some(m.to_dtype(DType::F32)?.to_vec2::<f32>()?),
-        None => None,
-    };
-    let mut data = vec![0u8; b * s * s];
-    for bi in 0..b {
-        for i in 0..s {
-            for j in 0..=i {
-                let pad = keep.as_ref().is_some_and(|k| k[bi][j] == 0.0);
-                if !pad {
-                    data[(bi * s + i) * s + j] = 1;
-                }
-            }
-        }
-    }
-    Tensor::from_vec(data, (b, 1, s, s), dev)
-}
-
 /// Keys and values of every decoder layer for a batch of sequences, with the key padding mask,
 /// so that generation runs the prompt once (prefill) and then one token at a time (decode).
 /// Keys are stored after rotary embedding and before the grouped-query repeat, in buffers of
@@ -416,6 +388,51 @@ pub fn causal_padding_mask_with_past(key_mask: &Tensor, s: usize) -> Result<Tens
     Tensor::from_vec(data, (b, 1, s, total), key_mask.device())
 }
 
+/// Which keys the queries of one forward see: the last `s` of `t` positions, causally, and not
+/// the padding keys of `key_keep: (b, t)` u8 (1 = real). The eager attention's dense `(b, 1, s,
+/// t)` form ([`causal_padding_mask_with_past`]) is built on first use and shared by the layers;
+/// the chunked attention ([`crate::attention`]) needs only `key_keep`.
+#[derive(Debug, Clone)]
+pub struct KeyMask {
+    key_keep: Tensor,
+    s: usize,
+    dense: std::sync::Arc<std::sync::Mutex<Option<Tensor>>>,
+}
+
+impl KeyMask {
+    /// The mask of `s` new queries over the keys of `key_keep: (b, t)` (the last `s` of which are
+    /// the queries' own).
+    pub fn new(key_keep: Tensor, s: usize) -> KeyMask {
+        KeyMask {
+            key_keep,
+            s,
+            dense: Default::default(),
+        }
+    }
+
+    /// `(b, 1, s, t)` u8, 1 where query `i` may see key `j`.
+    pub fn dense(&self) -> Result<Tensor> {
+        let mut d = self
+            .dense
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("attention mask: poisoned lock".into()))?;
+        if let Some(m) = d.as_ref() {
+            return Ok(m.clone());
+        }
+        let m = causal_padding_mask_with_past(&self.key_keep, self.s)?;
+        *d = Some(m.clone());
+        Ok(m)
+    }
+
+    /// The same mask for [`crate::attention::chunked_attention`].
+    pub fn chunked(&self) -> crate::attention::AttentionMask {
+        crate::attention::AttentionMask {
+            causal: true,
+            key_keep: Some(self.key_keep.clone()),
+        }
+    }
+}
+
 /// Replace masked attention logits by the dtype's minimum (`masked_fill`, as the reference's
 /// additive `finfo.min` mask): a query whose keys are all masked (a left-pad position) attends
 /// uniformly, and masked logits pass no gradient.
@@ -480,12 +497,12 @@ impl Attention {
         })
     }
 
-    /// `x: (b, s, hidden)`, `mask: (b, 1, s, s)` u8 (1 = may attend) → `(b, s, hidden)`.
+    /// `x: (b, s, hidden)`, `mask` over the `s` positions → `(b, s, hidden)`.
     pub fn forward(
         &self,
         x: &Tensor,
         rope: &RopeTables,
-        mask: &Tensor,
+        mask: &KeyMask,
         mode: ForwardMode,
     ) -> Result<Tensor> {
         // No past keys: the cached path with a cache that is dropped afterwards.
@@ -493,13 +510,17 @@ impl Attention {
     }
 
     /// As [`Attention::forward`] for `s` new tokens after the keys in `cache` (which receives the
-    /// new keys and values): `x: (b, s, hidden)`, `rope` for the new positions, `mask:
-    /// (b, 1, s, past + s)` → `(b, s, hidden)`.
+    /// new keys and values): `x: (b, s, hidden)`, `rope` for the new positions, `mask` of the
+    /// `s` queries over `past + s` keys → `(b, s, hidden)`.
+    ///
+    /// A training forward (Train mode, no cache) over at least
+    /// [`crate::attention::CHUNKED_MIN_KEYS`] keys on the CPU in f32/f64 uses the chunked
+    /// attention, which never holds the `(b, heads, s, t)` scores; otherwise the eager path.
     pub fn forward_cached(
         &self,
         x: &Tensor,
         rope: &RopeTables,
-        mask: &Tensor,
+        mask: &KeyMask,
         cache: Option<&mut Option<LayerKv>>,
         mode: ForwardMode,
     ) -> Result<Tensor> {
@@ -514,10 +535,18 @@ impl Attention {
         let v = split(self.v_proj.forward(x)?, self.num_kv_heads)?;
         let q = apply_rope(&q, rope, mode)?;
         let k = apply_rope(&k, rope, mode)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let training = mode == ForwardMode::Train && cache.is_none();
         let (k, v) = match cache {
             Some(slot) => LayerKv::append(slot, &k, &v)?,
             None => (k, v),
         }; // (b, nkv, past + s, hd)
+        if training && crate::attention::use_chunked(&q, k.dim(2)?) {
+            let out = crate::attention::chunked_attention(&q, &k, &v, scale, &mask.chunked())?
+                .transpose(1, 2)?
+                .reshape((b, s, self.num_heads * self.head_dim))?;
+            return self.o_proj.forward(&out);
+        }
         // Grouped-query attention without repeating the keys: head `kv * n_rep + r` reads
         // key-value head `kv` (repeat_interleave), so the queries of one group are stacked as
         // `n_rep * s` rows against their shared keys.
@@ -526,10 +555,9 @@ impl Attention {
         let q = q
             .contiguous()?
             .reshape((b, self.num_kv_heads, n_rep * s, self.head_dim))?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, self.num_heads, s, t))?;
         let work = ops::compute_dtype(x.dtype());
-        let scores = mask_scores(&scores.to_dtype(work)?, mask)?;
+        let scores = mask_scores(&scores.to_dtype(work)?, &mask.dense()?)?;
         let probs = ops::softmax_last_dim(&scores, mode)?
             .to_dtype(x.dtype())?
             .reshape((b, self.num_kv_heads, n_rep * s, t))?;
@@ -605,7 +633,7 @@ impl DecoderLayer {
         &self,
         x: &Tensor,
         rope: &RopeTables,
-        mask: &Tensor,
+        mask: &KeyMask,
         mode: ForwardMode,
     ) -> Result<Tensor> {
         self.forward_cached(x, rope, mask, None, mode)
@@ -618,7 +646,7 @@ impl DecoderLayer {
         &self,
         x: &Tensor,
         rope: &RopeTables,
-        mask: &Tensor,
+        mask: &KeyMask,
         cache: Option<&mut Option<LayerKv>>,
         mode: ForwardMode,
     ) -> Result<Tensor> {
@@ -676,10 +704,23 @@ impl TextModel {
     ) -> Result<Tensor> {
         let (b, s, _) = inputs_embeds.dims3()?;
         let rope = self.rotary.tables(position_ids, inputs_embeds.dtype())?;
-        let mask = causal_padding_mask(attention_mask, b, s, inputs_embeds.device())?;
+        let key_keep = match attention_mask {
+            Some(m) => m.ne(0.0)?.to_dtype(DType::U8)?,
+            None => Tensor::ones((b, s), DType::U8, inputs_embeds.device())?,
+        };
+        let mask = KeyMask::new(key_keep, s);
         let mut x = inputs_embeds.clone();
         for layer in &self.layers {
-            x = layer.forward(&x, &rope, &mask, mode)?;
+            x = if mode == ForwardMode::Train {
+                // Recomputed in the backward under activation checkpointing.
+                let (layer, rope, mask) = (layer.clone(), rope.clone(), mask.clone());
+                crate::checkpoint::checkpointed(
+                    &x,
+                    std::sync::Arc::new(move |x: &Tensor| layer.forward(x, &rope, &mask, mode)),
+                )?
+            } else {
+                layer.forward(&x, &rope, &mask, mode)?
+            };
         }
         self.norm.forward(&x, mode)
     }
@@ -712,7 +753,7 @@ impl TextModel {
             Some(old) => Tensor::cat(&[&old, &new_mask], 1)?,
             None => new_mask,
         };
-        let mask = causal_padding_mask_with_past(&key_mask, s)?;
+        let mask = KeyMask::new(key_mask.clone(), s);
         cache.key_mask = Some(key_mask);
         if cache.layers.len() != self.layers.len() {
             cache.layers = (0..self.layers.len()).map(|_| None).collect();

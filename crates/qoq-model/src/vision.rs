@@ -212,12 +212,15 @@ impl VisionAttention {
                     .contiguous()
             };
             let (qs, ks, vs) = (split(&q)?, split(&k)?, split(&v)?);
-            let logits = (qs.matmul(&ks.t()?)? * scale)?; // (count, h, len, len)
-            let probs = ops::softmax_last_dim(&logits, mode)?;
-            let o = probs
-                .matmul(&vs)? // (count, h, len, hd)
-                .transpose(1, 2)?
-                .reshape((n, d))?;
+            let o = if mode == ForwardMode::Train && crate::attention::use_chunked(&qs, r.len) {
+                // Long segments (whole frames) in training: no (count, h, len, len) scores.
+                let none = crate::attention::AttentionMask::default();
+                crate::attention::chunked_attention(&qs, &ks, &vs, scale, &none)?
+            } else {
+                let logits = (qs.matmul(&ks.t()?)? * scale)?; // (count, h, len, len)
+                ops::softmax_last_dim(&logits, mode)?.matmul(&vs)? // (count, h, len, hd)
+            };
+            let o = o.transpose(1, 2)?.reshape((n, d))?;
             outs.push(o);
         }
         let out = Tensor::cat(&outs, 0)?; // (s, d)
@@ -531,7 +534,16 @@ impl VisionTower {
             } else {
                 &window_runs
             };
-            x = blk.forward(&x, runs, &rot, mode)?;
+            x = if mode == ForwardMode::Train {
+                // Recomputed in the backward under activation checkpointing.
+                let (blk, runs, rot) = (blk.clone(), runs.clone(), rot.clone());
+                crate::checkpoint::checkpointed(
+                    &x,
+                    std::sync::Arc::new(move |x: &Tensor| blk.forward(x, &runs, &rot, mode)),
+                )?
+            } else {
+                blk.forward(&x, runs, &rot, mode)?
+            };
         }
         let merged = self.merger.forward(&x, mode)?; // (s / unit, out), window order
         merged.index_select(&inverse_t, 0)

@@ -9,7 +9,7 @@ use candle_nn::{VarBuilder, VarMap};
 use qoq_model::loading::{checkpoint_var_builder, load_model, read_config};
 use qoq_model::lora::{LoraBuilder, LoraConfig, all_targets};
 use qoq_model::train::{Component, Freeze, ParamStore, save_merged, trainable_var_builder};
-use qoq_model::{ClinicalVlm, ForwardMode, ModelInputs};
+use qoq_model::{ClinicalVlm, ForwardMode, ModelInputs, attention, checkpoint};
 use support::*;
 
 fn build(dtype: DType, freeze: Freeze) -> (ClinicalVlm, ParamStore) {
@@ -59,6 +59,104 @@ fn every_trainable_parameter_receives_a_finite_nonzero_gradient() {
         seen, [true; 3],
         "vision, ECG and LLM parameters all trained"
     );
+}
+
+#[test]
+fn checkpointed_gradients_equal_the_plain_ones_for_every_parameter() {
+    // Activation checkpointing (every decoder layer and vision block recomputed in the
+    // backward) changes where activations live, not the gradients: image + ECG + text, f64.
+    let (model, store) = build(DType::F64, Freeze::default());
+    let (inputs, _) = case_inputs(&cases(), "ecg_image_text");
+    let plain = checkpoint::backward(&loss(&model, &inputs)).unwrap();
+    let ckpt_loss = checkpoint::scope(true, || loss(&model, &inputs));
+    let ckpt = checkpoint::backward(&ckpt_loss).unwrap();
+    let trainable = store.trainable().unwrap();
+    assert_eq!(trainable.len(), store.tensors().unwrap().len() - 1);
+    for (name, var) in &trainable {
+        let a = plain
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let b = ckpt
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no checkpointed gradient"));
+        let scale: f64 = a.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let d: f64 = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(scale > 0.0, "{name}: zero gradient");
+        assert!(
+            d <= 1e-6 * scale.max(1.0),
+            "{name}: differs by {d} (scale {scale})"
+        );
+    }
+    // The checkpointed forward really went through the recomputing op: its graph holds one
+    // node per layer and block boundary instead of every activation.
+    let plain_nodes = loss(&model, &inputs).sorted_nodes().len();
+    let ckpt_nodes = checkpoint::scope(true, || loss(&model, &inputs))
+        .sorted_nodes()
+        .len();
+    assert!(
+        ckpt_nodes * 2 < plain_nodes,
+        "graph nodes: {ckpt_nodes} checkpointed vs {plain_nodes} plain"
+    );
+}
+
+#[test]
+fn chunked_attention_gives_the_eager_loss_and_gradients_for_every_parameter() {
+    // The chunked attention forced on every decoder layer and vision segment against the eager
+    // path: a left-padded batch of two with images and ECGs, f64 (GQA: the tiny model has
+    // fewer key-value heads than query heads).
+    let cfg = read_config(&tiny_dir()).unwrap();
+    assert!(cfg.text.num_key_value_heads < cfg.text.num_attention_heads);
+    let (model, store) = build(DType::F64, Freeze::default());
+    let (inputs, _) = case_inputs(&cases(), "ecg_image_text");
+    let mask: Vec<Vec<f32>> = inputs
+        .attention_mask
+        .as_ref()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    assert!(mask.iter().flatten().any(|&m| m == 0.0), "a padded row");
+    let eager = attention::with_min_keys(usize::MAX, || loss(&model, &inputs));
+    let calls = attention::calls();
+    let chunked = attention::with_min_keys(0, || loss(&model, &inputs));
+    // Every decoder layer and vision segment run went through the op.
+    let layers = cfg.text.num_hidden_layers + cfg.vision.depth;
+    assert!(attention::calls() - calls >= layers as u64);
+    let (le, lc): (f64, f64) = (eager.to_scalar().unwrap(), chunked.to_scalar().unwrap());
+    assert!(
+        (le - lc).abs() <= 1e-9 * le.abs().max(1.0),
+        "loss {le} vs {lc}"
+    );
+    let (ge, gc) = (eager.backward().unwrap(), chunked.backward().unwrap());
+    for (name, var) in &store.trainable().unwrap() {
+        let a = ge
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let b = gc
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no chunked gradient"));
+        let scale: f64 = a.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let d: f64 = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(
+            d <= 1e-6 * scale.max(1.0),
+            "{name}: differs by {d} (scale {scale})"
+        );
+    }
 }
 
 #[test]

@@ -14,7 +14,10 @@
 //!   per token and decoder layer about [`DECODER_VALUES_PER_TOKEN`] hidden-sized values, five
 //!   MLP-sized ones and four attention rows of its length per head; the vision tower likewise
 //!   per patch; the chosen-token log-probabilities keep [`LOGIT_COPIES`] copies of the response
-//!   positions' logits. In f32.
+//!   positions' logits. In f32. With `model.gradient_checkpointing` a layer keeps only its
+//!   input and one layer at a time is recomputed in full; from
+//!   [`qoq_model::attention::CHUNKED_MIN_KEYS`] keys the attention keeps one log-sum-exp per
+//!   head and query instead of its rows of scores.
 //! - **kv cache**: the rollout batch's keys and values, `rows · kv_capacity(prompt + response)`
 //!   positions, bounded by `rollout.kv_cache_mib` when set; it is freed before the update.
 //!
@@ -152,10 +155,29 @@ impl MemoryPlan {
             t.num_hidden_layers as u64,
         );
         let s = seq as u64;
+        let checkpointing = cfg.model.gradient_checkpointing;
+        // Per token and layer; from `CHUNKED_MIN_KEYS` keys the training attention keeps one
+        // log-sum-exp per head instead of its rows of scores.
+        let attention = |heads: u64, keys: u64| {
+            if keys as usize >= qoq_model::attention::CHUNKED_MIN_KEYS {
+                heads
+            } else {
+                ATTENTION_ROWS_PER_TOKEN as u64 * heads * keys
+            }
+        };
+        // With checkpointing a layer keeps its input only, and one layer at a time is
+        // recomputed in full.
+        let kept = |layers: u64, hidden: u64, per_token: u64| {
+            if checkpointing {
+                layers * hidden + per_token
+            } else {
+                layers * per_token
+            }
+        };
         let per_token = DECODER_VALUES_PER_TOKEN as u64 * h
             + MLP_VALUES_PER_TOKEN as u64 * i
-            + ATTENTION_ROWS_PER_TOKEN as u64 * heads * s;
-        let decoder = micro * s * layers * per_token * 4;
+            + attention(heads, s);
+        let decoder = micro * s * kept(layers, h, per_token) * 4;
         let v = &model.vision;
         let p: u64 = image_patches.iter().map(|&n| n as u64).sum();
         // Each image attends within itself.
@@ -163,10 +185,11 @@ impl MemoryPlan {
             .iter()
             .map(|&n| {
                 let n = n as u64;
-                let per_patch = DECODER_VALUES_PER_TOKEN as u64 * v.hidden_size as u64
+                let vh = v.hidden_size as u64;
+                let per_patch = DECODER_VALUES_PER_TOKEN as u64 * vh
                     + MLP_VALUES_PER_TOKEN as u64 * v.intermediate_size as u64
-                    + ATTENTION_ROWS_PER_TOKEN as u64 * v.num_heads as u64 * n;
-                micro * n * v.depth as u64 * per_patch * 4
+                    + attention(v.num_heads as u64, n);
+                micro * n * kept(v.depth as u64, vh, per_patch) * 4
             })
             .sum();
         let logits = micro * response as u64 * t.vocab_size as u64 * 4 * LOGIT_COPIES as u64;
@@ -175,11 +198,16 @@ impl MemoryPlan {
                 name: "activations",
                 bytes: decoder + vision,
                 detail: format!(
-                    "{micro} rows × {seq} tokens × {layers} layers{}, f32",
+                    "{micro} rows × {seq} tokens × {layers} layers{}, f32{}",
                     if p > 0 {
                         format!(" + {p} image patches × {} vision blocks", v.depth)
                     } else {
                         String::new()
+                    },
+                    if checkpointing {
+                        ", checkpointed (layer inputs + one layer)"
+                    } else {
+                        ""
                     }
                 ),
             },
@@ -300,8 +328,12 @@ mod tests {
             .map(|(_, s)| s.iter().product::<usize>() as u64)
             .sum();
         assert_eq!(frozen.trained, q.trained - vision);
-        // Longer prompts and more image patches need more activation memory.
+        // Longer prompts and more image patches need more activation memory; checkpointing
+        // needs less.
         let longer = MemoryPlan::estimate(&c, &m, 400, &[256]).unwrap();
         assert!(part(&longer.update, "activations") > part(&frozen.update, "activations"));
+        c.model.gradient_checkpointing = true;
+        let ckpt = MemoryPlan::estimate(&c, &m, 400, &[256]).unwrap();
+        assert!(part(&ckpt.update, "activations") < part(&longer.update, "activations"));
     }
 }

@@ -770,3 +770,91 @@ fn a_kv_cache_budget_changes_nothing_but_memory_and_names_itself_when_too_small(
         "{e}"
     );
 }
+
+/// The largest absolute difference between two runs' weights, over every parameter.
+fn max_weight_diff(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .flat_map(|(k, x)| x.iter().zip(&b[k]).map(|(p, q)| (p - q).abs()))
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn gradient_checkpointing_gives_the_same_rl_step() {
+    // The multimodal mini manifest (images, video, ECG): activation checkpointing recomputes
+    // every decoder layer and vision block in the backward and must leave the update unchanged.
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = repo().join("examples/mini/manifest.jsonl");
+    let run = |ckpt: bool| {
+        let out = dir.path().join(format!("ckpt-{ckpt}"));
+        let mut cfg = config(&model, &manifest, &out, 4, 2, 6, 1e-3, 1, 1, true);
+        cfg.model.gradient_checkpointing = ckpt;
+        let mut t = Trainer::with_reward(cfg, Box::new(Vowels)).unwrap();
+        let before = weights(&t);
+        let o = t.step().unwrap();
+        (before, weights(&t), o.metrics)
+    };
+    let (before, plain, m_plain) = run(false);
+    let recomputed = qoq_model::checkpoint::recomputed();
+    let (_, ckpt, m_ckpt) = run(true);
+    assert!(
+        qoq_model::checkpoint::recomputed() > recomputed,
+        "the update ran checkpointed"
+    );
+    assert!(
+        max_weight_diff(&before, &plain) > 1e-4,
+        "the step moved the weights"
+    );
+    let d = max_weight_diff(&plain, &ckpt);
+    assert!(
+        d <= 1e-6,
+        "weights differ by {d} with gradient checkpointing"
+    );
+    let rel =
+        (m_plain["actor/grad_norm"] - m_ckpt["actor/grad_norm"]).abs() / m_plain["actor/grad_norm"];
+    assert!(rel < 1e-5, "gradient norms differ (relative {rel})");
+}
+
+#[test]
+fn gradient_checkpointing_gives_the_same_ppo_critic_and_sft_steps() {
+    // The critic (a value model over the same backbone) and the SFT step go through the same
+    // update loop: with checkpointing on they give the same policy and critic.
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = text_manifest(dir.path(), 4);
+    let run = |ckpt: bool| {
+        let out = dir.path().join(format!("ckpt-{ckpt}"));
+        let mut cfg = config(&model, &manifest, &out, 2, 2, 4, 1e-2, 1, 1, false);
+        cfg.algorithm.estimator = qoq_rl::config::EstimatorKind::Gae;
+        cfg.critic.optim.lr = 1e-2;
+        cfg.model.gradient_checkpointing = ckpt;
+        let mut t = Trainer::with_reward(cfg, Box::new(Vowels)).unwrap();
+        t.step().unwrap();
+        let ck = t.save_checkpoint().unwrap();
+        let critic: BTreeMap<String, Vec<f32>> = candle_core::safetensors::load(
+            ck.join("critic.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+        t.sft_step().unwrap();
+        (weights(&t), critic)
+    };
+    let (plain, critic_plain) = run(false);
+    let recomputed = qoq_model::checkpoint::recomputed();
+    let (ckpt, critic_ckpt) = run(true);
+    assert!(qoq_model::checkpoint::recomputed() > recomputed);
+    let d = max_weight_diff(&plain, &ckpt);
+    assert!(
+        d <= 1e-6,
+        "policy weights differ by {d} with gradient checkpointing"
+    );
+    let d = max_weight_diff(&critic_plain, &critic_ckpt);
+    assert!(
+        d <= 1e-6,
+        "critic weights differ by {d} with gradient checkpointing"
+    );
+}

@@ -89,6 +89,10 @@ pub struct TrainStepArgs {
     /// Skip the PyTorch reference.
     #[arg(long)]
     pub no_reference: bool,
+    /// Activation checkpointing in the qoq side's update (`model.gradient_checkpointing`):
+    /// compare the update's peak memory with and without it (the reference runs without).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Write the results as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -282,6 +286,7 @@ max_response_length = {len}
 [model]
 model_path = {model}
 device = "{device}"
+gradient_checkpointing = {ckpt}
 
 [rollout]
 n = {n}
@@ -316,6 +321,7 @@ out_dir = {out}
         micro = a.micro_batch,
         steps = a.steps,
         device = a.device.device,
+        ckpt = a.gradient_checkpointing,
     )
 }
 
@@ -517,8 +523,17 @@ fn worker(a: &TrainStepArgs, dir: &Path) -> anyhow::Result<()> {
     trainer.set_capture(true);
     let size = size_name(a.size);
     eprintln!(
-        "train-step: {size} model, {} prompts x {} rollouts x {} tokens, micro-batch {}, {} step(s), {threads} thread(s)",
-        a.prompts, a.n, a.response_len, a.micro_batch, a.steps
+        "train-step: {size} model, {} prompts x {} rollouts x {} tokens, micro-batch {}, {} step(s), {threads} thread(s), gradient checkpointing {}",
+        a.prompts,
+        a.n,
+        a.response_len,
+        a.micro_batch,
+        a.steps,
+        if a.gradient_checkpointing {
+            "on"
+        } else {
+            "off"
+        }
     );
     let mut outs = Vec::with_capacity(a.steps);
     for step in 0..a.steps {
@@ -560,6 +575,8 @@ fn worker(a: &TrainStepArgs, dir: &Path) -> anyhow::Result<()> {
             "table": plan.table(),
         },
         "threads": threads,
+        // Layers and blocks the update's backward recomputed (0 without checkpointing).
+        "recomputed_segments": qoq_model::checkpoint::recomputed(),
         "phases": phase_json(&summarise(&outs.iter().map(|o| o.phases.clone()).collect::<Vec<_>>())),
         "steps": outs.iter().map(|o| json!({
             "phases": phase_json(&o.phases), "losses": o.losses, "grad_norm": o.grad_norm,
@@ -729,11 +746,16 @@ pub fn train_step(a: TrainStepArgs) -> anyhow::Result<ExitCode> {
     // Report.
     println!(
         "train-step, {size} model: {} prompts x {} rollouts x {} response tokens, micro-batch {}, \
-         f32 CPU, {threads} thread(s) both sides; {}",
+         f32 CPU, {threads} thread(s) both sides{}; {}",
         a.prompts,
         a.n,
         a.response_len,
         a.micro_batch,
+        if a.gradient_checkpointing {
+            ", gradient checkpointing on the qoq side"
+        } else {
+            ""
+        },
         match a.steps {
             1 => "one step, no warm-up".to_string(),
             2 => "step 1 is a warm-up, step 2 reported".to_string(),
@@ -858,6 +880,7 @@ pub fn train_step(a: TrainStepArgs) -> anyhow::Result<ExitCode> {
             "response_len": a.response_len,
             "micro_batch": a.micro_batch,
             "steps": a.steps,
+            "gradient_checkpointing": a.gradient_checkpointing,
             "threads": threads,
             "qoq": qoq,
             "torch": torch,

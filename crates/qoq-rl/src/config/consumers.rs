@@ -122,21 +122,21 @@ pub const CONSUMERS: &[(&str, &str, &str)] = &[
     ),
     (
         "model.freeze_vision_tower",
-        TRAINER_BUILD,
-        "cfg.model.freeze_vision_tower",
+        CONFIG,
+        "vision_tower: self.model.freeze_vision_tower",
     ),
-    ("model.freeze_llm", TRAINER_BUILD, "cfg.model.freeze_llm"),
+    ("model.freeze_llm", CONFIG, "llm: self.model.freeze_llm"),
     (
         "model.freeze_time_series_encoder",
-        TRAINER_BUILD,
-        "cfg.model.freeze_time_series_encoder",
+        CONFIG,
+        "time_series_encoder: self.model.freeze_time_series_encoder",
     ),
-    ("model.trainable", TRAINER_BUILD, "cfg.model.trainable"),
-    // Only false is implemented: true is refused.
+    ("model.trainable", CONFIG, "match &self.model.trainable"),
+    ("model.trainable", TRAINER_BUILD, "cfg.trainable()"),
     (
         "model.gradient_checkpointing",
-        CONFIG,
-        "if self.model.gradient_checkpointing {",
+        TRAINER_UPDATE,
+        "self.cfg.model.gradient_checkpointing",
     ),
     (
         "model.device",

@@ -374,12 +374,6 @@ impl RunConfig {
                 ),
             ));
         }
-        if self.model.gradient_checkpointing {
-            return Err(invalid(
-                "model.gradient_checkpointing",
-                "activation checkpointing is not implemented yet; set it to false",
-            ));
-        }
         if self.rollout.tensor_parallel_size > 1 {
             return Err(invalid(
                 "rollout.tensor_parallel_size",

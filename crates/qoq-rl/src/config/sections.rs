@@ -115,8 +115,9 @@ pub struct ModelConfig {
     pub freeze_llm: bool,
     /// Freeze the ECG encoder and projector. Default false.
     pub freeze_time_series_encoder: bool,
-    /// Recompute activations in the backward pass. Not implemented yet: `true` is refused at
-    /// load. Default false (the reference yaml sets true).
+    /// Activation checkpointing: the update's forward keeps only the input of each decoder
+    /// layer and vision block and the backward recomputes them ([`qoq_model::checkpoint`]).
+    /// Default false (the reference yaml sets true).
     pub gradient_checkpointing: bool,
     /// The parameter groups the optimiser updates ([`crate::trainable`]: `vision`, `merger`,
     /// `ecg`, `llm`); unset trains every group the `freeze_*` switches leave. The paper's

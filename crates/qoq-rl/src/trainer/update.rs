@@ -193,14 +193,17 @@ impl Trainer {
             let parts: Vec<&[T]> = mb.chunks(micro.max(1)).collect();
             let count = parts.len() as f64;
             let mut acc = GradAccumulator::new();
+            // `model.gradient_checkpointing`: the loss's Train forwards keep only each layer's
+            // input and the backward recomputes the layers (the same path with it off).
+            let ckpt = self.cfg.model.gradient_checkpointing;
             for ub in parts {
-                let (loss, metrics) = loss_of(self, ub)?;
+                let (loss, metrics) = qoq_model::checkpoint::scope(ckpt, || loss_of(self, ub))?;
                 for (name, v) in metrics {
                     let e = stats.loss_sums.entry(name).or_insert((0.0, 0));
                     e.0 += v;
                     e.1 += 1;
                 }
-                let grads = (loss / count)?.backward()?;
+                let grads = qoq_model::checkpoint::backward(&(loss / count)?)?;
                 let opt = match learner {
                     Learner::Actor => &self.opt,
                     Learner::Critic => match &self.critic {
@@ -244,15 +247,19 @@ impl Trainer {
                 kept.iter().map(|&(gi, r)| (gi, r, ())).collect();
             Some(
                 self.per_rollout(step, prompts, &flat, mini, micro, |t, rt| {
-                    Ok(response_log_probs(
-                        &t.model,
-                        &rt.inputs,
-                        rt.s,
-                        &rt.labels,
-                        ForwardMode::Train,
-                        step,
-                    )?
-                    .detach())
+                    // Checkpointed too: no layer's activations outlive it.
+                    let ckpt = t.cfg.model.gradient_checkpointing;
+                    let lp = qoq_model::checkpoint::scope(ckpt, || {
+                        response_log_probs(
+                            &t.model,
+                            &rt.inputs,
+                            rt.s,
+                            &rt.labels,
+                            ForwardMode::Train,
+                            step,
+                        )
+                    })?;
+                    Ok(lp.detach())
                 })?,
             )
         } else {

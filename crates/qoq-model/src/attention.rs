@@ -1,0 +1,703 @@
+//! Chunked differentiable attention for the training forward: `softmax(q kᵀ · scale + mask) v`
+//! without the `(b, heads, s, t)` score matrix, forward or backward.
+//!
+//! A candle custom op (CPU, f32 and f64) in the manner of FlashAttention-2 (Dao 2023), in
+//! blocks of 64 rows whose products run through candle's matrix multiply: the forward,
+//! per (batch row, head) and block of query rows (rayon over both), computes the block's scores
+//! over the keys it may see (`BLOCK × t` values, not `s × t`), their softmax and `P · V`, and
+//! saves each query row's log-sum-exp `lse = max + ln Σ exp(score − max)`. The backward
+//! recomputes the probabilities `p_ij = exp(score_ij − lse_i)` from `q`, `k` and `lse`, with
+//! `D_i = do_i · o_i` and `ds_ij = p_ij (do_i · v_j − D_i)`: per block of query rows
+//! `dq_i = scale Σ_j ds_ij k_j`, and per (batch row, key-value head) and block of keys
+//! `dk_j = scale Σ_i ds_ij q_i`, `dv_j = Σ_i p_ij do_i` over every query row of the group that
+//! may see them. What the graph keeps is `q`, `k`, `v`, the output and `lse` (`(b, heads, s)`),
+//! so memory grows with `s`, not `s · t`. The work is the eager path's two products forward and
+//! six instead of four backward (the scores and `do · vᵀ` are recomputed once per pass).
+//!
+//! Grouped-query attention reads key-value head `h / n_rep` for query head `h` (transformers'
+//! `repeat_kv`) without a per-head copy of the keys. The mask is causal (query `i` of `s` sees keys
+//! `j <= t - s + i`: the queries are the last `s` positions) and/or a key padding mask `(b, t)`,
+//! as [`crate::text::causal_padding_mask_with_past`]; a query with no visible key attends
+//! uniformly to all `t` keys and passes no gradient to `q`, `k` (the eager path's `finfo.min`
+//! fill, [`crate::text`]). On another device or dtype callers use the eager path
+//! ([`available`]).
+
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Key count from which the training forward uses the chunked op.
+///
+/// Below it the eager path's score and probability tensors (kept for the backward: two
+/// `heads · s · t` f32 tensors per layer, 2 · 14 · 512² · 4 B = 29 MiB per sequence and layer for
+/// Qwen2.5-0.5B) are small next to the weights, and its one product per block of the whole
+/// matrix has less overhead than the op's blocks and its extra backward products; from here they
+/// grow quadratically (7.5 GiB per layer at 8k tokens) and dominate a step's memory. Not
+/// measured: the lead's `qoq bench train-step` gives the speed either side.
+pub const CHUNKED_MIN_KEYS: usize = 512;
+
+/// Calls of [`chunked_attention`] in this process so far (all threads).
+static CALLS: AtomicU64 = AtomicU64::new(0);
+
+/// How many times [`chunked_attention`] has run in this process: a caller can tell which path
+/// its forward took.
+pub fn calls() -> u64 {
+    CALLS.load(Ordering::Relaxed)
+}
+
+thread_local! {
+    /// A test's override of [`CHUNKED_MIN_KEYS`] on this thread.
+    static MIN_KEYS: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with the chunked op used from `min_keys` keys on (0: always) for the forwards it
+/// makes on this thread (tests: the same model forward both ways).
+pub fn with_min_keys<R>(min_keys: usize, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<usize>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            MIN_KEYS.with(|m| m.set(self.0));
+        }
+    }
+    let _restore = Restore(MIN_KEYS.with(|m| m.replace(Some(min_keys))));
+    f()
+}
+
+/// Whether a training forward with `t` keys over `q` uses the chunked op: on the CPU in f32 or
+/// f64 from [`CHUNKED_MIN_KEYS`] keys.
+pub fn use_chunked(q: &Tensor, t: usize) -> bool {
+    let min = MIN_KEYS.with(Cell::get).unwrap_or(CHUNKED_MIN_KEYS);
+    available(q) && t >= min
+}
+
+/// Whether the op can run on `q`'s device and dtype (CPU, f32 or f64).
+pub fn available(q: &Tensor) -> bool {
+    q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64)
+}
+
+/// Which keys each query sees.
+#[derive(Debug, Clone, Default)]
+pub struct AttentionMask {
+    /// Query `i` of `s` sees keys `j <= t - s + i` only.
+    pub causal: bool,
+    /// `(b, t)`, 1 = a real key, 0 = padding; `None`: every key is real.
+    pub key_keep: Option<Tensor>,
+}
+
+/// Attention of `q: (b, heads, s, d)` over `k`, `v: (b, kv_heads, t, d)` (`heads` a multiple of
+/// `kv_heads`), scores scaled by `scale`, under `mask` → `(b, heads, s, d)`. Differentiable in
+/// `q`, `k` and `v`; CPU, f32 or f64 ([`available`]).
+pub fn chunked_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: &AttentionMask,
+) -> Result<Tensor> {
+    let (b, h, s, d) = q.dims4()?;
+    let (bk, hk, t, dk) = k.dims4()?;
+    if bk != b || dk != d || hk == 0 || !h.is_multiple_of(hk) || v.dims4()? != (b, hk, t, d) {
+        candle_core::bail!(
+            "chunked attention: q {:?}, k {:?}, v {:?} do not fit (b, heads, s, d) over \
+             (b, kv_heads, t, d) with heads a multiple of kv_heads",
+            q.shape(),
+            k.shape(),
+            v.shape()
+        );
+    }
+    if mask.causal && t < s {
+        candle_core::bail!("chunked attention: causal with {s} queries over {t} keys");
+    }
+    let key_keep = match &mask.key_keep {
+        Some(m) => {
+            if m.dims2()? != (b, t) {
+                candle_core::bail!(
+                    "chunked attention: key mask {:?}, expected ({b}, {t})",
+                    m.shape()
+                );
+            }
+            Some(
+                m.to_dtype(DType::U8)?
+                    .flatten_all()?
+                    .to_vec1::<u8>()?
+                    .into_iter()
+                    .map(|x| x != 0)
+                    .collect(),
+            )
+        }
+        None => None,
+    };
+    let op = Chunked {
+        geo: Geometry {
+            b,
+            h,
+            hk,
+            s,
+            t,
+            d,
+            scale,
+            causal: mask.causal,
+            key_keep,
+        },
+        lse: Default::default(),
+    };
+    CALLS.fetch_add(1, Ordering::Relaxed);
+    let dtype = q.dtype();
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let (k, v) = (k.to_dtype(dtype)?, v.to_dtype(dtype)?);
+    q.apply_op3_arc(&k, &v, Arc::new(Box::new(op)))
+}
+
+/// Shapes and mask of one call.
+#[derive(Debug, Clone)]
+struct Geometry {
+    b: usize,
+    h: usize,
+    hk: usize,
+    s: usize,
+    t: usize,
+    d: usize,
+    scale: f64,
+    causal: bool,
+    /// `b · t`, true = a real key.
+    key_keep: Option<Vec<bool>>,
+}
+
+impl Geometry {
+    /// Last key query row `i` may see (inclusive) under the causal rule.
+    fn last_key(&self, i: usize) -> usize {
+        if self.causal {
+            self.t - self.s + i
+        } else {
+            self.t - 1
+        }
+    }
+
+    fn keeps(&self, bi: usize, j: usize) -> bool {
+        self.key_keep.as_ref().is_none_or(|k| k[bi * self.t + j])
+    }
+
+    /// Flat index of key row `j` of the key-value head read by query head `hi` of batch row `bi`.
+    fn key_row(&self, bi: usize, hi: usize, j: usize) -> usize {
+        (bi * self.hk + hi / (self.h / self.hk)) * self.t + j
+    }
+}
+
+/// The float types the op runs in.
+trait Float: candle_core::WithDType {
+    fn to64(self) -> f64;
+    fn of64(v: f64) -> Self;
+}
+
+impl Float for f32 {
+    fn to64(self) -> f64 {
+        f64::from(self)
+    }
+    fn of64(v: f64) -> Self {
+        v as f32
+    }
+}
+
+impl Float for f64 {
+    fn to64(self) -> f64 {
+        self
+    }
+    fn of64(v: f64) -> Self {
+        v
+    }
+}
+
+/// Query rows per block of the forward and of `dq`; key rows per block of `dk`, `dv`.
+const BLOCK: usize = 64;
+
+/// `a · bᵀ` for `a: (m, k)`, `b: (n, k)` row-major → `(m, n)`, by candle's matrix product.
+fn mm_t<T: Float>(a: &[T], m: usize, b: &[T], n: usize, k: usize) -> Result<Vec<T>> {
+    let dev = Device::Cpu;
+    let a = Tensor::from_slice(a, (m, k), &dev)?;
+    let b = Tensor::from_slice(b, (n, k), &dev)?;
+    a.matmul(&b.t()?)?.flatten_all()?.to_vec1()
+}
+
+/// `a · b` for `a: (m, k)`, `b: (k, n)` row-major → `(m, n)`.
+fn mm<T: Float>(a: &[T], m: usize, b: &[T], k: usize, n: usize) -> Result<Vec<T>> {
+    let dev = Device::Cpu;
+    let a = Tensor::from_slice(a, (m, k), &dev)?;
+    let b = Tensor::from_slice(b, (k, n), &dev)?;
+    a.matmul(&b)?.flatten_all()?.to_vec1()
+}
+
+/// `exp(x)` for `x <= 0`, 0 far below the type's normal range (see [`crate::fused::exp_or_zero`]).
+fn exp_neg<T: Float>(x: f64) -> f64 {
+    if T::DTYPE == DType::F32 {
+        f64::from(crate::fused::exp_or_zero(x as f32))
+    } else if x < -708.0 {
+        0.0
+    } else {
+        x.exp()
+    }
+}
+
+/// A score `q·k` as the eager path rounds it: scaled in the data's precision.
+fn scaled<T: Float>(dot: T, scale: f64) -> f64 {
+    T::of64(dot.to64() * scale).to64()
+}
+
+/// Forward: the output `(b, h, s, d)` and each query row's log-sum-exp (NaN for a row that sees
+/// no key and attends uniformly). Per (batch row, head), blocks of [`BLOCK`] query rows: their
+/// scores over the keys the block may see (`BLOCK × t` values), the softmax, `P · V`.
+fn forward<T: Float>(g: &Geometry, q: &[T], k: &[T], v: &[T]) -> Result<(Vec<T>, Vec<f64>)> {
+    let (s, t, d) = (g.s, g.t, g.d);
+    let mut out = vec![T::zero(); q.len()];
+    let mut lse = vec![0f64; g.b * g.h * s];
+    out.par_chunks_mut(s * d)
+        .zip(lse.par_chunks_mut(s))
+        .enumerate()
+        .try_for_each(|(bh, (out, lse))| -> Result<()> {
+            let (bi, hi) = (bh / g.h, bh % g.h);
+            let base = g.key_row(bi, hi, 0);
+            let (kh, vh) = (&k[base * d..(base + t) * d], &v[base * d..(base + t) * d]);
+            out.par_chunks_mut(BLOCK * d)
+                .zip(lse.par_chunks_mut(BLOCK))
+                .enumerate()
+                .try_for_each(|(blk, (o, l))| -> Result<()> {
+                    let (i0, n) = (blk * BLOCK, l.len());
+                    let tk = g.last_key(i0 + n - 1) + 1;
+                    let r0 = bh * s + i0;
+                    let scores = mm_t(&q[r0 * d..(r0 + n) * d], n, &kh[..tk * d], tk, d)?;
+                    let mut p = vec![T::zero(); n * tk];
+                    for (ii, (row, prow)) in scores.chunks(tk).zip(p.chunks_mut(tk)).enumerate() {
+                        let last = g.last_key(i0 + ii);
+                        let mut max = f64::NEG_INFINITY;
+                        for (j, &sc) in row.iter().enumerate().take(last + 1) {
+                            if g.keeps(bi, j) {
+                                max = max.max(scaled(sc, g.scale));
+                            }
+                        }
+                        if max == f64::NEG_INFINITY {
+                            l[ii] = f64::NAN; // no visible key: uniform, below
+                            continue;
+                        }
+                        let mut sum = 0f64;
+                        for (j, (&sc, pv)) in row.iter().zip(prow.iter_mut()).enumerate() {
+                            if j <= last && g.keeps(bi, j) {
+                                let e = exp_neg::<T>(scaled(sc, g.scale) - max);
+                                sum += e;
+                                *pv = T::of64(e);
+                            }
+                        }
+                        for pv in prow.iter_mut() {
+                            *pv = T::of64(pv.to64() / sum);
+                        }
+                        l[ii] = max + sum.ln();
+                    }
+                    o.copy_from_slice(&mm(&p, n, &vh[..tk * d], tk, d)?);
+                    for (orow, &li) in o.chunks_mut(d).zip(l.iter()) {
+                        if li.is_nan() {
+                            // The eager path's finfo.min fill: 1/t to every one of the t keys.
+                            let mut acc = vec![0f64; d];
+                            for vr in vh.chunks(d) {
+                                for (a, &x) in acc.iter_mut().zip(vr) {
+                                    *a += x.to64();
+                                }
+                            }
+                            for (ov, a) in orow.iter_mut().zip(&acc) {
+                                *ov = T::of64(a / t as f64);
+                            }
+                        }
+                    }
+                    Ok(())
+                })
+        })?;
+    Ok((out, lse))
+}
+
+/// Backward: `(dq, dk, dv)` from the inputs, the output, its gradient and the saved `lse`. `dq`
+/// per (batch row, head) and block of query rows; `dk`, `dv` per (batch row, key-value head)
+/// and block of [`BLOCK`] keys against every query row of the group's heads that may see them.
+fn backward<T: Float>(
+    g: &Geometry,
+    (q, k, v): (&[T], &[T], &[T]),
+    o: &[T],
+    go: &[T],
+    lse: &[f64],
+) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
+    let (s, t, d) = (g.s, g.t, g.d);
+    // D_i = do_i · o_i.
+    let delta: Vec<f64> = go
+        .par_chunks(d)
+        .zip(o.par_chunks(d))
+        .map(|(a, b)| a.iter().zip(b).map(|(&x, &y)| x.to64() * y.to64()).sum())
+        .collect();
+    // `scale · p (dp − D)` of query row r against key j, 0 where masked or the row is uniform.
+    let ds = |r: usize, bi: usize, j: usize, sc: T, dp: T| -> (f64, f64) {
+        let i = r % s;
+        if lse[r].is_nan() || j > g.last_key(i) || !g.keeps(bi, j) {
+            return (0.0, 0.0);
+        }
+        let p = exp_neg::<T>(scaled(sc, g.scale) - lse[r]);
+        (p, p * (dp.to64() - delta[r]) * g.scale)
+    };
+    let mut dq = vec![T::zero(); q.len()];
+    dq.par_chunks_mut(s * d)
+        .enumerate()
+        .try_for_each(|(bh, dq)| -> Result<()> {
+            let (bi, hi) = (bh / g.h, bh % g.h);
+            let base = g.key_row(bi, hi, 0);
+            let (kh, vh) = (&k[base * d..(base + t) * d], &v[base * d..(base + t) * d]);
+            dq.par_chunks_mut(BLOCK * d)
+                .enumerate()
+                .try_for_each(|(blk, dqb)| -> Result<()> {
+                    let (i0, n) = (blk * BLOCK, dqb.len() / d);
+                    let tk = g.last_key(i0 + n - 1) + 1;
+                    let r0 = bh * s + i0;
+                    let scores = mm_t(&q[r0 * d..(r0 + n) * d], n, &kh[..tk * d], tk, d)?;
+                    let dp = mm_t(&go[r0 * d..(r0 + n) * d], n, &vh[..tk * d], tk, d)?;
+                    let mut dsb = vec![T::zero(); n * tk];
+                    for (e, dsv) in dsb.iter_mut().enumerate() {
+                        let (ii, j) = (e / tk, e % tk);
+                        *dsv = T::of64(ds(r0 + ii, bi, j, scores[e], dp[e]).1);
+                    }
+                    dqb.copy_from_slice(&mm(&dsb, n, &kh[..tk * d], tk, d)?);
+                    Ok(())
+                })
+        })?;
+    let n_rep = g.h / g.hk;
+    let mut dk = vec![T::zero(); k.len()];
+    let mut dv = vec![T::zero(); v.len()];
+    dk.par_chunks_mut(t * d)
+        .zip(dv.par_chunks_mut(t * d))
+        .enumerate()
+        .try_for_each(|(bg, (dk, dv))| -> Result<()> {
+            let (bi, gi) = (bg / g.hk, bg % g.hk);
+            let heads = gi * n_rep..(gi + 1) * n_rep;
+            // Uniform rows give every key 1/t of their output gradient.
+            let mut uniform = vec![0f64; d];
+            for hi in heads.clone() {
+                for i in 0..s {
+                    let r = (bi * g.h + hi) * s + i;
+                    if lse[r].is_nan() {
+                        for (a, &x) in uniform.iter_mut().zip(&go[r * d..(r + 1) * d]) {
+                            *a += x.to64() / t as f64;
+                        }
+                    }
+                }
+            }
+            dk.par_chunks_mut(BLOCK * d)
+                .zip(dv.par_chunks_mut(BLOCK * d))
+                .enumerate()
+                .try_for_each(|(blk, (dkb, dvb))| -> Result<()> {
+                    let (j0, nb) = (blk * BLOCK, dkb.len() / d);
+                    // Query rows before `first` see none of the block's keys (causal).
+                    let first = if g.causal {
+                        j0.saturating_sub(t - s)
+                    } else {
+                        0
+                    };
+                    let rows: Vec<usize> = heads
+                        .clone()
+                        .flat_map(|hi| (first..s).map(move |i| (bi * g.h + hi) * s + i))
+                        .collect();
+                    let m = rows.len();
+                    let (mut dkv, mut dvv) = (vec![T::zero(); nb * d], vec![T::zero(); nb * d]);
+                    if m > 0 {
+                        let gather = |x: &[T]| -> Vec<T> {
+                            rows.iter()
+                                .flat_map(|&r| x[r * d..(r + 1) * d].iter().copied())
+                                .collect()
+                        };
+                        let (qg, gog) = (gather(q), gather(go));
+                        let kr = (bg * t + j0) * d..(bg * t + j0 + nb) * d;
+                        let st = mm_t(&k[kr.clone()], nb, &qg, m, d)?; // (nb, m)
+                        let dpt = mm_t(&v[kr], nb, &gog, m, d)?;
+                        let mut pt = vec![T::zero(); nb * m];
+                        let mut dst = vec![T::zero(); nb * m];
+                        for e in 0..nb * m {
+                            let (jj, c) = (e / m, e % m);
+                            let (p, dsv) = ds(rows[c], bi, j0 + jj, st[e], dpt[e]);
+                            pt[e] = T::of64(p);
+                            dst[e] = T::of64(dsv);
+                        }
+                        dvv = mm(&pt, nb, &gog, m, d)?;
+                        dkv = mm(&dst, nb, &qg, m, d)?;
+                    }
+                    dkb.copy_from_slice(&dkv);
+                    for (row, vrow) in dvb.chunks_mut(d).zip(dvv.chunks(d)) {
+                        for ((x, &y), &u) in row.iter_mut().zip(vrow).zip(&uniform) {
+                            *x = T::of64(y.to64() + u);
+                        }
+                    }
+                    Ok(())
+                })
+        })?;
+    Ok((dq, dk, dv))
+}
+
+/// The op: the geometry and, after the forward, the saved log-sum-exp `(b, heads, s)`.
+struct Chunked {
+    geo: Geometry,
+    lse: Arc<Mutex<Option<Vec<f64>>>>,
+}
+
+/// The contiguous slice of a CPU tensor's storage.
+fn slice<'a, T: candle_core::WithDType>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s[a..b]),
+        None => candle_core::bail!("chunked attention: non-contiguous input"),
+    }
+}
+
+/// A float tensor's values as a `Vec<T>`.
+fn values<T: Float>(x: &Tensor) -> Result<Vec<T>> {
+    x.to_dtype(T::DTYPE)?.flatten_all()?.to_vec1::<T>()
+}
+
+impl Chunked {
+    fn bwd_typed<T: Float>(
+        &self,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        o: &Tensor,
+        go: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let lse = self
+            .lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("chunked attention: poisoned lock".into()))?
+            .clone()
+            .ok_or_else(|| candle_core::Error::Msg("chunked attention: no forward".into()))?;
+        let (qv, kv, vv) = (values::<T>(q)?, values::<T>(k)?, values::<T>(v)?);
+        let (ov, gv) = (values::<T>(o)?, values::<T>(go)?);
+        let (dq, dk, dv) = backward(&self.geo, (&qv, &kv, &vv), &ov, &gv, &lse)?;
+        let dev = q.device();
+        Ok((
+            Tensor::from_vec(dq, q.shape(), dev)?,
+            Tensor::from_vec(dk, k.shape(), dev)?,
+            Tensor::from_vec(dv, v.shape(), dev)?,
+        ))
+    }
+}
+
+impl CustomOp3 for Chunked {
+    fn name(&self) -> &'static str {
+        "qoq-chunked-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (out, lse) = match (s1, s2, s3) {
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                let (o, lse) = forward(&self.geo, slice(q, l1)?, slice(k, l2)?, slice(v, l3)?)?;
+                (CpuStorage::F32(o), lse)
+            }
+            (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
+                let (o, lse) = forward(&self.geo, slice(q, l1)?, slice(k, l2)?, slice(v, l3)?)?;
+                (CpuStorage::F64(o), lse)
+            }
+            _ => candle_core::bail!("chunked attention: f32 or f64 inputs of one dtype"),
+        };
+        *self
+            .lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("chunked attention: poisoned lock".into()))? =
+            Some(lse);
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        go: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dq, dk, dv) = match q.dtype() {
+            DType::F32 => self.bwd_typed::<f32>((q, k, v), o, go)?,
+            DType::F64 => self.bwd_typed::<f64>((q, k, v), o, go)?,
+            other => candle_core::bail!("chunked attention: dtype {other:?}"),
+        };
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{D, Device, Var};
+
+    /// The eager attention (as the text model's): scores, `finfo.min` fill, softmax, `@ v`.
+    fn eager(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: &AttentionMask) -> Tensor {
+        let (b, h, s, _) = q.dims4().unwrap();
+        let (_, hk, t, _) = k.dims4().unwrap();
+        let rep = |x: &Tensor| {
+            // repeat_kv: head hi reads kv head hi / n_rep.
+            let idx: Vec<u32> = (0..h).map(|hi| (hi / (h / hk)) as u32).collect();
+            x.index_select(&Tensor::new(idx, x.device()).unwrap(), 1)
+                .unwrap()
+        };
+        let (k, v) = (rep(k), rep(v));
+        let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+        let keep: Vec<u8> = match &mask.key_keep {
+            Some(m) => m.flatten_all().unwrap().to_vec1().unwrap(),
+            None => vec![1; b * t],
+        };
+        let mut allowed = vec![0u8; b * s * t];
+        for bi in 0..b {
+            for i in 0..s {
+                for j in 0..t {
+                    let causal_ok = !mask.causal || j <= t - s + i;
+                    allowed[(bi * s + i) * t + j] = u8::from(causal_ok && keep[bi * t + j] != 0);
+                }
+            }
+        }
+        let allowed = Tensor::from_vec(allowed, (b, 1, s, t), q.device())
+            .unwrap()
+            .broadcast_as(scores.shape())
+            .unwrap();
+        let neg = Tensor::new(f64::from(f32::MIN), q.device())
+            .unwrap()
+            .to_dtype(q.dtype())
+            .unwrap()
+            .broadcast_as(scores.shape())
+            .unwrap();
+        let scores = allowed.where_cond(&scores, &neg).unwrap();
+        let max = scores.max_keepdim(D::Minus1).unwrap().detach();
+        let e = scores.broadcast_sub(&max).unwrap().exp().unwrap();
+        let p = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
+        p.matmul(&v).unwrap()
+    }
+
+    fn wave(shape: (usize, usize, usize, usize), f: f64, dtype: DType) -> Var {
+        let n = shape.0 * shape.1 * shape.2 * shape.3;
+        let v: Vec<f64> = (0..n).map(|i| ((i as f64) * f + 0.3).sin()).collect();
+        Var::from_tensor(
+            &Tensor::from_vec(v, shape, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// Values and gradients of the op against the eager path, `b = 2`, `heads = 4` over
+    /// `kv_heads = 2`, `d = 6`, `s` queries over `t` keys, with left padding in row 1.
+    fn check(s: usize, t: usize, causal: bool, pad: usize, dtype: DType, tol: f64) {
+        let (b, h, hk, d) = (2, 4, 2, 6);
+        let q = wave((b, h, s, d), 0.37, dtype);
+        let k = wave((b, hk, t, d), 0.53, dtype);
+        let v = wave((b, hk, t, d), 0.71, dtype);
+        let mut keep = vec![1u8; b * t];
+        for j in 0..pad {
+            keep[t + j] = 0;
+        }
+        let mask = AttentionMask {
+            causal,
+            key_keep: Some(Tensor::from_vec(keep, (b, t), &Device::Cpu).unwrap()),
+        };
+        let scale = 1.0 / (d as f64).sqrt();
+        let w = wave((b, h, s, d), 0.11, dtype);
+        let run = |f: &dyn Fn() -> Tensor| {
+            let o = f();
+            let loss = (&o * w.as_tensor()).unwrap().sum_all().unwrap();
+            let g = loss.backward().unwrap();
+            let grads: Vec<Tensor> = [&q, &k, &v]
+                .iter()
+                .map(|x| g.get(x.as_tensor()).unwrap().clone())
+                .collect();
+            (o, grads)
+        };
+        let (oe, ge) = run(&|| eager(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale, &mask));
+        let (oc, gc) = run(&|| {
+            chunked_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale, &mask).unwrap()
+        });
+        let what = format!("s {s} t {t} causal {causal} pad {pad} {dtype:?}");
+        assert!(
+            max_diff(&oe, &oc) <= tol,
+            "{what}: values {}",
+            max_diff(&oe, &oc)
+        );
+        for (name, (a, c)) in ["dq", "dk", "dv"].iter().zip(ge.iter().zip(&gc)) {
+            assert!(max_diff(a, c) <= tol, "{what}: {name} {}", max_diff(a, c));
+        }
+    }
+
+    #[test]
+    fn values_and_gradients_equal_the_eager_path() {
+        for dtype in [DType::F64, DType::F32] {
+            let tol = if dtype == DType::F64 { 1e-12 } else { 1e-6 };
+            // Causal self-attention with padded rows (the first `pad` queries of row 1 see no
+            // key: uniform rows), causal over a longer past (s != t), and no mask at all.
+            check(7, 7, true, 3, dtype, tol);
+            check(5, 9, true, 2, dtype, tol);
+            check(6, 10, false, 0, dtype, tol);
+            check(4, 11, false, 4, dtype, tol);
+        }
+    }
+
+    #[test]
+    fn an_8k_sequence_keeps_no_score_matrix() -> Result<()> {
+        // 8192 queries over 8192 keys, 2 heads: the op's graph keeps q, k, v, the output and
+        // one log-sum-exp per query row, nothing of (heads, s, s).
+        let (b, h, s, d) = (1, 2, 8192, 4);
+        let dev = Device::Cpu;
+        let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, s, d), &dev)?)?;
+        let k = Tensor::randn(0f32, 1.0, (b, 1, s, d), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (b, 1, s, d), &dev)?;
+        let lse = Arc::new(Mutex::new(None));
+        let op: Arc<Box<dyn CustomOp3 + Send + Sync>> = Arc::new(Box::new(Chunked {
+            geo: Geometry {
+                b,
+                h,
+                hk: 1,
+                s,
+                t: s,
+                d,
+                scale: 0.5,
+                causal: true,
+                key_keep: None,
+            },
+            lse: lse.clone(),
+        }));
+        let o = q.as_tensor().apply_op3_arc(&k, &v, op)?;
+        assert_eq!(o.dims4()?, (b, h, s, d));
+        // What the op saved besides the graph's tensors: one log-sum-exp per query row.
+        let saved = lse.lock().unwrap().as_ref().map(Vec::len);
+        assert_eq!(saved, Some(b * h * s));
+        let loss = o.sum_all()?;
+        let largest = loss
+            .sorted_nodes()
+            .iter()
+            .map(|t| t.elem_count())
+            .max()
+            .unwrap_or(0);
+        assert_eq!(largest, b * h * s * d, "no tensor beyond (b, heads, s, d)");
+        // And the backward runs without an (s, t) buffer either.
+        let g = loss.backward()?;
+        assert_eq!(
+            g.get(q.as_tensor()).map(|t| t.dims4()).transpose()?,
+            Some((b, h, s, d))
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,263 @@
+//! Activation checkpointing (`model.gradient_checkpointing`; PyTorch's
+//! `torch.utils.checkpoint`, non-reentrant): the training forward keeps only the input of each
+//! decoder layer and vision block, and the backward recomputes the layer from it.
+//!
+//! candle has no checkpoint primitive, so a checkpointed segment is a custom op over the layer's
+//! input ([`checkpointed`]). Its forward runs the layer on the detached input and keeps a copy
+//! of the output only: the layer's own graph (every activation inside it) is dropped before the
+//! op returns. Its backward recomputes the layer from a leaf copy of the input with the graph on,
+//! back-propagates the surrogate `sum(out · grad_out)` through it, returns the input's gradient to
+//! the outer backward and sets the parameters' gradients aside; [`backward`] runs the outer
+//! backward and adds those to its [`GradStore`].
+//!
+//! Checkpointing is switched on for the forwards run inside [`scope`] (Train mode only, on the
+//! calling thread), so the code that computes a loss and its gradients is one path whether the
+//! key is on or off: `scope(on, || loss)` then [`backward`]. The recompute must give the forward's
+//! values: the layers are deterministic (no dropout).
+
+use candle_core::backend::BackendStorage;
+use candle_core::backprop::GradStore;
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, Layout, MetalStorage, Result, Shape, Storage, Tensor, Var,
+};
+use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Segments recomputed by backward passes in this process so far (all threads).
+static RECOMPUTED: AtomicU64 = AtomicU64::new(0);
+
+/// How many checkpointed segments backward passes in this process have recomputed so far: a
+/// caller can tell that its update really ran checkpointed.
+pub fn recomputed() -> u64 {
+    RECOMPUTED.load(Ordering::Relaxed)
+}
+
+thread_local! {
+    /// Whether Train-mode forwards on this thread checkpoint their layers.
+    static ACTIVE: Cell<bool> = const { Cell::new(false) };
+    /// Parameter gradients of the segments back-propagated so far by the [`backward`] running on
+    /// this thread (`None` outside one).
+    static PENDING: RefCell<Option<GradStore>> = const { RefCell::new(None) };
+}
+
+/// Restores [`ACTIVE`] when dropped (also on a panic or an early return).
+struct Restore(bool);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        ACTIVE.with(|a| a.set(self.0));
+    }
+}
+
+/// Runs `f` with checkpointing on (`on`) or off for the Train-mode forwards it makes on this
+/// thread; the previous setting is restored afterwards.
+pub fn scope<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    let _restore = Restore(ACTIVE.with(|a| a.replace(on)));
+    f()
+}
+
+/// Whether forwards on this thread checkpoint their layers now.
+pub fn active() -> bool {
+    ACTIVE.with(Cell::get)
+}
+
+/// `loss.backward()`, plus the gradients of the parameters inside checkpointed segments (which
+/// their backward computes on the side). Without checkpointed segments in the graph this is
+/// exactly `loss.backward()`.
+pub fn backward(loss: &Tensor) -> Result<GradStore> {
+    let outer = PENDING.with(|p| p.borrow_mut().replace(GradStore::default()));
+    let result = loss.backward();
+    let pending = PENDING.with(|p| std::mem::replace(&mut *p.borrow_mut(), outer));
+    let mut grads = result?;
+    if let Some(pending) = pending {
+        // Each parameter's gradients from all its uses, checkpointed or not, summed.
+        grads.extend(pending)?;
+    }
+    Ok(grads)
+}
+
+/// The computation of one segment: the layer with its fixed side inputs (rotary tables, masks).
+pub type Segment = Arc<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
+
+/// `f(x)`, checkpointed when [`active`]: the result's graph holds `x` and no activation of `f`.
+/// `f` must be deterministic and return a tensor (of any shape) that depends on `x`.
+pub fn checkpointed(x: &Tensor, f: Segment) -> Result<Tensor> {
+    if !active() {
+        return f(x);
+    }
+    let y = scope(false, || f(&x.detach()))?;
+    let x = if x.track_op() {
+        x.clone()
+    } else if y.track_op() {
+        // Parameters inside but none before (a frozen embedding): the op must be on the graph
+        // for its backward to run, so its input becomes a leaf (whose gradient nobody reads).
+        Var::from_tensor(x)?.as_tensor().clone()
+    } else {
+        // Nothing trainable before or inside: no gradient passes here.
+        return Ok(y);
+    };
+    // The output's values without its graph; `y` (and with it every activation inside `f`) is
+    // dropped when this function returns.
+    let out = y.detach().force_contiguous()?;
+    drop(y);
+    let op = Checkpoint {
+        f,
+        out: Mutex::new(Some(out)),
+    };
+    x.apply_op1(op)
+}
+
+/// The custom op of one checkpointed segment.
+struct Checkpoint {
+    f: Segment,
+    /// The forward's output, handed to the op's forward once.
+    out: Mutex<Option<Tensor>>,
+}
+
+impl Checkpoint {
+    fn take(&self) -> Result<Tensor> {
+        self.out
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("checkpoint: poisoned lock".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("checkpoint: forward ran twice".into()))
+    }
+
+    /// The stashed output's storage (a copy: candle's custom ops return owned storage).
+    fn storage(&self) -> Result<(Storage, Shape)> {
+        let out = self.take()?;
+        let (s, l) = out.storage_and_layout();
+        let owned = match &*s {
+            Storage::Cpu(c) => Storage::Cpu(c.try_clone(l)?),
+            Storage::Cuda(c) => Storage::Cuda(c.try_clone(l)?),
+            Storage::Metal(c) => Storage::Metal(c.try_clone(l)?),
+        };
+        Ok((owned, l.shape().clone()))
+    }
+}
+
+impl CustomOp1 for Checkpoint {
+    fn name(&self) -> &'static str {
+        "qoq-checkpoint"
+    }
+
+    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
+        match self.storage()? {
+            (Storage::Cpu(c), shape) => Ok((c, shape)),
+            _ => candle_core::bail!("checkpoint: output on another device than its input"),
+        }
+    }
+
+    fn cuda_fwd(&self, _s: &CudaStorage, _l: &Layout) -> Result<(CudaStorage, Shape)> {
+        match self.storage()? {
+            (Storage::Cuda(c), shape) => Ok((c, shape)),
+            _ => candle_core::bail!("checkpoint: output on another device than its input"),
+        }
+    }
+
+    fn metal_fwd(&self, _s: &MetalStorage, _l: &Layout) -> Result<(MetalStorage, Shape)> {
+        match self.storage()? {
+            (Storage::Metal(c), shape) => Ok((c, shape)),
+            _ => candle_core::bail!("checkpoint: output on another device than its input"),
+        }
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        if PENDING.with(|p| p.borrow().is_none()) {
+            candle_core::bail!(
+                "a checkpointed forward (model.gradient_checkpointing) must be back-propagated \
+                 with qoq_model::checkpoint::backward, which collects its parameters' gradients"
+            );
+        }
+        RECOMPUTED.fetch_add(1, Ordering::Relaxed);
+        let x = Var::from_tensor(&arg.detach())?;
+        let y = scope(false, || (self.f)(x.as_tensor()))?;
+        let mut grads = (y * grad_res.detach())?.sum_all()?.backward()?;
+        let gx = grads.remove(x.as_tensor());
+        PENDING.with(|p| -> Result<()> {
+            match p.borrow_mut().as_mut() {
+                Some(store) => store.extend(grads),
+                None => Ok(()),
+            }
+        })?;
+        Ok(gx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn layer(w: &Var) -> Segment {
+        let w = w.as_tensor().clone();
+        Arc::new(move |x: &Tensor| x.matmul(&w)?.tanh()?.matmul(&w))
+    }
+
+    fn grads_of(on: bool) -> Result<(Tensor, Tensor, Tensor)> {
+        let dev = Device::Cpu;
+        let seed = Tensor::arange(0u32, 12, &dev)?.to_dtype(DType::F64)?;
+        let x0 = Var::from_tensor(&(seed.reshape((3, 4))? * 0.1)?.sin()?)?;
+        let wave = |f: f64| -> Result<Var> {
+            let t = (Tensor::arange(0u32, 16, &dev)?.to_dtype(DType::F64)? * f)?;
+            Var::from_tensor(&t.sin()?.reshape((4, 4))?)
+        };
+        let (w1, w2) = (wave(0.3)?, wave(0.7)?);
+        let (l1, l2) = (layer(&w1), layer(&w2));
+        let loss = scope(on, || -> Result<Tensor> {
+            let h = checkpointed(x0.as_tensor(), l1.clone())?;
+            // w1 used again outside the segment: its gradients from both uses add up.
+            let h = (checkpointed(&h, l2.clone())? + h.matmul(w1.as_tensor())?)?;
+            h.sqr()?.sum_all()
+        })?;
+        let g = backward(&loss)?;
+        Ok((
+            g.get(x0.as_tensor()).expect("x0").clone(),
+            g.get(w1.as_tensor()).expect("w1").clone(),
+            g.get(w2.as_tensor()).expect("w2").clone(),
+        ))
+    }
+
+    #[test]
+    fn checkpointed_segments_give_the_plain_gradients() -> Result<()> {
+        let plain = grads_of(false)?;
+        let ckpt = grads_of(true)?;
+        for (a, b) in [(plain.0, ckpt.0), (plain.1, ckpt.1), (plain.2, ckpt.2)] {
+            let d = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(d < 1e-12, "gradient differs by {d}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_checkpointed_graph_keeps_no_activation_of_the_segment() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Var::from_tensor(&Tensor::ones((4, 4), DType::F32, &dev)?)?;
+        let x = Var::from_tensor(&Tensor::ones((2, 4), DType::F32, &dev)?)?;
+        let y = scope(true, || checkpointed(x.as_tensor(), layer(&w)))?;
+        // The graph behind y is the op over x only: one node more than a sum over x itself.
+        let sum = y.sum_all()?;
+        let nodes: Vec<_> = sum.sorted_nodes().iter().map(|t| t.id()).collect();
+        assert_eq!(
+            nodes.len(),
+            x.as_tensor().sum_all()?.sorted_nodes().len() + 1
+        );
+        assert!(nodes.contains(&y.id()) && nodes.contains(&x.as_tensor().id()));
+        // A plain backward is refused (it would lose the segment's parameter gradients).
+        let e = y.sum_all()?.backward().unwrap_err().to_string();
+        assert!(e.contains("checkpoint::backward"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn scope_restores_the_previous_setting() {
+        assert!(!active());
+        scope(true, || {
+            assert!(active());
+            scope(false, || assert!(!active()));
+            assert!(active());
+        });
+        assert!(!active());
+    }
+}
