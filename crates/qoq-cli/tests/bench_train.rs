@@ -45,11 +45,19 @@ fn tiny_train_step_reports_every_phase() {
         stdout.contains("PyTorch reference not run: --no-reference"),
         "{stdout}"
     );
+    // The dry run's memory estimate beside the measured peak, with its parts.
+    assert!(
+        stdout.contains("memory estimate (as `qoq train --dry-run` computes it")
+            && stdout.contains("estimate/measured")
+            && stdout.contains("activations"),
+        "{stdout}"
+    );
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     assert_eq!(v["size"], "tiny");
     assert!(v["torch"].is_null());
     assert_eq!(v["reference_absent"], "--no-reference");
+    assert!(v["qoq"]["estimate"]["peak_mib"].as_f64().unwrap() > 0.0);
     let phases = &v["qoq"]["phases"];
     for p in ["process", "generate", "ref_logprobs", "update", "total"] {
         let secs = phases[p]["seconds"].as_f64().unwrap_or(-1.0);

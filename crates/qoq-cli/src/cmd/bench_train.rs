@@ -811,6 +811,7 @@ pub fn train_step(a: TrainStepArgs) -> anyhow::Result<ExitCode> {
          {est:.0} MiB, measured peak {measured:.0} MiB (estimate/measured {:.2})",
         est / measured
     );
+    print!("{}", qoq["estimate"]["table"].as_str().unwrap_or(""));
     let mut check: Option<Value> = None;
     match (&torch, &absent) {
         (_, Some(why)) => println!("PyTorch reference not run: {why}"),
