@@ -23,8 +23,7 @@ fn defaults_equal_the_reference_7b_yaml() {
         (c.rollout.val_override.temperature, c.rollout.val_override.n),
         (0.5, 1)
     );
-    // Not yet implemented settings default to what is implemented (the yaml's bf16 compute and
-    // activation checkpointing are refused until they exist).
+    // f32 compute by default (the yaml computes in bf16: `model.compute_dtype = "bf16"`).
     assert_eq!(c.model.compute_dtype, c.model.master_dtype);
     assert!(!c.model.gradient_checkpointing);
     // data
@@ -398,11 +397,16 @@ fn settings_without_an_implementation_are_refused_naming_the_key() {
     let base = configs_dir().join("qoq_med_7b_drpo.toml");
     RunConfig::load(&base, &[]).expect("the 7B recipe loads");
     let err = |set: &[&str]| load_err(&base, set);
-    let e = err(&["model.compute_dtype=bf16"]);
+    // Mixed precision is f32 masters with bf16 compute; other mixes are refused.
+    let c = RunConfig::load(&base, &["model.compute_dtype=bf16".into()]).expect("f32 + bf16");
+    assert_eq!(c.model.compute_dtype, qoq_rl::config::DtypeName::Bf16);
+    let e = err(&["model.master_dtype=bf16", "model.compute_dtype=f32"]);
     assert!(
         e.contains("model.compute_dtype") && e.contains("mixed precision"),
         "{e}"
     );
+    let e = err(&["model.compute_dtype=f16"]);
+    assert!(e.contains("model.compute_dtype"), "{e}");
     let e = err(&["model.gradient_checkpointing=true"]);
     assert!(
         e.contains("model.gradient_checkpointing") && e.contains("not implemented"),

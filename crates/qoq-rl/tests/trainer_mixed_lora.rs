@@ -1,0 +1,316 @@
+//! The trainer with bf16 compute over f32 master weights (`model.compute_dtype = "bf16"`) and
+//! with LoRA adapters (`[model.lora]`): what trains, what the reference holds, what checkpoints
+//! hold, the PEFT export, and kill-and-resume giving bit-identical weights and metrics.
+
+use candle_core::DType;
+use qoq_rl::config::{DtypeName, LoraSection, RunConfig};
+use qoq_rl::trainer::Trainer;
+use std::path::Path;
+
+mod support;
+
+use support::{Vowels, comparable, config, text_manifest, tiny_model, weights};
+
+fn mixed(model: &Path, manifest: &Path, out: &Path, steps: u64) -> RunConfig {
+    let mut c = config(model, manifest, out, 4, 4, 6, 1e-3, steps, 1, true);
+    c.model.compute_dtype = DtypeName::Bf16;
+    c
+}
+
+fn lora(model: &Path, manifest: &Path, out: &Path, steps: u64) -> RunConfig {
+    let mut c = config(model, manifest, out, 4, 4, 6, 1e-2, steps, 1, true);
+    c.model.lora = Some(LoraSection {
+        rank: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        target_modules: vec!["q_proj".into(), "v_proj".into(), "up_proj".into()],
+    });
+    c
+}
+
+/// Kills a run after 2 of its steps (checkpoint at 2, a lost third step) and resumes it to
+/// the end: weights, adapters and metrics equal a straight run's, bit for bit.
+fn kill_and_resume(cfg: impl Fn(&Path) -> RunConfig, root: &Path) -> (Trainer, Trainer) {
+    let mut a = Trainer::with_reward(cfg(&root.join("a")), Box::new(Vowels)).unwrap();
+    a.run().unwrap();
+    let mut b = Trainer::with_reward(cfg(&root.join("b")), Box::new(Vowels)).unwrap();
+    b.step().unwrap();
+    b.step().unwrap();
+    let ck = b.save_checkpoint().unwrap();
+    b.step().unwrap();
+    drop(b);
+    let mut b = Trainer::resume_with_reward(&ck, Box::new(Vowels)).unwrap();
+    assert_eq!(b.step_count(), 2);
+    b.run().unwrap();
+    assert_eq!(weights(&a), weights(&b), "weights differ after resuming");
+    assert_eq!(
+        comparable(&a),
+        comparable(&b),
+        "metrics differ after resuming"
+    );
+    assert_eq!(a.optimizer().steps(), b.optimizer().steps());
+    (a, b)
+}
+
+#[test]
+fn bf16_compute_trains_the_f32_masters_with_a_bf16_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = text_manifest(dir.path(), 6);
+    let mut t = Trainer::with_reward(
+        mixed(&model, &manifest, &dir.path().join("run"), 1),
+        Box::new(Vowels),
+    )
+    .unwrap();
+    assert_eq!(
+        t.model().dtype(),
+        DType::BF16,
+        "the policy computes in bf16"
+    );
+    let reference = t
+        .reference_model()
+        .expect("the KL loss needs the reference");
+    assert_eq!(
+        reference.dtype(),
+        DType::BF16,
+        "the reference is held in bf16"
+    );
+    let before = weights(&t);
+    let o = t.step().unwrap();
+    for key in ["actor/pg_loss", "actor/kl_loss", "actor/grad_norm"] {
+        let v = o.metrics[key];
+        assert!(v.is_finite(), "{key} = {v}");
+    }
+    assert!(o.metrics["actor/grad_norm"] > 0.0);
+    // The masters stay f32 and every trainable one moved.
+    let w = t.weights().unwrap();
+    assert!(w.values().all(|x| x.dtype() == DType::F32));
+    let after = weights(&t);
+    // Every decoder parameter moves (deep encoder weights of this random tiny checkpoint get
+    // gradients below AdamW's epsilon, as in the f32 run's test).
+    let unchanged: Vec<&String> = before
+        .iter()
+        .filter(|(k, v)| {
+            (k.starts_with("model.") || k.starts_with("lm_head.")) && after[k.as_str()] == **v
+        })
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        unchanged.is_empty(),
+        "unchanged decoder parameters: {unchanged:?}"
+    );
+    assert!(
+        before
+            .iter()
+            .any(|(k, v)| k.starts_with("visual.") && after[k] != *v)
+    );
+    // The compute copies follow the updated masters.
+    assert_eq!(t.model().dtype(), DType::BF16);
+    // Checkpoints save the f32 masters.
+    let ck = t.save_checkpoint().unwrap();
+    let saved =
+        candle_core::safetensors::load(ck.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    assert!(saved.values().all(|x| x.dtype() == DType::F32));
+    assert_eq!(saved.len(), w.len());
+}
+
+#[test]
+fn bf16_compute_kill_and_resume_is_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = text_manifest(dir.path(), 6);
+    kill_and_resume(|out| mixed(&model, &manifest, out, 3), dir.path());
+}
+
+#[test]
+fn bf16_masters_with_adamw_bf16_still_train() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = text_manifest(dir.path(), 6);
+    let mut c = config(
+        &model,
+        &manifest,
+        &dir.path().join("run"),
+        4,
+        4,
+        6,
+        1e-3,
+        1,
+        1,
+        true,
+    );
+    c.model.master_dtype = DtypeName::Bf16;
+    c.model.compute_dtype = DtypeName::Bf16;
+    c.actor.strategy = qoq_rl::config::OptimizerStrategy::AdamwBf16;
+    let mut t = Trainer::with_reward(c, Box::new(Vowels)).unwrap();
+    let as_f32 = |t: &Trainer| -> std::collections::BTreeMap<String, Vec<f32>> {
+        let w = t.weights().unwrap();
+        assert!(w.values().all(|x| x.dtype() == DType::BF16));
+        w.into_iter()
+            .map(|(k, v)| {
+                let v = v.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+                (k, v.to_vec1::<f32>().unwrap())
+            })
+            .collect()
+    };
+    let before = as_f32(&t);
+    let o = t.step().unwrap();
+    assert!(o.metrics["actor/grad_norm"].is_finite());
+    assert_eq!(t.model().dtype(), DType::BF16);
+    assert_eq!(
+        t.optimizer().precision(),
+        qoq_rl::optim::Precision::Bf16Kahan
+    );
+    assert_ne!(before, as_f32(&t));
+}
+
+#[test]
+fn lora_trains_only_the_adapters_and_checkpoints_them_in_peft_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = text_manifest(dir.path(), 6);
+    let out = dir.path().join("run");
+    let mut t = Trainer::with_reward(lora(&model, &manifest, &out, 2), Box::new(Vowels)).unwrap();
+    let base = weights(&t);
+    let adapters0 = t.adapters().unwrap().unwrap();
+    // Two layers × three targets × (A, B).
+    assert_eq!(adapters0.len(), 2 * 3 * 2);
+    t.run().unwrap();
+    // The optimiser state is the adapters' alone.
+    let state = t.optimizer().state_tensors().unwrap();
+    let mut names: Vec<String> = state
+        .keys()
+        .filter_map(|k| k.strip_prefix("m.").map(String::from))
+        .collect();
+    names.sort();
+    let mut want: Vec<String> = adapters0.keys().cloned().collect();
+    want.sort();
+    assert_eq!(names, want);
+    // The adapters moved (B away from zero); the weights changed exactly on the targets.
+    let adapters = t.adapters().unwrap().unwrap();
+    let b = &adapters["model.layers.0.self_attn.q_proj.lora_B.weight"];
+    let b_abs = b
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(b_abs > 0.0, "lora_B trained");
+    let merged = weights(&t);
+    for (k, v) in &base {
+        let targeted = ["q_proj", "v_proj", "up_proj"]
+            .iter()
+            .any(|p| k.ends_with(&format!("{p}.weight")))
+            && k.starts_with("model.layers.");
+        assert_eq!(merged[k] != *v, targeted, "{k}");
+    }
+    // The checkpoint holds the merged weights and the adapters in PEFT's layout.
+    let ck = out.join("checkpoint_step_2");
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ck.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (c["r"].as_u64(), c["lora_alpha"].as_u64()),
+        (Some(2), Some(4))
+    );
+    assert_eq!(c["base_model_name_or_path"], model.display().to_string());
+    let saved = candle_core::safetensors::load(
+        ck.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(saved.len(), adapters.len());
+    assert!(saved.contains_key("base_model.model.model.layers.1.mlp.up_proj.lora_A.weight"));
+    // The export: an HF model folder with the merged weights, and the PEFT adapter.
+    let export = dir.path().join("export");
+    let adapter_dir = t
+        .export(&export)
+        .unwrap()
+        .expect("a LoRA run exports its adapter");
+    assert_eq!(adapter_dir, export.join("adapter"));
+    for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+        assert!(export.join(f).is_file(), "{f}");
+    }
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        assert!(adapter_dir.join(f).is_file(), "{f}");
+    }
+    let exported =
+        candle_core::safetensors::load(export.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let k = "model.layers.0.self_attn.q_proj.weight";
+    assert_eq!(
+        exported[k].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        merged[k]
+    );
+}
+
+#[test]
+fn lora_kill_and_resume_is_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = text_manifest(dir.path(), 6);
+    let (a, b) = kill_and_resume(|out| lora(&model, &manifest, out, 4), dir.path());
+    let flat = |t: &Trainer| -> Vec<(String, Vec<f32>)> {
+        let mut v: Vec<(String, Vec<f32>)> = t
+            .adapters()
+            .unwrap()
+            .unwrap()
+            .into_iter()
+            .map(|(k, x)| (k, x.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+            .collect();
+        v.sort_by(|x, y| x.0.cmp(&y.0));
+        v
+    };
+    assert_eq!(flat(&a), flat(&b), "adapters differ after resuming");
+}
+
+#[test]
+fn lora_with_bf16_compute_trains_f32_adapters() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = text_manifest(dir.path(), 6);
+    let mut c = lora(&model, &manifest, &dir.path().join("run"), 1);
+    c.model.compute_dtype = DtypeName::Bf16;
+    let mut t = Trainer::with_reward(c, Box::new(Vowels)).unwrap();
+    let o = t.step().unwrap();
+    assert!(o.metrics["actor/grad_norm"].is_finite() && o.metrics["actor/grad_norm"] > 0.0);
+    let adapters = t.adapters().unwrap().unwrap();
+    assert!(adapters.values().all(|x| x.dtype() == DType::F32));
+}
+
+#[test]
+fn lora_settings_that_cannot_work_are_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = text_manifest(dir.path(), 6);
+    let out = dir.path().join("run");
+    let err = |f: &dyn Fn(&mut RunConfig)| {
+        let mut c = lora(&model, &manifest, &out, 1);
+        f(&mut c);
+        c.validate().unwrap_err().to_string()
+    };
+    let e = err(&|c| c.model.lora.as_mut().unwrap().dropout = 0.05);
+    assert!(
+        e.contains("model.lora.dropout") && e.contains("not implemented"),
+        "{e}"
+    );
+    let e = err(&|c| c.model.lora.as_mut().unwrap().rank = 0);
+    assert!(e.contains("model.lora.rank"), "{e}");
+    let e = err(&|c| c.model.lora.as_mut().unwrap().target_modules = vec!["qkv".into()]);
+    assert!(
+        e.contains("model.lora.target_modules") && e.contains("`qkv`"),
+        "{e}"
+    );
+    let e = err(&|c| c.model.trainable = Some(vec!["llm".into()]));
+    assert!(
+        e.contains("model.lora") && e.contains("model.trainable"),
+        "{e}"
+    );
+    // In a run file.
+    let text = "[model.lora]\nrank = 8\nalpha = 16\ntarget_modules = [\"q_proj\", \"v_proj\"]\n";
+    let c = RunConfig::from_toml_str(text, "run.toml").unwrap();
+    let l = c.model.lora.unwrap();
+    assert_eq!((l.rank, l.alpha, l.dropout), (8, 16.0, 0.0));
+}
