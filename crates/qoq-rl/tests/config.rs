@@ -205,13 +205,16 @@ fn validation_names_the_field() {
 }
 
 #[test]
-fn the_7b_recipe_differs_from_the_defaults_only_in_estimator_and_paths() {
+fn the_7b_recipe_differs_from_the_defaults_only_in_estimator_paths_and_compute_dtype() {
     let mut c = RunConfig::load(&configs_dir().join("qoq_med_7b_drpo.toml"), &[]).unwrap();
     assert_eq!(c.data.train_files, "data/climb/geom_train.jsonl");
     c.algorithm.estimator = EstimatorKind::Grpo;
     c.data.train_files.clear();
     c.data.val_files.clear();
     c.trainer.out_dir = RunConfig::default().trainer.out_dir;
+    // The recipe computes in bf16 as the reference yaml; the default stays f32.
+    assert_eq!(c.model.compute_dtype, qoq_rl::config::DtypeName::Bf16);
+    c.model.compute_dtype = RunConfig::default().model.compute_dtype;
     assert_eq!(c, RunConfig::default());
 }
 
