@@ -314,3 +314,112 @@ fn lora_settings_that_cannot_work_are_refused_naming_the_key() {
     let l = c.model.lora.unwrap();
     assert_eq!((l.rank, l.alpha, l.dropout), (8, 16.0, 0.0));
 }
+
+/// The actor loss (clipped surrogate + k3 KL to the reference) of a captured RL micro-batch
+/// under `policy`, with `reference`'s log-probs.
+fn actor_loss(
+    policy: &qoq_model::ClinicalVlm,
+    reference: &qoq_model::ClinicalVlm,
+    mb: &qoq_rl::trainer::CapturedMicroBatch,
+    cfg: &qoq_rl::loss::LossConfig,
+) -> (candle_core::Tensor, candle_core::Tensor) {
+    use qoq_model::ForwardMode;
+    use qoq_rl::trainer::response_log_probs;
+    let lp =
+        response_log_probs(policy, &mb.inputs, mb.s, &mb.labels, ForwardMode::Train, 1).unwrap();
+    let rl = response_log_probs(
+        reference,
+        &mb.inputs,
+        mb.s,
+        &mb.labels,
+        ForwardMode::Inference,
+        1,
+    )
+    .unwrap()
+    .detach();
+    let inputs = qoq_rl::loss::ActorLossInputs {
+        policy: qoq_rl::loss::PolicyLossInputs {
+            old_log_probs: &mb.old_log_probs,
+            log_probs: &lp,
+            advantages: &mb.advantages,
+            response_mask: &mb.mask,
+        },
+        kl: Some(qoq_rl::loss::KlTerm::RefLogProbs(&rl)),
+    };
+    let out = qoq_rl::loss::compute_actor_loss(&inputs, cfg).unwrap();
+    (out.loss, lp)
+}
+
+#[test]
+fn a_mixed_precision_rl_loss_tracks_the_f32_one_and_puts_f32_gradients_on_every_master() {
+    use candle_core::Device;
+    use qoq_model::loading::{checkpoint_var_builder, read_config};
+    use qoq_model::train::{Freeze, cast_var_builder, trainable_var_builder};
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = text_manifest(dir.path(), 6);
+    // A real RL micro-batch (rollouts, advantages, old log-probs) from one f32 step.
+    let cfg = config(
+        &model,
+        &manifest,
+        &dir.path().join("run"),
+        4,
+        4,
+        6,
+        1e-3,
+        1,
+        1,
+        true,
+    );
+    let loss_cfg = cfg.loss_config();
+    let mut t = Trainer::with_reward(cfg, Box::new(Vowels)).unwrap();
+    t.set_capture(true);
+    t.step().unwrap();
+    let captured = t.take_captured().unwrap();
+    let mb = &captured.micro_batches[0];
+    // The initial policy in f32, and in bf16 copies of the same f32 masters.
+    let mcfg = read_config(&model).unwrap();
+    let (vb, _) = checkpoint_var_builder(&model, DType::F32, &Device::Cpu).unwrap();
+    let (vb, store) = trainable_var_builder(vb, Freeze::default());
+    let f32_policy = qoq_model::ClinicalVlm::new(&mcfg, vb).unwrap();
+    let bf16_policy =
+        qoq_model::ClinicalVlm::new(&mcfg, cast_var_builder(&store, DType::BF16, &Device::Cpu))
+            .unwrap();
+    let reference = |dtype| {
+        let (vb, _) = checkpoint_var_builder(&model, dtype, &Device::Cpu).unwrap();
+        qoq_model::ClinicalVlm::new(&mcfg, vb).unwrap()
+    };
+    let (loss32, lp32) = actor_loss(&f32_policy, &reference(DType::F32), mb, &loss_cfg);
+    let (loss16, lp16) = actor_loss(&bf16_policy, &reference(DType::BF16), mb, &loss_cfg);
+    assert_eq!((loss16.dtype(), lp16.dtype()), (DType::F32, DType::F32));
+    let scalar = |x: &candle_core::Tensor| x.to_scalar::<f32>().unwrap();
+    // Token log-probs agree to bf16's precision (8 mantissa bits on logits of order 1-10).
+    let lp_diff = scalar(&(&lp32 - &lp16).unwrap().abs().unwrap().max_all().unwrap());
+    assert!(lp_diff < 0.1, "log-probs differ by up to {lp_diff}");
+    let (a, b) = (scalar(&loss32), scalar(&loss16));
+    assert!(
+        (a - b).abs() <= 1e-2 + 2e-2 * a.abs(),
+        "f32 loss {a}, bf16-compute loss {b}"
+    );
+    let g32 = loss32.backward().unwrap();
+    let g16 = loss16.backward().unwrap();
+    let norm = |x: &candle_core::Tensor| scalar(&x.sqr().unwrap().sum_all().unwrap()).sqrt();
+    let mut checked = 0;
+    for (name, var) in store.trainable().unwrap() {
+        let Some(want) = g32.get(var.as_tensor()) else {
+            continue; // not reached by this batch (the f32 run has no gradient either)
+        };
+        let got = g16
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient on the f32 master"));
+        assert_eq!(got.dtype(), DType::F32, "{name}");
+        let (n16, n32) = (norm(got), norm(want));
+        assert!(n16.is_finite(), "{name}: gradient norm {n16}");
+        if n32 > 1e-6 {
+            let cos = scalar(&(got * want).unwrap().sum_all().unwrap()) / (n16 * n32);
+            assert!(cos > 0.9, "{name}: cosine to the f32 gradient {cos}");
+        }
+        checked += 1;
+    }
+    assert!(checked > 20, "{checked} parameters checked");
+}
