@@ -586,6 +586,17 @@ impl Checkpoint {
             .map_err(|source| CheckpointError::Tensor { path: p, source })
     }
 
+    /// One tensor of the model weights on `device`, as f32, read through a memory map (the file
+    /// is not read whole).
+    pub fn model_tensor(&self, name: &str, device: &Device) -> Result<Tensor> {
+        let p = self.path(files::MODEL)?;
+        let (vb, _) =
+            qoq_model::loading::checkpoint_var_builder(&self.dir, candle_core::DType::F32, device)
+                .map_err(|e| CheckpointError::Config(format!("{}: {e}", p.display())))?;
+        vb.get_unchecked_dtype(name, candle_core::DType::F32)
+            .map_err(|source| CheckpointError::Tensor { path: p, source })
+    }
+
     /// Whether an optimiser state was saved.
     pub fn has_optimizer(&self) -> bool {
         self.manifest

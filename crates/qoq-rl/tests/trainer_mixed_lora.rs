@@ -423,3 +423,23 @@ fn a_mixed_precision_rl_loss_tracks_the_f32_one_and_puts_f32_gradients_on_every_
     }
     assert!(checked > 20, "{checked} parameters checked");
 }
+
+#[test]
+fn a_lora_resume_on_another_base_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = text_manifest(dir.path(), 6);
+    let out = dir.path().join("run");
+    let mut t = Trainer::with_reward(lora(&model, &manifest, &out, 1), Box::new(Vowels)).unwrap();
+    t.step().unwrap();
+    let ck = t.save_checkpoint().unwrap();
+    drop(t);
+    // The base at model.model_path is replaced by other weights.
+    let cfg = qoq_core::hf_config::QwenVlConfig::from_file(&model.join("config.json")).unwrap();
+    qoq_model::train::write_random_checkpoint_seeded(&cfg, &model, 5).unwrap();
+    let e = Trainer::resume_with_reward(&ck, Box::new(Vowels))
+        .err()
+        .expect("a changed base is refused")
+        .to_string();
+    assert!(e.contains("base weights") && e.contains("differs"), "{e}");
+}

@@ -252,7 +252,10 @@ fn build(
     .map_err(model_err)?;
     if let Some(a) = &adapters {
         match ck {
-            Some(ck) => a.load(&ck.adapters(&device)?, ck.dir())?,
+            Some(ck) => {
+                a.load(&ck.adapters(&device)?, ck.dir())?;
+                check_lora_base(ck, &master_model, &store, &device)?;
+            }
             None => qoq_model::lora::seed_adapters(&a.vars, cfg.data.seed).map_err(model_err)?,
         }
     }
@@ -501,6 +504,51 @@ impl Adapters {
         }
         Ok(())
     }
+}
+
+/// A resumed LoRA run re-reads its frozen base from `model.model_path` (or the `--init-from`
+/// source): refuses a base that is not the one the checkpoint was trained on, by comparing the
+/// first adapted projection's merge (base + adapters) and the token embeddings with the
+/// checkpoint's merged weights, bit for bit.
+fn check_lora_base(
+    ck: &Checkpoint,
+    model: &ClinicalVlm,
+    store: &ParamStore,
+    device: &Device,
+) -> Result<()> {
+    let base: HashMap<String, Tensor> = store.tensors().map_err(model_err)?.into_iter().collect();
+    let mut pairs = Vec::new();
+    if let Some(p) = model.adapted_projs().first() {
+        let name = format!("{}.weight", p.name());
+        let b = base
+            .get(&name)
+            .ok_or_else(|| model_err(format!("adapter base weight {name} not in the store")))?;
+        if let Some(m) = p.merged_onto(b).map_err(model_err)? {
+            pairs.push((name, m));
+        }
+    }
+    let embed = "model.embed_tokens.weight";
+    if let Some(e) = base.get(embed) {
+        pairs.push((embed.to_string(), e.clone()));
+    }
+    for (name, now) in pairs {
+        let saved = ck.model_tensor(&name, device)?;
+        let same = saved.dims() == now.dims()
+            && saved
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                == now.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        if !same {
+            return Err(TrainerError::Config(format!(
+                "{}: the LoRA run's base weights (model.model_path, or the --init-from source) \
+                 are not those this checkpoint was trained on: {name} differs from the \
+                 checkpoint's merged weights",
+                ck.dir().display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The model the run computes with: `master` itself when the compute dtype is the master dtype,
