@@ -255,7 +255,25 @@ pub fn save_merged(model: &ClinicalVlm, store: &ParamStore, path: &Path) -> Resu
 /// writes). The adapters are merged onto the store's own weights (the masters when `model`
 /// computes on cast copies, [`cast_var_builder`]), in their dtype.
 pub fn merged_tensors(model: &ClinicalVlm, store: &ParamStore) -> Result<HashMap<String, Tensor>> {
-    let mut out: HashMap<String, Tensor> = store.tensors()?.into_iter().collect();
+    merged_tensors_in(model, store, None)
+}
+
+/// [`merged_tensors`] with every weight first cast to `dtype` when given (a LoRA run whose
+/// frozen base is held in bf16 exports f32 weights: the base exactly, the adapters' update
+/// unrounded).
+pub fn merged_tensors_in(
+    model: &ClinicalVlm,
+    store: &ParamStore,
+    dtype: Option<DType>,
+) -> Result<HashMap<String, Tensor>> {
+    let mut out: HashMap<String, Tensor> = HashMap::new();
+    for (name, t) in store.tensors()? {
+        let t = match dtype {
+            Some(d) => t.to_dtype(d)?,
+            None => t,
+        };
+        out.insert(name, t);
+    }
     for p in model.adapted_projs() {
         let name = format!("{}.weight", p.name());
         let base = out

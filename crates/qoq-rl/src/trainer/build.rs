@@ -31,6 +31,16 @@ pub fn dtype_of(d: DtypeName) -> DType {
     }
 }
 
+/// The dtype the run holds its base weights in: the master dtype, except for a LoRA run, whose
+/// frozen base is held in the compute dtype only (the adapters are its f32 masters).
+fn base_dtype(cfg: &RunConfig) -> DType {
+    if cfg.model.lora.is_some() {
+        dtype_of(cfg.model.compute_dtype)
+    } else {
+        dtype_of(cfg.model.master_dtype)
+    }
+}
+
 /// Opens the run's device (`model.device`) and writes its canonical name (`cuda` → `cuda:0`)
 /// back into the config, so that the resolved config saved with every checkpoint names the
 /// device the run used.
@@ -51,7 +61,7 @@ pub(super) fn fresh(mut cfg: RunConfig, reward: Box<dyn RewardFn>) -> Result<Tra
     let device = open_device(&mut cfg)?;
     let out_dir = PathBuf::from(&cfg.trainer.out_dir);
     let model_dir = PathBuf::from(&cfg.model.model_path);
-    let dtype = dtype_of(cfg.model.master_dtype);
+    let dtype = base_dtype(&cfg);
     let (vb, _) = qoq_model::loading::checkpoint_var_builder(&model_dir, dtype, &device)
         .map_err(|e| model_err(format!("{}: {e}", model_dir.display())))?;
     build(cfg, reward, vb, device, out_dir, None, false, None)
@@ -66,7 +76,7 @@ pub(super) fn init_from(
 ) -> Result<Trainer> {
     let device = open_device(&mut cfg)?;
     let out_dir = PathBuf::from(&cfg.trainer.out_dir);
-    let dtype = dtype_of(cfg.model.master_dtype);
+    let dtype = base_dtype(&cfg);
     let vb = VarBuilder::from_tensors(init.weights.clone(), dtype, &device);
     build(cfg, reward, vb, device, out_dir, None, false, Some(&init))
 }
@@ -111,7 +121,7 @@ pub(super) fn resume(
             .map_err(|e| TrainerError::Config(format!("reward: {e}")))?,
     };
     let device = open_device(&mut cfg)?;
-    let dtype = dtype_of(cfg.model.master_dtype);
+    let dtype = base_dtype(&cfg);
     // A run started with --init-from has the source's weights as its KL reference (and as the
     // frozen base of its LoRA adapters).
     let init = match ck.trainer_state()?.init_from {
@@ -254,7 +264,7 @@ fn build(
         match ck {
             Some(ck) => {
                 a.load(&ck.adapters(&device)?, ck.dir())?;
-                check_lora_base(ck, &master_model, &store, &device)?;
+                check_lora_base(ck, &master_model, &store, dtype, &device)?;
             }
             None => qoq_model::lora::seed_adapters(&a.vars, cfg.data.seed).map_err(model_err)?,
         }
@@ -263,17 +273,20 @@ fn build(
         master_model,
         &store,
         adapters.as_ref(),
-        dtype,
+        base_dtype(&cfg),
         compute,
         &device,
     )?;
     // The KL reference is the run's initial policy (the --init-from source's weights when given),
-    // held in the compute dtype.
-    let ref_model = if cfg.algorithm.needs_reference() {
-        let vb = initial_weights(&model_dir, compute, &device, init)?;
+    // held in the compute dtype; a LoRA run's is its frozen base, whose tensors it shares.
+    let ref_model = if !cfg.algorithm.needs_reference() {
+        None
+    } else if adapters.is_some() {
+        let vb = qoq_model::train::cast_var_builder(&store, compute, &device);
         Some(ClinicalVlm::new(&model_cfg, vb).map_err(model_err)?)
     } else {
-        None
+        let vb = initial_weights(&model_dir, compute, &device, init)?;
+        Some(ClinicalVlm::new(&model_cfg, vb).map_err(model_err)?)
     };
     let mut params = match &adapters {
         Some(a) => a.named_vars()?,
@@ -514,6 +527,7 @@ fn check_lora_base(
     ck: &Checkpoint,
     model: &ClinicalVlm,
     store: &ParamStore,
+    master: DType,
     device: &Device,
 ) -> Result<()> {
     let base: HashMap<String, Tensor> = store.tensors().map_err(model_err)?.into_iter().collect();
@@ -523,7 +537,7 @@ fn check_lora_base(
         let b = base
             .get(&name)
             .ok_or_else(|| model_err(format!("adapter base weight {name} not in the store")))?;
-        if let Some(m) = p.merged_onto(b).map_err(model_err)? {
+        if let Some(m) = p.merged_onto(&b.to_dtype(master)?).map_err(model_err)? {
             pairs.push((name, m));
         }
     }
@@ -581,7 +595,9 @@ impl Trainer {
     pub(super) fn refresh_compute_model(&mut self) -> Result<()> {
         let dtype = dtype_of(self.cfg.model.master_dtype);
         let compute = dtype_of(self.cfg.model.compute_dtype);
-        if dtype == compute {
+        // A LoRA run's base is frozen (held in the compute dtype) and its adapters are cast in
+        // every forward: nothing to refresh.
+        if dtype == compute || self.adapters.is_some() {
             return Ok(());
         }
         self.model = compute_model(

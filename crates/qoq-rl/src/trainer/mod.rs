@@ -366,7 +366,9 @@ impl Trainer {
     /// Every parameter's current value by checkpoint name, LoRA adapters merged, in the master
     /// dtype (the f32 masters of a mixed-precision run, not its compute copies).
     pub fn weights(&self) -> Result<HashMap<String, Tensor>> {
-        qoq_model::train::merged_tensors(&self.model, &self.store).map_err(model_err)
+        let master = build::dtype_of(self.cfg.model.master_dtype);
+        qoq_model::train::merged_tensors_in(&self.model, &self.store, Some(master))
+            .map_err(model_err)
     }
 
     /// The frozen KL reference policy, when the run has one (held in `model.compute_dtype`).
