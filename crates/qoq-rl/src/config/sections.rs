@@ -124,7 +124,8 @@ pub struct ModelConfig {
     /// Default `cpu`.
     pub device: String,
     /// `[model.lora]`: train LoRA adapters on the decoder's projections instead of the weights
-    /// (every base weight frozen). Unset by default (full training).
+    /// (every base weight frozen, whatever the `freeze_*` switches say; `trainable` is refused
+    /// with it). Unset by default (full training).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraSection>,
 }
