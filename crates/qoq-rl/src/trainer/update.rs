@@ -213,11 +213,12 @@ impl Trainer {
             let grads = acc.take();
             let t_opt = Instant::now();
             let report = self.optimizer_of(learner)?.step(&grads)?;
-            if learner == Learner::Actor {
-                self.refresh_compute_model()?;
-            }
             let opt_s = &self.perf.optimizer_s;
             opt_s.set(opt_s.get() + t_opt.elapsed().as_secs_f64());
+            if learner == Learner::Actor {
+                // Mixed precision: the next forward uses casts of the updated masters.
+                self.refresh_compute_model()?;
+            }
             if report.grad_norm.is_finite() {
                 stats.norm_sum += report.grad_norm;
             }
