@@ -471,3 +471,37 @@ fn a_lora_resume_on_another_base_is_refused() {
         .to_string();
     assert!(e.contains("base weights") && e.contains("differs"), "{e}");
 }
+
+#[test]
+fn sft_with_bf16_compute_and_with_lora_lowers_the_answer_cross_entropy() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = text_manifest(dir.path(), 4);
+    for (name, lora_rank) in [("mixed", None), ("lora", Some(4))] {
+        let out = dir.path().join(name);
+        let mut cfg = config(&model, &manifest, &out, 4, 2, 16, 1e-2, 4, 4, false);
+        cfg.model.compute_dtype = DtypeName::Bf16;
+        if let Some(rank) = lora_rank {
+            cfg.model.lora = Some(LoraSection {
+                rank,
+                alpha: 8.0,
+                dropout: 0.0,
+                target_modules: qoq_model::lora::all_targets(),
+            });
+            cfg.actor.optim.lr = 3e-2;
+        }
+        let mut t = Trainer::new(cfg).unwrap();
+        t.set_sft(true);
+        t.run().unwrap();
+        let losses: Vec<f64> = t
+            .records()
+            .iter()
+            .map(|r| r.metrics[qoq_rl::trainer::SFT_LOSS])
+            .collect();
+        assert_eq!(losses.len(), 4, "{name}");
+        assert!(
+            losses.iter().all(|l| l.is_finite()) && losses[3] < losses[0],
+            "{name}: SFT loss did not fall: {losses:?}"
+        );
+    }
+}
