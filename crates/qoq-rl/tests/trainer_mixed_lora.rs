@@ -505,3 +505,19 @@ fn sft_with_bf16_compute_and_with_lora_lowers_the_answer_cross_entropy() {
         );
     }
 }
+
+#[test]
+fn ppo_with_gae_runs_a_bf16_compute_actor_beside_its_f32_value_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = text_manifest(dir.path(), 6);
+    let mut c = mixed(&model, &manifest, &dir.path().join("run"), 1);
+    c.algorithm.estimator = qoq_rl::config::EstimatorKind::Gae;
+    let mut t = Trainer::with_reward(c, Box::new(Vowels)).unwrap();
+    let o = t.step().unwrap();
+    assert_eq!(t.model().dtype(), DType::BF16);
+    for key in ["actor/grad_norm", "critic/grad_norm"] {
+        let v = o.metrics.get(key).copied().unwrap_or(f64::NAN);
+        assert!(v.is_finite(), "{key} = {v}");
+    }
+}
