@@ -152,3 +152,57 @@ fn zero_rollouts_are_refused() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("--n"), "{err}");
 }
+
+#[test]
+fn bf16_compute_and_lora_rows_run_and_skip_the_f32_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.json");
+    let o = qoq()
+        .current_dir(support::repo())
+        .args([
+            "bench",
+            "train-step",
+            "--size",
+            "tiny",
+            "--prompts",
+            "2",
+            "--n",
+            "2",
+            "--response-len",
+            "4",
+            "--steps",
+            "1",
+            "--compute-dtype",
+            "bf16",
+            "--lora-rank",
+            "2",
+            "--json",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        stdout.contains("bf16 compute over f32 masters, LoRA r=2"),
+        "{stdout}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(v["compute_dtype"], "bf16");
+    assert_eq!(v["lora_rank"], 2);
+    let absent = v["reference_absent"].as_str().unwrap();
+    assert!(
+        absent.contains("--compute-dtype bf16") && absent.contains("--lora-rank"),
+        "{absent}"
+    );
+    let step = &v["qoq"]["steps"][0];
+    let losses = step["losses"].as_array().unwrap();
+    assert!(losses.iter().all(|l| l.as_f64().unwrap().is_finite()));
+    let norm = step["grad_norm"].as_f64().unwrap();
+    assert!(norm.is_finite() && norm > 0.0, "grad norm {norm}");
+}

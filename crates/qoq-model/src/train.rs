@@ -190,6 +190,61 @@ pub fn trainable_var_builder<'a>(
     )
 }
 
+struct CastBackend {
+    store: ParamStore,
+}
+
+impl SimpleBackend for CastBackend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            candle_core::bail!(
+                "parameter {name}: shape {:?} in the store, {s:?} asked",
+                t.dims()
+            );
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let m = self
+            .store
+            .0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("parameter store poisoned".into()))?;
+        let p = m.get(name).ok_or_else(|| {
+            candle_core::Error::Msg(format!("parameter {name} is not in the master store"))
+        })?;
+        // A tracked cast: the backward of `to_dtype` brings the gradient back to the master
+        // `Var` in its own dtype.
+        p.tensor().to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.store.0.lock().is_ok_and(|m| m.contains_key(name))
+    }
+}
+
+/// Mixed precision (FSDP `MixedPrecision(param_dtype=compute)`): a builder whose every tensor is
+/// the cast to `dtype` of the parameter of the same name in `store` (the master weights, filled
+/// by building a model over [`trainable_var_builder`]'s builder). The cast is a tracked
+/// operation, so a model built over this builder computes in `dtype` while the gradients of a
+/// backward pass land on the master `Var`s, in the masters' dtype. The casts are taken once, when
+/// the model is built: rebuild it after every optimiser step.
+pub fn cast_var_builder(store: &ParamStore, dtype: DType, dev: &Device) -> VarBuilder<'static> {
+    let backend = CastBackend {
+        store: store.clone(),
+    };
+    VarBuilder::from_backend(Box::new(backend), dtype, dev.clone())
+}
+
 /// Write every parameter of `store` to a safetensors file under its checkpoint name, with the
 /// LoRA adapters of `model` merged into their base weights (`W + alpha/r · B A`).
 pub fn save_merged(model: &ClinicalVlm, store: &ParamStore, path: &Path) -> Result<()> {
@@ -197,16 +252,34 @@ pub fn save_merged(model: &ClinicalVlm, store: &ParamStore, path: &Path) -> Resu
 }
 
 /// Every parameter of `store` by checkpoint name, LoRA adapters merged (what [`save_merged`]
-/// writes).
+/// writes). The adapters are merged onto the store's own weights (the masters when `model`
+/// computes on cast copies, [`cast_var_builder`]), in their dtype.
 pub fn merged_tensors(model: &ClinicalVlm, store: &ParamStore) -> Result<HashMap<String, Tensor>> {
-    let mut out: HashMap<String, Tensor> = store.tensors()?.into_iter().collect();
+    merged_tensors_in(model, store, None)
+}
+
+/// [`merged_tensors`] with every weight first cast to `dtype` when given (a LoRA run whose
+/// frozen base is held in bf16 exports f32 weights: the base exactly, the adapters' update
+/// unrounded).
+pub fn merged_tensors_in(
+    model: &ClinicalVlm,
+    store: &ParamStore,
+    dtype: Option<DType>,
+) -> Result<HashMap<String, Tensor>> {
+    let mut out: HashMap<String, Tensor> = HashMap::new();
+    for (name, t) in store.tensors()? {
+        let t = match dtype {
+            Some(d) => t.to_dtype(d)?,
+            None => t,
+        };
+        out.insert(name, t);
+    }
     for p in model.adapted_projs() {
-        if let Some((name, w)) = p.merged_weight()? {
-            if !out.contains_key(&name) {
-                return Err(Error::Config(format!(
-                    "adapter base weight {name} not in the store"
-                )));
-            }
+        let name = format!("{}.weight", p.name());
+        let base = out
+            .get(&name)
+            .ok_or_else(|| Error::Config(format!("adapter base weight {name} not in the store")))?;
+        if let Some(w) = p.merged_onto(base)? {
             out.insert(name, w);
         }
     }
@@ -293,6 +366,27 @@ pub fn seeded_normal(
     let n: usize = shape.iter().product();
     let mut state = seed ^ fnv1a(name.as_bytes());
     let v: Vec<f32> = (0..n).map(|_| std as f32 * normal(&mut state)).collect();
+    Ok(Tensor::from_vec(v, shape, dev)?.to_dtype(dtype)?)
+}
+
+/// A deterministic `U(-bound, bound)` tensor of `shape` for the parameter `name` (the stream of
+/// [`seeded_normal`]).
+pub fn seeded_uniform(
+    name: &str,
+    shape: &[usize],
+    bound: f64,
+    seed: u64,
+    dtype: DType,
+    dev: &Device,
+) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let mut state = seed ^ fnv1a(name.as_bytes());
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            let u = (splitmix64(&mut state) >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
+            (bound * (2.0 * u - 1.0)) as f32
+        })
+        .collect();
     Ok(Tensor::from_vec(v, shape, dev)?.to_dtype(dtype)?)
 }
 

@@ -14,6 +14,7 @@
 //! | `config.toml` | the resolved run configuration |
 //! | `qoq_processor.json` | the run's processor settings ([`crate::config::RunConfig::processor_options`] of `config.toml`), the file `qoq infer` / `qoq serve` / `qoq eval` read beside a model's `config.json` ([`qoq_processor::settings`]) |
 //! | `critic.safetensors`, `critic_optimizer.safetensors` | PPO's value model and its AdamW (GAE runs only) |
+//! | `adapter_config.json`, `adapter_model.safetensors` | a LoRA run's adapters in PEFT's layout ([`qoq_model::lora::write_peft`]; `model.safetensors` then holds the merged weights, `optimizer.safetensors` the adapters' state) |
 //! | `manifest.json` | every file above with its size and sha256, written last |
 //!
 //! It is written into `checkpoint_step_{N}.tmp-{pid}` and renamed into place, so a run killed
@@ -57,6 +58,10 @@ pub mod files {
     pub const CRITIC_OPTIMIZER: &str = "critic_optimizer.safetensors";
     /// Sizes and hashes, written last.
     pub const MANIFEST: &str = "manifest.json";
+    /// PEFT's adapter config (LoRA runs).
+    pub const ADAPTER_CONFIG: &str = qoq_model::lora::PEFT_CONFIG_FILE;
+    /// PEFT's adapter weights (LoRA runs).
+    pub const ADAPTERS: &str = qoq_model::lora::PEFT_WEIGHTS_FILE;
 }
 
 const PREFIX: &str = "checkpoint_step_";
@@ -201,6 +206,21 @@ pub struct CheckpointData<'a, E: Serialize> {
     pub config_toml: &'a str,
     /// PPO's value model (weights, optimiser), when the run has one.
     pub critic: Option<CriticData<'a>>,
+    /// A LoRA run's adapters, written in PEFT's layout.
+    pub peft: Option<PeftData<'a>>,
+}
+
+/// The LoRA adapters of a checkpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct PeftData<'a> {
+    /// Rank, alpha, targets.
+    pub cfg: &'a qoq_model::lora::LoraConfig,
+    /// `lora_dropout`.
+    pub dropout: f64,
+    /// `base_model_name_or_path`.
+    pub base_model: &'a str,
+    /// The adapter matrices, named `<projection>.lora_A.weight` / `.lora_B.weight`.
+    pub adapters: &'a HashMap<String, Tensor>,
 }
 
 /// The value model part of a checkpoint.
@@ -335,6 +355,15 @@ pub fn save<E: Serialize>(root: &Path, data: &CheckpointData<'_, E>) -> Result<P
             })?;
         sync_file(&q)?;
         names.extend([files::CRITIC, files::CRITIC_OPTIMIZER]);
+    }
+    if let Some(pd) = data.peft {
+        qoq_model::lora::write_peft(&tmp, pd.cfg, pd.dropout, pd.base_model, pd.adapters).map_err(
+            |e| CheckpointError::Config(format!("{}: LoRA adapters: {e}", tmp.display())),
+        )?;
+        for name in [files::ADAPTER_CONFIG, files::ADAPTERS] {
+            sync_file(&tmp.join(name))?;
+        }
+        names.extend([files::ADAPTER_CONFIG, files::ADAPTERS]);
     }
     write_json(&tmp.join(files::ESTIMATOR), data.estimator)?;
     write_json(&tmp.join(files::RNG), data.rng)?;
@@ -557,6 +586,17 @@ impl Checkpoint {
             .map_err(|source| CheckpointError::Tensor { path: p, source })
     }
 
+    /// One tensor of the model weights on `device`, as f32, read through a memory map (the file
+    /// is not read whole).
+    pub fn model_tensor(&self, name: &str, device: &Device) -> Result<Tensor> {
+        let p = self.path(files::MODEL)?;
+        let (vb, _) =
+            qoq_model::loading::checkpoint_var_builder(&self.dir, candle_core::DType::F32, device)
+                .map_err(|e| CheckpointError::Config(format!("{}: {e}", p.display())))?;
+        vb.get_unchecked_dtype(name, candle_core::DType::F32)
+            .map_err(|source| CheckpointError::Tensor { path: p, source })
+    }
+
     /// Whether an optimiser state was saved.
     pub fn has_optimizer(&self) -> bool {
         self.manifest
@@ -582,6 +622,22 @@ impl Checkpoint {
         let p = self.path(files::CRITIC)?;
         candle_core::safetensors::load(&p, device)
             .map_err(|source| CheckpointError::Tensor { path: p, source })
+    }
+
+    /// Whether the checkpoint holds LoRA adapters.
+    pub fn has_adapters(&self) -> bool {
+        self.manifest
+            .files
+            .iter()
+            .any(|e| e.name == files::ADAPTERS)
+    }
+
+    /// The LoRA adapters on `device`, named `<projection>.lora_A.weight` / `.lora_B.weight`
+    /// (read back from PEFT's key names).
+    pub fn adapters(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
+        let p = self.path(files::ADAPTERS)?;
+        qoq_model::lora::read_peft_weights(&p, device)
+            .map_err(|e| CheckpointError::Config(e.to_string()))
     }
 
     /// Restores the value model's optimiser into `opt`.

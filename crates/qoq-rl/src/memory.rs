@@ -3,8 +3,11 @@
 //! cannot fit, and `qoq bench train-step` prints it beside the measured peak.
 //!
 //! The parts, in bytes:
-//! - **weights**: every parameter in `model.master_dtype`;
-//! - **reference**: the frozen KL reference model, another copy, when the run needs one;
+//! - **weights**: every parameter in `model.master_dtype`, and its copy in `model.compute_dtype`
+//!   when that differs (mixed precision); with `[model.lora]` the frozen base once in the
+//!   compute dtype and the adapters (rank × (in + out) per adapted projection) in the master one;
+//! - **reference**: the frozen KL reference model in the compute dtype, when the run needs one
+//!   (LoRA runs share the base);
 //! - **optimiser**: AdamW's two moments per trained parameter (f32, or bf16 moments plus a bf16
 //!   compensation buffer with `actor.strategy = "adamw_bf16"`);
 //! - **gradients**: the trained parameters' f32 gradients, twice (one micro-batch's, and the sum
@@ -14,7 +17,7 @@
 //!   per token and decoder layer about [`DECODER_VALUES_PER_TOKEN`] hidden-sized values, five
 //!   MLP-sized ones and four attention rows of its length per head; the vision tower likewise
 //!   per patch; the chosen-token log-probabilities keep [`LOGIT_COPIES`] copies of the response
-//!   positions' logits. In f32. With `model.gradient_checkpointing` a layer keeps only its
+//!   positions' logits. In the compute dtype (the logits in f32). With `model.gradient_checkpointing` a layer keeps only its
 //!   input and one layer at a time is recomputed in full; from
 //!   [`qoq_model::attention::CHUNKED_MIN_KEYS`] keys the attention keeps one log-sum-exp per
 //!   head and query instead of its rows of scores.
@@ -96,27 +99,73 @@ impl MemoryPlan {
             |name: &str| freeze.trains(name) && groups.as_ref().is_none_or(|g| g.trains(name));
         let count = |s: &Vec<usize>| s.iter().product::<usize>() as u64;
         let parameters: u64 = shapes.values().map(count).sum();
-        let trained: u64 = shapes
-            .iter()
-            .filter(|(n, _)| trains(n))
-            .map(|(_, s)| count(s))
-            .sum();
         let master = bytes_of(cfg.model.master_dtype);
-        let mut resident = vec![Part {
-            name: "weights",
-            bytes: parameters * master,
-            detail: format!(
-                "{parameters} parameters × {master} B ({:?})",
-                cfg.model.master_dtype
-            ),
-        }];
-        if cfg.algorithm.needs_reference() {
-            resident.push(Part {
-                name: "reference",
-                bytes: parameters * master,
-                detail: "the frozen KL reference, a second copy".into(),
-            });
-        }
+        let compute = bytes_of(cfg.model.compute_dtype);
+        let mut resident = Vec::new();
+        let trained: u64 = match &cfg.model.lora {
+            // The frozen base once, in the compute dtype (the KL reference shares it); the
+            // adapters, rank × (in + out) per adapted decoder projection, train.
+            Some(l) => {
+                resident.push(Part {
+                    name: "weights",
+                    bytes: parameters * compute,
+                    detail: format!(
+                        "{parameters} frozen parameters × {compute} B ({:?}), shared by the \
+                         KL reference",
+                        cfg.model.compute_dtype
+                    ),
+                });
+                let adapters: u64 = shapes
+                    .iter()
+                    .filter(|(n, s)| {
+                        n.starts_with("model.layers.")
+                            && s.len() == 2
+                            && l.target_modules
+                                .iter()
+                                .any(|t| n.ends_with(&format!(".{t}.weight")))
+                    })
+                    .map(|(_, s)| (l.rank * (s[0] + s[1])) as u64)
+                    .sum();
+                resident.push(Part {
+                    name: "adapters",
+                    bytes: adapters * master,
+                    detail: format!("{adapters} LoRA parameters (rank {}) × {master} B", l.rank),
+                });
+                adapters
+            }
+            None => {
+                resident.push(Part {
+                    name: "weights",
+                    bytes: parameters * master,
+                    detail: format!(
+                        "{parameters} parameters × {master} B ({:?})",
+                        cfg.model.master_dtype
+                    ),
+                });
+                if compute != master {
+                    resident.push(Part {
+                        name: "compute copy",
+                        bytes: parameters * compute,
+                        detail: format!(
+                            "the {:?} copies the forwards use",
+                            cfg.model.compute_dtype
+                        ),
+                    });
+                }
+                if cfg.algorithm.needs_reference() {
+                    resident.push(Part {
+                        name: "reference",
+                        bytes: parameters * compute,
+                        detail: format!("the frozen KL reference, {:?}", cfg.model.compute_dtype),
+                    });
+                }
+                shapes
+                    .iter()
+                    .filter(|(n, _)| trains(n))
+                    .map(|(_, s)| count(s))
+                    .sum()
+            }
+        };
         let (moments, what) = match cfg.actor.strategy {
             OptimizerStrategy::Adamw => (8, "two f32 moments"),
             OptimizerStrategy::AdamwBf16 => (6, "two bf16 moments + bf16 compensation"),
@@ -130,7 +179,7 @@ impl MemoryPlan {
         let response = cfg.data.max_response_length;
         let seq = prompt_tokens + response;
         let rows = cfg.rollouts_per_step();
-        let bpp = qoq_engine::kv_bytes_per_position(t, cfg.model.master_dtype.dtype());
+        let bpp = qoq_engine::kv_bytes_per_position(t, cfg.model.compute_dtype.dtype());
         let kv_rows = rows as u64 * qoq_model::text::kv_capacity(seq) as u64 * bpp;
         let (kv, kv_detail) = match cfg.rollout.kv_cache_mib {
             0 => (
@@ -177,7 +226,7 @@ impl MemoryPlan {
         let per_token = DECODER_VALUES_PER_TOKEN as u64 * h
             + MLP_VALUES_PER_TOKEN as u64 * i
             + attention(heads, s);
-        let decoder = micro * s * kept(layers, h, per_token) * 4;
+        let decoder = micro * s * kept(layers, h, per_token) * compute;
         let v = &model.vision;
         let p: u64 = image_patches.iter().map(|&n| n as u64).sum();
         // Each image attends within itself.
@@ -189,7 +238,7 @@ impl MemoryPlan {
                 let per_patch = DECODER_VALUES_PER_TOKEN as u64 * vh
                     + MLP_VALUES_PER_TOKEN as u64 * v.intermediate_size as u64
                     + attention(v.num_heads as u64, n);
-                micro * n * kept(v.depth as u64, vh, per_patch) * 4
+                micro * n * kept(v.depth as u64, vh, per_patch) * compute
             })
             .sum();
         let logits = micro * response as u64 * t.vocab_size as u64 * 4 * LOGIT_COPIES as u64;
@@ -198,12 +247,13 @@ impl MemoryPlan {
                 name: "activations",
                 bytes: decoder + vision,
                 detail: format!(
-                    "{micro} rows × {seq} tokens × {layers} layers{}, f32{}",
+                    "{micro} rows × {seq} tokens × {layers} layers{}, {:?}{}",
                     if p > 0 {
                         format!(" + {p} image patches × {} vision blocks", v.depth)
                     } else {
                         String::new()
                     },
+                    cfg.model.compute_dtype,
                     if checkpointing {
                         ", checkpointed (layer inputs + one layer)"
                     } else {
@@ -335,5 +385,35 @@ mod tests {
         c.model.gradient_checkpointing = true;
         let ckpt = MemoryPlan::estimate(&c, &m, 400, &[256]).unwrap();
         assert!(part(&ckpt.update, "activations") < part(&longer.update, "activations"));
+        // bf16 compute over f32 masters: a bf16 copy and a bf16 reference, bf16 activations.
+        let mut b = RunConfig::default();
+        b.model.compute_dtype = DtypeName::Bf16;
+        let bf = MemoryPlan::estimate(&b, &m, 100, &[64]).unwrap();
+        assert_eq!(part(&bf.resident, "weights"), total * 4);
+        assert_eq!(part(&bf.resident, "compute copy"), total * 2);
+        assert_eq!(part(&bf.resident, "reference"), total * 2);
+        assert_eq!(
+            2 * part(&bf.update, "activations"),
+            part(&p.update, "activations")
+        );
+        // LoRA: the base once in the compute dtype, the adapters alone trained.
+        b.model.lora = Some(crate::config::LoraSection {
+            rank: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            target_modules: vec!["q_proj".into()],
+        });
+        let lora = MemoryPlan::estimate(&b, &m, 100, &[64]).unwrap();
+        let q: u64 = shapes
+            .iter()
+            .filter(|(n, _)| n.starts_with("model.layers.") && n.ends_with(".q_proj.weight"))
+            .map(|(_, s)| 2 * (s[0] + s[1]) as u64)
+            .sum();
+        assert!(q > 0);
+        assert_eq!(lora.trained, q);
+        assert_eq!(part(&lora.resident, "weights"), total * 2);
+        assert_eq!(part(&lora.resident, "adapters"), q * 4);
+        assert_eq!(part(&lora.resident, "reference"), 0);
+        assert_eq!(part(&lora.resident, "optimiser"), q * 8);
     }
 }

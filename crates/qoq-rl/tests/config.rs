@@ -23,9 +23,9 @@ fn defaults_equal_the_reference_7b_yaml() {
         (c.rollout.val_override.temperature, c.rollout.val_override.n),
         (0.5, 1)
     );
-    // Not yet implemented settings default to what is implemented (the yaml's bf16 compute is
-    // refused until it exists); activation checkpointing is off by default (it costs a second
-    // forward of every layer) and on in the 7B recipe, as in the yaml.
+    // f32 compute by default (the yaml computes in bf16: `model.compute_dtype = "bf16"`);
+    // activation checkpointing is off by default (it costs a second forward of every layer)
+    // and on in the 7B recipe, as in the yaml.
     assert_eq!(c.model.compute_dtype, c.model.master_dtype);
     assert!(!c.model.gradient_checkpointing);
     // data
@@ -207,7 +207,8 @@ fn validation_names_the_field() {
 }
 
 #[test]
-fn the_7b_recipe_differs_from_the_defaults_only_in_estimator_paths_and_checkpointing() {
+fn the_7b_recipe_differs_from_the_defaults_only_in_estimator_paths_checkpointing_and_compute_dtype()
+{
     let mut c = RunConfig::load(&configs_dir().join("qoq_med_7b_drpo.toml"), &[]).unwrap();
     assert_eq!(c.data.train_files, "data/climb/geom_train.jsonl");
     // Activation checkpointing: on in the recipe as in the yaml, off by default (it costs a
@@ -218,6 +219,9 @@ fn the_7b_recipe_differs_from_the_defaults_only_in_estimator_paths_and_checkpoin
     c.data.train_files.clear();
     c.data.val_files.clear();
     c.trainer.out_dir = RunConfig::default().trainer.out_dir;
+    // The recipe computes in bf16 as the reference yaml; the default stays f32.
+    assert_eq!(c.model.compute_dtype, qoq_rl::config::DtypeName::Bf16);
+    c.model.compute_dtype = RunConfig::default().model.compute_dtype;
     assert_eq!(c, RunConfig::default());
 }
 
@@ -403,11 +407,16 @@ fn settings_without_an_implementation_are_refused_naming_the_key() {
     let base = configs_dir().join("qoq_med_7b_drpo.toml");
     RunConfig::load(&base, &[]).expect("the 7B recipe loads");
     let err = |set: &[&str]| load_err(&base, set);
-    let e = err(&["model.compute_dtype=bf16"]);
+    // Mixed precision is f32 masters with bf16 compute; other mixes are refused.
+    let c = RunConfig::load(&base, &["model.compute_dtype=bf16".into()]).expect("f32 + bf16");
+    assert_eq!(c.model.compute_dtype, qoq_rl::config::DtypeName::Bf16);
+    let e = err(&["model.master_dtype=bf16", "model.compute_dtype=f32"]);
     assert!(
         e.contains("model.compute_dtype") && e.contains("mixed precision"),
         "{e}"
     );
+    let e = err(&["model.compute_dtype=f16"]);
+    assert!(e.contains("model.compute_dtype"), "{e}");
     // Implemented (activation checkpointing in the trainer's update): accepted.
     let c = RunConfig::load(&base, &["model.gradient_checkpointing=true".into()])
         .expect("gradient checkpointing is implemented");

@@ -59,6 +59,55 @@ pub enum BenchSize {
     HalfB,
 }
 
+/// Compute dtype of `qoq bench train-step --compute-dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchDtype {
+    /// f32 throughout.
+    F32,
+    /// bf16 compute over f32 master weights.
+    Bf16,
+}
+
+impl BenchDtype {
+    fn name(self) -> &'static str {
+        match self {
+            BenchDtype::F32 => "f32",
+            BenchDtype::Bf16 => "bf16",
+        }
+    }
+}
+
+impl TrainStepArgs {
+    /// Why the PyTorch reference cannot check this run (it runs the f32 full-training update).
+    fn reference_unfit(&self) -> Option<String> {
+        let mut why = Vec::new();
+        if self.compute_dtype != BenchDtype::F32 {
+            why.push("--compute-dtype bf16");
+        }
+        if self.lora_rank.is_some() {
+            why.push("--lora-rank");
+        }
+        (!why.is_empty()).then(|| {
+            format!(
+                "{}: the reference script runs the f32 full-training update only",
+                why.join(" and ")
+            )
+        })
+    }
+
+    /// The settings line: compute dtype, LoRA.
+    fn precision_label(&self) -> String {
+        let mut s = match self.compute_dtype {
+            BenchDtype::F32 => "f32".to_string(),
+            BenchDtype::Bf16 => "bf16 compute over f32 masters".to_string(),
+        };
+        if let Some(r) = self.lora_rank {
+            s.push_str(&format!(", LoRA r={r}"));
+        }
+        s
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct TrainStepArgs {
     /// Model size.
@@ -96,6 +145,15 @@ pub struct TrainStepArgs {
     /// Write the results as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Compute dtype of the qoq side (`model.compute_dtype`): `bf16` computes the forward on bf16
+    /// copies of the f32 master weights, with a bf16 reference model (mixed precision). The
+    /// PyTorch reference runs the f32 update only, so it is skipped with `bf16`.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub compute_dtype: BenchDtype,
+    /// Train LoRA adapters of this rank (alpha = 2·rank, on every decoder projection) instead of
+    /// every weight (`[model.lora]`). The PyTorch reference (full training) is then skipped.
+    #[arg(long, value_name = "RANK")]
+    pub lora_rank: Option<usize>,
     /// Where the qoq side runs (the run file's `model.device`; the PyTorch reference runs on
     /// its script's own device).
     #[command(flatten)]
@@ -287,7 +345,8 @@ max_response_length = {len}
 model_path = {model}
 device = "{device}"
 gradient_checkpointing = {ckpt}
-
+compute_dtype = "{compute}"
+{lora}
 [rollout]
 n = {n}
 temperature = 1.0
@@ -322,6 +381,11 @@ out_dir = {out}
         steps = a.steps,
         device = a.device.device,
         ckpt = a.gradient_checkpointing,
+        compute = a.compute_dtype.name(),
+        lora = match a.lora_rank {
+            Some(r) => format!("\n[model.lora]\nrank = {r}\nalpha = {}\n", 2 * r),
+            None => String::new(),
+        },
     )
 }
 
@@ -523,12 +587,13 @@ fn worker(a: &TrainStepArgs, dir: &Path) -> anyhow::Result<()> {
     trainer.set_capture(true);
     let size = size_name(a.size);
     eprintln!(
-        "train-step: {size} model, {} prompts x {} rollouts x {} tokens, micro-batch {}, {} step(s), {threads} thread(s), gradient checkpointing {}",
+        "train-step: {size} model, {} prompts x {} rollouts x {} tokens, micro-batch {}, {} step(s), {}, {threads} thread(s), gradient checkpointing {}",
         a.prompts,
         a.n,
         a.response_len,
         a.micro_batch,
         a.steps,
+        a.precision_label(),
         if a.gradient_checkpointing {
             "on"
         } else {
@@ -718,6 +783,8 @@ pub fn train_step(a: TrainStepArgs) -> anyhow::Result<ExitCode> {
     let script = repo_root().join("tools/bench/train_step_ref.py");
     let (torch, absent): (Option<Value>, Option<String>) = if a.no_reference {
         (None, Some("--no-reference".into()))
+    } else if let Some(why) = a.reference_unfit() {
+        (None, Some(why))
     } else if let Some(why) = reference_missing(&a.python) {
         (None, Some(why))
     } else {
@@ -746,11 +813,13 @@ pub fn train_step(a: TrainStepArgs) -> anyhow::Result<ExitCode> {
     // Report.
     println!(
         "train-step, {size} model: {} prompts x {} rollouts x {} response tokens, micro-batch {}, \
-         f32 CPU, {threads} thread(s) both sides{}; {}",
+         {} on {}, {threads} thread(s) both sides{}; {}",
         a.prompts,
         a.n,
         a.response_len,
         a.micro_batch,
+        a.precision_label(),
+        a.device.device,
         if a.gradient_checkpointing {
             ", gradient checkpointing on the qoq side"
         } else {
@@ -882,6 +951,8 @@ pub fn train_step(a: TrainStepArgs) -> anyhow::Result<ExitCode> {
             "micro_batch": a.micro_batch,
             "steps": a.steps,
             "gradient_checkpointing": a.gradient_checkpointing,
+            "compute_dtype": a.compute_dtype.name(),
+            "lora_rank": a.lora_rank,
             "threads": threads,
             "qoq": qoq,
             "torch": torch,

@@ -5,7 +5,10 @@
 //! saved config, `--set` overrides on top); `--init-from` starts a new run from another run's
 //! weights (the paper's Stage 1 → Stage 2). A run with `trainer.early_stopping` ends at the
 //! validation that exhausts its patience, printing the reason. At the end the training curves
-//! are drawn to `<out_dir>/curves/*.png` (as `qoq plot` does).
+//! are drawn to `<out_dir>/curves/*.png` (as `qoq plot` does), and a LoRA run (`[model.lora]`)
+//! exports the merged model to `<out_dir>/export` (an HF model folder) and its adapter in PEFT's
+//! layout to `<out_dir>/export/adapter` (`adapter_config.json`, `adapter_model.safetensors`;
+//! every checkpoint holds the same two files).
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -229,6 +232,17 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
         }
     }
     bar.finish_and_clear();
+    if trainer.config().model.lora.is_some() {
+        // A LoRA run's end product: the merged model and the adapter for PEFT / vLLM.
+        let dir = trainer.out_dir().join(EXPORT_DIR);
+        let adapter = trainer
+            .export(&dir)
+            .with_context(|| format!("exporting to {}", dir.display()))?;
+        eprintln!("merged model exported to {}", dir.display());
+        if let Some(a) = adapter {
+            eprintln!("LoRA adapter (PEFT layout) exported to {}", a.display());
+        }
+    }
     if let Some(reason) = trainer.stop_reason() {
         eprintln!("stopped after step {}: {reason}", trainer.step_count());
         if let Some(best) = trainer.best_checkpoint() {
@@ -324,6 +338,10 @@ fn dry_run(a: &TrainArgs, overrides: &[String]) -> anyhow::Result<ExitCode> {
     println!("the run fits");
     Ok(ExitCode::SUCCESS)
 }
+
+/// Where a LoRA run's merged model (and, in `adapter/`, its PEFT adapter) is exported at the
+/// end, under `trainer.out_dir`.
+pub const EXPORT_DIR: &str = "export";
 
 /// The keys that choose where a run continues from: not part of the run's identity.
 const FIND_KEYS: [&str; 2] = [

@@ -114,12 +114,22 @@ pub const CONSUMERS: &[(&str, &str, &str)] = &[
         TRAINER_BUILD,
         "cfg.model.master_dtype",
     ),
-    // Only compute_dtype = master_dtype is implemented: another value is refused.
     (
         "model.compute_dtype",
-        CONFIG,
-        "self.model.compute_dtype != self.model.master_dtype",
+        TRAINER_BUILD,
+        "dtype_of(cfg.model.compute_dtype)",
     ),
+    ("model.lora", TRAINER_BUILD, "cfg.model.lora.as_ref().map("),
+    ("model.lora", SECTIONS, "pub fn lora_config(&self)"),
+    ("model.lora.rank", SECTIONS, "rank: self.rank"),
+    ("model.lora.alpha", SECTIONS, "alpha: self.alpha"),
+    (
+        "model.lora.target_modules",
+        SECTIONS,
+        "targets: self.target_modules.clone()",
+    ),
+    // Only 0 is implemented: another value is refused.
+    ("model.lora.dropout", CONFIG, "if l.dropout != 0.0 {"),
     (
         "model.freeze_vision_tower",
         CONFIG,
@@ -487,6 +497,12 @@ mod tests {
         c.rollout.gpu_memory_utilization = Some(0.5);
         c.trainer.max_steps = Some(3);
         c.trainer.load_checkpoint_path = Some("ckpt".into());
+        c.model.lora = Some(crate::config::LoraSection {
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            target_modules: qoq_model::lora::all_targets(),
+        });
         c.trainer.early_stopping = Some(crate::early_stopping::EarlyStoppingConfig {
             metric: "val/f1".into(),
             mode: Default::default(),

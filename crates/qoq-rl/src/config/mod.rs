@@ -27,8 +27,8 @@ mod sections;
 
 pub use overrides::{apply_override, infer_value, split_override};
 pub use sections::{
-    ActorConfig, AlgorithmConfig, CriticConfig, DataConfig, DtypeName, EstimatorKind, ModelConfig,
-    OptimizerStrategy, RolloutConfig, TrainerConfig, ValOverride,
+    ActorConfig, AlgorithmConfig, CriticConfig, DataConfig, DtypeName, EstimatorKind, LoraSection,
+    ModelConfig, OptimizerStrategy, RolloutConfig, TrainerConfig, ValOverride,
 };
 
 use crate::loss::config::LossConfig;
@@ -363,17 +363,8 @@ impl RunConfig {
             }
         }
         // Settings whose implementation does not exist yet are refused rather than ignored.
-        if self.model.compute_dtype != self.model.master_dtype {
-            return Err(invalid(
-                "model.compute_dtype",
-                format!(
-                    "{:?} differs from model.master_dtype {:?}: computing in another dtype than the \
-                     master weights (mixed precision) is not implemented yet; set both to the same \
-                     dtype",
-                    self.model.compute_dtype, self.model.master_dtype
-                ),
-            ));
-        }
+        self.validate_precision()?;
+        self.validate_lora()?;
         if self.rollout.tensor_parallel_size > 1 {
             return Err(invalid(
                 "rollout.tensor_parallel_size",
@@ -477,7 +468,8 @@ impl RunConfig {
     }
 
     /// The trained components: `model.trainable`'s groups when set (a parameter trains when its
-    /// group is listed and the component is not frozen), else the `model.freeze_*` switches.
+    /// group is listed and the component is not frozen), none with `[model.lora]` (the adapters
+    /// alone train), else the `model.freeze_*` switches.
     pub fn trainable(
         &self,
     ) -> std::result::Result<
@@ -496,6 +488,12 @@ impl RunConfig {
         };
         let freeze = match &groups {
             Some(g) => g.freeze(),
+            // LoRA: every base weight is frozen, the adapters alone train.
+            None if self.model.lora.is_some() => qoq_model::train::Freeze {
+                vision_tower: true,
+                time_series_encoder: true,
+                llm: true,
+            },
             None => qoq_model::train::Freeze {
                 vision_tower: self.model.freeze_vision_tower,
                 time_series_encoder: self.model.freeze_time_series_encoder,
@@ -545,6 +543,78 @@ impl RunConfig {
 }
 
 impl RunConfig {
+    /// `model.master_dtype` / `model.compute_dtype`: equal, or f32 masters with bf16 compute
+    /// (mixed precision).
+    fn validate_precision(&self) -> Result<()> {
+        let (master, compute) = (self.model.master_dtype, self.model.compute_dtype);
+        if master == compute || (master == DtypeName::F32 && compute == DtypeName::Bf16) {
+            return Ok(());
+        }
+        Err(invalid(
+            "model.compute_dtype",
+            format!(
+                "{compute:?} over model.master_dtype {master:?}: mixed precision is implemented \
+                 for f32 master weights with bf16 compute only; otherwise set both to the same \
+                 dtype"
+            ),
+        ))
+    }
+
+    /// `[model.lora]`: rank, alpha, dropout, targets, and the keys it cannot be combined with.
+    fn validate_lora(&self) -> Result<()> {
+        let Some(l) = &self.model.lora else {
+            return Ok(());
+        };
+        if l.rank == 0 {
+            return Err(invalid("model.lora.rank", "must be at least 1"));
+        }
+        if !(l.alpha.is_finite() && l.alpha > 0.0) {
+            return Err(invalid(
+                "model.lora.alpha",
+                format!("{} is not a finite value > 0", l.alpha),
+            ));
+        }
+        if l.dropout != 0.0 {
+            return Err(invalid(
+                "model.lora.dropout",
+                format!(
+                    "{}: dropout on the adapters' input is not implemented; set 0",
+                    l.dropout
+                ),
+            ));
+        }
+        if l.target_modules.is_empty() {
+            return Err(invalid("model.lora.target_modules", "lists no projection"));
+        }
+        let known = qoq_model::lora::all_targets();
+        for t in &l.target_modules {
+            if !known.contains(t) {
+                return Err(invalid(
+                    "model.lora.target_modules",
+                    format!(
+                        "`{t}` is not a decoder projection (known: {})",
+                        known.join(", ")
+                    ),
+                ));
+            }
+        }
+        if self.model.trainable.is_some() {
+            return Err(invalid(
+                "model.lora",
+                "set together with model.trainable: with LoRA only the adapters train (every \
+                 base weight is frozen); remove model.trainable",
+            ));
+        }
+        if self.algorithm.estimator == EstimatorKind::Gae {
+            return Err(invalid(
+                "model.lora",
+                "with estimator = \"gae\": the value model has no LoRA adapters in this build; \
+                 use another estimator or full training",
+            ));
+        }
+        Ok(())
+    }
+
     /// The estimator-specific keys: γ and λ in [0, 1] and used by their estimators only, the
     /// `[critic]` section with GAE only.
     fn validate_estimator(&self) -> Result<()> {

@@ -105,9 +105,14 @@ pub struct ModelConfig {
     pub tokenizer_path: Option<String>,
     /// Master weights of the actor. Default f32 (FSDP mixed precision keeps fp32 weights).
     pub master_dtype: DtypeName,
-    /// Compute dtype of the actor forward and of the reference model. Must equal `master_dtype`
-    /// until mixed precision (bf16 compute over f32 masters) is implemented; anything else is
-    /// refused at load. Default f32 (the reference yaml computes in bf16).
+    /// Compute dtype of the actor forward (training and rollouts) and of the frozen KL
+    /// reference model. Equal to `master_dtype`, or `bf16` over f32 masters: mixed precision as
+    /// FSDP's `MixedPrecision(param_dtype=bf16)`: the f32 master weights are cast to bf16 copies
+    /// for the forward after every optimiser step, the gradients flow back through the casts and
+    /// accumulate in f32, and the optimiser updates the f32 masters (which checkpoints save); the
+    /// loss, log-softmax and KL are computed in f32. The reference model is held in bf16. The
+    /// value model (`estimator = "gae"`) computes in `master_dtype`. Default f32 (the reference
+    /// yaml computes in bf16).
     pub compute_dtype: DtypeName,
     /// Freeze the vision tower. Default false (all parameters train).
     pub freeze_vision_tower: bool,
@@ -130,6 +135,43 @@ pub struct ModelConfig {
     /// resolved config saved with checkpoints records the device the run used (`cuda:N`).
     /// Default `cpu`.
     pub device: String,
+    /// `[model.lora]`: train LoRA adapters on the decoder's projections instead of the weights
+    /// (every base weight frozen, whatever the `freeze_*` switches say; `trainable` is refused
+    /// with it). Unset by default (full training).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSection>,
+}
+
+/// `[model.lora]`: LoRA adapters (Hu et al. 2021; PEFT `LoraConfig`) on the Qwen2 decoder's
+/// projections. Only the adapters train (they alone get optimiser state); checkpoints hold
+/// them in PEFT's layout beside the merged weights, and `qoq train` exports both at the end.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSection {
+    /// Adapter rank r (PEFT `r`). Required, at least 1.
+    pub rank: usize,
+    /// Scaling numerator: the update is `alpha / rank · B A` (PEFT `lora_alpha`). Required.
+    pub alpha: f64,
+    /// Dropout on the adapter's input (PEFT `lora_dropout`). Only 0 is implemented: any other
+    /// value is refused at load. Default 0.
+    #[serde(default)]
+    pub dropout: f64,
+    /// Leaf names of the decoder projections that get adapters, among `q_proj`, `k_proj`,
+    /// `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj` (PEFT `target_modules`). Default
+    /// all seven.
+    #[serde(default = "qoq_model::lora::all_targets")]
+    pub target_modules: Vec<String>,
+}
+
+impl LoraSection {
+    /// The model crate's adapter config.
+    pub fn lora_config(&self) -> qoq_model::lora::LoraConfig {
+        qoq_model::lora::LoraConfig {
+            rank: self.rank,
+            alpha: self.alpha,
+            targets: self.target_modules.clone(),
+        }
+    }
 }
 
 impl Default for ModelConfig {
@@ -145,6 +187,7 @@ impl Default for ModelConfig {
             gradient_checkpointing: false,
             trainable: None,
             device: "cpu".into(),
+            lora: None,
         }
     }
 }

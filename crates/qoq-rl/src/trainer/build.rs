@@ -11,18 +11,29 @@ use crate::early_stopping::EarlyStoppingState;
 use crate::metrics_log::RunLog;
 use crate::optim::AdamW;
 use crate::run_dir::{DataFingerprint, data_changes};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use qoq_data::manifest::{Cursor, Manifest, RowOrder};
 use qoq_model::ClinicalVlm;
-use qoq_model::train::trainable_var_builder;
+use qoq_model::train::{ParamStore, trainable_var_builder};
 use qoq_processor::processor::Processor;
 use qoq_reward::RewardFn;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// The candle dtype of a config dtype name.
 pub fn dtype_of(d: DtypeName) -> DType {
     d.dtype()
+}
+
+/// The dtype the run holds its base weights in: the master dtype, except for a LoRA run, whose
+/// frozen base is held in the compute dtype only (the adapters are its f32 masters).
+fn base_dtype(cfg: &RunConfig) -> DType {
+    if cfg.model.lora.is_some() {
+        dtype_of(cfg.model.compute_dtype)
+    } else {
+        dtype_of(cfg.model.master_dtype)
+    }
 }
 
 /// Opens the run's device (`model.device`) and writes its canonical name (`cuda` → `cuda:0`)
@@ -45,7 +56,7 @@ pub(super) fn fresh(mut cfg: RunConfig, reward: Box<dyn RewardFn>) -> Result<Tra
     let device = open_device(&mut cfg)?;
     let out_dir = PathBuf::from(&cfg.trainer.out_dir);
     let model_dir = PathBuf::from(&cfg.model.model_path);
-    let dtype = dtype_of(cfg.model.master_dtype);
+    let dtype = base_dtype(&cfg);
     let (vb, _) = qoq_model::loading::checkpoint_var_builder(&model_dir, dtype, &device)
         .map_err(|e| model_err(format!("{}: {e}", model_dir.display())))?;
     build(cfg, reward, vb, device, out_dir, None, false, None)
@@ -60,7 +71,7 @@ pub(super) fn init_from(
 ) -> Result<Trainer> {
     let device = open_device(&mut cfg)?;
     let out_dir = PathBuf::from(&cfg.trainer.out_dir);
-    let dtype = dtype_of(cfg.model.master_dtype);
+    let dtype = base_dtype(&cfg);
     let vb = VarBuilder::from_tensors(init.weights.clone(), dtype, &device);
     build(cfg, reward, vb, device, out_dir, None, false, Some(&init))
 }
@@ -105,13 +116,26 @@ pub(super) fn resume(
             .map_err(|e| TrainerError::Config(format!("reward: {e}")))?,
     };
     let device = open_device(&mut cfg)?;
-    let dtype = dtype_of(cfg.model.master_dtype);
-    let weights = ck.model(&device)?;
-    let vb = VarBuilder::from_tensors(weights, dtype, &device);
-    // A run started with --init-from has the source's weights as its KL reference.
+    let dtype = base_dtype(&cfg);
+    // A run started with --init-from has the source's weights as its KL reference (and as the
+    // frozen base of its LoRA adapters).
     let init = match ck.trainer_state()?.init_from {
-        Some(src) if cfg.algorithm.needs_reference() => Some(super::init::InitFrom::reopen(&src)?),
+        Some(src) if cfg.algorithm.needs_reference() || cfg.model.lora.is_some() => {
+            Some(super::init::InitFrom::reopen(&src)?)
+        }
         _ => None,
+    };
+    // A LoRA run's checkpoint holds the adapters beside merged weights; its frozen base is the
+    // run's initial weights.
+    let vb = if cfg.model.lora.is_some() {
+        initial_weights(
+            Path::new(&cfg.model.model_path),
+            dtype,
+            &device,
+            init.as_ref(),
+        )?
+    } else {
+        VarBuilder::from_tensors(ck.model(&device)?, dtype, &device)
     };
     let out_dir = dir
         .parent()
@@ -193,18 +217,57 @@ fn build(
     if let Some(i) = init {
         i.check_architecture(&model_cfg, &model_dir)?;
     }
+    // LoRA: every base weight is frozen, the adapters alone train (RunConfig::trainable).
     let (groups, freeze) = cfg.trainable().map_err(TrainerError::Config)?;
-    let (vb, store) = trainable_var_builder(vb, freeze);
-    let model = ClinicalVlm::new(&model_cfg, vb).map_err(model_err)?;
     let dtype = dtype_of(cfg.model.master_dtype);
-    // The KL reference is the run's initial policy (the --init-from source's weights when given).
-    let ref_model = if cfg.algorithm.needs_reference() {
-        let vb = initial_weights(&model_dir, dtype, &device, init)?;
+    let compute = dtype_of(cfg.model.compute_dtype);
+    let adapters = cfg.model.lora.as_ref().map(|l| Adapters {
+        cfg: l.lora_config(),
+        dropout: l.dropout,
+        vars: candle_nn::VarMap::new(),
+    });
+    let (vb, store) = trainable_var_builder(vb, freeze);
+    let master_model = ClinicalVlm::new_with_lora(
+        &model_cfg,
+        vb,
+        adapters
+            .as_ref()
+            .map(|a| a.builder(dtype, &device))
+            .as_ref(),
+    )
+    .map_err(model_err)?;
+    if let Some(a) = &adapters {
+        match ck {
+            Some(ck) => {
+                a.load(&ck.adapters(&device)?, ck.dir())?;
+                check_lora_base(ck, &master_model, &store, dtype, &device)?;
+            }
+            None => qoq_model::lora::seed_adapters(&a.vars, cfg.data.seed).map_err(model_err)?,
+        }
+    }
+    let model = compute_model(
+        master_model,
+        &store,
+        adapters.as_ref(),
+        base_dtype(&cfg),
+        compute,
+        &device,
+    )?;
+    // The KL reference is the run's initial policy (the --init-from source's weights when given),
+    // held in the compute dtype; a LoRA run's is its frozen base, whose tensors it shares.
+    let ref_model = if !cfg.algorithm.needs_reference() {
+        None
+    } else if adapters.is_some() {
+        let vb = qoq_model::train::cast_var_builder(&store, compute, &device);
         Some(ClinicalVlm::new(&model_cfg, vb).map_err(model_err)?)
     } else {
-        None
+        let vb = initial_weights(&model_dir, compute, &device, init)?;
+        Some(ClinicalVlm::new(&model_cfg, vb).map_err(model_err)?)
     };
-    let mut params = store.trainable().map_err(model_err)?;
+    let mut params = match &adapters {
+        Some(a) => a.named_vars()?,
+        None => store.trainable().map_err(model_err)?,
+    };
     if let Some(g) = &groups {
         params.retain(|(name, _)| g.trains(name));
     }
@@ -358,7 +421,169 @@ fn build(
         records,
         val_manifest,
         critic,
+        adapters,
         skipped_rows: 0,
         perf: Default::default(),
     })
+}
+
+/// The LoRA adapters of a run (`[model.lora]`): their config and their `Var`s, named
+/// `<projection>.lora_A.weight` / `.lora_B.weight`, in the master dtype.
+pub(super) struct Adapters {
+    pub(super) cfg: qoq_model::lora::LoraConfig,
+    pub(super) dropout: f64,
+    pub(super) vars: candle_nn::VarMap,
+}
+
+impl Adapters {
+    /// Where the model's projections take their adapters.
+    pub(super) fn builder(
+        &self,
+        dtype: DType,
+        device: &Device,
+    ) -> qoq_model::lora::LoraBuilder<'static> {
+        qoq_model::lora::LoraBuilder {
+            cfg: self.cfg.clone(),
+            vb: VarBuilder::from_varmap(&self.vars, dtype, device),
+        }
+    }
+
+    /// `(name, var)` of every adapter matrix, sorted by name (the optimiser's parameters).
+    pub(super) fn named_vars(&self) -> Result<Vec<(String, candle_core::Var)>> {
+        let data = self
+            .vars
+            .data()
+            .lock()
+            .map_err(|_| model_err("adapter store poisoned"))?;
+        let mut v: Vec<(String, candle_core::Var)> =
+            data.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(v)
+    }
+
+    /// The adapters' current values by name.
+    pub(super) fn tensors(&self) -> Result<HashMap<String, Tensor>> {
+        Ok(self
+            .named_vars()?
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect())
+    }
+
+    /// Sets every adapter from `saved` (a checkpoint's, named as here); a missing, extra or
+    /// differently shaped matrix is an error naming it and `dir`.
+    fn load(&self, saved: &HashMap<String, Tensor>, dir: &Path) -> Result<()> {
+        let vars = self.named_vars()?;
+        let bad = |m: String| model_err(format!("{}: adapters: {m}", dir.display()));
+        for (name, var) in &vars {
+            let t = saved
+                .get(name)
+                .ok_or_else(|| bad(format!("missing {name} (another model.lora?)")))?;
+            if t.dims() != var.dims() {
+                return Err(bad(format!(
+                    "{name} has shape {:?}, the model's adapter {:?}",
+                    t.dims(),
+                    var.dims()
+                )));
+            }
+            var.set(&t.to_dtype(var.dtype())?)?;
+        }
+        if let Some(extra) = saved.keys().find(|k| !vars.iter().any(|(n, _)| n == *k)) {
+            return Err(bad(format!("{extra} is not an adapter of this model.lora")));
+        }
+        Ok(())
+    }
+}
+
+/// A resumed LoRA run re-reads its frozen base from `model.model_path` (or the `--init-from`
+/// source): refuses a base that is not the one the checkpoint was trained on, by comparing the
+/// first adapted projection's merge (base + adapters) and the token embeddings with the
+/// checkpoint's merged weights, bit for bit.
+fn check_lora_base(
+    ck: &Checkpoint,
+    model: &ClinicalVlm,
+    store: &ParamStore,
+    master: DType,
+    device: &Device,
+) -> Result<()> {
+    let base: HashMap<String, Tensor> = store.tensors().map_err(model_err)?.into_iter().collect();
+    let mut pairs = Vec::new();
+    if let Some(p) = model.adapted_projs().first() {
+        let name = format!("{}.weight", p.name());
+        let b = base
+            .get(&name)
+            .ok_or_else(|| model_err(format!("adapter base weight {name} not in the store")))?;
+        if let Some(m) = p.merged_onto(&b.to_dtype(master)?).map_err(model_err)? {
+            pairs.push((name, m));
+        }
+    }
+    let embed = "model.embed_tokens.weight";
+    if let Some(e) = base.get(embed) {
+        pairs.push((embed.to_string(), e.clone()));
+    }
+    for (name, now) in pairs {
+        let saved = ck.model_tensor(&name, device)?;
+        let same = saved.dims() == now.dims()
+            && saved
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                == now.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        if !same {
+            return Err(TrainerError::Config(format!(
+                "{}: the LoRA run's base weights (model.model_path, or the --init-from source) \
+                 are not those this checkpoint was trained on: {name} differs from the \
+                 checkpoint's merged weights",
+                ck.dir().display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The model the run computes with: `master` itself when the compute dtype is the master dtype,
+/// else the same architecture over casts of `store`'s master weights to `compute`
+/// ([`qoq_model::train::cast_var_builder`], mixed precision), with the same adapter `Var`s.
+pub(super) fn compute_model(
+    master: ClinicalVlm,
+    store: &ParamStore,
+    adapters: Option<&Adapters>,
+    dtype: DType,
+    compute: DType,
+    device: &Device,
+) -> Result<ClinicalVlm> {
+    if compute == dtype {
+        return Ok(master);
+    }
+    let vb = qoq_model::train::cast_var_builder(store, compute, device);
+    ClinicalVlm::new_with_lora(
+        master.config(),
+        vb,
+        adapters.map(|a| a.builder(dtype, device)).as_ref(),
+    )
+    .map_err(model_err)
+}
+
+impl Trainer {
+    /// Mixed precision: takes new compute copies of the master weights (after an optimiser step
+    /// changed them). Nothing to do when the run computes in its master dtype (the model holds
+    /// the master `Var`s, which the optimiser updates in place).
+    pub(super) fn refresh_compute_model(&mut self) -> Result<()> {
+        let dtype = dtype_of(self.cfg.model.master_dtype);
+        let compute = dtype_of(self.cfg.model.compute_dtype);
+        // A LoRA run's base is frozen (held in the compute dtype) and its adapters are cast in
+        // every forward: nothing to refresh.
+        if dtype == compute || self.adapters.is_some() {
+            return Ok(());
+        }
+        self.model = compute_model(
+            self.model.clone(),
+            &self.store,
+            self.adapters.as_ref(),
+            dtype,
+            compute,
+            &self.device,
+        )?;
+        Ok(())
+    }
 }

@@ -246,6 +246,8 @@ pub struct Trainer {
     val_manifest: Manifest,
     /// PPO's value model (`estimator = "gae"`).
     critic: Option<Critic>,
+    /// The LoRA adapters (`[model.lora]`), the only trained parameters when present.
+    adapters: Option<build::Adapters>,
     /// Rows the last [`Trainer::draw`] skipped (`data.manifest.skip_bad_rows`), logged with the
     /// step as `data/skipped_rows`.
     skipped_rows: usize,
@@ -361,20 +363,60 @@ impl Trainer {
         &self.processor
     }
 
-    /// Every parameter's current value by checkpoint name, LoRA adapters merged.
+    /// Every parameter's current value by checkpoint name, LoRA adapters merged, in the master
+    /// dtype (the f32 masters of a mixed-precision run, not its compute copies).
     pub fn weights(&self) -> Result<HashMap<String, Tensor>> {
-        let mut out: HashMap<String, Tensor> = self
-            .store
-            .tensors()
-            .map_err(model_err)?
-            .into_iter()
-            .collect();
-        for p in self.model.adapted_projs() {
-            if let Some((name, w)) = p.merged_weight().map_err(model_err)? {
-                out.insert(name, w);
-            }
+        let master = build::dtype_of(self.cfg.model.master_dtype);
+        qoq_model::train::merged_tensors_in(&self.model, &self.store, Some(master))
+            .map_err(model_err)
+    }
+
+    /// The frozen KL reference policy, when the run has one (held in `model.compute_dtype`).
+    pub fn reference_model(&self) -> Option<&ClinicalVlm> {
+        self.ref_model.as_ref()
+    }
+
+    /// The LoRA adapters' current values (`<projection>.lora_A.weight` / `.lora_B.weight`), when
+    /// the run trains adapters (`[model.lora]`).
+    pub fn adapters(&self) -> Result<Option<HashMap<String, Tensor>>> {
+        self.adapters.as_ref().map(|a| a.tensors()).transpose()
+    }
+
+    /// What PEFT's `adapter_config.json` names as the base model: `model.model_path`, or the
+    /// `--init-from` checkpoint whose weights the adapters sit on.
+    fn lora_base_name(&self) -> String {
+        match &self.state.init_from {
+            Some(src) => src.checkpoint.clone(),
+            None => self.cfg.model.model_path.clone(),
         }
-        Ok(out)
+    }
+
+    /// Writes the trained model into `dir` for inference elsewhere: the merged weights as an HF
+    /// model folder ([`qoq_model::init::export`]: `model.safetensors`, the config, preprocessor
+    /// config and tokenizer of `model.model_path`, the processor settings) and, for a LoRA run,
+    /// the adapters in PEFT's layout in `dir/adapter` (`adapter_config.json`,
+    /// `adapter_model.safetensors`); returns the adapter folder when written.
+    pub fn export(&self, dir: &Path) -> Result<Option<PathBuf>> {
+        qoq_model::init::export(
+            dir,
+            Path::new(&self.cfg.model.model_path),
+            &self.weights()?,
+            &self.cfg.processor_options(),
+        )
+        .map_err(model_err)?;
+        let Some(a) = &self.adapters else {
+            return Ok(None);
+        };
+        let adapter_dir = dir.join("adapter");
+        qoq_model::lora::write_peft(
+            &adapter_dir,
+            &a.cfg,
+            a.dropout,
+            &self.lora_base_name(),
+            &a.tensors()?,
+        )
+        .map_err(model_err)?;
+        Ok(Some(adapter_dir))
     }
 
     /// The metrics records of this run so far (kept ones of a resumed run included).
@@ -460,7 +502,21 @@ impl Trainer {
             None => None,
         };
         let rng = RngStates::default();
+        let adapters = match &self.adapters {
+            Some(a) => Some(a.tensors()?),
+            None => None,
+        };
+        let base_name = self.lora_base_name();
         let data = CheckpointData {
+            peft: match (&self.adapters, &adapters) {
+                (Some(a), Some(t)) => Some(checkpoint::PeftData {
+                    cfg: &a.cfg,
+                    dropout: a.dropout,
+                    base_model: &base_name,
+                    adapters: t,
+                }),
+                _ => None,
+            },
             model: &weights,
             optimizer: Some(&self.opt),
             estimator: &self.estimator,

@@ -218,6 +218,10 @@ impl Trainer {
             let report = self.optimizer_of(learner)?.step(&grads)?;
             let opt_s = &self.perf.optimizer_s;
             opt_s.set(opt_s.get() + t_opt.elapsed().as_secs_f64());
+            if learner == Learner::Actor {
+                // Mixed precision: the next forward uses casts of the updated masters.
+                self.refresh_compute_model()?;
+            }
             if report.grad_norm.is_finite() {
                 stats.norm_sum += report.grad_norm;
             }
