@@ -39,14 +39,16 @@ fn on_ranks<T: Send>(
 }
 
 /// DRPO (the paper's settings: KL in the loss, KL-aware damping) on 4 prompts × 4 rollouts,
-/// mini-batches of 2 prompts, micro-batches of 2 rollouts, over `ranks` ranks, lr 5e-4.
+/// mini-batches of 2 prompts, micro-batches of 2 rollouts, over `ranks` ranks, lr 2e-4.
 ///
 /// The ranks sample their prompts in smaller batches than one process, so the sampler's
 /// log-probs (the old log-probs of the loss) differ by float rounding (~1e-7 relative), and so
-/// do the gradients' summation orders; AdamW turns these into weight differences proportional
-/// to the learning rate (about 1e-6 after 4 steps at lr 1e-3, 1e-5 at lr 1e-2).
+/// does the gradients' summation order. AdamW divides by `sqrt(v) + eps`: for a parameter whose
+/// gradient nearly cancels (|g| near eps = 1e-8) a rounding difference of 1e-10 moves the update
+/// by ~1e-2 · lr. Measured after 4 steps: 1e-5 at lr 1e-2, 1.05e-6 at 1e-3, 6.5e-7 at 5e-4; the
+/// weights themselves move by ~lr per step, so a wrong reduction shows far above 1e-6.
 fn drpo(model: &Path, manifest: &Path, out: &Path, ranks: usize) -> RunConfig {
-    let mut cfg = config(model, manifest, out, 4, 4, 6, 5e-4, 4, 2, true);
+    let mut cfg = config(model, manifest, out, 4, 4, 6, 2e-4, 4, 2, true);
     cfg.algorithm.estimator = qoq_rl::config::EstimatorKind::Drpo;
     cfg.algorithm.drpo = qoq_rl::advantage::DrpoConfig::paper();
     cfg.trainer.n_gpus_per_node = ranks;
@@ -54,6 +56,7 @@ fn drpo(model: &Path, manifest: &Path, out: &Path, ranks: usize) -> RunConfig {
 }
 
 struct RankRun {
+    initial: BTreeMap<String, Vec<f32>>,
     weights: BTreeMap<String, Vec<f32>>,
     advantages: Vec<Vec<f64>>,
     metrics: Vec<BTreeMap<String, f64>>,
@@ -63,6 +66,7 @@ struct RankRun {
 
 fn train(t: &mut Trainer) -> RankRun {
     let mut run = RankRun {
+        initial: weights(t),
         weights: BTreeMap::new(),
         advantages: Vec::new(),
         metrics: Vec::new(),
@@ -115,6 +119,8 @@ fn two_ranks_train_like_one_process_and_resume_with_two_ranks_only() {
     let d = max_abs_diff(&one.weights, &two[0].weights);
     eprintln!("2 ranks vs 1 process: largest weight difference {d:e}");
     assert!(d <= 1e-6, "2 ranks vs 1 process: weights differ by {d}");
+    let moved = max_abs_diff(&one.weights, &one.initial);
+    assert!(moved > 1e-4, "4 steps moved the weights by {moved} only");
     assert_eq!(two[0].weights, two[1].weights, "the ranks' weights differ");
     for step in 0..4 {
         // Both ranks computed every rollout's advantage, the same ones, as one process did.

@@ -106,13 +106,14 @@ impl MpiCollective {
                 .ok_or_else(|| DistError::Mpi(format!("{what}: more than 2^31 elements")))?;
         }
         let mut all = vec![T::default(); total as usize];
+        let mut part = PartitionMut::new(&mut all[..], &counts[..], &displs[..]);
         mpi::request::scope(|scope| {
-            let mut part = PartitionMut::new(&mut all[..], &counts[..], &displs[..]);
             let req = self
                 .world
                 .immediate_all_gather_varcount_into(scope, mine, &mut part);
             self.wait(req, what);
         });
+        drop(part);
         Ok(counts
             .iter()
             .zip(&displs)

@@ -51,9 +51,8 @@
 //! - one process is one device; alone, it runs the whole step (`n_gpus_per_node` then only
 //!   enters the config's batch-size checks). Data-parallel training ([`crate::dist`],
 //!   `mpirun -np N qoq train`; the constructors' `*_dist` forms) runs `trainer.nnodes ·
-//!   n_gpus_per_node` ranks: every rank
-//!   draws and processes the step's prompts (the same seeded order), samples and scores its
-//!   contiguous share of them ([`crate::dist::shard`]), and the scored groups are all-gathered,
+//!   n_gpus_per_node` ranks: every rank draws and processes the step's prompts (the same
+//!   seeded order), samples and scores its contiguous share of them ([`crate::dist::shard`]), and the scored groups are all-gathered,
 //!   so every rank computes the same advantages (DRPO's history stays identical). The update
 //!   splits each mini-batch into the same micro-batches as one process would and gives each
 //!   rank its share of them; the accumulated gradients are summed over the ranks before the
@@ -283,11 +282,7 @@ pub struct Trainer {
 impl Trainer {
     /// A fresh run of `cfg` writing into `trainer.out_dir`, scored by the configured reward.
     pub fn new(cfg: RunConfig) -> Result<Self> {
-        let reward = cfg
-            .reward
-            .build()
-            .map_err(|e| TrainerError::Config(format!("reward: {e}")))?;
-        Self::with_reward(cfg, reward)
+        Self::new_dist(cfg, None, Arc::new(Single))
     }
 
     /// A fresh run scored by `reward` instead of the configured one.
@@ -376,11 +371,7 @@ impl Trainer {
     /// the source is recorded in the run's `trainer_state.json` and `events.jsonl`. A source
     /// whose parameters differ from the architecture of `model.model_path` is refused.
     pub fn init_from(cfg: RunConfig, source: &Path) -> Result<Self> {
-        let reward = cfg
-            .reward
-            .build()
-            .map_err(|e| TrainerError::Config(format!("reward: {e}")))?;
-        Self::init_from_with_reward(cfg, source, reward)
+        Self::init_from_dist(cfg, source, Arc::new(Single))
     }
 
     /// [`Trainer::init_from`] scored by `reward` instead of the configured one.
