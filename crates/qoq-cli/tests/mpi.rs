@@ -7,7 +7,9 @@
 //! MPI launcher refuses to train, naming the feature.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
+#[cfg(feature = "mpi")]
+use std::process::Stdio;
 #[cfg(feature = "mpi")]
 use std::time::{Duration, Instant};
 

@@ -8,7 +8,7 @@ use qoq_rl::dist::{Collective, InProcess};
 use qoq_rl::trainer::{ResumeOptions, Trainer};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 mod support;
@@ -21,7 +21,7 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 fn on_ranks<T: Send>(
     n: usize,
     timeout: Duration,
-    f: impl Fn(Arc<dyn Collective>) -> T + Sync,
+    f: impl Fn(Rc<dyn Collective>) -> T + Sync,
 ) -> Vec<T> {
     std::thread::scope(|s| {
         let handles: Vec<_> = InProcess::group(n, timeout)
@@ -30,7 +30,7 @@ fn on_ranks<T: Send>(
                 let f = &f;
                 std::thread::Builder::new()
                     .stack_size(64 << 20)
-                    .spawn_scoped(s, move || f(Arc::new(c)))
+                    .spawn_scoped(s, move || f(Rc::new(c)))
                     .unwrap()
             })
             .collect();

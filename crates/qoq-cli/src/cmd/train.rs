@@ -22,7 +22,7 @@ use qoq_rl::run_dir::RunLock;
 use qoq_rl::trainer::{ResumeOptions, Trainer};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::rc::Rc;
 use std::time::Duration;
 
 #[derive(Debug, Args)]
@@ -71,9 +71,9 @@ pub struct TrainArgs {
 }
 
 /// The ranks of this launch: MPI's when `mpirun` started the process, else one process.
-fn collective(timeout: Duration) -> anyhow::Result<Arc<dyn Collective>> {
+fn collective(timeout: Duration) -> anyhow::Result<Rc<dyn Collective>> {
     let Some((size, rank)) = qoq_rl::dist::launched_world() else {
-        return Ok(Arc::new(qoq_rl::dist::Single));
+        return Ok(Rc::new(qoq_rl::dist::Single));
     };
     #[cfg(feature = "mpi")]
     {
@@ -85,7 +85,7 @@ fn collective(timeout: Duration) -> anyhow::Result<Arc<dyn Collective>> {
                 c.size()
             );
         }
-        Ok(Arc::new(c))
+        Ok(Rc::new(c))
     }
     #[cfg(not(feature = "mpi"))]
     {
@@ -97,7 +97,7 @@ fn collective(timeout: Duration) -> anyhow::Result<Arc<dyn Collective>> {
                  --features mpi` (needs libopenmpi-dev and libclang-dev)"
             );
         }
-        Ok(Arc::new(qoq_rl::dist::Single))
+        Ok(Rc::new(qoq_rl::dist::Single))
     }
 }
 
@@ -114,7 +114,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
     out
 }
 
-fn run_ranked(a: TrainArgs, dist: Arc<dyn Collective>) -> anyhow::Result<ExitCode> {
+fn run_ranked(a: TrainArgs, dist: Rc<dyn Collective>) -> anyhow::Result<ExitCode> {
     let rank0 = dist.rank() == 0;
     if a.allow_changed_data && a.resume.is_none() {
         bail!("--allow-changed-data applies to --resume only");

@@ -106,14 +106,16 @@ impl MpiCollective {
                 .ok_or_else(|| DistError::Mpi(format!("{what}: more than 2^31 elements")))?;
         }
         let mut all = vec![T::default(); total as usize];
-        let mut part = PartitionMut::new(&mut all[..], &counts[..], &displs[..]);
-        mpi::request::scope(|scope| {
-            let req = self
-                .world
-                .immediate_all_gather_varcount_into(scope, mine, &mut part);
-            self.wait(req, what);
-        });
-        drop(part);
+        {
+            // Borrows `all` until the request completes.
+            let mut part = PartitionMut::new(&mut all[..], &counts[..], &displs[..]);
+            mpi::request::scope(|scope| {
+                let req = self
+                    .world
+                    .immediate_all_gather_varcount_into(scope, mine, &mut part);
+                self.wait(req, what);
+            });
+        }
         Ok(counts
             .iter()
             .zip(&displs)

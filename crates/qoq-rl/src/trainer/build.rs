@@ -21,7 +21,7 @@ use qoq_model::train::{Freeze, trainable_var_builder};
 use qoq_processor::processor::Processor;
 use qoq_reward::RewardFn;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::rc::Rc;
 
 /// The candle dtype of a config dtype name.
 pub fn dtype_of(d: DtypeName) -> DType {
@@ -51,7 +51,7 @@ fn open_device(cfg: &mut RunConfig) -> Result<Device> {
 pub(super) fn fresh(
     mut cfg: RunConfig,
     reward: Box<dyn RewardFn>,
-    dist: Arc<dyn Collective>,
+    dist: Rc<dyn Collective>,
 ) -> Result<Trainer> {
     let device = open_device(&mut cfg)?;
     let out_dir = PathBuf::from(&cfg.trainer.out_dir);
@@ -68,7 +68,7 @@ pub(super) fn init_from(
     mut cfg: RunConfig,
     reward: Box<dyn RewardFn>,
     init: super::init::InitFrom,
-    dist: Arc<dyn Collective>,
+    dist: Rc<dyn Collective>,
 ) -> Result<Trainer> {
     let device = open_device(&mut cfg)?;
     let out_dir = PathBuf::from(&cfg.trainer.out_dir);
@@ -94,7 +94,7 @@ pub(super) fn resume(
     dir: &Path,
     reward: Option<Box<dyn RewardFn>>,
     opts: &ResumeOptions,
-    dist: Arc<dyn Collective>,
+    dist: Rc<dyn Collective>,
 ) -> Result<Trainer> {
     let overrides = &opts.overrides;
     let ck = Checkpoint::open(dir)?;
@@ -203,7 +203,7 @@ fn build(
     ck: Option<&Checkpoint>,
     allow_changed_data: bool,
     init: Option<&super::init::InitFrom>,
-    dist: Arc<dyn Collective>,
+    dist: Rc<dyn Collective>,
 ) -> Result<Trainer> {
     check(&cfg)?;
     check_world(&cfg, ck, dist.size())?;

@@ -111,7 +111,7 @@ use qoq_processor::processor::Processor;
 use qoq_reward::RewardFn;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::rc::Rc;
 use std::time::Instant;
 
 /// Metric: optimiser steps skipped so far because of a non-finite gradient norm.
@@ -274,7 +274,7 @@ pub struct Trainer {
     /// Nested timers, phase memory and batch capture ([`perf`]).
     perf: perf::Perf,
     /// The data-parallel ranks ([`Single`] for one process).
-    dist: Arc<dyn Collective>,
+    dist: Rc<dyn Collective>,
     /// The last RL step's advantages, one per kept rollout in the estimator's order.
     advantages: Vec<f64>,
 }
@@ -282,12 +282,12 @@ pub struct Trainer {
 impl Trainer {
     /// A fresh run of `cfg` writing into `trainer.out_dir`, scored by the configured reward.
     pub fn new(cfg: RunConfig) -> Result<Self> {
-        Self::new_dist(cfg, None, Arc::new(Single))
+        Self::new_dist(cfg, None, Rc::new(Single))
     }
 
     /// A fresh run scored by `reward` instead of the configured one.
     pub fn with_reward(cfg: RunConfig, reward: Box<dyn RewardFn>) -> Result<Self> {
-        build::fresh(cfg, reward, Arc::new(Single))
+        build::fresh(cfg, reward, Rc::new(Single))
     }
 
     /// [`Trainer::new`] as one rank of data-parallel training over `dist` (its number of ranks
@@ -296,7 +296,7 @@ impl Trainer {
     pub fn new_dist(
         cfg: RunConfig,
         reward: Option<Box<dyn RewardFn>>,
-        dist: Arc<dyn Collective>,
+        dist: Rc<dyn Collective>,
     ) -> Result<Self> {
         let reward = match reward {
             Some(r) => r,
@@ -309,11 +309,7 @@ impl Trainer {
     }
 
     /// [`Trainer::init_from`] as one rank of data-parallel training over `dist`.
-    pub fn init_from_dist(
-        cfg: RunConfig,
-        source: &Path,
-        dist: Arc<dyn Collective>,
-    ) -> Result<Self> {
+    pub fn init_from_dist(cfg: RunConfig, source: &Path, dist: Rc<dyn Collective>) -> Result<Self> {
         let reward = cfg
             .reward
             .build()
@@ -329,7 +325,7 @@ impl Trainer {
         dir: &Path,
         reward: Option<Box<dyn RewardFn>>,
         opts: &ResumeOptions,
-        dist: Arc<dyn Collective>,
+        dist: Rc<dyn Collective>,
     ) -> Result<Self> {
         build::resume(dir, reward, opts, dist)
     }
@@ -371,7 +367,7 @@ impl Trainer {
     /// the source is recorded in the run's `trainer_state.json` and `events.jsonl`. A source
     /// whose parameters differ from the architecture of `model.model_path` is refused.
     pub fn init_from(cfg: RunConfig, source: &Path) -> Result<Self> {
-        Self::init_from_dist(cfg, source, Arc::new(Single))
+        Self::init_from_dist(cfg, source, Rc::new(Single))
     }
 
     /// [`Trainer::init_from`] scored by `reward` instead of the configured one.
@@ -381,7 +377,7 @@ impl Trainer {
         reward: Box<dyn RewardFn>,
     ) -> Result<Self> {
         let init = InitFrom::resolve(source)?;
-        build::init_from(cfg, reward, init, Arc::new(Single))
+        build::init_from(cfg, reward, init, Rc::new(Single))
     }
 
     /// Where the run's initial weights came from (`--init-from`), if not `model.model_path`.
@@ -393,13 +389,13 @@ impl Trainer {
     /// optimiser, estimator, cursor, trainer state and config come from it; the metrics log in
     /// the parent folder is truncated to the checkpoint's step.
     pub fn resume(dir: &Path) -> Result<Self> {
-        build::resume(dir, None, &ResumeOptions::default(), Arc::new(Single))
+        build::resume(dir, None, &ResumeOptions::default(), Rc::new(Single))
     }
 
     /// [`Trainer::resume`] with options: config overrides, and whether changed data is
     /// accepted (a resume refuses manifests that differ from the checkpoint's fingerprints).
     pub fn resume_with(dir: &Path, opts: &ResumeOptions) -> Result<Self> {
-        build::resume(dir, None, opts, Arc::new(Single))
+        build::resume(dir, None, opts, Rc::new(Single))
     }
 
     /// [`Trainer::resume`] with `key=value` overrides applied to the checkpoint's config (e.g. a
@@ -411,7 +407,7 @@ impl Trainer {
             overrides: overrides.to_vec(),
             ..ResumeOptions::default()
         };
-        build::resume(dir, None, &opts, Arc::new(Single))
+        build::resume(dir, None, &opts, Rc::new(Single))
     }
 
     /// [`Trainer::resume`] with a reward other than the configured one.
@@ -420,7 +416,7 @@ impl Trainer {
             dir,
             Some(reward),
             &ResumeOptions::default(),
-            Arc::new(Single),
+            Rc::new(Single),
         )
     }
 
