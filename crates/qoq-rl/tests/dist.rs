@@ -231,3 +231,58 @@ fn a_rank_that_dies_stops_its_peer_within_the_timeout() {
     assert!(e.contains("rank 1 left the job"), "{e}");
     assert!(took < Duration::from_secs(60), "{took:?}");
 }
+
+#[test]
+fn sft_and_ppo_with_a_value_model_train_like_one_process_on_two_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = text_manifest(dir.path(), 8);
+    // SFT: mini-batches of 2 prompts in micro-batches of 1 (one per rank); PPO: GAE with its
+    // value model (whose gradients are all-reduced too) and 2 epochs from the policy's own old
+    // log-probs.
+    let sft = |out: &Path, ranks: usize| {
+        let mut cfg = config(&model, &manifest, out, 4, 2, 8, 2e-4, 2, 100, false);
+        cfg.actor.micro_batch_size_per_device_for_update = 1;
+        cfg.trainer.sft = true;
+        cfg.trainer.n_gpus_per_node = ranks;
+        cfg
+    };
+    let ppo = |out: &Path, ranks: usize| {
+        let mut cfg = config(&model, &manifest, out, 4, 2, 4, 2e-4, 2, 100, false);
+        cfg.algorithm.estimator = qoq_rl::config::EstimatorKind::Gae;
+        cfg.algorithm.lam = 0.95;
+        cfg.critic.optim.lr = 2e-4;
+        cfg.actor.ppo_epochs = 2;
+        cfg.trainer.n_gpus_per_node = ranks;
+        cfg
+    };
+    for (name, make) in [
+        ("sft", &sft as &(dyn Fn(&Path, usize) -> RunConfig + Sync)),
+        ("ppo", &ppo),
+    ] {
+        let out = dir.path().join(format!("{name}-one"));
+        let mut t = Trainer::with_reward(make(&out, 1), Box::new(Vowels)).unwrap();
+        let one = train(&mut t);
+        let out = dir.path().join(format!("{name}-two"));
+        let cfg = make(&out, 2);
+        let two = on_ranks(2, TIMEOUT, |c| {
+            let mut t = Trainer::new_dist(cfg.clone(), Some(Box::new(Vowels)), c).unwrap();
+            train(&mut t)
+        });
+        let d = max_abs_diff(&one.weights, &two[0].weights);
+        eprintln!("{name}: 2 ranks vs 1 process: largest weight difference {d:e}");
+        assert!(d <= 1e-6, "{name}: weights differ by {d}");
+        assert_eq!(two[0].weights, two[1].weights, "{name}: the ranks differ");
+        let moved = max_abs_diff(&one.weights, &one.initial);
+        assert!(moved > 1e-4, "{name}: the weights moved by {moved} only");
+        for (step, m) in one.metrics.iter().enumerate() {
+            for (k, v) in m {
+                let w = two[0].metrics[step].get(k).copied();
+                assert!(
+                    w.is_some_and(|w| close(*v, w)),
+                    "{name} step {step}: {k} = {v} in one process, {w:?} on rank 0"
+                );
+            }
+        }
+    }
+}
