@@ -2,7 +2,7 @@
 //! the tiny model give the weights of the one-process run with the same global batch (within
 //! 1e-6), one set of files written by rank 0; a SIGKILL of one rank ends the job within a
 //! bounded time and the job resumes from its last checkpoint with two ranks (one process is
-//! refused). Skips with a notice when `mpirun` is not installed (`scripts/test.sh` installs
+//! refused); a rank that hangs (SIGSTOP) ends the job after `--dist-timeout`. Skips with a notice when `mpirun` is not installed (`scripts/test.sh` installs
 //! OpenMPI and runs this test with the feature). Without the feature, a binary started by an
 //! MPI launcher refuses to train, naming the feature.
 
@@ -247,6 +247,56 @@ fn mpirun_two_ranks_match_one_process_and_a_killed_rank_stops_the_job_which_resu
     let resumed = ok(mpirun(2, &["--resume".as_ref(), killed.as_os_str()]));
     assert!(resumed.contains("step 6/6"), "{resumed}");
     assert!(killed.join("checkpoint_step_6").is_dir());
+
+    // A rank that hangs (SIGSTOP) instead: rank 0's next collective gives up after
+    // --dist-timeout and ends the job with MPI_Abort.
+    let hung = dir.path().join("hung");
+    let cfg = run_file(dir.path(), &model, &hung, 2, 6);
+    let mut job = mpirun(
+        2,
+        &[
+            "--dist-timeout".as_ref(),
+            "10".as_ref(),
+            "--config".as_ref(),
+            cfg.as_os_str(),
+        ],
+    )
+    .spawn()
+    .unwrap();
+    let t0 = Instant::now();
+    while !hung.join("checkpoint_step_2/manifest.json").is_file() {
+        assert!(job.try_wait().unwrap().is_none(), "the job ended early");
+        assert!(t0.elapsed() < Duration::from_secs(600), "no checkpoint");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rank1 = rank_pid(job.id(), 1).expect("rank 1's process");
+    let signal = |sig: &str| {
+        Command::new("kill")
+            .args([sig, &rank1.to_string()])
+            .status()
+            .unwrap()
+    };
+    signal("-STOP");
+    let t_stop = Instant::now();
+    let status = loop {
+        if let Some(s) = job.try_wait().unwrap() {
+            break s;
+        }
+        if t_stop.elapsed() > Duration::from_secs(120) {
+            signal("-KILL");
+            panic!("the job did not stop within 120 s of a rank's SIGSTOP");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = signal("-KILL"); // if MPI_Abort left it stopped
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut job.stderr.take().unwrap(), &mut stderr).unwrap();
+    eprintln!(
+        "job ended {:.1} s after rank 1's SIGSTOP: {status}",
+        t_stop.elapsed().as_secs_f64()
+    );
+    assert!(!status.success());
+    assert!(stderr.contains("did not complete within 10 s"), "{stderr}");
 }
 
 #[cfg(feature = "mpi")]
