@@ -58,8 +58,9 @@
 //!   rank its share of them; the accumulated gradients are summed over the ranks before the
 //!   optimiser step, so the update is the one-process update of the same global batch up to
 //!   the order of float sums. Rank 0 alone writes logs, validation files and checkpoints.
-//!   Every rank validates, and computes the reference KL, the ReMax baselines' scores and
-//!   PPO's values of all the step's rollouts (redundant work, not yet sharded).
+//!   The reference KL of the rollouts is computed on the same shares and all-gathered. Every
+//!   rank validates, and computes PPO's values and (`ppo_epochs > 1`) the old log-probs of all
+//!   the step's rollouts (redundant work, not yet sharded).
 //!
 //! Besides the reference metric names, each step logs `timing_s/process`, `timing_s/gen`,
 //! `timing_s/update_actor` (with, inside it, `timing_s/optimizer` and, when the KL is in the
