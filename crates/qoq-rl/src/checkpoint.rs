@@ -145,6 +145,10 @@ pub struct TrainerState {
     /// The checkpoint a run started from with `--init-from` ([`InitSource`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_from: Option<InitSource>,
+    /// The number of data-parallel ranks of the launch that wrote the checkpoint, when more
+    /// than one ([`crate::dist`]); a resume with another number is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world_size: Option<usize>,
 }
 
 /// Where the weights of a run started with `--init-from` came from.

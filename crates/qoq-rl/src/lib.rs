@@ -4,6 +4,7 @@ pub mod advantage;
 pub mod checkpoint;
 pub mod config;
 pub mod critic;
+pub mod dist;
 pub mod early_stopping;
 pub mod error;
 pub mod kmeans;

@@ -134,6 +134,7 @@ fn save(root: &Path, run: &Run, step: u64) -> std::path::PathBuf {
             model_sha256: "1".repeat(64),
             manifest_sha256: "2".repeat(64),
         }),
+        world_size: Some(2),
     };
     checkpoint::save(
         root,

@@ -9,16 +9,24 @@
 //! exports the merged model to `<out_dir>/export` (an HF model folder) and its adapter in PEFT's
 //! layout to `<out_dir>/export/adapter` (`adapter_config.json`, `adapter_model.safetensors`;
 //! every checkpoint holds the same two files).
+//!
+//! Launched by `mpirun -np N` (a binary built with `--features mpi`), each process is one rank
+//! of data-parallel training ([`qoq_rl::dist`]); N must equal `trainer.nnodes ·
+//! trainer.n_gpus_per_node`. Rank 0 locks and writes the run folder and prints the progress;
+//! an error on any rank ends the whole job (`MPI_Abort`).
 
 use anyhow::{Context, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use qoq_rl::config::RunConfig;
+use qoq_rl::dist::Collective;
 use qoq_rl::metrics_log::names;
 use qoq_rl::run_dir::RunLock;
 use qoq_rl::trainer::{ResumeOptions, Trainer};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::rc::Rc;
+use std::time::Duration;
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -66,9 +74,58 @@ pub struct TrainArgs {
     /// GPU: the device's free memory).
     #[arg(long)]
     dry_run: bool,
+    /// Under mpirun: the longest a rank waits in one collective (for its peers' rollouts, a
+    /// checkpoint being written) before it ends the job (MPI_Abort, exit code 124).
+    #[arg(long, value_name = "SECONDS", default_value_t = 1800)]
+    dist_timeout: u64,
+}
+
+/// The ranks of this launch: MPI's when `mpirun` started the process, else one process.
+fn collective(timeout: Duration) -> anyhow::Result<Rc<dyn Collective>> {
+    let Some((size, rank)) = qoq_rl::dist::launched_world() else {
+        return Ok(Rc::new(qoq_rl::dist::Single));
+    };
+    #[cfg(feature = "mpi")]
+    {
+        let _ = rank;
+        let c = qoq_rl::dist::mpi::MpiCollective::init(timeout)?;
+        if c.size() != size {
+            bail!(
+                "MPI reports {} ranks, the launcher's environment {size}",
+                c.size()
+            );
+        }
+        Ok(Rc::new(c))
+    }
+    #[cfg(not(feature = "mpi"))]
+    {
+        let _ = timeout;
+        if size > 1 {
+            bail!(
+                "rank {rank} of {size} under an MPI launcher, but this qoq was built without \
+                 data-parallel training: build it with `cargo build --release -p qoq-cli \
+                 --features mpi` (needs libopenmpi-dev and libclang-dev)"
+            );
+        }
+        Ok(Rc::new(qoq_rl::dist::Single))
+    }
 }
 
 pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
+    let dist = collective(Duration::from_secs(a.dist_timeout))?;
+    let out = run_ranked(a, dist.clone());
+    if let Err(e) = &out
+        && dist.size() > 1
+    {
+        // The peers would wait for this rank in their next collective: end the job now.
+        eprintln!("rank {}: error: {e:#}", dist.rank());
+        dist.abort(1);
+    }
+    out
+}
+
+fn run_ranked(a: TrainArgs, dist: Rc<dyn Collective>) -> anyhow::Result<ExitCode> {
+    let rank0 = dist.rank() == 0;
     if a.allow_changed_data && a.resume.is_none() {
         bail!("--allow-changed-data applies to --resume only");
     }
@@ -95,12 +152,12 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
         (Some(dir), _) => {
             let ck = qoq_rl::checkpoint::latest_or_self(dir)?;
             let run_dir = ck.parent().unwrap_or(Path::new("."));
-            _lock = RunLock::acquire(run_dir)?;
+            _lock = rank0.then(|| RunLock::acquire(run_dir)).transpose()?;
             let opts = ResumeOptions {
                 overrides,
                 allow_changed_data: a.allow_changed_data,
             };
-            let t = Trainer::resume_with(&ck, &opts)
+            let t = Trainer::resume_dist(&ck, None, &opts, dist.clone())
                 .with_context(|| format!("resuming from {}", ck.display()))?;
             if a.sft && !t.is_sft() {
                 bail!(
@@ -113,7 +170,9 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
         (None, Some(path)) => {
             let cfg = RunConfig::load(path, &overrides)
                 .with_context(|| format!("reading {}", path.display()))?;
-            _lock = RunLock::acquire(Path::new(&cfg.trainer.out_dir))?;
+            _lock = rank0
+                .then(|| RunLock::acquire(Path::new(&cfg.trainer.out_dir)))
+                .transpose()?;
             if let Some(ck) = previous_checkpoint(&cfg)? {
                 if a.init_from.is_some() {
                     bail!(
@@ -144,7 +203,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
                     overrides: diff,
                     allow_changed_data: false,
                 };
-                let t = Trainer::resume_with(&ck, &opts)
+                let t = Trainer::resume_dist(&ck, None, &opts, dist.clone())
                     .with_context(|| format!("continuing from {}", ck.display()))?;
                 // The run file's trainer.sft is in the overrides; --sft asks for SFT too.
                 if a.sft && !t.is_sft() {
@@ -158,7 +217,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
             } else {
                 let mut t = match &a.init_from {
                     Some(src) => {
-                        let t = Trainer::init_from(cfg, src)
+                        let t = Trainer::init_from_dist(cfg, src, dist.clone())
                             .with_context(|| format!("--init-from {}", src.display()))?;
                         if let Some(s) = t.init_source() {
                             eprintln!(
@@ -168,7 +227,9 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
                         }
                         t
                     }
-                    None => Trainer::new(cfg).context("setting up the run")?,
+                    None => {
+                        Trainer::new_dist(cfg, None, dist.clone()).context("setting up the run")?
+                    }
                 };
                 if a.sft {
                     t.set_sft(true);
@@ -187,7 +248,12 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
         out = %trainer.out_dir().display(),
         "training"
     );
-    let bar = ProgressBar::new(total);
+    // The other ranks train silently: rank 0 reports the (global) step.
+    let bar = if rank0 {
+        ProgressBar::new(total)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -226,12 +292,18 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
         bar.set_position(o.step);
         bar.set_message(line.clone());
         // One plain line per step as well: logs of non-interactive runs keep every step.
+        if !rank0 {
+            continue;
+        }
         bar.suspend(|| eprintln!("step {}/{total}: {line}", o.step));
         if let Some(dir) = &o.checkpoint {
             bar.suspend(|| eprintln!("checkpoint {}", dir.display()));
         }
     }
     bar.finish_and_clear();
+    if !rank0 {
+        return Ok(ExitCode::SUCCESS);
+    }
     if trainer.config().model.lora.is_some() {
         // A LoRA run's end product: the merged model and the adapter for PEFT / vLLM.
         let dir = trainer.out_dir().join(EXPORT_DIR);

@@ -387,6 +387,17 @@ pub const CONSUMERS: &[(&str, &str, &str)] = &[
         SECTIONS,
         "self.n_gpus_per_node * self.nnodes",
     ),
+    // The launch's rank count must equal it (data-parallel training under mpirun).
+    (
+        "trainer.n_gpus_per_node",
+        TRAINER_BUILD,
+        "let want = cfg.trainer.world_size();",
+    ),
+    (
+        "trainer.nnodes",
+        TRAINER_BUILD,
+        "let want = cfg.trainer.world_size();",
+    ),
     ("trainer.out_dir", TRAINER_BUILD, "cfg.trainer.out_dir"),
     (
         "trainer.find_last_checkpoint",

@@ -470,7 +470,10 @@ pub struct TrainerConfig {
     pub save_freq: u64,
     /// Checkpoints kept (`save_limit`); −1 keeps all. Default 3 (bf16 yaml: −1).
     pub save_limit: i64,
-    /// Devices per node. Default 8.
+    /// Devices per node. Default 8. With `nnodes`, the number of data-parallel ranks
+    /// ([`Self::world_size`]): an `mpirun -np N` launch must have exactly that many
+    /// ([`crate::dist`]); one process without mpirun runs the whole step, and the product then
+    /// only enters the batch-size checks (per-device micro-batches).
     pub n_gpus_per_node: usize,
     /// Nodes. Default 1.
     pub nnodes: usize,

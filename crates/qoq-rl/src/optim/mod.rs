@@ -175,6 +175,11 @@ impl AdamW {
         self.cfg.lr * self.cfg.schedule.factor(self.step)
     }
 
+    /// The parameters, in the order of [`Self::grads_of`].
+    pub fn params(&self) -> &[Var] {
+        &self.params
+    }
+
     /// The parameters' gradients from a backward pass, aligned with the parameters (`None` for a
     /// parameter the loss does not reach; like torch, such a parameter is not updated at all).
     pub fn grads_of(&self, store: &GradStore) -> Vec<Option<Tensor>> {

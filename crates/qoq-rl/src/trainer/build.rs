@@ -7,6 +7,7 @@ use crate::advantage::Estimator;
 use crate::checkpoint::{self, Checkpoint, TrainerState};
 use crate::config::{DtypeName, EstimatorKind, RunConfig};
 use crate::critic::Critic;
+use crate::dist::Collective;
 use crate::early_stopping::EarlyStoppingState;
 use crate::metrics_log::RunLog;
 use crate::optim::AdamW;
@@ -20,6 +21,7 @@ use qoq_processor::processor::Processor;
 use qoq_reward::RewardFn;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 /// The candle dtype of a config dtype name.
 pub fn dtype_of(d: DtypeName) -> DType {
@@ -52,14 +54,18 @@ fn open_device(cfg: &mut RunConfig) -> Result<Device> {
 
 /// A fresh run of `cfg` from the checkpoint at `model.model_path`, writing into
 /// `trainer.out_dir`.
-pub(super) fn fresh(mut cfg: RunConfig, reward: Box<dyn RewardFn>) -> Result<Trainer> {
+pub(super) fn fresh(
+    mut cfg: RunConfig,
+    reward: Box<dyn RewardFn>,
+    dist: Rc<dyn Collective>,
+) -> Result<Trainer> {
     let device = open_device(&mut cfg)?;
     let out_dir = PathBuf::from(&cfg.trainer.out_dir);
     let model_dir = PathBuf::from(&cfg.model.model_path);
     let dtype = base_dtype(&cfg);
     let (vb, _) = qoq_model::loading::checkpoint_var_builder(&model_dir, dtype, &device)
         .map_err(|e| model_err(format!("{}: {e}", model_dir.display())))?;
-    build(cfg, reward, vb, device, out_dir, None, false, None)
+    build(cfg, reward, vb, device, out_dir, None, false, None, dist)
 }
 
 /// A fresh run of `cfg` whose initial weights are those of another run's checkpoint
@@ -68,12 +74,23 @@ pub(super) fn init_from(
     mut cfg: RunConfig,
     reward: Box<dyn RewardFn>,
     init: super::init::InitFrom,
+    dist: Rc<dyn Collective>,
 ) -> Result<Trainer> {
     let device = open_device(&mut cfg)?;
     let out_dir = PathBuf::from(&cfg.trainer.out_dir);
     let dtype = base_dtype(&cfg);
     let vb = VarBuilder::from_tensors(init.weights.clone(), dtype, &device);
-    build(cfg, reward, vb, device, out_dir, None, false, Some(&init))
+    build(
+        cfg,
+        reward,
+        vb,
+        device,
+        out_dir,
+        None,
+        false,
+        Some(&init),
+        dist,
+    )
 }
 
 /// The run of the checkpoint `dir`, its config changed by `overrides` (`key=value`), scored by
@@ -83,6 +100,7 @@ pub(super) fn resume(
     dir: &Path,
     reward: Option<Box<dyn RewardFn>>,
     opts: &ResumeOptions,
+    dist: Rc<dyn Collective>,
 ) -> Result<Trainer> {
     let overrides = &opts.overrides;
     let ck = Checkpoint::open(dir)?;
@@ -150,6 +168,7 @@ pub(super) fn resume(
         Some(&ck),
         opts.allow_changed_data,
         init.as_ref(),
+        dist,
     )
 }
 
@@ -203,8 +222,12 @@ fn build(
     ck: Option<&Checkpoint>,
     allow_changed_data: bool,
     init: Option<&super::init::InitFrom>,
+    dist: Rc<dyn Collective>,
 ) -> Result<Trainer> {
     check(&cfg)?;
+    check_world(&cfg, ck, dist.size())?;
+    // Rank 0 alone writes into the run folder (logs, events, checkpoints).
+    let writer = dist.rank() == 0;
     let model_dir = PathBuf::from(&cfg.model.model_path);
     let model_cfg = qoq_model::loading::read_config(&model_dir).map_err(model_err)?;
     let opts = cfg.processor_options();
@@ -354,18 +377,20 @@ fn build(
                     });
                 }
                 tracing::warn!(?changes, "resuming on changed data (--allow-changed-data)");
-                crate::run_dir::append_event(
-                    &out_dir,
-                    &serde_json::json!({
-                        "event": "resume_with_changed_data",
-                        "time": crate::run_dir::utc_now(),
-                        "checkpoint": ck.dir().display().to_string(),
-                        "step": ck.step(),
-                        "changes": changes,
-                        "saved": state.data,
-                        "now": data,
-                    }),
-                )?;
+                if writer {
+                    crate::run_dir::append_event(
+                        &out_dir,
+                        &serde_json::json!({
+                            "event": "resume_with_changed_data",
+                            "time": crate::run_dir::utc_now(),
+                            "checkpoint": ck.dir().display().to_string(),
+                            "step": ck.step(),
+                            "changes": changes,
+                            "saved": state.data,
+                            "now": data,
+                        }),
+                    )?;
+                }
             }
             state.data = data;
             state.early_stopping = super::stopping::resumed_state(
@@ -398,10 +423,17 @@ fn build(
             None,
         ),
     };
-    let (log, records) = RunLog::open(&out_dir, cfg.trainer.tensorboard, resume_step)?;
-    if let (Some(i), None) = (init, ck) {
-        i.record(&out_dir)?;
-    }
+    let mut state = state;
+    state.world_size = (dist.size() > 1).then_some(dist.size());
+    let (log, records) = if writer {
+        let (log, records) = RunLog::open(&out_dir, cfg.trainer.tensorboard, resume_step)?;
+        if let (Some(i), None) = (init, ck) {
+            i.record(&out_dir)?;
+        }
+        (Some(log), records)
+    } else {
+        (None, Vec::new())
+    };
     Ok(Trainer {
         cfg,
         config_toml,
@@ -424,6 +456,8 @@ fn build(
         adapters,
         skipped_rows: 0,
         perf: Default::default(),
+        dist,
+        advantages: Vec::new(),
     })
 }
 
@@ -535,6 +569,46 @@ fn check_lora_base(
                  are not those this checkpoint was trained on: {name} differs from the \
                  checkpoint's merged weights",
                 ck.dir().display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a launch whose number of ranks differs from `trainer.nnodes · n_gpus_per_node`
+/// (when there is more than one rank), and a resume whose number of ranks differs from the
+/// launch that wrote the checkpoint.
+fn check_world(cfg: &RunConfig, ck: Option<&Checkpoint>, ranks: usize) -> Result<()> {
+    let want = cfg.trainer.world_size();
+    if ranks == 1 && want > 1 {
+        // One process computes what `want` ranks would (the same global batch, the same
+        // update to float summation order); say so rather than pretend to use `want` devices.
+        tracing::warn!(
+            world_size = want,
+            "trainer.nnodes · trainer.n_gpus_per_node = {want}, but this process runs alone (no \
+             MPI launcher): it computes the whole step itself on one device; launch it with \
+             `mpirun -np {want}` (a `--features mpi` build) to use {want} devices"
+        );
+    }
+    if ranks > 1 && ranks != want {
+        return Err(TrainerError::Config(format!(
+            "the launch has {ranks} ranks (mpirun -np {ranks}) but trainer.nnodes · \
+             trainer.n_gpus_per_node = {} · {} = {want}: launch {want} ranks or set them to match",
+            cfg.trainer.nnodes, cfg.trainer.n_gpus_per_node
+        )));
+    }
+    if let Some(ck) = ck {
+        let saved = ck.trainer_state()?.world_size.unwrap_or(1);
+        if saved != ranks {
+            return Err(TrainerError::Config(format!(
+                "{}: the checkpoint was written by a launch of {saved} rank(s), this one has \
+                 {ranks}: resume with the same number of ranks (mpirun -np {saved}{})",
+                ck.dir().display(),
+                if saved == 1 {
+                    ", or without mpirun"
+                } else {
+                    ""
+                }
             )));
         }
     }

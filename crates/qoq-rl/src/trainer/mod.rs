@@ -48,7 +48,19 @@
 //! - `rollout.image_pad_logit_bias` is applied to the video and ECG placeholder tokens too (a
 //!   sampled placeholder cannot be re-encoded by the training forward; should one be sampled
 //!   anyway it is fed as padding and masked out of the loss);
-//! - single device (`n_gpus_per_node` only enters the config's batch-size checks).
+//! - one process is one device; alone, it runs the whole step (`n_gpus_per_node` then only
+//!   enters the config's batch-size checks). Data-parallel training ([`crate::dist`],
+//!   `mpirun -np N qoq train`; the constructors' `*_dist` forms) runs `trainer.nnodes ·
+//!   n_gpus_per_node` ranks: every rank draws and processes the step's prompts (the same
+//!   seeded order), samples and scores its contiguous share of them ([`crate::dist::shard`]), and the scored groups are all-gathered,
+//!   so every rank computes the same advantages (DRPO's history stays identical). The update
+//!   splits each mini-batch into the same micro-batches as one process would and gives each
+//!   rank its share of them; the accumulated gradients are summed over the ranks before the
+//!   optimiser step, so the update is the one-process update of the same global batch up to
+//!   the order of float sums. Rank 0 alone writes logs, validation files and checkpoints.
+//!   The reference KL of the rollouts is computed on the same shares and all-gathered. Every
+//!   rank validates, and computes PPO's values and (`ppo_epochs > 1`) the old log-probs of all
+//!   the step's rollouts (redundant work, not yet sharded).
 //!
 //! Besides the reference metric names, each step logs `timing_s/process`, `timing_s/gen`,
 //! `timing_s/update_actor` (with, inside it, `timing_s/optimizer` and, when the KL is in the
@@ -87,6 +99,7 @@ use crate::advantage::{Estimator, StepInputs};
 use crate::checkpoint::{self, CheckpointData, TrainerState};
 use crate::config::RunConfig;
 use crate::critic::Critic;
+use crate::dist::{Collective, Single};
 use crate::metrics_log::{MetricsRecord, RunLog};
 use crate::optim::AdamW;
 use crate::rng::RngStates;
@@ -99,6 +112,7 @@ use qoq_processor::processor::Processor;
 use qoq_reward::RewardFn;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::Instant;
 
 /// Metric: optimiser steps skipped so far because of a non-finite gradient norm.
@@ -189,6 +203,14 @@ pub enum TrainerError {
     /// The run folder's lock or event log failed.
     #[error(transparent)]
     RunDir(#[from] crate::run_dir::RunDirError),
+    /// A collective between the data-parallel ranks failed (a peer left or timed out).
+    #[error("step {step}: data-parallel {what}: {source}")]
+    Dist {
+        step: u64,
+        what: &'static str,
+        #[source]
+        source: crate::dist::DistError,
+    },
 }
 
 /// How [`Trainer::resume_with`] resumes.
@@ -241,7 +263,8 @@ pub struct Trainer {
     manifest: Manifest,
     cursor: Cursor,
     state: TrainerState,
-    log: RunLog,
+    /// The metrics log (rank 0 only).
+    log: Option<RunLog>,
     records: Vec<MetricsRecord>,
     val_manifest: Manifest,
     /// PPO's value model (`estimator = "gae"`).
@@ -253,21 +276,92 @@ pub struct Trainer {
     skipped_rows: usize,
     /// Nested timers, phase memory and batch capture ([`perf`]).
     perf: perf::Perf,
+    /// The data-parallel ranks ([`Single`] for one process).
+    dist: Rc<dyn Collective>,
+    /// The last RL step's advantages, one per kept rollout in the estimator's order.
+    advantages: Vec<f64>,
 }
 
 impl Trainer {
     /// A fresh run of `cfg` writing into `trainer.out_dir`, scored by the configured reward.
     pub fn new(cfg: RunConfig) -> Result<Self> {
-        let reward = cfg
-            .reward
-            .build()
-            .map_err(|e| TrainerError::Config(format!("reward: {e}")))?;
-        Self::with_reward(cfg, reward)
+        Self::new_dist(cfg, None, Rc::new(Single))
     }
 
     /// A fresh run scored by `reward` instead of the configured one.
     pub fn with_reward(cfg: RunConfig, reward: Box<dyn RewardFn>) -> Result<Self> {
-        build::fresh(cfg, reward)
+        build::fresh(cfg, reward, Rc::new(Single))
+    }
+
+    /// [`Trainer::new`] as one rank of data-parallel training over `dist` (its number of ranks
+    /// must be `trainer.nnodes · n_gpus_per_node`; [`crate::dist`]); `reward` replaces the
+    /// configured one when given.
+    pub fn new_dist(
+        cfg: RunConfig,
+        reward: Option<Box<dyn RewardFn>>,
+        dist: Rc<dyn Collective>,
+    ) -> Result<Self> {
+        let reward = match reward {
+            Some(r) => r,
+            None => cfg
+                .reward
+                .build()
+                .map_err(|e| TrainerError::Config(format!("reward: {e}")))?,
+        };
+        build::fresh(cfg, reward, dist)
+    }
+
+    /// [`Trainer::init_from`] as one rank of data-parallel training over `dist`.
+    pub fn init_from_dist(cfg: RunConfig, source: &Path, dist: Rc<dyn Collective>) -> Result<Self> {
+        let reward = cfg
+            .reward
+            .build()
+            .map_err(|e| TrainerError::Config(format!("reward: {e}")))?;
+        let init = InitFrom::resolve(source)?;
+        build::init_from(cfg, reward, init, dist)
+    }
+
+    /// [`Trainer::resume_with`] as one rank of data-parallel training over `dist` (the
+    /// checkpoint must come from a launch with as many ranks); `reward` replaces the
+    /// configured one when given.
+    pub fn resume_dist(
+        dir: &Path,
+        reward: Option<Box<dyn RewardFn>>,
+        opts: &ResumeOptions,
+        dist: Rc<dyn Collective>,
+    ) -> Result<Self> {
+        build::resume(dir, reward, opts, dist)
+    }
+
+    /// The last RL step's advantages (one per rollout of the kept groups, group after group;
+    /// every data-parallel rank computes all of them).
+    pub fn last_advantages(&self) -> &[f64] {
+        &self.advantages
+    }
+
+    /// The advantage estimator's saved state (DRPO's history; JSON, as in checkpoints).
+    pub fn estimator_state(&self) -> Result<String> {
+        self.estimator
+            .save_state()
+            .map_err(|source| TrainerError::Advantage {
+                step: self.state.step,
+                source,
+            })
+    }
+
+    /// This process's data-parallel rank (0 without [`crate::dist`]).
+    pub fn rank(&self) -> usize {
+        self.dist.rank()
+    }
+
+    /// Whether this process writes the run folder (rank 0).
+    fn writes(&self) -> bool {
+        self.dist.rank() == 0
+    }
+
+    /// Maps a collective's failure to the trainer's error.
+    fn dist_err(step: u64, what: &'static str) -> impl Fn(crate::dist::DistError) -> TrainerError {
+        move |source| TrainerError::Dist { step, what, source }
     }
 
     /// A fresh run of `cfg` whose initial weights are those of another run's checkpoint
@@ -276,11 +370,7 @@ impl Trainer {
     /// the source is recorded in the run's `trainer_state.json` and `events.jsonl`. A source
     /// whose parameters differ from the architecture of `model.model_path` is refused.
     pub fn init_from(cfg: RunConfig, source: &Path) -> Result<Self> {
-        let reward = cfg
-            .reward
-            .build()
-            .map_err(|e| TrainerError::Config(format!("reward: {e}")))?;
-        Self::init_from_with_reward(cfg, source, reward)
+        Self::init_from_dist(cfg, source, Rc::new(Single))
     }
 
     /// [`Trainer::init_from`] scored by `reward` instead of the configured one.
@@ -290,7 +380,7 @@ impl Trainer {
         reward: Box<dyn RewardFn>,
     ) -> Result<Self> {
         let init = InitFrom::resolve(source)?;
-        build::init_from(cfg, reward, init)
+        build::init_from(cfg, reward, init, Rc::new(Single))
     }
 
     /// Where the run's initial weights came from (`--init-from`), if not `model.model_path`.
@@ -302,13 +392,13 @@ impl Trainer {
     /// optimiser, estimator, cursor, trainer state and config come from it; the metrics log in
     /// the parent folder is truncated to the checkpoint's step.
     pub fn resume(dir: &Path) -> Result<Self> {
-        build::resume(dir, None, &ResumeOptions::default())
+        build::resume(dir, None, &ResumeOptions::default(), Rc::new(Single))
     }
 
     /// [`Trainer::resume`] with options: config overrides, and whether changed data is
     /// accepted (a resume refuses manifests that differ from the checkpoint's fingerprints).
     pub fn resume_with(dir: &Path, opts: &ResumeOptions) -> Result<Self> {
-        build::resume(dir, None, opts)
+        build::resume(dir, None, opts, Rc::new(Single))
     }
 
     /// [`Trainer::resume`] with `key=value` overrides applied to the checkpoint's config (e.g. a
@@ -320,12 +410,17 @@ impl Trainer {
             overrides: overrides.to_vec(),
             ..ResumeOptions::default()
         };
-        build::resume(dir, None, &opts)
+        build::resume(dir, None, &opts, Rc::new(Single))
     }
 
     /// [`Trainer::resume`] with a reward other than the configured one.
     pub fn resume_with_reward(dir: &Path, reward: Box<dyn RewardFn>) -> Result<Self> {
-        build::resume(dir, Some(reward), &ResumeOptions::default())
+        build::resume(
+            dir,
+            Some(reward),
+            &ResumeOptions::default(),
+            Rc::new(Single),
+        )
     }
 
     /// The run configuration.
@@ -450,7 +545,9 @@ impl Trainer {
             && !self.records.iter().any(|r| r.step == 0)
         {
             let m = self.validate(0)?;
-            self.log.log(0, &m)?;
+            if let Some(log) = &mut self.log {
+                log.log(0, &m)?;
+            }
             self.records.push(MetricsRecord {
                 step: 0,
                 wall_time: 0.0,
@@ -493,8 +590,25 @@ impl Trainer {
     }
 
     /// Writes `<out_dir>/checkpoint_step_<step>` and prunes old ones per `trainer.save_limit`
-    /// (early stopping's best checkpoint is kept beside them).
+    /// (early stopping's best checkpoint is kept beside them). In data-parallel training rank 0
+    /// writes it and every rank returns once it is written.
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        let step = self.state.step;
+        let written = if self.writes() {
+            self.write_checkpoint()
+        } else {
+            Ok(checkpoint::checkpoint_dir(&self.out_dir, step))
+        };
+        // Rank 0's failure is fatal for the job: its peers stop at the barrier (bounded).
+        if written.is_ok() {
+            self.dist
+                .barrier()
+                .map_err(Self::dist_err(step, "barrier after the checkpoint"))?;
+        }
+        written
+    }
+
+    fn write_checkpoint(&self) -> Result<PathBuf> {
         let _span = tracing::info_span!("checkpoint", step = self.state.step).entered();
         let weights = self.weights()?;
         let critic_weights = match &self.critic {
@@ -552,7 +666,9 @@ impl Trainer {
         let span = tracing::info_span!("rollout", step).entered();
         let phase = self.perf.phase();
         let prompts = self.draw(step)?;
-        let requests = self.requests(step, &path, &prompts, self.cfg.rollout.n)?;
+        // This rank's share of the prompts: it samples and scores them (all of them alone).
+        let mine = crate::dist::shard(prompts.len(), self.dist.rank(), self.dist.size());
+        let requests = self.requests(step, &path, &prompts[mine.clone()], self.cfg.rollout.n)?;
         let process_s = phase.stop("process", &mut m);
         m.insert(TIMING_PROCESS.into(), process_s);
         self.perf.record(|c| {
@@ -568,10 +684,12 @@ impl Trainer {
         });
         let phase = self.perf.phase();
         let gen_cfg = self.sampling()?;
-        let groups: Vec<RolloutGroup> = self.generate(step, &path, &prompts, requests, &gen_cfg)?;
+        let groups: Vec<RolloutGroup> =
+            self.generate(step, &path, &prompts[mine.clone()], requests, &gen_cfg)?;
         // ReMax: each prompt's greedy rollout, scored, is its rollouts' baseline.
         let baselines = if matches!(self.estimator, Estimator::Remax) {
-            Some(self.greedy_baselines(step, &path, &prompts)?)
+            let b = self.greedy_baselines(step, &path, &prompts[mine.clone()])?;
+            Some(self.gather_baselines(step, b)?)
         } else {
             None
         };
@@ -580,7 +698,9 @@ impl Trainer {
 
         // 2. Score; the KL in the reward; dynamic filtering.
         let span = tracing::info_span!("reward", step).entered();
-        let scored: Vec<ScoredGroup> = self.score(step, &path, &prompts, groups)?;
+        let scored: Vec<ScoredGroup> = self.score(step, &path, &prompts[mine], groups)?;
+        // Every rank gets every prompt's scored group: the same advantages everywhere.
+        let scored = self.gather_groups(step, scored)?;
         let rewards = self.shape_rewards(step, &prompts, scored, &mut m)?;
         drop(span);
 
@@ -630,6 +750,7 @@ impl Trainer {
             (out.step, out.tokens)
         };
         metrics::advantage_metrics(&adv, &rows, &mut m);
+        self.advantages.clone_from(&adv.advantages);
         drop(span);
 
         // 4. Policy update (and the value model's, for PPO).
@@ -659,6 +780,45 @@ impl Trainer {
         self.finish_step(step, m)
     }
 
+    /// Every rank's scored groups, in rank order (the prompts' order, as each rank scores a
+    /// contiguous share of them).
+    fn gather_groups(&self, step: u64, mine: Vec<ScoredGroup>) -> Result<Vec<ScoredGroup>> {
+        if self.dist.size() == 1 {
+            return Ok(mine);
+        }
+        let err = Self::dist_err(step, "rollout all-gather");
+        let bytes = serde_json::to_vec(&mine)
+            .map_err(|e| err(crate::dist::DistError::Mpi(format!("serialising: {e}"))))?;
+        let mut out = Vec::new();
+        for (rank, part) in self
+            .dist
+            .all_gather_bytes(&bytes)
+            .map_err(&err)?
+            .iter()
+            .enumerate()
+        {
+            let groups: Vec<ScoredGroup> = serde_json::from_slice(part).map_err(|e| {
+                err(crate::dist::DistError::Mpi(format!(
+                    "rank {rank}'s scored groups: {e}"
+                )))
+            })?;
+            out.extend(groups);
+        }
+        Ok(out)
+    }
+
+    /// Every rank's ReMax baselines, in rank order.
+    fn gather_baselines(&self, step: u64, mine: Vec<f64>) -> Result<Vec<f64>> {
+        if self.dist.size() == 1 {
+            return Ok(mine);
+        }
+        Ok(self
+            .dist
+            .all_gather_f64(&mine)
+            .map_err(Self::dist_err(step, "baseline all-gather"))?
+            .concat())
+    }
+
     /// Validation metrics on validation steps, the log, the records and the trainer state.
     fn finish_step(&mut self, step: u64, mut m: BTreeMap<String, f64>) -> Result<StepOutcome> {
         if self.cfg.data.manifest.skip_bad_rows {
@@ -668,7 +828,9 @@ impl Trainer {
             m.extend(self.validate(step)?);
             self.observe_validation(step, &mut m)?;
         }
-        self.log.log(step, &m)?;
+        if let Some(log) = &mut self.log {
+            log.log(step, &m)?;
+        }
         self.records.push(MetricsRecord {
             step,
             wall_time: 0.0,

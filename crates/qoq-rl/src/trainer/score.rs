@@ -168,7 +168,7 @@ impl Trainer {
         let wants_kl = self.state.kl_controller.is_some() || self.cfg.algorithm.needs_rollout_kl();
         let seq_kl = if wants_kl {
             let _span = tracing::info_span!("reference_kl", step).entered();
-            Some(self.sequence_kl(step, prompts, &groups)?)
+            Some(self.sharded_sequence_kl(step, prompts, &groups)?)
         } else {
             None
         };
@@ -209,6 +209,45 @@ impl Trainer {
             keep,
             token_kl,
         })
+    }
+
+    /// [`Trainer::sequence_kl`] with the groups shared among the data-parallel ranks (the
+    /// contiguous shares of [`crate::dist::shard`]), the results all-gathered: every rank gets
+    /// every group's KL. The batch mean is recombined from each rank's mean and count.
+    #[allow(clippy::type_complexity)]
+    fn sharded_sequence_kl(
+        &self,
+        step: u64,
+        prompts: &[Prompt],
+        groups: &[ScoredGroup],
+    ) -> Result<(Vec<Vec<f64>>, f64, Vec<Vec<Vec<f64>>>)> {
+        let (rank, ranks) = (self.dist.rank(), self.dist.size());
+        if ranks == 1 {
+            return self.sequence_kl(step, prompts, groups);
+        }
+        let mine = crate::dist::shard(groups.len(), rank, ranks);
+        let rollouts: usize = groups[mine.clone()].iter().map(|g| g.group().len()).sum();
+        let (seq, mean, tokens) = self.sequence_kl(step, &prompts[mine.clone()], &groups[mine])?;
+        let err = Self::dist_err(step, "reference KL all-gather");
+        let bytes = serde_json::to_vec(&(seq, mean, rollouts, tokens))
+            .map_err(|e| err(crate::dist::DistError::Mpi(format!("serialising: {e}"))))?;
+        let (mut seq, mut sum, mut count, mut tokens) = (Vec::new(), 0.0, 0usize, Vec::new());
+        for (r, part) in self
+            .dist
+            .all_gather_bytes(&bytes)
+            .map_err(&err)?
+            .iter()
+            .enumerate()
+        {
+            let (s, m, c, t): (Vec<Vec<f64>>, f64, usize, Vec<Vec<Vec<f64>>>) =
+                serde_json::from_slice(part)
+                    .map_err(|e| err(crate::dist::DistError::Mpi(format!("rank {r}'s KL: {e}"))))?;
+            seq.extend(s);
+            tokens.extend(t);
+            sum += m * c as f64;
+            count += c;
+        }
+        Ok((seq, sum / count.max(1) as f64, tokens))
     }
 
     /// Per-rollout sequence KL to the reference policy (`Σ_t kl_t` over the response, estimator

@@ -165,6 +165,9 @@ impl Trainer {
         };
         let reason = s.reason(cfg);
         tracing::info!(step = self.state.step, "{reason}");
+        if !self.writes() {
+            return Ok(());
+        }
         crate::run_dir::append_event(
             &self.out_dir,
             &serde_json::json!({

@@ -3,6 +3,9 @@
 //! micro-batches) are backpropagated and accumulated; one AdamW step per mini-batch. The RL
 //! update runs `actor.ppo_epochs` passes over the same mini-batches; with more than one the old
 //! log-probs are the policy's own before the update (verl's rule), otherwise the sampler's.
+//! In data-parallel training each rank runs its share of every mini-batch's micro-batches
+//! ([`crate::dist::shard`]) and the accumulated gradients are summed over the ranks
+//! ([`Trainer::all_reduce_grads`]) before the one optimiser step.
 
 use super::perf::CapturedMicroBatch;
 use super::rollout::Prompt;
@@ -65,8 +68,8 @@ pub fn response_log_probs(
 /// What an update loop did: per-metric sums over micro-batches, and the optimiser's steps.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct UpdateStats {
-    /// `(sum, count)` of each micro-batch metric.
-    pub loss_sums: BTreeMap<&'static str, (f64, usize)>,
+    /// `(sum, count)` of each micro-batch metric (over every rank's micro-batches).
+    pub loss_sums: BTreeMap<String, (f64, usize)>,
     /// Sum of the finite gradient norms.
     pub norm_sum: f64,
     /// The learning rate of the last optimiser step.
@@ -101,7 +104,7 @@ impl UpdateStats {
     /// learning rate when the optimiser stepped.
     pub fn rl_metrics(&self, m: &mut BTreeMap<String, f64>) {
         for (name, (s, c)) in &self.loss_sums {
-            m.insert((*name).to_string(), s / *c as f64);
+            m.insert(name.clone(), s / *c as f64);
         }
         if self.opt_steps > 0 {
             m.insert(
@@ -179,7 +182,11 @@ impl Trainer {
         }
     }
 
-    /// [`Trainer::update_loop`] for `learner` (the actor's or the critic's optimiser).
+    /// [`Trainer::update_loop`] for `learner` (the actor's or the critic's optimiser). With
+    /// several ranks, each runs its contiguous share of a mini-batch's micro-batches (every
+    /// micro-batch's loss still divided by the mini-batch's number of micro-batches), and the
+    /// gradients and metric sums are summed over the ranks: the update is the one-process
+    /// update.
     pub(super) fn update_loop_of<T>(
         &mut self,
         learner: Learner,
@@ -189,6 +196,7 @@ impl Trainer {
         mut loss_of: impl FnMut(&Self, &[T]) -> Result<MicroLoss>,
     ) -> Result<UpdateStats> {
         let mut stats = UpdateStats::default();
+        let (rank, ranks) = (self.dist.rank(), self.dist.size());
         for mb in items.chunks(mini.max(1)) {
             let parts: Vec<&[T]> = mb.chunks(micro.max(1)).collect();
             let count = parts.len() as f64;
@@ -196,10 +204,10 @@ impl Trainer {
             // `model.gradient_checkpointing`: the loss's Train forwards keep only each layer's
             // input and the backward recomputes the layers (the same path with it off).
             let ckpt = self.cfg.model.gradient_checkpointing;
-            for ub in parts {
+            for &ub in &parts[crate::dist::shard(parts.len(), rank, ranks)] {
                 let (loss, metrics) = qoq_model::checkpoint::scope(ckpt, || loss_of(self, ub))?;
                 for (name, v) in metrics {
-                    let e = stats.loss_sums.entry(name).or_insert((0.0, 0));
+                    let e = stats.loss_sums.entry(name.to_string()).or_insert((0.0, 0));
                     e.0 += v;
                     e.1 += 1;
                 }
@@ -213,7 +221,7 @@ impl Trainer {
                 };
                 acc.add(opt.grads_of(&grads))?;
             }
-            let grads = acc.take();
+            let grads = self.all_reduce_grads(learner, acc.take())?;
             let t_opt = Instant::now();
             let report = self.optimizer_of(learner)?.step(&grads)?;
             let opt_s = &self.perf.optimizer_s;
@@ -228,7 +236,104 @@ impl Trainer {
             stats.lr_last = report.lr;
             stats.opt_steps += 1;
         }
+        if ranks > 1 {
+            stats.loss_sums = self.all_reduce_metric_sums(&stats.loss_sums)?;
+        }
         Ok(stats)
+    }
+
+    /// The gradients `grads` (aligned with `learner`'s parameters; empty when this rank had no
+    /// micro-batch) summed over the ranks: a parameter without a gradient on every rank stays
+    /// without one (not updated, as in one process); one with a gradient somewhere gets the sum,
+    /// zeros standing for the ranks without. One f32 all-reduce of the concatenated gradients.
+    pub(super) fn all_reduce_grads(
+        &self,
+        learner: Learner,
+        grads: Vec<Option<Tensor>>,
+    ) -> Result<Vec<Option<Tensor>>> {
+        if self.dist.size() == 1 {
+            return Ok(grads);
+        }
+        let step = self.state.step + 1;
+        let params = match learner {
+            Learner::Actor => self.opt.params(),
+            Learner::Critic => self
+                .critic
+                .as_ref()
+                .map(|c| c.optimizer().params())
+                .ok_or_else(|| TrainerError::Config("this run has no value model".into()))?,
+        };
+        let grads = if grads.is_empty() {
+            vec![None; params.len()]
+        } else {
+            grads
+        };
+        let mut present: Vec<f64> = grads
+            .iter()
+            .map(|g| if g.is_some() { 1.0 } else { 0.0 })
+            .collect();
+        self.dist
+            .all_reduce_sum_f64(&mut present)
+            .map_err(Self::dist_err(step, "gradient presence all-reduce"))?;
+        let mut flat: Vec<f32> = Vec::new();
+        for ((g, p), &c) in grads.iter().zip(params).zip(&present) {
+            if c == 0.0 {
+                continue;
+            }
+            match g {
+                Some(g) => flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+                None => flat.extend(std::iter::repeat_n(0f32, p.elem_count())),
+            }
+        }
+        self.dist
+            .all_reduce_sum_f32(&mut flat)
+            .map_err(Self::dist_err(step, "gradient all-reduce"))?;
+        let mut out = Vec::with_capacity(params.len());
+        let mut at = 0;
+        for (p, &c) in params.iter().zip(&present) {
+            if c == 0.0 {
+                out.push(None);
+                continue;
+            }
+            let n = p.elem_count();
+            out.push(Some(Tensor::from_slice(
+                &flat[at..at + n],
+                p.shape(),
+                p.device(),
+            )?));
+            at += n;
+        }
+        Ok(out)
+    }
+
+    /// Every rank's `(sum, count)` per metric, added up (by name: a rank without micro-batches
+    /// has none).
+    fn all_reduce_metric_sums(
+        &self,
+        sums: &BTreeMap<String, (f64, usize)>,
+    ) -> Result<BTreeMap<String, (f64, usize)>> {
+        let step = self.state.step + 1;
+        let err = Self::dist_err(step, "metric all-gather");
+        let mine = serde_json::to_vec(sums).map_err(|e| {
+            err(crate::dist::DistError::Mpi(format!(
+                "serialising metrics: {e}"
+            )))
+        })?;
+        let mut out: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+        for part in self.dist.all_gather_bytes(&mine).map_err(&err)? {
+            let theirs: BTreeMap<String, (f64, usize)> =
+                serde_json::from_slice(&part).map_err(|e| {
+                    err(crate::dist::DistError::Mpi(format!(
+                        "a peer's metrics: {e}"
+                    )))
+                })?;
+            for (name, (s, c)) in theirs {
+                let e = out.entry(name).or_insert((0.0, 0));
+                e.0 += s;
+                e.1 += c;
+            }
+        }
+        Ok(out)
     }
 
     /// The RL update: the kept groups' rollouts with their advantages (in the estimator's

@@ -94,14 +94,17 @@ impl Trainer {
         let tmp = self
             .out_dir
             .join(format!(".val_generations_{step}.jsonl.tmp"));
-        std::fs::create_dir_all(&self.out_dir)
-            .and_then(|_| std::fs::write(&tmp, &lines))
-            .and_then(|_| std::fs::rename(&tmp, &file))
-            .map_err(|e| TrainerError::Data {
-                step,
-                path: file.clone(),
-                message: format!("writing the validation generations: {e}"),
-            })?;
+        // Rank 0 alone writes (every rank validates the same weights).
+        if self.writes() {
+            std::fs::create_dir_all(&self.out_dir)
+                .and_then(|_| std::fs::write(&tmp, &lines))
+                .and_then(|_| std::fs::rename(&tmp, &file))
+                .map_err(|e| TrainerError::Data {
+                    step,
+                    path: file.clone(),
+                    message: format!("writing the validation generations: {e}"),
+                })?;
+        }
         let mut m: BTreeMap<String, f64> = BTreeMap::new();
         for (name, (sum, count)) in components {
             m.insert(format!("val/{name}_reward"), sum / count.max(1) as f64);
