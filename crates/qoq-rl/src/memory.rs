@@ -21,6 +21,9 @@
 //!   input and one layer at a time is recomputed in full; from
 //!   [`qoq_model::attention::CHUNKED_MIN_KEYS`] keys the attention keeps one log-sum-exp per
 //!   head and query instead of its rows of scores.
+//! - **frozen grads**: candle's backward computes the gradient of every matrix a tracked
+//!   activation multiplies, frozen or not, and holds it until the backward ends: the frozen
+//!   decoder weights (LoRA's base, a frozen LLM under a trained tower) in the compute dtype;
 //! - **kv cache**: the rollout batch's keys and values, `rows · kv_capacity(prompt + response)`
 //!   positions, bounded by `rollout.kv_cache_mib` when set; it is freed before the update.
 //!
@@ -175,6 +178,22 @@ impl MemoryPlan {
             bytes: trained * moments,
             detail: format!("{trained} trained parameters × {what}"),
         });
+        // Frozen decoder weights sit downstream of whatever trains (LoRA's base, a frozen LLM
+        // under a trained tower): candle computes their gradients too.
+        let frozen_decoder: u64 = match &cfg.model.lora {
+            Some(_) => shapes
+                .iter()
+                .filter(|(n, _)| n.starts_with("model.") || n.starts_with("lm_head."))
+                .map(|(_, s)| count(s))
+                .sum(),
+            None => shapes
+                .iter()
+                .filter(|(n, _)| {
+                    (n.starts_with("model.") || n.starts_with("lm_head.")) && !trains(n)
+                })
+                .map(|(_, s)| count(s))
+                .sum(),
+        };
         let t = &model.text;
         let response = cfg.data.max_response_length;
         let seq = prompt_tokens + response;
@@ -273,6 +292,14 @@ impl MemoryPlan {
                 name: "gradients",
                 bytes: trained * 4 * 2,
                 detail: "f32, a micro-batch's and the mini-batch's sum".into(),
+            },
+            Part {
+                name: "frozen grads",
+                bytes: frozen_decoder * compute,
+                detail: format!(
+                    "{frozen_decoder} frozen decoder parameters: candle's backward also computes \
+                     and holds the gradient of a frozen matrix a trained path multiplies"
+                ),
             },
         ];
         Ok(MemoryPlan {
@@ -415,5 +442,12 @@ mod tests {
         assert_eq!(part(&lora.resident, "adapters"), q * 4);
         assert_eq!(part(&lora.resident, "reference"), 0);
         assert_eq!(part(&lora.resident, "optimiser"), q * 8);
+        let decoder: u64 = shapes
+            .iter()
+            .filter(|(n, _)| n.starts_with("model.") || n.starts_with("lm_head."))
+            .map(|(_, s)| s.iter().product::<usize>() as u64)
+            .sum();
+        assert_eq!(part(&lora.update, "frozen grads"), decoder * 2);
+        assert_eq!(part(&bf.update, "frozen grads"), 0);
     }
 }
