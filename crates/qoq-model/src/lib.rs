@@ -23,6 +23,7 @@ pub mod batch;
 pub mod checkpoint;
 pub mod device;
 pub mod error;
+pub mod frozen;
 pub mod fused;
 pub mod init;
 pub mod inputs;

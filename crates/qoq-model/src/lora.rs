@@ -5,7 +5,7 @@
 //! their own [`candle_nn::VarMap`] under `<projection>.lora_A.weight` / `.lora_B.weight`; merging
 //! writes `W + (alpha / r) · B A` back under the checkpoint's own key `<projection>.weight`.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 
 /// Which projections get adapters, and their size.
@@ -155,7 +155,8 @@ impl Proj {
 
     /// `x: (..., in)` → `(..., out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.base.forward(x)?;
+        // A frozen base weight (LoRA's, a frozen LLM's) gets no gradient computed.
+        let y = crate::frozen::linear(&self.base, x)?;
         match &self.adapter {
             None => Ok(y),
             Some(ad) => {

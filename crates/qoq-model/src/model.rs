@@ -15,7 +15,7 @@ use crate::ops::ForwardMode;
 use crate::splice::{Placeholder, splice_features};
 use crate::text::{KvCache, TextModel};
 use crate::vision::VisionTower;
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use qoq_core::hf_config::QwenVlConfig;
 
@@ -189,7 +189,7 @@ impl ClinicalVlm {
         let head = self.lm_head.as_ref().ok_or_else(|| {
             Error::Config("this model was built without lm_head (a value-model backbone)".into())
         })?;
-        Ok(head.forward(hidden)?)
+        Ok(crate::frozen::linear(head, hidden)?)
     }
 
     /// Logits `(b, s, vocab)`.

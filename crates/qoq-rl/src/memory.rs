@@ -23,7 +23,8 @@
 //!   head and query instead of its rows of scores.
 //! - **frozen grads**: candle's backward computes the gradient of every matrix a tracked
 //!   activation multiplies, frozen or not, and holds it until the backward ends: the frozen
-//!   decoder weights (LoRA's base, a frozen LLM under a trained tower) in the compute dtype;
+//!   decoder weights (LoRA's base, a frozen LLM under a trained tower) in the compute dtype, on
+//!   devices other than the CPU (there `qoq_model::frozen::linear` avoids them);
 //! - **kv cache**: the rollout batch's keys and values, `rows · kv_capacity(prompt + response)`
 //!   positions, bounded by `rollout.kv_cache_mib` when set; it is freed before the update.
 //!
@@ -179,8 +180,12 @@ impl MemoryPlan {
             detail: format!("{trained} trained parameters × {what}"),
         });
         // Frozen decoder weights sit downstream of whatever trains (LoRA's base, a frozen LLM
-        // under a trained tower): candle computes their gradients too.
+        // under a trained tower): candle's matrix product computes their gradients too.
+        // On the CPU the frozen projections back-propagate to their input only
+        // (`qoq_model::frozen::linear`).
+        let on_cpu = matches!(cfg.device(), Ok(qoq_model::DeviceSpec::Cpu));
         let frozen_decoder: u64 = match &cfg.model.lora {
+            _ if on_cpu => 0,
             Some(_) => shapes
                 .iter()
                 .filter(|(n, _)| n.starts_with("model.") || n.starts_with("lm_head."))
@@ -447,7 +452,11 @@ mod tests {
             .filter(|(n, _)| n.starts_with("model.") || n.starts_with("lm_head."))
             .map(|(_, s)| s.iter().product::<usize>() as u64)
             .sum();
-        assert_eq!(part(&lora.update, "frozen grads"), decoder * 2);
+        // On the CPU the frozen projections compute no weight gradient; elsewhere they do.
+        assert_eq!(part(&lora.update, "frozen grads"), 0);
+        b.model.device = "cuda:0".into();
+        let gpu = MemoryPlan::estimate(&b, &m, 100, &[64]).unwrap();
+        assert_eq!(part(&gpu.update, "frozen grads"), decoder * 2);
         assert_eq!(part(&bf.update, "frozen grads"), 0);
     }
 }
