@@ -301,10 +301,15 @@ impl MemoryPlan {
             Part {
                 name: "frozen grads",
                 bytes: frozen_decoder * compute,
-                detail: format!(
-                    "{frozen_decoder} frozen decoder parameters: candle's backward also computes \
-                     and holds the gradient of a frozen matrix a trained path multiplies"
-                ),
+                detail: if on_cpu {
+                    "none: on the CPU a frozen projection back-propagates to its input only".into()
+                } else {
+                    format!(
+                        "{frozen_decoder} frozen decoder parameters: candle's backward also \
+                         computes and holds the gradient of a frozen matrix a trained path \
+                         multiplies"
+                    )
+                },
             },
         ];
         Ok(MemoryPlan {
