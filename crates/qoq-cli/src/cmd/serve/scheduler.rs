@@ -3,8 +3,8 @@
 //!
 //! * at most `max_running` requests run (`--max-running`; 1 gives one request at a time);
 //! * at most `max_rows` sequences decode together (a request takes `n` rows);
-//! * the key/value memory stays within the budget ([`KvBudget`], `--kv-cache-mb`): a request is admitted only when the
-//!   batch's worst case, `rows x capacity(longest (prompt + max_tokens)) x bytes per position`
+//! * the key/value memory stays within the budget ([`KvBudget`], `--kv-cache-mb`): a request
+//!   is admitted only when the batch's worst case, `rows x capacity(longest (prompt + max_tokens)) x bytes per position`
 //!   (the cache's buffers grow in steps: [`qoq_model::text::kv_capacity`]), fits (the
 //!   engine trims its cache to its longest live row, so this bounds what it holds); a request
 //!   alone larger than the budget is refused (400 `context_too_long`);
