@@ -61,6 +61,41 @@ fn every_trainable_parameter_receives_a_finite_nonzero_gradient() {
     );
 }
 
+/// Every parameter of `params` has a gradient in `a` and in `b` (`what` names `b`'s path), equal
+/// to 1e-6 of the larger of 1 and `a`'s largest entry; with `nonzero`, none of `a`'s is zero.
+fn same_gradients(
+    params: &[(String, candle_core::Var)],
+    a: &candle_core::backprop::GradStore,
+    b: &candle_core::backprop::GradStore,
+    what: &str,
+    nonzero: bool,
+) {
+    for (name, var) in params {
+        let a = a
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let b = b
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no {what} gradient"));
+        let scale: f64 = a.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let d: f64 = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        if nonzero {
+            assert!(scale > 0.0, "{name}: zero gradient");
+        }
+        assert!(
+            d <= 1e-6 * scale.max(1.0),
+            "{name}: differs by {d} (scale {scale})"
+        );
+    }
+}
+
 #[test]
 fn checkpointed_gradients_equal_the_plain_ones_for_every_parameter() {
     // Activation checkpointing (every decoder layer and vision block recomputed in the
@@ -72,28 +107,7 @@ fn checkpointed_gradients_equal_the_plain_ones_for_every_parameter() {
     let ckpt = checkpoint::backward(&ckpt_loss).unwrap();
     let trainable = store.trainable().unwrap();
     assert_eq!(trainable.len(), store.tensors().unwrap().len() - 1);
-    for (name, var) in &trainable {
-        let a = plain
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("{name}: no gradient"));
-        let b = ckpt
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("{name}: no checkpointed gradient"));
-        let scale: f64 = a.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-        let d: f64 = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert!(scale > 0.0, "{name}: zero gradient");
-        assert!(
-            d <= 1e-6 * scale.max(1.0),
-            "{name}: differs by {d} (scale {scale})"
-        );
-    }
+    same_gradients(&trainable, &plain, &ckpt, "checkpointed", true);
     // The checkpointed forward really went through the recomputing op: its graph holds one
     // node per layer and block boundary instead of every activation.
     let plain_nodes = loss(&model, &inputs).sorted_nodes().len();
@@ -136,27 +150,7 @@ fn chunked_attention_gives_the_eager_loss_and_gradients_for_every_parameter() {
         "loss {le} vs {lc}"
     );
     let (ge, gc) = (eager.backward().unwrap(), chunked.backward().unwrap());
-    for (name, var) in &store.trainable().unwrap() {
-        let a = ge
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("{name}: no gradient"));
-        let b = gc
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("{name}: no chunked gradient"));
-        let scale: f64 = a.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-        let d: f64 = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert!(
-            d <= 1e-6 * scale.max(1.0),
-            "{name}: differs by {d} (scale {scale})"
-        );
-    }
+    same_gradients(&store.trainable().unwrap(), &ge, &gc, "chunked", false);
 }
 
 #[test]
