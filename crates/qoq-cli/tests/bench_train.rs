@@ -11,36 +11,7 @@ fn qoq() -> Command {
 
 #[test]
 fn tiny_train_step_reports_every_phase() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.json");
-    let o = qoq()
-        .current_dir(support::repo())
-        .args([
-            "bench",
-            "train-step",
-            "--size",
-            "tiny",
-            "--prompts",
-            "2",
-            "--n",
-            "2",
-            "--response-len",
-            "4",
-            "--steps",
-            "1",
-            "--no-reference",
-            "--json",
-        ])
-        .arg(&out)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let (stdout, v) = tiny_run(&["--no-reference"]);
     assert!(
         stdout.contains("PyTorch reference not run: --no-reference"),
         "{stdout}"
@@ -52,8 +23,6 @@ fn tiny_train_step_reports_every_phase() {
             && stdout.contains("activations"),
         "{stdout}"
     );
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     assert_eq!(v["size"], "tiny");
     assert!(v["torch"].is_null());
     assert_eq!(v["reference_absent"], "--no-reference");
@@ -81,9 +50,9 @@ fn tiny_train_step_reports_every_phase() {
     assert!(norm.is_finite() && norm > 1e-3, "grad norm {norm}");
 }
 
-/// `qoq bench train-step --size tiny` (one step, 2 prompts x 2 rollouts x 4 tokens, no
-/// reference) with `extra` arguments: its JSON report.
-fn tiny_step(extra: &[&str]) -> serde_json::Value {
+/// `qoq bench train-step --size tiny` (one step, 2 prompts x 2 rollouts x 4 tokens) with
+/// `extra` arguments, which must succeed: its standard output and JSON report.
+fn tiny_run(extra: &[&str]) -> (String, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.json");
     let o = qoq()
@@ -101,20 +70,28 @@ fn tiny_step(extra: &[&str]) -> serde_json::Value {
             "4",
             "--steps",
             "1",
-            "--no-reference",
         ])
         .args(extra)
         .arg("--json")
         .arg(&out)
         .output()
         .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(
         o.status.success(),
-        "exit {:?}\nstderr:\n{}",
+        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{}",
         o.status,
         String::from_utf8_lossy(&o.stderr)
     );
-    serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap()
+    let v = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    (stdout, v)
+}
+
+/// [`tiny_run`] without the PyTorch reference: its JSON report.
+fn tiny_step(extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["--no-reference"];
+    args.extend_from_slice(extra);
+    tiny_run(&args).1
 }
 
 #[test]
@@ -155,44 +132,11 @@ fn zero_rollouts_are_refused() {
 
 #[test]
 fn bf16_compute_and_lora_rows_run_and_skip_the_f32_reference() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.json");
-    let o = qoq()
-        .current_dir(support::repo())
-        .args([
-            "bench",
-            "train-step",
-            "--size",
-            "tiny",
-            "--prompts",
-            "2",
-            "--n",
-            "2",
-            "--response-len",
-            "4",
-            "--steps",
-            "1",
-            "--compute-dtype",
-            "bf16",
-            "--lora-rank",
-            "2",
-            "--json",
-        ])
-        .arg(&out)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "stdout:\n{stdout}\nstderr:\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let (stdout, v) = tiny_run(&["--compute-dtype", "bf16", "--lora-rank", "2"]);
     assert!(
         stdout.contains("bf16 compute over f32 masters, LoRA r=2"),
         "{stdout}"
     );
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     assert_eq!(v["compute_dtype"], "bf16");
     assert_eq!(v["lora_rank"], 2);
     let absent = v["reference_absent"].as_str().unwrap();
