@@ -538,3 +538,56 @@ fn overrides_from_rebuilds_a_config_from_its_base() {
         "{e}"
     );
 }
+
+/// `rollout.backend = "openai"` needs `rollout.endpoint` (an http:// URL), the endpoint and the
+/// served model need that backend, and the in-process engine's settings or sampling settings the
+/// OpenAI API cannot carry are refused with it, each naming its key.
+#[test]
+fn the_openai_backend_and_its_keys_are_refused_where_they_cannot_work() {
+    let base = configs_dir().join("qoq_med_7b_drpo.toml");
+    let err = |set: &[&str]| load_err(&base, set);
+    let url = "rollout.endpoint=http://127.0.0.1:8000/v1";
+    let c = RunConfig::load(&base, &["rollout.backend=openai".into(), url.into()])
+        .expect("openai with an endpoint loads");
+    assert_eq!(c.rollout.backend, qoq_rl::config::RolloutBackend::Openai);
+    assert_eq!(
+        RunConfig::default().rollout.backend,
+        qoq_rl::config::RolloutBackend::Engine
+    );
+    let e = err(&["rollout.backend=openai"]);
+    assert!(
+        e.contains("rollout.backend") && e.contains("rollout.endpoint"),
+        "{e}"
+    );
+    let e = err(&[url]);
+    assert!(
+        e.contains("rollout.endpoint") && e.contains("\"engine\""),
+        "{e}"
+    );
+    let e = err(&["rollout.served_model=qoq-med"]);
+    assert!(e.contains("rollout.served_model"), "{e}");
+    let e = err(&["rollout.backend=openai", "rollout.endpoint=https://x/v1"]);
+    assert!(
+        e.contains("rollout.endpoint") && e.contains("http://"),
+        "{e}"
+    );
+    let e = err(&["rollout.backend=vllm", url]);
+    assert!(e.contains("vllm"), "{e}");
+    for (set, key) in [
+        ("rollout.kv_cache_mib=64", "rollout.kv_cache_mib"),
+        (
+            "rollout.max_num_batched_tokens=512",
+            "rollout.max_num_batched_tokens",
+        ),
+        ("rollout.top_k=50", "rollout.top_k"),
+        ("rollout.temperature=2.5", "rollout.temperature"),
+        (
+            "rollout.image_pad_logit_bias=-1000",
+            "rollout.image_pad_logit_bias",
+        ),
+        ("rollout.request_timeout_s=0", "rollout.request_timeout_s"),
+    ] {
+        let e = err(&["rollout.backend=openai", url, set]);
+        assert!(e.contains(key), "{set}: {e}");
+    }
+}

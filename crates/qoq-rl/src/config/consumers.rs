@@ -192,6 +192,19 @@ pub const CONSUMERS: &[(&str, &str, &str)] = &[
         CONFIG,
         "self.rollout.tensor_parallel_size > 1",
     ),
+    (
+        "rollout.backend",
+        CONFIG,
+        "r.backend == RolloutBackend::Engine",
+    ),
+    ("rollout.backend", TRAINER_OPENAI, "RolloutBackend::Openai"),
+    ("rollout.endpoint", TRAINER_OPENAI, "r.endpoint"),
+    ("rollout.served_model", TRAINER_OPENAI, "r.served_model"),
+    (
+        "rollout.request_timeout_s",
+        TRAINER_OPENAI,
+        "r.request_timeout_s",
+    ),
     ("rollout.val_override.n", TRAINER_VALIDATE, "vo.n"),
     (
         "rollout.val_override.temperature",
@@ -449,6 +462,7 @@ const TRAINER: &str = "crates/qoq-rl/src/trainer/mod.rs";
 const TRAINER_BUILD: &str = "crates/qoq-rl/src/trainer/build.rs";
 const TRAINER_INIT: &str = "crates/qoq-rl/src/trainer/init.rs";
 const TRAINER_ROLLOUT: &str = "crates/qoq-rl/src/trainer/rollout.rs";
+const TRAINER_OPENAI: &str = "crates/qoq-rl/src/trainer/openai.rs";
 const TRAINER_SCORE: &str = "crates/qoq-rl/src/trainer/score.rs";
 const TRAINER_UPDATE: &str = "crates/qoq-rl/src/trainer/update.rs";
 const TRAINER_VALIDATE: &str = "crates/qoq-rl/src/trainer/validate.rs";
@@ -506,6 +520,8 @@ mod tests {
         c.model.tokenizer_path = Some("tok".into());
         c.model.trainable = Some(vec!["llm".into()]);
         c.rollout.gpu_memory_utilization = Some(0.5);
+        c.rollout.endpoint = Some("http://127.0.0.1:8000/v1".into());
+        c.rollout.served_model = Some("qoq-med".into());
         c.trainer.max_steps = Some(3);
         c.trainer.load_checkpoint_path = Some("ckpt".into());
         c.model.lora = Some(crate::config::LoraSection {

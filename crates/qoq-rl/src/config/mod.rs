@@ -28,7 +28,7 @@ mod sections;
 pub use overrides::{apply_override, infer_value, split_override};
 pub use sections::{
     ActorConfig, AlgorithmConfig, CriticConfig, DataConfig, DtypeName, EstimatorKind, LoraSection,
-    ModelConfig, OptimizerStrategy, RolloutConfig, TrainerConfig, ValOverride,
+    ModelConfig, OptimizerStrategy, RolloutBackend, RolloutConfig, TrainerConfig, ValOverride,
 };
 
 use crate::loss::config::LossConfig;
@@ -365,6 +365,7 @@ impl RunConfig {
         // Settings whose implementation does not exist yet are refused rather than ignored.
         self.validate_precision()?;
         self.validate_lora()?;
+        self.validate_backend()?;
         if self.rollout.tensor_parallel_size > 1 {
             return Err(invalid(
                 "rollout.tensor_parallel_size",
@@ -561,6 +562,95 @@ impl RunConfig {
     }
 
     /// `[model.lora]`: rank, alpha, dropout, targets, and the keys it cannot be combined with.
+    /// `rollout.backend` and the keys it needs or cannot honour: an endpoint goes with
+    /// `backend = "openai"` and only with it; the in-process engine's settings (its key/value
+    /// budget, prefill pieces) and sampling settings the OpenAI API cannot carry are refused with
+    /// it rather than ignored.
+    fn validate_backend(&self) -> Result<()> {
+        let r = &self.rollout;
+        if r.backend == RolloutBackend::Engine {
+            for (key, set) in [
+                ("rollout.endpoint", r.endpoint.is_some()),
+                ("rollout.served_model", r.served_model.is_some()),
+            ] {
+                if set {
+                    return Err(invalid(
+                        key,
+                        "names the server of rollout.backend = \"openai\", but the backend is \
+                         \"engine\" (rollouts in this process): set rollout.backend = \"openai\" \
+                         or remove it",
+                    ));
+                }
+            }
+            return Ok(());
+        }
+        let Some(url) = &r.endpoint else {
+            return Err(invalid(
+                "rollout.backend",
+                "\"openai\" needs rollout.endpoint, the server's base URL (e.g. \
+                 \"http://127.0.0.1:8000/v1\")",
+            ));
+        };
+        if !url.starts_with("http://") || url.len() <= "http://".len() {
+            return Err(invalid(
+                "rollout.endpoint",
+                format!(
+                    "{url:?} is not an http:// URL (e.g. \"http://127.0.0.1:8000/v1\"; the \
+                     client speaks plain HTTP to a server on the training network)"
+                ),
+            ));
+        }
+        if r.request_timeout_s == 0 {
+            return Err(invalid("rollout.request_timeout_s", "must be at least 1"));
+        }
+        let engine_only = "sizes the in-process engine; with rollout.backend = \"openai\" the \
+                           server's own settings apply (vLLM: --gpu-memory-utilization, \
+                           --max-num-batched-tokens; qoq serve: --kv-cache-mb, --prefill-chunk)";
+        if r.kv_cache_mib > 0 {
+            return Err(invalid("rollout.kv_cache_mib", engine_only));
+        }
+        if r.gpu_memory_utilization.is_some() {
+            return Err(invalid("rollout.gpu_memory_utilization", engine_only));
+        }
+        if r.max_num_batched_tokens != RolloutConfig::default().max_num_batched_tokens {
+            return Err(invalid("rollout.max_num_batched_tokens", engine_only));
+        }
+        if r.top_k != -1 {
+            return Err(invalid(
+                "rollout.top_k",
+                format!(
+                    "{}: the OpenAI chat-completions API has no top-k (qoq serve refuses it); \
+                     use -1 with rollout.backend = \"openai\"",
+                    r.top_k
+                ),
+            ));
+        }
+        for (key, t) in [
+            ("rollout.temperature", r.temperature),
+            (
+                "rollout.val_override.temperature",
+                r.val_override.temperature,
+            ),
+        ] {
+            if t > 2.0 {
+                return Err(invalid(
+                    key,
+                    format!("{t}: the OpenAI API's temperature is in [0, 2]"),
+                ));
+            }
+        }
+        if !(-100.0..=100.0).contains(&r.image_pad_logit_bias) {
+            return Err(invalid(
+                "rollout.image_pad_logit_bias",
+                format!(
+                    "{}: the OpenAI API's logit_bias is in [-100, 100]",
+                    r.image_pad_logit_bias
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn validate_lora(&self) -> Result<()> {
         let Some(l) = &self.model.lora else {
             return Ok(());

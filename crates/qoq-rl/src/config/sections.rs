@@ -250,6 +250,32 @@ pub struct RolloutConfig {
     pub tensor_parallel_size: usize,
     /// Validation sampling.
     pub val_override: ValOverride,
+    /// Where rollouts are sampled: `"engine"` (this process, [`qoq_engine`]) or `"openai"` (an
+    /// OpenAI-compatible server at `endpoint`: `qoq serve`, vLLM; the trainer syncs its weights
+    /// to it after every update). Default `"engine"`.
+    pub backend: RolloutBackend,
+    /// The server's base URL with `backend = "openai"`, e.g. `http://127.0.0.1:8000/v1`
+    /// (`http://` only). Refused without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// The model name requests carry with `backend = "openai"` (the server's
+    /// `--served-model-name`; default: the first id of its `/v1/models`). LoRA runs send the
+    /// adapter's name instead once it is loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_model: Option<String>,
+    /// Seconds one request to the server may take (`backend = "openai"`). Default 600.
+    pub request_timeout_s: u64,
+}
+
+/// `rollout.backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RolloutBackend {
+    /// The in-process engine.
+    #[default]
+    Engine,
+    /// An OpenAI-compatible server at `rollout.endpoint`.
+    Openai,
 }
 
 impl Default for RolloutConfig {
@@ -268,6 +294,10 @@ impl Default for RolloutConfig {
             gpu_memory_utilization: None,
             tensor_parallel_size: 1,
             val_override: ValOverride::default(),
+            backend: RolloutBackend::Engine,
+            endpoint: None,
+            served_model: None,
+            request_timeout_s: 600,
         }
     }
 }

@@ -434,7 +434,9 @@ fn build(
     } else {
         (None, Vec::new())
     };
+    let backend = super::openai::Backend::connect(&cfg)?;
     Ok(Trainer {
+        backend,
         cfg,
         config_toml,
         out_dir,

@@ -36,6 +36,11 @@
 //!   rounding between the cached decode and the full training forward; with more epochs they are
 //!   recomputed by the policy before the update (verl's rule) with the update's own forward and
 //!   micro-batches, and every epoch passes over the same mini-batches in order;
+//! - with `rollout.backend = "openai"` ([`openai`]) the rollouts come from an OpenAI-compatible
+//!   server, which gets the weights after every update (`POST /v1/reload_weights`, LoRA:
+//!   `/v1/load_lora_adapter`); the old log-probs are then always recomputed by the policy
+//!   (verl's rule: the server's numerics differ) and the server's are only compared with them
+//!   (`rollout/server_logprob_abs_diff`);
 //! - ReMax (`estimator = "remax"`) generates one greedy rollout per prompt (temperature 0) after
 //!   the sampled ones and scores it, without the KL, as the baseline;
 //! - REINFORCE++ and GAE take token-level rewards: the outcome reward on each response's last
@@ -73,6 +78,7 @@
 mod build;
 mod init;
 mod metrics;
+mod openai;
 mod perf;
 mod rollout;
 mod score;
@@ -82,6 +88,7 @@ mod validate;
 mod value;
 
 pub use init::InitFrom;
+pub use openai::SERVER_LOGPROB_DIFF;
 pub use perf::{
     CapturedMicroBatch, CapturedPrompt, CapturedStep, PEAK_MIB_PREFIX, TIMING_OPTIMIZER,
     TIMING_PROCESS, peak_rss_mib, reset_peak_rss,
@@ -280,6 +287,8 @@ pub struct Trainer {
     dist: Rc<dyn Collective>,
     /// The last RL step's advantages, one per kept rollout in the estimator's order.
     advantages: Vec<f64>,
+    /// Where rollouts are sampled (`rollout.backend`).
+    backend: openai::Backend,
 }
 
 impl Trainer {
@@ -684,8 +693,11 @@ impl Trainer {
         });
         let phase = self.perf.phase();
         let gen_cfg = self.sampling()?;
-        let groups: Vec<RolloutGroup> =
+        let mut groups: Vec<RolloutGroup> =
             self.generate(step, &path, &prompts[mine.clone()], requests, &gen_cfg)?;
+        if matches!(self.backend, openai::Backend::OpenAi(_)) {
+            groups = self.with_policy_log_probs(step, &prompts[mine.clone()], groups, &mut m)?;
+        }
         // ReMax: each prompt's greedy rollout, scored, is its rollouts' baseline.
         let baselines = if matches!(self.estimator, Estimator::Remax) {
             let b = self.greedy_baselines(step, &path, &prompts[mine.clone()])?;

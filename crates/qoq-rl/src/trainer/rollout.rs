@@ -1,7 +1,9 @@
 //! Rollout: the step's manifest rows in their seeded, resumable order → [`Prompt`]s (processed,
 //! the ground-truth box in the model's pixels, the segmentation mask indexed) → one
-//! [`RolloutGroup`] of `n` decoded rollouts per prompt, sampled with [`qoq_engine::generate`].
+//! [`RolloutGroup`] of `n` decoded rollouts per prompt, sampled with [`qoq_engine::generate`]
+//! or by an OpenAI-compatible server (`rollout.backend = "openai"`, [`super::openai`]).
 
+use super::openai::Backend;
 use super::{Result, Trainer, TrainerError};
 use qoq_core::{ClinicalSample, GroupId, Rollout, RolloutGroup};
 use qoq_engine::{GenerateConfig, GroupRequest, KvBudget, SamplingParams, StopCondition};
@@ -295,8 +297,15 @@ impl Trainer {
         cfg: &GenerateConfig,
     ) -> Result<Vec<RolloutGroup>> {
         let gen_err = |message: String| TrainerError::Generate { step, message };
-        let generated = qoq_engine::generate(&self.model, &requests, cfg, |_, _, _| {})
-            .map_err(|e| gen_err(e.to_string()))?;
+        let generated = match &self.backend {
+            Backend::Engine => qoq_engine::generate(&self.model, &requests, cfg, |_, _, _| {})
+                .map_err(|e| gen_err(e.to_string()))?,
+            Backend::OpenAi(server) => {
+                server.sync(self, step)?;
+                let n: Vec<usize> = requests.iter().map(|r| r.n).collect();
+                server.generate(self, step, prompts, &n, cfg)?
+            }
+        };
         drop(requests);
         let key = self.cfg.algorithm.drpo.domain_key;
         let mut groups = Vec::with_capacity(prompts.len());

@@ -12,7 +12,13 @@
 //! * `POST /v1/chat/completions`: the chat-completions API, streamed (server-sent events,
 //!   `data: {chunk}` lines with `choices[i].delta.content` as tokens are sampled, a last chunk
 //!   per choice carrying its `finish_reason`, a usage chunk with
-//!   `stream_options.include_usage`, then `data: [DONE]`) or not.
+//!   `stream_options.include_usage`, then `data: [DONE]`) or not;
+//! * `POST /v1/reload_weights` `{"model_path": DIR}` (extension, the weight sync of the trainer's
+//!   `rollout.backend = "openai"`): loads the weights of the model folder DIR (its
+//!   `config.json` must be the served model's) and serves them from the next request on; the
+//!   requests running when it arrives finish on the old weights, the waiting ones wait for the
+//!   swap. The processor (tokenizer, `qoq_processor.json`) stays the one loaded at start.
+//!   Answers `{"status": "ok", "model_path"}`, or 400 `reload_failed` naming the reason.
 //!
 //! Messages: the last `user` message is the question; earlier `user` and `assistant` messages
 //! are the conversation, rendered with the chat template before it; the text of `system` and
@@ -43,8 +49,12 @@
 //! whatever else runs), `n` (1..=8), `stream`, `stream_options.include_usage`, `stop` (a string
 //! or up to 4, matched across token boundaries, excluded from the output, finish reason
 //! `stop`), `logprobs` and `top_logprobs` (0..=20; the raw model log-probabilities, OpenAI
-//! layout, streamed too), `logit_bias`, `presence_penalty` / `frequency_penalty` (OpenAI's:
-//! over the tokens generated so far, in [-2, 2]), `user` (unused), and the extensions `ignore_eos` (vLLM's) and `qoq_format_prompt` (default true).
+//! layout, streamed too; vLLM's `return_tokens_as_token_ids` makes each entry's `token`
+//! `"token_id:<id>"`), `logit_bias`, `presence_penalty` / `frequency_penalty` (OpenAI's:
+//! over the tokens generated so far, in [-2, 2]), `user` (unused), and the extensions `ignore_eos` (vLLM's), `qoq_format_prompt` (default true) and `qoq_stream` (the random stream id
+//! of the choices, default 0: the trainer sends its prompt's stream so that the server samples
+//! the engine's tokens). A user message whose text parts hold one `<image>` placeholder per
+//! image part places the images there (the parts add none; the trainer sends its questions so).
 //! `usage` counts the prompt tokens (image pads included) and the generated tokens of all
 //! choices (up to a stop string).
 //!
@@ -375,7 +385,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
     });
     let sched = std::thread::Builder::new()
         .name("qoq-scheduler".into())
-        .spawn(move || scheduler::run(&model, rx, limits, metrics))
+        .spawn(move || scheduler::run(model, rx, limits, metrics))
         .context("starting the scheduler thread")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -442,6 +452,7 @@ fn router(s: Arc<Served>, max_body_bytes: usize) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/reload_weights", post(reload_weights))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .route_layer(axum::middleware::from_fn_with_state(s.clone(), auth));
@@ -496,8 +507,50 @@ async fn not_found() -> ApiError {
         StatusCode::NOT_FOUND,
         "invalid_request_error",
         "not_found",
-        "no such endpoint: use /health, /metrics, /v1/models or /v1/chat/completions".into(),
+        "no such endpoint: use /health, /metrics, /v1/models, /v1/chat/completions or \
+         /v1/reload_weights"
+            .into(),
     )
+}
+
+/// The body of `POST /v1/reload_weights`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReloadBody {
+    model_path: PathBuf,
+}
+
+async fn reload_weights(
+    State(s): State<Arc<Served>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match reload_inner(&s, body).await {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn reload_inner(
+    s: &Arc<Served>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Value, ApiError> {
+    let body = body.map_err(|e| ApiError::bad("invalid_body", e.body_text()))?;
+    let b: ReloadBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad(
+            "invalid_request",
+            format!("reload_weights: {e} (the body is {{\"model_path\": \"/path/to/model\"}})"),
+        )
+    })?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    s.send(Msg::Reload(Box::new(scheduler::Reload {
+        path: b.model_path.clone(),
+        reply: tx,
+    })))?;
+    rx.await
+        .map_err(|_| ApiError::internal("the scheduler dropped the reload"))?
+        .map_err(|m| ApiError::bad("reload_failed", m))?;
+    tracing::info!(target: "qoq::access", path = "/v1/reload_weights", status = 200, "reloaded");
+    Ok(json!({"status": "ok", "model_path": b.model_path}))
 }
 
 async fn health(State(s): State<Arc<Served>>) -> Response {
@@ -599,6 +652,8 @@ struct Gen {
     choices: Vec<Choice>,
     stops: Vec<String>,
     logprobs: bool,
+    /// `return_tokens_as_token_ids`.
+    token_ids: bool,
     arrived: std::time::Instant,
     first_token: bool,
     last_token: Vec<Option<std::time::Instant>>,
@@ -624,7 +679,7 @@ impl Gen {
         }
         let tok = &self.s.with_format.tokenizer;
         let c = self.choices.get_mut(k)?;
-        let d = c.push(tok, e, &self.stops, self.logprobs)?;
+        let d = c.push(tok, e, &self.stops, self.logprobs, self.token_ids)?;
         if d.finish.is_some() && e.finish.is_none() {
             // A stop string ended the choice: its row leaves the batch.
             let _ = self.s.send(Msg::Cancel {
@@ -712,6 +767,7 @@ async fn chat_inner(
     logit_bias.extend(req.logit_bias.iter().copied());
     s.send(Msg::Submit(Box::new(Job {
         id: job_id,
+        stream: req.stream_id,
         inputs: prep.inputs,
         prompt_tokens,
         n: req.n,
@@ -742,6 +798,7 @@ async fn chat_inner(
         choices: (0..req.n).map(|_| Choice::default()).collect(),
         stops: req.stop.clone(),
         logprobs: req.logprobs,
+        token_ids: req.token_ids,
         arrived,
         first_token: false,
         last_token: vec![None; req.n],

@@ -29,18 +29,23 @@ pub struct Choice {
     pub finish: Option<&'static str>,
 }
 
-fn entry(tok: &QoqTokenizer, id: u32, logprob: f32) -> Value {
-    let s = tok.decode(&[id], false).unwrap_or_default();
+fn entry(tok: &QoqTokenizer, id: u32, logprob: f32, as_id: bool) -> Value {
+    let s = if as_id {
+        format!("token_id:{id}")
+    } else {
+        tok.decode(&[id], false).unwrap_or_default()
+    };
     json!({"token": s, "logprob": logprob, "bytes": s.as_bytes()})
 }
 
-/// The OpenAI `logprobs.content` entry of a token, with its `top_logprobs`.
-pub fn logprob_entry(tok: &QoqTokenizer, e: &TokenEvent) -> Value {
-    let mut v = entry(tok, e.token, e.logprob);
+/// The OpenAI `logprobs.content` entry of a token, with its `top_logprobs`; with `as_id`
+/// (vLLM's `return_tokens_as_token_ids`) each `token` is `"token_id:<id>"`.
+pub fn logprob_entry(tok: &QoqTokenizer, e: &TokenEvent, as_id: bool) -> Value {
+    let mut v = entry(tok, e.token, e.logprob, as_id);
     v["top_logprobs"] = Value::Array(
         e.top_logprobs
             .iter()
-            .map(|&(t, lp)| entry(tok, t, lp))
+            .map(|&(t, lp)| entry(tok, t, lp, as_id))
             .collect(),
     );
     v
@@ -68,6 +73,7 @@ impl Choice {
         e: &TokenEvent,
         stops: &[String],
         logprobs: bool,
+        token_ids: bool,
     ) -> Option<Delta> {
         if self.finish.is_some() {
             return None;
@@ -75,7 +81,7 @@ impl Choice {
         self.tokens.push(e.token);
         let mut d = Delta::default();
         if logprobs {
-            d.logprobs.push(logprob_entry(tok, e));
+            d.logprobs.push(logprob_entry(tok, e, token_ids));
         }
         let full = tok.decode(&self.tokens, true).unwrap_or_default();
         // Search for a stop string from where a match could start that was not seen before.

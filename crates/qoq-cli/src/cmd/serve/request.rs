@@ -37,6 +37,13 @@ pub struct ChatBody {
     ignore_eos: Option<bool>,
     /// Extension: wrap the question in the QoQ format prompt (default true).
     qoq_format_prompt: Option<bool>,
+    /// vLLM's extension: each `logprobs.content` entry's `token` (and its top entries') is
+    /// `"token_id:<id>"` instead of the decoded text.
+    return_tokens_as_token_ids: Option<bool>,
+    /// Extension: the random stream id of the choices (default 0): choice `k` samples from the
+    /// stream `(seed, qoq_stream, k)`, as the trainer's engine samples rollout `k` of the prompt
+    /// whose stream id this is (`rollout.backend = "openai"` sends it).
+    qoq_stream: Option<u64>,
     /// Unused: an end-user id (does not change the output).
     #[allow(dead_code)]
     user: Option<String>,
@@ -132,6 +139,10 @@ pub struct ChatRequest {
     pub stop: Vec<String>,
     pub logprobs: bool,
     pub top_logprobs: usize,
+    /// `logprobs` tokens as `"token_id:<id>"` (vLLM's `return_tokens_as_token_ids`).
+    pub token_ids: bool,
+    /// The random stream id of the choices (`qoq_stream`).
+    pub stream_id: u64,
     /// Token id and bias, in [-100, 100].
     pub logit_bias: Vec<(u32, f32)>,
     pub ignore_eos: bool,
@@ -246,6 +257,10 @@ pub fn parse(body: &[u8], l: &Limits) -> Result<ChatRequest, ApiError> {
     let mut history: Vec<(&'static str, String)> = Vec::new();
     let mut earlier_images = 0usize;
     let mut question = String::new();
+    // The last user message's text parts alone and its image parts: a text that places every
+    // image's placeholder itself gets none added by the parts.
+    let mut own_text = String::new();
+    let mut own_images = 0usize;
     for (i, m) in b.messages.iter().enumerate() {
         match m.role {
             Role::System | Role::Developer => {
@@ -272,7 +287,16 @@ pub fn parse(body: &[u8], l: &Limits) -> Result<ChatRequest, ApiError> {
                 for (j, p) in parts.iter().enumerate() {
                     let at = format!("messages[{i}].content[{j}]");
                     match p {
-                        Part::Text { text } => push(text),
+                        Part::Text { text } => {
+                            if last {
+                                if !own_text.is_empty() && !own_text.ends_with(char::is_whitespace)
+                                {
+                                    own_text.push(' ');
+                                }
+                                own_text.push_str(text);
+                            }
+                            push(text)
+                        }
                         Part::ImageUrl { image_url } => {
                             if let Some(d) = &image_url.detail
                                 && d != "auto"
@@ -286,6 +310,7 @@ pub fn parse(body: &[u8], l: &Limits) -> Result<ChatRequest, ApiError> {
                             }
                             media.push(Media::Image(data_uri_payload(&image_url.url, &at)?));
                             if last {
+                                own_images += 1;
                                 push("<image>");
                             } else {
                                 earlier_images += 1;
@@ -313,6 +338,8 @@ pub fn parse(body: &[u8], l: &Limits) -> Result<ChatRequest, ApiError> {
             None => {}
         }
         if last {
+            let placed = own_images > 0 && own_text.matches("<image>").count() == own_images;
+            let text = if placed { own_text.clone() } else { text };
             question = "<image>".repeat(earlier_images) + &text;
         } else {
             history.push(("user", text));
@@ -451,9 +478,61 @@ pub fn parse(body: &[u8], l: &Limits) -> Result<ChatRequest, ApiError> {
         stop,
         logprobs,
         top_logprobs: top_logprobs as usize,
+        token_ids: b.return_tokens_as_token_ids.unwrap_or(false),
+        stream_id: b.qoq_stream.unwrap_or(0),
         logit_bias,
         ignore_eos: b.ignore_eos.unwrap_or(false),
         presence_penalty: b.presence_penalty.unwrap_or(0.0) as f32,
         frequency_penalty: b.frequency_penalty.unwrap_or(0.0) as f32,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits<'static> {
+        Limits {
+            served_name: "m",
+            max_images: 4,
+            max_tokens_cap: 16,
+            has_ecg: true,
+            vocab_size: 100,
+        }
+    }
+
+    fn parse_json(v: serde_json::Value) -> ChatRequest {
+        parse(v.to_string().as_bytes(), &limits()).unwrap_or_else(|e| panic!("{}", e.message))
+    }
+
+    #[test]
+    fn a_text_placing_every_image_gets_no_placeholder_added() {
+        let img = serde_json::json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}});
+        let text = |t: &str| serde_json::json!({"type": "text", "text": t});
+        // The trainer's form: the question with its placeholders, then the images.
+        let r = parse_json(serde_json::json!({"messages": [{"role": "user",
+            "content": [text("<image>Case 1. <image>What?"), img.clone(), img.clone()]}]}));
+        assert_eq!(r.question, "<image>Case 1. <image>What?");
+        // Without placeholders in the text the parts add them, as before.
+        let r = parse_json(serde_json::json!({"messages": [{"role": "user",
+            "content": [img.clone(), text("What?")]}]}));
+        assert_eq!(r.question, "<image> What?");
+        // A count that does not match keeps the parts' placeholders (the processor refuses it).
+        let r = parse_json(serde_json::json!({"messages": [{"role": "user",
+            "content": [text("<image>What?"), img.clone(), img]}]}));
+        assert_eq!(r.question, "<image>What? <image> <image>");
+    }
+
+    #[test]
+    fn token_ids_and_the_stream_are_read_with_their_defaults() {
+        let r = parse_json(serde_json::json!({"messages": [{"role": "user", "content": "q"}]}));
+        assert!(!r.token_ids);
+        assert_eq!(r.stream_id, 0);
+        let r = parse_json(
+            serde_json::json!({"messages": [{"role": "user", "content": "q"}],
+            "logprobs": true, "return_tokens_as_token_ids": true, "qoq_stream": 42}),
+        );
+        assert!(r.token_ids);
+        assert_eq!(r.stream_id, 42);
+    }
 }

@@ -15,6 +15,11 @@
 //! Every token goes to its request's channel as it is sampled. A request whose channel is closed
 //! (its client went away) or whose deadline passed is removed from the batch before the next
 //! step; a `Cancel` message removes one choice (its stop string matched).
+//!
+//! A `Reload` message (`POST /v1/reload_weights`) swaps the model between requests, never
+//! during one: from its arrival no waiting request is admitted; once the running ones have
+//! finished, the new weights are loaded (the same `config.json` as the served model, else the
+//! reload is refused and the old model stays), then admission resumes.
 
 use super::ApiError;
 use super::metrics::Metrics;
@@ -35,6 +40,8 @@ pub enum Out {
 /// A request for the engine.
 pub struct Job {
     pub id: u64,
+    /// The random stream id of the choices (`qoq_stream`).
+    pub stream: u64,
     pub inputs: ModelInputs,
     pub prompt_tokens: usize,
     pub n: usize,
@@ -52,6 +59,29 @@ pub enum Msg {
         id: u64,
         rollout: Option<usize>,
     },
+    /// Swap the model for the one in this folder between requests.
+    Reload(Box<Reload>),
+}
+
+/// A weight reload: the model folder and where to answer.
+pub struct Reload {
+    pub path: std::path::PathBuf,
+    pub reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+/// The model of `r.path`, refused unless its `config.json` is the served model's.
+fn load_for(served: &ClinicalVlm, r: &Reload) -> Result<ClinicalVlm, String> {
+    let (cfg, model) =
+        qoq_model::loading::load_model(&r.path, candle_core::DType::F32, served.device())
+            .map_err(|e| format!("loading the model in {}: {e}", r.path.display()))?;
+    if format!("{cfg:?}") != format!("{:?}", served.config()) {
+        return Err(format!(
+            "{}/config.json is not the served model's configuration: only the weights can be \
+             reloaded",
+            r.path.display()
+        ));
+    }
+    Ok(model)
 }
 
 /// Admission and step limits.
@@ -85,29 +115,59 @@ impl Running {
 
 /// Run until every sender of `rx` is dropped and nothing is left to do.
 pub fn run(
-    model: &ClinicalVlm,
+    model: ClinicalVlm,
     rx: std::sync::mpsc::Receiver<Msg>,
     lim: Limits,
     metrics: Arc<Metrics>,
 ) {
-    let mut engine = Engine::new(model, lim.prefill_chunk);
+    let mut model = model;
     let mut waiting: VecDeque<Box<Job>> = VecDeque::new();
+    let mut reload: Option<Box<Reload>> = None;
+    // Each pass serves one model until a reload finds the batch empty.
+    loop {
+        serve(&model, &rx, &lim, &metrics, &mut waiting, &mut reload);
+        let Some(r) = reload.take() else {
+            break;
+        };
+        let answer = load_for(&model, &r).map(|m| {
+            model = m;
+            tracing::info!(path = %r.path.display(), "weights reloaded");
+        });
+        let _ = r.reply.send(answer);
+    }
+}
+
+/// Serve `model` until the inbox closes with nothing left to do (`reload` is then `None`), or
+/// until a pending reload finds no request running.
+fn serve(
+    model: &ClinicalVlm,
+    rx: &std::sync::mpsc::Receiver<Msg>,
+    lim: &Limits,
+    metrics: &Arc<Metrics>,
+    waiting: &mut VecDeque<Box<Job>>,
+    reload: &mut Option<Box<Reload>>,
+) {
+    let mut engine = Engine::new(model, lim.prefill_chunk);
     let mut running: HashMap<u64, Running> = HashMap::new();
     let mut open = true;
     loop {
+        if reload.is_some() && running.is_empty() && engine.is_idle() {
+            return;
+        }
         // The inbox: block while there is nothing to do.
-        if engine.is_idle() && waiting.is_empty() {
+        if engine.is_idle() && (waiting.is_empty() || reload.is_some()) {
             if !open {
                 break;
             }
             match rx.recv() {
-                Ok(m) => handle(m, &mut waiting, &mut running, &mut engine),
+                Ok(m) => handle(m, waiting, &mut running, &mut engine, reload),
                 Err(_) => break,
             }
+            continue;
         }
         loop {
             match rx.try_recv() {
-                Ok(m) => handle(m, &mut waiting, &mut running, &mut engine),
+                Ok(m) => handle(m, waiting, &mut running, &mut engine, reload),
                 Err(std::sync::mpsc::TryRecvError::Empty) => break,
                 Err(std::sync::mpsc::TryRecvError::Disconnected) => {
                     open = false;
@@ -138,7 +198,7 @@ pub fn run(
         if !gone.is_empty() {
             // Cancels sent just before a channel closed (stop strings) come first.
             while let Ok(m) = rx.try_recv() {
-                handle(m, &mut waiting, &mut running, &mut engine);
+                handle(m, waiting, &mut running, &mut engine, reload);
             }
         }
         for id in gone {
@@ -153,8 +213,8 @@ pub fn run(
                 fail_all(&mut engine, &mut running, &format!("{e}"));
             }
         }
-        // Admission, in arrival order.
-        while let Some(j) = waiting.front() {
+        // Admission, in arrival order (none while a reload waits for the batch to empty).
+        while let Some(j) = waiting.front().filter(|_| reload.is_none()) {
             let rows: usize = running.values().map(|r| r.rows).sum();
             let len = j.prompt_tokens + j.stop.max_new_tokens;
             if !lim.kv.fits(j.n, len) {
@@ -186,7 +246,7 @@ pub fn run(
                 inputs: j.inputs,
                 n: j.n,
                 first_rollout: 0,
-                stream: 0,
+                stream: j.stream,
                 sampling: j.sampling,
                 stop: j.stop,
                 top_logprobs: j.top_logprobs,
@@ -256,7 +316,7 @@ pub fn run(
                     // sending its cancels: take those first, so that only requests whose
                     // client went away count as cancelled.
                     while let Ok(m) = rx.try_recv() {
-                        handle(m, &mut waiting, &mut running, &mut engine);
+                        handle(m, waiting, &mut running, &mut engine, reload);
                     }
                     for id in closed {
                         if running.remove(&id).is_some() {
@@ -291,9 +351,17 @@ fn handle(
     waiting: &mut VecDeque<Box<Job>>,
     running: &mut HashMap<u64, Running>,
     engine: &mut Engine,
+    reload: &mut Option<Box<Reload>>,
 ) {
     match m {
         Msg::Submit(j) => waiting.push_back(j),
+        Msg::Reload(r) => {
+            if let Some(old) = reload.replace(r) {
+                let _ = old
+                    .reply
+                    .send(Err("superseded by a later reload before it ran".into()));
+            }
+        }
         Msg::Cancel { id, rollout } => {
             if let Some(r) = running.get_mut(&id) {
                 match rollout {
