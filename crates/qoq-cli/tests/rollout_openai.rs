@@ -1,7 +1,8 @@
 //! The external rollout backend (issue 22): `rollout.backend = "openai"` against a spawned
 //! `qoq serve` trains 3 steps whose rollouts (token ids) equal the in-process engine's for the
 //! same seeded config, whose old log-probs are the policy's (so the weights equal the engine
-//! run's), and after the weight sync the server's greedy answer is the trainer's own.
+//! run's), and after the weight sync the server's greedy answer is the trainer's own: full
+//! weights through `/v1/reload_weights`, LoRA adapters through `/v1/load_lora_adapter`.
 
 use base64::Engine as _;
 use qoq_engine::{GenerateConfig, GroupRequest, SamplingParams, StopCondition};
@@ -17,7 +18,7 @@ use support::{derm_manifest, post_chat, repo, spawn_serve, tiny_model};
 const QUESTION: &str = "What is the diagnosis?Answer with one of the following:\nbenign\nmalignant";
 const STEPS: u64 = 3;
 
-fn run_file(dir: &Path, model: &Path, manifest: &Path) -> std::path::PathBuf {
+fn run_file(dir: &Path, model: &Path, manifest: &Path, extra: &str) -> std::path::PathBuf {
     let p = dir.join("run.toml");
     std::fs::write(
         &p,
@@ -56,6 +57,7 @@ lr = 1e-3
 max_steps = {STEPS}
 val_freq = 0
 n_gpus_per_node = 1
+{extra}
 "#,
             m = manifest.display(),
             model = model.display(),
@@ -128,20 +130,21 @@ fn engine_greedy(
 }
 
 /// The server's greedy answer to the same question (token ids, log-probs).
-fn server_greedy(addr: &str) -> (Vec<u32>, Vec<f32>) {
+fn server_greedy(addr: &str, model: Option<&str>) -> (Vec<u32>, Vec<f32>) {
     let png = std::fs::read(repo().join("examples/mini/derm/demo-derm/case_001.png")).unwrap();
     let uri = format!(
         "data:image/png;base64,{}",
         base64::engine::general_purpose::STANDARD.encode(png)
     );
-    let (status, v) = post_chat(
-        addr,
-        &json!({"messages": [{"role": "user", "content": [
+    let mut body = json!({"messages": [{"role": "user", "content": [
             {"type": "text", "text": format!("<image>Case 0. {QUESTION}")},
             {"type": "image_url", "image_url": {"url": uri}}]}],
             "temperature": 0, "max_tokens": 8, "logprobs": true,
-            "return_tokens_as_token_ids": true}),
-    );
+            "return_tokens_as_token_ids": true});
+    if let Some(m) = model {
+        body["model"] = json!(m);
+    }
+    let (status, v) = post_chat(addr, &body);
     assert_eq!(status, 200, "{v}");
     let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
     content
@@ -162,19 +165,54 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// The trained parameters: the LoRA adapters, else every weight.
+fn trained(t: &Trainer) -> std::collections::HashMap<String, candle_core::Tensor> {
+    t.adapters()
+        .unwrap()
+        .unwrap_or_else(|| t.weights().unwrap())
+}
+
+/// The adapters `/v1/models` lists (with their `parent`).
+fn listed_adapters(addr: &str) -> Vec<String> {
+    let (status, body) = support::http(addr, "GET", "/v1/models", b"");
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m.get("parent").is_some())
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
 #[test]
 fn openai_backend_samples_the_engines_rollouts_and_syncs_weights_to_qoq_serve() {
+    check_backend(false);
+}
+
+#[test]
+fn openai_backend_syncs_lora_adapters_through_load_lora_adapter() {
+    check_backend(true);
+}
+
+fn check_backend(lora: bool) {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path());
     let manifest = derm_manifest(dir.path(), 4, QUESTION);
-    let run = run_file(dir.path(), &model, &manifest);
+    let extra = if lora {
+        "[model.lora]\nrank = 4\nalpha = 8.0\n"
+    } else {
+        ""
+    };
+    let run = run_file(dir.path(), &model, &manifest, extra);
     let server = spawn_serve(
         &model,
         &["--max-tokens-cap", "64"],
         std::process::Stdio::null(),
     );
     // The untrained model's greedy answer, from the server before any sync.
-    let before = server_greedy(&server.addr);
+    let before = server_greedy(&server.addr, None);
 
     let load = |out: &str, extra: &[String]| {
         let mut o = vec![format!(
@@ -212,7 +250,8 @@ fn openai_backend_samples_the_engines_rollouts_and_syncs_weights_to_qoq_serve() 
         let d = rec.metrics[SERVER_LOGPROB_DIFF];
         assert!(d < 1e-4, "step {}: |server - policy| = {d}", rec.step);
     }
-    let (we, wr) = (engine.weights().unwrap(), remote.weights().unwrap());
+    let (we, wr) = (trained(&engine), trained(&remote));
+    assert!(!we.is_empty());
     for (name, a) in &we {
         let b = &wr[name];
         let d = (a - b)
@@ -230,7 +269,15 @@ fn openai_backend_samples_the_engines_rollouts_and_syncs_weights_to_qoq_serve() 
     // A validation pass generates through the server: the last update is synced first; the
     // server then answers greedily with the trainer's weights.
     remote.validate(STEPS).unwrap();
-    let after = server_greedy(&server.addr);
+    let adapters = listed_adapters(&server.addr);
+    let after = if lora {
+        // One adapter served: each sync unloads the one before.
+        assert_eq!(adapters.len(), 1, "{adapters:?}");
+        server_greedy(&server.addr, Some(&adapters[0]))
+    } else {
+        assert!(adapters.is_empty(), "{adapters:?}");
+        server_greedy(&server.addr, None)
+    };
     let ours = engine_greedy(engine.model(), engine.processor());
     assert_eq!(after.0, ours.0, "greedy token ids: server vs trainer");
     assert!(
@@ -245,16 +292,21 @@ fn openai_backend_samples_the_engines_rollouts_and_syncs_weights_to_qoq_serve() 
         before.0 != after.0 || max_diff(&before.1[..n], &after.1[..n]) > 1e-3,
         "the server still answers with the untrained weights: {before:?} vs {after:?}"
     );
-    assert!(
-        dir.path()
-            .join("openai/rollout_sync/weights/model.safetensors")
-            .is_file(),
-        "the full-weight sync writes the exported model"
-    );
+    if lora {
+        // The base model is still served unchanged beside the adapter (vLLM's semantics).
+        assert_eq!(server_greedy(&server.addr, None), before);
+    } else {
+        assert!(
+            dir.path()
+                .join("openai/rollout_sync/weights/model.safetensors")
+                .is_file(),
+            "the full-weight sync writes the exported model"
+        );
+    }
 }
 
 #[test]
-fn reload_weights_refuses_a_folder_of_another_architecture() {
+fn weight_and_adapter_endpoints_refuse_what_they_cannot_serve() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path());
     let other = tempfile::tempdir().unwrap();
@@ -283,6 +335,30 @@ fn reload_weights_refuses_a_folder_of_another_architecture() {
     // The same folder reloads, and the server still answers.
     let (status, body) = post(json!({"model_path": model}));
     assert_eq!(status, 200, "{body}");
+    let admin = |path: &str, body: serde_json::Value| {
+        let (status, v) = support::http(&server.addr, "POST", path, body.to_string().as_bytes());
+        (status, String::from_utf8_lossy(&v).to_string())
+    };
+    // vLLM's adapter endpoints: a folder without an adapter, the base model's name, a name
+    // already loaded, an unknown name to unload, a request for an unknown model.
+    let (status, body) = admin(
+        "/v1/load_lora_adapter",
+        json!({"lora_name": "a", "lora_path": model}),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("adapter_config.json"), "{body}");
+    let (status, body) = admin(
+        "/v1/load_lora_adapter",
+        json!({"lora_name": "qoq-med", "lora_path": model}),
+    );
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = admin("/v1/unload_lora_adapter", json!({"lora_name": "a"}));
+    assert_eq!(status, 404, "{body}");
+    let (status, v) = post_chat(
+        &server.addr,
+        &json!({"model": "a", "messages": [{"role": "user", "content": "hello"}]}),
+    );
+    assert_eq!(status, 404, "{v}");
     let (status, v) = post_chat(
         &server.addr,
         &json!({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}),

@@ -84,17 +84,7 @@ impl Backend {
         if cfg.rollout.backend != RolloutBackend::Openai {
             return Ok(Self::Engine);
         }
-        let client = OpenAiClient::connect(&cfg.rollout)?;
-        if client.qoq_serve && cfg.model.lora.is_some() {
-            return Err(cfg_err(format!(
-                "rollout.backend = \"openai\" with [model.lora]: the server at \
-                 rollout.endpoint {} is qoq serve, which has no /v1/load_lora_adapter (vLLM's \
-                 runtime adapter loading) to take the adapters after each update; use vLLM \
-                 for LoRA runs, or train full weights with qoq serve",
-                client.base
-            )));
-        }
-        Ok(Self::OpenAi(Box::new(client)))
+        Ok(Self::OpenAi(Box::new(OpenAiClient::connect(&cfg.rollout)?)))
     }
 }
 
@@ -144,8 +134,9 @@ impl OpenAiClient {
         })
     }
 
-    /// `POST {base}{path}` with a JSON body; the JSON answer, or the server's error.
-    fn post(&self, path: &str, body: &Value) -> std::result::Result<Value, String> {
+    /// `POST {base}{path}` with a JSON body; the answer (vLLM answers the adapter endpoints
+    /// with plain text), or the server's error.
+    fn post(&self, path: &str, body: &Value) -> std::result::Result<String, String> {
         let url = format!("{}{path}", self.base);
         let resp = self
             .agent
@@ -153,7 +144,7 @@ impl OpenAiClient {
             .set("Content-Type", "application/json")
             .send_string(&body.to_string())
             .map_err(|e| format!("POST {url}: {}", describe(e)))?;
-        read_json(resp, &url)
+        read_text(resp, &url)
     }
 
     /// The body of one prompt's request (see the module documentation).
@@ -265,7 +256,12 @@ impl OpenAiClient {
                     ),
                 };
                 let body = self.request(t, p, n, cfg).map_err(err)?;
-                let resp = self.post("/chat/completions", &body).map_err(err)?;
+                let resp: Value = self
+                    .post("/chat/completions", &body)
+                    .and_then(|t| {
+                        serde_json::from_str(&t).map_err(|e| format!("the answer is not JSON: {e}"))
+                    })
+                    .map_err(err)?;
                 if self.qoq_serve {
                     let theirs = resp["usage"]["prompt_tokens"].as_u64();
                     let ours = p.processed.input_ids.len() as u64;
@@ -488,10 +484,15 @@ fn describe(e: ureq::Error) -> String {
     }
 }
 
-fn read_json(resp: ureq::Response, url: &str) -> std::result::Result<Value, String> {
+fn read_text(resp: ureq::Response, url: &str) -> std::result::Result<String, String> {
     let mut text = String::new();
     std::io::Read::read_to_string(&mut resp.into_reader(), &mut text)
         .map_err(|e| format!("{url}: reading the answer: {e}"))?;
+    Ok(text)
+}
+
+fn read_json(resp: ureq::Response, url: &str) -> std::result::Result<Value, String> {
+    let text = read_text(resp, url)?;
     serde_json::from_str(&text).map_err(|e| format!("{url}: the answer is not JSON: {e}"))
 }
 

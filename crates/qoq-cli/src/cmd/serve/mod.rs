@@ -18,7 +18,15 @@
 //!   `config.json` must be the served model's) and serves them from the next request on; the
 //!   requests running when it arrives finish on the old weights, the waiting ones wait for the
 //!   swap. The processor (tokenizer, `qoq_processor.json`) stays the one loaded at start.
-//!   Answers `{"status": "ok", "model_path"}`, or 400 `reload_failed` naming the reason.
+//!   Answers `{"status": "ok", "model_path"}`, or 400 `reload_failed` naming the reason;
+//! * `POST /v1/load_lora_adapter` `{"lora_name", "lora_path"}` and `POST
+//!   /v1/unload_lora_adapter` `{"lora_name"}` (vLLM's runtime adapter API): serve a PEFT LoRA
+//!   adapter folder (`adapter_config.json`'s `r` and `lora_alpha`, `adapter_model.safetensors`)
+//!   on the base weights as a model of its own, named by requests' `model` and listed by
+//!   `/v1/models` (with `parent`), as vLLM does; the base model stays served. A name already
+//!   loaded is refused (400), an unknown one on unload is 404. Each adapter is a copy of the
+//!   base weights with its projections (memory: one model per adapter); the engine runs one
+//!   model at a time, switching when the batch is empty.
 //!
 //! Messages: the last `user` message is the question; earlier `user` and `assistant` messages
 //! are the conversation, rendered with the chat template before it; the text of `system` and
@@ -255,6 +263,8 @@ struct Served {
     dump_inputs: Option<PathBuf>,
     /// Where the model runs (`--device`): requests' inputs are built there.
     device: Device,
+    /// The LoRA adapters being served (names).
+    adapters: Mutex<std::collections::BTreeSet<String>>,
     /// The scheduler's inbox; taken at shutdown.
     inbox: Mutex<Option<std::sync::mpsc::Sender<Msg>>>,
     metrics: Arc<Metrics>,
@@ -379,13 +389,15 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         timeout: Duration::from_secs(a.timeout_s.max(1)),
         dump_inputs: a.dump_inputs.clone(),
         device,
+        adapters: Mutex::new(Default::default()),
         inbox: Mutex::new(Some(tx)),
         metrics: metrics.clone(),
         api_key,
     });
+    let model_dir = a.model.clone();
     let sched = std::thread::Builder::new()
         .name("qoq-scheduler".into())
-        .spawn(move || scheduler::run(model, rx, limits, metrics))
+        .spawn(move || scheduler::run(model, model_dir, rx, limits, metrics))
         .context("starting the scheduler thread")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -453,6 +465,8 @@ fn router(s: Arc<Served>, max_body_bytes: usize) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/reload_weights", post(reload_weights))
+        .route("/v1/load_lora_adapter", post(load_lora_adapter))
+        .route("/v1/unload_lora_adapter", post(unload_lora_adapter))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .route_layer(axum::middleware::from_fn_with_state(s.clone(), auth));
@@ -507,8 +521,8 @@ async fn not_found() -> ApiError {
         StatusCode::NOT_FOUND,
         "invalid_request_error",
         "not_found",
-        "no such endpoint: use /health, /metrics, /v1/models, /v1/chat/completions or \
-         /v1/reload_weights"
+        "no such endpoint: use /health, /metrics, /v1/models, /v1/chat/completions, \
+         /v1/reload_weights, /v1/load_lora_adapter or /v1/unload_lora_adapter"
             .into(),
     )
 }
@@ -520,37 +534,132 @@ struct ReloadBody {
     model_path: PathBuf,
 }
 
-async fn reload_weights(
-    State(s): State<Arc<Served>>,
+/// The body of `POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter` (vLLM's).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdapterBody {
+    lora_name: String,
+    lora_path: Option<PathBuf>,
+}
+
+fn admin_body<T: serde::de::DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
-) -> Response {
-    match reload_inner(&s, body).await {
+    what: &str,
+    shape: &str,
+) -> Result<T, ApiError> {
+    let body = body.map_err(|e| ApiError::bad("invalid_body", e.body_text()))?;
+    serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad(
+            "invalid_request",
+            format!("{what}: {e} (the body is {shape})"),
+        )
+    })
+}
+
+/// Sends `op` (made with its reply channel) to the scheduler and waits for its answer.
+async fn admin(
+    s: &Arc<Served>,
+    code: &'static str,
+    op: impl FnOnce(scheduler::Reply) -> scheduler::Admin,
+) -> Result<(), ApiError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    s.send(Msg::Admin(Box::new(op(tx))))?;
+    rx.await
+        .map_err(|_| ApiError::internal("the scheduler dropped the operation"))?
+        .map_err(|(status, m)| {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+            ApiError::new(status, "invalid_request_error", code, m)
+        })
+}
+
+fn answer(r: Result<Value, ApiError>) -> Response {
+    match r {
         Ok(v) => axum::Json(v).into_response(),
         Err(e) => e.into_response(),
     }
 }
 
-async fn reload_inner(
-    s: &Arc<Served>,
+async fn reload_weights(
+    State(s): State<Arc<Served>>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Value, ApiError> {
-    let body = body.map_err(|e| ApiError::bad("invalid_body", e.body_text()))?;
-    let b: ReloadBody = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad(
-            "invalid_request",
-            format!("reload_weights: {e} (the body is {{\"model_path\": \"/path/to/model\"}})"),
-        )
-    })?;
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    s.send(Msg::Reload(Box::new(scheduler::Reload {
-        path: b.model_path.clone(),
-        reply: tx,
-    })))?;
-    rx.await
-        .map_err(|_| ApiError::internal("the scheduler dropped the reload"))?
-        .map_err(|m| ApiError::bad("reload_failed", m))?;
-    tracing::info!(target: "qoq::access", path = "/v1/reload_weights", status = 200, "reloaded");
-    Ok(json!({"status": "ok", "model_path": b.model_path}))
+) -> Response {
+    answer(
+        async {
+            let b: ReloadBody = admin_body(
+                body,
+                "reload_weights",
+                r#"{"model_path": "/path/to/model"}"#,
+            )?;
+            let path = b.model_path.clone();
+            admin(&s, "reload_failed", |reply| scheduler::Admin::Reload {
+                path,
+                reply,
+            })
+            .await?;
+            tracing::info!(target: "qoq::access", path = "/v1/reload_weights", status = 200, "reloaded");
+            Ok(json!({"status": "ok", "model_path": b.model_path}))
+        }
+        .await,
+    )
+}
+
+async fn load_lora_adapter(
+    State(s): State<Arc<Served>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    answer(
+        async {
+            let shape = r#"{"lora_name": "name", "lora_path": "/path/to/adapter"}"#;
+            let b: AdapterBody = admin_body(body, "load_lora_adapter", shape)?;
+            let Some(path) = b.lora_path.clone() else {
+                return Err(ApiError::bad(
+                    "invalid_request",
+                    format!("load_lora_adapter needs `lora_path` (the body is {shape})"),
+                ));
+            };
+            if b.lora_name == s.name || b.lora_name.is_empty() {
+                return Err(ApiError::bad(
+                    "invalid_request",
+                    format!(
+                        "`lora_name` {:?} must be a new name, not the base model's",
+                        b.lora_name
+                    ),
+                ));
+            }
+            let name = b.lora_name.clone();
+            admin(&s, "load_lora_adapter_failed", |reply| {
+                scheduler::Admin::LoadAdapter { name, path, reply }
+            })
+            .await?;
+            if let Ok(mut a) = s.adapters.lock() {
+                a.insert(b.lora_name.clone());
+            }
+            Ok(json!({"status": "ok", "lora_name": b.lora_name}))
+        }
+        .await,
+    )
+}
+
+async fn unload_lora_adapter(
+    State(s): State<Arc<Served>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    answer(
+        async {
+            let b: AdapterBody =
+                admin_body(body, "unload_lora_adapter", r#"{"lora_name": "name"}"#)?;
+            if let Ok(mut a) = s.adapters.lock() {
+                a.remove(&b.lora_name);
+            }
+            let name = b.lora_name.clone();
+            admin(&s, "model_not_found", |reply| {
+                scheduler::Admin::UnloadAdapter { name, reply }
+            })
+            .await?;
+            Ok(json!({"status": "ok", "lora_name": b.lora_name}))
+        }
+        .await,
+    )
 }
 
 async fn health(State(s): State<Arc<Served>>) -> Response {
@@ -578,11 +687,16 @@ async fn metrics_text(State(s): State<Arc<Served>>) -> Response {
 }
 
 async fn models(State(s): State<Arc<Served>>) -> Response {
-    axum::Json(json!({
-        "object": "list",
-        "data": [{"id": s.name, "object": "model", "created": s.created, "owned_by": "qoq-med-rs"}],
-    }))
-    .into_response()
+    let mut data = vec![
+        json!({"id": s.name, "object": "model", "created": s.created, "owned_by": "qoq-med-rs"}),
+    ];
+    if let Ok(a) = s.adapters.lock() {
+        data.extend(a.iter().map(|n| {
+            json!({"id": n, "object": "model", "created": s.created, "owned_by": "qoq-med-rs",
+                "parent": s.name})
+        }));
+    }
+    axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
 /// The access-log line of one request, written when it is dropped (after the last byte of a
@@ -734,10 +848,12 @@ async fn chat_inner(
             )
         }
     })?;
+    let adapters = s.adapters.lock().map(|a| a.clone()).unwrap_or_default();
     let req = request::parse(
         &body,
         &request::Limits {
             served_name: &s.name,
+            adapters: &adapters,
             max_images: s.max_images,
             max_tokens_cap: s.max_tokens_cap,
             has_ecg: s.has_ecg,
@@ -767,6 +883,7 @@ async fn chat_inner(
     logit_bias.extend(req.logit_bias.iter().copied());
     s.send(Msg::Submit(Box::new(Job {
         id: job_id,
+        model: req.model.clone(),
         stream: req.stream_id,
         inputs: prep.inputs,
         prompt_tokens,
@@ -847,7 +964,7 @@ async fn chat_inner(
             "id": id,
             "object": "chat.completion",
             "created": created,
-            "model": s.name,
+            "model": req.model.as_deref().unwrap_or(&s.name),
             "choices": choices,
             "usage": g.usage(prompt_tokens),
         });
@@ -855,7 +972,10 @@ async fn chat_inner(
     }
     // Streaming: a chunk per token (or per token batch) as the scheduler sends them.
     let chunk = {
-        let (id, name) = (id.clone(), s.name.clone());
+        let (id, name) = (
+            id.clone(),
+            req.model.clone().unwrap_or_else(|| s.name.clone()),
+        );
         move |choices: Value, usage: Option<Value>| {
             let mut c = json!({
                 "id": id,

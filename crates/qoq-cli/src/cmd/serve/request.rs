@@ -121,6 +121,8 @@ pub enum Media {
 
 /// A validated request.
 pub struct ChatRequest {
+    /// The LoRA adapter named by `model` (`None`: the base model).
+    pub model: Option<String>,
     /// The last user message (with the placeholders of every image).
     pub question: String,
     pub system: Option<String>,
@@ -153,6 +155,8 @@ pub struct ChatRequest {
 /// Server-side limits and facts the validation needs.
 pub struct Limits<'a> {
     pub served_name: &'a str,
+    /// The LoRA adapters served beside the base model.
+    pub adapters: &'a std::collections::BTreeSet<String>,
     pub max_images: usize,
     pub max_tokens_cap: usize,
     pub has_ecg: bool,
@@ -209,14 +213,20 @@ pub fn parse(body: &[u8], l: &Limits) -> Result<ChatRequest, ApiError> {
     })?;
     if let Some(m) = &b.model
         && m != l.served_name
+        && !l.adapters.contains(m)
     {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
             "model_not_found",
             format!(
-                "the model {m:?} is not served here; this server serves {:?}",
-                l.served_name
+                "the model {m:?} is not served here; this server serves {:?}{}",
+                l.served_name,
+                if l.adapters.is_empty() {
+                    String::new()
+                } else {
+                    format!(" and the LoRA adapters {:?}", l.adapters)
+                }
             ),
         ));
     }
@@ -460,6 +470,7 @@ pub fn parse(body: &[u8], l: &Limits) -> Result<ChatRequest, ApiError> {
         logit_bias.push((id, x as f32));
     }
     Ok(ChatRequest {
+        model: b.model.filter(|m| m != l.served_name),
         question,
         system: (!system.is_empty()).then(|| system.join("\n")),
         history,
@@ -492,8 +503,10 @@ mod tests {
     use super::*;
 
     fn limits() -> Limits<'static> {
+        static NONE: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
         Limits {
             served_name: "m",
+            adapters: &NONE,
             max_images: 4,
             max_tokens_cap: 16,
             has_ecg: true,

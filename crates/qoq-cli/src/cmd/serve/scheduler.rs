@@ -16,16 +16,27 @@
 //! (its client went away) or whose deadline passed is removed from the batch before the next
 //! step; a `Cancel` message removes one choice (its stop string matched).
 //!
-//! A `Reload` message (`POST /v1/reload_weights`) swaps the model between requests, never
-//! during one: from its arrival no waiting request is admitted; once the running ones have
-//! finished, the new weights are loaded (the same `config.json` as the served model, else the
-//! reload is refused and the old model stays), then admission resumes.
+//! The served models are the base model and the LoRA adapters loaded at run time
+//! (`POST /v1/load_lora_adapter`, vLLM's API), each a model of its own (the base weights with
+//! the adapter's projections); a request names one with `model`. The engine runs one model at a
+//! time: requests are admitted in arrival order while they name the running model; when the
+//! next one names another, it waits for the batch to empty and the engine switches.
+//!
+//! `Admin` messages change the models between requests, never during one: from their arrival
+//! no waiting request is admitted; once the running ones have finished they run in order, then
+//! admission resumes. `Reload` (`POST /v1/reload_weights`) swaps the base model's weights for
+//! a folder's (the same `config.json`, else it is refused and the old weights stay; adapters
+//! loaded before keep the weights they were loaded on); `LoadAdapter` reads a PEFT adapter
+//! folder onto the current base weights; `UnloadAdapter` drops one (requests still waiting for
+//! it get 404).
 
 use super::ApiError;
 use super::metrics::Metrics;
+use candle_core::DType;
 use qoq_engine::{Engine, KvBudget, SamplingParams, SeqRequest, StopCondition, TokenEvent};
 use qoq_model::{ClinicalVlm, ModelInputs};
 use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -40,6 +51,8 @@ pub enum Out {
 /// A request for the engine.
 pub struct Job {
     pub id: u64,
+    /// The LoRA adapter the request names (`None`: the base model).
+    pub model: Option<String>,
     /// The random stream id of the choices (`qoq_stream`).
     pub stream: u64,
     pub inputs: ModelInputs,
@@ -59,29 +72,151 @@ pub enum Msg {
         id: u64,
         rollout: Option<usize>,
     },
-    /// Swap the model for the one in this folder between requests.
-    Reload(Box<Reload>),
+    /// Change the served models between requests.
+    Admin(Box<Admin>),
 }
 
-/// A weight reload: the model folder and where to answer.
-pub struct Reload {
-    pub path: std::path::PathBuf,
-    pub reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+/// Where an [`Admin`] operation answers: `Err((status, message))` on failure.
+pub type Reply = tokio::sync::oneshot::Sender<Result<(), (u16, String)>>;
+
+/// An operation on the served models (run when no request is running).
+pub enum Admin {
+    /// Swap the base model's weights for those of the model folder `path`.
+    Reload { path: PathBuf, reply: Reply },
+    /// Serve the PEFT adapter folder `path` on the base model as `name`.
+    LoadAdapter {
+        name: String,
+        path: PathBuf,
+        reply: Reply,
+    },
+    /// Stop serving the adapter `name`.
+    UnloadAdapter { name: String, reply: Reply },
 }
 
-/// The model of `r.path`, refused unless its `config.json` is the served model's.
-fn load_for(served: &ClinicalVlm, r: &Reload) -> Result<ClinicalVlm, String> {
-    let (cfg, model) =
-        qoq_model::loading::load_model(&r.path, candle_core::DType::F32, served.device())
-            .map_err(|e| format!("loading the model in {}: {e}", r.path.display()))?;
-    if format!("{cfg:?}") != format!("{:?}", served.config()) {
-        return Err(format!(
-            "{}/config.json is not the served model's configuration: only the weights can be \
-             reloaded",
-            r.path.display()
-        ));
+/// The base model, the folder its weights came from, and the adapters' models.
+struct Models {
+    base: ClinicalVlm,
+    base_dir: PathBuf,
+    adapters: HashMap<String, ClinicalVlm>,
+}
+
+impl Models {
+    fn get(&self, name: Option<&str>) -> Option<&ClinicalVlm> {
+        match name {
+            None => Some(&self.base),
+            Some(n) => self.adapters.get(n),
+        }
     }
-    Ok(model)
+
+    fn apply(&mut self, a: Admin) {
+        let bad = |m: String| (400u16, m);
+        match a {
+            Admin::Reload { path, reply } => {
+                let r = self.reloaded(&path).map(|m| {
+                    self.base = m;
+                    self.base_dir = path.clone();
+                    tracing::info!(path = %path.display(), "weights reloaded");
+                });
+                let _ = reply.send(r.map_err(bad));
+            }
+            Admin::LoadAdapter { name, path, reply } => {
+                let r = if self.adapters.contains_key(&name) {
+                    Err(bad(format!("the LoRA adapter {name:?} is already loaded")))
+                } else {
+                    self.with_adapter(&path).map_err(bad).map(|m| {
+                        tracing::info!(%name, path = %path.display(), "LoRA adapter loaded");
+                        self.adapters.insert(name, m);
+                    })
+                };
+                let _ = reply.send(r);
+            }
+            Admin::UnloadAdapter { name, reply } => {
+                let r = match self.adapters.remove(&name) {
+                    Some(_) => Ok(()),
+                    None => Err((404, format!("the LoRA adapter {name:?} is not loaded"))),
+                };
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    /// The model of `path`, refused unless its `config.json` is the served model's.
+    fn reloaded(&self, path: &Path) -> Result<ClinicalVlm, String> {
+        let (cfg, model) = qoq_model::loading::load_model(path, DType::F32, self.base.device())
+            .map_err(|e| format!("loading the model in {}: {e}", path.display()))?;
+        if format!("{cfg:?}") != format!("{:?}", self.base.config()) {
+            return Err(format!(
+                "{}/config.json is not the served model's configuration: only the weights can \
+                 be reloaded",
+                path.display()
+            ));
+        }
+        Ok(model)
+    }
+
+    /// The base weights with the PEFT adapter of folder `dir` on the decoder projections it has
+    /// weights for (`adapter_config.json`: `r`, `lora_alpha`; `adapter_model.safetensors`).
+    fn with_adapter(&self, dir: &Path) -> Result<ClinicalVlm, String> {
+        let at = |e: &dyn std::fmt::Display| format!("{}: {e}", dir.display());
+        let p = dir.join(qoq_model::lora::PEFT_CONFIG_FILE);
+        let named = |e: &dyn std::fmt::Display| format!("{}: {e}", p.display());
+        let text = std::fs::read_to_string(&p).map_err(|e| named(&e))?;
+        let c: serde_json::Value = serde_json::from_str(&text).map_err(|e| named(&e))?;
+        let rank = c["r"]
+            .as_u64()
+            .filter(|&r| r > 0)
+            .ok_or_else(|| format!("{}: no positive `r`", p.display()))?;
+        let alpha = c["lora_alpha"]
+            .as_f64()
+            .ok_or_else(|| format!("{}: no `lora_alpha`", p.display()))?;
+        let dev = self.base.device();
+        let weights =
+            qoq_model::lora::read_peft_weights(&dir.join(qoq_model::lora::PEFT_WEIGHTS_FILE), dev)
+                .map_err(|e| e.to_string())?;
+        let mut targets: Vec<String> = weights
+            .keys()
+            .filter_map(|k| k.strip_suffix(".lora_A.weight"))
+            .filter_map(|k| k.rsplit('.').next())
+            .map(String::from)
+            .collect();
+        targets.sort();
+        targets.dedup();
+        if targets.is_empty() {
+            return Err(at(&"the adapter has no lora_A weights"));
+        }
+        let layers = self.base.config().text.num_hidden_layers;
+        if let Some(k) = weights.keys().find(|k| {
+            k.split('.')
+                .skip_while(|s| *s != "layers")
+                .nth(1)
+                .and_then(|i| i.parse::<usize>().ok())
+                .is_none_or(|i| i >= layers)
+        }) {
+            return Err(at(&format!(
+                "`{k}` is not a projection of the served model's {layers} decoder layers"
+            )));
+        }
+        let lora = qoq_model::lora::LoraBuilder {
+            cfg: qoq_model::lora::LoraConfig {
+                rank: rank as usize,
+                alpha,
+                targets,
+            },
+            vb: candle_nn::VarBuilder::from_tensors(weights, DType::F32, dev),
+        };
+        let (vb, _) = qoq_model::loading::checkpoint_var_builder(&self.base_dir, DType::F32, dev)
+            .map_err(|e| e.to_string())?;
+        ClinicalVlm::new_with_lora(self.base.config(), vb, Some(&lora)).map_err(|e| at(&e))
+    }
+}
+
+/// Why [`serve`] returned.
+#[derive(Debug, PartialEq)]
+enum Exit {
+    /// The inbox closed with nothing left to do.
+    Closed,
+    /// Admin operations wait, or the next request names another model; no request runs.
+    Switch,
 }
 
 /// Admission and step limits.
@@ -113,61 +248,100 @@ impl Running {
     }
 }
 
-/// Run until every sender of `rx` is dropped and nothing is left to do.
+/// Run until every sender of `rx` is dropped and nothing is left to do. `model` was loaded
+/// from `model_dir`.
 pub fn run(
     model: ClinicalVlm,
+    model_dir: PathBuf,
     rx: std::sync::mpsc::Receiver<Msg>,
     lim: Limits,
     metrics: Arc<Metrics>,
 ) {
-    let mut model = model;
+    let mut models = Models {
+        base: model,
+        base_dir: model_dir,
+        adapters: HashMap::new(),
+    };
     let mut waiting: VecDeque<Box<Job>> = VecDeque::new();
-    let mut reload: Option<Box<Reload>> = None;
-    // Each pass serves one model until a reload finds the batch empty.
+    let mut admin: VecDeque<Box<Admin>> = VecDeque::new();
+    let mut current: Option<String> = None;
+    // Each pass serves one model until the batch is empty and something else is due.
     loop {
-        serve(&model, &rx, &lim, &metrics, &mut waiting, &mut reload);
-        let Some(r) = reload.take() else {
-            break;
-        };
-        let answer = load_for(&model, &r).map(|m| {
-            model = m;
-            tracing::info!(path = %r.path.display(), "weights reloaded");
+        let model = models.get(current.as_deref()).unwrap_or(&models.base);
+        let exit = serve(
+            model,
+            current.as_deref(),
+            &rx,
+            &lim,
+            &metrics,
+            &mut waiting,
+            &mut admin,
+        );
+        while let Some(a) = admin.pop_front() {
+            models.apply(*a);
+        }
+        // Requests for an adapter unloaded while they waited.
+        waiting.retain(|j| {
+            let gone = j
+                .model
+                .as_deref()
+                .is_some_and(|m| models.get(Some(m)).is_none());
+            if gone {
+                let _ = j.tx.send(Out::Error(ApiError::new(
+                    axum::http::StatusCode::NOT_FOUND,
+                    "invalid_request_error",
+                    "model_not_found",
+                    format!(
+                        "the LoRA adapter {:?} was unloaded",
+                        j.model.as_deref().unwrap_or_default()
+                    ),
+                )));
+            }
+            !gone
         });
-        let _ = r.reply.send(answer);
+        current = waiting.front().and_then(|j| j.model.clone());
+        if exit == Exit::Closed && waiting.is_empty() {
+            break;
+        }
     }
 }
 
-/// Serve `model` until the inbox closes with nothing left to do (`reload` is then `None`), or
-/// until a pending reload finds no request running.
+/// Serve `model` (the adapter `current`, or the base model) until the inbox closes with nothing
+/// left to do, or until admin operations or a request for another model find no request
+/// running.
 fn serve(
     model: &ClinicalVlm,
+    current: Option<&str>,
     rx: &std::sync::mpsc::Receiver<Msg>,
     lim: &Limits,
     metrics: &Arc<Metrics>,
     waiting: &mut VecDeque<Box<Job>>,
-    reload: &mut Option<Box<Reload>>,
-) {
+    admin: &mut VecDeque<Box<Admin>>,
+) -> Exit {
     let mut engine = Engine::new(model, lim.prefill_chunk);
     let mut running: HashMap<u64, Running> = HashMap::new();
     let mut open = true;
     loop {
-        if reload.is_some() && running.is_empty() && engine.is_idle() {
-            return;
+        let other = waiting
+            .front()
+            .is_some_and(|j| j.model.as_deref() != current);
+        if (!admin.is_empty() || other) && running.is_empty() && engine.is_idle() {
+            return Exit::Switch;
         }
         // The inbox: block while there is nothing to do.
-        if engine.is_idle() && (waiting.is_empty() || reload.is_some()) {
+        if engine.is_idle() && waiting.is_empty() {
             if !open {
-                break;
+                return Exit::Closed;
             }
             match rx.recv() {
-                Ok(m) => handle(m, waiting, &mut running, &mut engine, reload),
-                Err(_) => break,
+                Ok(m) => handle(m, waiting, &mut running, &mut engine, admin),
+                Err(_) => return Exit::Closed,
             }
             continue;
         }
         loop {
             match rx.try_recv() {
-                Ok(m) => handle(m, waiting, &mut running, &mut engine, reload),
+                Ok(m) => handle(m, waiting, &mut running, &mut engine, admin),
                 Err(std::sync::mpsc::TryRecvError::Empty) => break,
                 Err(std::sync::mpsc::TryRecvError::Disconnected) => {
                     open = false;
@@ -198,7 +372,7 @@ fn serve(
         if !gone.is_empty() {
             // Cancels sent just before a channel closed (stop strings) come first.
             while let Ok(m) = rx.try_recv() {
-                handle(m, waiting, &mut running, &mut engine, reload);
+                handle(m, waiting, &mut running, &mut engine, admin);
             }
         }
         for id in gone {
@@ -213,8 +387,12 @@ fn serve(
                 fail_all(&mut engine, &mut running, &format!("{e}"));
             }
         }
-        // Admission, in arrival order (none while a reload waits for the batch to empty).
-        while let Some(j) = waiting.front().filter(|_| reload.is_none()) {
+        // Admission, in arrival order, of requests for this model (none while admin operations
+        // wait for the batch to empty).
+        while let Some(j) = waiting
+            .front()
+            .filter(|j| admin.is_empty() && j.model.as_deref() == current)
+        {
             let rows: usize = running.values().map(|r| r.rows).sum();
             let len = j.prompt_tokens + j.stop.max_new_tokens;
             if !lim.kv.fits(j.n, len) {
@@ -316,7 +494,7 @@ fn serve(
                     // sending its cancels: take those first, so that only requests whose
                     // client went away count as cancelled.
                     while let Ok(m) = rx.try_recv() {
-                        handle(m, waiting, &mut running, &mut engine, reload);
+                        handle(m, waiting, &mut running, &mut engine, admin);
                     }
                     for id in closed {
                         if running.remove(&id).is_some() {
@@ -351,17 +529,11 @@ fn handle(
     waiting: &mut VecDeque<Box<Job>>,
     running: &mut HashMap<u64, Running>,
     engine: &mut Engine,
-    reload: &mut Option<Box<Reload>>,
+    admin: &mut VecDeque<Box<Admin>>,
 ) {
     match m {
         Msg::Submit(j) => waiting.push_back(j),
-        Msg::Reload(r) => {
-            if let Some(old) = reload.replace(r) {
-                let _ = old
-                    .reply
-                    .send(Err("superseded by a later reload before it ran".into()));
-            }
-        }
+        Msg::Admin(a) => admin.push_back(a),
         Msg::Cancel { id, rollout } => {
             if let Some(r) = running.get_mut(&id) {
                 match rollout {
