@@ -171,23 +171,12 @@ impl OpenAiClient {
                 base64::engine::general_purpose::STANDARD.encode(png)
             ));
         }
-        let image_part = |u: String| json!({"type": "image_url", "image_url": {"url": u}});
-        let mut parts: Vec<Value> = Vec::new();
-        if self.qoq_serve {
-            parts.push(json!({"type": "text", "text": question}));
-            parts.extend(uris.into_iter().map(image_part));
+        let mut parts = if self.qoq_serve {
+            user_parts(&question, uris, true)
         } else {
             let formatted = proc.prompt.format(&question).map_err(|e| e.to_string())?;
-            let mut uris = uris.into_iter();
-            for (i, seg) in formatted.split("<image>").enumerate() {
-                if i > 0 {
-                    parts.extend(uris.next().map(image_part));
-                }
-                if !seg.is_empty() {
-                    parts.push(json!({"type": "text", "text": seg}));
-                }
-            }
-        }
+            user_parts(&formatted, uris, false)
+        };
         if let Some(ecg) = ecg_part(t, p)? {
             if !self.qoq_serve {
                 return Err(
@@ -457,6 +446,30 @@ fn ecg_part(t: &Trainer, p: &Prompt) -> std::result::Result<Option<Value>, Strin
         "input_ecg": {"data": data, "format": format, "fs": sig.fs}})))
 }
 
+/// The user message's content parts of a question with `<image>` placeholders and its images'
+/// data URIs: for `qoq serve` (`placed_by_text`) the question as one text part, which places
+/// the images, then the image parts; for other servers the image parts where the placeholders
+/// stand, between the text around them.
+fn user_parts(question: &str, uris: Vec<String>, placed_by_text: bool) -> Vec<Value> {
+    let image_part = |u: String| json!({"type": "image_url", "image_url": {"url": u}});
+    if placed_by_text {
+        let mut parts = vec![json!({"type": "text", "text": question})];
+        parts.extend(uris.into_iter().map(image_part));
+        return parts;
+    }
+    let mut parts = Vec::new();
+    let mut uris = uris.into_iter();
+    for (i, seg) in question.split("<image>").enumerate() {
+        if i > 0 {
+            parts.extend(uris.next().map(image_part));
+        }
+        if !seg.is_empty() {
+            parts.push(json!({"type": "text", "text": seg}));
+        }
+    }
+    parts
+}
+
 /// A per-prompt seed for servers without `qoq_stream` (SplitMix64 of the run's seed and the
 /// stream id, in the positive `i64` range): prompts do not share a random stream, and a resumed
 /// run sends the same seeds.
@@ -601,6 +614,27 @@ mod tests {
         assert!(e.contains("1 choices for n = 2"), "{e}");
         let none = json!({"choices": [{"index": 0, "finish_reason": "stop"}]});
         assert!(parse_choices(&none, 1, 4).unwrap_err().contains("logprobs"));
+    }
+
+    #[test]
+    fn images_go_where_the_placeholders_stand_or_after_the_text_for_qoq_serve() {
+        let uris = || vec!["data:a".to_string(), "data:b".to_string()];
+        let q = "<image>Case 1. <image>What?";
+        let img = |u: &str| json!({"type": "image_url", "image_url": {"url": u}});
+        let text = |t: &str| json!({"type": "text", "text": t});
+        assert_eq!(
+            user_parts(q, uris(), true),
+            vec![text(q), img("data:a"), img("data:b")]
+        );
+        assert_eq!(
+            user_parts(q, uris(), false),
+            vec![
+                img("data:a"),
+                text("Case 1. "),
+                img("data:b"),
+                text("What?")
+            ]
+        );
     }
 
     #[test]
