@@ -305,6 +305,102 @@ fn check_backend(lora: bool) {
     }
 }
 
+/// Rows with an image and a WFDB ECG: the ECG travels as the `input_ecg` part; the server's
+/// processed inputs (its `--dump-inputs`) are the trainer's (token ids, pixels, ECG) and it
+/// samples the engine's tokens from them.
+#[test]
+fn openai_backend_sends_the_rows_ecg_as_the_input_ecg_part() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let img = repo().join("examples/mini/derm/demo-derm/case_001.png");
+    let hea = repo().join("examples/mini/ecg/demo-ecg/rec_003.hea");
+    let rows: String = (0..4)
+        .map(|i| {
+            format!(
+                "{}\n",
+                json!({"problem": format!("<image>Case {i}. {QUESTION}"), "answer": "benign",
+                    "images": [img], "time-series": [hea], "data_source": "ecg",
+                    "dataset": "demo-ecg"})
+            )
+        })
+        .collect();
+    let manifest = dir.path().join("ecg.jsonl");
+    std::fs::write(&manifest, rows).unwrap();
+    let run = run_file(dir.path(), &model, &manifest, "");
+    let dumps = dir.path().join("dumps");
+    let server = spawn_serve(
+        &model,
+        &[
+            "--max-tokens-cap".as_ref(),
+            "64".as_ref(),
+            "--dump-inputs".as_ref(),
+            dumps.as_os_str(),
+        ],
+        std::process::Stdio::null(),
+    );
+    let load = |out: &str, extra: &[String]| {
+        let mut o = vec![
+            format!("trainer.out_dir={}", dir.path().join(out).display()),
+            "trainer.max_steps=1".to_string(),
+        ];
+        o.extend_from_slice(extra);
+        RunConfig::load(&run, &o).unwrap()
+    };
+    let one_step = |cfg: RunConfig| {
+        let mut t = Trainer::new(cfg).unwrap();
+        t.set_capture(true);
+        t.step().unwrap();
+        let c = t.take_captured().unwrap();
+        let ids = c
+            .micro_batches
+            .iter()
+            .flat_map(|mb| mb.labels.to_vec2::<u32>().unwrap())
+            .collect::<Vec<_>>();
+        (ids, c.prompts)
+    };
+    let flat = |t: &candle_core::Tensor| -> Vec<f32> {
+        t.to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let engine = one_step(load("engine", &[]));
+    let remote = one_step(load(
+        "openai",
+        &[
+            "rollout.backend=openai".into(),
+            format!("rollout.endpoint=http://{}/v1", server.addr),
+        ],
+    ));
+    assert_eq!(engine.0, remote.0, "rollout token ids differ");
+    // The requests, in prompt order, as the server processed them.
+    for (k, p) in remote.1.iter().enumerate() {
+        let d = candle_core::safetensors::load(
+            dumps.join(format!("request-{k}.safetensors")),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let ecg = flat(p.inputs.time_series_data.as_ref().expect("the ECG input"));
+        assert!(
+            ecg.iter().any(|&x| x != 0.0),
+            "prompt {k}: the ECG is zeros"
+        );
+        assert_eq!(flat(&d["time_series_data"]), ecg, "prompt {k}: ECG");
+        assert_eq!(
+            flat(&d["input_ids"]),
+            flat(&p.inputs.input_ids),
+            "prompt {k}: ids"
+        );
+        assert_eq!(
+            flat(&d["pixel_values"]),
+            flat(p.inputs.pixel_values.as_ref().unwrap()),
+            "prompt {k}: pixels"
+        );
+    }
+}
+
 #[test]
 fn weight_and_adapter_endpoints_refuse_what_they_cannot_serve() {
     let dir = tempfile::tempdir().unwrap();
