@@ -416,10 +416,23 @@ fn dry_run_prints_the_memory_estimate_and_refuses_a_plan_that_cannot_fit() {
         "gradients",
         "peak",
         "the run fits",
+        "data-parallel world size 1 (trainer.nnodes 1 × trainer.n_gpus_per_node 1)",
+        "one rank: nothing is all-reduced",
     ] {
         assert!(stdout.contains(part), "{part}: {stdout}");
     }
     assert!(!out.exists(), "a dry run wrote {}", out.display());
+    // The all-reduce payload: every trained parameter's f32 gradient (and one f64 per tensor).
+    let trained: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("parameters "))
+        .map_or("", |l| number_after(l, "(", " trained"))
+        .parse()
+        .unwrap_or_else(|_| panic!("{stdout}"));
+    let gradients: u64 = number_after(&stdout, "GiB): ", " f32 gradients")
+        .parse()
+        .unwrap_or_else(|_| panic!("{stdout}"));
+    assert_eq!(gradients, trained, "{stdout}");
 
     let big = dir.path().join("seven_b");
     std::fs::create_dir_all(&big).unwrap();
@@ -452,4 +465,40 @@ fn dry_run_prints_the_memory_estimate_and_refuses_a_plan_that_cannot_fit() {
         .unwrap_or_else(|| panic!("{stdout}"));
     assert!((8_200_000_000..8_400_000_000).contains(&params), "{params}");
     assert!(!out.exists());
+    // 1 node × 8 devices; 512 prompts a step in mini-batches of 128: 4 all-reduces of the
+    // 8.3 billion f32 gradients (and one f64 per tensor), each rank sending 2·7/8 of them.
+    assert!(
+        stdout
+            .contains("data-parallel world size 8 (trainer.nnodes 1 × trainer.n_gpus_per_node 8)"),
+        "{stdout}"
+    );
+    let payload: u64 = number_after(&stdout, "payload per optimiser step ", " B")
+        .parse()
+        .unwrap_or_else(|_| panic!("{stdout}"));
+    let per_rank: u64 = number_after(&stdout, "per-rank traffic per optimiser step ", " B")
+        .parse()
+        .unwrap_or_else(|_| panic!("{stdout}"));
+    let tensors = (payload - params * 4) / 8;
+    assert_eq!(payload, params * 4 + tensors * 8, "{stdout}");
+    assert!((300..1000).contains(&tensors), "{tensors}: {stdout}");
+    assert_eq!(
+        per_rank,
+        params * 4 * 14 / 8 + tensors * 8 * 14 / 8,
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("4 optimiser step(s) per training step"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("exceed one MPI message (2147483647 values): the MPI all-reduce sends them in 4 messages"),
+        "{stdout}"
+    );
+}
+
+/// The text of `out` between the first `before` and the next `after`, trimmed.
+fn number_after<'a>(out: &'a str, before: &str, after: &str) -> &'a str {
+    out.split_once(before)
+        .and_then(|(_, rest)| rest.split_once(after))
+        .map_or("", |(n, _)| n.trim())
 }

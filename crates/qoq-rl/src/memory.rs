@@ -65,6 +65,8 @@ pub struct MemoryPlan {
     pub parameters: u64,
     /// Of them, trained.
     pub trained: u64,
+    /// The trained tensors (LoRA: an A and a B per adapted projection).
+    pub trained_tensors: u64,
     /// Resident for the whole run.
     pub resident: Vec<Part>,
     /// The rollout phase's own memory.
@@ -106,7 +108,7 @@ impl MemoryPlan {
         let master = bytes_of(cfg.model.master_dtype);
         let compute = bytes_of(cfg.model.compute_dtype);
         let mut resident = Vec::new();
-        let trained: u64 = match &cfg.model.lora {
+        let (trained, trained_tensors): (u64, u64) = match &cfg.model.lora {
             // The frozen base once, in the compute dtype (the KL reference shares it); the
             // adapters, rank × (in + out) per adapted decoder projection, train.
             Some(l) => {
@@ -119,7 +121,7 @@ impl MemoryPlan {
                         cfg.model.compute_dtype
                     ),
                 });
-                let adapters: u64 = shapes
+                let adapted: Vec<&Vec<usize>> = shapes
                     .iter()
                     .filter(|(n, s)| {
                         n.starts_with("model.layers.")
@@ -128,14 +130,18 @@ impl MemoryPlan {
                                 .iter()
                                 .any(|t| n.ends_with(&format!(".{t}.weight")))
                     })
-                    .map(|(_, s)| (l.rank * (s[0] + s[1])) as u64)
+                    .map(|(_, s)| s)
+                    .collect();
+                let adapters: u64 = adapted
+                    .iter()
+                    .map(|s| (l.rank * (s[0] + s[1])) as u64)
                     .sum();
                 resident.push(Part {
                     name: "adapters",
                     bytes: adapters * master,
                     detail: format!("{adapters} LoRA parameters (rank {}) × {master} B", l.rank),
                 });
-                adapters
+                (adapters, 2 * adapted.len() as u64)
             }
             None => {
                 resident.push(Part {
@@ -163,11 +169,12 @@ impl MemoryPlan {
                         detail: format!("the frozen KL reference, {:?}", cfg.model.compute_dtype),
                     });
                 }
-                shapes
+                let trained: Vec<&Vec<usize>> = shapes
                     .iter()
                     .filter(|(n, _)| trains(n))
-                    .map(|(_, s)| count(s))
-                    .sum()
+                    .map(|(_, s)| s)
+                    .collect();
+                (trained.iter().map(|s| count(s)).sum(), trained.len() as u64)
             }
         };
         let (moments, what) = match cfg.actor.strategy {
@@ -315,10 +322,21 @@ impl MemoryPlan {
         Ok(MemoryPlan {
             parameters,
             trained,
+            trained_tensors,
             resident,
             rollout,
             update,
         })
+    }
+
+    /// What one optimiser step all-reduces per rank when `world_size` ranks train data-parallel
+    /// (the actor's trained parameters; a GAE run's value model adds its own, not counted here).
+    pub fn traffic(&self, world_size: usize) -> crate::dist::StepTraffic {
+        crate::dist::StepTraffic {
+            world_size,
+            gradients: self.trained,
+            tensors: self.trained_tensors,
+        }
     }
 
     /// The peak: resident + the larger phase + the program.
@@ -463,5 +481,78 @@ mod tests {
         let gpu = MemoryPlan::estimate(&b, &m, 100, &[64]).unwrap();
         assert_eq!(part(&gpu.update, "frozen grads"), decoder * 2);
         assert_eq!(part(&bf.update, "frozen grads"), 0);
+    }
+    /// The bytes a data-parallel optimiser step all-reduces, against values counted by hand on
+    /// the tiny model (hidden 64, 4 query heads and 2 key/value heads of 16, MLP 128, 2 layers,
+    /// vocabulary 3023, untied head).
+    #[test]
+    fn the_all_reduce_traffic_is_the_trained_gradients_in_f32() {
+        let m = tiny();
+        // The language model alone trains. Per layer: q 64·64 + 64, k and v 32·64 + 32 each,
+        // o 64·64, gate and up 128·64, down 64·128, two norms of 64: 37 120 values in 12
+        // tensors; the embedding and the head 3023·64 each, the final norm 64.
+        let mut c = RunConfig::default();
+        c.model.freeze_vision_tower = true;
+        c.model.freeze_time_series_encoder = true;
+        let p = MemoryPlan::estimate(&c, &m, 100, &[]).unwrap();
+        let llm = 2 * 37_120 + 2 * 3023 * 64 + 64;
+        assert_eq!(llm, 461_248);
+        assert_eq!((p.trained, p.trained_tensors), (llm, 2 * 12 + 3));
+        let one = p.traffic(1);
+        assert_eq!(one.payload(), 461_248 * 4 + 27 * 8);
+        assert_eq!(one.per_rank(), 0);
+        // 2 nodes × 4 devices: each rank sends (and receives) 2·7/8 of each buffer.
+        let eight = p.traffic(8);
+        assert_eq!(eight.payload(), 1_845_208);
+        assert_eq!(eight.per_rank(), 1_844_992 * 14 / 8 + 216 * 14 / 8);
+        assert_eq!(eight.per_rank(), 3_228_736 + 378);
+        let report = eight.report(2, 4, 3);
+        for line in [
+            "data-parallel world size 8 (trainer.nnodes 2 × trainer.n_gpus_per_node 4)",
+            "payload per optimiser step 1845208 B",
+            "461248 f32 gradients + 27 f64 presence flags",
+            "per-rank traffic per optimiser step 3229114 B",
+            "3 optimiser step(s) per training step: 9687342 B",
+        ] {
+            assert!(report.contains(line), "{line}: {report}");
+        }
+        assert!(
+            one.report(1, 1, 1)
+                .contains("one rank: nothing is all-reduced")
+        );
+
+        // LoRA of rank 2 on q_proj (64 → 64) and v_proj (64 → 32): A and B per projection
+        // and layer, 2·(64 + 64) + 2·(64 + 32) = 448 values per layer in 4 tensors.
+        c.model.lora = Some(crate::config::LoraSection {
+            rank: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            target_modules: vec!["q_proj".into(), "v_proj".into()],
+        });
+        let lora = MemoryPlan::estimate(&c, &m, 100, &[]).unwrap();
+        assert_eq!((lora.trained, lora.trained_tensors), (896, 8));
+        let t = lora.traffic(4);
+        assert_eq!(t.payload(), 896 * 4 + 8 * 8);
+        // 2·3/4 of 3584 B and of 64 B.
+        assert_eq!(t.per_rank(), 5376 + 96);
+    }
+
+    #[test]
+    fn a_ring_sends_two_n_minus_one_over_n_and_big_buffers_split_into_messages() {
+        use crate::dist::{message_chunks, ring_all_reduce_bytes};
+        assert_eq!(ring_all_reduce_bytes(1000, 1), 0);
+        assert_eq!(ring_all_reduce_bytes(1000, 2), 1000);
+        assert_eq!(ring_all_reduce_bytes(1000, 4), 1500);
+        assert_eq!(ring_all_reduce_bytes(1600, 16), 3000);
+        // 7B's 8.29e9 f32 gradients over 16 ranks: no overflow.
+        assert_eq!(
+            ring_all_reduce_bytes(33_165_502_464, 16),
+            33_165_502_464 / 16 * 30
+        );
+        let c: Vec<_> = message_chunks(10, 4).collect();
+        assert_eq!(c, vec![0..4, 4..8, 8..10]);
+        assert_eq!(message_chunks(8, 4).count(), 2);
+        assert_eq!(message_chunks(0, 4).count(), 0);
+        assert_eq!(message_chunks(3, 4).collect::<Vec<_>>(), vec![0..3]);
     }
 }

@@ -336,7 +336,8 @@ fn run_ranked(a: TrainArgs, dist: Rc<dyn Collective>) -> anyhow::Result<ExitCode
 }
 
 /// `--dry-run`: the memory estimate of the run file (or of the checkpoint's saved run), against
-/// the memory its device has free now.
+/// the memory its device has free now, and the bytes each data-parallel rank all-reduces per
+/// optimiser step.
 fn dry_run(a: &TrainArgs, overrides: &[String]) -> anyhow::Result<ExitCode> {
     let (cfg, model_dir) = match (&a.resume, &a.config) {
         (Some(dir), _) => {
@@ -394,6 +395,15 @@ fn dry_run(a: &TrainArgs, overrides: &[String]) -> anyhow::Result<ExitCode> {
         cfg.data.max_response_length
     );
     print!("{}", plan.table());
+    // Per rank of the data-parallel launch the run file implies (`mpirun -np N`).
+    print!(
+        "{}",
+        plan.traffic(cfg.trainer.world_size()).report(
+            cfg.trainer.nnodes,
+            cfg.trainer.n_gpus_per_node,
+            cfg.optimizer_steps_per_step()
+        )
+    );
     println!(
         "{spec}: {:.2} GiB available of {:.2} GiB",
         gib(mem.free),

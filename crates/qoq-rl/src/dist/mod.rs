@@ -100,6 +100,94 @@ pub fn shard(len: usize, rank: usize, size: usize) -> std::ops::Range<usize> {
     (len * rank / size)..(len * (rank + 1) / size)
 }
 
+/// Bytes of one gradient value in the data-parallel all-reduce: the trainer sums f32 gradients
+/// whatever `model.master_dtype` is (`Trainer::all_reduce_grads` casts them).
+pub const GRADIENT_BYTES: u64 = 4;
+/// Bytes of one value of the gradient-presence vector the trainer all-reduces first (an f64 per
+/// trained tensor: whether a rank has its gradient).
+pub const PRESENCE_BYTES: u64 = 8;
+/// The most values one MPI message holds (its count is a C `int`).
+pub const MPI_MAX_COUNT: u64 = i32::MAX as u64;
+
+/// The bytes each rank sends (and as many it receives) in a ring all-reduce of `payload` bytes
+/// over `ranks` ranks: `2 · (ranks − 1) / ranks · payload` (reduce-scatter, then all-gather, each
+/// passing `ranks − 1` chunks of `payload / ranks`); none for one rank. The bandwidth-optimal
+/// algorithm: MPI and NCCL choose theirs by message size and topology, a ring or equivalent for
+/// large messages.
+pub fn ring_all_reduce_bytes(payload: u64, ranks: usize) -> u64 {
+    let n = ranks.max(1) as u128;
+    (2 * (n - 1) * payload as u128 / n) as u64
+}
+
+/// What one data-parallel optimiser step all-reduces, per rank (`qoq train --dry-run` prints
+/// it): the presence vector (an f64 per trained tensor), then the trained parameters' gradients
+/// in one f32 buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepTraffic {
+    /// Ranks (`trainer.nnodes · trainer.n_gpus_per_node`).
+    pub world_size: usize,
+    /// Trained parameters: the gradient values summed.
+    pub gradients: u64,
+    /// Trained tensors: the presence values summed.
+    pub tensors: u64,
+}
+
+impl StepTraffic {
+    /// The bytes every rank contributes to (and receives from) the step's all-reduces.
+    pub fn payload(&self) -> u64 {
+        self.gradients * GRADIENT_BYTES + self.tensors * PRESENCE_BYTES
+    }
+
+    /// The bytes each rank sends, and receives, per optimiser step with a ring all-reduce
+    /// ([`ring_all_reduce_bytes`]); none for one rank (the single-process run all-reduces
+    /// nothing).
+    pub fn per_rank(&self) -> u64 {
+        ring_all_reduce_bytes(self.gradients * GRADIENT_BYTES, self.world_size)
+            + ring_all_reduce_bytes(self.tensors * PRESENCE_BYTES, self.world_size)
+    }
+
+    /// Lines for `qoq train --dry-run`: the world size, the payload and the per-rank traffic
+    /// per optimiser step and per training step (`optimizer_steps` of them).
+    pub fn report(&self, nnodes: usize, gpus_per_node: usize, optimizer_steps: usize) -> String {
+        let gib = crate::memory::gib;
+        let n = self.world_size;
+        let per_step = self.per_rank() * optimizer_steps as u64;
+        let mut out = format!(
+            "data-parallel world size {n} (trainer.nnodes {nnodes} × trainer.n_gpus_per_node \
+             {gpus_per_node})\n  all-reduce payload per optimiser step {} B ({:.2} GiB): {} f32 \
+             gradients + {} f64 presence flags\n  per-rank traffic per optimiser step {} B \
+             ({:.2} GiB) sent and as much received (ring all-reduce: 2·(N−1)/N × payload, \
+             N = {n})\n  {optimizer_steps} optimiser step(s) per training step: {per_step} B \
+             ({:.2} GiB) per rank and training step\n",
+            self.payload(),
+            gib(self.payload()),
+            self.gradients,
+            self.tensors,
+            self.per_rank(),
+            gib(self.per_rank()),
+            gib(per_step),
+        );
+        if n == 1 {
+            out += "  one rank: nothing is all-reduced\n";
+        } else if self.gradients > MPI_MAX_COUNT {
+            out += &format!(
+                "  the gradients ({} values) exceed one MPI message ({MPI_MAX_COUNT} values): \
+                 the MPI all-reduce sends them in {} messages\n",
+                self.gradients,
+                self.gradients.div_ceil(MPI_MAX_COUNT)
+            );
+        }
+        out
+    }
+}
+
+/// The consecutive ranges, of `max` values at most, in which a buffer of `len` values travels
+/// (one MPI message each: [`MPI_MAX_COUNT`]); none for an empty buffer.
+pub fn message_chunks(len: usize, max: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let max = max.max(1);
+    (0..len.div_ceil(max)).map(move |i| i * max..((i + 1) * max).min(len))
+}
+
 /// One process: every collective is the identity.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Single;

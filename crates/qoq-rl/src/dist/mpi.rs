@@ -8,7 +8,7 @@
 //! error, which the CLI turns into `MPI_Abort`) makes OpenMPI's `mpirun` end the others, so
 //! no rank waits forever.
 
-use super::{Collective, DistError};
+use super::{Collective, DistError, MPI_MAX_COUNT};
 use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
 use mpi::datatype::PartitionMut;
 use mpi::environment::Universe;
@@ -127,17 +127,21 @@ impl MpiCollective {
     where
         T: mpi::datatype::Equivalence + Copy,
     {
-        Self::count(buf.len(), what)?;
-        let send = buf.to_vec();
-        mpi::request::scope(|scope| {
-            let req = self.world.immediate_all_reduce_into(
-                scope,
-                &send[..],
-                &mut buf[..],
-                SystemOperation::sum(),
-            );
-            self.wait(req, what);
-        });
+        // A 7B model's gradients are more values than one message holds (its count is a C
+        // `int`): they travel in consecutive messages, each sent from a copy of its part.
+        for range in super::message_chunks(buf.len(), MPI_MAX_COUNT as usize) {
+            let part = &mut buf[range];
+            let send = part.to_vec();
+            mpi::request::scope(|scope| {
+                let req = self.world.immediate_all_reduce_into(
+                    scope,
+                    &send[..],
+                    &mut part[..],
+                    SystemOperation::sum(),
+                );
+                self.wait(req, what);
+            });
+        }
         Ok(())
     }
 }
