@@ -124,6 +124,18 @@ fn demo_writes_every_artefact_and_training_beats_the_untrained_model() {
             m["models"]["untrained"]["overall"]
         );
     }
+    // The label-prior baseline (each dataset's most frequent training class) is scored on the
+    // same test rows and is the table's first column group (the bold best F1 per row is
+    // qoq-eval's paper_table test).
+    let prior = &m["models"]["label_prior"];
+    for d in DOMAINS {
+        let f1 = prior["domains"][d]["f1"].as_f64().unwrap();
+        // One class always answered: 2 / (k (k + 1)) for k in 2..=4 classes, averaged over the
+        // domain's datasets.
+        assert!((0.09..=0.34).contains(&f1), "label prior {d}: {f1}");
+    }
+    assert!(stdout.contains("| Label prior F1 |"), "{stdout}");
+    assert!(!stdout.contains("Untrained"), "{stdout}");
     assert!(m["training"]["sft"].as_array().unwrap().len() >= 2);
     assert!(m["wall_s"].as_f64().unwrap() > 0.0);
 

@@ -94,7 +94,9 @@ fn pct(v: Option<f64>) -> String {
 /// training rows, then a mean row over the `rare` domains, the overall mean of the vision domains
 /// (ECG excluded) and the overall mean of all domains (unweighted means of the per-domain
 /// summaries, like the paper's overall rows); per model (`(label, report)`, in column order)
-/// accuracy, macro-F1 and mean IoU in percent. `train_rows` is keyed by the domain's source name.
+/// accuracy, macro-F1 and mean IoU in percent. In each row the highest macro-F1 is bold (every
+/// model that reaches it, as printed; none when fewer than two models have a value or all of them
+/// print the same). `train_rows` is keyed by the domain's source name.
 pub fn paper_table(
     models: &[(&str, &MetricsReport)],
     train_rows: &std::collections::BTreeMap<String, usize>,
@@ -112,13 +114,30 @@ pub fn paper_table(
     s.push('\n');
     let mut row = |name: &str, rows: usize, get: &dyn Fn(&MetricsReport) -> Option<Summary>| {
         let _ = write!(s, "| {name} | {rows} |");
-        for (_, r) in models {
-            let v = get(r);
+        let values: Vec<Option<Summary>> = models.iter().map(|(_, r)| get(r)).collect();
+        // Compared as printed, so that two models shown as 16.7 are both best or neither.
+        let f1s: Vec<String> = values
+            .iter()
+            .map(|v| pct(v.map(|x| x.metrics.f1)))
+            .collect();
+        let best = values
+            .iter()
+            .filter_map(|v| v.map(|x| x.metrics.f1))
+            .fold(f64::NEG_INFINITY, f64::max);
+        let best = pct((best > f64::NEG_INFINITY).then_some(best));
+        // Bold only where models disagree: among the models with a value, not all print alike.
+        let present: Vec<&String> = f1s.iter().filter(|f| f.as_str() != "-").collect();
+        let all_same = present.len() < 2 || present.iter().all(|f| *f == present[0]);
+        for (v, f1) in values.iter().zip(&f1s) {
+            let f1 = if !all_same && *f1 == best {
+                format!("**{f1}**")
+            } else {
+                f1.clone()
+            };
             let _ = write!(
                 s,
-                " {} | {} | {} |",
+                " {} | {f1} | {} |",
                 pct(v.map(|x| x.metrics.accuracy)),
-                pct(v.map(|x| x.metrics.f1)),
                 pct(v.and_then(|x| x.mean_iou)),
             );
         }
@@ -213,7 +232,7 @@ mod tests {
         );
         assert_eq!(
             lines[2],
-            "| ecg | 100 | 100.0 | 100.0 | - | 0.0 | 0.0 | - |"
+            "| ecg | 100 | 100.0 | **100.0** | - | 0.0 | 0.0 | - |"
         );
         let derm = lines.iter().find(|l| l.starts_with("| derm |")).unwrap();
         assert!(derm.starts_with("| derm | 10 | 50.0 |"), "{derm}");
@@ -223,6 +242,9 @@ mod tests {
         );
         let fundus = lines.iter().find(|l| l.starts_with("| fundus |")).unwrap();
         assert_eq!(*fundus, "| fundus | 0 | - | - | - | - | - | - |");
+        // Best F1 in bold: A's derm F1 beats B's; the rare row (both 0.0) marks nobody.
+        assert!(derm.contains(" | **"), "{derm}");
+        assert!(!lines[11].contains("**0.0**"), "{}", lines[11]);
         assert!(
             lines[11].starts_with("| **rare (mri)** | 1 | 0.0 |"),
             "{}",

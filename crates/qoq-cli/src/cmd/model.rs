@@ -23,7 +23,7 @@ pub enum ModelCommand {
 pub enum Preset {
     /// Decoder hidden 32, 1 layer; vision 16 x 1; ECG 16 x 1 (tests).
     Tiny,
-    /// The demo's model: decoder hidden 64, 2 layers; vision 32 x 2; ECG 32 x 2.
+    /// The demo's model: decoder hidden 128, 2 layers; vision 64 x 2; ECG 32 x 2.
     Demo,
     /// Qwen2.5-0.5B's decoder, a 2-block vision tower of the 7B's width, QoQ-Med's ECG-JEPA.
     #[value(name = "0.5b")]

@@ -6,7 +6,8 @@
 use super::{Curve, MODELS};
 use anyhow::Context;
 use qoq_core::{ClinicalSample, Domain};
-use qoq_eval::metrics::{MetricsReport, Summary};
+use qoq_eval::answer::Extraction;
+use qoq_eval::metrics::{MetricsReport, Prediction, Summary, compute_metrics};
 use qoq_eval::plot::{Raster, line_chart};
 use qoq_rl::metrics_log::names;
 use qoq_rl::trainer::SFT_LOSS;
@@ -64,16 +65,59 @@ fn mean_over(r: &MetricsReport, domains: &[Domain]) -> Option<Summary> {
     r.overall_where(|s| domains.iter().any(|d| d.as_source() == s))
 }
 
-/// The Markdown table ([`qoq_eval::markdown::paper_table`]): rows per domain in the paper's
-/// order, then the rare domains' and the overall means, one column group per model.
-pub fn table(world: &qoq_synth::WorldSummary, reports: &[MetricsReport]) -> String {
-    let train_rows: BTreeMap<String, usize> = world.train_rows_per_domain().into_iter().collect();
-    let models: Vec<(&str, &MetricsReport)> = MODELS
+/// The label-prior baseline: every test row answered with its dataset's most frequent training
+/// class (what a model that ignores the images and ECGs learns), scored as the models are.
+pub fn label_prior(world: &qoq_synth::WorldSummary, test: &[ClinicalSample]) -> MetricsReport {
+    let majority: BTreeMap<&str, &str> = world
+        .datasets
         .iter()
-        .zip(reports)
-        .map(|((_, label, _), r)| (*label, r))
+        .filter_map(|d| {
+            let (i, _) = d
+                .train
+                .counts
+                .iter()
+                .enumerate()
+                .max_by_key(|&(i, c)| (*c, std::cmp::Reverse(i)))?;
+            Some((d.dataset.as_str(), d.train.labels[i].as_str()))
+        })
         .collect();
-    qoq_eval::markdown::paper_table(&models, &train_rows, &rare_domains())
+    let predictions: Vec<Prediction> = test
+        .iter()
+        .map(|s| {
+            let label = majority.get(s.dataset.as_str()).copied().unwrap_or("");
+            Prediction::from_sample(s, format!("<think>\n</think>\n\\boxed{{{label}}}"))
+        })
+        .collect();
+    compute_metrics(&predictions, Extraction::Evaluation)
+}
+
+/// The models of the table, in column order: the label prior, then the trained models (the
+/// untrained one answers nothing parseable; it stays in `demo_metrics.json` and `eval/`).
+fn table_models<'r>(
+    prior: &'r MetricsReport,
+    reports: &'r [MetricsReport],
+) -> Vec<(&'static str, &'r MetricsReport)> {
+    let mut models = vec![("Label prior", prior)];
+    models.extend(
+        MODELS
+            .iter()
+            .zip(reports)
+            .filter(|((name, _, _), _)| *name != "untrained")
+            .map(|((_, label, _), r)| (*label, r)),
+    );
+    models
+}
+
+/// The Markdown table ([`qoq_eval::markdown::paper_table`]): rows per domain in the paper's
+/// order, then the rare domains' and the overall means, one column group per model (the label
+/// prior first), the best macro-F1 of each row in bold.
+pub fn table(
+    world: &qoq_synth::WorldSummary,
+    prior: &MetricsReport,
+    reports: &[MetricsReport],
+) -> String {
+    let train_rows: BTreeMap<String, usize> = world.train_rows_per_domain().into_iter().collect();
+    qoq_eval::markdown::paper_table(&table_models(prior, reports), &train_rows, &rare_domains())
 }
 
 fn curve_points(c: &Curve, key: &str) -> Vec<(f64, f64)> {
@@ -249,12 +293,26 @@ pub fn write_all(
     timings: &BTreeMap<String, f64>,
     wall_s: f64,
 ) -> anyhow::Result<String> {
-    let table = table(i.world, i.reports);
+    let prior = label_prior(i.world, i.test);
+    let table = table(i.world, &prior, i.reports);
     let curves = i.out.join("curves.png");
     write_curves(i, &curves)?;
     let boxes = write_boxes(i, &i.out.join("boxes"))?;
 
     let mut models = serde_json::Map::new();
+    models.insert(
+        "label_prior".into(),
+        json!({
+            "label": "Label prior",
+            "domains": Domain::PAPER_ORDER
+                .iter()
+                .map(|d| (d.as_source().to_string(), summary_json(source(&prior, d))))
+                .collect::<serde_json::Map<_, _>>(),
+            "rare": summary_json(mean_over(&prior, &rare_domains()).as_ref()),
+            "overall": summary_json(prior.overall.as_ref()),
+            "overall_vision": summary_json(prior.overall_vision().as_ref()),
+        }),
+    );
     for ((name, label, dir), r) in MODELS.iter().zip(i.reports) {
         let mut domains = serde_json::Map::new();
         for d in Domain::PAPER_ORDER {
@@ -306,8 +364,11 @@ pub fn write_all(
         "# qoq demo (seed {seed})\n\n\
          Per-domain accuracy (the paper's balanced one-vs-rest accuracy), macro-F1 and IoU (%) on \
          the balanced test split, greedy decoding; `train rows` is the domain's share of the \
-         imbalanced training split. Models: the untrained initialisation, the SFT warm-up, and \
-         GRPO and DRPO from the SFT model with the same steps, seeds and batches.\n\n{table}\n\
+         imbalanced training split. Columns: the label prior (each dataset's most frequent \
+         training class, whatever the input: what a model that does not read its inputs scores), \
+         the SFT warm-up, and GRPO and DRPO from the SFT model with the same steps, seeds and \
+         batches; the best macro-F1 of each row in bold (the untrained model's scores are in \
+         `demo_metrics.json`).\n\n{table}\n\
          Training curves: `curves.png`; traces: `eval/<model>/traces.jsonl`; boxes of the DRPO \
          model: `boxes/`.\n",
         seed = i.seed
@@ -315,4 +376,82 @@ pub fn write_all(
     let path = i.out.join("report.md");
     std::fs::write(&path, md).with_context(|| format!("writing {}", path.display()))?;
     Ok(table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qoq_synth::world::{DatasetSummary, SplitCounts};
+
+    fn sample(id: usize, dataset: &str, domain: Domain, answer: &str) -> ClinicalSample {
+        ClinicalSample {
+            id: qoq_core::sample::SampleId(format!("{dataset}-{id}")),
+            line: id as u64 + 1,
+            problem: "q".into(),
+            system: None,
+            answer: answer.into(),
+            images: Vec::new(),
+            videos: Vec::new(),
+            time_series: Vec::new(),
+            segmentation_path: None,
+            bbox: None,
+            dataset: dataset.into(),
+            data_source: domain,
+            extra: Default::default(),
+        }
+    }
+
+    /// The prior answers each dataset's most frequent training class: on a balanced test split
+    /// of k classes its macro-F1 is 2 / (k (k + 1)) (one class with precision 1/k and recall 1,
+    /// the others 0), whatever order the labels are listed in.
+    #[test]
+    fn label_prior_answers_the_majority_class_of_each_dataset() {
+        let split = |labels: &[&str], counts: &[usize]| SplitCounts {
+            labels: labels.iter().map(|l| l.to_string()).collect(),
+            counts: counts.to_vec(),
+        };
+        let world = qoq_synth::WorldSummary {
+            config: Default::default(),
+            datasets: vec![
+                DatasetSummary {
+                    data_source: "derm".into(),
+                    dataset: "d".into(),
+                    // The second label is the most frequent.
+                    train: split(&["Nevus", "Melanoma", "BCC"], &[3, 9, 1]),
+                    test: split(&["Nevus", "Melanoma", "BCC"], &[2, 2, 2]),
+                },
+                DatasetSummary {
+                    data_source: "ecg".into(),
+                    dataset: "e".into(),
+                    train: split(&["Normal", "AF"], &[5, 2]),
+                    test: split(&["Normal", "AF"], &[1, 1]),
+                },
+            ],
+        };
+        let mut test = Vec::new();
+        for (i, a) in ["Nevus", "Nevus", "Melanoma", "Melanoma", "BCC", "BCC"]
+            .iter()
+            .enumerate()
+        {
+            test.push(sample(i, "d", Domain::Dermoscopy, a));
+        }
+        test.push(sample(0, "e", Domain::Ecg, "Normal"));
+        test.push(sample(1, "e", Domain::Ecg, "AF"));
+        let r = label_prior(&world, &test);
+        let f1 = |d: Domain| source(&r, &d).unwrap().metrics.f1;
+        assert!(
+            (f1(Domain::Dermoscopy) - 2.0 / 12.0).abs() < 1e-9,
+            "{}",
+            f1(Domain::Dermoscopy)
+        );
+        assert!(
+            (f1(Domain::Ecg) - 2.0 / 6.0).abs() < 1e-9,
+            "{}",
+            f1(Domain::Ecg)
+        );
+        // In the table the prior comes first and the untrained model is left out.
+        let models = table_models(&r, std::slice::from_ref(&r));
+        assert_eq!(models[0].0, "Label prior");
+        assert!(models.iter().all(|(l, _)| *l != "Untrained"));
+    }
 }
