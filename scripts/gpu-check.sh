@@ -66,6 +66,8 @@ if [ "$device" != cpu ]; then
 fi
 
 start=$(date +%s)
+# The binary's libraries as this machine resolves them (a missing one fails every qoq part).
+{ echo "== ldd $qoq"; ldd "$qoq"; } >> "$log" 2>&1
 "$py" - "$device" > "$work/env.json" 2>>"$log" <<'PY'
 import json, subprocess, sys, time, torch, transformers
 d = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": sys.argv[1],

@@ -88,6 +88,11 @@ def torch_dtype(name):
     return {"f32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
+def load_on(device):
+    """`from_pretrained` straight onto a GPU (the 7B's 16 GB need not pass through host memory)."""
+    return {"device_map": device} if str(device).startswith("cuda") else {}
+
+
 def setup_torch(device):
     import torch
     torch.manual_seed(0)
@@ -154,7 +159,7 @@ def hf_logits(model_dir, dtype, device, ids, mask, pv, grid, torch):
     import hf_compat
     from transformers import Qwen2_5_VLForConditionalGeneration
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        model_dir, **hf_compat.dtype_kw(torch_dtype(dtype))).to(device).eval()
+        model_dir, **hf_compat.dtype_kw(torch_dtype(dtype)), **load_on(device)).to(device).eval()
     ids, mask, grid = ids.to(device), mask.to(device), grid.to(device)
     pos = hf_compat.rope_index(model, ids, grid, mask)
     with torch.no_grad():
@@ -226,7 +231,7 @@ def cmd_generate(a):
     import hf_compat
     from transformers import Qwen2_5_VLForConditionalGeneration
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        a.model, **hf_compat.dtype_kw(torch_dtype(a.dtype))).to(a.device).eval()
+        a.model, **hf_compat.dtype_kw(torch_dtype(a.dtype)), **load_on(a.device)).to(a.device).eval()
     vocab = hf_compat.cfg_get(model.config, "vocab_size")
     ids = torch.tensor([prompt_ids(p, a.prompt_len, vocab) for p in range(a.prompts)],
                        device=a.device)
