@@ -11,7 +11,9 @@
 #   CUDA_COMPUTE_CAP  target GPU generation, default 90 (H100/H200); 80 for A100 etc.
 #   PYTHON            python with pip for the toolkit install, default python3
 #
-# Output: target/cuda/bin/qoq, stripped (about 43 MB, so it fits the GPU machine's 64 MiB transfer).
+# Output: target/cuda/bin/qoq, stripped (80 MB on 2026-12-05), and target/cuda/bin/qoq.xz (12 MB):
+# the compressed copy is the one to carry to the GPU machine, whose transfers hold 64 MiB at most;
+# scripts/gpu-check.sh unpacks it.
 # Own target folder (target/cuda): the CPU build stays untouched. A clean build takes about 11 minutes
 # on 2 cores, most of it candle-kernels' nvcc work. The binary links libcuda.so.1, libcublas.so.13,
 # libcurand.so.10 and libcudart.so.13 dynamically: it cannot start without an NVIDIA driver. On the GPU
@@ -83,10 +85,12 @@ cargo build --release --locked -p qoq-cli --features "$features" --target-dir ta
 
 mkdir -p target/cuda/bin
 strip -o target/cuda/bin/qoq target/cuda/release/qoq
+echo "== compressing for the GPU machine's 64 MiB transfers: target/cuda/bin/qoq.xz"
+xz -T0 -6 -f -k target/cuda/bin/qoq
 end=$(date +%s)
-echo "== built target/cuda/bin/qoq (stripped) in $((end - start)) s"
-ls -l target/cuda/bin/qoq
-echo "size: $(( $(stat -c %s target/cuda/bin/qoq) / 1000000 )) MB"
+echo "== built target/cuda/bin/qoq (stripped) and qoq.xz in $((end - start)) s"
+ls -l target/cuda/bin/qoq target/cuda/bin/qoq.xz
+echo "size: $(( $(stat -c %s target/cuda/bin/qoq) / 1000000 )) MB stripped, $(( $(stat -c %s target/cuda/bin/qoq.xz) / 1000000 )) MB as qoq.xz"
 echo "== ldd (libcuda.so.1 is 'not found' here: it comes with the GPU machine's driver)"
 ldd target/cuda/bin/qoq || true
 echo "== on the GPU machine, before running it:"

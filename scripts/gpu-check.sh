@@ -8,7 +8,8 @@
 #   --device  where both sides run (default cuda; `cpu` with --tiny is the smoke test for machines
 #             without a GPU)
 #   --tiny    the tiny model only: its checkpoint, f32 parity, generation and train step
-#   --qoq     the qoq binary (default target/cuda/bin/qoq from scripts/build-cuda.sh)
+#   --qoq     the qoq binary, or its .xz (default target/cuda/bin/qoq, else target/cuda/bin/qoq.xz,
+#             both from scripts/build-cuda.sh; the .xz is what travels to a GPU machine)
 #   --python  python with torch + transformers (default python3)
 #   --budget  seconds for all parts together (default 450); a part gets at most its own timeout and
 #             what is left of the budget
@@ -27,7 +28,7 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-device=cuda tiny=0 qoq="$ROOT/target/cuda/bin/qoq" py=python3 budget=450 out=""
+device=cuda tiny=0 qoq="" py=python3 budget=450 out=""
 usage() { sed -n '6,13p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -48,7 +49,11 @@ case "$budget" in ''|*[!0-9]*) echo "gpu-check: --budget must be whole seconds, 
 if [ "$device" = cpu ] && [ "$tiny" = 0 ]; then
   echo "gpu-check: --device cpu runs the tiny model only: add --tiny" >&2; exit 2
 fi
-[ -x "$qoq" ] || { echo "gpu-check: no qoq binary at $qoq (scripts/build-cuda.sh builds it; --qoq picks another)" >&2; exit 2; }
+if [ -z "$qoq" ]; then
+  qoq="$ROOT/target/cuda/bin/qoq"
+  [ -x "$qoq" ] || qoq="$qoq.xz"
+fi
+[ -f "$qoq" ] || { echo "gpu-check: no qoq binary at $qoq (scripts/build-cuda.sh builds it; --qoq picks another)" >&2; exit 2; }
 command -v "$py" >/dev/null || { echo "gpu-check: python '$py' not found" >&2; exit 2; }
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
@@ -56,6 +61,13 @@ log="$out/gpu-check.log"
 : > "$log"
 work="$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
+if [ "${qoq%.xz}" != "$qoq" ]; then
+  "$py" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+    "$qoq" "$work/qoq" || { echo "gpu-check: cannot unpack $qoq" >&2; exit 2; }
+  chmod +x "$work/qoq"
+  qoq="$work/qoq"
+fi
+[ -x "$qoq" ] || { echo "gpu-check: $qoq is not executable" >&2; exit 2; }
 export QOQ_REPO="$ROOT" PYTHONUNBUFFERED=1
 if [ "$device" != cpu ]; then
   # shellcheck source=scripts/cuda-common.sh

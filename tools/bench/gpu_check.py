@@ -363,7 +363,7 @@ def cmd_report(a):
                   f"{s('update'):.2f} | {s('total'):.2f} | {fmt(tt, '.2f')} | "
                   f"{fmt(tt / s('total') if tt else None, '.2f')} | "
                   f"{rows * r['response_len'] / s('generate'):.0f} | {fmt(tokens / s('update') if tokens else None, '.0f')} | "
-                  f"{fmt(100 * mfu if mfu is not None else None, '.1f')}% | {fmt(st.get('gpu_peak_mib'), '.0f')} | "
+                  f"{fmt(100 * mfu, '.1f') + ' %' if mfu is not None else '-'} | {fmt(st.get('gpu_peak_mib'), '.0f')} | "
                   f"{'-' if agree is None else ('yes' if agree else 'NO')} |")
     md += ["", "## Parts", "", "| part | exit | seconds | GPU peak MiB |", "| --- | --- | --- | --- |"]
     for p in parts:
