@@ -4,12 +4,14 @@
 #
 # `cargo check` runs build scripts: cudarc's asks `nvcc --version`, candle-kernels' compiles its
 # kernels with nvcc. A stand-in `nvcc` (below, on PATH first) answers the version of the CUDA we
-# target (13.0, see scripts/build-cuda.sh) and writes empty outputs; nothing is compiled for a GPU
+# target (13.0, scripts/cuda-common.sh) and writes empty outputs; nothing is compiled for a GPU
 # and nothing can be linked, which `check` does not need. The real build is scripts/build-cuda.sh.
 # Own target folder (target/cuda-check): the CPU build's artifacts stay untouched.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+# shellcheck source=scripts/cuda-common.sh
+. "$ROOT/scripts/cuda-common.sh"
 FAKE="$ROOT/target/cuda-check/fake-nvcc"
 mkdir -p "$FAKE"
 cat > "$FAKE/nvcc" <<'NVCC'
@@ -41,7 +43,5 @@ exit 0
 NVCC
 chmod +x "$FAKE/nvcc"
 export PATH="$FAKE:$PATH"
-export CUDA_COMPUTE_CAP=90
-export CUDARC_CUDA_VERSION=13000
 cargo check --workspace --all-targets --features qoq-cli/cuda --target-dir target/cuda-check "$@"
 echo "cuda feature: cargo check passed (compile-only: nothing was built for a GPU)"

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """PyTorch reference of `qoq bench train-step`: the identical RL training step with transformers
-4.51.3's `Qwen2_5_VLForConditionalGeneration` (f32, CPU), timed by phase.
+4.51.3's `Qwen2_5_VLForConditionalGeneration` (f32; CPU, or `--device cuda`), timed by phase.
+Version differences (transformers 5 on the GPU machine) are handled in tools/bench/hf_compat.py.
 
 `qoq bench train-step` writes `batch.json` (settings, this side's losses) and `batch.safetensors`
 (the exact tensors it used) and runs `python3 tools/bench/train_step_ref.py --batch batch.json`.
@@ -24,7 +25,8 @@ the thread count of the Rust side, and for every step of the batch runs:
 * `total`; `update_optimizer` is the part of `update` spent in `clip_grad_norm_` and AdamW.
 
 The forward takes the hidden states and applies `lm_head` to the response positions only, as the
-Rust side does. Peak memory per phase: "5" into /proc/self/clear_refs before, VmHWM after.
+Rust side does. Peak memory per phase: "5" into /proc/self/clear_refs before, VmHWM after; on a
+GPU, torch's peak allocated GPU memory instead (the device is synchronised before a phase ends).
 
 Prints one JSON line: {"threads", "phases": {phase: {"seconds", "peak_mib"}}, "steps": [{"losses",
 "grad_norm", "ref_logprob_max_abs_diff", "phases"}], "process_check"}. With several steps the
@@ -46,12 +48,19 @@ from tokenizers import Tokenizer
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures"))
-from processor import with_added_table  # noqa: E402  (tools/fixtures/processor.py)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import hf_compat  # noqa: E402  (tools/bench/hf_compat.py)
+from added_tokens import with_added_table  # noqa: E402  (tools/fixtures/added_tokens.py)
+
+DEVICE = torch.device("cpu")
 
 PHASES = ["process", "generate", "ref_logprobs", "update", "total"]
 
 
 def reset_peak():
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        return
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -60,6 +69,9 @@ def reset_peak():
 
 
 def peak_mib():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+        return torch.cuda.max_memory_allocated(DEVICE) / 2**20
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
@@ -76,7 +88,8 @@ class Phase:
         self.t = time.perf_counter()
 
     def __exit__(self, *exc):
-        self.out[self.name] = {"seconds": time.perf_counter() - self.t, "peak_mib": peak_mib()}
+        peak = peak_mib()  # synchronises a GPU first
+        self.out[self.name] = {"seconds": time.perf_counter() - self.t, "peak_mib": peak}
 
 
 def process_image(img, min_pixels, max_pixels):
@@ -105,12 +118,12 @@ def left_pad(rows, pad):
 def response_log_probs(model, mb, s):
     """Log-probs of `labels` at positions s-1 .. s-1+r, lm_head on those positions only."""
     ids = mb["input_ids"]
-    embeds = model.model.embed_tokens(ids)
+    embeds = model.get_input_embeddings()(ids)
     if "pixel_values" in mb:
-        img = model.visual(mb["pixel_values"], grid_thw=mb["image_grid_thw"])
+        img = hf_compat.image_features(model, mb["pixel_values"], mb["image_grid_thw"])
         sel = (ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
         embeds = embeds.masked_scatter(sel, img.to(embeds.dtype))
-    out = model.model(input_ids=None, attention_mask=mb["attention_mask"],
+    out = hf_compat.text_model(model)(input_ids=None, attention_mask=mb["attention_mask"],
                       position_ids=mb["position_ids"], inputs_embeds=embeds, use_cache=False,
                       return_dict=True)
     r = mb["labels"].shape[1]
@@ -144,7 +157,14 @@ def actor_loss(lp, mb, ref_lp, cfg):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", required=True, help="batch.json written by qoq bench train-step")
+    ap.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N")
     a = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(a.device)
+    if DEVICE.type == "cuda":
+        # f32 means f32: no TF32 in matrix products or the vision tower's convolution.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     with open(a.batch) as f:
         meta = json.load(f)
     torch.set_num_threads(int(meta["threads"]))
@@ -152,9 +172,10 @@ def main():
     if meta["loss"]["loss_agg_mode"] != "token-mean" or meta["loss"]["kl_penalty"] != "low_var_kl":
         raise SystemExit("only token-mean with the low_var_kl KL is implemented")
     model_dir = meta["model_dir"]
-    tensors = load_file(meta["tensors"])
-    policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, torch_dtype=torch.float32)
-    ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, torch_dtype=torch.float32)
+    tensors = load_file(meta["tensors"], device=str(DEVICE))
+    f32 = hf_compat.dtype_kw(torch.float32)
+    policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, **f32).to(DEVICE)
+    ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, **f32).to(DEVICE)
     ref.eval().requires_grad_(False)
     cfg = policy.config
     with open(os.path.join(model_dir, "preprocessor_config.json")) as f:
@@ -176,12 +197,13 @@ def main():
 
     # The Rust side's generation requests.
     req_ids = [tensors[f"p{i}.input_ids"][0].tolist() for i in range(len(prompts))]
-    gen_ids, gen_mask = left_pad(req_ids, pad)
+    gen_ids, gen_mask = (t.to(DEVICE) for t in left_pad(req_ids, pad))
     gen_pv = [tensors[f"p{i}.pixel_values"] for i in range(len(prompts)) if f"p{i}.pixel_values" in tensors]
     gen_grid = [tensors[f"p{i}.image_grid_thw"] for i in range(len(prompts)) if f"p{i}.image_grid_thw" in tensors]
     gen_kwargs = {}
     if gen_pv:
-        gen_kwargs = {"pixel_values": torch.cat(gen_pv), "image_grid_thw": torch.cat(gen_grid)}
+        gen_kwargs = {"pixel_values": torch.cat(gen_pv), "image_grid_thw": torch.cat(gen_grid),
+                      **hf_compat.mm_kwargs(gen_ids, cfg)}
     bias = {(cfg.image_token_id,): meta["placeholder_bias"], (cfg.video_token_id,): meta["placeholder_bias"]}
 
     steps_out = []
@@ -207,10 +229,10 @@ def main():
                 grids.append(grid)
             ids, mask = left_pad(rows, pad)
             grid_all = torch.cat(grids)
-            pos, _ = policy.get_rope_index(ids, grid_all, None, mask)
+            pos = hf_compat.rope_index(policy, ids.to(DEVICE), grid_all.to(DEVICE), mask.to(DEVICE))
         if process_check is None:
             ids_equal = all(r == q for r, q in zip(rows, req_ids))
-            diff = max((float((pv - rp).abs().max()) for pv, rp in zip(pvs, gen_pv)
+            diff = max((float((pv - rp.cpu()).abs().max()) for pv, rp in zip(pvs, gen_pv)
                         if pv.shape == rp.shape), default=float("nan"))
             shapes = all(pv.shape == rp.shape for pv, rp in zip(pvs, gen_pv))
             process_check = {"input_ids_equal": ids_equal, "pixel_shapes_equal": shapes,

@@ -150,3 +150,56 @@ fn bf16_compute_and_lora_rows_run_and_skip_the_f32_reference() {
     let norm = step["grad_norm"].as_f64().unwrap();
     assert!(norm.is_finite() && norm > 0.0, "grad norm {norm}");
 }
+
+#[test]
+fn model_flag_trains_the_given_folder_and_counts_the_update_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = support::tiny_model_with(dir.path(), false);
+    let out = dir.path().join("out.json");
+    let o = qoq()
+        .current_dir(support::repo())
+        .args(["bench", "train-step", "--model"])
+        .arg(&model)
+        .args([
+            "--prompts",
+            "2",
+            "--n",
+            "2",
+            "--response-len",
+            "4",
+            "--steps",
+            "1",
+            "--no-reference",
+            "--json",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "stderr:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    // The report names the folder, not a --size.
+    assert_eq!(v["size"], model.display().to_string());
+    assert_eq!(v["reference_device"], "cpu");
+    let step = &v["qoq"]["steps"][0];
+    assert!(step["grad_norm"].as_f64().unwrap().is_finite());
+    // 4 rollouts of (prompt + 4 response tokens): more than 4 x 4 tokens, and a whole number of
+    // rows of one width per micro-batch.
+    let tokens = step["update_tokens"].as_u64().unwrap();
+    assert!(tokens > 16, "update tokens {tokens}");
+    assert_eq!(tokens % 2, 0, "two rows per micro-batch: {tokens}");
+
+    // --model and --size together are refused, naming both.
+    let o = qoq()
+        .args(["bench", "train-step", "--size", "tiny", "--model"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("--model") && err.contains("--size"), "{err}");
+}

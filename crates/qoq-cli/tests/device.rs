@@ -33,6 +33,7 @@ fn commands() -> Vec<Vec<&'static str>> {
         vec!["logits", "--model", "m", "--inputs", "i", "--out", "o"],
         vec!["bench", "train-step", "--no-reference"],
         vec!["bench", "serve"],
+        vec!["bench", "generate", "--model", "m"],
     ]
 }
 
@@ -191,5 +192,100 @@ out_dir = "{out}"
     assert!(
         stderr.contains("model.device") && stderr.contains("unknown device `tpu`"),
         "{stderr}"
+    );
+}
+
+/// scripts/build-cuda.sh, scripts/gpu-check.sh and what they share parse (`bash -n`) and refuse
+/// bad arguments before doing anything: no toolkit download, no Python, no GPU (the GPU run
+/// itself happens on a GPU machine: README "CUDA").
+#[test]
+fn cuda_scripts_parse_and_refuse_bad_arguments_before_any_work() {
+    let repo = support::repo();
+    for s in [
+        "scripts/build-cuda.sh",
+        "scripts/gpu-check.sh",
+        "scripts/cuda-common.sh",
+        "scripts/check-cuda.sh",
+    ] {
+        let o = Command::new("bash")
+            .arg("-n")
+            .arg(repo.join(s))
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{s}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let out = out.to_str().unwrap();
+    let cases: [(&str, Vec<&str>, Option<&str>, &str); 8] = [
+        (
+            "build-cuda.sh",
+            vec!["--features", "cuda,cudnn"],
+            None,
+            "--features cudnn / nccl: not supported",
+        ),
+        (
+            "build-cuda.sh",
+            vec!["--release"],
+            None,
+            "unknown argument '--release'",
+        ),
+        (
+            "build-cuda.sh",
+            vec![],
+            Some("sm_90"),
+            "CUDA_COMPUTE_CAP must be a number",
+        ),
+        ("gpu-check.sh", vec![], None, "OUT_DIR missing"),
+        (
+            "gpu-check.sh",
+            vec!["--device", "cpu", out],
+            None,
+            "--device cpu runs the tiny model only: add --tiny",
+        ),
+        (
+            "gpu-check.sh",
+            vec!["--device", "rocm", "--tiny", out],
+            None,
+            "--device must be cuda, cuda:N or cpu, not 'rocm'",
+        ),
+        (
+            "gpu-check.sh",
+            vec!["--tiny", "--budget", "5m", out],
+            None,
+            "--budget must be whole seconds",
+        ),
+        (
+            "gpu-check.sh",
+            vec![
+                "--device",
+                "cpu",
+                "--tiny",
+                "--qoq",
+                "/nonexistent/qoq",
+                out,
+            ],
+            None,
+            "no qoq binary at /nonexistent/qoq",
+        ),
+    ];
+    for (script, args, cap, want) in cases {
+        let mut c = Command::new(repo.join("scripts").join(script));
+        c.args(&args).env_remove("CUDA_COMPUTE_CAP");
+        if let Some(v) = cap {
+            c.env("CUDA_COMPUTE_CAP", v);
+        }
+        let o = c.output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{script} {args:?}: {err}");
+        assert!(err.contains(want), "{script} {args:?}: {err}");
+    }
+    assert!(
+        !dir.path().join("out").exists(),
+        "a refused gpu-check created its output folder"
     );
 }

@@ -20,6 +20,10 @@ pub enum BenchCommand {
     /// and output lengths, with and without images): throughput, TTFT and inter-token latency
     /// percentiles, errors, against the one-at-a-time baseline (`--max-running 1`) in the same run.
     Serve(super::bench_serve::ServeBenchArgs),
+    /// Generation throughput of the engine on a model folder (text prompts, fixed lengths):
+    /// prefill and decode tokens/s, measured as `tools/bench/generate_ref.py` measures
+    /// transformers' `generate` (scripts/gpu-check.sh sets the two side by side).
+    Generate(super::bench_generate::GenerateBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -34,6 +38,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
         BenchCommand::Manifest(a) => manifest(a),
         BenchCommand::TrainStep(a) => super::bench_train::train_step(a),
         BenchCommand::Serve(a) => super::bench_serve::serve(a),
+        BenchCommand::Generate(a) => super::bench_generate::run(a),
     }
 }
 

@@ -78,6 +78,14 @@ impl BenchDtype {
 }
 
 impl TrainStepArgs {
+    /// The model's name in the report: the `--size` or the `--model` folder.
+    fn size_label(&self) -> String {
+        match &self.model {
+            Some(m) => m.display().to_string(),
+            None => size_name(self.size).to_string(),
+        }
+    }
+
     /// Why the PyTorch reference cannot check this run (it runs the f32 full-training update).
     fn reference_unfit(&self) -> Option<String> {
         let mut why = Vec::new();
@@ -135,6 +143,14 @@ pub struct TrainStepArgs {
     /// Python interpreter of the PyTorch reference.
     #[arg(long, default_value = "python3")]
     pub python: String,
+    /// Where the PyTorch reference runs (torch's device name: `cpu`, `cuda`, `cuda:N`).
+    #[arg(long, default_value = "cpu")]
+    pub reference_device: String,
+    /// Train this model folder (HF layout: config.json, weights, tokenizer.json,
+    /// preprocessor_config.json; a stock Qwen2.5-VL) instead of building a `--size` one, e.g. the
+    /// 7B-shaped checkpoint scripts/gpu-check.sh writes. Its weights are loaded as they are.
+    #[arg(long, conflicts_with = "size")]
+    pub model: Option<PathBuf>,
     /// Skip the PyTorch reference.
     #[arg(long)]
     pub no_reference: bool,
@@ -165,7 +181,21 @@ pub struct TrainStepArgs {
     pub worker: Option<PathBuf>,
 }
 
-fn repo_root() -> PathBuf {
+/// The repository the benchmark reads its fixtures and reference script from: `QOQ_REPO` if set,
+/// else the current folder or the nearest folder above it holding
+/// `tools/bench/train_step_ref.py`, else the source tree this binary was built from. (A binary
+/// built on one machine runs from a copy of the repository elsewhere: scripts/gpu-check.sh.)
+pub(crate) fn repo_root() -> PathBuf {
+    if let Some(r) = std::env::var_os("QOQ_REPO") {
+        return PathBuf::from(r);
+    }
+    if let Ok(cwd) = std::env::current_dir()
+        && let Some(r) = cwd
+            .ancestors()
+            .find(|d| d.join("tools/bench/train_step_ref.py").is_file())
+    {
+        return r.to_path_buf();
+    }
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
@@ -395,6 +425,9 @@ struct StepOut {
     /// Actor loss of each micro-batch (before the division by the micro-batch count).
     losses: Vec<f64>,
     grad_norm: f64,
+    /// Tokens (prompt and response, padding included) the update's forwards ran over: the
+    /// summed `[rows, seq]` sizes of the micro-batches' `input_ids` (for the update's MFU).
+    update_tokens: usize,
     /// The step's tensors for the reference, keyed `s{step}.m{k}.{name}`.
     tensors: HashMap<String, Tensor>,
     /// Prompt length `s` of each micro-batch.
@@ -453,8 +486,10 @@ fn trainer_step(trainer: &mut Trainer, step: usize) -> anyhow::Result<StepOut> {
     let mut tensors = HashMap::new();
     let mut prompt_lens = Vec::new();
     let mut losses = Vec::new();
+    let mut update_tokens = 0;
     for (k, mb) in cap.micro_batches.iter().enumerate() {
         let key = |n: &str| format!("s{step}.m{k}.{n}");
+        update_tokens += mb.inputs.input_ids.elem_count();
         tensors.insert(key("input_ids"), i64_tensor(&mb.inputs.input_ids)?);
         if let Some(a) = &mb.inputs.attention_mask {
             tensors.insert(key("attention_mask"), i64_tensor(a)?);
@@ -493,6 +528,7 @@ fn trainer_step(trainer: &mut Trainer, step: usize) -> anyhow::Result<StepOut> {
         phases,
         losses,
         grad_norm,
+        update_tokens,
         tensors,
         prompt_lens,
         prompts,
@@ -562,7 +598,10 @@ fn reference_missing(python: &str) -> Option<String> {
 /// `batch.safetensors` and `qoq.json` there.
 fn worker(a: &TrainStepArgs, dir: &Path) -> anyhow::Result<()> {
     let threads = candle_core::utils::get_num_threads();
-    let model_dir = build_model_dir(a.size, dir)?;
+    let model_dir = match &a.model {
+        Some(m) => m.clone(),
+        None => build_model_dir(a.size, dir)?,
+    };
     let manifest = a
         .manifest
         .clone()
@@ -585,7 +624,7 @@ fn worker(a: &TrainStepArgs, dir: &Path) -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!("{e}"))?;
     trainer.set_phase_memory(true);
     trainer.set_capture(true);
-    let size = size_name(a.size);
+    let size = a.size_label();
     eprintln!(
         "train-step: {size} model, {} prompts x {} rollouts x {} tokens, micro-batch {}, {} step(s), {}, {threads} thread(s), gradient checkpointing {}",
         a.prompts,
@@ -645,6 +684,7 @@ fn worker(a: &TrainStepArgs, dir: &Path) -> anyhow::Result<()> {
         "phases": phase_json(&summarise(&outs.iter().map(|o| o.phases.clone()).collect::<Vec<_>>())),
         "steps": outs.iter().map(|o| json!({
             "phases": phase_json(&o.phases), "losses": o.losses, "grad_norm": o.grad_norm,
+            "update_tokens": o.update_tokens,
         })).collect::<Vec<_>>(),
     });
     let qoq_path = dir.join("qoq.json");
@@ -763,7 +803,7 @@ pub fn train_step(a: TrainStepArgs) -> anyhow::Result<ExitCode> {
     let qoq = read_json(dir.path().join("qoq.json"))?;
     let batch_json = dir.path().join("batch.json");
     let threads = qoq["threads"].as_u64().unwrap_or(0);
-    let size = size_name(a.size);
+    let size = a.size_label();
     let num = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
     let losses_of = |v: &Value| -> Vec<f64> {
         v.as_array()
@@ -793,6 +833,8 @@ pub fn train_step(a: TrainStepArgs) -> anyhow::Result<ExitCode> {
             .arg(&script)
             .arg("--batch")
             .arg(&batch_json)
+            .arg("--device")
+            .arg(&a.reference_device)
             .output()
             .with_context(|| format!("running {} {}", a.python, script.display()))?;
         if !out.status.success() {
@@ -885,6 +927,7 @@ pub fn train_step(a: TrainStepArgs) -> anyhow::Result<ExitCode> {
     match (&torch, &absent) {
         (_, Some(why)) => println!("PyTorch reference not run: {why}"),
         (Some(t), None) => {
+            println!("PyTorch reference on {}", a.reference_device);
             let mut worst_loss: f64 = 0.0;
             let mut worst_norm: f64 = 0.0;
             let mut rows = Vec::new();
@@ -953,6 +996,8 @@ pub fn train_step(a: TrainStepArgs) -> anyhow::Result<ExitCode> {
             "gradient_checkpointing": a.gradient_checkpointing,
             "compute_dtype": a.compute_dtype.name(),
             "lora_rank": a.lora_rank,
+            "device": a.device.device.to_string(),
+            "reference_device": a.reference_device,
             "threads": threads,
             "qoq": qoq,
             "torch": torch,

@@ -2,6 +2,7 @@
 
 pub mod advantage;
 pub mod bench;
+pub mod bench_generate;
 pub mod bench_serve;
 pub mod bench_train;
 pub mod data;
