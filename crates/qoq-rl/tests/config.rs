@@ -591,3 +591,47 @@ fn the_openai_backend_and_its_keys_are_refused_where_they_cannot_work() {
         assert!(e.contains(key), "{set}: {e}");
     }
 }
+
+/// Overrides are applied together: one that does not fit alone (a new tagged variant without
+/// its required field) is completed by a later one, and when nothing completes it the error still
+/// names that override's key, not whatever failed last.
+#[test]
+fn overrides_can_switch_a_tagged_variant_and_give_its_fields() {
+    use qoq_rl::optim::LrSchedule;
+    let base = "[data]\ntrain_files = \"t.jsonl\"\nval_files = \"v.jsonl\"\n";
+    let c = RunConfig::from_toml_str_with_overrides(
+        base,
+        "test",
+        &[
+            "actor.optim.schedule.type=warmup_cosine".into(),
+            "actor.optim.schedule.warmup_steps=5".into(),
+            "actor.optim.schedule.total_steps=100".into(),
+            "actor.optim.schedule.min_lr_ratio=0.1".into(),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        c.actor.optim.schedule,
+        LrSchedule::WarmupCosine {
+            warmup_steps: 5,
+            total_steps: 100,
+            min_lr_ratio: 0.1
+        }
+    );
+    let e = RunConfig::from_toml_str_with_overrides(
+        base,
+        "test",
+        &[
+            "actor.optim.schedule.type=warmup_cosine".into(),
+            "trainer.max_steps=3".into(),
+        ],
+    )
+    .unwrap_err();
+    assert!(matches!(e, ConfigError::BadOverride { .. }), "{e}");
+    assert!(e.to_string().contains("actor.optim.schedule.type"), "{e}");
+    assert!(e.to_string().contains("missing field"), "{e}");
+    // A value of the wrong type is still refused, naming its key.
+    let e = RunConfig::from_toml_str_with_overrides(base, "test", &["rollout.n=many".into()])
+        .unwrap_err();
+    assert!(e.to_string().contains("rollout.n"), "{e}");
+}

@@ -169,11 +169,34 @@ impl RunConfig {
         })?;
         // The file alone must be valid, so that its errors are not blamed on an override.
         Self::from_value(doc.clone(), &origin)?;
+        // Applied together: a known key whose value does not fit may be completed by later
+        // overrides (a tagged variant, then its fields); while the document does not
+        // deserialise, later overrides are set unchecked. An unknown key on a valid document is
+        // refused at once; the first misfit is the error if nothing completes it.
+        let mut misfit: Option<ConfigError> = None;
         for o in overrides {
             let (key, value) = split_override(o)?;
-            apply_override(&mut doc, key, value)?;
+            match overrides::apply_override_deferred(&mut doc, key, value)? {
+                None => misfit = None,
+                Some(e @ ConfigError::UnknownKey { .. }) if misfit.is_none() => return Err(e),
+                Some(e) => {
+                    misfit.get_or_insert(e);
+                }
+            }
         }
-        let cfg = Self::from_value(doc, &origin)?;
+        let cfg = match Self::from_value(doc, &origin) {
+            Ok(cfg) => cfg,
+            Err(last) => {
+                return Err(match misfit {
+                    Some(ConfigError::BadOverride { key, reason }) => ConfigError::BadOverride {
+                        key,
+                        reason: format!("{reason}; with every override applied: {last}"),
+                    },
+                    Some(e) => e,
+                    None => last,
+                });
+            }
+        };
         cfg.validate()?;
         Ok(cfg)
     }

@@ -90,6 +90,31 @@ fn key_known(
 /// unknown key is an error naming it, and a value of the wrong type an error naming the key.
 /// An integer given for a float field is stored as a float.
 pub fn apply_override(doc: &mut toml::Value, key: &str, raw: &str) -> Result<()> {
+    match set_override(doc, key, raw, false)? {
+        None => Ok(()),
+        Some(e) => Err(e),
+    }
+}
+
+/// [`apply_override`] for one of several overrides applied together: a value that does not
+/// leave a deserialisable document is set anyway and its error returned as `Some` (an unknown
+/// key as [`ConfigError::UnknownKey`]), so that a later override can complete it (switching
+/// `actor.optim.schedule.type` to `warmup_cosine` needs the `total_steps` a later override
+/// gives); `None` means the document with this override deserialises.
+pub(crate) fn apply_override_deferred(
+    doc: &mut toml::Value,
+    key: &str,
+    raw: &str,
+) -> Result<Option<ConfigError>> {
+    set_override(doc, key, raw, true)
+}
+
+fn set_override(
+    doc: &mut toml::Value,
+    key: &str,
+    raw: &str,
+    defer: bool,
+) -> Result<Option<ConfigError>> {
     let path: Vec<&str> = key.split('.').collect();
     if path.iter().any(|s| s.is_empty()) {
         return Err(ConfigError::BadOverride {
@@ -139,16 +164,32 @@ pub fn apply_override(doc: &mut toml::Value, key: &str, raw: &str) -> Result<()>
     ) {
         (Ok(_), _) => {
             *doc = candidate;
-            Ok(())
+            Ok(None)
         }
-        (Err(_), Err(known)) => Err(ConfigError::UnknownKey {
-            key: key.to_string(),
-            known,
-        }),
-        (Err(e), Ok(())) => Err(ConfigError::BadOverride {
-            key: key.to_string(),
-            reason: format!("value {raw:?} does not fit: {e}"),
-        }),
+        (Err(_), Err(known)) => {
+            let e = ConfigError::UnknownKey {
+                key: key.to_string(),
+                known,
+            };
+            if defer {
+                *doc = candidate;
+                Ok(Some(e))
+            } else {
+                Err(e)
+            }
+        }
+        (Err(e), Ok(())) => {
+            let e = ConfigError::BadOverride {
+                key: key.to_string(),
+                reason: format!("value {raw:?} does not fit: {e}"),
+            };
+            if defer {
+                *doc = candidate;
+                Ok(Some(e))
+            } else {
+                Err(e)
+            }
+        }
     }
 }
 
