@@ -123,13 +123,13 @@ pub fn paper_table(
         let best = values
             .iter()
             .filter_map(|v| v.map(|x| x.metrics.f1))
-            .fold(f64::NEG_INFINITY, f64::max);
-        let best = pct((best > f64::NEG_INFINITY).then_some(best));
+            .reduce(f64::max)
+            .map(|b| pct(Some(b)));
         // Bold only where models disagree: among the models with a value, not all print alike.
         let present: Vec<&String> = f1s.iter().filter(|f| f.as_str() != "-").collect();
         let all_same = present.len() < 2 || present.iter().all(|f| *f == present[0]);
         for (v, f1) in values.iter().zip(&f1s) {
-            let f1 = if !all_same && *f1 == best {
+            let f1 = if !all_same && Some(f1) == best.as_ref() {
                 format!("**{f1}**")
             } else {
                 f1.clone()

@@ -26,12 +26,11 @@
 //! previous one (`/unload_lora_adapter {"lora_name"}`).
 
 use super::rollout::Prompt;
-use super::{Result, Trainer, TrainerError, response_log_probs};
+use super::{Result, Trainer, TrainerError};
 use crate::config::{RolloutBackend, RolloutConfig, RunConfig};
 use base64::Engine as _;
 use qoq_core::{FinishReason, Rollout, RolloutGroup};
 use qoq_engine::{GenerateConfig, Generated};
-use qoq_model::ForwardMode;
 use serde_json::{Value, json};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -353,22 +352,7 @@ impl Trainer {
             .enumerate()
             .flat_map(|(gi, g)| g.rollouts().iter().map(move |r| (gi, r, ())))
             .collect();
-        let mini = self.cfg.rollouts_per_optimizer_step();
-        let micro = self.cfg.actor.micro_batch_size_per_device_for_update;
-        let policy = self.per_rollout(step, prompts, &flat, mini, micro, |t, rt| {
-            let ckpt = t.cfg.model.gradient_checkpointing;
-            let lp = qoq_model::checkpoint::scope(ckpt, || {
-                response_log_probs(
-                    &t.model,
-                    &rt.inputs,
-                    rt.s,
-                    &rt.labels,
-                    ForwardMode::Train,
-                    step,
-                )
-            })?;
-            Ok(lp.detach())
-        })?;
+        let policy = self.policy_log_probs(step, prompts, &flat)?;
         drop(flat);
         let (mut sum, mut count) = (0.0f64, 0.0f64);
         let mut policy = policy.into_iter();

@@ -354,23 +354,7 @@ impl Trainer {
         let old = if epochs > 1 {
             let flat: Vec<(usize, &Rollout, ())> =
                 kept.iter().map(|&(gi, r)| (gi, r, ())).collect();
-            Some(
-                self.per_rollout(step, prompts, &flat, mini, micro, |t, rt| {
-                    // Checkpointed too: no layer's activations outlive it.
-                    let ckpt = t.cfg.model.gradient_checkpointing;
-                    let lp = qoq_model::checkpoint::scope(ckpt, || {
-                        response_log_probs(
-                            &t.model,
-                            &rt.inputs,
-                            rt.s,
-                            &rt.labels,
-                            ForwardMode::Train,
-                            step,
-                        )
-                    })?;
-                    Ok(lp.detach())
-                })?,
-            )
+            Some(self.policy_log_probs(step, prompts, &flat)?)
         } else {
             None
         };
@@ -400,6 +384,33 @@ impl Trainer {
     /// A `(b, r_len)` quantity `f` of the rollouts `flat`, computed in the update's mini- and
     /// micro-batches (so that the update's forward sees the same shapes) and returned per
     /// rollout, cut to its response length.
+    /// The policy's log-probs of each rollout's response tokens as they stand now (no gradient),
+    /// computed with the update's forward, mini- and micro-batches: the PPO ratio's old
+    /// log-probs. Checkpointed too, so that no layer's activations outlive a micro-batch.
+    pub(super) fn policy_log_probs(
+        &self,
+        step: u64,
+        prompts: &[Prompt],
+        flat: &[(usize, &Rollout, ())],
+    ) -> Result<Vec<Vec<f32>>> {
+        let mini = self.cfg.rollouts_per_optimizer_step();
+        let micro = self.cfg.actor.micro_batch_size_per_device_for_update;
+        self.per_rollout(step, prompts, flat, mini, micro, |t, rt| {
+            let ckpt = t.cfg.model.gradient_checkpointing;
+            let lp = qoq_model::checkpoint::scope(ckpt, || {
+                response_log_probs(
+                    &t.model,
+                    &rt.inputs,
+                    rt.s,
+                    &rt.labels,
+                    ForwardMode::Train,
+                    step,
+                )
+            })?;
+            Ok(lp.detach())
+        })
+    }
+
     pub(super) fn per_rollout<X>(
         &self,
         step: u64,

@@ -53,6 +53,27 @@ fn summary_json(s: Option<&Summary>) -> Value {
     }
 }
 
+/// A report's summaries as `demo_metrics.json` holds them: per domain in the paper's order, the
+/// rare domains' mean, and the overall means (all domains; vision domains).
+fn scores_json(r: &MetricsReport) -> serde_json::Map<String, Value> {
+    let domains: serde_json::Map<String, Value> = Domain::PAPER_ORDER
+        .iter()
+        .map(|d| (d.as_source().to_string(), summary_json(source(r, d))))
+        .collect();
+    let mut m = serde_json::Map::new();
+    m.insert("domains".into(), Value::Object(domains));
+    m.insert(
+        "rare".into(),
+        summary_json(mean_over(r, &rare_domains()).as_ref()),
+    );
+    m.insert("overall".into(), summary_json(r.overall.as_ref()));
+    m.insert(
+        "overall_vision".into(),
+        summary_json(r.overall_vision().as_ref()),
+    );
+    m
+}
+
 fn source<'r>(r: &'r MetricsReport, d: &Domain) -> Option<&'r Summary> {
     r.sources
         .iter()
@@ -300,37 +321,16 @@ pub fn write_all(
     let boxes = write_boxes(i, &i.out.join("boxes"))?;
 
     let mut models = serde_json::Map::new();
-    models.insert(
-        "label_prior".into(),
-        json!({
-            "label": "Label prior",
-            "domains": Domain::PAPER_ORDER
-                .iter()
-                .map(|d| (d.as_source().to_string(), summary_json(source(&prior, d))))
-                .collect::<serde_json::Map<_, _>>(),
-            "rare": summary_json(mean_over(&prior, &rare_domains()).as_ref()),
-            "overall": summary_json(prior.overall.as_ref()),
-            "overall_vision": summary_json(prior.overall_vision().as_ref()),
-        }),
-    );
+    let mut prior_entry = scores_json(&prior);
+    prior_entry.insert("label".into(), json!("Label prior"));
+    models.insert("label_prior".into(), Value::Object(prior_entry));
     for ((name, label, dir), r) in MODELS.iter().zip(i.reports) {
-        let mut domains = serde_json::Map::new();
-        for d in Domain::PAPER_ORDER {
-            domains.insert(d.as_source().to_string(), summary_json(source(r, &d)));
-        }
-        models.insert(
-            name.to_string(),
-            json!({
-                "label": label,
-                "model_dir": dir,
-                "eval_dir": format!("eval/{name}"),
-                "domains": domains,
-                "rare": summary_json(mean_over(r, &rare_domains()).as_ref()),
-                "overall": summary_json(r.overall.as_ref()),
-                "overall_vision": summary_json(r.overall_vision().as_ref()),
-                "flat": r.to_flat_json(),
-            }),
-        );
+        let mut entry = scores_json(r);
+        entry.insert("label".into(), json!(label));
+        entry.insert("model_dir".into(), json!(dir));
+        entry.insert("eval_dir".into(), json!(format!("eval/{name}")));
+        entry.insert("flat".into(), r.to_flat_json());
+        models.insert(name.to_string(), Value::Object(entry));
     }
     let metrics = json!({
         "seed": i.seed,
