@@ -56,6 +56,10 @@ fn demo_writes_every_artefact_and_training_beats_the_untrained_model() {
         }
         qoq_processor::tokenizer::QoqTokenizer::from_file(&d.join("tokenizer.json")).unwrap();
         qoq_core::hf_config::QwenVlConfig::from_file(&d.join("config.json")).unwrap();
+        // Every model is evaluated as it was trained: without the format prompt.
+        let (opts, found) = qoq_processor::ProcessorOptions::for_model_dir(&d).unwrap();
+        assert!(found, "{m}: no qoq_processor.json");
+        assert_eq!(opts.format_prompt, None, "{m}");
     }
     // Training logs.
     let sft = qoq_rl::metrics_log::read_records(&out.join("sft/metrics.jsonl")).unwrap();
@@ -157,6 +161,7 @@ fn run_files_rerun_and_extend_the_phases(out: &Path, tmp: &Path) {
     };
     let sft = load("sft");
     assert!(sft.trainer.sft);
+    assert_eq!(sft.data.format_prompt, "none");
     assert_eq!(Path::new(&sft.model.model_path), out.join("model_init"));
     assert_eq!(Path::new(&sft.trainer.out_dir), out.join("sft"));
     for (name, kind) in [("grpo", EstimatorKind::Grpo), ("drpo", EstimatorKind::Drpo)] {

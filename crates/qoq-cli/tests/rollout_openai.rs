@@ -231,6 +231,27 @@ fn check_backend(lora: bool) {
             format!("rollout.endpoint={endpoint}"),
         ],
     ));
+    if !lora {
+        // qoq serve renders the reference's format prompt or none: a template file of the
+        // run's own is refused when the trainer connects, naming the key.
+        let tpl = dir.path().join("own.jinja");
+        std::fs::write(&tpl, "Say it. {{ content }}").unwrap();
+        let err = Trainer::new(load(
+            "own-template",
+            &[
+                "rollout.backend=openai".into(),
+                format!("rollout.endpoint={endpoint}"),
+                format!("data.format_prompt={}", tpl.display()),
+            ],
+        ))
+        .err()
+        .expect("a template file refused with qoq serve")
+        .to_string();
+        assert!(
+            err.contains("data.format_prompt") && err.contains("qoq serve"),
+            "{err}"
+        );
+    }
 
     for (k, (e, r)) in engine_steps.iter().zip(&remote_steps).enumerate() {
         // The server samples the engine's tokens: same seed, same per-prompt stream.

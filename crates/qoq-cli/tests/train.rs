@@ -352,7 +352,20 @@ fn tiny_cpu_config_runs_after_synth_and_model_init() {
     let recs = qoq_rl::metrics_log::read_records(&run.join("metrics.jsonl")).unwrap();
     let step1 = recs.iter().find(|r| r.step == 1).expect("step 1 logged");
     assert!(step1.metrics["reward/overall"].is_finite());
-    assert!(run.join("checkpoint_step_1").is_dir());
+    // A checkpoint is a model folder: `qoq eval --model` evaluates it as it is.
+    let ck = run.join("checkpoint_step_1");
+    let eval = dir.path().join("eval");
+    let o = qoq()
+        .args(["eval", "--model"])
+        .arg(&ck)
+        .arg("--data")
+        .arg(synth.join("test.jsonl"))
+        .args(["--temperature", "0", "--max-new-tokens", "4", "--out"])
+        .arg(&eval)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(eval.join("metrics.json").is_file());
 }
 
 /// The real 7B checkpoint's shape (`config.json` of Qwen2.5-VL-7B: dimensions only).

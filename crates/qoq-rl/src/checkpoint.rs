@@ -58,6 +58,12 @@ pub mod files {
     pub const CRITIC_OPTIMIZER: &str = "critic_optimizer.safetensors";
     /// Sizes and hashes, written last.
     pub const MANIFEST: &str = "manifest.json";
+    /// The model's `config.json` (a copy of the run's model folder's).
+    pub const MODEL_CONFIG: &str = "config.json";
+    /// The model's `preprocessor_config.json` (a copy).
+    pub const PREPROCESSOR: &str = "preprocessor_config.json";
+    /// The run's tokenizer (a copy).
+    pub const TOKENIZER: &str = "tokenizer.json";
     /// PEFT's adapter config (LoRA runs).
     pub const ADAPTER_CONFIG: &str = qoq_model::lora::PEFT_CONFIG_FILE;
     /// PEFT's adapter weights (LoRA runs).
@@ -212,6 +218,19 @@ pub struct CheckpointData<'a, E: Serialize> {
     pub critic: Option<CriticData<'a>>,
     /// A LoRA run's adapters, written in PEFT's layout.
     pub peft: Option<PeftData<'a>>,
+    /// The model folder's other files, copied so that the checkpoint is itself a model folder
+    /// (`qoq eval --model`, `qoq infer`, `qoq serve` load it as an exported model).
+    pub model_folder: Option<ModelFolder<'a>>,
+}
+
+/// Where a checkpoint's model-folder files come from.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelFolder<'a> {
+    /// The run's model folder (`model.model_path`): its `config.json` and
+    /// `preprocessor_config.json`.
+    pub dir: &'a Path,
+    /// The run's tokenizer file (`model.tokenizer_path`, else `dir/tokenizer.json`).
+    pub tokenizer: &'a Path,
 }
 
 /// The LoRA adapters of a checkpoint.
@@ -380,7 +399,10 @@ pub fn save<E: Serialize>(root: &Path, data: &CheckpointData<'_, E>) -> Result<P
     // is served with them).
     let run = crate::config::RunConfig::from_toml_str(data.config_toml, "checkpoint")
         .map_err(|e| CheckpointError::Config(e.to_string()))?;
-    let settings = qoq_processor::ProcessorSettings::from_options(&run.processor_options());
+    let settings = qoq_processor::ProcessorSettings::from_options(
+        &run.processor_options()
+            .map_err(|e| CheckpointError::Config(e.to_string()))?,
+    );
     let p = tmp.join(files::PROCESSOR);
     let text = serde_json::to_string_pretty(&settings).map_err(|source| CheckpointError::Json {
         path: p.clone(),
@@ -395,6 +417,16 @@ pub fn save<E: Serialize>(root: &Path, data: &CheckpointData<'_, E>) -> Result<P
         files::CONFIG,
         files::PROCESSOR,
     ]);
+    if let Some(m) = data.model_folder {
+        for (name, from) in [
+            (files::MODEL_CONFIG, m.dir.join(files::MODEL_CONFIG)),
+            (files::PREPROCESSOR, m.dir.join(files::PREPROCESSOR)),
+            (files::TOKENIZER, m.tokenizer.to_path_buf()),
+        ] {
+            std::fs::copy(&from, tmp.join(name)).map_err(io(&from))?;
+            names.push(name);
+        }
+    }
 
     let mut entries = Vec::new();
     for name in names {

@@ -151,6 +151,7 @@ fn save(root: &Path, run: &Run, step: u64) -> std::path::PathBuf {
             config_toml: &cfg.to_toml_string().unwrap(),
             critic: None,
             peft: None,
+            model_folder: None,
         },
     )
     .unwrap()
@@ -169,7 +170,7 @@ fn checkpoint_round_trips_every_part() {
     let settings = qoq_processor::ProcessorSettings::read(&dir)
         .unwrap()
         .unwrap();
-    let want = RunConfig::default().processor_options();
+    let want = RunConfig::default().processor_options().unwrap();
     let got = settings.into_options();
     assert_eq!(
         (

@@ -635,3 +635,60 @@ fn overrides_can_switch_a_tagged_variant_and_give_its_fields() {
         .unwrap_err();
     assert!(e.to_string().contains("rollout.n"), "{e}");
 }
+
+#[test]
+fn data_format_prompt_is_the_reference_template_none_or_a_template_file() {
+    use qoq_processor::prompt::{DEFAULT_CHAT_TEMPLATE, DEFAULT_FORMAT_PROMPT, PromptBuilder};
+    let base = configs_dir().join("tiny_cpu.toml");
+    let load = |set: &[&str]| {
+        let o: Vec<String> = set.iter().map(|s| s.to_string()).collect();
+        RunConfig::load(&base, &o)
+    };
+    // The default is the reference's medical_format.jinja.
+    let c = load(&[]).unwrap();
+    assert_eq!(c.data.format_prompt, "medical");
+    let o = c.processor_options().unwrap();
+    assert_eq!(o.format_prompt.as_deref(), Some(DEFAULT_FORMAT_PROMPT));
+    // "none": the question alone.
+    let o = load(&["data.format_prompt=none"])
+        .unwrap()
+        .processor_options()
+        .unwrap();
+    assert_eq!(o.format_prompt, None);
+    // A template file of the user's: its text, rendered around the question.
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("short.jinja");
+    std::fs::write(&file, "Answer in one word. {{ content }}\n").unwrap();
+    let set = format!("data.format_prompt={}", file.display());
+    let o = load(&[&set]).unwrap().processor_options().unwrap();
+    let src = o.format_prompt.expect("a template");
+    let b = PromptBuilder::new(Some(&src), DEFAULT_CHAT_TEMPLATE).unwrap();
+    assert_eq!(
+        b.format("Is there a nodule?").unwrap(),
+        "Answer in one word. Is there a nodule?"
+    );
+    // Refused at load, naming the key and the file: missing, unusable, no question.
+    let missing = tmp.path().join("absent.jinja");
+    let e = load_err(
+        &base,
+        &[&format!("data.format_prompt={}", missing.display())],
+    );
+    assert!(
+        e.contains("data.format_prompt") && e.contains("absent.jinja"),
+        "{e}"
+    );
+    std::fs::write(&file, "{% if %} {{ content }}").unwrap();
+    let e = load_err(&base, &[&set]);
+    assert!(
+        e.contains("data.format_prompt") && e.contains("short.jinja"),
+        "{e}"
+    );
+    std::fs::write(&file, "Answer in one word.").unwrap();
+    let e = load_err(&base, &[&set]);
+    assert!(
+        e.contains("data.format_prompt") && e.contains("content"),
+        "{e}"
+    );
+    let e = load_err(&base, &["data.format_prompt="]);
+    assert!(e.contains("data.format_prompt"), "{e}");
+}

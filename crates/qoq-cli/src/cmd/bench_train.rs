@@ -612,7 +612,7 @@ fn worker(a: &TrainStepArgs, dir: &Path) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let loss_cfg = run.loss_config();
     let optim = run.actor.optim.clone();
-    let opts = run.processor_options();
+    let opts = run.processor_options()?;
     let placeholder_bias = run.rollout.image_pad_logit_bias;
     let plan_cfg = run.clone();
     let mut trainer = Trainer::with_reward(

@@ -28,7 +28,7 @@ pub const CONSUMERS: &[(&str, &str, &str)] = &[
     (
         "data.max_prompt_length",
         TRAINER_BUILD,
-        "cfg.processor_options()",
+        ".processor_options()",
     ),
     (
         "data.max_response_length",
@@ -46,6 +46,16 @@ pub const CONSUMERS: &[(&str, &str, &str)] = &[
         "data.val_batch_size",
     ),
     ("data.shuffle", TRAINER_BUILD, "cfg.data.shuffle"),
+    (
+        "data.format_prompt",
+        CONFIG,
+        "match self.data.format_prompt.as_str()",
+    ),
+    (
+        "data.format_prompt",
+        TRAINER_OPENAI,
+        "cfg.data.format_prompt.as_str()",
+    ),
     ("data.seed", TRAINER_ROLLOUT, "self.cfg.data.seed"),
     (
         "data.preshuffle_seed",

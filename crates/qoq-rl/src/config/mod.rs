@@ -27,8 +27,9 @@ mod sections;
 
 pub use overrides::{apply_override, infer_value, split_override};
 pub use sections::{
-    ActorConfig, AlgorithmConfig, CriticConfig, DataConfig, DtypeName, EstimatorKind, LoraSection,
-    ModelConfig, OptimizerStrategy, RolloutBackend, RolloutConfig, TrainerConfig, ValOverride,
+    ActorConfig, AlgorithmConfig, CriticConfig, DataConfig, DtypeName, EstimatorKind,
+    FORMAT_PROMPT_MEDICAL, FORMAT_PROMPT_NONE, LoraSection, ModelConfig, OptimizerStrategy,
+    RolloutBackend, RolloutConfig, TrainerConfig, ValOverride,
 };
 
 use crate::loss::config::LossConfig;
@@ -227,11 +228,13 @@ impl RunConfig {
         })
     }
 
-    /// The processor settings of the run's data section (dataset-side image area, prompt
-    /// length, frames per volume; missing files are errors). They travel with the model as
-    /// `qoq_processor.json` (checkpoints and exported folders).
-    pub fn processor_options(&self) -> qoq_processor::processor::ProcessorOptions {
+    /// The processor settings of the run's data section (format prompt, dataset-side image
+    /// area, prompt length, frames per volume; missing files are errors). They travel with the
+    /// model as `qoq_processor.json` (checkpoints and exported folders). Fails when
+    /// `data.format_prompt` names a template file that cannot be read or compiled.
+    pub fn processor_options(&self) -> Result<qoq_processor::processor::ProcessorOptions> {
         let mut o = qoq_processor::processor::ProcessorOptions {
+            format_prompt: self.format_prompt_source()?,
             dataset_min_pixels: self.data.min_pixels as u64,
             dataset_max_pixels: self.data.max_pixels as u64,
             max_prompt_length: self.data.max_prompt_length,
@@ -239,7 +242,47 @@ impl RunConfig {
             ..Default::default()
         };
         o.image_load.video_frames = self.data.manifest.video_frames;
-        o
+        Ok(o)
+    }
+
+    /// The source of the format prompt template that `data.format_prompt` names (`None`: no
+    /// format prompt), checked to compile.
+    fn format_prompt_source(&self) -> Result<Option<String>> {
+        let key = "data.format_prompt";
+        let src = match self.data.format_prompt.as_str() {
+            sections::FORMAT_PROMPT_MEDICAL => {
+                return Ok(Some(qoq_processor::prompt::DEFAULT_FORMAT_PROMPT.to_string()));
+            }
+            sections::FORMAT_PROMPT_NONE => return Ok(None),
+            "" => {
+                return Err(invalid(
+                    key,
+                    "empty: \"medical\" (the reference's template), \"none\" or the path of a Jinja template file",
+                ));
+            }
+            path => std::fs::read_to_string(path).map_err(|e| {
+                invalid(
+                    key,
+                    format!(
+                        "template file {path}: {e} (the value is \"medical\", \"none\" or the path of a Jinja template file)"
+                    ),
+                )
+            })?,
+        };
+        let path = &self.data.format_prompt;
+        if !src.contains("content") {
+            return Err(invalid(
+                key,
+                format!("template file {path} never uses `{{{{ content }}}}` (the question)"),
+            ));
+        }
+        let builder = qoq_processor::prompt::PromptBuilder::new(
+            Some(&src),
+            qoq_processor::prompt::DEFAULT_CHAT_TEMPLATE,
+        )
+        .and_then(|b| b.format("question"));
+        builder.map_err(|e| invalid(key, format!("template file {path}: {e}")))?;
+        Ok(Some(src))
     }
 
     /// The loss settings in the shape `qoq_rl::loss` takes.
@@ -291,6 +334,7 @@ impl RunConfig {
         if self.data.val_files.is_empty() {
             return Err(invalid("data.val_files", "required (a JSONL manifest)"));
         }
+        self.format_prompt_source()?;
         if !(self.algorithm.filter_min_std >= 0.0 && self.algorithm.filter_min_std.is_finite()) {
             return Err(invalid(
                 "algorithm.filter_min_std",

@@ -48,7 +48,18 @@ pub struct DataConfig {
     pub mask_wh_swap_bug: bool,
     /// Manifest keys and reader options (`video_frames` 2 as the code; the paper says 4).
     pub manifest: ManifestConfig,
+    /// The format prompt around each question (EasyR1's `data.format_prompt`): `"medical"`
+    /// (default) is the reference's `medical_format.jinja` (spec §3.1), `"none"` gives the
+    /// plain chat prompt (the question alone), anything else is the path of a Jinja template
+    /// file in which `{{ content }}` stands for the question. The rendered template travels
+    /// with the model (`qoq_processor.json`), so evaluation and serving use the same prompt.
+    pub format_prompt: String,
 }
+
+/// `data.format_prompt`'s value for the reference's built-in template.
+pub const FORMAT_PROMPT_MEDICAL: &str = "medical";
+/// `data.format_prompt`'s value for no format prompt.
+pub const FORMAT_PROMPT_NONE: &str = "none";
 
 impl Default for DataConfig {
     fn default() -> Self {
@@ -66,6 +77,7 @@ impl Default for DataConfig {
             min_pixels: 65_536,
             mask_wh_swap_bug: true,
             manifest: ManifestConfig::default(),
+            format_prompt: FORMAT_PROMPT_MEDICAL.to_string(),
         }
     }
 }

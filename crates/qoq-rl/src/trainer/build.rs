@@ -230,7 +230,9 @@ fn build(
     let writer = dist.rank() == 0;
     let model_dir = PathBuf::from(&cfg.model.model_path);
     let model_cfg = qoq_model::loading::read_config(&model_dir).map_err(model_err)?;
-    let opts = cfg.processor_options();
+    let opts = cfg
+        .processor_options()
+        .map_err(|e| TrainerError::Config(e.to_string()))?;
     let processor = Processor::from_model_dir(
         &model_dir,
         cfg.model.tokenizer_path.as_deref().map(Path::new),

@@ -505,7 +505,10 @@ impl Trainer {
             dir,
             Path::new(&self.cfg.model.model_path),
             &self.weights()?,
-            &self.cfg.processor_options(),
+            &self
+                .cfg
+                .processor_options()
+                .map_err(|e| TrainerError::Config(e.to_string()))?,
         )
         .map_err(model_err)?;
         let Some(a) = &self.adapters else {
@@ -630,7 +633,16 @@ impl Trainer {
             None => None,
         };
         let base_name = self.lora_base_name();
+        let model_dir = Path::new(&self.cfg.model.model_path);
+        let tokenizer = match &self.cfg.model.tokenizer_path {
+            Some(t) => PathBuf::from(t),
+            None => model_dir.join(checkpoint::files::TOKENIZER),
+        };
         let data = CheckpointData {
+            model_folder: Some(checkpoint::ModelFolder {
+                dir: model_dir,
+                tokenizer: &tokenizer,
+            }),
             peft: match (&self.adapters, &adapters) {
                 (Some(a), Some(t)) => Some(checkpoint::PeftData {
                     cfg: &a.cfg,

@@ -27,7 +27,9 @@
 
 use super::rollout::Prompt;
 use super::{Result, Trainer, TrainerError};
-use crate::config::{RolloutBackend, RolloutConfig, RunConfig};
+use crate::config::{
+    FORMAT_PROMPT_MEDICAL, FORMAT_PROMPT_NONE, RolloutBackend, RolloutConfig, RunConfig,
+};
 use base64::Engine as _;
 use qoq_core::{FinishReason, Rollout, RolloutGroup};
 use qoq_engine::{GenerateConfig, Generated};
@@ -83,7 +85,20 @@ impl Backend {
         if cfg.rollout.backend != RolloutBackend::Openai {
             return Ok(Self::Engine);
         }
-        Ok(Self::OpenAi(Box::new(OpenAiClient::connect(&cfg.rollout)?)))
+        let client = OpenAiClient::connect(&cfg.rollout)?;
+        // `qoq serve` renders the question itself, with the reference's format prompt or none
+        // (`qoq_format_prompt`); it has no way to receive a template of the run's own.
+        let own_template = !matches!(
+            cfg.data.format_prompt.as_str(),
+            FORMAT_PROMPT_MEDICAL | FORMAT_PROMPT_NONE
+        );
+        if client.qoq_serve && own_template {
+            return Err(cfg_err(format!(
+                "data.format_prompt = {:?}: `qoq serve` (rollout.endpoint) renders only the \"medical\" format prompt or \"none\"; use rollout.backend = \"engine\" for a template file",
+                cfg.data.format_prompt
+            )));
+        }
+        Ok(Self::OpenAi(Box::new(client)))
     }
 }
 

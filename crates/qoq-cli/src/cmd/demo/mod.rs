@@ -274,6 +274,10 @@ fn run_config(
     c.data.seed = seed + 1;
     c.data.min_pixels = MIN_PIXELS;
     c.data.max_pixels = MAX_PIXELS;
+    // No format prompt: the reference's 100-token instruction is text this model cannot read
+    // (it learns the response format from the SFT targets), and it made every prompt several
+    // times longer.
+    c.data.format_prompt = qoq_rl::config::FORMAT_PROMPT_NONE.to_string();
     c.model.model_path = model.display().to_string();
     c.model.master_dtype = DtypeName::F32;
     c.model.compute_dtype = DtypeName::F32;
@@ -393,7 +397,7 @@ fn train_phase(
         export_to,
         like,
         &trainer.weights()?,
-        &trainer.config().processor_options(),
+        &trainer.config().processor_options()?,
     )?;
     let tail = curve.len().saturating_sub(5);
     let key = if sft { SFT_LOSS } else { names::REWARD_OVERALL };
@@ -487,7 +491,13 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     let cfg = model::config_json(&p.model, bpe);
     model::write_initial(&init, &cfg, &tok_json, a.seed)?;
     let prompt_tokens = {
-        let pb = qoq_processor::prompt::PromptBuilder::with_defaults(true)?;
+        // As the phases build their prompts (`data.format_prompt` of the run files).
+        let opts = run_config(&p, a.seed, &world_dir, &init, &out.join("sft"), None)
+            .processor_options()?;
+        let pb = qoq_processor::prompt::PromptBuilder::new(
+            opts.format_prompt.as_deref(),
+            &opts.chat_template,
+        )?;
         let text = pb.prompt(&train[0].problem, !train[0].time_series.is_empty())?;
         tok.encode(&text)?.len()
     };
@@ -516,7 +526,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         ),
     )?;
     // The untrained model is evaluated with the settings every stage trains with.
-    cfg.processor_options().write_to_model_dir(&init)?;
+    cfg.processor_options()?.write_to_model_dir(&init)?;
     let trainer = Trainer::new(cfg).context("setting up SFT")?;
     let sft_curve = train_phase(&mut phases, "sft", trainer, true, &init, &sft_model)?;
     timings.insert("sft".into(), t.elapsed().as_secs_f64());
@@ -550,7 +560,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
                 &dest,
                 &sft_model,
                 &trainer.weights()?,
-                &trainer.config().processor_options(),
+                &trainer.config().processor_options()?,
             )?;
             Vec::new()
         } else {
