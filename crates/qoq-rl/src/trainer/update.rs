@@ -211,7 +211,10 @@ impl Trainer {
                     e.0 += v;
                     e.1 += 1;
                 }
-                let grads = qoq_model::checkpoint::backward(&(loss / count)?)?;
+                // The loss (and with it the graph's activations) is dropped with the
+                // statement; the store's other gradients with `store`, once the parameters'
+                // are moved into the accumulator.
+                let mut store = qoq_model::checkpoint::backward(&(loss / count)?)?;
                 let opt = match learner {
                     Learner::Actor => &self.opt,
                     Learner::Critic => match &self.critic {
@@ -219,11 +222,14 @@ impl Trainer {
                         None => return Err(TrainerError::Config("no value model".into())),
                     },
                 };
-                acc.add(opt.grads_of(&grads))?;
+                let grads = opt.grads_of(&mut store);
+                drop(store);
+                acc.add(grads)?;
             }
             let grads = self.all_reduce_grads(learner, acc.take())?;
             let t_opt = Instant::now();
-            let report = self.optimizer_of(learner)?.step(&grads)?;
+            // Each gradient is freed as soon as its parameter is updated.
+            let report = self.optimizer_of(learner)?.step_owned(grads)?;
             let opt_s = &self.perf.optimizer_s;
             opt_s.set(opt_s.get() + t_opt.elapsed().as_secs_f64());
             if learner == Learner::Actor {
@@ -276,7 +282,8 @@ impl Trainer {
             .all_reduce_sum_f64(&mut present)
             .map_err(Self::dist_err(step, "gradient presence all-reduce"))?;
         let mut flat: Vec<f32> = Vec::new();
-        for ((g, p), &c) in grads.iter().zip(params).zip(&present) {
+        // Each gradient is dropped once copied into the all-reduce buffer.
+        for ((g, p), &c) in grads.into_iter().zip(params).zip(&present) {
             if c == 0.0 {
                 continue;
             }
