@@ -489,6 +489,38 @@ impl GradAccumulator {
         self.owned.clear();
         std::mem::take(&mut self.sums)
     }
+
+    /// The sums so far as a gradient store keyed by `params` (aligned with the sums), for
+    /// [`qoq_model::checkpoint::backward_onto`] to continue with the next micro-batch's
+    /// gradients; `None` before the first micro-batch. The accumulator is left empty:
+    /// [`Self::set_sums`] takes the continued sums back.
+    pub fn take_store(&mut self, params: &[Var]) -> candle_core::Result<Option<GradStore>> {
+        if self.sums.is_empty() {
+            return Ok(None);
+        }
+        if params.len() != self.sums.len() {
+            candle_core::bail!(
+                "grad accumulator: {} parameters for {} sums",
+                params.len(),
+                self.sums.len()
+            );
+        }
+        let mut store = GradStore::default();
+        for (p, s) in params.iter().zip(self.take()) {
+            if let Some(s) = s {
+                store.insert(p.as_tensor(), s);
+            }
+        }
+        Ok(Some(store))
+    }
+
+    /// Replaces the sums with `sums` (aligned with the parameters: those of a store that
+    /// [`qoq_model::checkpoint::backward_onto`] continued from [`Self::take_store`]); they are
+    /// not written in place afterwards.
+    pub fn set_sums(&mut self, sums: Vec<Option<Tensor>>) {
+        self.owned = vec![false; sums.len()];
+        self.sums = sums;
+    }
 }
 
 /// Whether `t` is a contiguous f32 tensor in host memory (what the in-place kernels take).

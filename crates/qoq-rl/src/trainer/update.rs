@@ -204,6 +204,15 @@ impl Trainer {
             // `model.gradient_checkpointing`: the loss's Train forwards keep only each layer's
             // input and the backward recomputes the layers (the same path with it off).
             let ckpt = self.cfg.model.gradient_checkpointing;
+            // With checkpointing, the next micro-batch's backward adds the checkpointed
+            // layers' parameter gradients to the sums as it goes (`backward_onto`) instead of
+            // holding them besides the sums until it ends (f32 sums need f32 parameters).
+            let continue_sums = ckpt
+                && self
+                    .optimizer_of(learner)?
+                    .params()
+                    .iter()
+                    .all(|p| p.dtype() == DType::F32);
             for &ub in &parts[crate::dist::shard(parts.len(), rank, ranks)] {
                 let (loss, metrics) = qoq_model::checkpoint::scope(ckpt, || loss_of(self, ub))?;
                 for (name, v) in metrics {
@@ -211,10 +220,6 @@ impl Trainer {
                     e.0 += v;
                     e.1 += 1;
                 }
-                // The loss (and with it the graph's activations) is dropped with the
-                // statement; the store's other gradients with `store`, once the parameters'
-                // are moved into the accumulator.
-                let mut store = qoq_model::checkpoint::backward(&(loss / count)?)?;
                 let opt = match learner {
                     Learner::Actor => &self.opt,
                     Learner::Critic => match &self.critic {
@@ -222,9 +227,26 @@ impl Trainer {
                         None => return Err(TrainerError::Config("no value model".into())),
                     },
                 };
+                let sums = if continue_sums {
+                    acc.take_store(opt.params())?
+                } else {
+                    None
+                };
+                let continued = sums.is_some();
+                // The loss (and with it the graph's activations) is dropped with the
+                // statement; the store's other gradients with `store`, once the parameters'
+                // are moved out.
+                let mut store = match sums {
+                    Some(sums) => qoq_model::checkpoint::backward_onto(&(loss / count)?, sums)?,
+                    None => qoq_model::checkpoint::backward(&(loss / count)?)?,
+                };
                 let grads = opt.grads_of(&mut store);
                 drop(store);
-                acc.add(grads)?;
+                if continued {
+                    acc.set_sums(grads);
+                } else {
+                    acc.add(grads)?;
+                }
             }
             let grads = self.all_reduce_grads(learner, acc.take())?;
             let t_opt = Instant::now();
