@@ -66,7 +66,22 @@ pub fn active() -> bool {
 /// their backward computes on the side). Without checkpointed segments in the graph this is
 /// exactly `loss.backward()`.
 pub fn backward(loss: &Tensor) -> Result<GradStore> {
-    let outer = PENDING.with(|p| p.borrow_mut().replace(GradStore::default()));
+    backward_onto(loss, GradStore::default())
+}
+
+/// [`backward`] continuing sums: `sums` holds earlier gradients by tensor (the sum of earlier
+/// micro-batches' gradients, gradient accumulation); the returned store holds each tensor's sum
+/// plus this loss's gradient (a tensor the loss does not reach keeps its sum).
+///
+/// The gradients of the parameters inside checkpointed segments are added to their sums as each
+/// segment's backward produces them, so such a parameter never holds its sum and a whole new
+/// gradient at once: with checkpointing, accumulating over micro-batches needs one gradient
+/// copy of the segments' parameters instead of two at the end of each backward. A tensor reached
+/// only inside segments, or only outside them, gets exactly `sum + gradient` (the same single
+/// addition as adding the stores afterwards; f32 addition commutes); one reached both ways would
+/// get its three terms in another order (no parameter of this crate's models is).
+pub fn backward_onto(loss: &Tensor, sums: GradStore) -> Result<GradStore> {
+    let outer = PENDING.with(|p| p.borrow_mut().replace(sums));
     let result = loss.backward();
     let pending = PENDING.with(|p| std::mem::replace(&mut *p.borrow_mut(), outer));
     let mut grads = result?;
@@ -226,6 +241,71 @@ mod tests {
         for (a, b) in [(plain.0, ckpt.0), (plain.1, ckpt.1), (plain.2, ckpt.2)] {
             let d = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
             assert!(d < 1e-12, "gradient differs by {d}");
+        }
+        Ok(())
+    }
+
+    /// Two micro-batches through a checkpointed layer `w2`, a plain one `w3` and an input
+    /// gradient `x`: continuing the first's sums equals adding the two stores, bit for bit.
+    #[test]
+    fn backward_onto_continues_the_sums_exactly() -> Result<()> {
+        let dev = Device::Cpu;
+        let var = |n: usize, f: f64| -> Result<Var> {
+            let t = (Tensor::arange(0u32, n as u32, &dev)?.to_dtype(DType::F32)? * f)?;
+            Var::from_tensor(&t.sin()?.reshape((4, n / 4))?)
+        };
+        let (w2, w3) = (var(16, 0.7)?, var(16, 1.3)?);
+        let loss_of = |k: f64| -> Result<(Var, Tensor)> {
+            let x = var(8, 0.1 * k)?;
+            let loss = scope(true, || -> Result<Tensor> {
+                let h = checkpointed(&x.as_tensor().t()?, layer(&w2))?;
+                h.matmul(w3.as_tensor())?.sqr()?.sum_all()
+            })?;
+            Ok((x, loss))
+        };
+        let (x1, l1) = loss_of(1.0)?;
+        let first = backward(&l1)?;
+        let (x2, l2) = loss_of(2.0)?;
+        let second = backward(&l2)?;
+        // The seed: the first micro-batch's sums, kept aside to check they are not written.
+        let mut sums = GradStore::default();
+        let kept: Vec<(Tensor, Tensor)> = [w2.as_tensor(), w3.as_tensor(), x1.as_tensor()]
+            .into_iter()
+            .map(|t| (t.clone(), first.get(t).expect("grad").copy().expect("copy")))
+            .collect();
+        for (t, g) in &kept {
+            sums.insert(t, first.get(t).expect("grad").clone());
+            assert_eq!(
+                g.to_vec2::<f32>()?,
+                first.get(t).expect("grad").to_vec2::<f32>()?
+            );
+        }
+        let (x2b, l2b) = loss_of(2.0)?;
+        let onto = backward_onto(&l2b, sums)?;
+        let bits = |t: &Tensor| -> Result<Vec<u32>> {
+            Ok(t.flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|x| x.to_bits())
+                .collect())
+        };
+        for w in [&w2, &w3] {
+            let want =
+                (first.get(w.as_tensor()).expect("1") + second.get(w.as_tensor()).expect("2"))?;
+            assert_eq!(bits(onto.get(w.as_tensor()).expect("sum"))?, bits(&want)?);
+        }
+        // x1 is not reached by the second loss: it keeps its sum; x2's gradient is new.
+        assert_eq!(
+            bits(onto.get(x1.as_tensor()).expect("x1"))?,
+            bits(&kept[2].1)?
+        );
+        assert_eq!(
+            bits(onto.get(x2b.as_tensor()).expect("x2"))?,
+            bits(second.get(x2.as_tensor()).expect("x2"))?
+        );
+        // The sums handed over were read, not written.
+        for (t, g) in &kept {
+            assert_eq!(bits(first.get(t).expect("grad"))?, bits(g)?);
         }
         Ok(())
     }

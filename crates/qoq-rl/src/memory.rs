@@ -10,8 +10,11 @@
 //!   (LoRA runs share the base);
 //! - **optimiser**: AdamW's two moments per trained parameter (f32, or bf16 moments plus a bf16
 //!   compensation buffer with `actor.strategy = "adamw_bf16"`);
-//! - **gradients**: the trained parameters' f32 gradients, twice (one micro-batch's, and the sum
-//!   over the mini-batch's micro-batches);
+//! - **gradients**: the trained parameters' f32 gradients: the sum over an optimiser step's
+//!   micro-batches, and beside it, at the end of each later micro-batch's backward, that
+//!   micro-batch's own (with checkpointing and f32 masters only for the parameters outside the
+//!   checkpointed layers, whose gradients the backward adds to the sums as it goes; once in
+//!   all with one micro-batch per optimiser step);
 //! - **activations**: what one update micro-batch keeps for its backward. The training forward
 //!   is composed of candle ops, each of which keeps its output until the backward has passed it:
 //!   per token and decoder layer about [`DECODER_VALUES_PER_TOKEN`] hidden-sized values, five
@@ -273,6 +276,38 @@ impl MemoryPlan {
             })
             .sum();
         let logits = micro * response as u64 * t.vocab_size as u64 * 4 * LOGIT_COPIES as u64;
+        // The gradients of the trained parameters in f32: the sum over the optimiser step's
+        // micro-batches, and at the end of each later micro-batch's backward its own gradients
+        // beside it, except those of parameters inside checkpointed layers, which that
+        // backward adds to the sums as it goes (f32 masters; `checkpoint::backward_onto`).
+        let micro_batches = cfg
+            .rollouts_per_optimizer_step()
+            .div_ceil(micro.max(1) as usize);
+        let in_segment =
+            |n: &str| n.starts_with("model.layers.") || n.starts_with("visual.blocks.");
+        let trained_outside: u64 = match &cfg.model.lora {
+            Some(_) => 0,
+            None => shapes
+                .iter()
+                .filter(|(n, _)| trains(n) && !in_segment(n))
+                .map(|(_, s)| count(s))
+                .sum(),
+        };
+        let (held_twice, grads_detail) = if micro_batches <= 1 {
+            (0, "f32, one micro-batch per optimiser step".to_string())
+        } else if checkpointing && cfg.model.master_dtype == DtypeName::F32 {
+            (
+                trained_outside,
+                format!(
+                    "f32, the sum over {micro_batches} micro-batches, and a micro-batch's for                      the {trained_outside} trained parameters outside checkpointed layers"
+                ),
+            )
+        } else {
+            (
+                trained,
+                format!("f32, a micro-batch's and the sum over {micro_batches} micro-batches"),
+            )
+        };
         let update = vec![
             Part {
                 name: "activations",
@@ -302,8 +337,8 @@ impl MemoryPlan {
             },
             Part {
                 name: "gradients",
-                bytes: trained * 4 * 2,
-                detail: "f32, a micro-batch's and the mini-batch's sum".into(),
+                bytes: (trained + held_twice) * 4,
+                detail: grads_detail,
             },
             Part {
                 name: "frozen grads",
@@ -386,6 +421,42 @@ mod tests {
 
     fn part(parts: &[Part], name: &str) -> u64 {
         parts.iter().find(|p| p.name == name).map_or(0, |p| p.bytes)
+    }
+
+    /// The gradients are held twice only where a later micro-batch's backward runs beside the
+    /// sums, and then only for the parameters outside checkpointed layers when checkpointing.
+    #[test]
+    fn gradients_are_held_twice_only_beside_a_running_sum() {
+        let m = tiny();
+        let shapes = qoq_model::loading::requested_parameters(&m).unwrap();
+        let inside: u64 = shapes
+            .iter()
+            .filter(|(n, _)| n.starts_with("model.layers.") || n.starts_with("visual.blocks."))
+            .map(|(_, s)| s.iter().product::<usize>() as u64)
+            .sum();
+        let mut c = RunConfig::default();
+        let plain = MemoryPlan::estimate(&c, &m, 100, &[64]).unwrap();
+        // Every layer and block trains by default; the embeddings, norms and merger too.
+        let outside = plain.trained - inside;
+        assert!(outside > 0 && inside > 0);
+        assert_eq!(part(&plain.update, "gradients"), plain.trained * 8);
+        c.model.gradient_checkpointing = true;
+        let ckpt = MemoryPlan::estimate(&c, &m, 100, &[64]).unwrap();
+        assert_eq!(
+            part(&ckpt.update, "gradients"),
+            (plain.trained + outside) * 4
+        );
+        // bf16 masters accumulate in f32 beside them: twice again.
+        c.model.master_dtype = DtypeName::Bf16;
+        c.model.compute_dtype = DtypeName::Bf16;
+        let bf = MemoryPlan::estimate(&c, &m, 100, &[64]).unwrap();
+        assert_eq!(part(&bf.update, "gradients"), bf.trained * 8);
+        // One micro-batch per optimiser step: no sum besides it.
+        c.actor.global_batch_size = 1;
+        c.rollout.n = 2;
+        c.actor.micro_batch_size_per_device_for_update = 2;
+        let one = MemoryPlan::estimate(&c, &m, 100, &[64]).unwrap();
+        assert_eq!(part(&one.update, "gradients"), one.trained * 4);
     }
 
     /// The parts follow the settings they count: parameters from the model's shapes, the

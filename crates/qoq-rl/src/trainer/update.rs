@@ -204,6 +204,15 @@ impl Trainer {
             // `model.gradient_checkpointing`: the loss's Train forwards keep only each layer's
             // input and the backward recomputes the layers (the same path with it off).
             let ckpt = self.cfg.model.gradient_checkpointing;
+            // With checkpointing, the next micro-batch's backward adds the checkpointed
+            // layers' parameter gradients to the sums as it goes (`backward_onto`) instead of
+            // holding them besides the sums until it ends (f32 sums need f32 parameters).
+            let continue_sums = ckpt
+                && self
+                    .optimizer_of(learner)?
+                    .params()
+                    .iter()
+                    .all(|p| p.dtype() == DType::F32);
             for &ub in &parts[crate::dist::shard(parts.len(), rank, ranks)] {
                 let (loss, metrics) = qoq_model::checkpoint::scope(ckpt, || loss_of(self, ub))?;
                 for (name, v) in metrics {
@@ -211,7 +220,6 @@ impl Trainer {
                     e.0 += v;
                     e.1 += 1;
                 }
-                let grads = qoq_model::checkpoint::backward(&(loss / count)?)?;
                 let opt = match learner {
                     Learner::Actor => &self.opt,
                     Learner::Critic => match &self.critic {
@@ -219,11 +227,31 @@ impl Trainer {
                         None => return Err(TrainerError::Config("no value model".into())),
                     },
                 };
-                acc.add(opt.grads_of(&grads))?;
+                let sums = if continue_sums {
+                    acc.take_store(opt.params())?
+                } else {
+                    None
+                };
+                let continued = sums.is_some();
+                // The loss (and with it the graph's activations) is dropped with the
+                // statement; the store's other gradients with `store`, once the parameters'
+                // are moved out.
+                let mut store = match sums {
+                    Some(sums) => qoq_model::checkpoint::backward_onto(&(loss / count)?, sums)?,
+                    None => qoq_model::checkpoint::backward(&(loss / count)?)?,
+                };
+                let grads = opt.grads_of(&mut store);
+                drop(store);
+                if continued {
+                    acc.set_sums(grads);
+                } else {
+                    acc.add(grads)?;
+                }
             }
             let grads = self.all_reduce_grads(learner, acc.take())?;
             let t_opt = Instant::now();
-            let report = self.optimizer_of(learner)?.step(&grads)?;
+            // Each gradient is freed as soon as its parameter is updated.
+            let report = self.optimizer_of(learner)?.step_owned(grads)?;
             let opt_s = &self.perf.optimizer_s;
             opt_s.set(opt_s.get() + t_opt.elapsed().as_secs_f64());
             if learner == Learner::Actor {
@@ -276,7 +304,8 @@ impl Trainer {
             .all_reduce_sum_f64(&mut present)
             .map_err(Self::dist_err(step, "gradient presence all-reduce"))?;
         let mut flat: Vec<f32> = Vec::new();
-        for ((g, p), &c) in grads.iter().zip(params).zip(&present) {
+        // Each gradient is dropped once copied into the all-reduce buffer.
+        for ((g, p), &c) in grads.into_iter().zip(params).zip(&present) {
             if c == 0.0 {
                 continue;
             }
