@@ -614,6 +614,150 @@ pub(crate) fn rope(
     x.to_dtype(work)?.contiguous()?.apply_op3(&cos, &sin, op)
 }
 
+/// `silu(gate) · up` (the SwiGLU of the decoder's and the vision tower's MLPs), elementwise.
+/// The backward writes both gradients in one pass: `dgate = g·up·σ(gate)·(1 + gate·(1 − σ(gate)))`
+/// and `dup = g·silu(gate)`.
+struct SwiGlu;
+
+/// Elements per parallel chunk of the elementwise kernels.
+const ELEM_CHUNK: usize = 1 << 14;
+
+/// `σ(x)` in the type's own precision (as candle's `silu`), widened.
+fn sigmoid<T: Float>(x: T) -> f64 {
+    if T::DTYPE == DType::F32 {
+        let x = x.to64() as f32;
+        f64::from(1.0 / (1.0 + (-x).exp()))
+    } else {
+        1.0 / (1.0 + (-x.to64()).exp())
+    }
+}
+
+fn swiglu_fwd<T: Float>(gate: &[T], up: &[T]) -> Vec<T> {
+    let mut out = vec![T::of64(0.0); gate.len()];
+    rows_mut(&mut out, ELEM_CHUNK, |c, o| {
+        let base = c * ELEM_CHUNK;
+        let (g, u) = (&gate[base..base + o.len()], &up[base..base + o.len()]);
+        for ((o, &gv), &uv) in o.iter_mut().zip(g).zip(u) {
+            *o = T::of64(gv.to64() * sigmoid(gv) * uv.to64());
+        }
+    });
+    out
+}
+
+/// `[dgate; dup]` (twice the input's length) for the output gradient `dy`.
+fn swiglu_bwd<T: Float>(gate: &[T], up: &[T], dy: &[T]) -> Vec<T> {
+    let n = gate.len();
+    let mut out = vec![T::of64(0.0); 2 * n];
+    let (dg, du) = out.split_at_mut(n);
+    let one = |c: usize, (dg, du): (&mut [T], &mut [T])| {
+        let base = c * ELEM_CHUNK;
+        let r = base..base + dg.len();
+        let (g, u, d) = (&gate[r.clone()], &up[r.clone()], &dy[r]);
+        for i in 0..dg.len() {
+            let (gv, uv, dv) = (g[i].to64(), u[i].to64(), d[i].to64());
+            let sg = sigmoid(g[i]);
+            dg[i] = T::of64(dv * uv * sg * (1.0 + gv * (1.0 - sg)));
+            du[i] = T::of64(dv * gv * sg);
+        }
+    };
+    if n >= PAR_MIN_ELEMS {
+        dg.par_chunks_mut(ELEM_CHUNK)
+            .zip(du.par_chunks_mut(ELEM_CHUNK))
+            .enumerate()
+            .for_each(|(c, p)| one(c, p));
+    } else {
+        dg.chunks_mut(ELEM_CHUNK)
+            .zip(du.chunks_mut(ELEM_CHUNK))
+            .enumerate()
+            .for_each(|(c, p)| one(c, p));
+    }
+    out
+}
+
+fn same_shape(what: &str, a: &Layout, b: &Layout) -> Result<()> {
+    if a.dims() != b.dims() {
+        candle_core::bail!(
+            "fused swiglu{what}: shapes {:?} and {:?}",
+            a.dims(),
+            b.dims()
+        );
+    }
+    Ok(())
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "qoq-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        same_shape("", l1, l2)?;
+        let out = float_kernel!("fused swiglu", g = (s1, l1), u = (s2, l2) => swiglu_fwd(g, u));
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = gate.apply_op3_no_bwd(up, &grad.contiguous()?, &SwiGluBwd)?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+struct SwiGluBwd;
+
+impl CustomOp3 for SwiGluBwd {
+    fn name(&self) -> &'static str {
+        "qoq-swiglu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        same_shape(" backward", l1, l2)?;
+        same_shape(" backward", l1, l3)?;
+        let out = float_kernel!(
+            "fused swiglu backward",
+            g = (s1, l1), u = (s2, l2), d = (s3, l3) => swiglu_bwd(g, u, d)
+        );
+        let mut dims = vec![2];
+        dims.extend_from_slice(l1.dims());
+        Ok((out, Shape::from(dims)))
+    }
+}
+
+/// `silu(gate) · up`, differentiable in both: on the CPU one pass forward and one backward
+/// (computed in f32, f64 for f64 inputs, and cast back); elsewhere, or for inputs of different
+/// shapes or dtypes, candle's `silu` and product.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if !available(gate) || gate.dtype() != up.dtype() || gate.shape() != up.shape() {
+        return gate.silu()? * up;
+    }
+    let dtype = gate.dtype();
+    let work = crate::ops::compute_dtype(dtype);
+    let (g, u) = (
+        gate.to_dtype(work)?.contiguous()?,
+        up.to_dtype(work)?.contiguous()?,
+    );
+    g.apply_op2(&u, SwiGlu)?.to_dtype(dtype)
+}
+
 /// Whether the fused kernels can run on `x` (CPU, computing in f32 or f64).
 pub fn available(x: &Tensor) -> bool {
     x.device().is_cpu()
@@ -869,6 +1013,73 @@ mod tests {
             assert!(
                 g0[..shape.2].iter().all(|v| v.is_finite() && *v == 0.0),
                 "one-hot row"
+            );
+        }
+    }
+
+    /// SwiGLU against candle's `silu(gate) * up`: value and both gradients, f64 and f32
+    /// (large enough for the parallel path), gates far in both tails (σ saturated), and a bf16
+    /// input computed in f32 and cast back.
+    #[test]
+    fn fused_swiglu_matches_silu_times_up_and_its_gradients() {
+        let dev = Device::Cpu;
+        for (dtype, shape, tol) in [
+            (DType::F64, (2, 3, 7), 1e-12),
+            (DType::F32, (2, 3, 7), 1e-6),
+            (DType::F32, (2, 40, 700), 1e-6),
+            (DType::BF16, (2, 5, 9), 1e-2),
+        ] {
+            let n = shape.0 * shape.1 * shape.2;
+            // Gates from −30 to 30 (and two beyond ±90): both tails of the sigmoid.
+            let mut gv: Vec<f64> = (0..n).map(|i| 30.0 * ((i as f64) * 0.61).sin()).collect();
+            gv[0] = -95.0;
+            gv[1] = 95.0;
+            let gate = Tensor::from_vec(gv, shape, &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let up = Tensor::randn(0f64, 1.0, shape, &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let dy = Tensor::randn(0f64, 1.0, shape, &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let run = |fused: bool| {
+                // The composed side in the work dtype (bf16 too: the fused op computes in f32).
+                let work = crate::ops::compute_dtype(dtype);
+                let g = Var::from_tensor(&gate).unwrap();
+                let u = Var::from_tensor(&up).unwrap();
+                let y = if fused {
+                    swiglu(g.as_tensor(), u.as_tensor()).unwrap()
+                } else {
+                    let (gw, uw) = (
+                        g.as_tensor().to_dtype(work).unwrap(),
+                        u.as_tensor().to_dtype(work).unwrap(),
+                    );
+                    (gw.silu().unwrap() * uw).unwrap().to_dtype(dtype).unwrap()
+                };
+                let grads = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+                (
+                    y,
+                    grads.get(g.as_tensor()).unwrap().clone(),
+                    grads.get(u.as_tensor()).unwrap().clone(),
+                )
+            };
+            let (yf, gf, uf) = run(true);
+            let (yc, gc, uc) = run(false);
+            assert_eq!(yf.dtype(), dtype);
+            assert!(max_rel(&yf, &yc) < tol, "{dtype:?} {shape:?} value");
+            assert!(
+                max_rel(&gf, &gc) < tol,
+                "{dtype:?} {shape:?} dgate {}",
+                max_rel(&gf, &gc)
+            );
+            assert!(
+                max_rel(&uf, &uc) < tol,
+                "{dtype:?} {shape:?} dup {}",
+                max_rel(&uf, &uc)
             );
         }
     }

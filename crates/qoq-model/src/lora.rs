@@ -156,7 +156,7 @@ impl Proj {
     /// `x: (..., in)` → `(..., out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // A frozen base weight (LoRA's, a frozen LLM's) gets no gradient computed.
-        let y = crate::frozen::linear(&self.base, x)?;
+        let y = crate::linear::linear(&self.base, x)?;
         match &self.adapter {
             None => Ok(y),
             Some(ad) => {

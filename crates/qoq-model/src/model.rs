@@ -189,7 +189,7 @@ impl ClinicalVlm {
         let head = self.lm_head.as_ref().ok_or_else(|| {
             Error::Config("this model was built without lm_head (a value-model backbone)".into())
         })?;
-        Ok(crate::frozen::linear(head, hidden)?)
+        Ok(crate::linear::linear(head, hidden)?)
     }
 
     /// Logits `(b, s, vocab)`.

@@ -18,7 +18,7 @@
 //!    permutation so merged tokens come back in raster order per image.
 
 use crate::ops::{self, ForwardMode};
-use candle_core::{D, DType, Device, Module, Result, Tensor, bail};
+use candle_core::{D, DType, Device, Result, Tensor, bail};
 use candle_nn::{Linear, VarBuilder};
 use qoq_core::hf_config::VisionConfig;
 
@@ -33,6 +33,12 @@ fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     let weight = vb.get((out_dim, in_dim), "weight")?;
     let bias = vb.get(out_dim, "bias")?;
     Ok(Linear::new(weight, Some(bias)))
+}
+
+/// `x · Wᵀ + b` of a tower layer ([`crate::linear::linear`]: in training, no gradient for the
+/// pixel values and the weight's in its own layout).
+fn lin(l: &Linear, x: &Tensor) -> Result<Tensor> {
+    crate::linear::linear(l, x)
 }
 
 /// The activation named by `hidden_act` (transformers `ACT2FN`).
@@ -87,8 +93,13 @@ impl VisionMlp {
 
     /// `(s, d) -> (s, d)`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.act.apply(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let (gate, up) = (lin(&self.gate_proj, x)?, lin(&self.up_proj, x)?);
+        let h = if self.act == Activation::Silu {
+            crate::fused::swiglu(&gate, &up)?
+        } else {
+            (self.act.apply(&gate)? * up)?
+        };
+        lin(&self.down_proj, &h)
     }
 }
 
@@ -196,7 +207,7 @@ impl VisionAttention {
     ) -> Result<Tensor> {
         let (s, d) = x.dims2()?;
         let (h, hd) = (self.num_heads, self.head_dim);
-        let qkv = self.qkv.forward(x)?.reshape((s, 3, h, hd))?; // (s, 3, h, hd)
+        let qkv = lin(&self.qkv, x)?.reshape((s, 3, h, hd))?; // (s, 3, h, hd)
         let q = apply_rotary(&qkv.narrow(1, 0, 1)?.squeeze(1)?, rot, mode)?; // (s, h, hd)
         let k = apply_rotary(&qkv.narrow(1, 1, 1)?.squeeze(1)?, rot, mode)?;
         let v = qkv.narrow(1, 2, 1)?.squeeze(1)?;
@@ -224,7 +235,7 @@ impl VisionAttention {
             outs.push(o);
         }
         let out = Tensor::cat(&outs, 0)?; // (s, d)
-        self.proj.forward(&out)
+        lin(&self.proj, &out)
     }
 }
 
@@ -294,7 +305,7 @@ impl PatchMerger {
         let x = ops::rms_norm(x, &self.ln_q, RMS_EPS, mode)?;
         let s = x.dim(0)?;
         let x = x.reshape((s * x.dim(1)? / self.merged_dim, self.merged_dim))?;
-        self.fc2.forward(&self.fc1.forward(&x)?.gelu_erf()?)
+        lin(&self.fc2, &lin(&self.fc1, &x)?.gelu_erf()?)
     }
 }
 
@@ -384,8 +395,8 @@ impl WindowLayout {
 /// The Qwen2.5-VL vision transformer with its patch merger (`model.visual`).
 #[derive(Debug, Clone)]
 pub struct VisionTower {
-    /// `patch_embed.proj.weight` viewed as `(hidden, C*T*P*P)`.
-    patch_embed: Tensor,
+    /// `patch_embed.proj.weight` viewed as `(hidden, C*T*P*P)`, no bias.
+    patch_embed: Linear,
     blocks: Vec<VisionBlock>,
     merger: PatchMerger,
     /// `1 / theta^(2i / (head_dim/2))`, `i < head_dim / 4`.
@@ -442,7 +453,7 @@ impl VisionTower {
             .map(|i| 1.0 / ROPE_THETA.powf(i as f32 / rot_dim as f32))
             .collect();
         Ok(Self {
-            patch_embed,
+            patch_embed: Linear::new(patch_embed, None),
             blocks,
             merger: PatchMerger::new(cfg, vb.pp("merger"))?,
             inv_freq,
@@ -524,9 +535,8 @@ impl VisionTower {
         let window_runs = segment_runs(&layout.cu_window_seqlens);
         let full_runs = segment_runs(&layout.cu_seqlens);
 
-        let x = pixel_values
-            .to_dtype(self.patch_embed.dtype())?
-            .matmul(&self.patch_embed.t()?)?; // (s, d)
+        let x = pixel_values.to_dtype(self.patch_embed.weight().dtype())?;
+        let x = lin(&self.patch_embed, &x)?; // (s, d)
         let mut x = x.index_select(&perm_t, 0)?; // window order
         for (i, blk) in self.blocks.iter().enumerate() {
             let runs = if self.cfg.fullatt_block_indexes.contains(&i) {

@@ -27,7 +27,7 @@
 //! - **frozen grads**: candle's backward computes the gradient of every matrix a tracked
 //!   activation multiplies, frozen or not, and holds it until the backward ends: the frozen
 //!   decoder weights (LoRA's base, a frozen LLM under a trained tower) in the compute dtype, on
-//!   devices other than the CPU (there `qoq_model::frozen::linear` avoids them);
+//!   devices other than the CPU (there `qoq_model::linear::linear` avoids them);
 //! - **kv cache**: the rollout batch's keys and values, `rows · kv_capacity(prompt + response)`
 //!   positions, bounded by `rollout.kv_cache_mib` when set; it is freed before the update.
 //!
@@ -192,7 +192,7 @@ impl MemoryPlan {
         // Frozen decoder weights sit downstream of whatever trains (LoRA's base, a frozen LLM
         // under a trained tower): candle's matrix product computes their gradients too.
         // On the CPU the frozen projections back-propagate to their input only
-        // (`qoq_model::frozen::linear`).
+        // (`qoq_model::linear::linear`).
         let on_cpu = matches!(cfg.device(), Ok(qoq_model::DeviceSpec::Cpu));
         let frozen_decoder: u64 = match &cfg.model.lora {
             _ if on_cpu => 0,

@@ -1,0 +1,438 @@
+//! The linear layers of the model, `x · Wᵀ (+ b)`, with a backward that computes what the
+//! gradient store needs and nothing else.
+//!
+//! candle's `Linear` is a matrix product with the transposed weight and a broadcast bias add.
+//! Its backward computes the gradient of both factors, whether they are trained or not, and
+//! gives the weight's gradient as the transpose of a `(in, out)` product, which candle's
+//! backward then adds, element by element through the transposed strides (one cache miss per
+//! element), into a fresh zeroed `(out, in)` tensor; the bias add keeps its own `(rows, out)`
+//! gradient; and an input that is not contiguous (the response positions that `lm_head` reads)
+//! makes candle broadcast the weight over the batch, whose backward builds a `(b, in, out)`
+//! tensor before summing it. [`linear`] runs the layer as one custom op instead:
+//!
+//! * a trained weight ([`TrainedLinear`]): the forward is one product (and the bias added in
+//!   place); the backward gives the input's gradient `g · W` only when the input is tracked
+//!   (not for pixel values), the weight's as `gᵀ · x` directly in the weight's `(out, in)`
+//!   layout, and the bias's as the column sums of `g`;
+//! * a frozen weight (a LoRA base, a frozen LLM under a trained tower; [`FrozenMatmul`]): the
+//!   op is over the input alone and its backward gives `g · W`; the weight gets no gradient
+//!   (candle would keep a weight-sized gradient of it until the backward ends).
+//!
+//! Written here because candle has no "no gradient for this operand" switch. CPU only;
+//! elsewhere, and when neither the weight nor the input is tracked (inference), candle's
+//! `Linear` runs.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor,
+};
+use candle_nn::Linear;
+
+/// `x · Wᵀ (+ b)` of `lin` for `x: (..., in)` → `(..., out)` (see the module docs for the paths).
+pub fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
+    use candle_core::Module;
+    let w = lin.weight();
+    let cpu = x.device().is_cpu() && w.device().is_cpu();
+    let trained = w.track_op() || lin.bias().is_some_and(Tensor::track_op);
+    if !cpu || !(trained || x.track_op()) || (trained && x.dtype() != w.dtype()) {
+        return lin.forward(x);
+    }
+    let dims = x.dims().to_vec();
+    let k = *dims.last().unwrap_or(&1);
+    let rows = x.elem_count() / k.max(1);
+    let x2 = x.reshape((rows, k))?.contiguous()?;
+    let y = if trained {
+        match lin.bias() {
+            Some(b) => x2.apply_op3_arc(w, b, std::sync::Arc::new(Box::new(TrainedLinear)))?,
+            None => x2.apply_op2(w, TrainedLinear)?,
+        }
+    } else {
+        let w = if w.dtype() == x.dtype() {
+            w.clone()
+        } else {
+            w.to_dtype(x.dtype())?
+        };
+        let y = x2.apply_op1(FrozenMatmul { w })?;
+        match lin.bias() {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        }
+    };
+    let mut out_dims = dims;
+    if let Some(last) = out_dims.last_mut() {
+        *last = w.dim(0)?;
+    }
+    y.reshape(out_dims)
+}
+
+/// `x (rows, in) → x · Wᵀ (+ b) (rows, out)` for a trained `W: (out, in)` (and `b: (out,)`):
+/// the op's inputs are `x`, `W` and, when there is one, `b`.
+struct TrainedLinear;
+
+/// `x · Wᵀ` of the storages of `x: (rows, in)` and `W: (out, in)`, by candle's CPU product with
+/// the weight's layout transposed (no copy).
+fn product(
+    x: &CpuStorage,
+    xl: &Layout,
+    w: &CpuStorage,
+    wl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (m, k) = xl.shape().dims2()?;
+    let (n, kw) = wl.shape().dims2()?;
+    if k != kw {
+        candle_core::bail!("linear: input {:?} for weight {:?}", xl.dims(), wl.dims());
+    }
+    let y = x.matmul(w, (1, m, n, k), xl, &wl.transpose(0, 1)?)?;
+    Ok((y, Shape::from((m, n))))
+}
+
+/// Adds `b` (contiguous `(out,)`) to every row of `y` in place.
+fn add_bias(y: &mut CpuStorage, b: &CpuStorage, bl: &Layout) -> Result<()> {
+    fn rows<T: Copy + std::ops::AddAssign + Send + Sync>(y: &mut [T], b: &[T]) {
+        use rayon::prelude::*;
+        if b.is_empty() {
+            return;
+        }
+        y.par_chunks_mut(b.len().max(1 << 14).next_multiple_of(b.len()))
+            .for_each(|c| {
+                for row in c.chunks_mut(b.len()) {
+                    for (v, &x) in row.iter_mut().zip(b) {
+                        *v += x;
+                    }
+                }
+            });
+    }
+    let Some((lo, hi)) = bl.contiguous_offsets() else {
+        candle_core::bail!("linear: a non-contiguous bias");
+    };
+    match (y, b) {
+        (CpuStorage::F32(y), CpuStorage::F32(b)) => rows(y, &b[lo..hi]),
+        (CpuStorage::F64(y), CpuStorage::F64(b)) => rows(y, &b[lo..hi]),
+        (CpuStorage::BF16(y), CpuStorage::BF16(b)) => rows(y, &b[lo..hi]),
+        (CpuStorage::F16(y), CpuStorage::F16(b)) => rows(y, &b[lo..hi]),
+        _ => candle_core::bail!("linear: the bias's dtype differs from the input's"),
+    }
+    Ok(())
+}
+
+/// The gradients of `x · Wᵀ` for the output gradient `g: (rows, out)`: the input's `g · W` when
+/// `x` is tracked, the weight's `gᵀ · x` (`(out, in)`, contiguous) when `W` is.
+fn product_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let dx = if x.track_op() {
+        Some(g.matmul(w)?)
+    } else {
+        None
+    };
+    let dw = if w.track_op() {
+        Some(g.t()?.matmul(x)?)
+    } else {
+        None
+    };
+    Ok((dx, dw))
+}
+
+impl CustomOp2 for TrainedLinear {
+    fn name(&self) -> &'static str {
+        "qoq-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        product(s1, l1, s2, l2)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        product_grads(x, w, g)
+    }
+}
+
+impl CustomOp3 for TrainedLinear {
+    fn name(&self) -> &'static str {
+        "qoq-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (mut y, shape) = product(s1, l1, s2, l2)?;
+        if l3.dims() != [shape.dims()[1]] {
+            candle_core::bail!("linear: bias {:?} for output {:?}", l3.dims(), shape.dims());
+        }
+        add_bias(&mut y, s3, l3)?;
+        Ok((y, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = product_grads(x, w, g)?;
+        let db = if b.track_op() { Some(g.sum(0)?) } else { None };
+        Ok((dx, dw, db))
+    }
+}
+
+/// `x (rows, in) → x · Wᵀ (rows, out)` with `W: (out, in)` frozen.
+struct FrozenMatmul {
+    w: Tensor,
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "qoq-frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (ws, wl) = self.w.storage_and_layout();
+        let Storage::Cpu(ws) = &*ws else {
+            candle_core::bail!("frozen linear: the weight left the CPU");
+        };
+        product(s, l, ws, wl)
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        grad.matmul(&self.w).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    /// The input's gradient equals the plain product's, the forward too, and the frozen weight
+    /// (and its transpose) get no entry in the gradient store.
+    #[test]
+    fn the_input_gets_the_plain_gradient_and_the_weight_none() {
+        let dev = Device::Cpu;
+        for dtype in [DType::F32, DType::F64] {
+            let w = Tensor::randn(0f32, 1.0, (5, 3), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let b = Tensor::randn(0f32, 1.0, 5, &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let lin = Linear::new(w.clone(), Some(b));
+            let x = Var::from_tensor(
+                &Tensor::randn(0f32, 1.0, (2, 4, 3), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap();
+            let g = Tensor::randn(0f32, 1.0, (2, 4, 5), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let plain = candle_core::Module::forward(&lin, x.as_tensor()).unwrap();
+            let ours = linear(&lin, x.as_tensor()).unwrap();
+            let diff = |a: &Tensor, b: &Tensor| {
+                (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+            };
+            assert!(diff(&plain, &ours) < 1e-5, "{dtype:?}");
+            let gp = (plain * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let go = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let (a, b) = (
+                gp.get(x.as_tensor()).unwrap(),
+                go.get(x.as_tensor()).unwrap(),
+            );
+            assert!(diff(a, b) < 1e-5, "{dtype:?}");
+            // The plain product holds a weight-sized gradient for the frozen factor; ours none.
+            let weight_sized = |gs: &candle_core::backprop::GradStore| {
+                gs.get_ids()
+                    .filter(|id| {
+                        gs.get_id(**id)
+                            .is_some_and(|t| t.dims() == [3, 5] || t.dims() == [5, 3])
+                    })
+                    .count()
+            };
+            assert!(weight_sized(&gp) > 0);
+            assert_eq!(weight_sized(&go), 0);
+        }
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    fn wave(shape: &[usize], f: f64, dtype: DType) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|i| ((i as f64) * f + 0.3).sin()).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    }
+
+    /// A trained weight and bias: the op's output and the gradients of the input, the weight
+    /// and the bias equal candle's `Linear`'s, for a contiguous input and for the
+    /// non-contiguous response positions `lm_head` reads; no transposed `(in, out)` tensor is
+    /// left in the gradient store.
+    #[test]
+    fn a_trained_layer_gives_the_plain_values_and_gradients() {
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+            for bias in [true, false] {
+                let w = Var::from_tensor(&wave(&[5, 3], 0.37, dtype)).unwrap();
+                let b = Var::from_tensor(&wave(&[5], 0.91, dtype)).unwrap();
+                let lin = Linear::new(w.as_tensor().clone(), bias.then(|| b.as_tensor().clone()));
+                let x = Var::from_tensor(&wave(&[2, 6, 3], 0.53, dtype)).unwrap();
+                for narrow in [false, true] {
+                    let run = |ours: bool| {
+                        let xin = if narrow {
+                            x.as_tensor().narrow(1, 2, 3).unwrap()
+                        } else {
+                            x.as_tensor().clone()
+                        };
+                        let y = if ours {
+                            linear(&lin, &xin).unwrap()
+                        } else {
+                            candle_core::Module::forward(&lin, &xin).unwrap()
+                        };
+                        let up = wave(y.dims(), 0.23, dtype);
+                        let g = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+                        let transposed = g
+                            .get_ids()
+                            .filter(|id| g.get_id(**id).is_some_and(|t| t.dims() == [3, 5]))
+                            .count();
+                        let grads: Vec<Option<Tensor>> = [&x, &w, &b]
+                            .iter()
+                            .map(|v| g.get(v.as_tensor()).cloned())
+                            .collect();
+                        (y, grads, transposed)
+                    };
+                    let (yp, gp, _) = run(false);
+                    let (yo, go, transposed) = run(true);
+                    let what = format!("{dtype:?} bias {bias} narrow {narrow}");
+                    assert_eq!(yp.dims(), yo.dims(), "{what}");
+                    assert!(max_diff(&yp, &yo) <= tol, "{what}: values");
+                    for (name, (p, o)) in ["x", "w", "b"].iter().zip(gp.iter().zip(&go)) {
+                        match (p, o) {
+                            (Some(p), Some(o)) => {
+                                assert!(max_diff(p, o) <= tol, "{what}: d{name} {}", max_diff(p, o))
+                            }
+                            (None, None) => {}
+                            _ => panic!("{what}: d{name} present on one side only"),
+                        }
+                    }
+                    assert_eq!(transposed, 0, "{what}: a transposed weight gradient");
+                }
+            }
+        }
+    }
+
+    /// Pixel values (an untracked input) under a trained weight: the weight gets the plain
+    /// gradient and no input gradient is computed or stored; a bf16 cast of a trained weight
+    /// (mixed precision) trains through the op too, close to the plain bf16 product.
+    #[test]
+    fn an_untracked_input_gets_no_gradient_and_bf16_trains() {
+        let w = Var::from_tensor(&wave(&[5, 3], 0.37, DType::F32)).unwrap();
+        let x = wave(&[4, 3], 0.53, DType::F32);
+        let lin = Linear::new(w.as_tensor().clone(), None);
+        let g = linear(&lin, &x)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gp = candle_core::Module::forward(&lin, &x)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let dw = g.get(w.as_tensor()).expect("the weight's gradient");
+        assert!(max_diff(dw, gp.get(w.as_tensor()).unwrap()) < 1e-5);
+        assert!(g.get(&x).is_none());
+        assert!(
+            g.get_ids()
+                .all(|id| g.get_id(*id).is_some_and(|t| t.dims() != [4, 3]))
+        );
+
+        let wb = w.as_tensor().to_dtype(DType::BF16).unwrap();
+        let lin = Linear::new(wb, None);
+        let xb = Var::from_tensor(&x.to_dtype(DType::BF16).unwrap()).unwrap();
+        let run = |ours: bool| {
+            let y = if ours {
+                linear(&lin, xb.as_tensor()).unwrap()
+            } else {
+                candle_core::Module::forward(&lin, xb.as_tensor()).unwrap()
+            };
+            let g = y
+                .to_dtype(DType::F32)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            (
+                y,
+                g.get(w.as_tensor()).unwrap().clone(),
+                g.get(xb.as_tensor()).unwrap().clone(),
+            )
+        };
+        let (yp, wp, xp) = run(false);
+        let (yo, wo, xo) = run(true);
+        assert_eq!(yo.dtype(), DType::BF16);
+        for (p, o) in [(yp, yo), (wp, wo), (xp, xo)] {
+            assert!(max_diff(&p, &o) < 2e-2, "bf16 {}", max_diff(&p, &o));
+        }
+    }
+
+    /// Inference (nothing tracked) takes candle's own layer.
+    #[test]
+    fn an_untracked_layer_and_input_take_the_plain_path() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (5, 3), &dev).unwrap();
+        let lin = Linear::new(w, None);
+        let x = Tensor::randn(0f32, 1.0, (4, 3), &dev).unwrap();
+        let y = linear(&lin, &x).unwrap();
+        assert!(!y.track_op());
+    }
+}
