@@ -53,6 +53,9 @@ fn every_trainable_parameter_receives_a_finite_nonzero_gradient() {
             .to_scalar::<f32>()
             .unwrap();
         assert!(n.is_finite() && n > 0.0, "{name}: gradient norm² {n}");
+        // A gradient that records a graph keeps the activations and output gradients it was
+        // computed from alive until the backward ends (candle never detaches a variable's).
+        assert!(!g.track_op(), "{name}: its gradient records a graph");
         seen[Component::of(name) as usize] = true;
     }
     assert_eq!(
