@@ -260,28 +260,14 @@ mod tests {
                 .unwrap();
             let plain = candle_core::Module::forward(&lin, x.as_tensor()).unwrap();
             let ours = linear(&lin, x.as_tensor()).unwrap();
-            let diff = |a: &Tensor, b: &Tensor| {
-                (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_dtype(DType::F64)
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap()
-            };
-            assert!(diff(&plain, &ours) < 1e-5, "{dtype:?}");
+            assert!(max_diff(&plain, &ours) < 1e-5, "{dtype:?}");
             let gp = (plain * &g).unwrap().sum_all().unwrap().backward().unwrap();
             let go = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
             let (a, b) = (
                 gp.get(x.as_tensor()).unwrap(),
                 go.get(x.as_tensor()).unwrap(),
             );
-            assert!(diff(a, b) < 1e-5, "{dtype:?}");
+            assert!(max_diff(a, b) < 1e-5, "{dtype:?}");
             // The plain product holds a weight-sized gradient for the frozen factor; ours none.
             let weight_sized = |gs: &candle_core::backprop::GradStore| {
                 gs.get_ids()
