@@ -262,9 +262,8 @@ pub fn export(
     processor: &qoq_processor::ProcessorOptions,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    for f in ["config.json", "preprocessor_config.json", "tokenizer.json"] {
-        let from = like.join(f);
-        std::fs::copy(&from, dir.join(f)).map_err(io(&from))?;
+    for (name, from) in qoq_processor::model_folder_files(like, None) {
+        std::fs::copy(&from, dir.join(name)).map_err(io(&from))?;
     }
     processor
         .write_to_model_dir(dir)

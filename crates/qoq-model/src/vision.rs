@@ -17,6 +17,9 @@
 //! 4. the patch merger (`RMSNorm`, 2x2 concat, `Linear -> GELU -> Linear`), then the inverse window
 //!    permutation so merged tokens come back in raster order per image.
 
+// `lin`: the layers' product (in training, no gradient for the pixel values, the weight's in
+// its own layout); `linear` below builds a layer.
+use crate::linear::linear as lin;
 use crate::ops::{self, ForwardMode};
 use candle_core::{D, DType, Device, Result, Tensor, bail};
 use candle_nn::{Linear, VarBuilder};
@@ -33,12 +36,6 @@ fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     let weight = vb.get((out_dim, in_dim), "weight")?;
     let bias = vb.get(out_dim, "bias")?;
     Ok(Linear::new(weight, Some(bias)))
-}
-
-/// `x · Wᵀ + b` of a tower layer ([`crate::linear::linear`]: in training, no gradient for the
-/// pixel values and the weight's in its own layout).
-fn lin(l: &Linear, x: &Tensor) -> Result<Tensor> {
-    crate::linear::linear(l, x)
 }
 
 /// The activation named by `hidden_act` (transformers `ACT2FN`).

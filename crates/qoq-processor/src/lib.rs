@@ -28,6 +28,8 @@ pub mod tokenizer;
 
 pub use case::{Case, CaseEcg, CaseImage};
 pub use error::{Error, Result};
-pub use processor::{ProcessedBatch, ProcessedSample, Processor, ProcessorOptions, Truncation};
+pub use processor::{
+    ProcessedBatch, ProcessedSample, Processor, ProcessorOptions, Truncation, model_folder_files,
+};
 pub use settings::{ProcessorSettings, SETTINGS_FILE};
 pub use tokenizer::QoqTokenizer;

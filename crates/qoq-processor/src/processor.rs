@@ -32,7 +32,7 @@ use qoq_data::ecg::{EcgConvention, MODEL_LEADS, MODEL_SAMPLES};
 use qoq_data::ecg_io::EcgLoadOptions;
 use qoq_data::vision::ImageLoadOptions;
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Number of floats of one ECG input (8 × 2500).
 pub const ECG_LEN: usize = MODEL_LEADS.len() * MODEL_SAMPLES;
@@ -189,6 +189,25 @@ fn white(w: u32, h: u32) -> RgbImage {
     RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]))
 }
 
+/// The files of a model folder besides its weights, each as `(name in the folder, where it is
+/// read from)`: `config.json` and `preprocessor_config.json` of `dir`, and the tokenizer,
+/// `tokenizer` when given, else `dir/tokenizer.json`. [`Processor::from_model_dir`] reads
+/// them; exported models and checkpoints copy them so that they are model folders too.
+pub fn model_folder_files(dir: &Path, tokenizer: Option<&Path>) -> [(&'static str, PathBuf); 3] {
+    const TOKENIZER: &str = "tokenizer.json";
+    [
+        ("config.json", dir.join("config.json")),
+        (
+            "preprocessor_config.json",
+            dir.join("preprocessor_config.json"),
+        ),
+        (
+            TOKENIZER,
+            tokenizer.map_or_else(|| dir.join(TOKENIZER), Path::to_path_buf),
+        ),
+    ]
+}
+
 impl Processor {
     /// Build from parts; fails when the tokenizer's ids disagree with `config.json`'s.
     pub fn new(
@@ -242,8 +261,8 @@ impl Processor {
         })
     }
 
-    /// Load `config.json`, `preprocessor_config.json` and `tokenizer.json` from a model folder;
-    /// `tokenizer` overrides the tokenizer file.
+    /// Load `config.json`, `preprocessor_config.json` and `tokenizer.json` from a model folder
+    /// ([`model_folder_files`]); `tokenizer` overrides the tokenizer file.
     pub fn from_model_dir(
         dir: &Path,
         tokenizer: Option<&Path>,
@@ -253,11 +272,9 @@ impl Processor {
             path: path.to_path_buf(),
             message: e.to_string(),
         };
-        let cfg_path = dir.join("config.json");
+        let [(_, cfg_path), (_, pp_path), (_, tok_path)] = model_folder_files(dir, tokenizer);
         let model = QwenVlConfig::from_file(&cfg_path).map_err(|e| cfg_err(&cfg_path, e))?;
-        let pp_path = dir.join("preprocessor_config.json");
         let pp = PreprocessorConfig::from_file(&pp_path).map_err(|e| cfg_err(&pp_path, e))?;
-        let tok_path = tokenizer.map_or_else(|| dir.join("tokenizer.json"), Path::to_path_buf);
         let tok = QoqTokenizer::from_file(&tok_path)?;
         Self::new(tok, &model, pp, opts)
     }

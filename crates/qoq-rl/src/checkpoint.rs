@@ -58,12 +58,6 @@ pub mod files {
     pub const CRITIC_OPTIMIZER: &str = "critic_optimizer.safetensors";
     /// Sizes and hashes, written last.
     pub const MANIFEST: &str = "manifest.json";
-    /// The model's `config.json` (a copy of the run's model folder's).
-    pub const MODEL_CONFIG: &str = "config.json";
-    /// The model's `preprocessor_config.json` (a copy).
-    pub const PREPROCESSOR: &str = "preprocessor_config.json";
-    /// The run's tokenizer (a copy).
-    pub const TOKENIZER: &str = "tokenizer.json";
     /// PEFT's adapter config (LoRA runs).
     pub const ADAPTER_CONFIG: &str = qoq_model::lora::PEFT_CONFIG_FILE;
     /// PEFT's adapter weights (LoRA runs).
@@ -229,8 +223,8 @@ pub struct ModelFolder<'a> {
     /// The run's model folder (`model.model_path`): its `config.json` and
     /// `preprocessor_config.json`.
     pub dir: &'a Path,
-    /// The run's tokenizer file (`model.tokenizer_path`, else `dir/tokenizer.json`).
-    pub tokenizer: &'a Path,
+    /// The run's tokenizer file (`model.tokenizer_path`); `None`: `dir/tokenizer.json`.
+    pub tokenizer: Option<&'a Path>,
 }
 
 /// The LoRA adapters of a checkpoint.
@@ -418,11 +412,7 @@ pub fn save<E: Serialize>(root: &Path, data: &CheckpointData<'_, E>) -> Result<P
         files::PROCESSOR,
     ]);
     if let Some(m) = data.model_folder {
-        for (name, from) in [
-            (files::MODEL_CONFIG, m.dir.join(files::MODEL_CONFIG)),
-            (files::PREPROCESSOR, m.dir.join(files::PREPROCESSOR)),
-            (files::TOKENIZER, m.tokenizer.to_path_buf()),
-        ] {
+        for (name, from) in qoq_processor::model_folder_files(m.dir, m.tokenizer) {
             std::fs::copy(&from, tmp.join(name)).map_err(io(&from))?;
             names.push(name);
         }

@@ -633,15 +633,10 @@ impl Trainer {
             None => None,
         };
         let base_name = self.lora_base_name();
-        let model_dir = Path::new(&self.cfg.model.model_path);
-        let tokenizer = match &self.cfg.model.tokenizer_path {
-            Some(t) => PathBuf::from(t),
-            None => model_dir.join(checkpoint::files::TOKENIZER),
-        };
         let data = CheckpointData {
             model_folder: Some(checkpoint::ModelFolder {
-                dir: model_dir,
-                tokenizer: &tokenizer,
+                dir: Path::new(&self.cfg.model.model_path),
+                tokenizer: self.cfg.model.tokenizer_path.as_deref().map(Path::new),
             }),
             peft: match (&self.adapters, &adapters) {
                 (Some(a), Some(t)) => Some(checkpoint::PeftData {
