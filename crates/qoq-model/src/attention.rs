@@ -28,15 +28,17 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// Key count from which the training forward uses the chunked op.
+/// Key count from which the training forward uses the chunked op: every length.
 ///
-/// Below it the eager path's score and probability tensors (kept for the backward: two
-/// `heads · s · t` f32 tensors per layer, 2 · 14 · 512² · 4 B = 29 MiB per sequence and layer for
-/// Qwen2.5-0.5B) are small next to the weights, and its one product per block of the whole
-/// matrix has less overhead than the op's blocks and its extra backward products; from here they
-/// grow quadratically (7.5 GiB per layer at 8k tokens) and dominate a step's memory. Not
-/// measured: the lead's `qoq bench train-step` gives the speed either side.
-pub const CHUNKED_MIN_KEYS: usize = 512;
+/// The eager path keeps two `heads · s · t` f32 tensors per layer for the backward and builds
+/// half a dozen more of that size in it (scaled and masked scores, their gradients, each summed
+/// into fresh zeros by candle's backward), so it loses at every length measured, not only where
+/// its memory grows quadratically (7.5 GiB per layer at 8k tokens). Forward + backward of one
+/// layer's attention at the 0.5B bench's shapes (2 rows, 14 heads over 2 key-value heads, head
+/// 64, causal; `cargo bench -p qoq-model --bench attention`, 2 threads, quiet machine):
+/// 128 tokens 28.4 ms eager vs 20.0 ms chunked, 351 tokens 147.3 vs 78.2 ms, 700 tokens 622 vs
+/// 214 ms. Tests compare both paths with [`with_min_keys`].
+pub const CHUNKED_MIN_KEYS: usize = 1;
 
 /// Calls of [`chunked_attention`] in this process so far (all threads).
 static CALLS: AtomicU64 = AtomicU64::new(0);

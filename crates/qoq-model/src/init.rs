@@ -253,16 +253,18 @@ pub fn init_model(dir: &Path, size: &ModelSize, tokenizer: &Path, seed: u64) -> 
 }
 
 /// Writes a model folder with `weights`, the other files of `like` (config, preprocessor
-/// config, tokenizer) and the processor settings it was trained with
+/// config, and its tokenizer or the file `tokenizer` that overrides it, as
+/// [`qoq_processor::model_folder_files`]) and the processor settings it was trained with
 /// ([`qoq_processor::SETTINGS_FILE`]).
 pub fn export(
     dir: &Path,
     like: &Path,
+    tokenizer: Option<&Path>,
     weights: &HashMap<String, Tensor>,
     processor: &qoq_processor::ProcessorOptions,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    for (name, from) in qoq_processor::model_folder_files(like, None) {
+    for (name, from) in qoq_processor::model_folder_files(like, tokenizer) {
         std::fs::copy(&from, dir.join(name)).map_err(io(&from))?;
     }
     processor
@@ -317,10 +319,32 @@ mod tests {
         let w =
             candle_core::safetensors::load(init.join("model.safetensors"), &Device::Cpu).unwrap();
         let out = dir.path().join("out");
-        export(&out, &init, &w, &qoq_processor::ProcessorOptions::default()).unwrap();
+        export(&out, &init, None, &w, &Default::default()).unwrap();
         crate::loading::load_model(&out, DType::F32, &Device::Cpu).unwrap();
         assert!(out.join(qoq_processor::SETTINGS_FILE).is_file());
-        assert!(export(&out, &dir.path().join("missing"), &w, &Default::default()).is_err());
+        assert_eq!(
+            std::fs::read(out.join("tokenizer.json")).unwrap(),
+            tok_json.as_bytes()
+        );
+        assert!(
+            export(
+                &out,
+                &dir.path().join("missing"),
+                None,
+                &w,
+                &Default::default()
+            )
+            .is_err()
+        );
+        // A tokenizer that overrides the folder's is the one exported.
+        let other_tok = dir.path().join("other_tokenizer.json");
+        std::fs::write(&other_tok, tok_json.replace("malignant", "malignant ")).unwrap();
+        let out2 = dir.path().join("out2");
+        export(&out2, &init, Some(&other_tok), &w, &Default::default()).unwrap();
+        assert_eq!(
+            std::fs::read(out2.join("tokenizer.json")).unwrap(),
+            std::fs::read(&other_tok).unwrap()
+        );
     }
 
     /// A fresh model's vision tower and ECG encoder pass their input on: their norms start at

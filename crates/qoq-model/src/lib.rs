@@ -22,6 +22,7 @@ pub mod attention;
 pub mod batch;
 pub mod checkpoint;
 pub mod device;
+pub mod embedding;
 pub mod error;
 pub mod fused;
 pub mod init;

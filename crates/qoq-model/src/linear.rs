@@ -115,6 +115,10 @@ fn add_bias(y: &mut CpuStorage, b: &CpuStorage, bl: &Layout) -> Result<()> {
 /// The gradients of `x · Wᵀ` for the output gradient `g: (rows, out)`: the input's `g · W` when
 /// `x` is tracked, the weight's `gᵀ · x` (`(out, in)`, contiguous) when `W` is.
 ///
+/// Under [`crate::checkpoint::backward`] a trained weight that is a variable gets its gradient
+/// added to the backward's sums directly ([`crate::checkpoint::add_to_sum`]: in place from the
+/// second use or micro-batch on), not through candle's store.
+///
 /// The products run on detached views of `x` and `W`: a gradient computed from the tracked
 /// tensors would itself record a graph over them, and candle never detaches what it stores for
 /// a variable, so every weight's gradient would keep its layer's input and output gradient
@@ -127,11 +131,16 @@ fn product_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, 
     } else {
         None
     };
-    let dw = if w.track_op() {
-        Some(g.t()?.matmul(&x.detach())?)
-    } else {
-        None
-    };
+    let dw_of = || g.t()?.matmul(&x.detach());
+    let mut dw = None;
+    let delivered = w.track_op()
+        && crate::checkpoint::add_to_sum(w, |sum| match sum {
+            Some(sum) => crate::checkpoint::add_into(sum, &dw_of()?),
+            None => dw_of().map(Some),
+        })?;
+    if w.track_op() && !delivered {
+        dw = Some(dw_of()?);
+    }
     Ok((dx, dw))
 }
 
@@ -356,6 +365,52 @@ mod tests {
                         assert!(!g.track_op(), "{what}: a gradient that records a graph");
                     }
                 }
+            }
+        }
+    }
+
+    /// Under `checkpoint::backward` a trained weight used twice gets candle's gradient (both
+    /// uses summed) without a store entry from candle's path, and continued onto a handed-over
+    /// sum it is added into that sum's own buffer.
+    #[test]
+    fn a_trained_weight_adds_its_gradient_to_the_backwards_sums() {
+        use crate::checkpoint::{backward, backward_onto};
+        let addr = |t: &Tensor| {
+            let (s, _) = t.storage_and_layout();
+            match &*s {
+                Storage::Cpu(CpuStorage::F32(v)) => v.as_ptr() as usize,
+                _ => 0,
+            }
+        };
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+            let w = Var::from_tensor(&wave(&[5, 3], 0.37, dtype)).unwrap();
+            let lin = Linear::new(w.as_tensor().clone(), None);
+            let x = Var::from_tensor(&wave(&[2, 6, 3], 0.53, dtype)).unwrap();
+            let loss = || {
+                let a = linear(&lin, x.as_tensor()).unwrap().sqr().unwrap();
+                let b = linear(&lin, &x.as_tensor().narrow(1, 1, 4).unwrap()).unwrap();
+                (a.sum_all().unwrap() + b.sin().unwrap().sum_all().unwrap()).unwrap()
+            };
+            let plain = loss().backward().unwrap();
+            let sums = backward(&loss()).unwrap();
+            for v in [&w, &x] {
+                let (p, o) = (
+                    plain.get(v.as_tensor()).unwrap(),
+                    sums.get(v.as_tensor()).unwrap(),
+                );
+                assert!(max_diff(p, o) <= tol, "{dtype:?}: {}", max_diff(p, o));
+                assert!(!o.track_op());
+            }
+            let seed = plain.get(w.as_tensor()).unwrap().copy().unwrap();
+            let mut store = candle_core::backprop::GradStore::default();
+            store.insert(w.as_tensor(), seed.copy().unwrap());
+            let at = addr(store.get(w.as_tensor()).unwrap());
+            let onto = backward_onto(&loss(), store).unwrap();
+            let got = onto.get(w.as_tensor()).unwrap();
+            let want = (&seed + plain.get(w.as_tensor()).unwrap()).unwrap();
+            assert!(max_diff(got, &want) <= 2.0 * tol, "{dtype:?} continued");
+            if dtype == DType::F32 {
+                assert_eq!(addr(got), at, "the f32 sum is written in place");
             }
         }
     }

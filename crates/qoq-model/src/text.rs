@@ -7,7 +7,7 @@
 
 use crate::lora::{LoraBuilder, Proj};
 use crate::ops::{self, ForwardMode};
-use candle_core::{D, DType, Device, Module, Result, Tensor};
+use candle_core::{D, DType, Device, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use qoq_core::hf_config::TextConfig;
 
@@ -690,7 +690,7 @@ impl TextModel {
 
     /// `input_ids: (b, s)` u32 → `(b, s, hidden)`.
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
-        self.embed_tokens.forward(input_ids)
+        crate::embedding::embedding(self.embed_tokens.embeddings(), input_ids)
     }
 
     /// `inputs_embeds: (b, s, hidden)`, `position_ids: (3, b, s)`, `attention_mask: (b, s)` →

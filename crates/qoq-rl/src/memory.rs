@@ -12,18 +12,19 @@
 //!   compensation buffer with `actor.strategy = "adamw_bf16"`);
 //! - **gradients**: the trained parameters' f32 gradients: the sum over an optimiser step's
 //!   micro-batches, and beside it, at the end of each later micro-batch's backward, that
-//!   micro-batch's own (with checkpointing and f32 masters only for the parameters outside the
-//!   checkpointed layers, whose gradients the backward adds to the sums as it goes; once in
-//!   all with one micro-batch per optimiser step);
+//!   micro-batch's own, except (f32 masters) for the parameters whose gradients the backward
+//!   adds to the sums as it goes: those inside checkpointed layers and, on the CPU with f32
+//!   compute, the projections' weights and the token embedding; once in all with one
+//!   micro-batch per optimiser step;
 //! - **activations**: what one update micro-batch keeps for its backward. The training forward
 //!   is composed of candle ops, each of which keeps its output until the backward has passed it:
 //!   per token and decoder layer about [`DECODER_VALUES_PER_TOKEN`] hidden-sized values, five
 //!   MLP-sized ones and four attention rows of its length per head; the vision tower likewise
 //!   per patch; the chosen-token log-probabilities keep [`LOGIT_COPIES`] copies of the response
 //!   positions' logits. In the compute dtype (the logits in f32). With `model.gradient_checkpointing` a layer keeps only its
-//!   input and one layer at a time is recomputed in full; from
-//!   [`qoq_model::attention::CHUNKED_MIN_KEYS`] keys the attention keeps one log-sum-exp per
-//!   head and query instead of its rows of scores.
+//!   input and one layer at a time is recomputed in full; on the CPU in f32 (from
+//!   [`qoq_model::attention::CHUNKED_MIN_KEYS`] keys: always) the attention keeps one
+//!   log-sum-exp per head and query instead of its rows of scores.
 //! - **frozen grads**: candle's backward computes the gradient of every matrix a tracked
 //!   activation multiplies, frozen or not, and holds it until the backward ends: the frozen
 //!   decoder weights (LoRA's base, a frozen LLM under a trained tower) in the compute dtype, on
@@ -240,9 +241,10 @@ impl MemoryPlan {
         let s = seq as u64;
         let checkpointing = cfg.model.gradient_checkpointing;
         // Per token and layer; from `CHUNKED_MIN_KEYS` keys the training attention keeps one
-        // log-sum-exp per head instead of its rows of scores.
+        // log-sum-exp per head instead of its rows of scores (the chunked op: CPU, f32).
+        let chunked_attention = on_cpu && cfg.model.compute_dtype == DtypeName::F32;
         let attention = |heads: u64, keys: u64| {
-            if keys as usize >= qoq_model::attention::CHUNKED_MIN_KEYS {
+            if chunked_attention && keys as usize >= qoq_model::attention::CHUNKED_MIN_KEYS {
                 heads
             } else {
                 ATTENTION_ROWS_PER_TOKEN as u64 * heads * keys
@@ -278,28 +280,41 @@ impl MemoryPlan {
         let logits = micro * response as u64 * t.vocab_size as u64 * 4 * LOGIT_COPIES as u64;
         // The gradients of the trained parameters in f32: the sum over the optimiser step's
         // micro-batches, and at the end of each later micro-batch's backward its own gradients
-        // beside it, except those of parameters inside checkpointed layers, which that
-        // backward adds to the sums as it goes (f32 masters; `checkpoint::backward_onto`).
+        // beside it, except those the backward adds to the sums as it goes (f32 masters;
+        // `checkpoint::backward_onto`): the parameters inside checkpointed layers and, on the
+        // CPU with f32 compute, the projections' weights and the token embedding
+        // (`qoq_model::linear`, `qoq_model::embedding`; the matrices outside the ECG encoder).
         let micro_batches = cfg
             .rollouts_per_optimizer_step()
             .div_ceil(micro.max(1) as usize);
         let in_segment =
             |n: &str| n.starts_with("model.layers.") || n.starts_with("visual.blocks.");
-        let trained_outside: u64 = match &cfg.model.lora {
-            Some(_) => 0,
+        let f32_masters = cfg.model.master_dtype == DtypeName::F32;
+        let delivered = |n: &str, shape: &[usize]| {
+            (checkpointing && in_segment(n))
+                || (on_cpu
+                    && cfg.model.compute_dtype == DtypeName::F32
+                    && shape.len() == 2
+                    && !n.starts_with("time_series_embedding."))
+        };
+        let held_beside: u64 = match &cfg.model.lora {
+            // The adapters sit inside the layers and are plain products.
+            Some(_) if checkpointing => 0,
+            Some(_) => trained,
             None => shapes
                 .iter()
-                .filter(|(n, _)| trains(n) && !in_segment(n))
+                .filter(|(n, s)| trains(n) && !delivered(n, s))
                 .map(|(_, s)| count(s))
                 .sum(),
         };
         let (held_twice, grads_detail) = if micro_batches <= 1 {
             (0, "f32, one micro-batch per optimiser step".to_string())
-        } else if checkpointing && cfg.model.master_dtype == DtypeName::F32 {
+        } else if f32_masters && held_beside < trained {
             (
-                trained_outside,
+                held_beside,
                 format!(
-                    "f32, the sum over {micro_batches} micro-batches, and a micro-batch's for                      the {trained_outside} trained parameters outside checkpointed layers"
+                    "f32, the sum over {micro_batches} micro-batches, and a micro-batch's for \
+                     the {held_beside} trained parameters whose backward does not add to it"
                 ),
             )
         } else {
@@ -424,28 +439,53 @@ mod tests {
     }
 
     /// The gradients are held twice only where a later micro-batch's backward runs beside the
-    /// sums, and then only for the parameters outside checkpointed layers when checkpointing.
+    /// sums, and then only for the parameters that backward does not add to them as it goes:
+    /// on the CPU in f32 the matrices (projections, embedding) are added, with checkpointing
+    /// everything inside the checkpointed layers too; on a GPU only the latter.
     #[test]
     fn gradients_are_held_twice_only_beside_a_running_sum() {
         let m = tiny();
         let shapes = qoq_model::loading::requested_parameters(&m).unwrap();
-        let inside: u64 = shapes
-            .iter()
-            .filter(|(n, _)| n.starts_with("model.layers.") || n.starts_with("visual.blocks."))
-            .map(|(_, s)| s.iter().product::<usize>() as u64)
-            .sum();
+        let sum_of = |f: &dyn Fn(&str, &[usize]) -> bool| -> u64 {
+            shapes
+                .iter()
+                .filter(|(n, s)| f(n, s))
+                .map(|(_, s)| s.iter().product::<usize>() as u64)
+                .sum()
+        };
+        let in_segment =
+            |n: &str| n.starts_with("model.layers.") || n.starts_with("visual.blocks.");
+        let matrix = |n: &str, s: &[usize]| s.len() == 2 && !n.starts_with("time_series");
+        let inside = sum_of(&|n, _| in_segment(n));
+        let matrices = sum_of(&|n, s| matrix(n, s));
+        // The ECG encoder's position table is a fixed buffer.
+        let neither = sum_of(&|n, s| !in_segment(n) && !matrix(n, s) && !n.ends_with("pos_embed"));
         let mut c = RunConfig::default();
         let plain = MemoryPlan::estimate(&c, &m, 100, &[64]).unwrap();
         // Every layer and block trains by default; the embeddings, norms and merger too.
-        let outside = plain.trained - inside;
-        assert!(outside > 0 && inside > 0);
-        assert_eq!(part(&plain.update, "gradients"), plain.trained * 8);
+        assert!(inside > 0 && matrices > 0 && neither > 0);
+
+        assert_eq!(
+            part(&plain.update, "gradients"),
+            (2 * plain.trained - matrices) * 4
+        );
         c.model.gradient_checkpointing = true;
         let ckpt = MemoryPlan::estimate(&c, &m, 100, &[64]).unwrap();
         assert_eq!(
             part(&ckpt.update, "gradients"),
-            (plain.trained + outside) * 4
+            (plain.trained + neither) * 4
         );
+        c.model.device = "cuda:0".into();
+        let gpu = MemoryPlan::estimate(&c, &m, 100, &[64]).unwrap();
+        assert_eq!(
+            part(&gpu.update, "gradients"),
+            (2 * plain.trained - inside) * 4
+        );
+        c.model.gradient_checkpointing = false;
+        let gpu = MemoryPlan::estimate(&c, &m, 100, &[64]).unwrap();
+        assert_eq!(part(&gpu.update, "gradients"), plain.trained * 8);
+        c.model.device = "cpu".into();
+        c.model.gradient_checkpointing = true;
         // bf16 masters accumulate in f32 beside them: twice again.
         c.model.master_dtype = DtypeName::Bf16;
         c.model.compute_dtype = DtypeName::Bf16;
@@ -518,10 +558,13 @@ mod tests {
         assert_eq!(part(&bf.resident, "weights"), total * 4);
         assert_eq!(part(&bf.resident, "compute copy"), total * 2);
         assert_eq!(part(&bf.resident, "reference"), total * 2);
-        assert_eq!(
-            2 * part(&bf.update, "activations"),
-            part(&p.update, "activations")
+        // Half the bytes per value, but the eager attention's rows of scores (the chunked op is
+        // f32 only).
+        let (bf_act, f32_act) = (
+            part(&bf.update, "activations"),
+            part(&p.update, "activations"),
         );
+        assert!(2 * bf_act > f32_act, "{bf_act} {f32_act}");
         // LoRA: the base once in the compute dtype, the adapters alone trained.
         b.model.lora = Some(crate::config::LoraSection {
             rank: 2,

@@ -472,8 +472,10 @@ impl GradAccumulator {
                     g
                 }
                 Some(a) if *owned && host_f32(&a) && host_f32(&g) && !shares_buffer(&a, &g) => {
-                    a.inplace_op2(&g, &AddAssign)?;
-                    a
+                    match qoq_model::checkpoint::add_into(&a, &g)? {
+                        None => a,
+                        Some(sum) => sum,
+                    }
                 }
                 Some(a) => {
                     *owned = true;
@@ -569,43 +571,6 @@ fn f32_of_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a 
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
         _ => candle_core::bail!("adamw: expected a contiguous f32 tensor"),
-    }
-}
-
-/// `dst += src` on host f32 tensors of the same shape, in place (the gradient accumulation):
-/// the same additions as `dst + src`.
-struct AddAssign;
-
-impl InplaceOp2 for AddAssign {
-    fn name(&self) -> &'static str {
-        "grad-accumulate"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<()> {
-        use rayon::prelude::*;
-        if l1.shape() != l2.shape() {
-            candle_core::bail!(
-                "grad accumulator: a gradient of shape {:?} for a sum of {:?}",
-                l2.dims(),
-                l1.dims()
-            );
-        }
-        let src = f32_of(s2, l2)?;
-        f32_of_mut(s1, l1)?
-            .par_chunks_mut(CHUNK)
-            .zip(src.par_chunks(CHUNK))
-            .for_each(|(d, s)| {
-                for (d, s) in d.iter_mut().zip(s) {
-                    *d += *s;
-                }
-            });
-        Ok(())
     }
 }
 

@@ -496,14 +496,16 @@ impl Trainer {
     }
 
     /// Writes the trained model into `dir` for inference elsewhere: the merged weights as an HF
-    /// model folder ([`qoq_model::init::export`]: `model.safetensors`, the config, preprocessor
-    /// config and tokenizer of `model.model_path`, the processor settings) and, for a LoRA run,
+    /// model folder ([`qoq_model::init::export`]: `model.safetensors`, the config and
+    /// preprocessor config of `model.model_path`, the run's tokenizer (`model.tokenizer_path`
+    /// where set), the processor settings) and, for a LoRA run,
     /// the adapters in PEFT's layout in `dir/adapter` (`adapter_config.json`,
     /// `adapter_model.safetensors`); returns the adapter folder when written.
     pub fn export(&self, dir: &Path) -> Result<Option<PathBuf>> {
         qoq_model::init::export(
             dir,
             Path::new(&self.cfg.model.model_path),
+            self.cfg.model.tokenizer_path.as_deref().map(Path::new),
             &self.weights()?,
             &self
                 .cfg

@@ -204,15 +204,15 @@ impl Trainer {
             // `model.gradient_checkpointing`: the loss's Train forwards keep only each layer's
             // input and the backward recomputes the layers (the same path with it off).
             let ckpt = self.cfg.model.gradient_checkpointing;
-            // With checkpointing, the next micro-batch's backward adds the checkpointed
-            // layers' parameter gradients to the sums as it goes (`backward_onto`) instead of
-            // holding them besides the sums until it ends (f32 sums need f32 parameters).
-            let continue_sums = ckpt
-                && self
-                    .optimizer_of(learner)?
-                    .params()
-                    .iter()
-                    .all(|p| p.dtype() == DType::F32);
+            // The next micro-batch's backward adds the projections' and embedding's
+            // gradients (and with checkpointing every layer parameter's) to the sums as it goes
+            // (`backward_onto`, in place) instead of holding them besides the sums until it
+            // ends (f32 sums need f32 parameters).
+            let continue_sums = self
+                .optimizer_of(learner)?
+                .params()
+                .iter()
+                .all(|p| p.dtype() == DType::F32);
             for &ub in &parts[crate::dist::shard(parts.len(), rank, ranks)] {
                 let (loss, metrics) = qoq_model::checkpoint::scope(ckpt, || loss_of(self, ub))?;
                 for (name, v) in metrics {

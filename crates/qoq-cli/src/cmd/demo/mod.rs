@@ -396,6 +396,7 @@ fn train_phase(
     model::export(
         export_to,
         like,
+        trainer.config().model.tokenizer_path.as_deref().map(Path::new),
         &trainer.weights()?,
         &trainer.config().processor_options()?,
     )?;
@@ -559,6 +560,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
             model::export(
                 &dest,
                 &sft_model,
+                trainer.config().model.tokenizer_path.as_deref().map(Path::new),
                 &trainer.weights()?,
                 &trainer.config().processor_options()?,
             )?;
