@@ -1,23 +1,40 @@
 //! The training attention's forward + backward, the eager composed path against the chunked op
 //! ([`qoq_model::attention::chunked_attention`]), which decides
-//! [`qoq_model::attention::CHUNKED_MIN_KEYS`].
+//! [`qoq_model::attention::CHUNKED_MIN_MACS`].
 //!
-//! Shapes of the 0.5B `qoq bench train-step`: 2 rows, 14 query heads over 2 key-value heads,
-//! head size 64, causal, f32, at 128, 351 (that bench's sequence) and 700 tokens; the eager path
-//! is the model's (`qoq_model::text`): grouped scores, scale, masked fill, softmax, product.
-//! Prints milliseconds per call, each the mean of `QOQ_BENCH_RUNS` (default 10) after a warm-up.
+//! Shapes: 2 rows, causal, f32, at 64 to 700 tokens, for Qwen2.5-0.5B's decoder (14 query heads
+//! over 2 key-value heads, head size 64: the 0.5B `qoq bench train-step`, whose sequences are
+//! 351 tokens) and the tiny test model's (4 over 2, head size 16). The eager path is the
+//! model's (`qoq_model::text`): grouped scores, scale, masked fill, softmax, product. Prints
+//! milliseconds per call, each the mean of `QOQ_BENCH_RUNS` (default 10) after a warm-up.
 //!
 //! Run: `cargo bench -p qoq-model --bench attention` on a quiet machine.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use qoq_model::attention::{AttentionMask, chunked_attention, with_min_keys};
+use qoq_model::attention::{AttentionMask, chunked_attention, with_min_macs};
 use qoq_model::ops::{ForwardMode, softmax_last_dim};
 use std::time::Instant;
 
 const ROWS: usize = 2;
-const HEADS: usize = 14;
-const KV_HEADS: usize = 2;
-const HEAD_DIM: usize = 64;
+
+/// Mean forward and backward milliseconds of `f` over `runs` calls after one warm-up.
+fn time(f: &dyn Fn() -> Result<Tensor>, up: &Tensor, runs: usize) -> Result<(f64, f64)> {
+    let once = || -> Result<(f64, f64)> {
+        let t0 = Instant::now();
+        let y = f()?;
+        let fwd = t0.elapsed().as_secs_f64();
+        qoq_model::checkpoint::backward(&(y * up)?.sum_all()?)?;
+        Ok((fwd, t0.elapsed().as_secs_f64() - fwd))
+    };
+    once()?;
+    let (mut fwd, mut bwd) = (0.0, 0.0);
+    for _ in 0..runs {
+        let (a, b) = once()?;
+        fwd += a;
+        bwd += b;
+    }
+    Ok((fwd * 1e3 / runs as f64, bwd * 1e3 / runs as f64))
+}
 
 fn main() -> Result<()> {
     let runs: usize = std::env::var("QOQ_BENCH_RUNS")
@@ -26,70 +43,57 @@ fn main() -> Result<()> {
         .unwrap_or(10);
     let dev = Device::Cpu;
     println!(
-        "training attention, forward + backward, {ROWS} rows x {HEADS} heads ({KV_HEADS} kv) x {HEAD_DIM}, causal, f32, {} threads",
+        "training attention, forward + backward, {ROWS} rows, causal, f32, {} threads",
         rayon::current_num_threads()
     );
-    for s in [128usize, 351, 700] {
-        let var = |heads: usize| {
-            Var::from_tensor(&Tensor::randn(0f32, 1., (ROWS, heads, s, HEAD_DIM), &dev)?)
-        };
-        let (q, k, v) = (var(HEADS)?, var(KV_HEADS)?, var(KV_HEADS)?);
-        let up = Tensor::randn(0f32, 1., (ROWS, HEADS, s, HEAD_DIM), &dev)?;
-        let scale = 1.0 / (HEAD_DIM as f64).sqrt();
-        let causal: Vec<u8> = (0..s * s).map(|i| u8::from(i % s <= i / s)).collect();
-        let allowed = Tensor::from_vec(causal, (s, s), &dev)?;
-        let eager = || -> Result<Tensor> {
-            let n_rep = HEADS / KV_HEADS;
-            let qq = q
-                .as_tensor()
-                .reshape((ROWS, KV_HEADS, n_rep * s, HEAD_DIM))?;
-            let scores = (qq.matmul(&k.as_tensor().t()?)? * scale)?.reshape((ROWS, HEADS, s, s))?;
-            let neg = Tensor::new(f32::MIN, &dev)?.broadcast_as(scores.shape())?;
-            let scores = allowed
-                .broadcast_as(scores.shape())?
-                .where_cond(&scores, &neg)?;
-            let probs = softmax_last_dim(&scores, ForwardMode::Train)?.reshape((
-                ROWS,
-                KV_HEADS,
-                n_rep * s,
-                s,
-            ))?;
-            probs
-                .matmul(v.as_tensor())?
-                .reshape((ROWS, HEADS, s, HEAD_DIM))
-        };
-        let mask = AttentionMask {
-            causal: true,
-            key_keep: Some(Tensor::ones((ROWS, s), DType::U8, &dev)?),
-        };
-        let chunked = || {
-            with_min_keys(0, || {
-                chunked_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale, &mask)
-            })
-        };
-        let time = |f: &dyn Fn() -> Result<Tensor>| -> Result<(f64, f64)> {
-            let once = || -> Result<(f64, f64)> {
-                let t0 = Instant::now();
-                let y = f()?;
-                let fwd = t0.elapsed().as_secs_f64();
-                qoq_model::checkpoint::backward(&(y * &up)?.sum_all()?)?;
-                Ok((fwd, t0.elapsed().as_secs_f64() - fwd))
+    for (model, heads, kv_heads, head_dim) in [("0.5b", 14, 2, 64), ("tiny", 4, 2, 16)] {
+        for s in [64usize, 128, 351, 700] {
+            let var = |h: usize| {
+                Var::from_tensor(&Tensor::randn(0f32, 1., (ROWS, h, s, head_dim), &dev)?)
             };
-            once()?;
-            let (mut fwd, mut bwd) = (0.0, 0.0);
-            for _ in 0..runs {
-                let (a, b) = once()?;
-                fwd += a;
-                bwd += b;
-            }
-            Ok((fwd * 1e3 / runs as f64, bwd * 1e3 / runs as f64))
-        };
-        let (ef, eb) = time(&eager)?;
-        let (cf, cb) = time(&chunked)?;
-        println!(
-            "{s:>4} tokens: eager {ef:7.2} + {eb:7.2} ms, chunked {cf:7.2} + {cb:7.2} ms (forward + backward); chunked/eager speed {:.2}x",
-            (ef + eb) / (cf + cb)
-        );
+            let (q, k, v) = (var(heads)?, var(kv_heads)?, var(kv_heads)?);
+            let up = Tensor::randn(0f32, 1., (ROWS, heads, s, head_dim), &dev)?;
+            let scale = 1.0 / (head_dim as f64).sqrt();
+            let causal: Vec<u8> = (0..s * s).map(|i| u8::from(i % s <= i / s)).collect();
+            let allowed = Tensor::from_vec(causal, (s, s), &dev)?;
+            let eager = || -> Result<Tensor> {
+                let n_rep = heads / kv_heads;
+                let qq = q
+                    .as_tensor()
+                    .reshape((ROWS, kv_heads, n_rep * s, head_dim))?;
+                let scores =
+                    (qq.matmul(&k.as_tensor().t()?)? * scale)?.reshape((ROWS, heads, s, s))?;
+                let neg = Tensor::new(f32::MIN, &dev)?.broadcast_as(scores.shape())?;
+                let scores = allowed
+                    .broadcast_as(scores.shape())?
+                    .where_cond(&scores, &neg)?;
+                let probs = softmax_last_dim(&scores, ForwardMode::Train)?.reshape((
+                    ROWS,
+                    kv_heads,
+                    n_rep * s,
+                    s,
+                ))?;
+                probs
+                    .matmul(v.as_tensor())?
+                    .reshape((ROWS, heads, s, head_dim))
+            };
+            let mask = AttentionMask {
+                causal: true,
+                key_keep: Some(Tensor::ones((ROWS, s), DType::U8, &dev)?),
+            };
+            let chunked = || {
+                with_min_macs(0, || {
+                    chunked_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale, &mask)
+                })
+            };
+            let (ef, eb) = time(&eager, &up, runs)?;
+            let (cf, cb) = time(&chunked, &up, runs)?;
+            println!(
+                "{model} {s:>4} tokens: eager {ef:7.2} + {eb:7.2} ms, chunked {cf:7.2} + {cb:7.2} ms \
+                 (forward + backward); chunked/eager speed {:.2}x",
+                (ef + eb) / (cf + cb)
+            );
+        }
     }
     Ok(())
 }

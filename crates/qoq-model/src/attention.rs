@@ -28,17 +28,23 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// Key count from which the training forward uses the chunked op: every length.
+/// Multiply-adds of the score product per sequence (`heads · queries · keys · head size`) from
+/// which the training forward uses the chunked op.
 ///
 /// The eager path keeps two `heads · s · t` f32 tensors per layer for the backward and builds
 /// half a dozen more of that size in it (scaled and masked scores, their gradients, each summed
-/// into fresh zeros by candle's backward), so it loses at every length measured, not only where
-/// its memory grows quadratically (7.5 GiB per layer at 8k tokens). Forward + backward of one
-/// layer's attention at the 0.5B bench's shapes (2 rows, 14 heads over 2 key-value heads, head
-/// 64, causal; `cargo bench -p qoq-model --bench attention`, 2 threads, quiet machine):
-/// 128 tokens 28.4 ms eager vs 20.0 ms chunked, 351 tokens 147.3 vs 78.2 ms, 700 tokens 622 vs
-/// 214 ms. Tests compare both paths with [`with_min_keys`].
-pub const CHUNKED_MIN_KEYS: usize = 1;
+/// into fresh zeros by candle's backward); the chunked op pays a fixed cost per block of rows
+/// and head, which small heads do not repay. Forward + backward of one layer's attention,
+/// 2 rows, causal (`cargo bench -p qoq-model --bench attention`, 2 threads, quiet machine),
+/// eager / chunked speed: Qwen2.5-0.5B's shapes (14 heads over 2, head 64) 0.53x at 64 tokens
+/// (3.7M multiply-adds), 1.34x at 128 (14.7M), 1.83x at 351 (the 0.5B train-step bench: 151
+/// vs 83 ms), 2.35x at 700; the tiny model's (4 over 2, head 16) 0.40x at 64, 0.53x at 128
+/// (1.0M), 1.82x at 351 (7.9M), 2.70x at 700; but in the tiny model's whole train-step bench
+/// (367 tokens, 8.6M) the chunked op gained nothing (update equal, reference log-probs 15 %
+/// slower), hence the threshold above that. Beyond these lengths the eager path's memory grows
+/// quadratically (7.5 GiB per layer at 8k tokens). Tests compare both paths with
+/// [`with_min_macs`].
+pub const CHUNKED_MIN_MACS: usize = 12_000_000;
 
 /// Calls of [`chunked_attention`] in this process so far (all threads).
 static CALLS: AtomicU64 = AtomicU64::new(0);
@@ -50,28 +56,37 @@ pub fn calls() -> u64 {
 }
 
 thread_local! {
-    /// A test's override of [`CHUNKED_MIN_KEYS`] on this thread.
-    static MIN_KEYS: Cell<Option<usize>> = const { Cell::new(None) };
+    /// A test's override of [`CHUNKED_MIN_MACS`] on this thread.
+    static MIN_MACS: Cell<Option<usize>> = const { Cell::new(None) };
 }
 
-/// Runs `f` with the chunked op used from `min_keys` keys on (0: always) for the forwards it
-/// makes on this thread (tests: the same model forward both ways).
-pub fn with_min_keys<R>(min_keys: usize, f: impl FnOnce() -> R) -> R {
+/// Runs `f` with the chunked op used from `min_macs` multiply-adds per sequence on (0: always,
+/// `usize::MAX`: never) for the forwards it makes on this thread (tests: the same model forward
+/// both ways).
+pub fn with_min_macs<R>(min_macs: usize, f: impl FnOnce() -> R) -> R {
     struct Restore(Option<usize>);
     impl Drop for Restore {
         fn drop(&mut self) {
-            MIN_KEYS.with(|m| m.set(self.0));
+            MIN_MACS.with(|m| m.set(self.0));
         }
     }
-    let _restore = Restore(MIN_KEYS.with(|m| m.replace(Some(min_keys))));
+    let _restore = Restore(MIN_MACS.with(|m| m.replace(Some(min_macs))));
     f()
 }
 
-/// Whether a training forward with `t` keys over `q` uses the chunked op: on the CPU in f32 or
-/// f64 from [`CHUNKED_MIN_KEYS`] keys.
+/// Whether a training forward of `q: (b, heads, s, d)` over `t` keys uses the chunked op: on
+/// the CPU in f32 or f64 from [`CHUNKED_MIN_MACS`] multiply-adds per sequence
+/// (`heads · s · t · d`).
 pub fn use_chunked(q: &Tensor, t: usize) -> bool {
-    let min = MIN_KEYS.with(Cell::get).unwrap_or(CHUNKED_MIN_KEYS);
-    available(q) && t >= min
+    let min = MIN_MACS.with(Cell::get).unwrap_or(CHUNKED_MIN_MACS);
+    let [_, heads, s, d] = q.dims() else {
+        return false;
+    };
+    available(q)
+        && [*heads, *s, t, *d]
+            .iter()
+            .fold(1usize, |a, &x| a.saturating_mul(x))
+            >= min
 }
 
 /// Whether the op can run on `q`'s device and dtype (CPU, f32 or f64).

@@ -513,9 +513,10 @@ impl Attention {
     /// new keys and values): `x: (b, s, hidden)`, `rope` for the new positions, `mask` of the
     /// `s` queries over `past + s` keys → `(b, s, hidden)`.
     ///
-    /// A training forward (Train mode, no cache) over at least
-    /// [`crate::attention::CHUNKED_MIN_KEYS`] keys on the CPU in f32/f64 uses the chunked
-    /// attention, which never holds the `(b, heads, s, t)` scores; otherwise the eager path.
+    /// A training forward (Train mode, no cache) of at least
+    /// [`crate::attention::CHUNKED_MIN_MACS`] score multiply-adds per sequence on the CPU in f32/f64 uses
+    /// the chunked attention, which never holds the `(b, heads, s, t)` scores; otherwise the
+    /// eager path.
     pub fn forward_cached(
         &self,
         x: &Tensor,

@@ -141,9 +141,9 @@ fn chunked_attention_gives_the_eager_loss_and_gradients_for_every_parameter() {
         .to_vec2()
         .unwrap();
     assert!(mask.iter().flatten().any(|&m| m == 0.0), "a padded row");
-    let eager = attention::with_min_keys(usize::MAX, || loss(&model, &inputs));
+    let eager = attention::with_min_macs(usize::MAX, || loss(&model, &inputs));
     let calls = attention::calls();
-    let chunked = attention::with_min_keys(0, || loss(&model, &inputs));
+    let chunked = attention::with_min_macs(0, || loss(&model, &inputs));
     // Every decoder layer and vision segment run went through the op.
     let layers = cfg.text.num_hidden_layers + cfg.vision.depth;
     assert!(attention::calls() - calls >= layers as u64);

@@ -22,8 +22,8 @@
 //!   MLP-sized ones and four attention rows of its length per head; the vision tower likewise
 //!   per patch; the chosen-token log-probabilities keep [`LOGIT_COPIES`] copies of the response
 //!   positions' logits. In the compute dtype (the logits in f32). With `model.gradient_checkpointing` a layer keeps only its
-//!   input and one layer at a time is recomputed in full; on the CPU in f32 (from
-//!   [`qoq_model::attention::CHUNKED_MIN_KEYS`] keys: always) the attention keeps one
+//!   input and one layer at a time is recomputed in full; on the CPU in f32 from
+//!   [`qoq_model::attention::CHUNKED_MIN_MACS`] score multiply-adds per sequence the attention keeps one
 //!   log-sum-exp per head and query instead of its rows of scores.
 //! - **frozen grads**: candle's backward computes the gradient of every matrix a tracked
 //!   activation multiplies, frozen or not, and holds it until the backward ends: the frozen
@@ -240,11 +240,14 @@ impl MemoryPlan {
         );
         let s = seq as u64;
         let checkpointing = cfg.model.gradient_checkpointing;
-        // Per token and layer; from `CHUNKED_MIN_KEYS` keys the training attention keeps one
-        // log-sum-exp per head instead of its rows of scores (the chunked op: CPU, f32).
+        // Per token and layer; from `CHUNKED_MIN_MACS` score multiply-adds per sequence the
+        // training attention keeps one log-sum-exp per head instead of its rows of scores (the
+        // chunked op: CPU, f32).
         let chunked_attention = on_cpu && cfg.model.compute_dtype == DtypeName::F32;
-        let attention = |heads: u64, keys: u64| {
-            if chunked_attention && keys as usize >= qoq_model::attention::CHUNKED_MIN_KEYS {
+        let attention = |heads: u64, keys: u64, head_dim: u64| {
+            if chunked_attention
+                && heads * keys * keys * head_dim >= qoq_model::attention::CHUNKED_MIN_MACS as u64
+            {
                 heads
             } else {
                 ATTENTION_ROWS_PER_TOKEN as u64 * heads * keys
@@ -261,7 +264,7 @@ impl MemoryPlan {
         };
         let per_token = DECODER_VALUES_PER_TOKEN as u64 * h
             + MLP_VALUES_PER_TOKEN as u64 * i
-            + attention(heads, s);
+            + attention(heads, s, h / heads.max(1));
         let decoder = micro * s * kept(layers, h, per_token) * compute;
         let v = &model.vision;
         let p: u64 = image_patches.iter().map(|&n| n as u64).sum();
@@ -273,7 +276,7 @@ impl MemoryPlan {
                 let vh = v.hidden_size as u64;
                 let per_patch = DECODER_VALUES_PER_TOKEN as u64 * vh
                     + MLP_VALUES_PER_TOKEN as u64 * v.intermediate_size as u64
-                    + attention(v.num_heads as u64, n);
+                    + attention(v.num_heads as u64, n, vh / (v.num_heads as u64).max(1));
                 micro * n * kept(v.depth as u64, vh, per_patch) * compute
             })
             .sum();

@@ -396,7 +396,12 @@ fn train_phase(
     model::export(
         export_to,
         like,
-        trainer.config().model.tokenizer_path.as_deref().map(Path::new),
+        trainer
+            .config()
+            .model
+            .tokenizer_path
+            .as_deref()
+            .map(Path::new),
         &trainer.weights()?,
         &trainer.config().processor_options()?,
     )?;
@@ -560,7 +565,12 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
             model::export(
                 &dest,
                 &sft_model,
-                trainer.config().model.tokenizer_path.as_deref().map(Path::new),
+                trainer
+                    .config()
+                    .model
+                    .tokenizer_path
+                    .as_deref()
+                    .map(Path::new),
                 &trainer.weights()?,
                 &trainer.config().processor_options()?,
             )?;
