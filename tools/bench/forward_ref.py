@@ -1,4 +1,4 @@
-"""Reference timing for `cargo bench -p qoq-model --bench prefill`: HF transformers 4.51.3
+"""Reference timing for `cargo bench -p qoq-model --bench prefill`: HF transformers (4.51.3 or 5.x)
 `Qwen2_5_VLForConditionalGeneration` prefill on CPU, f32, random weights.
 
 Config (0.5B-class text model, Qwen2.5-0.5B dims): hidden 896, 24 layers, 14 heads, 2 KV heads,
@@ -15,6 +15,7 @@ import statistics
 import time
 
 import torch
+import transformers
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 SEQ = 512
@@ -74,7 +75,7 @@ def main():
             if i > 0:  # the first run warms up
                 times.append(time.perf_counter() - t0)
     med = statistics.median(times)
-    print(json.dumps({"tokens": SEQ, "seconds": med, "tokens_per_s": SEQ / med, "threads": torch.get_num_threads()}))
+    print(json.dumps({"tokens": SEQ, "seconds": med, "tokens_per_s": SEQ / med, "threads": torch.get_num_threads(), "transformers": transformers.__version__}))
 
 
 if __name__ == "__main__":

@@ -84,7 +84,8 @@ fn inputs(cfg: &QwenVlConfig, dev: &Device) -> ModelInputs {
     m
 }
 
-fn reference(runs: usize) -> Option<f64> {
+/// The reference's tokens/s and its transformers version.
+fn reference(runs: usize) -> Option<(f64, String)> {
     let python = std::env::var("QOQ_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench/forward_ref.py");
     let out = Command::new(python)
@@ -104,7 +105,10 @@ fn reference(runs: usize) -> Option<f64> {
     }
     let line = String::from_utf8_lossy(&out.stdout);
     let v: serde_json::Value = serde_json::from_str(line.trim().lines().last()?).ok()?;
-    v["tokens_per_s"].as_f64()
+    Some((
+        v["tokens_per_s"].as_f64()?,
+        v["transformers"].as_str().unwrap_or("?").to_string(),
+    ))
 }
 
 #[allow(unsafe_code)] // qoq_model::threads::pin_thread_count, before any thread exists
@@ -127,8 +131,18 @@ fn main() {
     .unwrap_or_else(|e| panic!("QOQ_BENCH_DEVICE: {e}"));
     let cfg = config();
     let vm = VarMap::new();
-    let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
-    let model = ClinicalVlm::new(&cfg, vb).expect("model builds");
+    ClinicalVlm::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).expect("model builds");
+    // Plain tensors, as a loaded checkpoint holds them: variables would take the training
+    // paths (the projections' and embedding's custom ops, a recorded graph).
+    let weights: std::collections::HashMap<String, Tensor> = vm
+        .data()
+        .lock()
+        .expect("varmap")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    let model = ClinicalVlm::new(&cfg, VarBuilder::from_tensors(weights, DType::F32, &dev))
+        .expect("model builds");
     let inp = inputs(&cfg, &dev);
     let mut times = Vec::new();
     for i in 0..=runs {
@@ -148,8 +162,8 @@ fn main() {
         "qoq-model prefill (512 tokens, 1 image, 0.5B-class, f32, CPU): {med:.3} s, {ours:.1} tokens/s"
     );
     match reference(runs) {
-        Some(theirs) => println!(
-            "transformers 4.51.3 (same config, sdpa): {theirs:.1} tokens/s; ratio ours/theirs = {:.2}",
+        Some((theirs, version)) => println!(
+            "transformers {version} (same config, sdpa): {theirs:.1} tokens/s; ratio ours/theirs = {:.2}",
             ours / theirs
         ),
         None => {
