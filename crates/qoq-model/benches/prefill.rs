@@ -132,15 +132,7 @@ fn main() {
     let cfg = config();
     let vm = VarMap::new();
     ClinicalVlm::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).expect("model builds");
-    // Plain tensors, as a loaded checkpoint holds them: variables would take the training
-    // paths (the projections' and embedding's custom ops, a recorded graph).
-    let weights: std::collections::HashMap<String, Tensor> = vm
-        .data()
-        .lock()
-        .expect("varmap")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-        .collect();
+    let weights = qoq_model::init::plain_tensors(&vm);
     let model = ClinicalVlm::new(&cfg, VarBuilder::from_tensors(weights, DType::F32, &dev))
         .expect("model builds");
     let inp = inputs(&cfg, &dev);

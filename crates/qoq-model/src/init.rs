@@ -252,6 +252,17 @@ pub fn init_model(dir: &Path, size: &ModelSize, tokenizer: &Path, seed: u64) -> 
     )
 }
 
+/// The tensors of `vm` detached from their variables, by name: plain tensors, as a loaded
+/// checkpoint holds them (a model built on variables takes the training paths: the
+/// projections' and embedding's custom ops, a recorded graph). For benchmarks of inference on
+/// random weights.
+pub fn plain_tensors(vm: &candle_nn::VarMap) -> HashMap<String, Tensor> {
+    let data = vm.data().lock().unwrap_or_else(|e| e.into_inner());
+    data.iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect()
+}
+
 /// Writes a model folder with `weights`, the other files of `like` (config, preprocessor
 /// config, and its tokenizer or the file `tokenizer` that overrides it, as
 /// [`qoq_processor::model_folder_files`]) and the processor settings it was trained with
@@ -344,6 +355,24 @@ mod tests {
         assert_eq!(
             std::fs::read(out2.join("tokenizer.json")).unwrap(),
             std::fs::read(&other_tok).unwrap()
+        );
+    }
+
+    /// A varmap's tensors come out by name with their values, as plain tensors.
+    #[test]
+    fn plain_tensors_are_the_variables_values_untracked() {
+        let vm = candle_nn::VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let w = vb
+            .get_with_hints((2, 3), "w", candle_nn::Init::Const(0.5))
+            .unwrap();
+        assert!(w.is_variable());
+        let plain = plain_tensors(&vm);
+        assert_eq!(plain.len(), 1);
+        assert!(!plain["w"].track_op());
+        assert_eq!(
+            plain["w"].to_vec2::<f32>().unwrap(),
+            w.to_vec2::<f32>().unwrap()
         );
     }
 

@@ -42,9 +42,7 @@ fn base_dtype(cfg: &RunConfig) -> DType {
 /// back into the config, so that the resolved config saved with every checkpoint names the
 /// device the run used.
 fn open_device(cfg: &mut RunConfig) -> Result<Device> {
-    let spec = cfg
-        .device()
-        .map_err(|e| TrainerError::Config(e.to_string()))?;
+    let spec = cfg.device()?;
     let device = spec
         .device()
         .map_err(|e| TrainerError::Config(format!("model.device: {e}")))?;
@@ -124,8 +122,7 @@ pub(super) fn resume(
         &text,
         &dir.join(checkpoint::files::CONFIG).display().to_string(),
         overrides,
-    )
-    .map_err(|e| TrainerError::Config(e.to_string()))?;
+    )?;
     let reward = match reward {
         Some(r) => r,
         None => cfg
@@ -174,8 +171,7 @@ pub(super) fn resume(
 
 /// Refuses the configurations this trainer cannot run (beyond [`RunConfig::validate`]).
 fn check(cfg: &RunConfig) -> Result<()> {
-    cfg.validate()
-        .map_err(|e| TrainerError::Config(e.to_string()))?;
+    cfg.validate()?;
     if cfg.algorithm.kl.kl_in_reward()
         && cfg.algorithm.kl.kl_penalty == crate::loss::KlEstimator::Full
     {
@@ -230,9 +226,7 @@ fn build(
     let writer = dist.rank() == 0;
     let model_dir = PathBuf::from(&cfg.model.model_path);
     let model_cfg = qoq_model::loading::read_config(&model_dir).map_err(model_err)?;
-    let opts = cfg
-        .processor_options()
-        .map_err(|e| TrainerError::Config(e.to_string()))?;
+    let opts = cfg.processor_options()?;
     let processor = Processor::from_model_dir(
         &model_dir,
         cfg.model.tokenizer_path.as_deref().map(Path::new),
@@ -346,9 +340,7 @@ fn build(
     } else {
         None
     };
-    let config_toml = cfg
-        .to_toml_string()
-        .map_err(|e| TrainerError::Config(e.to_string()))?;
+    let config_toml = cfg.to_toml_string()?;
     let (estimator, cursor, state, resume_step) = match ck {
         Some(ck) => {
             if ck.has_optimizer() {

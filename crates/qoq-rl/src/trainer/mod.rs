@@ -220,6 +220,12 @@ pub enum TrainerError {
     },
 }
 
+impl From<crate::config::ConfigError> for TrainerError {
+    fn from(e: crate::config::ConfigError) -> Self {
+        TrainerError::Config(e.to_string())
+    }
+}
+
 /// How [`Trainer::resume_with`] resumes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ResumeOptions {
@@ -507,10 +513,7 @@ impl Trainer {
             Path::new(&self.cfg.model.model_path),
             self.cfg.model.tokenizer_path.as_deref().map(Path::new),
             &self.weights()?,
-            &self
-                .cfg
-                .processor_options()
-                .map_err(|e| TrainerError::Config(e.to_string()))?,
+            &self.cfg.processor_options()?,
         )
         .map_err(model_err)?;
         let Some(a) = &self.adapters else {
