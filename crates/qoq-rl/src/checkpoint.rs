@@ -208,6 +208,10 @@ pub struct CheckpointData<'a, E: Serialize> {
     pub trainer_state: &'a TrainerState,
     /// The resolved configuration as TOML text.
     pub config_toml: &'a str,
+    /// The processor options the run uses (written as the checkpoint's processor settings);
+    /// the run's own, built once, so that a `data.format_prompt` template file is not read
+    /// again at every checkpoint.
+    pub processor: &'a qoq_processor::ProcessorOptions,
     /// PPO's value model (weights, optimiser), when the run has one.
     pub critic: Option<CriticData<'a>>,
     /// A LoRA run's adapters, written in PEFT's layout.
@@ -391,12 +395,7 @@ pub fn save<E: Serialize>(root: &Path, data: &CheckpointData<'_, E>) -> Result<P
     write_synced(&tmp.join(files::CONFIG), data.config_toml.as_bytes())?;
     // The processor settings travel with the weights (a model folder made from this checkpoint
     // is served with them).
-    let run = crate::config::RunConfig::from_toml_str(data.config_toml, "checkpoint")
-        .map_err(|e| CheckpointError::Config(e.to_string()))?;
-    let settings = qoq_processor::ProcessorSettings::from_options(
-        &run.processor_options()
-            .map_err(|e| CheckpointError::Config(e.to_string()))?,
-    );
+    let settings = qoq_processor::ProcessorSettings::from_options(data.processor);
     let p = tmp.join(files::PROCESSOR);
     let text = serde_json::to_string_pretty(&settings).map_err(|source| CheckpointError::Json {
         path: p.clone(),

@@ -149,6 +149,7 @@ fn save(root: &Path, run: &Run, step: u64) -> std::path::PathBuf {
             },
             trainer_state: &state,
             config_toml: &cfg.to_toml_string().unwrap(),
+            processor: &cfg.processor_options().unwrap(),
             critic: None,
             peft: None,
             model_folder: None,

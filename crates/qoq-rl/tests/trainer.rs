@@ -858,3 +858,45 @@ fn gradient_checkpointing_gives_the_same_ppo_critic_and_sft_steps() {
         "critic weights differ by {d} with gradient checkpointing"
     );
 }
+
+/// The processor options are built once: a `data.format_prompt` template file removed after
+/// the trainer starts is not read again by a checkpoint or an export, which both carry the
+/// template the run trains with.
+#[test]
+fn a_format_prompt_template_is_read_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = text_manifest(dir.path(), 4);
+    let template = dir.path().join("prompt.jinja");
+    let text = "{{ content }} Answer in one word.";
+    std::fs::write(&template, text).unwrap();
+    let mut cfg = config(
+        &model,
+        &manifest,
+        &dir.path().join("run"),
+        2,
+        2,
+        6,
+        1e-3,
+        2,
+        0,
+        false,
+    );
+    cfg.data.format_prompt = template.display().to_string();
+    let t = Trainer::with_reward(cfg, Box::new(Vowels)).unwrap();
+    std::fs::remove_file(&template).unwrap();
+    let ck = t.save_checkpoint().unwrap();
+    let out = dir.path().join("export");
+    t.export(&out).unwrap();
+    for folder in [ck.as_path(), out.as_path()] {
+        let settings = qoq_processor::ProcessorSettings::read(folder)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            settings.into_options().format_prompt.as_deref(),
+            Some(text),
+            "{}",
+            folder.display()
+        );
+    }
+}

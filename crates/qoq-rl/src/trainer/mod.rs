@@ -513,7 +513,7 @@ impl Trainer {
             Path::new(&self.cfg.model.model_path),
             self.cfg.model.tokenizer_path.as_deref().map(Path::new),
             &self.weights()?,
-            &self.cfg.processor_options()?,
+            &self.processor.opts,
         )
         .map_err(model_err)?;
         let Some(a) = &self.adapters else {
@@ -639,6 +639,7 @@ impl Trainer {
         };
         let base_name = self.lora_base_name();
         let data = CheckpointData {
+            processor: &self.processor.opts,
             model_folder: Some(checkpoint::ModelFolder {
                 dir: Path::new(&self.cfg.model.model_path),
                 tokenizer: self.cfg.model.tokenizer_path.as_deref().map(Path::new),

@@ -403,7 +403,7 @@ fn train_phase(
             .as_deref()
             .map(Path::new),
         &trainer.weights()?,
-        &trainer.config().processor_options()?,
+        &trainer.processor().opts,
     )?;
     let tail = curve.len().saturating_sub(5);
     let key = if sft { SFT_LOSS } else { names::REWARD_OVERALL };
@@ -572,7 +572,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
                     .as_deref()
                     .map(Path::new),
                 &trainer.weights()?,
-                &trainer.config().processor_options()?,
+                &trainer.processor().opts,
             )?;
             Vec::new()
         } else {
