@@ -132,15 +132,17 @@ fn product_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, 
         None
     };
     let dw_of = || g.t()?.matmul(&x.detach());
-    let mut dw = None;
-    let delivered = w.track_op()
-        && crate::checkpoint::add_to_sum(w, |sum| match sum {
+    let delivered = |w: &Tensor| {
+        crate::checkpoint::add_to_sum(w, |sum| match sum {
             Some(sum) => crate::checkpoint::add_into(sum, &dw_of()?),
             None => dw_of().map(Some),
-        })?;
-    if w.track_op() && !delivered {
-        dw = Some(dw_of()?);
-    }
+        })
+    };
+    let dw = if !w.track_op() || delivered(w)? {
+        None
+    } else {
+        Some(dw_of()?)
+    };
     Ok((dx, dw))
 }
 

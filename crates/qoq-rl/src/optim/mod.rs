@@ -427,7 +427,8 @@ impl AdamW {
 /// The first micro-batch's gradients are kept as given (no copy); the second is added into a
 /// new buffer per parameter, which the accumulator owns; from the third on, on the CPU, the
 /// gradients are added into those buffers in place (elsewhere: `sum + g`, a new tensor). A
-/// caller's tensor is therefore never written to.
+/// caller's tensor is therefore never written to by [`Self::add`]; [`Self::take_store`] hands
+/// the sums, the first micro-batch's tensors included, to a backward that may.
 #[derive(Debug, Default)]
 pub struct GradAccumulator {
     sums: Vec<Option<Tensor>>,
@@ -495,7 +496,9 @@ impl GradAccumulator {
     /// The sums so far as a gradient store keyed by `params` (aligned with the sums), for
     /// [`qoq_model::checkpoint::backward_onto`] to continue with the next micro-batch's
     /// gradients; `None` before the first micro-batch. The accumulator is left empty:
-    /// [`Self::set_sums`] takes the continued sums back.
+    /// [`Self::set_sums`] takes the continued sums back. The tensors are handed over:
+    /// `backward_onto` adds into them in place, so the caller must hold no other handle to the
+    /// gradients it gave to [`Self::add`] (the trainer moves them out of the backward's store).
     pub fn take_store(&mut self, params: &[Var]) -> candle_core::Result<Option<GradStore>> {
         if self.sums.is_empty() {
             return Ok(None);
