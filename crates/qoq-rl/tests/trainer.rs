@@ -210,6 +210,61 @@ fn sft_steps_lower_the_answer_cross_entropy_and_checkpoint() {
     assert!(Trainer::new(cfg).unwrap().is_sft());
 }
 
+/// `actor.policy_loss.loss_agg_mode` (and `loss_scale_factor`) reduce the SFT loss too: from the
+/// same weights, one micro-batch of 4 equal-length targets gives `Σ nll / 4` (seq-mean-token-sum),
+/// `Σ nll / C` (seq-mean-token-sum-norm) and `Σ nll / (4 L)` (token-mean). An SFT step that
+/// ignored the mode would log the token-mean three times.
+#[test]
+fn sft_loss_follows_the_loss_aggregation_mode() {
+    use qoq_rl::loss::LossAggMode;
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = text_manifest(dir.path(), 4);
+    let first_loss = |mode: LossAggMode, scale: Option<f64>, name: &str| -> f64 {
+        let mut cfg = config(
+            &model,
+            &manifest,
+            &dir.path().join(name),
+            4,
+            2,
+            16,
+            1e-2,
+            1,
+            0,
+            false,
+        );
+        cfg.actor.global_batch_size = 4;
+        cfg.actor.micro_batch_size_per_device_for_update = 4;
+        cfg.actor.policy_loss.loss_agg_mode = mode;
+        cfg.actor.policy_loss.loss_scale_factor = scale;
+        let mut t = Trainer::new(cfg).unwrap();
+        t.set_sft(true);
+        t.run().unwrap();
+        t.records()[0].metrics[qoq_rl::trainer::SFT_LOSS]
+    };
+    let token_mean = first_loss(LossAggMode::TokenMean, None, "tm");
+    let seq_sum = first_loss(LossAggMode::SeqMeanTokenSum, None, "sts");
+    let seq_mean = first_loss(LossAggMode::SeqMeanTokenMean, None, "stm");
+    let norm = first_loss(LossAggMode::SeqMeanTokenSumNorm, Some(7.0), "norm");
+    let total = seq_sum * 4.0;
+    assert!(
+        (norm * 7.0 - total).abs() <= 1e-5 * total,
+        "seq-mean-token-sum-norm {norm} x 7 != seq-mean-token-sum {seq_sum} x 4"
+    );
+    // Every target has the same length L (> 1 token): token-mean = Σ / (4 L), and so is the
+    // mean of the rows' means.
+    let len = total / (4.0 * token_mean);
+    assert!(
+        len > 1.5,
+        "token-mean {token_mean} vs sum {total}: {len} tokens per target"
+    );
+    assert!(
+        (len - len.round()).abs() < 1e-3,
+        "{len} is not a whole target length"
+    );
+    assert!((seq_mean - token_mean).abs() <= 1e-5 * token_mean);
+}
+
 #[test]
 fn drpo_raises_the_validation_reward_and_writes_the_generations() {
     let dir = tempfile::tempdir().unwrap();

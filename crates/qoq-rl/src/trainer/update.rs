@@ -562,11 +562,13 @@ impl Trainer {
     }
 
     /// One supervised fine-tuning step on the same data stream: the target of each drawn row is
-    /// [`sft_target`] of its answer followed by `<|im_end|>`; the loss is the token-mean
-    /// cross-entropy of the target tokens given the prompt, accumulated over micro-batches of
-    /// `actor.micro_batch_size_per_device_for_update` prompts, with one AdamW step per
-    /// `actor.global_batch_size` prompts ([`Trainer::update_loop`]). Logs `sft/loss` (mean over
-    /// micro-batches), `actor/grad_norm`, `actor/lr` and `actor/skipped_steps`.
+    /// [`sft_target`] of its answer followed by `<|im_end|>`; the loss is the cross-entropy of
+    /// the target tokens given the prompt, reduced as the policy loss is
+    /// (`actor.policy_loss.loss_agg_mode`, token-mean by default, and `loss_scale_factor`),
+    /// accumulated over micro-batches of `actor.micro_batch_size_per_device_for_update` prompts,
+    /// with one AdamW step per `actor.global_batch_size` prompts ([`Trainer::update_loop`]). Logs
+    /// `sft/loss` (mean over micro-batches), `actor/grad_norm`, `actor/lr` and
+    /// `actor/skipped_steps`.
     pub fn sft_step(&mut self) -> Result<StepOutcome> {
         self.perf.begin_step();
         let t0 = Instant::now();
@@ -615,7 +617,7 @@ impl Trainer {
         self.finish_step(step, m)
     }
 
-    /// The token-mean cross-entropy of one micro-batch of `(prompt, target)` and its value.
+    /// The SFT loss of one micro-batch of `(prompt, target)` and its value.
     fn sft_micro_loss(
         &self,
         step: u64,
@@ -647,10 +649,12 @@ impl Trainer {
         let mask = Tensor::from_vec(mask, (b, r_len), &self.device)?;
         let s = batch.seq_len();
         let lp = response_log_probs(&self.model, &inputs, s, &labels, ForwardMode::Train, step)?;
-        let loss = lp.mul(&mask)?.sum_all()?.neg()?.affine(
-            1.0 / mask.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64,
-            0.0,
-        )?;
+        // The run's `actor.policy_loss.loss_agg_mode` (and Dr.GRPO's scale factor) reduce the
+        // target tokens' negative log-likelihoods as they reduce the policy loss.
+        let agg = &self.cfg.actor.policy_loss;
+        let loss =
+            crate::loss::ops::agg_loss(&lp.neg()?, &mask, agg.loss_agg_mode, agg.loss_scale_factor)
+                .map_err(|source| TrainerError::Loss { step, source })?;
         let value = f64::from(loss.to_scalar::<f32>()?);
         Ok((loss, value))
     }
