@@ -57,6 +57,9 @@ pub struct DemoArgs {
     /// Learning rate of GRPO and DRPO (the preset's by default).
     #[arg(long)]
     rl_lr: Option<f64>,
+    /// Peak learning rate of the SFT warm-up (the preset's by default).
+    #[arg(long)]
+    sft_lr: Option<f64>,
     /// Smaller still than --quick, for the debug-build test.
     #[arg(long, hide = true, conflicts_with = "quick")]
     tiny: bool,
@@ -85,7 +88,9 @@ struct Preset {
     /// batches buy samples nearly free.
     sft_batch: usize,
     /// Peak SFT learning rate, reached after `sft_warmup` steps and decayed along half a cosine
-    /// to 5 % by the last step.
+    /// to 5 % by the last step. 1e-3: at 3e-3 the model first settles on each dataset's prior
+    /// answer and reads a local cue only after a plateau whose length varies by seed (full
+    /// preset, 3 seeds: SFT macro-F1 43.1 +- 11.1 at 3e-3, 51.7 +- 5.1 at 1e-3).
     sft_lr: f64,
     sft_warmup: u64,
     rl_steps: u64,
@@ -123,9 +128,9 @@ fn preset(a: &DemoArgs) -> Preset {
             test_per_class: 2,
             bpe_vocab: 1024,
             model,
-            sft_steps: 90,
+            sft_steps: 300,
             sft_batch: 32,
-            sft_lr: 3e-3,
+            sft_lr: 1e-3,
             sft_warmup: 6,
             rl_steps: 6,
             rl_batch: 4,
@@ -145,9 +150,9 @@ fn preset(a: &DemoArgs) -> Preset {
             test_per_class: 6,
             bpe_vocab: 1536,
             model,
-            sft_steps: 400,
+            sft_steps: 1000,
             sft_batch: 32,
-            sft_lr: 3e-3,
+            sft_lr: 1e-3,
             sft_warmup: 20,
             rl_steps: 32,
             rl_batch: 8,
@@ -165,6 +170,9 @@ fn preset(a: &DemoArgs) -> Preset {
     }
     if let Some(lr) = a.rl_lr {
         p.rl_lr = lr;
+    }
+    if let Some(lr) = a.sft_lr {
+        p.sft_lr = lr;
     }
     p
 }
@@ -667,4 +675,47 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         out.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        demo: DemoArgs,
+    }
+
+    /// `--sft-steps`, `--sft-lr`, `--rl-steps` and `--rl-lr` override the preset and are what the
+    /// phases' run files say.
+    #[test]
+    fn step_and_learning_rate_flags_reach_the_run_files() {
+        let a = Cli::parse_from([
+            "demo",
+            "--quick",
+            "--sft-steps",
+            "7",
+            "--sft-lr",
+            "5e-4",
+            "--rl-steps",
+            "3",
+            "--rl-lr",
+            "1e-5",
+        ])
+        .demo;
+        let p = preset(&a);
+        let (w, m, o) = (Path::new("w"), Path::new("m"), Path::new("o"));
+        let sft = run_config(&p, 0, w, m, o, None);
+        assert_eq!(sft.actor.optim.lr, 5e-4);
+        assert_eq!(sft.trainer.max_steps, Some(7));
+        let drpo = run_config(&p, 0, w, m, o, Some(EstimatorKind::Drpo));
+        assert_eq!(drpo.actor.optim.lr, 1e-5);
+        assert_eq!(drpo.trainer.max_steps, Some(3));
+        // Without the flags, the preset's values.
+        let d = preset(&Cli::parse_from(["demo", "--quick"]).demo);
+        assert_eq!(run_config(&d, 0, w, m, o, None).actor.optim.lr, d.sft_lr);
+        assert_eq!(d.sft_steps, 300);
+    }
 }
