@@ -684,18 +684,20 @@ mod tests {
     use super::*;
     use clap::Parser;
 
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        demo: DemoArgs,
+    /// `qoq demo ARGS` through the command line's own parser.
+    fn parse(args: &[&str]) -> DemoArgs {
+        let argv = ["qoq", "demo"].iter().chain(args);
+        match crate::Cli::parse_from(argv).command {
+            crate::Command::Demo(a) => a,
+            _ => unreachable!("`qoq demo` parses as the demo command"),
+        }
     }
 
     /// `--sft-steps`, `--sft-lr`, `--rl-steps` and `--rl-lr` override the preset and are what the
     /// phases' run files say.
     #[test]
     fn step_and_learning_rate_flags_reach_the_run_files() {
-        let a = Cli::parse_from([
-            "demo",
+        let a = parse(&[
             "--quick",
             "--sft-steps",
             "7",
@@ -705,8 +707,7 @@ mod tests {
             "3",
             "--rl-lr",
             "1e-5",
-        ])
-        .demo;
+        ]);
         let p = preset(&a);
         let (w, m, o) = (Path::new("w"), Path::new("m"), Path::new("o"));
         let sft = run_config(&p, 0, w, m, o, None);
@@ -716,7 +717,7 @@ mod tests {
         assert_eq!(drpo.actor.optim.lr, 1e-5);
         assert_eq!(drpo.trainer.max_steps, Some(3));
         // Without the flags, the preset's values.
-        let d = preset(&Cli::parse_from(["demo", "--quick"]).demo);
+        let d = preset(&parse(&["--quick"]));
         assert_eq!(run_config(&d, 0, w, m, o, None).actor.optim.lr, d.sft_lr);
         assert_eq!(d.sft_steps, 300);
     }
