@@ -96,10 +96,13 @@ fn product(
 
 /// Whether `x (m, k) · Wᵀ (k, n)` is faster computed as `W · xᵀ` and transposed back, with
 /// candle's CPU product (the `gemm` crate's AVX-512 kernels): when `x` has few rows, the plain
-/// orientation packs the whole weight for a product that uses each packed element a few times
-/// (32 rows: about 40 vs 130-180 GFLOP/s on the 2-core development machine), and when the
-/// weight is wide in `k` (an MLP's down projection) the same holds at every row count. Measured
-/// with both orientations in one run over the 0.5B model's shapes.
+/// orientation packs the whole weight for a product that uses each packed element a few times,
+/// and when the weight is wide in `k` (an MLP's down projection) it is slow at every row count.
+/// From one throwaway benchmark, both orientations per shape in the same run, 2 threads on the
+/// development machine (GFLOP/s, plain vs transposed): the 0.5B model's down projection
+/// (4864 -> 896) at 32 rows 17-39 vs 49-135, at 80 rows 35-81 vs 78-173, at 512 rows 43-118 vs
+/// 47-167; its up projection (896 -> 4864) at 32 rows 35-102 vs 78-180, at 512 rows 114-169 vs
+/// 98-155 (plain kept). One row stays plain (a matrix-vector product either way).
 fn transposed_is_faster(m: usize, k: usize, n: usize) -> bool {
     m > 1 && (m < 256 || k > n)
 }
@@ -340,18 +343,15 @@ mod tests {
     #[test]
     fn products_in_either_orientation_equal_candles() {
         let dev = Device::Cpu;
-        for (m, k, n) in [
-            (1, 7, 5),
-            (40, 70, 33),
-            (300, 20, 50),
-            (300, 50, 20),
-            (257, 33, 65),
+        // (rows, in, out) and whether the product runs transposed.
+        for (m, k, n, transposed) in [
+            (1, 7, 5, false),
+            (40, 70, 33, true),
+            (300, 20, 50, false),
+            (300, 50, 20, true),
+            (257, 33, 65, false),
         ] {
-            assert_eq!(
-                transposed_is_faster(m, k, n),
-                m > 1 && (m < 256 || k > n),
-                "{m}x{k}x{n}"
-            );
+            assert_eq!(transposed_is_faster(m, k, n), transposed, "{m}x{k}x{n}");
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
             let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
             let x = Tensor::randn(0f32, 1.0, (1, m, k), &dev).unwrap();
