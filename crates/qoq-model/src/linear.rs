@@ -19,9 +19,10 @@
 //!   (candle would keep a weight-sized gradient of it until the backward ends). Inference
 //!   (nothing tracked) takes the same op, which then records nothing.
 //!
-//! Every product picks its orientation by shape (`transposed_is_faster`): with few rows, or a
-//! weight wider in its input than its output, `(W · xᵀ)ᵀ` is several times faster than `x · Wᵀ`
-//! with candle's CPU product.
+//! Every f32 product picks its path by shape: up to `FEW_ROWS` rows (decoding), a pass over the
+//! weights that reads each weight row once for all rows (`few_rows_product`); beyond, with few
+//! rows or a weight wider in its input than its output, `(W · xᵀ)ᵀ`, several times faster than
+//! `x · Wᵀ` with candle's CPU product (`transposed_is_faster`).
 //!
 //! Written here because candle has no "no gradient for this operand" switch. CPU only;
 //! elsewhere (and for a trained weight in another dtype than its input) candle's `Linear` runs.
@@ -84,6 +85,13 @@ fn product(
     if k != kw {
         candle_core::bail!("linear: input {:?} for weight {:?}", xl.dims(), wl.dims());
     }
+    if m <= FEW_ROWS
+        && let (CpuStorage::F32(xs), CpuStorage::F32(ws)) = (x, w)
+        && let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
+    {
+        let y = few_rows_product(&xs[x0..x1], &ws[w0..w1], m, k, n);
+        return Ok((CpuStorage::F32(y), Shape::from((m, n))));
+    }
     if let (CpuStorage::F32(_), CpuStorage::F32(_)) = (x, w)
         && transposed_is_faster(m, k, n)
         && let CpuStorage::F32(yt) = w.matmul(x, (1, n, m, k), wl, &xl.transpose(0, 1)?)?
@@ -94,6 +102,98 @@ fn product(
     Ok((y, Shape::from((m, n))))
 }
 
+/// Rows of `x` up to which [`few_rows_product`] computes `x · Wᵀ`: decoding (one row per
+/// sequence) and the rollouts of a small RL step.
+const FEW_ROWS: usize = 4;
+
+/// `x · Wᵀ` for `x: (m, k)` with few rows and `W: (n, k)`, both row-major f32: each weight row is
+/// read once, for all of `x`'s rows, with the output's rows split over the threads.
+///
+/// Written here because such a product is a pass over the weights (memory-bound: 2 flops per
+/// weight read per row) and candle's CPU product (the `gemm` crate) reads them at about half the
+/// speed MKL does (1 x 896 x 4864: 9.6 vs 19.4 GFLOP/s, README "CPU matrix products"); every
+/// decoding step of every row is such a product. The dot products keep 16 partial sums, which
+/// the compiler turns into vector registers (AVX-512 or AVX2 when the CPU has them, chosen at
+/// run time), so the sums are taken in another order than a plain loop's.
+fn few_rows_product(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    // Weight rows per task: about 256 KiB of weights, whole cache lines of output.
+    let rows_per_task = ((1 << 16) / k.max(1)).clamp(16, 4096);
+    let mut yt = vec![0f32; n * m]; // (n, m): row j holds x_i · w_j for every i
+    yt.par_chunks_mut(rows_per_task * m)
+        .enumerate()
+        .for_each(|(t, out)| {
+            let first = t * rows_per_task;
+            for (j, o) in out.chunks_mut(m).enumerate() {
+                let wj = &w[(first + j) * k..(first + j + 1) * k];
+                for (i, v) in o.iter_mut().enumerate() {
+                    *v = dot(&x[i * k..(i + 1) * k], wj);
+                }
+            }
+        });
+    if m == 1 {
+        return yt;
+    }
+    let mut y = vec![0f32; m * n];
+    for (j, row) in yt.chunks(m).enumerate() {
+        for (i, &v) in row.iter().enumerate() {
+            y[i * n + j] = v;
+        }
+    }
+    y
+}
+
+/// `a · b` with the widest vector instructions the CPU has (checked once per call; the check
+/// is a cached flag read).
+#[allow(unsafe_code)] // calls of the target-feature variants, each after its feature check
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked just above).
+            return unsafe { dot_avx512(a, b) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            return unsafe { dot_avx2(a, b) };
+        }
+    }
+    dot_lanes(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    dot_lanes(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_lanes(a, b)
+}
+
+/// The dot product with 16 independent partial sums (vectorisable; multiply then add, as
+/// `mul_add` would call a library routine where the CPU has no FMA), then the tail.
+#[inline(always)]
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0f32; L];
+    let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));
+    let (at, bt) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for l in 0..L {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in at.iter().zip(bt) {
+        tail += x * y;
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// Whether `x (m, k) · Wᵀ (k, n)` is faster computed as `W · xᵀ` and transposed back, with
 /// candle's CPU product (the `gemm` crate's AVX-512 kernels): when `x` has few rows, the plain
 /// orientation packs the whole weight for a product that uses each packed element a few times,
@@ -102,7 +202,7 @@ fn product(
 /// development machine (GFLOP/s, plain vs transposed): the 0.5B model's down projection
 /// (4864 -> 896) at 32 rows 17-39 vs 49-135, at 80 rows 35-81 vs 78-173, at 512 rows 43-118 vs
 /// 47-167; its up projection (896 -> 4864) at 32 rows 35-102 vs 78-180, at 512 rows 114-169 vs
-/// 98-155 (plain kept). One row stays plain (a matrix-vector product either way).
+/// 98-155 (plain kept). Up to [`FEW_ROWS`] rows [`product`] takes [`few_rows_product`] first.
 fn transposed_is_faster(m: usize, k: usize, n: usize) -> bool {
     m > 1 && (m < 256 || k > n)
 }
@@ -367,6 +467,52 @@ mod tests {
         for r in 0..37 {
             for c in 0..70 {
                 assert_eq!(t[c * 37 + r], a[r * 70 + c]);
+            }
+        }
+    }
+
+    /// Up to four rows, over inputs that are not a multiple of the 16 lanes and outputs that span
+    /// several tasks, the few-rows product equals the f64 product (f32 rounding only), and the
+    /// layer takes it for trained and frozen weights alike (with the bias added once).
+    #[test]
+    fn few_rows_products_equal_the_f64_product() {
+        let dev = Device::Cpu;
+        for (m, k, n) in [
+            (1, 7, 5),
+            (2, 33, 2100),
+            (3, 896, 300),
+            (4, 16, 4097),
+            (1, 4864, 70),
+        ] {
+            let x: Vec<f32> = (0..m * k).map(|i| ((i as f32) * 0.37).sin()).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| ((i as f32) * 0.11).cos()).collect();
+            let y = few_rows_product(&x, &w, m, k, n);
+            assert_eq!(y.len(), m * n);
+            for i in 0..m {
+                for j in 0..n {
+                    let exact: f64 = (0..k)
+                        .map(|l| f64::from(x[i * k + l]) * f64::from(w[j * k + l]))
+                        .sum();
+                    let tol = 1e-5 * (k as f64).sqrt() * (1.0 + exact.abs());
+                    let got = f64::from(y[i * n + j]);
+                    assert!(
+                        (got - exact).abs() < tol,
+                        "{m}x{k}x{n} [{i},{j}]: {got} vs {exact}"
+                    );
+                }
+            }
+            let wt = Tensor::from_vec(w, (n, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+            let xt = Tensor::from_vec(x, (1, m, k), &dev).unwrap();
+            let plain = (xt.matmul(&wt.t().unwrap().unsqueeze(0).unwrap()).unwrap())
+                .broadcast_add(&b)
+                .unwrap();
+            let frozen = linear(&Linear::new(wt.clone(), Some(b.clone())), &xt).unwrap();
+            let wv = Var::from_tensor(&wt).unwrap();
+            let trained = linear(&Linear::new(wv.as_tensor().clone(), Some(b)), &xt).unwrap();
+            for (what, t) in [("frozen", frozen), ("trained", trained)] {
+                let d = max_diff(&plain, &t);
+                assert!(d < 1e-3, "{what} {m}x{k}x{n}: {d}");
             }
         }
     }
