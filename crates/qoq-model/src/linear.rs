@@ -85,7 +85,7 @@ fn product(
     if k != kw {
         candle_core::bail!("linear: input {:?} for weight {:?}", xl.dims(), wl.dims());
     }
-    if m <= FEW_ROWS
+    if (1..=FEW_ROWS).contains(&m)
         && let (CpuStorage::F32(xs), CpuStorage::F32(ws)) = (x, w)
         && let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
     {
@@ -515,6 +515,11 @@ mod tests {
                 assert!(d < 1e-3, "{what} {m}x{k}x{n}: {d}");
             }
         }
+        // No rows (an empty batch) stays candle's product.
+        let w = Tensor::ones((5, 7), DType::F32, &dev).unwrap();
+        let empty = Tensor::zeros((1, 0, 7), DType::F32, &dev).unwrap();
+        let y = linear(&Linear::new(w, None), &empty).unwrap();
+        assert_eq!(y.dims(), &[1, 0, 5]);
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {

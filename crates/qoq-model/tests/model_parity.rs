@@ -45,7 +45,10 @@ fn forward_hidden_then_lm_head_equals_forward() {
         .unwrap()
         .narrow(1, 11, 1)
         .unwrap();
-    assert!(max_abs(&l1, &l2) < 1e-6);
+    // The same projection over 2 rows (one pass over the weights per row, qoq_model::linear) and
+    // over 24 (a blocked product) sums in another order: f32 rounding apart.
+    let d = max_abs(&l1, &l2);
+    assert!(d < 1e-5, "{d}");
 }
 
 #[test]
