@@ -119,6 +119,7 @@ fn few_rows_product(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f
     use rayon::prelude::*;
     // Weight rows per task: about 256 KiB of weights, whole cache lines of output.
     let rows_per_task = ((1 << 16) / k.max(1)).clamp(16, 4096);
+    let dot = dot_kernel();
     let mut yt = vec![0f32; n * m]; // (n, m): row j holds x_i · w_j for every i
     yt.par_chunks_mut(rows_per_task * m)
         .enumerate()
@@ -127,39 +128,38 @@ fn few_rows_product(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f
             for (j, o) in out.chunks_mut(m).enumerate() {
                 let wj = &w[(first + j) * k..(first + j + 1) * k];
                 for (i, v) in o.iter_mut().enumerate() {
-                    *v = dot(&x[i * k..(i + 1) * k], wj);
+                    *v = dot.call(&x[i * k..(i + 1) * k], wj);
                 }
             }
         });
-    if m == 1 {
-        return yt;
-    }
-    let mut y = vec![0f32; m * n];
-    for (j, row) in yt.chunks(m).enumerate() {
-        for (i, &v) in row.iter().enumerate() {
-            y[i * n + j] = v;
-        }
-    }
-    y
+    if m == 1 { yt } else { transpose(&yt, n, m) }
 }
 
-/// `a · b` with the widest vector instructions the CPU has (checked once per call; the check
-/// is a cached flag read).
-#[allow(unsafe_code)] // calls of the target-feature variants, each after its feature check
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// The dot product compiled for the widest vector instructions this CPU has, chosen once per
+/// product (the features are checked here, not per dot product).
+#[derive(Clone, Copy)]
+struct DotKernel(unsafe fn(&[f32], &[f32]) -> f32);
+
+impl DotKernel {
+    #[allow(unsafe_code)] // the kernel was chosen for features this CPU has (dot_kernel)
+    fn call(self, a: &[f32], b: &[f32]) -> f32 {
+        // SAFETY: dot_kernel picks a target-feature variant only after detecting its features.
+        unsafe { (self.0)(a, b) }
+    }
+}
+
+fn dot_kernel() -> DotKernel {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F (checked just above).
-            return unsafe { dot_avx512(a, b) };
+            return DotKernel(dot_avx512);
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
-            // SAFETY: the CPU has AVX2 and FMA (checked just above).
-            return unsafe { dot_avx2(a, b) };
+            return DotKernel(dot_avx2);
         }
     }
-    dot_lanes(a, b)
+    DotKernel(dot_lanes)
 }
 
 #[cfg(target_arch = "x86_64")]
