@@ -7,7 +7,9 @@
 #
 #   scripts/build-cuda.sh [--features LIST]
 #
-#   --features LIST   more qoq-cli features, comma-separated, built beside `cuda`
+#   --features LIST   more qoq-cli features, comma-separated, built beside `cuda`: `nccl` (the
+#                     GPUs' gradient all-reduce; links libnccl.so.2, which the GPU machine's
+#                     PyTorch ships), `mpi` (needs OpenMPI where it runs), `mkl`; not `cudnn`
 #   CUDA_COMPUTE_CAP  target GPU generation, default 90 (H100/H200); 80 for A100 etc.
 #   PYTHON            python with pip for the toolkit install, default python3
 #
@@ -30,17 +32,19 @@ while [ $# -gt 0 ]; do
     --features) [ $# -ge 2 ] || { echo "--features needs a comma-separated list" >&2; exit 2; }
       features="cuda,$2"; shift 2 ;;
     --features=*) features="cuda,${1#--features=}"; shift ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "unknown argument '$1' (usage: scripts/build-cuda.sh [--features LIST])" >&2; exit 2 ;;
   esac
 done
 case ",$features," in
-  *,cudnn,*|*,nccl,*)
-    echo "--features cudnn / nccl: not supported by this script: cuDNN and NCCL are not part of the" >&2
-    echo "cuda-toolkit wheels it installs (they need nvidia-cudnn-cu13 / nvidia-nccl-cu13 and their" >&2
-    echo "library paths). Build them by hand with CUDNN_PATH set, or leave them out." >&2
+  *,cudnn,*)
+    echo "--features cudnn: not supported by this script: cuDNN is not part of the cuda-toolkit" >&2
+    echo "wheels it installs (it needs nvidia-cudnn-cu13 and its library path). Build it by hand with" >&2
+    echo "CUDNN_PATH set, or leave it out." >&2
     exit 2 ;;
 esac
+nccl=0
+case ",$features," in *,nccl,*) nccl=1 ;; esac
 
 PY="${PYTHON:-python3}"
 TK="$ROOT/.cuda-toolkit"
@@ -76,6 +80,16 @@ grep -oE '^pub unsafe fn cu[A-Za-z0-9_]+' "$sys" | awk '{print $4}' | sort -u \
   | awk '{print "int " $1 "(void){return 34;}"}' > "$TK/libcuda_stub.c"
 [ -s "$TK/libcuda_stub.c" ] || { echo "no driver functions found in $sys" >&2; exit 1; }
 gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$CH/lib/stubs/libcuda.so" "$TK/libcuda_stub.c"
+if [ "$nccl" = 1 ]; then
+  # NCCL (the GPUs' gradient all-reduce) likewise: a link-time stub of libnccl.so.2 with every
+  # nccl* function cudarc declares (returning ncclUnhandledCudaError); the real library comes with
+  # the GPU machine's PyTorch (site-packages/nvidia/nccl/lib, found by qoq_cuda_lib_dir).
+  nsys=$(dirname "$(dirname "$(dirname "$sys")")")/nccl/sys/mod.rs
+  grep -oE '^ *pub unsafe fn nccl[A-Za-z0-9_]+' "$nsys" | awk '{print $4}' | sort -u \
+    | awk '{print "int " $1 "(void){return 1;}"}' > "$TK/libnccl_stub.c"
+  [ -s "$TK/libnccl_stub.c" ] || { echo "no NCCL functions found in $nsys" >&2; exit 1; }
+  gcc -shared -fPIC -Wl,-soname,libnccl.so.2 -o "$CH/lib/stubs/libnccl.so" "$TK/libnccl_stub.c"
+fi
 
 export CUDA_HOME="$CH"
 export PATH="$CH/bin:$PATH"

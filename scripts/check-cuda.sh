@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Compile-checks the CUDA build (`--features cuda`) on a machine without a CUDA toolkit, so that
-# code behind `#[cfg(feature = "cuda")]` cannot rot unnoticed on our CPU-only machines and CI.
+# Compile-checks and lints the CUDA build on a machine without a CUDA toolkit, so that code behind
+# `#[cfg(feature = "cuda")]` / `"nccl"` cannot rot unnoticed on our CPU-only machines and CI: the
+# `nccl` feature (which includes `cuda`: the GPUs' gradient all-reduce, qoq_rl::dist::nccl), with
+# `mpi` as well where OpenMPI is installed (the data-parallel launch NCCL is bootstrapped over),
+# clippy with warnings as errors.
 #
 # `cargo check` runs build scripts: cudarc's asks `nvcc --version`, candle-kernels' compiles its
 # kernels with nvcc. A stand-in `nvcc` (below, on PATH first) answers the version of the CUDA we
@@ -43,5 +46,9 @@ exit 0
 NVCC
 chmod +x "$FAKE/nvcc"
 export PATH="$FAKE:$PATH"
-cargo check --workspace --all-targets --features qoq-cli/cuda --target-dir target/cuda-check "$@"
-echo "cuda feature: cargo check passed (compile-only: nothing was built for a GPU)"
+features=qoq-cli/nccl
+if command -v mpicc >/dev/null 2>&1; then
+  features="$features,qoq-cli/mpi"
+fi
+cargo clippy --workspace --all-targets --features "$features" --target-dir target/cuda-check "$@" -- -D warnings
+echo "features $features (cuda included): cargo clippy passed (compile-only: nothing was built for a GPU)"

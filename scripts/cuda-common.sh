@@ -14,8 +14,9 @@ case "$CUDA_COMPUTE_CAP" in
 esac
 
 # Folder holding the CUDA 13 runtime libraries (libcublas.so.13, libcudart.so.13, libcurand.so.10)
-# on a machine whose PyTorch is built for cu13: site-packages/nvidia/cu13/lib. Prints nothing when
-# there is none. Python: $1, default python3.
+# on a machine whose PyTorch is built for cu13: site-packages/nvidia/cu13/lib, followed by
+# ":<folder>" of NCCL's libnccl.so.2 (site-packages/nvidia/nccl/lib) where PyTorch has it: a
+# value for LD_LIBRARY_PATH. Prints nothing when there is no cu13 folder. Python: $1, default python3.
 qoq_cuda_lib_dir() {
   "${1:-python3}" - <<'PY' 2>/dev/null
 import glob, os, site, sys
@@ -27,9 +28,17 @@ except ImportError:
     pass
 for sp in site.getsitepackages() + [site.getusersitepackages()]:
     roots.append(os.path.join(sp, "nvidia"))
-for r in roots:
-    for lib in glob.glob(os.path.join(r, "cu13", "lib", "libcublas.so.13*")):
-        print(os.path.dirname(lib))
+dirs = []
+for pattern in (os.path.join("cu13", "lib", "libcublas.so.13*"), os.path.join("nccl", "lib", "libnccl.so.2*")):
+    for r in roots:
+        found = glob.glob(os.path.join(r, pattern))
+        if found:
+            d = os.path.dirname(found[0])
+            if d not in dirs:
+                dirs.append(d)
+            break
+    if not dirs:
         sys.exit(0)
+print(":".join(dirs))
 PY
 }

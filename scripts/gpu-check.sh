@@ -21,7 +21,8 @@
 # vs transformers' generate (0.5B and 7B, 1x1 and 64 prompts x 8 rollouts, 256 new tokens, prefill
 # and decode apart); one RL step with `qoq bench train-step` (0.5B full fine-tune in f32 with the
 # same step in PyTorch on the same device; 7B-shape LoRA r=64 with activation checkpointing in
-# bf16). OUT_DIR receives gpu-check.md (the table), gpu-check.json and gpu-check.log (every
+# bf16); the tiny step with its gradients through NCCL (`--all-reduce nccl`, one rank; a binary
+# built with `--features nccl`) against PyTorch's. OUT_DIR receives gpu-check.md (the table), gpu-check.json and gpu-check.log (every
 # part's output): three files, so it fits what comes back from the GPU machine. Exit 1 if a
 # parity check failed or did not run; other parts that fail or time out show in the table.
 set -uo pipefail
@@ -136,6 +137,14 @@ gen() { # gen SIZE CASE DTYPE PROMPTS N TIMEOUT: qoq's engine, then transformers
     --prompts "$p" --n "$n" --prompt-len 64 --new "$new" --out "$work/gen-$size-$case-hf.json"
 }
 
+# The NCCL path with one rank (`trainer.all_reduce = "nccl"`; a binary built with
+# `scripts/build-cuda.sh --features nccl`, else the part fails with the refusal): the tiny step
+# with its gradients summed by NCCL must still agree with PyTorch's.
+nccl_tiny() {
+  part train-tiny-nccl "$1" "$qoq" bench train-step --size tiny --prompts 2 --n 2 --response-len 8 --steps 2 \
+    --all-reduce nccl --device "$device" --python "$py" --reference-device "$device" --json "$work/train-tiny-nccl.json"
+}
+
 if [ "$tiny" = 1 ]; then
   new=16
   part models-tiny 60 "${gc[@]}" models "$work" tiny --device "$device"
@@ -144,6 +153,10 @@ if [ "$tiny" = 1 ]; then
   part train-tiny 120 "$qoq" bench train-step --size tiny --prompts 2 --n 2 --response-len 8 --steps 2 \
     --device "$device" --python "$py" --reference-device "$device" --json "$work/train-tiny.json"
   report=(--parity tiny --gen tiny:2x2 --train tiny:tiny)
+  if [ "$device" != cpu ]; then
+    nccl_tiny 120
+    report+=(tiny-nccl:tiny)
+  fi
 else
   new=256
   # In order of what the issue needs most: parity, the 0.5B step against PyTorch, the 7B decode
@@ -151,6 +164,7 @@ else
   part models-small 60 "${gc[@]}" models "$work" tiny 0.5b --device "$device"
   part parity-tiny 30 "${gc[@]}" parity --model "$work/tiny" --dtype f32 --qoq "$qoq" --device "$device" --out "$work/parity-tiny.json"
   part parity-0.5b 45 "${gc[@]}" parity --model "$work/0.5b" --dtype bf16 --qoq "$qoq" --device "$device" --out "$work/parity-0.5b.json"
+  nccl_tiny 60
   part train-0.5b 90 "$qoq" bench train-step --size 0.5b --prompts 8 --n 5 --response-len 512 --micro-batch 8 \
     --steps 2 --device "$device" --python "$py" --reference-device "$device" --json "$work/train-0.5b.json"
   part models-7b 75 "${gc[@]}" models "$work" 7b --device "$device"
@@ -161,7 +175,7 @@ else
   gen 0.5b 64x8 bf16 64 8 30
   gen 0.5b 1x1 bf16 1 1 25
   gen 7b 1x1 bf16 1 1 30
-  report=(--parity tiny 0.5b --gen 0.5b:1x1 0.5b:64x8 7b:1x1 7b:64x8 --train 0.5b:0.5b 7b-lora:7b)
+  report=(--parity tiny 0.5b --gen 0.5b:1x1 0.5b:64x8 7b:1x1 7b:64x8 --train tiny-nccl:tiny 0.5b:0.5b 7b-lora:7b)
 fi
 
 "${gc[@]}" report "$work" "$out" "${report[@]}" 2>>"$log"

@@ -4,7 +4,8 @@
 #   2. install OpenMPI and libclang from the distribution's packages when missing (data-parallel
 #      training over MPI, qoq-cli's `mpi` feature; skipped with a notice where that fails),
 #   3. run every test of the workspace (with the `mpi` feature when MPI is there),
-#   4. compile-check the CUDA build (`--features cuda`) with a stand-in nvcc (scripts/check-cuda.sh).
+#   4. compile-check and lint the CUDA build (`--features nccl`, which includes `cuda`, with `mpi` where
+#      OpenMPI is) with a stand-in nvcc (scripts/check-cuda.sh).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

@@ -111,6 +111,43 @@ fn gradient_checkpointing_flag_recomputes_the_layers_and_keeps_the_step() {
     assert!((na - nb).abs() <= 1e-5 * na, "grad norm {na} vs {nb}");
 }
 
+/// `--all-reduce host` is the one-process step unchanged (recorded in the report); `nccl` on
+/// the CPU (or in a build without the feature) is refused naming the key and the way out. The
+/// NCCL run itself needs a GPU: scripts/gpu-check.sh.
+#[test]
+fn all_reduce_flag_reaches_the_run_and_nccl_is_refused_off_the_gpu() {
+    let auto = tiny_step(&[]);
+    let host = tiny_step(&["--all-reduce", "host"]);
+    assert_eq!(auto["all_reduce"], "auto");
+    assert_eq!(host["all_reduce"], "host");
+    let (a, b) = (&auto["qoq"]["steps"][0], &host["qoq"]["steps"][0]);
+    assert_eq!(a["losses"], b["losses"]);
+    assert_eq!(a["grad_norm"], b["grad_norm"]);
+    let o = qoq()
+        .current_dir(support::repo())
+        .args([
+            "bench",
+            "train-step",
+            "--no-reference",
+            "--steps",
+            "1",
+            "--all-reduce",
+            "nccl",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("trainer.all_reduce") && err.contains("nccl"),
+        "{err}"
+    );
+    assert!(
+        err.contains("without the `nccl` feature") || err.contains("needs a CUDA model.device"),
+        "{err}"
+    );
+}
+
 #[test]
 fn zero_rollouts_are_refused() {
     let o = qoq()

@@ -226,7 +226,7 @@ fn cuda_scripts_parse_and_refuse_bad_arguments_before_any_work() {
             "build-cuda.sh",
             vec!["--features", "cuda,cudnn"],
             None,
-            "--features cudnn / nccl: not supported",
+            "--features cudnn: not supported",
         ),
         (
             "build-cuda.sh",

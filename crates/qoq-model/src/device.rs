@@ -102,6 +102,11 @@ impl DeviceSpec {
         Ok(spec)
     }
 
+    /// Whether it is a GPU.
+    pub fn is_cuda(self) -> bool {
+        matches!(self, Self::Cuda(_))
+    }
+
     /// Opens the device (for CUDA: creates the context on GPU N; the error names the device).
     pub fn device(self) -> Result<Device, DeviceError> {
         match self {
@@ -173,6 +178,52 @@ pub fn memory(dev: &Device) -> Result<Memory, String> {
     }
 }
 
+/// The GPU of one data-parallel rank: `spec` (the run's `model.device`) for the rank at
+/// `local_rank` of the `local_ranks` on its machine, which sees `visible` GPUs.
+///
+/// - The CPU, or one rank on the machine: `spec` itself.
+/// - One visible GPU: every rank takes it (each process sees only its own GPU, as with
+///   `CUDA_VISIBLE_DEVICES` set per rank, or the ranks share one GPU).
+/// - Else `cuda:N` is the first of the machine's ranks' GPUs: the rank takes GPU
+///   `N + local_rank`, and `N + local_ranks` must not exceed the visible GPUs (two ranks on one
+///   GPU of several is a launch error, not a choice).
+pub fn rank_device(
+    spec: DeviceSpec,
+    local_rank: usize,
+    local_ranks: usize,
+    visible: usize,
+) -> Result<DeviceSpec, String> {
+    let DeviceSpec::Cuda(first) = spec else {
+        return Ok(spec);
+    };
+    if local_ranks <= 1 || visible == 1 {
+        return Ok(spec);
+    }
+    if first + local_ranks > visible {
+        return Err(format!(
+            "{local_ranks} ranks run on this machine and take one GPU each from {spec} on \
+             (rank {local_rank} would take cuda:{}), but {visible} GPU(s) are visible: launch at \
+             most {} rank(s) per machine (mpirun --map-by ppr:N:node) or give each rank its own \
+             GPU with CUDA_VISIBLE_DEVICES",
+            first + local_rank,
+            visible.saturating_sub(first)
+        ));
+    }
+    Ok(DeviceSpec::Cuda(first + local_rank))
+}
+
+/// The GPUs this process sees (`CUDA_VISIBLE_DEVICES` applied); 0 in a build without CUDA.
+pub fn visible_gpus() -> Result<usize, String> {
+    #[cfg(feature = "cuda")]
+    {
+        candle_core::cuda_backend::cudarc::driver::CudaContext::device_count()
+            .map(|n| n.max(0) as usize)
+            .map_err(|e| format!("counting the GPUs: {e:?}"))
+    }
+    #[cfg(not(feature = "cuda"))]
+    Ok(0)
+}
+
 /// `MemAvailable` and `MemTotal` of a `/proc/meminfo` text.
 fn cpu_memory(meminfo: &str) -> Option<Memory> {
     let field = |name: &str| {
@@ -206,6 +257,34 @@ mod tests {
         assert_eq!(cpu_memory("MemTotal: 5 kB\n"), None);
         let here = memory(&Device::Cpu).unwrap();
         assert!(here.free > 0 && here.free <= here.total, "{here:?}");
+    }
+
+    #[test]
+    fn each_rank_takes_its_gpu_of_the_machine_or_the_one_it_sees() {
+        let cuda = DeviceSpec::Cuda;
+        // The CPU and a single rank keep the run's device.
+        assert_eq!(rank_device(DeviceSpec::Cpu, 3, 8, 0), Ok(DeviceSpec::Cpu));
+        assert_eq!(rank_device(cuda(2), 0, 1, 8), Ok(cuda(2)));
+        // 8 ranks on 8 GPUs: rank r takes GPU r; from cuda:4, 4 ranks take 4..8.
+        for r in 0..8 {
+            assert_eq!(rank_device(cuda(0), r, 8, 8), Ok(cuda(r)));
+        }
+        assert_eq!(rank_device(cuda(4), 3, 4, 8), Ok(cuda(7)));
+        // One visible GPU per process (CUDA_VISIBLE_DEVICES per rank): every rank's cuda:0.
+        assert_eq!(rank_device(cuda(0), 5, 8, 1), Ok(cuda(0)));
+        // More ranks than GPUs: refused, naming the counts and the ways out.
+        let e = rank_device(cuda(0), 2, 4, 2).unwrap_err();
+        for part in [
+            "4 ranks",
+            "cuda:2",
+            "2 GPU(s)",
+            "at most 2",
+            "CUDA_VISIBLE_DEVICES",
+        ] {
+            assert!(e.contains(part), "{part}: {e}");
+        }
+        let e = rank_device(cuda(6), 0, 4, 8).unwrap_err();
+        assert!(e.contains("from cuda:6") && e.contains("at most 2"), "{e}");
     }
 
     #[test]

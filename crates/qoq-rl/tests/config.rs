@@ -458,6 +458,32 @@ fn kv_cache_bounds_are_checked_against_the_device() {
     }
 }
 
+/// `trainer.all_reduce`: `auto` by default, `host` accepted, `nccl` refused naming the key where
+/// it cannot run (a build without the `nccl` feature; the CPU), an unknown value refused.
+#[test]
+fn all_reduce_nccl_needs_the_feature_and_a_gpu() {
+    use qoq_rl::config::AllReduce;
+    let base = configs_dir().join("qoq_med_7b_drpo.toml");
+    assert_eq!(
+        RunConfig::load(&base, &[]).unwrap().trainer.all_reduce,
+        AllReduce::Auto
+    );
+    let c = RunConfig::load(&base, &["trainer.all_reduce=host".into()]).unwrap();
+    assert_eq!(c.trainer.all_reduce, AllReduce::Host);
+    let e = load_err(&base, &["trainer.all_reduce=nccl"]);
+    assert!(e.contains("trainer.all_reduce"), "{e}");
+    if cfg!(feature = "nccl") {
+        assert!(e.contains("needs a CUDA model.device"), "{e}");
+    } else {
+        assert!(
+            e.contains("without the `nccl` feature") && e.contains("scripts/build-cuda.sh"),
+            "{e}"
+        );
+    }
+    let e = load_err(&base, &["trainer.all_reduce=gloo"]);
+    assert!(e.contains("all_reduce") && e.contains("gloo"), "{e}");
+}
+
 /// `model.device` goes through qoq-model's device parser: `cpu` by default, `cuda:N` refused by
 /// a build without the `cuda` feature (with the command that builds one), an unknown name
 /// refused naming the field; an override replaces the file's value before validation (what

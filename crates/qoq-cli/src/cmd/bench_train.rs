@@ -170,6 +170,13 @@ pub struct TrainStepArgs {
     /// every weight (`[model.lora]`). The PyTorch reference (full training) is then skipped.
     #[arg(long, value_name = "RANK")]
     pub lora_rank: Option<usize>,
+    /// How the update's gradients are summed over the ranks (`trainer.all_reduce`): `nccl`
+    /// sends them through NCCL on the GPU even in this one-process step (a sum over one rank:
+    /// the step, and its agreement with the reference, must not change), the check that the
+    /// NCCL path works (`scripts/gpu-check.sh`); it needs a CUDA `--device` and a build with
+    /// the `nccl` feature, and is refused otherwise.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "host", "nccl"])]
+    pub all_reduce: String,
     /// Where the qoq side runs (the run file's `model.device`; the PyTorch reference runs on
     /// its script's own device).
     #[command(flatten)]
@@ -400,6 +407,7 @@ val_before_train = false
 n_gpus_per_node = 1
 save_freq = 0
 out_dir = {out}
+all_reduce = "{all_reduce}"
 "#,
         m = q(manifest),
         model = q(model),
@@ -410,6 +418,7 @@ out_dir = {out}
         micro = a.micro_batch,
         steps = a.steps,
         device = a.device.device,
+        all_reduce = a.all_reduce,
         ckpt = a.gradient_checkpointing,
         compute = a.compute_dtype.name(),
         lora = match a.lora_rank {
@@ -997,6 +1006,7 @@ pub fn train_step(a: TrainStepArgs) -> anyhow::Result<ExitCode> {
             "compute_dtype": a.compute_dtype.name(),
             "lora_rank": a.lora_rank,
             "device": a.device.device.to_string(),
+            "all_reduce": a.all_reduce,
             "reference_device": a.reference_device,
             "threads": threads,
             "qoq": qoq,

@@ -161,7 +161,7 @@ pub const CONSUMERS: &[(&str, &str, &str)] = &[
     (
         "model.device",
         TRAINER_BUILD,
-        "cfg.model.device = spec.to_string()",
+        "cfg.model.device = configured.to_string()",
     ),
     (
         "model.device",
@@ -443,6 +443,16 @@ pub const CONSUMERS: &[(&str, &str, &str)] = &[
         "self.cfg.trainer.val_before_train",
     ),
     ("trainer.sft", TRAINER_BUILD, "cfg.trainer.sft"),
+    (
+        "trainer.all_reduce",
+        TRAINER_BUILD,
+        "GradientPath::open(cfg.trainer.all_reduce",
+    ),
+    (
+        "trainer.all_reduce",
+        CONFIG,
+        "self.trainer.all_reduce == AllReduce::Nccl",
+    ),
     ("trainer.early_stopping", TRAINER_STOPPING, "early_stopping"),
     (
         "trainer.early_stopping.metric",

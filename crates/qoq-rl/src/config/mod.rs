@@ -27,7 +27,7 @@ mod sections;
 
 pub use overrides::{apply_override, infer_value, split_override};
 pub use sections::{
-    ActorConfig, AlgorithmConfig, CriticConfig, DataConfig, DtypeName, EstimatorKind,
+    ActorConfig, AlgorithmConfig, AllReduce, CriticConfig, DataConfig, DtypeName, EstimatorKind,
     FORMAT_PROMPT_MEDICAL, FORMAT_PROMPT_NONE, LoraSection, ModelConfig, OptimizerStrategy,
     RolloutBackend, RolloutConfig, TrainerConfig, ValOverride,
 };
@@ -403,6 +403,12 @@ impl RunConfig {
             return Err(invalid("rollout.top_p", format!("{p} is not in (0, 1]")));
         }
         let device = self.device()?;
+        if self.trainer.all_reduce == AllReduce::Nccl
+            && let Some(why) =
+                AllReduce::nccl_refusal(matches!(device, qoq_model::DeviceSpec::Cuda(_)))
+        {
+            return Err(invalid("trainer.all_reduce", why));
+        }
         if let Some(u) = self.rollout.gpu_memory_utilization {
             if !(u > 0.0 && u <= 1.0) {
                 return Err(invalid(

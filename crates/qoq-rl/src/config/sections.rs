@@ -543,6 +543,44 @@ pub struct TrainerConfig {
     /// one epoch with early stopping). Unset by default (the released code has none).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub early_stopping: Option<EarlyStoppingConfig>,
+    /// How the ranks' gradients are summed ([`crate::dist::GradientPath`]): `auto` (NCCL on
+    /// GPUs with several ranks in a build with the `nccl` feature, else host memory), `host`
+    /// (MPI from host memory) or `nccl` (always NCCL, also with one rank; needs a CUDA
+    /// `model.device` and the feature). Default `auto`.
+    pub all_reduce: AllReduce,
+}
+
+/// `trainer.all_reduce`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AllReduce {
+    /// NCCL where it applies, else host memory.
+    #[default]
+    Auto,
+    /// Host memory, over the launch's collective (MPI).
+    Host,
+    /// NCCL, between GPUs.
+    Nccl,
+}
+
+impl AllReduce {
+    /// Why `nccl` cannot run here (a build without the `nccl` feature, or a device that is not
+    /// a GPU); `None` when it can.
+    pub fn nccl_refusal(device_is_cuda: bool) -> Option<&'static str> {
+        if !cfg!(feature = "nccl") {
+            Some(
+                "\"nccl\": this qoq was built without the `nccl` feature: build it with \
+                 `scripts/build-cuda.sh --features nccl` (or use \"auto\" or \"host\")",
+            )
+        } else if !device_is_cuda {
+            Some(
+                "\"nccl\" sums GPU memory and needs a CUDA model.device (cuda or cuda:N); on \
+                 the CPU use \"auto\" or \"host\"",
+            )
+        } else {
+            None
+        }
+    }
 }
 
 impl Default for TrainerConfig {
@@ -562,6 +600,7 @@ impl Default for TrainerConfig {
             val_before_train: true,
             sft: false,
             early_stopping: None,
+            all_reduce: AllReduce::Auto,
         }
     }
 }

@@ -8,12 +8,20 @@
 //! - `MpiCollective` (feature `mpi`, module `mpi`): MPI through the `mpi` crate (rsmpi), for
 //!   `mpirun -np N qoq train ...`.
 //!
+//! The trainer's gradients take one of two paths ([`GradientPath`], `trainer.all_reduce`):
+//! through host memory with [`Collective::all_reduce_sum_f32`], or, on GPUs in a build with the
+//! `nccl` feature, NCCL's all-reduce of the device tensors (module `nccl`), its communicator
+//! bootstrapped over the collective (NCCL's unique id broadcast from rank 0, over MPI under
+//! `mpirun`). Every other collective (rewards, statistics, metrics) stays on the collective.
+//!
 //! Every rank calls the same collectives in the same order (the trainer's steps are identical
 //! on every rank). Sums are taken in rank order where the implementation controls it
 //! ([`InProcess`]), so that runs are reproducible.
 
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
@@ -66,6 +74,10 @@ pub enum DistError {
     /// The MPI library reported an error or the launch is not usable.
     #[error("mpi: {0}")]
     Mpi(String),
+    /// NCCL (the GPUs' all-reduce) reported an error, or its all-reduce did not complete in
+    /// time.
+    #[error("nccl: {0}")]
+    Nccl(String),
 }
 
 /// The collectives of data-parallel training. Every rank calls the same operations in the same
@@ -91,6 +103,76 @@ pub trait Collective {
     /// do not wait for a rank that will never come). The default returns: in-process ranks
     /// see the handle dropped.
     fn abort(&self, _code: i32) {}
+    /// This rank's place on its machine: `(local rank, ranks on this machine)`, which picks its
+    /// GPU ([`qoq_model::device::rank_device`]). The default, every rank on one machine, is
+    /// right for one process and for ranks as threads.
+    fn node(&self) -> (usize, usize) {
+        (self.rank(), self.size())
+    }
+    /// The longest one collective waits for the peers (`qoq train --dist-timeout`), also
+    /// bounding NCCL's all-reduce; `None` where nothing can wait on a peer (one process).
+    fn timeout(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// `trainer.all_reduce` resolved for a run: how its gradients are summed over the ranks.
+pub enum GradientPath {
+    /// Through host memory with [`Collective::all_reduce_sum_f32`] (nothing to do with one
+    /// rank).
+    Host,
+    /// NCCL's all-reduce of the gradients where they are, on the GPU (feature `nccl`).
+    #[cfg(feature = "nccl")]
+    Nccl(nccl::NcclAllReduce),
+}
+
+impl std::fmt::Debug for GradientPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl GradientPath {
+    /// The path `setting` asks for on `device` with `dist`'s ranks: `auto` takes NCCL where it
+    /// can sum anything (a CUDA device, several ranks, a build with `nccl`), else host memory;
+    /// `nccl` always takes it (also with one rank: what `scripts/gpu-check.sh` runs), refused on
+    /// the CPU or in a build without the feature (also refused by [`crate::config::RunConfig`]'s
+    /// validation before anything is loaded). Opening NCCL is a collective: every rank calls it.
+    pub fn open(
+        setting: crate::config::AllReduce,
+        dist: &dyn Collective,
+        device: &candle_core::Device,
+    ) -> Result<Self, DistError> {
+        use crate::config::AllReduce;
+        let nccl = match setting {
+            AllReduce::Host => false,
+            AllReduce::Auto => cfg!(feature = "nccl") && device.is_cuda() && dist.size() > 1,
+            AllReduce::Nccl => {
+                if let Some(why) = AllReduce::nccl_refusal(device.is_cuda()) {
+                    return Err(DistError::Nccl(format!("trainer.all_reduce = {why}")));
+                }
+                true
+            }
+        };
+        if !nccl {
+            return Ok(Self::Host);
+        }
+        #[cfg(feature = "nccl")]
+        {
+            Ok(Self::Nccl(nccl::NcclAllReduce::open(dist, device)?))
+        }
+        #[cfg(not(feature = "nccl"))]
+        unreachable!("NCCL is chosen only in builds with the `nccl` feature")
+    }
+
+    /// `host` or `nccl` (logged when a run starts).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Host => "host",
+            #[cfg(feature = "nccl")]
+            Self::Nccl(_) => "nccl",
+        }
+    }
 }
 
 /// The contiguous, balanced block of `len` items that `rank` of `size` takes (the first ranks
@@ -431,6 +513,9 @@ impl Collective for InProcess {
     }
     fn barrier(&self) -> Result<(), DistError> {
         self.exchange("barrier", &[]).map(|_| ())
+    }
+    fn timeout(&self) -> Option<Duration> {
+        Some(self.hub.timeout)
     }
 }
 

@@ -23,6 +23,8 @@ pub const TIMEOUT_EXIT_CODE: i32 = 124;
 pub struct MpiCollective {
     world: SimpleCommunicator,
     timeout: Duration,
+    /// This rank's place on its machine: (local rank, ranks on the machine).
+    node: (usize, usize),
     // Last: dropped (MPI_Finalize) after the communicator.
     _universe: Universe,
 }
@@ -43,9 +45,14 @@ impl MpiCollective {
         let universe = mpi::initialize()
             .ok_or_else(|| DistError::Mpi("MPI is initialised already in this process".into()))?;
         let world = universe.world();
+        // The ranks sharing this machine's memory (MPI_Comm_split_type(MPI_COMM_TYPE_SHARED)),
+        // ordered by world rank: which GPU of the machine is this rank's.
+        let local = world.split_shared(world.rank());
+        let node = (local.rank() as usize, local.size() as usize);
         Ok(Self {
             world,
             timeout,
+            node,
             _universe: universe,
         })
     }
@@ -189,5 +196,11 @@ impl Collective for MpiCollective {
     }
     fn abort(&self, code: i32) {
         self.world.abort(code)
+    }
+    fn node(&self) -> (usize, usize) {
+        self.node
+    }
+    fn timeout(&self) -> Option<Duration> {
+        Some(self.timeout)
     }
 }

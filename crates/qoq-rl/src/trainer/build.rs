@@ -40,13 +40,31 @@ fn base_dtype(cfg: &RunConfig) -> DType {
 
 /// Opens the run's device (`model.device`) and writes its canonical name (`cuda` → `cuda:0`)
 /// back into the config, so that the resolved config saved with every checkpoint names the
-/// device the run used.
-fn open_device(cfg: &mut RunConfig) -> Result<Device> {
-    let spec = cfg.device()?;
+/// device the run used. With several data-parallel ranks on a machine, each takes its own GPU
+/// from `model.device` on ([`qoq_model::device::rank_device`]; the config keeps the launch's
+/// `model.device`, the same on every rank).
+fn open_device(cfg: &mut RunConfig, dist: &dyn Collective) -> Result<Device> {
+    let configured = cfg.device()?;
+    let (local_rank, local_ranks) = dist.node();
+    let spec = if configured.is_cuda() && local_ranks > 1 {
+        let mapped = qoq_model::device::visible_gpus().and_then(|visible| {
+            qoq_model::device::rank_device(configured, local_rank, local_ranks, visible)
+        });
+        let spec = mapped.map_err(|e| TrainerError::Config(format!("model.device: {e}")))?;
+        tracing::info!(
+            rank = dist.rank(),
+            local_rank,
+            "rank {} computes on {spec}",
+            dist.rank()
+        );
+        spec
+    } else {
+        configured
+    };
     let device = spec
         .device()
         .map_err(|e| TrainerError::Config(format!("model.device: {e}")))?;
-    cfg.model.device = spec.to_string();
+    cfg.model.device = configured.to_string();
     Ok(device)
 }
 
@@ -57,7 +75,7 @@ pub(super) fn fresh(
     reward: Box<dyn RewardFn>,
     dist: Rc<dyn Collective>,
 ) -> Result<Trainer> {
-    let device = open_device(&mut cfg)?;
+    let device = open_device(&mut cfg, &*dist)?;
     let out_dir = PathBuf::from(&cfg.trainer.out_dir);
     let model_dir = PathBuf::from(&cfg.model.model_path);
     let dtype = base_dtype(&cfg);
@@ -74,7 +92,7 @@ pub(super) fn init_from(
     init: super::init::InitFrom,
     dist: Rc<dyn Collective>,
 ) -> Result<Trainer> {
-    let device = open_device(&mut cfg)?;
+    let device = open_device(&mut cfg, &*dist)?;
     let out_dir = PathBuf::from(&cfg.trainer.out_dir);
     let dtype = base_dtype(&cfg);
     let vb = VarBuilder::from_tensors(init.weights.clone(), dtype, &device);
@@ -130,7 +148,7 @@ pub(super) fn resume(
             .build()
             .map_err(|e| TrainerError::Config(format!("reward: {e}")))?,
     };
-    let device = open_device(&mut cfg)?;
+    let device = open_device(&mut cfg, &*dist)?;
     let dtype = base_dtype(&cfg);
     // A run started with --init-from has the source's weights as its KL reference (and as the
     // frozen base of its LoRA adapters).
@@ -222,6 +240,13 @@ fn build(
 ) -> Result<Trainer> {
     check(&cfg)?;
     check_world(&cfg, ck, dist.size())?;
+    // Every rank opens it here (NCCL's communicator is joined collectively).
+    let gradients = crate::dist::GradientPath::open(cfg.trainer.all_reduce, &*dist, &device)
+        .map_err(|source| TrainerError::Dist {
+            step: 0,
+            what: "opening the gradients' all-reduce (trainer.all_reduce)",
+            source,
+        })?;
     // Rank 0 alone writes into the run folder (logs, events, checkpoints).
     let writer = dist.rank() == 0;
     let model_dir = PathBuf::from(&cfg.model.model_path);
@@ -453,6 +478,7 @@ fn build(
         skipped_rows: 0,
         perf: Default::default(),
         dist,
+        gradients,
         advantages: Vec::new(),
     })
 }

@@ -291,6 +291,8 @@ pub struct Trainer {
     perf: perf::Perf,
     /// The data-parallel ranks ([`Single`] for one process).
     dist: Rc<dyn Collective>,
+    /// How the gradients are summed over the ranks (`trainer.all_reduce`).
+    gradients: crate::dist::GradientPath,
     /// The last RL step's advantages, one per kept rollout in the estimator's order.
     advantages: Vec<f64>,
     /// Where rollouts are sampled (`rollout.backend`).

@@ -273,13 +273,15 @@ impl Trainer {
     /// The gradients `grads` (aligned with `learner`'s parameters; empty when this rank had no
     /// micro-batch) summed over the ranks: a parameter without a gradient on every rank stays
     /// without one (not updated, as in one process); one with a gradient somewhere gets the sum,
-    /// zeros standing for the ranks without. One f32 all-reduce of the concatenated gradients.
+    /// zeros standing for the ranks without. The sums are f32: one all-reduce of the
+    /// concatenated gradients through host memory, or NCCL's of each gradient on the GPU
+    /// (`trainer.all_reduce`, [`crate::dist::GradientPath`]; with `nccl` also for one rank).
     pub(super) fn all_reduce_grads(
         &self,
         learner: Learner,
         grads: Vec<Option<Tensor>>,
     ) -> Result<Vec<Option<Tensor>>> {
-        if self.dist.size() == 1 {
+        if self.dist.size() == 1 && matches!(self.gradients, crate::dist::GradientPath::Host) {
             return Ok(grads);
         }
         let step = self.state.step + 1;
@@ -303,6 +305,28 @@ impl Trainer {
         self.dist
             .all_reduce_sum_f64(&mut present)
             .map_err(Self::dist_err(step, "gradient presence all-reduce"))?;
+        #[cfg(feature = "nccl")]
+        if let crate::dist::GradientPath::Nccl(nccl) = &self.gradients {
+            // The present gradients, zeros where this rank has none, summed on the GPU.
+            let mut parts = Vec::new();
+            for ((g, p), &c) in grads.into_iter().zip(params).zip(&present) {
+                if c != 0.0 {
+                    parts.push(match g {
+                        Some(g) => g,
+                        None => Tensor::zeros(p.shape(), DType::F32, p.device())?,
+                    });
+                }
+            }
+            let mut sums = nccl
+                .all_reduce_sum(&parts)
+                .map_err(Self::dist_err(step, "gradient all-reduce (NCCL)"))?
+                .into_iter();
+            drop(parts);
+            return Ok(present
+                .iter()
+                .map(|&c| if c == 0.0 { None } else { sums.next() })
+                .collect());
+        }
         let mut flat: Vec<f32> = Vec::new();
         // Each gradient is dropped once copied into the all-reduce buffer.
         for ((g, p), &c) in grads.into_iter().zip(params).zip(&present) {
