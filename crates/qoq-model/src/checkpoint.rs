@@ -15,6 +15,7 @@
 //! key is on or off: `scope(on, || loss)` then [`backward`]. The recompute must give the forward's
 //! values: the layers are deterministic (no dropout).
 
+use candle_core::TensorId;
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::GradStore;
 use candle_core::{
@@ -22,6 +23,7 @@ use candle_core::{
     Storage, Tensor, Var,
 };
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -40,6 +42,9 @@ thread_local! {
     /// Parameter gradients of the segments back-propagated so far by the [`backward`] running on
     /// this thread (`None` outside one).
     static PENDING: RefCell<Option<GradStore>> = const { RefCell::new(None) };
+    /// The master of each compute copy, by the copy's id, during a [`backward_onto_copies`] on
+    /// this thread: [`add_to_sum`] adds a copy's gradient to its master's sum.
+    static MASTERS: RefCell<Option<HashMap<TensorId, Tensor>>> = const { RefCell::new(None) };
 }
 
 /// Restores [`ACTIVE`] when dropped (also on a panic or an early return).
@@ -70,35 +75,43 @@ pub fn active() -> bool {
 /// update zeroing such pages). `add(Some(sum))` adds into `sum` in place and returns `None`
 /// (or returns a new sum, which replaces it); `add(None)` returns the first gradient.
 ///
+/// The gradient goes to the variable's sum in the variable's dtype, or, for the compute copy of
+/// a master (mixed precision, [`backward_onto_copies`]), to the master's sum in the master's
+/// dtype: `add` gets that sum and the dtype its result must have.
+///
 /// Returns `false` without calling `add` when `var` is not a variable or no such backward runs
 /// on this thread (a plain `loss.backward()`): the caller then hands the gradient to candle as
 /// usual. Every sum in the store is the backward's own (see [`backward_onto`]), so writing it
 /// in place is safe.
 pub(crate) fn add_to_sum(
     var: &Tensor,
-    add: impl FnOnce(Option<&Tensor>) -> Result<Option<Tensor>>,
+    add: impl FnOnce(Option<&Tensor>, DType) -> Result<Option<Tensor>>,
 ) -> Result<bool> {
     if !var.is_variable() {
         return Ok(false);
     }
+    let master = MASTERS.with(|m| m.borrow().as_ref().and_then(|m| m.get(&var.id()).cloned()));
+    let key = master.as_ref().unwrap_or(var);
     PENDING.with(|p| {
         let mut p = p.borrow_mut();
         let Some(store) = p.as_mut() else {
             return Ok(false);
         };
-        if let Some(sum) = add(store.get(var))? {
-            store.insert(var, sum);
+        if let Some(sum) = add(store.get(key), key.dtype())? {
+            store.insert(key, sum.to_dtype(key.dtype())?);
         }
         Ok(true)
     })
 }
 
 /// `sum += g` in place where `sum` is a contiguous host f32 tensor and `g` one of its shape
-/// (returns `None`); otherwise the new sum `sum + g` in `sum`'s dtype.
+/// (returns `None`; `g` is first converted to f32 when it is in another dtype); otherwise the
+/// new sum `sum + g` in `sum`'s dtype.
 pub fn add_into(sum: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
     let host_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous();
-    if host_f32(sum) && host_f32(g) && sum.dims() == g.dims() {
-        sum.inplace_op2(g, &AddAssign)?;
+    if host_f32(sum) && sum.dims() == g.dims() {
+        let g = g.to_dtype(DType::F32)?.contiguous()?;
+        sum.inplace_op2(&g, &AddAssign)?;
         return Ok(None);
     }
     (sum + g.to_dtype(sum.dtype())?).map(Some)
@@ -172,6 +185,42 @@ pub fn backward_onto(loss: &Tensor, sums: GradStore) -> Result<GradStore> {
     if let Some(pending) = pending {
         // Each parameter's gradients from all its uses, checkpointed or not, summed.
         grads.extend(pending)?;
+    }
+    Ok(grads)
+}
+
+/// [`backward_onto`] for a model computing on compute copies of master weights (mixed precision,
+/// [`crate::train::cast_var_builder`]): the copies' gradients are summed onto their masters, in
+/// the masters' dtype, and the returned store holds no copy. The ops that deliver their
+/// variables' gradients ([`add_to_sum`]) add a copy's straight into its master's sum during the
+/// backward; the rest reach the masters when it ends.
+pub fn backward_onto_copies(
+    loss: &Tensor,
+    sums: GradStore,
+    copies: &crate::train::ComputeCopies,
+) -> Result<GradStore> {
+    let pairs = copies
+        .pairs()
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let masters = pairs
+        .iter()
+        .map(|(c, m)| (c.id(), m.as_tensor().clone()))
+        .collect();
+    let outer = MASTERS.with(|m| m.borrow_mut().replace(masters));
+    let result = backward_onto(loss, sums);
+    MASTERS.with(|m| *m.borrow_mut() = outer);
+    let mut grads = result?;
+    for (copy, master) in &pairs {
+        let Some(g) = grads.remove(copy.as_tensor()) else {
+            continue;
+        };
+        let sum = match grads.get(master.as_tensor()) {
+            Some(sum) => add_into(sum, &g)?,
+            None => Some(g.to_dtype(master.dtype())?),
+        };
+        if let Some(sum) = sum {
+            grads.insert(master.as_tensor(), sum);
+        }
     }
     Ok(grads)
 }
@@ -288,6 +337,92 @@ impl CustomOp1 for Checkpoint {
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
+
+    /// Identity whose backward records what the running backward's sums hold for `master` (its
+    /// dtype) and for `copy` (whether present) at that moment.
+    struct Observe {
+        master: Tensor,
+        copy: Tensor,
+        seen: Arc<Mutex<Option<(Option<DType>, bool)>>>,
+    }
+
+    impl CustomOp1 for Observe {
+        fn name(&self) -> &'static str {
+            "observe"
+        }
+        fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+            Ok((s.try_clone(l)?, l.shape().clone()))
+        }
+        fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+            let seen = PENDING.with(|p| {
+                p.borrow().as_ref().map(|s| {
+                    (
+                        s.get(&self.master).map(Tensor::dtype),
+                        s.get(&self.copy).is_some(),
+                    )
+                })
+            });
+            *self.seen.lock().unwrap() = seen;
+            Ok(Some(grad.clone()))
+        }
+    }
+
+    /// Mixed precision: a projection over a bf16 compute copy adds its weight's gradient to the
+    /// f32 master's sum during the backward (an op earlier in the forward, whose backward runs
+    /// later, sees it there and no entry for the copy), and the result equals the copy's own
+    /// gradient widened to f32.
+    #[test]
+    fn a_compute_copys_projection_gradient_reaches_its_master_during_the_backward() -> Result<()> {
+        use crate::train::{Freeze, cast_var_builder, trainable_var_builder};
+        let dev = Device::Cpu;
+        let w = (Tensor::arange(0u32, 12, &dev)?.to_dtype(DType::F32)? * 0.37)?
+            .sin()?
+            .reshape((3, 4))?;
+        let vb = candle_nn::VarBuilder::from_tensors(
+            [("model.w".to_string(), w)].into(),
+            DType::F32,
+            &dev,
+        );
+        let (vb, store) = trainable_var_builder(vb, Freeze::default());
+        let master = vb.get((3, 4), "model.w")?;
+        assert!(master.is_variable());
+        let (vb16, copies) = cast_var_builder(&store, DType::BF16, &dev);
+        let copy = vb16.get((3, 4), "model.w")?;
+        assert_eq!(copy.dtype(), DType::BF16);
+        let x = Var::from_tensor(
+            &(Tensor::arange(0u32, 8, &dev)?.to_dtype(DType::BF16)? * 0.25)?.reshape((2, 4))?,
+        )?;
+        let seen = Arc::new(Mutex::new(None));
+        let loss = |x: &Tensor| -> Result<Tensor> {
+            let h = x.apply_op1(Observe {
+                master: master.clone(),
+                copy: copy.clone(),
+                seen: seen.clone(),
+            })?;
+            let lin = candle_nn::Linear::new(copy.clone(), None);
+            crate::linear::linear(&lin, &h)?
+                .to_dtype(DType::F32)?
+                .sqr()?
+                .sum_all()
+        };
+        let plain = loss(x.as_tensor())?.backward()?;
+        let want = plain
+            .get(&copy)
+            .expect("the copy's gradient")
+            .to_dtype(DType::F32)?;
+        let grads = backward_onto_copies(&loss(x.as_tensor())?, GradStore::default(), &copies)?;
+        assert_eq!(
+            *seen.lock().unwrap(),
+            Some((Some(DType::F32), false)),
+            "the master's f32 sum, and no copy, while the backward runs"
+        );
+        assert!(grads.get(&copy).is_none());
+        let got = grads.get(&master).expect("the master's gradient");
+        assert_eq!(got.dtype(), DType::F32);
+        let d = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(d, 0.0);
+        Ok(())
+    }
 
     fn layer(w: &Var) -> Segment {
         let w = w.as_tensor().clone();

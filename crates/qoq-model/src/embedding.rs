@@ -68,28 +68,30 @@ impl CustomOp1 for Lookup {
     }
 
     fn bwd(&self, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let grad = grad.detach().to_dtype(w.dtype())?.contiguous()?;
-        let add_rows = |sum: &Tensor| sum.inplace_op2(&grad, &ScatterAdd { rows: &self.rows });
-        let fresh = || -> Result<Tensor> {
+        let grad = grad.detach();
+        // The rows added to a sum of `dtype` (the weight's, or its master's for a compute copy).
+        let add_rows = |sum: &Tensor| -> Result<()> {
+            let g = grad.to_dtype(sum.dtype())?.contiguous()?;
+            sum.inplace_op2(&g, &ScatterAdd { rows: &self.rows })
+        };
+        let fresh = |dtype: DType| -> Result<Tensor> {
             // Zeroed pages that are never written stay unbacked until something reads them.
-            let z = Tensor::zeros(w.shape(), w.dtype(), w.device())?;
+            let z = Tensor::zeros(w.shape(), dtype, w.device())?;
             add_rows(&z)?;
             Ok(z)
         };
-        let delivered = crate::checkpoint::add_to_sum(w, |sum| match sum {
-            Some(sum)
-                if sum.dtype() == w.dtype() && sum.is_contiguous() && sum.device().is_cpu() =>
-            {
+        let delivered = crate::checkpoint::add_to_sum(w, |sum, dtype| match sum {
+            Some(sum) if sum.dtype() == dtype && sum.is_contiguous() && sum.device().is_cpu() => {
                 add_rows(sum)?;
                 Ok(None)
             }
-            Some(sum) => (sum + fresh()?.to_dtype(sum.dtype())?).map(Some),
-            None => fresh().map(Some),
+            Some(sum) => (sum + fresh(dtype)?.to_dtype(sum.dtype())?).map(Some),
+            None => fresh(dtype).map(Some),
         })?;
         if delivered {
             Ok(None)
         } else {
-            fresh().map(Some)
+            fresh(w.dtype()).map(Some)
         }
     }
 }

@@ -279,10 +279,11 @@ fn product_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, 
         None
     };
     let dw_of = || g.t()?.matmul(&x.detach());
+    // The weight's gradient, in the dtype of the sum it goes to (a compute copy's master's).
     let delivered = |w: &Tensor| {
-        crate::checkpoint::add_to_sum(w, |sum| match sum {
+        crate::checkpoint::add_to_sum(w, |sum, dtype| match sum {
             Some(sum) => crate::checkpoint::add_into(sum, &dw_of()?),
-            None => dw_of().map(Some),
+            None => dw_of()?.to_dtype(dtype).map(Some),
         })
     };
     let dw = if !w.track_op() || delivered(w)? {

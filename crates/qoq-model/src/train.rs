@@ -192,6 +192,34 @@ pub fn trainable_var_builder<'a>(
 
 struct CastBackend {
     store: ParamStore,
+    copies: ComputeCopies,
+}
+
+/// The compute copies of a mixed-precision model ([`cast_var_builder`]): for every trained
+/// parameter, the `Var` the model's forward reads (the master cast to the compute dtype, a leaf
+/// of its own) and its master `Var`, by checkpoint name.
+///
+/// [`crate::checkpoint::backward_onto_copies`] brings the copies' gradients to the masters: the
+/// CPU projections and the token embedding add theirs straight into the masters' f32 sums as
+/// the backward reaches them, the others (norms, biases, candle's paths) are converted and added
+/// when the backward ends. A tracked cast (`master.to_dtype(bf16)` in the graph) would instead
+/// keep every weight's bf16 gradient until the end of the backward, the casts being the graph's
+/// first nodes, and then add each into a zeroed f32 tensor: a compute-dtype copy of every
+/// gradient and an f32 one more at the peak.
+#[derive(Debug, Clone, Default)]
+pub struct ComputeCopies(Arc<Mutex<BTreeMap<String, (Var, Var)>>>);
+
+impl ComputeCopies {
+    /// `(copy, master)` of every trained parameter, sorted by name.
+    pub fn pairs(&self) -> Result<Vec<(Var, Var)>> {
+        Ok(self
+            .0
+            .lock()
+            .map_err(|_| Error::Config("compute copies poisoned".into()))?
+            .values()
+            .cloned()
+            .collect())
+    }
 }
 
 impl SimpleBackend for CastBackend {
@@ -214,17 +242,31 @@ impl SimpleBackend for CastBackend {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let m = self
-            .store
-            .0
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("parameter store poisoned".into()))?;
+        fn poisoned<T>(_: T) -> candle_core::Error {
+            candle_core::Error::Msg("parameter store poisoned".into())
+        }
+        let mut copies = self.copies.0.lock().map_err(poisoned)?;
+        // A parameter taken twice (tied embeddings) has one copy.
+        if let Some((copy, _)) = copies.get(name) {
+            return Ok(copy.as_tensor().clone());
+        }
+        let m = self.store.0.lock().map_err(poisoned)?;
         let p = m.get(name).ok_or_else(|| {
             candle_core::Error::Msg(format!("parameter {name} is not in the master store"))
         })?;
-        // A tracked cast: the backward of `to_dtype` brings the gradient back to the master
-        // `Var` in its own dtype.
-        p.tensor().to_dtype(dtype)?.to_device(dev)
+        match p {
+            Param::Trainable(master) => {
+                let cast = master
+                    .as_tensor()
+                    .detach()
+                    .to_dtype(dtype)?
+                    .to_device(dev)?;
+                let copy = Var::from_tensor(&cast)?;
+                copies.insert(name.to_string(), (copy.clone(), master.clone()));
+                Ok(copy.as_tensor().clone())
+            }
+            Param::Frozen(t) => t.to_dtype(dtype)?.to_device(dev),
+        }
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
@@ -234,15 +276,27 @@ impl SimpleBackend for CastBackend {
 
 /// Mixed precision (FSDP `MixedPrecision(param_dtype=compute)`): a builder whose every tensor is
 /// the cast to `dtype` of the parameter of the same name in `store` (the master weights, filled
-/// by building a model over [`trainable_var_builder`]'s builder). The cast is a tracked
-/// operation, so a model built over this builder computes in `dtype` while the gradients of a
-/// backward pass land on the master `Var`s, in the masters' dtype. The casts are taken once, when
-/// the model is built: rebuild it after every optimiser step.
-pub fn cast_var_builder(store: &ParamStore, dtype: DType, dev: &Device) -> VarBuilder<'static> {
+/// by building a model over [`trainable_var_builder`]'s builder). A trained parameter's cast is a
+/// `Var` of its own, listed with its master in the returned [`ComputeCopies`]: a model built
+/// over this builder computes in `dtype`, and
+/// [`crate::checkpoint::backward_onto_copies`] brings its gradients to the master `Var`s, in the
+/// masters' dtype (a plain `backward` leaves them on the copies). Frozen parameters are plain
+/// casts. The casts are taken once, when the model is built: rebuild it after every optimiser
+/// step.
+pub fn cast_var_builder(
+    store: &ParamStore,
+    dtype: DType,
+    dev: &Device,
+) -> (VarBuilder<'static>, ComputeCopies) {
+    let copies = ComputeCopies::default();
     let backend = CastBackend {
         store: store.clone(),
+        copies: copies.clone(),
     };
-    VarBuilder::from_backend(Box::new(backend), dtype, dev.clone())
+    (
+        VarBuilder::from_backend(Box::new(backend), dtype, dev.clone()),
+        copies,
+    )
 }
 
 /// Write every parameter of `store` to a safetensors file under its checkpoint name, with the

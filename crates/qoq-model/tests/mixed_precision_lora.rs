@@ -58,8 +58,8 @@ fn bf16_compute_over_f32_masters_puts_f32_gradients_on_every_master() {
     let loss32 = f32_loss(&master, &inputs);
     let grads32 = loss32.backward().unwrap();
     // The mixed run: bf16 copies of the same masters.
-    let mixed =
-        ClinicalVlm::new(&cfg, cast_var_builder(&store, DType::BF16, &Device::Cpu)).unwrap();
+    let (vb16, copies) = cast_var_builder(&store, DType::BF16, &Device::Cpu);
+    let mixed = ClinicalVlm::new(&cfg, vb16).unwrap();
     assert_eq!(mixed.dtype(), DType::BF16);
     let logits = mixed.forward(&inputs, ForwardMode::Train).unwrap();
     assert_eq!(logits.dtype(), DType::BF16, "the forward computes in bf16");
@@ -71,9 +71,49 @@ fn bf16_compute_over_f32_masters_puts_f32_gradients_on_every_master() {
         (a - b).abs() <= 2e-2 * a.abs().max(1.0),
         "f32 loss {a}, bf16-compute loss {b}"
     );
-    let grads16 = loss16.backward().unwrap();
+    // A plain backward leaves the gradients on the bf16 copies (each copy is a leaf `Var`).
+    let plain = loss16.backward().unwrap();
+    let pairs = copies.pairs().unwrap();
+    assert!(
+        pairs
+            .iter()
+            .all(|(c, m)| plain.get(c.as_tensor()).is_some() && plain.get(m.as_tensor()).is_none())
+    );
+    // backward_onto_copies brings them to the masters in f32 (the projections and the
+    // embedding add theirs into the masters' sums during the backward, the rest at its end) and
+    // leaves none on the copies: the same values as the copies' bf16 gradients widened, up to
+    // the f32 sum of a tied weight's two uses (bf16 in the plain backward).
+    let grads16 = qoq_model::checkpoint::backward_onto_copies(
+        &loss16,
+        candle_core::backprop::GradStore::default(),
+        &copies,
+    )
+    .unwrap();
+    for (copy, master) in &pairs {
+        assert!(grads16.get(copy.as_tensor()).is_none());
+        let got = grads16
+            .get(master.as_tensor())
+            .expect("a master's gradient");
+        let want = plain
+            .get(copy.as_tensor())
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let diff = scalar(&(got - &want).unwrap().abs().unwrap().max_all().unwrap());
+        let scale = scalar(&want.abs().unwrap().max_all().unwrap());
+        assert!(
+            diff <= 1e-2 * scale.max(1e-12),
+            "master {:?}: {diff} off the copy's gradient (max {scale})",
+            master.dims()
+        );
+    }
     let trainable = store.trainable().unwrap();
     assert!(!trainable.is_empty());
+    assert_eq!(
+        pairs.len(),
+        trainable.len(),
+        "one copy per trained parameter"
+    );
     for (name, var) in &trainable {
         let g = grads16
             .get(var.as_tensor())
@@ -102,7 +142,7 @@ fn bf16_compute_over_f32_masters_puts_f32_gradients_on_every_master() {
 }
 
 fn mixed_first(store: &qoq_model::train::ParamStore, name: &str) -> f32 {
-    let vb = cast_var_builder(store, DType::BF16, &Device::Cpu);
+    let (vb, _) = cast_var_builder(store, DType::BF16, &Device::Cpu);
     let t = vb.get_unchecked(name).unwrap();
     assert_eq!(t.dtype(), DType::BF16);
     scalar(&t.flatten_all().unwrap().get(0).unwrap())

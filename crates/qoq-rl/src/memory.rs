@@ -284,9 +284,10 @@ impl MemoryPlan {
         // The gradients of the trained parameters in f32: the sum over the optimiser step's
         // micro-batches, and at the end of each later micro-batch's backward its own gradients
         // beside it, except those the backward adds to the sums as it goes (f32 masters;
-        // `checkpoint::backward_onto`): the parameters inside checkpointed layers and, on the
-        // CPU with f32 compute, the projections' weights and the token embedding
-        // (`qoq_model::linear`, `qoq_model::embedding`; the matrices outside the ECG encoder).
+        // `checkpoint::backward_onto`, `backward_onto_copies` for bf16 compute copies): the
+        // parameters inside checkpointed layers and, on the CPU, the projections' weights and
+        // the token embedding (`qoq_model::linear`, `qoq_model::embedding`; the matrices outside
+        // the ECG encoder).
         let micro_batches = cfg
             .rollouts_per_optimizer_step()
             .div_ceil(micro.max(1) as usize);
@@ -296,7 +297,7 @@ impl MemoryPlan {
         let delivered = |n: &str, shape: &[usize]| {
             (checkpointing && in_segment(n))
                 || (on_cpu
-                    && cfg.model.compute_dtype == DtypeName::F32
+                    && f32_masters
                     && shape.len() == 2
                     && !n.starts_with("time_series_embedding."))
         };
@@ -443,8 +444,9 @@ mod tests {
 
     /// The gradients are held twice only where a later micro-batch's backward runs beside the
     /// sums, and then only for the parameters that backward does not add to them as it goes:
-    /// on the CPU in f32 the matrices (projections, embedding) are added, with checkpointing
-    /// everything inside the checkpointed layers too; on a GPU only the latter.
+    /// on the CPU with f32 masters (f32 or bf16 compute) the matrices (projections, embedding)
+    /// are added, with checkpointing everything inside the checkpointed layers too; on a GPU
+    /// only the latter.
     #[test]
     fn gradients_are_held_twice_only_beside_a_running_sum() {
         let m = tiny();
@@ -488,6 +490,21 @@ mod tests {
         let gpu = MemoryPlan::estimate(&c, &m, 100, &[64]).unwrap();
         assert_eq!(part(&gpu.update, "gradients"), plain.trained * 8);
         c.model.device = "cpu".into();
+        c.model.gradient_checkpointing = true;
+        // bf16 compute over f32 masters: the copies' matrices are added to the masters' sums
+        // as with f32 compute.
+        c.model.compute_dtype = DtypeName::Bf16;
+        let mixed = MemoryPlan::estimate(&c, &m, 100, &[64]).unwrap();
+        assert_eq!(
+            part(&mixed.update, "gradients"),
+            (plain.trained + neither) * 4
+        );
+        c.model.gradient_checkpointing = false;
+        let mixed = MemoryPlan::estimate(&c, &m, 100, &[64]).unwrap();
+        assert_eq!(
+            part(&mixed.update, "gradients"),
+            (2 * plain.trained - matrices) * 4
+        );
         c.model.gradient_checkpointing = true;
         // bf16 masters accumulate in f32 beside them: twice again.
         c.model.master_dtype = DtypeName::Bf16;

@@ -410,9 +410,8 @@ fn a_mixed_precision_rl_loss_tracks_the_f32_one_and_puts_f32_gradients_on_every_
     let (vb, _) = checkpoint_var_builder(&model, DType::F32, &Device::Cpu).unwrap();
     let (vb, store) = trainable_var_builder(vb, Freeze::default());
     let f32_policy = qoq_model::ClinicalVlm::new(&mcfg, vb).unwrap();
-    let bf16_policy =
-        qoq_model::ClinicalVlm::new(&mcfg, cast_var_builder(&store, DType::BF16, &Device::Cpu))
-            .unwrap();
+    let (vb16, copies) = cast_var_builder(&store, DType::BF16, &Device::Cpu);
+    let bf16_policy = qoq_model::ClinicalVlm::new(&mcfg, vb16).unwrap();
     let reference = |dtype| {
         let (vb, _) = checkpoint_var_builder(&model, dtype, &Device::Cpu).unwrap();
         qoq_model::ClinicalVlm::new(&mcfg, vb).unwrap()
@@ -430,7 +429,12 @@ fn a_mixed_precision_rl_loss_tracks_the_f32_one_and_puts_f32_gradients_on_every_
         "f32 loss {a}, bf16-compute loss {b}"
     );
     let g32 = loss32.backward().unwrap();
-    let g16 = loss16.backward().unwrap();
+    let g16 = qoq_model::checkpoint::backward_onto_copies(
+        &loss16,
+        candle_core::backprop::GradStore::default(),
+        &copies,
+    )
+    .unwrap();
     let norm = |x: &candle_core::Tensor| scalar(&x.sqr().unwrap().sum_all().unwrap()).sqrt();
     let mut checked = 0;
     for (name, var) in store.trainable().unwrap() {

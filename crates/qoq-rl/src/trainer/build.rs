@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use qoq_data::manifest::{Cursor, Manifest, RowOrder};
 use qoq_model::ClinicalVlm;
-use qoq_model::train::{ParamStore, trainable_var_builder};
+use qoq_model::train::{ComputeCopies, ParamStore, trainable_var_builder};
 use qoq_processor::processor::Processor;
 use qoq_reward::RewardFn;
 use std::collections::HashMap;
@@ -289,7 +289,7 @@ fn build(
             None => qoq_model::lora::seed_adapters(&a.vars, cfg.data.seed).map_err(model_err)?,
         }
     }
-    let model = compute_model(
+    let (model, copies) = compute_model(
         master_model,
         &store,
         adapters.as_ref(),
@@ -302,7 +302,8 @@ fn build(
     let ref_model = if !cfg.algorithm.needs_reference() {
         None
     } else if adapters.is_some() {
-        let vb = qoq_model::train::cast_var_builder(&store, compute, &device);
+        // The frozen base: plain casts (no trained parameter, so no compute copies).
+        let (vb, _) = qoq_model::train::cast_var_builder(&store, compute, &device);
         Some(ClinicalVlm::new(&model_cfg, vb).map_err(model_err)?)
     } else {
         let vb = initial_weights(&model_dir, compute, &device, init)?;
@@ -479,6 +480,7 @@ fn build(
         perf: Default::default(),
         dist,
         gradients,
+        copies,
         advantages: Vec::new(),
     })
 }
@@ -639,7 +641,8 @@ fn check_world(cfg: &RunConfig, ck: Option<&Checkpoint>, ranks: usize) -> Result
 
 /// The model the run computes with: `master` itself when the compute dtype is the master dtype,
 /// else the same architecture over casts of `store`'s master weights to `compute`
-/// ([`qoq_model::train::cast_var_builder`], mixed precision), with the same adapter `Var`s.
+/// ([`qoq_model::train::cast_var_builder`], mixed precision), with the same adapter `Var`s, and
+/// its compute copies (whose gradients the backward brings to the masters).
 pub(super) fn compute_model(
     master: ClinicalVlm,
     store: &ParamStore,
@@ -647,17 +650,18 @@ pub(super) fn compute_model(
     dtype: DType,
     compute: DType,
     device: &Device,
-) -> Result<ClinicalVlm> {
+) -> Result<(ClinicalVlm, Option<ComputeCopies>)> {
     if compute == dtype {
-        return Ok(master);
+        return Ok((master, None));
     }
-    let vb = qoq_model::train::cast_var_builder(store, compute, device);
-    ClinicalVlm::new_with_lora(
+    let (vb, copies) = qoq_model::train::cast_var_builder(store, compute, device);
+    let model = ClinicalVlm::new_with_lora(
         master.config(),
         vb,
         adapters.map(|a| a.builder(dtype, device)).as_ref(),
     )
-    .map_err(model_err)
+    .map_err(model_err)?;
+    Ok((model, Some(copies)))
 }
 
 impl Trainer {
@@ -672,7 +676,9 @@ impl Trainer {
         if dtype == compute || self.adapters.is_some() {
             return Ok(());
         }
-        self.model = compute_model(
+        // The previous copies are dropped before the new ones are taken.
+        self.copies = None;
+        (self.model, self.copies) = compute_model(
             self.model.clone(),
             &self.store,
             self.adapters.as_ref(),

@@ -293,6 +293,9 @@ pub struct Trainer {
     dist: Rc<dyn Collective>,
     /// How the gradients are summed over the ranks (`trainer.all_reduce`).
     gradients: crate::dist::GradientPath,
+    /// Mixed precision: the compute copies `model` reads, whose gradients the backward brings to
+    /// the master `Var`s (`None` when the run computes in its master dtype).
+    copies: Option<qoq_model::train::ComputeCopies>,
     /// The last RL step's advantages, one per kept rollout in the estimator's order.
     advantages: Vec<f64>,
     /// Where rollouts are sampled (`rollout.backend`).

@@ -236,10 +236,16 @@ impl Trainer {
                 // The loss (and with it the graph's activations) is dropped with the
                 // statement; the store's other gradients with `store`, once the parameters'
                 // are moved out.
-                let mut store = match sums {
-                    Some(sums) => qoq_model::checkpoint::backward_onto(&(loss / count)?, sums)?,
-                    None => qoq_model::checkpoint::backward(&(loss / count)?)?,
+                let loss = (loss / count)?;
+                let sums = sums.unwrap_or_default();
+                let mut store = match &self.copies {
+                    // Mixed precision: the copies' gradients summed onto the masters.
+                    Some(copies) => {
+                        qoq_model::checkpoint::backward_onto_copies(&loss, sums, copies)?
+                    }
+                    None => qoq_model::checkpoint::backward_onto(&loss, sums)?,
                 };
+                drop(loss);
                 let grads = opt.grads_of(&mut store);
                 drop(store);
                 if continued {
