@@ -220,6 +220,15 @@ impl ComputeCopies {
             .cloned()
             .collect())
     }
+
+    /// Writes every master's current value into its copy, in place (after an optimiser step):
+    /// one parameter's cast at a time, no second set of copies.
+    pub fn refresh(&self) -> Result<()> {
+        for (copy, master) in self.pairs()? {
+            copy.set(&master.as_tensor().to_dtype(copy.dtype())?)?;
+        }
+        Ok(())
+    }
 }
 
 impl SimpleBackend for CastBackend {
@@ -281,8 +290,8 @@ impl SimpleBackend for CastBackend {
 /// over this builder computes in `dtype`, and
 /// [`crate::checkpoint::backward_onto_copies`] brings its gradients to the master `Var`s, in the
 /// masters' dtype (a plain `backward` leaves them on the copies). Frozen parameters are plain
-/// casts. The casts are taken once, when the model is built: rebuild it after every optimiser
-/// step.
+/// casts. The casts are taken when the model is built: after an optimiser step,
+/// [`ComputeCopies::refresh`] writes the new masters into them.
 pub fn cast_var_builder(
     store: &ParamStore,
     dtype: DType,

@@ -139,6 +139,15 @@ fn bf16_compute_over_f32_masters_puts_f32_gradients_on_every_master() {
         (after - before - 1.0).abs() < 1e-2,
         "{name}: {before} → {after}"
     );
+    // ... and `refresh` writes it into the copy the built model reads, in place.
+    let (copy, _) = pairs
+        .iter()
+        .find(|(_, m)| m.as_tensor().id() == var.as_tensor().id())
+        .expect("the master's copy");
+    let first = |t: &Tensor| scalar(&t.flatten_all().unwrap().get(0).unwrap());
+    assert!((first(copy.as_tensor()) - before).abs() < 1e-6);
+    copies.refresh().unwrap();
+    assert_eq!(first(copy.as_tensor()), after, "{name}");
 }
 
 fn mixed_first(store: &qoq_model::train::ParamStore, name: &str) -> f32 {

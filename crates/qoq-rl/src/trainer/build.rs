@@ -665,27 +665,16 @@ pub(super) fn compute_model(
 }
 
 impl Trainer {
-    /// Mixed precision: takes new compute copies of the master weights (after an optimiser step
-    /// changed them). Nothing to do when the run computes in its master dtype (the model holds
-    /// the master `Var`s, which the optimiser updates in place).
+    /// Mixed precision: writes the master weights (after an optimiser step changed them) into
+    /// the compute copies the model reads, in place, one parameter at a time (rebuilding the
+    /// model would hold a second set of copies beside the first at the step's peak). Nothing to
+    /// do when the run computes in its master dtype (the model holds the master `Var`s, which
+    /// the optimiser updates in place), nor for a LoRA run (its base is frozen, its adapters
+    /// are cast in every forward).
     pub(super) fn refresh_compute_model(&mut self) -> Result<()> {
-        let dtype = dtype_of(self.cfg.model.master_dtype);
-        let compute = dtype_of(self.cfg.model.compute_dtype);
-        // A LoRA run's base is frozen (held in the compute dtype) and its adapters are cast in
-        // every forward: nothing to refresh.
-        if dtype == compute || self.adapters.is_some() {
-            return Ok(());
+        match &self.copies {
+            Some(copies) => copies.refresh().map_err(model_err),
+            None => Ok(()),
         }
-        // The previous copies are dropped before the new ones are taken.
-        self.copies = None;
-        (self.model, self.copies) = compute_model(
-            self.model.clone(),
-            &self.store,
-            self.adapters.as_ref(),
-            dtype,
-            compute,
-            &self.device,
-        )?;
-        Ok(())
     }
 }
