@@ -123,21 +123,7 @@ fn all_reduce_flag_reaches_the_run_and_nccl_is_refused_off_the_gpu() {
     let (a, b) = (&auto["qoq"]["steps"][0], &host["qoq"]["steps"][0]);
     assert_eq!(a["losses"], b["losses"]);
     assert_eq!(a["grad_norm"], b["grad_norm"]);
-    let o = qoq()
-        .current_dir(support::repo())
-        .args([
-            "bench",
-            "train-step",
-            "--no-reference",
-            "--steps",
-            "1",
-            "--all-reduce",
-            "nccl",
-        ])
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = refused(&["--no-reference", "--steps", "1", "--all-reduce", "nccl"]);
     assert!(
         err.contains("trainer.all_reduce") && err.contains("nccl"),
         "{err}"
@@ -148,22 +134,21 @@ fn all_reduce_flag_reaches_the_run_and_nccl_is_refused_off_the_gpu() {
     );
 }
 
-#[test]
-fn zero_rollouts_are_refused() {
+/// `qoq bench train-step ARGS`, which must fail: its standard error.
+fn refused(args: &[&str]) -> String {
     let o = qoq()
-        .args([
-            "bench",
-            "train-step",
-            "--n",
-            "0",
-            "--no-reference",
-            "--steps",
-            "1",
-        ])
+        .current_dir(support::repo())
+        .args(["bench", "train-step"])
+        .args(args)
         .output()
         .unwrap();
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{args:?} was accepted");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn zero_rollouts_are_refused() {
+    let err = refused(&["--n", "0", "--no-reference", "--steps", "1"]);
     assert!(err.contains("--n"), "{err}");
 }
 
