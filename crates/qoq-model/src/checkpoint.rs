@@ -321,11 +321,30 @@ impl CustomOp1 for Checkpoint {
         RECOMPUTED.fetch_add(1, Ordering::Relaxed);
         let x = Var::from_tensor(&arg.detach())?;
         let y = scope(false, || (self.f)(x.as_tensor()))?;
-        let mut grads = (y * grad_res.detach())?.sum_all()?.backward()?;
+        let surrogate = (y * grad_res.detach())?.sum_all()?;
+        // The segment's parameters: candle's backward also leaves a gradient for every operand
+        // that does not track (a mask's fill value, `grad_res` itself), as large as the operand
+        // and never removed; kept in the pending store they would outlive the segment, one
+        // score-sized tensor per layer and attention until the whole backward ends.
+        let vars: Vec<Tensor> = surrogate
+            .sorted_nodes()
+            .into_iter()
+            .filter(|n| n.is_variable() && n.id() != x.as_tensor().id())
+            .cloned()
+            .collect();
+        let mut grads = surrogate.backward()?;
+        drop(surrogate);
         let gx = grads.remove(x.as_tensor());
+        let mut kept = GradStore::default();
+        for v in &vars {
+            if let Some(g) = grads.remove(v) {
+                kept.insert(v, g);
+            }
+        }
+        drop(grads);
         PENDING.with(|p| -> Result<()> {
             match p.borrow_mut().as_mut() {
-                Some(store) => store.extend(grads),
+                Some(store) => store.extend(kept),
                 None => Ok(()),
             }
         })?;
@@ -365,6 +384,38 @@ mod tests {
             *self.seen.lock().unwrap() = seen;
             Ok(Some(grad.clone()))
         }
+    }
+
+    /// A segment's backward hands on its parameters' gradients only: candle's backward also
+    /// leaves gradients for operands that do not track (here a fill value broadcast to the
+    /// scores' shape), which must not be kept until the whole backward ends.
+    #[test]
+    fn a_segment_keeps_no_gradient_of_its_untracked_operands() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Var::from_tensor(&Tensor::new(&[[0.5f32, -1.0], [2.0, 0.25]], &dev)?)?;
+        let fill = Tensor::new(-7f32, &dev)?.broadcast_as((3, 2))?;
+        let keep = Tensor::new(&[[1u8, 0], [0, 1], [1, 1]], &dev)?;
+        let f: Segment = {
+            let (w, fill, keep) = (w.as_tensor().clone(), fill.clone(), keep.clone());
+            Arc::new(move |x: &Tensor| keep.where_cond(&x.matmul(&w)?, &fill))
+        };
+        let x0 = Var::from_tensor(&Tensor::new(&[[1f32, 2.0], [3.0, 4.0], [5.0, 6.0]], &dev)?)?;
+        let loss = scope(true, || checkpointed(x0.as_tensor(), f.clone()))?
+            .sqr()?
+            .sum_all()?;
+        let g = backward(&loss)?;
+        assert!(g.get(w.as_tensor()).is_some() && g.get(x0.as_tensor()).is_some());
+        assert!(g.get(&fill).is_none(), "the fill value's gradient was kept");
+        // The same gradients as without checkpointing.
+        let plain = f(x0.as_tensor())?.sqr()?.sum_all()?.backward()?;
+        for t in [w.as_tensor(), x0.as_tensor()] {
+            let d = (g.get(t).unwrap() - plain.get(t).unwrap())?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert_eq!(d, 0.0);
+        }
+        Ok(())
     }
 
     /// Mixed precision: a projection over a bf16 compute copy adds its weight's gradient to the
