@@ -404,8 +404,7 @@ impl RunConfig {
         }
         let device = self.device()?;
         if self.trainer.all_reduce == AllReduce::Nccl
-            && let Some(why) =
-                AllReduce::nccl_refusal(matches!(device, qoq_model::DeviceSpec::Cuda(_)))
+            && let Some(why) = AllReduce::nccl_refusal(device.is_cuda())
         {
             return Err(invalid("trainer.all_reduce", why));
         }
@@ -416,7 +415,7 @@ impl RunConfig {
                     format!("{u} is not in (0, 1]"),
                 ));
             }
-            if !matches!(device, qoq_model::DeviceSpec::Cuda(_)) {
+            if !device.is_cuda() {
                 return Err(invalid(
                     "rollout.gpu_memory_utilization",
                     format!(

@@ -247,6 +247,14 @@ fn build(
             what: "opening the gradients' all-reduce (trainer.all_reduce)",
             source,
         })?;
+    if dist.size() > 1 || !matches!(gradients, crate::dist::GradientPath::Host) {
+        tracing::info!(
+            rank = dist.rank(),
+            "gradients summed over {} rank(s) through {}",
+            dist.size(),
+            gradients.name()
+        );
+    }
     // Rank 0 alone writes into the run folder (logs, events, checkpoints).
     let writer = dist.rank() == 0;
     let model_dir = PathBuf::from(&cfg.model.model_path);
