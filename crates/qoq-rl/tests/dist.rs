@@ -130,8 +130,14 @@ fn two_ranks_train_like_one_process_and_resume_with_two_ranks_only() {
             "step {step}"
         );
         assert_eq!(one.advantages[step].len(), two[0].advantages[step].len());
+        // From step 2 on the weights differ by the ranks' summation order (below 1e-6, above),
+        // and DRPO's normalised advantages magnify the log-probabilities' differences that
+        // makes (3.3e-6 relative at step 2 of this run): 1e-5.
         for (a, b) in one.advantages[step].iter().zip(&two[0].advantages[step]) {
-            assert!(close(*a, *b), "step {step}: advantage {a} vs {b}");
+            assert!(
+                (a - b).abs() <= 1e-5 * (1.0 + a.abs().max(b.abs())),
+                "step {step}: advantage {a} vs {b}"
+            );
         }
         // Rank 0's metrics cover the whole step (rewards, losses of every micro-batch).
         for (k, v) in &one.metrics[step] {
