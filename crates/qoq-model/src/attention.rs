@@ -75,8 +75,7 @@ pub fn with_min_macs<R>(min_macs: usize, f: impl FnOnce() -> R) -> R {
 }
 
 /// Whether a training forward of `q: (b, heads, s, d)` over `t` keys uses the chunked op: on
-/// the CPU in f32 or f64 from [`CHUNKED_MIN_MACS`] multiply-adds per sequence
-/// (`heads · s · t · d`).
+/// the CPU from [`CHUNKED_MIN_MACS`] multiply-adds per sequence (`heads · s · t · d`).
 pub fn use_chunked(q: &Tensor, t: usize) -> bool {
     let min = MIN_MACS.with(Cell::get).unwrap_or(CHUNKED_MIN_MACS);
     let [_, heads, s, d] = q.dims() else {
@@ -89,9 +88,14 @@ pub fn use_chunked(q: &Tensor, t: usize) -> bool {
             >= min
 }
 
-/// Whether the op can run on `q`'s device and dtype (CPU, f32 or f64).
+/// Whether the op can run on `q`'s device and dtype (CPU; f32 or f64, or bf16 / f16 computed
+/// in f32).
 pub fn available(q: &Tensor) -> bool {
-    q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64)
+    q.device().is_cpu()
+        && matches!(
+            q.dtype(),
+            DType::F32 | DType::F64 | DType::BF16 | DType::F16
+        )
 }
 
 /// Which keys each query sees.
@@ -105,7 +109,10 @@ pub struct AttentionMask {
 
 /// Attention of `q: (b, heads, s, d)` over `k`, `v: (b, kv_heads, t, d)` (`heads` a multiple of
 /// `kv_heads`), scores scaled by `scale`, under `mask` → `(b, heads, s, d)`. Differentiable in
-/// `q`, `k` and `v`; CPU, f32 or f64 ([`available`]).
+/// `q`, `k` and `v`; CPU ([`available`]). Half-precision inputs are widened to f32 (tracked
+/// casts: their gradients come back in their dtype) and the output narrowed back: a bf16
+/// training forward keeps f32 copies of `q`, `k`, `v` instead of the eager path's f32 scores,
+/// mask fill and probabilities, `(b, heads, s, t)` each.
 pub fn chunked_attention(
     q: &Tensor,
     k: &Tensor,
@@ -126,6 +133,11 @@ pub fn chunked_attention(
     }
     if mask.causal && t < s {
         candle_core::bail!("chunked attention: causal with {s} queries over {t} keys");
+    }
+    if matches!(q.dtype(), DType::BF16 | DType::F16) {
+        let wide = |x: &Tensor| x.to_dtype(DType::F32);
+        return chunked_attention(&wide(q)?, &wide(k)?, &wide(v)?, scale, mask)?
+            .to_dtype(q.dtype());
     }
     let key_keep = match &mask.key_keep {
         Some(m) => {
@@ -669,6 +681,11 @@ mod tests {
             check(5, 9, true, 2, dtype, tol);
             check(6, 10, false, 0, dtype, tol);
             check(4, 11, false, 4, dtype, tol);
+        }
+        // bf16 and f16, computed in f32 against the eager path in the half type itself.
+        for dtype in [DType::BF16, DType::F16] {
+            check(7, 7, true, 3, dtype, 3e-2);
+            check(6, 10, false, 0, dtype, 3e-2);
         }
     }
 

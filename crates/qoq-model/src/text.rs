@@ -514,9 +514,9 @@ impl Attention {
     /// `s` queries over `past + s` keys → `(b, s, hidden)`.
     ///
     /// A training forward (Train mode, no cache) of at least
-    /// [`crate::attention::CHUNKED_MIN_MACS`] score multiply-adds per sequence on the CPU in f32/f64 uses
-    /// the chunked attention, which never holds the `(b, heads, s, t)` scores; otherwise the
-    /// eager path.
+    /// [`crate::attention::CHUNKED_MIN_MACS`] score multiply-adds per sequence on the CPU (bf16
+    /// and f16 computed in f32) uses the chunked attention, which never holds the
+    /// `(b, heads, s, t)` scores; otherwise the eager path.
     pub fn forward_cached(
         &self,
         x: &Tensor,
