@@ -26,9 +26,10 @@ fn png_size(path: &Path) -> (u32, u32) {
 fn demo_writes_every_artefact_and_training_beats_the_untrained_model() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("demo");
-    // The `--quick` preset, as a newcomer would run it (300 SFT steps; 154 s in a release build).
+    // The `--quick` preset, as a newcomer would run it (300 SFT steps; 154 s in a release build),
+    // with the ECG encoder's pre-training the full preset runs (none in --quick) for 5 steps.
     let o = Command::new(env!("CARGO_BIN_EXE_qoq"))
-        .args(["demo", "--quick", "--out"])
+        .args(["demo", "--quick", "--ecg-steps", "5", "--out"])
         .arg(&out)
         .output()
         .unwrap();
@@ -44,7 +45,13 @@ fn demo_writes_every_artefact_and_training_beats_the_untrained_model() {
     assert!(stdout.contains("DRPO F1"), "{stdout}");
 
     // Model folders load as models.
-    for m in ["model_init", "sft_model", "grpo_model", "drpo_model"] {
+    for m in [
+        "model_init",
+        "model_ecg",
+        "sft_model",
+        "grpo_model",
+        "drpo_model",
+    ] {
         let d = out.join(m);
         for f in [
             "config.json",
@@ -170,7 +177,13 @@ fn run_files_rerun_and_extend_the_phases(out: &Path, tmp: &Path) {
     let sft = load("sft");
     assert!(sft.trainer.sft);
     assert_eq!(sft.data.format_prompt, "none");
-    assert_eq!(Path::new(&sft.model.model_path), out.join("model_init"));
+    // SFT starts from the model whose ECG encoder the demo pre-trained, and says how.
+    assert_eq!(Path::new(&sft.model.model_path), out.join("model_ecg"));
+    let header = std::fs::read_to_string(out.join("configs/sft.toml")).unwrap();
+    assert!(
+        header.contains("qoq model pretrain-ecg --model"),
+        "{header}"
+    );
     assert_eq!(Path::new(&sft.trainer.out_dir), out.join("sft"));
     for (name, kind) in [("grpo", EstimatorKind::Grpo), ("drpo", EstimatorKind::Drpo)] {
         let c = load(name);

@@ -6,6 +6,7 @@ pub mod config;
 pub mod critic;
 pub mod dist;
 pub mod early_stopping;
+pub mod ecg_pretrain;
 pub mod error;
 pub mod kmeans;
 pub mod loss;

@@ -5,6 +5,11 @@
 //!   `preprocessor_config.json`) with seeded random weights: the demo's own model writer
 //!   ([`qoq_model::init::init_model`]). The config's special-token ids follow the tokenizer (a
 //!   `tokenizer.json`, or a model folder holding one); an existing non-empty DIR is refused.
+//! * `qoq model pretrain-ecg --model DIR --data TRAIN.jsonl [--val VAL.jsonl] --out DIR2 [--steps
+//!   400 --batch-size 32 --lr 3e-3 --seed 0]` pre-trains the model's ECG-JEPA encoder on the
+//!   manifest's labelled ECGs and writes the model with the new encoder to DIR2
+//!   ([`qoq_rl::ecg_pretrain`]): the stand-in for QoQ-Med's pre-trained ECG-JEPA in a model
+//!   with random weights (the demo's first training phase).
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
@@ -16,6 +21,39 @@ use std::process::ExitCode;
 pub enum ModelCommand {
     /// Write a fresh model folder with seeded random weights.
     Init(InitArgs),
+    /// Pre-train a model's ECG-JEPA encoder on labelled ECGs (supervised, on a manifest's
+    /// answers) and write the model with the new encoder to a new folder.
+    PretrainEcg(PretrainEcgArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PretrainEcgArgs {
+    /// The model folder whose encoder is trained (read only).
+    #[arg(long)]
+    model: PathBuf,
+    /// Training manifest (JSONL, `time-series` and `answer` keys); rows without a time series
+    /// are skipped; each dataset's answers are its classes.
+    #[arg(long)]
+    data: PathBuf,
+    /// Manifest whose ECGs measure the accuracy after training (its answers must occur in the
+    /// training rows of the same dataset).
+    #[arg(long)]
+    val: Option<PathBuf>,
+    /// The new model folder (must not exist, or be empty).
+    #[arg(long)]
+    out: PathBuf,
+    /// Optimiser steps.
+    #[arg(long, default_value_t = 400)]
+    steps: u64,
+    /// ECGs per step.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Peak learning rate (AdamW, 10 warm-up steps, no weight decay).
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    /// Seed of the head's weights and the row order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 /// The architecture presets of [`ModelSize::PRESETS`].
@@ -72,6 +110,27 @@ pub fn run(c: ModelCommand) -> anyhow::Result<ExitCode> {
                 a.seed,
                 a.out.display()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        ModelCommand::PretrainEcg(a) => {
+            let (processor, _) = qoq_processor::ProcessorOptions::for_model_dir(&a.model)
+                .with_context(|| format!("reading {}'s processor settings", a.model.display()))?;
+            let options = qoq_rl::ecg_pretrain::EcgPretrainOptions {
+                steps: a.steps,
+                batch_size: a.batch_size,
+                lr: a.lr,
+                seed: a.seed,
+            };
+            let r = qoq_rl::ecg_pretrain::pretrain_ecg_encoder(
+                &a.model,
+                &a.data,
+                a.val.as_deref(),
+                &a.out,
+                &processor,
+                &options,
+            )
+            .context("pre-training the ECG encoder")?;
+            eprintln!("{}", qoq_rl::ecg_pretrain::summary(&r));
             Ok(ExitCode::SUCCESS)
         }
     }
