@@ -74,11 +74,14 @@ struct EcgAttention {
     head_dim: usize,
     leads: usize,
     patches: usize,
+    /// `(leads, leads)` additive f32: `-inf` on the diagonal (a query's own lead, already among
+    /// its lead's scores), 0 elsewhere.
+    own_lead: Tensor,
 }
 
 impl EcgAttention {
     fn new(cfg: &TimeSeriesConfig, vb: VarBuilder) -> Result<Self> {
-        let dim = cfg.embed_dim;
+        let (dim, l) = (cfg.embed_dim, cfg.leads);
         Ok(Self {
             qkv: linear(dim, 3 * dim, cfg.qkv_bias, vb.pp("qkv"))?,
             proj: linear(dim, dim, true, vb.pp("proj"))?,
@@ -86,6 +89,19 @@ impl EcgAttention {
             head_dim: dim / cfg.num_heads,
             leads: cfg.leads,
             patches: cfg.patches_per_lead,
+            own_lead: Tensor::from_vec(
+                (0..l * l)
+                    .map(|i| {
+                        if i / l == i % l {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect::<Vec<f32>>(),
+                (l, l),
+                vb.device(),
+            )?,
         })
     }
 
@@ -116,23 +132,9 @@ impl EcgAttention {
         let (vl, vp) = (by_lead(&v)?, by_patch(&v)?);
         let lead_scores = (by_lead(&q)?.matmul(&by_lead(&k)?.t()?)? * scale)? // (bhL, P, P)
             .reshape((b, h, l, p, p))?;
-        // A query's own lead is in the first block already: mask the diagonal here.
-        let own = Tensor::from_vec(
-            (0..l * l)
-                .map(|i| {
-                    if i / l == i % l {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
-                })
-                .collect::<Vec<f32>>(),
-            (l, l),
-            x.device(),
-        )?;
         let patch_scores = (by_patch(&q)?.matmul(&by_patch(&k)?.t()?)? * scale)? // (bhP, L, L)
             .to_dtype(DType::F32)?
-            .broadcast_add(&own)?
+            .broadcast_add(&self.own_lead)? // its own lead is in the first block already
             .reshape((b, h, p, l, l))?
             .transpose(2, 3)?; // (b, h, L, P, L): [lead, patch, other lead]
         let scores = Tensor::cat(&[&lead_scores.to_dtype(DType::F32)?, &patch_scores], 4)?;

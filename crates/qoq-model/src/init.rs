@@ -222,20 +222,7 @@ pub fn write_initial(
 /// config takes ([`config_json`]), with weights seeded by `seed` ([`write_initial`]). `dir` must
 /// not exist or be empty: an existing model is never overwritten.
 pub fn init_model(dir: &Path, size: &ModelSize, tokenizer: &Path, seed: u64) -> Result<()> {
-    if let Ok(mut entries) = std::fs::read_dir(dir)
-        && entries.next().is_some()
-    {
-        return Err(Error::Config(format!(
-            "{} exists and is not empty; give a new or empty folder",
-            dir.display()
-        )));
-    }
-    if dir.exists() && !dir.is_dir() {
-        return Err(Error::Config(format!(
-            "{} exists and is not a folder",
-            dir.display()
-        )));
-    }
+    require_new_folder(dir)?;
     let tok_path = if tokenizer.is_dir() {
         tokenizer.join("tokenizer.json")
     } else {
@@ -250,6 +237,26 @@ pub fn init_model(dir: &Path, size: &ModelSize, tokenizer: &Path, seed: u64) -> 
         &text,
         seed,
     )
+}
+
+/// Refuses `dir` as the destination of a new model folder unless it does not exist or is an
+/// empty folder: an existing model is never overwritten.
+pub fn require_new_folder(dir: &Path) -> Result<()> {
+    if let Ok(mut entries) = std::fs::read_dir(dir)
+        && entries.next().is_some()
+    {
+        return Err(Error::Config(format!(
+            "{} exists and is not empty; give a new or empty folder",
+            dir.display()
+        )));
+    }
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::Config(format!(
+            "{} exists and is not a folder",
+            dir.display()
+        )));
+    }
+    Ok(())
 }
 
 /// The tensors of `vm` detached from their variables, by name: plain tensors, as a loaded

@@ -161,7 +161,7 @@ impl Columns {
 }
 
 /// The ECG rows of a manifest (default keys, as `qoq synth` and the reference write them):
-/// `(sample, its (dataset, answer))`, each ECG loaded as the model takes it.
+/// `(ECG input as the model takes it, dataset, answer, line)`.
 fn ecg_rows(path: &Path, proc: &Processor) -> Result<Vec<(Vec<f32>, String, String, u64)>> {
     let input = |message: String| EcgPretrainError::Input {
         path: path.to_path_buf(),
@@ -214,14 +214,8 @@ pub fn pretrain_ecg_encoder(
         path: out.to_path_buf(),
         message,
     };
-    if let Ok(mut entries) = std::fs::read_dir(out)
-        && entries.next().is_some()
-    {
-        return Err(out_err(
-            "exists and is not empty; give a new or empty folder (a model is never overwritten)"
-                .into(),
-        ));
-    }
+    qoq_model::init::require_new_folder(out)
+        .map_err(|e| EcgPretrainError::Options(e.to_string()))?;
     let model_err = |message: String| EcgPretrainError::Input {
         path: model.to_path_buf(),
         message,

@@ -535,10 +535,11 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     let init = out.join("model_init");
     let cfg = model::config_json(&p.model, bpe);
     model::write_initial(&init, &cfg, &tok_json, a.seed)?;
+    // The processor settings every phase trains and evaluates with (the run files').
+    let opts =
+        run_config(&p, a.seed, &world_dir, &init, &out.join("sft"), None).processor_options()?;
     let prompt_tokens = {
         // As the phases build their prompts (`data.format_prompt` of the run files).
-        let opts = run_config(&p, a.seed, &world_dir, &init, &out.join("sft"), None)
-            .processor_options()?;
         let pb = qoq_processor::prompt::PromptBuilder::new(
             opts.format_prompt.as_deref(),
             &opts.chat_template,
@@ -558,8 +559,6 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     timings.insert("tokenizer_and_model".into(), t.elapsed().as_secs_f64());
 
     // 3. The ECG encoder's pre-training (the stand-in for QoQ-Med's pre-trained ECG-JEPA).
-    let opts =
-        run_config(&p, a.seed, &world_dir, &init, &out.join("sft"), None).processor_options()?;
     // The untrained model is evaluated with the settings every stage trains with.
     opts.write_to_model_dir(&init)?;
     let (sft_start, sft_from) = if p.ecg_steps > 0 {
