@@ -18,7 +18,7 @@
 //! `encoder.norm`, `linear`.
 
 use crate::ops::{self, ForwardMode};
-use candle_core::{DType, Device, Module, Result, Tensor, bail};
+use candle_core::{DType, Device, Result, Tensor, bail};
 use candle_nn::{Linear, VarBuilder};
 use qoq_core::hf_config::TimeSeriesConfig;
 
@@ -112,13 +112,13 @@ impl EcgAttention {
         if n != l * p {
             bail!("ECG attention: {n} tokens, expected {l} leads x {p} patches");
         }
-        let qkv = self
-            .qkv
-            .forward(x)? // (b, n, 3d)
+        let qkv = crate::linear::linear(&self.qkv, x)? // (b, n, 3d)
             .reshape((b, n, 3, h, hd))?
             .permute((2, 0, 3, 1, 4))?; // (3, b, h, n, hd)
         let part = |i: usize| qkv.get(i)?.contiguous();
-        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        let scale = (hd as f64).powf(-0.5);
+        // The scale on the queries (n x hd) rather than on the scores (n x (P + L)).
+        let (q, k, v) = ((part(0)? * scale)?, part(1)?, part(2)?);
         // Same lead: (b*h*L, P, hd) batches of one lead's tokens.
         let by_lead = |t: &Tensor| t.reshape((b * h * l, p, hd));
         // Same patch: (b*h*P, L, hd) batches of one patch's tokens across the leads.
@@ -128,11 +128,12 @@ impl EcgAttention {
                 .contiguous()?
                 .reshape((b * h * p, l, hd))
         };
-        let scale = (hd as f64).powf(-0.5);
         let (vl, vp) = (by_lead(&v)?, by_patch(&v)?);
-        let lead_scores = (by_lead(&q)?.matmul(&by_lead(&k)?.t()?)? * scale)? // (bhL, P, P)
+        let lead_scores = by_lead(&q)?
+            .matmul(&by_lead(&k)?.t()?)? // (bhL, P, P)
             .reshape((b, h, l, p, p))?;
-        let patch_scores = (by_patch(&q)?.matmul(&by_patch(&k)?.t()?)? * scale)? // (bhP, L, L)
+        let patch_scores = by_patch(&q)?
+            .matmul(&by_patch(&k)?.t()?)? // (bhP, L, L)
             .to_dtype(DType::F32)?
             .broadcast_add(&self.own_lead)? // its own lead is in the first block already
             .reshape((b, h, p, l, l))?
@@ -157,7 +158,7 @@ impl EcgAttention {
             .reshape((b, h, n, hd))?
             .transpose(1, 2)?
             .reshape((b, n, d))?;
-        self.proj.forward(&out)
+        crate::linear::linear(&self.proj, &out)
     }
 }
 
@@ -171,7 +172,8 @@ struct EcgMlp {
 impl EcgMlp {
     /// `(.., d) -> (.., d)`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.fc1.forward(x)?.gelu_erf()?)
+        let hidden = crate::linear::linear(&self.fc1, x)?.gelu_erf()?;
+        crate::linear::linear(&self.fc2, &hidden)
     }
 }
 
@@ -306,7 +308,7 @@ impl MaskTransformer {
         let x = x
             .to_dtype(self.pos_embed.dtype())?
             .reshape((b, n, cfg.patch_size))?; // (b, c*p, t), lead-major
-        let mut h = self.w_p.forward(&x)?; // (b, n, d)
+        let mut h = crate::linear::linear(&self.w_p, &x)?; // (b, n, d)
         let pos = self.pos_embed.detach(); // (1, n, d)
         for blk in &self.blocks {
             h = blk.forward(&h.broadcast_add(&pos)?, mode)?;
@@ -347,11 +349,11 @@ impl TimeSeriesEmbedding {
     pub fn forward(&self, x: &Tensor, mode: ForwardMode) -> Result<Tensor> {
         let (keep, map) = distinct_rows(x)?;
         if keep.len() == map.len() {
-            return self.linear.forward(&self.encode(x, mode)?);
+            return crate::linear::linear(&self.linear, &self.encode(x, mode)?);
         }
         let dev = x.device();
         let kept = x.index_select(&Tensor::new(keep.as_slice(), dev)?, 0)?;
-        let y = self.linear.forward(&self.encode(&kept, mode)?)?;
+        let y = crate::linear::linear(&self.linear, &self.encode(&kept, mode)?)?;
         y.index_select(&Tensor::new(map.as_slice(), dev)?, 0)
     }
 
@@ -382,6 +384,7 @@ pub fn distinct_rows(x: &Tensor) -> Result<(Vec<u32>, Vec<u32>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Module;
 
     #[test]
     fn distinct_rows_keep_first_occurrences_and_map_every_row() -> Result<()> {

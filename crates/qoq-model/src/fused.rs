@@ -173,7 +173,7 @@ fn rms_bwd_w<T: Float>(x: &[T], g: &[T], dim: usize, eps: f64) -> Vec<T> {
 fn check_dim(l: &Layout, dim: usize, what: &str) -> Result<()> {
     if l.dims().last() != Some(&dim) {
         candle_core::bail!(
-            "fused rms_norm: {what} has shape {:?}, the weight {dim} elements",
+            "fused norm: {what} has shape {:?}, the weight {dim} elements",
             l.dims()
         );
     }
@@ -265,6 +265,194 @@ impl CustomOp2 for RmsNormBwdW {
             x = (s1, l1), g = (s2, l2) => rms_bwd_w(x, g, dim, self.eps)
         );
         Ok((out, Shape::from(dim)))
+    }
+}
+
+/// Mean and `1 / sqrt(var + eps)` of one row (biased variance, as `nn.LayerNorm`), in f64.
+fn mean_rstd<T: Float>(row: &[T], eps: f64) -> (f64, f64) {
+    let n = row.len() as f64;
+    let mean = row.iter().map(|&v| v.to64()).sum::<f64>() / n;
+    let var = row
+        .iter()
+        .map(|&v| (v.to64() - mean) * (v.to64() - mean))
+        .sum::<f64>()
+        / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// LayerNorm `(x − mean) / sqrt(var + eps) · w + b` over the last dimension.
+struct LayerNorm {
+    eps: f64,
+}
+
+fn ln_fwd<T: Float>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
+    let dim = w.len();
+    let mut out = vec![T::of64(0.0); x.len()];
+    rows_mut(&mut out, dim, |i, o| {
+        let row = &x[i * dim..(i + 1) * dim];
+        let (mean, r) = mean_rstd(row, eps);
+        for (((o, &xv), &wv), &bv) in o.iter_mut().zip(row).zip(w).zip(b) {
+            *o = T::of64((xv.to64() - mean) * r * wv.to64() + bv.to64());
+        }
+    });
+    out
+}
+
+/// `dx = r · (ĝ − mean(ĝ) − x̂ · mean(ĝ · x̂))` per row, with `ĝ = g · w` and `x̂` the normalised
+/// input.
+fn ln_bwd_x<T: Float>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
+    let dim = w.len();
+    let n = dim as f64;
+    let mut out = vec![T::of64(0.0); x.len()];
+    rows_mut(&mut out, dim, |i, o| {
+        let row = &x[i * dim..(i + 1) * dim];
+        let gr = &g[i * dim..(i + 1) * dim];
+        let (mean, r) = mean_rstd(row, eps);
+        let (mut sg, mut sgx) = (0.0, 0.0);
+        for ((&xv, &gv), &wv) in row.iter().zip(gr).zip(w) {
+            let gh = gv.to64() * wv.to64();
+            sg += gh;
+            sgx += gh * (xv.to64() - mean) * r;
+        }
+        let (mg, mgx) = (sg / n, sgx / n);
+        for (((o, &xv), &gv), &wv) in o.iter_mut().zip(row).zip(gr).zip(w) {
+            let xh = (xv.to64() - mean) * r;
+            *o = T::of64(r * (gv.to64() * wv.to64() - mg - xh * mgx));
+        }
+    });
+    out
+}
+
+/// `(dw, db) = (Σ_rows g · x̂, Σ_rows g)`, as one `(2, dim)` buffer.
+fn ln_bwd_wb<T: Float>(x: &[T], g: &[T], dim: usize, eps: f64) -> Vec<T> {
+    let row_sum = |mut acc: Vec<f64>, (xr, gr): (&[T], &[T])| {
+        let (mean, r) = mean_rstd(xr, eps);
+        let (dw, db) = acc.split_at_mut(dim);
+        for (((a, c), &xv), &gv) in dw.iter_mut().zip(db.iter_mut()).zip(xr).zip(gr) {
+            *a += gv.to64() * (xv.to64() - mean) * r;
+            *c += gv.to64();
+        }
+        acc
+    };
+    let add = |mut a: Vec<f64>, b: Vec<f64>| {
+        for (x, y) in a.iter_mut().zip(b) {
+            *x += y;
+        }
+        a
+    };
+    let sums = if x.len() >= PAR_MIN_ELEMS {
+        x.par_chunks(dim)
+            .zip(g.par_chunks(dim))
+            .fold(|| vec![0.0; 2 * dim], row_sum)
+            .reduce(|| vec![0.0; 2 * dim], add)
+    } else {
+        x.chunks(dim)
+            .zip(g.chunks(dim))
+            .fold(vec![0.0; 2 * dim], row_sum)
+    };
+    sums.into_iter().map(T::of64).collect()
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "qoq-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dim = l2.shape().elem_count();
+        check_dim(l1, dim, "the input")?;
+        if l3.shape().elem_count() != dim {
+            candle_core::bail!(
+                "fused layer_norm: bias of {} elements, weight of {dim}",
+                l3.shape().elem_count()
+            );
+        }
+        let out = float_kernel!(
+            "fused layer_norm",
+            x = (s1, l1), w = (s2, l2), b = (s3, l3) => ln_fwd(x, w, b, self.eps)
+        );
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = x.apply_op3_no_bwd(w, &grad, &LayerNormBwdX { eps: self.eps })?;
+        let dwb = x.apply_op2_no_bwd(&grad, &LayerNormBwdWB { eps: self.eps })?;
+        Ok((
+            Some(dx),
+            Some(dwb.get(0)?.reshape(w.shape())?),
+            Some(dwb.get(1)?.reshape(b.shape())?),
+        ))
+    }
+}
+
+struct LayerNormBwdX {
+    eps: f64,
+}
+
+impl CustomOp3 for LayerNormBwdX {
+    fn name(&self) -> &'static str {
+        "qoq-layer-norm-bwd-x"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dim = l2.shape().elem_count();
+        check_dim(l1, dim, "the input")?;
+        check_dim(l3, dim, "the gradient")?;
+        let out = float_kernel!(
+            "fused layer_norm backward",
+            x = (s1, l1), w = (s2, l2), g = (s3, l3) => ln_bwd_x(x, w, g, self.eps)
+        );
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+struct LayerNormBwdWB {
+    eps: f64,
+}
+
+impl CustomOp2 for LayerNormBwdWB {
+    fn name(&self) -> &'static str {
+        "qoq-layer-norm-bwd-wb"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dim = *l1.dims().last().unwrap_or(&1);
+        check_dim(l2, dim, "the gradient")?;
+        let out = float_kernel!(
+            "fused layer_norm backward",
+            x = (s1, l1), g = (s2, l2) => ln_bwd_wb(x, g, dim, self.eps)
+        );
+        Ok((out, Shape::from((2, dim))))
     }
 }
 
@@ -763,6 +951,21 @@ pub fn available(x: &Tensor) -> bool {
     x.device().is_cpu()
 }
 
+/// Differentiable LayerNorm (affine) over the last dimension in `work` (f32 or f64): one pass
+/// forward, two in the backward. The caller casts back.
+pub(crate) fn layer_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    work: DType,
+) -> Result<Tensor> {
+    let x = x.to_dtype(work)?.contiguous()?;
+    let w = weight.to_dtype(work)?.contiguous()?;
+    let b = bias.to_dtype(work)?.contiguous()?;
+    x.apply_op3(&w, &b, LayerNorm { eps })
+}
+
 /// Differentiable RMSNorm over the last dimension in `work` (f32 or f64): one pass forward, two
 /// in the backward. The caller casts back.
 pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, work: DType) -> Result<Tensor> {
@@ -850,6 +1053,97 @@ mod tests {
         // Large enough for the parallel path.
         check(DType::F64, (4, 64, 96), 1e-12);
         check(DType::F32, (4, 64, 96), 1e-5);
+    }
+
+    /// The composed LayerNorm the fused op replaces (`ops::layer_norm`'s off-CPU path).
+    fn composed_ln(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        xc.broadcast_div(&(var + eps)?.sqrt()?)?
+            .broadcast_mul(w)?
+            .broadcast_add(b)
+    }
+
+    /// Value and the three gradients of the fused LayerNorm vs the composed one.
+    fn check_ln(dtype: DType, shape: (usize, usize, usize), tol: f64) {
+        let dev = Device::Cpu;
+        let rand = |mean: f64, std: f64, s: &[usize]| {
+            Tensor::randn(mean, std, s, &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        };
+        // An offset the normalisation must remove.
+        let x = (rand(0.0, 2.0, &[shape.0, shape.1, shape.2]) + 3.0).unwrap();
+        let w = rand(1.0, 0.3, &[shape.2]);
+        let b = rand(0.0, 0.5, &[shape.2]);
+        let up = rand(0.0, 1.0, &[shape.0, shape.1, shape.2]);
+        let run = |fused: bool| {
+            let (xv, wv, bv) = (
+                Var::from_tensor(&x).unwrap(),
+                Var::from_tensor(&w).unwrap(),
+                Var::from_tensor(&b).unwrap(),
+            );
+            let y = if fused {
+                layer_norm(xv.as_tensor(), wv.as_tensor(), bv.as_tensor(), 1e-5, dtype).unwrap()
+            } else {
+                composed_ln(xv.as_tensor(), wv.as_tensor(), bv.as_tensor(), 1e-5).unwrap()
+            };
+            let g = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let grad = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
+            [y, grad(&xv), grad(&wv), grad(&bv)]
+        };
+        let (f, c) = (run(true), run(false));
+        for (name, (a, b)) in ["value", "dx", "dw", "db"].iter().zip(f.iter().zip(&c)) {
+            assert_eq!(a.dims(), b.dims(), "{name}");
+            let e = max_rel(a, b);
+            assert!(e < tol, "{dtype:?} {shape:?} {name}: relative error {e}");
+        }
+    }
+
+    #[test]
+    fn fused_layer_norm_matches_the_composed_op_and_its_gradients() {
+        check_ln(DType::F64, (2, 3, 16), 1e-12);
+        check_ln(DType::F32, (2, 3, 16), 1e-5);
+        // Large enough for the parallel path (the ECG encoder's width, many tokens).
+        check_ln(DType::F64, (4, 200, 32), 1e-12);
+        check_ln(DType::F32, (4, 200, 32), 1e-5);
+    }
+
+    /// `ops::layer_norm` in training takes the fused op on the CPU, also for bf16 input (through
+    /// f32 and back, the gradient reaching the bf16 input).
+    #[test]
+    fn training_layer_norm_is_fused_and_takes_bf16() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (3, 8), &dev).unwrap();
+        let w = Tensor::randn(1f32, 0.1, 8, &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.1, 8, &dev).unwrap();
+        let y = crate::ops::layer_norm(&x, &w, &b, 1e-5, crate::ops::ForwardMode::Train).unwrap();
+        let fused = layer_norm(&x, &w, &b, 1e-5, DType::F32).unwrap();
+        assert_eq!(max_rel(&y, &fused), 0.0, "the fused op's values exactly");
+        let reference = composed_ln(&x, &w, &b, 1e-5).unwrap();
+        assert!(max_rel(&y, &reference) < 1e-5);
+        let xb = Var::from_tensor(&x.to_dtype(DType::BF16).unwrap()).unwrap();
+        let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        let y = crate::ops::layer_norm(
+            xb.as_tensor(),
+            &bf(&w),
+            &bf(&b),
+            1e-5,
+            crate::ops::ForwardMode::Train,
+        )
+        .unwrap();
+        assert_eq!(y.dtype(), DType::BF16);
+        assert!(max_rel(&y, &reference) < 3e-2, "bf16 rounding only");
+        let g = y
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert_eq!(g.get(xb.as_tensor()).unwrap().dtype(), DType::BF16);
     }
 
     #[test]

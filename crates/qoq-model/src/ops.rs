@@ -96,6 +96,9 @@ pub fn layer_norm(
     let bf = bias.to_dtype(work)?;
     let y = match mode {
         ForwardMode::Inference => candle_nn::ops::layer_norm(&xf, &wf, &bf, eps as f32)?,
+        ForwardMode::Train if crate::fused::available(&xf) => {
+            crate::fused::layer_norm(&xf, &wf, &bf, eps, work)?
+        }
         ForwardMode::Train => {
             let mean = xf.mean_keepdim(D::Minus1)?;
             let xc = xf.broadcast_sub(&mean)?;
