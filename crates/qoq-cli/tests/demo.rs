@@ -27,9 +27,18 @@ fn demo_writes_every_artefact_and_training_beats_the_untrained_model() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("demo");
     // The `--quick` preset, as a newcomer would run it (300 SFT steps; 154 s in a release build),
-    // with the ECG encoder's pre-training the full preset runs (none in --quick) for 5 steps.
+    // with the phases the full preset runs before SFT (none in --quick) for 5 steps each: the
+    // ECG encoder's pre-training and the ECG warm-up.
     let o = Command::new(env!("CARGO_BIN_EXE_qoq"))
-        .args(["demo", "--quick", "--ecg-steps", "5", "--out"])
+        .args([
+            "demo",
+            "--quick",
+            "--ecg-steps",
+            "5",
+            "--ecg-sft-steps",
+            "5",
+            "--out",
+        ])
         .arg(&out)
         .output()
         .unwrap();
@@ -153,12 +162,44 @@ fn demo_writes_every_artefact_and_training_beats_the_untrained_model() {
         // domain's datasets.
         assert!((0.09..=0.34).contains(&f1), "label prior {d}: {f1}");
     }
+    // RL does not lose to SFT on what it optimises: each RL model's mean reward on the test
+    // split (greedy decoding, so fixed per seed) is at least the SFT model's less 0.03, about
+    // three of the 72 test answers turning from right to wrong. An RL phase that damages the
+    // model (a diverging update, a flipped advantage at a larger learning rate) falls below it.
+    let reward = |model: &str| {
+        m["models"][model]["reward"]["mean"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{model}: no mean reward"))
+    };
+    for rl in ["grpo", "drpo"] {
+        assert!(
+            reward(rl) >= reward("sft") - 0.03,
+            "{rl} loses to SFT on the test reward: {} vs {}",
+            reward(rl),
+            reward("sft")
+        );
+        for d in DOMAINS {
+            assert!(
+                m["models"][rl]["reward"]["domains"][d].is_f64(),
+                "{rl}/{d}: no mean reward"
+            );
+        }
+    }
+    assert!(stdout.contains("Mean reward on the test split"), "{stdout}");
     assert!(stdout.contains("| Label prior F1 |"), "{stdout}");
     assert!(!stdout.contains("Untrained"), "{stdout}");
     assert!(m["training"]["sft"].as_array().unwrap().len() >= 2);
     assert!(m["wall_s"].as_f64().unwrap() > 0.0);
 
     run_files_rerun_and_extend_the_phases(&out, dir.path());
+}
+
+/// Steps of a phase's curve in `demo_metrics.json`.
+fn m_training_len(out: &Path, phase: &str) -> usize {
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("demo_metrics.json")).unwrap())
+            .unwrap();
+    m["training"][phase].as_array().map_or(0, Vec::len)
 }
 
 /// The demo's run files (`<out>/configs/*.toml`) load as `qoq train` reads them, say where each
@@ -177,13 +218,28 @@ fn run_files_rerun_and_extend_the_phases(out: &Path, tmp: &Path) {
     let sft = load("sft");
     assert!(sft.trainer.sft);
     assert_eq!(sft.data.format_prompt, "none");
-    // SFT starts from the model whose ECG encoder the demo pre-trained, and says how.
-    assert_eq!(Path::new(&sft.model.model_path), out.join("model_ecg"));
-    let header = std::fs::read_to_string(out.join("configs/sft.toml")).unwrap();
+    // SFT starts from the ECG warm-up's model, which started from the model whose ECG encoder
+    // the demo pre-trained; the run files say how.
+    assert_eq!(Path::new(&sft.model.model_path), out.join("sft_ecg_model"));
+    let warm = load("sft_ecg");
+    assert!(warm.trainer.sft);
+    assert_eq!(Path::new(&warm.model.model_path), out.join("model_ecg"));
+    assert_eq!(warm.trainer.max_steps, Some(5));
+    assert_eq!(Path::new(&warm.trainer.out_dir), out.join("sft_ecg"));
+    let ecg_rows = std::fs::read_to_string(&warm.data.train_files).unwrap();
+    assert!(ecg_rows.lines().count() > 0);
     assert!(
-        header.contains("qoq model pretrain-ecg --model"),
-        "{header}"
+        ecg_rows.lines().all(|l| l.contains(".hea")),
+        "only ECG rows: {ecg_rows}"
     );
+    for name in ["sft", "sft_ecg"] {
+        let header = std::fs::read_to_string(out.join(format!("configs/{name}.toml"))).unwrap();
+        assert!(
+            header.contains("qoq model pretrain-ecg --model"),
+            "{name}: {header}"
+        );
+    }
+    assert_eq!(m_training_len(out, "sft_ecg"), 5);
     assert_eq!(Path::new(&sft.trainer.out_dir), out.join("sft"));
     for (name, kind) in [("grpo", EstimatorKind::Grpo), ("drpo", EstimatorKind::Drpo)] {
         let c = load(name);

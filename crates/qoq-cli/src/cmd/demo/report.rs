@@ -30,11 +30,56 @@ pub struct Inputs<'a> {
     pub test: &'a [ClinicalSample],
     /// In [`MODELS`] order.
     pub reports: &'a [MetricsReport],
+    /// The models' mean rewards on the test split, in [`MODELS`] order.
+    pub rewards: &'a [RewardMeans],
+    /// The ECG warm-up's curve (empty without the phase).
+    pub sft_ecg: &'a Curve,
     pub sft: &'a Curve,
     pub grpo: &'a Curve,
     pub drpo: &'a Curve,
     pub min_pixels: u64,
     pub max_pixels: u64,
+}
+
+/// A model's mean overall reward (the configured QoQ medical reward, what RL optimises) on the
+/// test split, over all rows and per domain, from its evaluation traces.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RewardMeans {
+    pub mean: f64,
+    pub domains: BTreeMap<String, f64>,
+}
+
+impl RewardMeans {
+    pub fn of(traces: &[qoq_eval::run::Trace]) -> Self {
+        let mut sums: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+        for t in traces {
+            let e = sums.entry(t.data_source.clone()).or_default();
+            e.0 += t.reward.overall;
+            e.1 += 1;
+        }
+        let total: f64 = traces.iter().map(|t| t.reward.overall).sum();
+        RewardMeans {
+            mean: total / traces.len().max(1) as f64,
+            domains: sums
+                .into_iter()
+                .map(|(d, (s, n))| (d, s / n as f64))
+                .collect(),
+        }
+    }
+}
+
+/// One line naming each trained model's mean test reward (after the table).
+pub fn reward_line(rewards: &[RewardMeans]) -> String {
+    let parts: Vec<String> = MODELS
+        .iter()
+        .zip(rewards)
+        .filter(|((name, _, _), _)| *name != "untrained")
+        .map(|((_, label, _), r)| format!("{label} {:.3}", r.mean))
+        .collect();
+    format!(
+        "Mean reward on the test split (greedy, the reward RL optimises): {}",
+        parts.join(", ")
+    )
 }
 
 fn summary_json(s: Option<&Summary>) -> Value {
@@ -324,8 +369,9 @@ pub fn write_all(
     let mut prior_entry = scores_json(&prior);
     prior_entry.insert("label".into(), json!("Label prior"));
     models.insert("label_prior".into(), Value::Object(prior_entry));
-    for ((name, label, dir), r) in MODELS.iter().zip(i.reports) {
+    for (((name, label, dir), r), reward) in MODELS.iter().zip(i.reports).zip(i.rewards) {
         let mut entry = scores_json(r);
+        entry.insert("reward".into(), serde_json::to_value(reward)?);
         entry.insert("label".into(), json!(label));
         entry.insert("model_dir".into(), json!(dir));
         entry.insert("eval_dir".into(), json!(format!("eval/{name}")));
@@ -344,6 +390,7 @@ pub fn write_all(
         "rare_domains": rare_domains().iter().map(|d| d.as_source()).collect::<Vec<_>>(),
         "models": models,
         "training": {
+            "sft_ecg": curves_json(i.sft_ecg),
             "sft": curves_json(i.sft),
             "grpo": curves_json(i.grpo),
             "drpo": curves_json(i.drpo),
@@ -370,12 +417,13 @@ pub fn write_all(
          batches; the best macro-F1 of each row in bold (the untrained model's scores are in \
          `demo_metrics.json`).\n\n{table}\n\
          Training curves: `curves.png`; traces: `eval/<model>/traces.jsonl`; boxes of the DRPO \
-         model: `boxes/`.\n",
-        seed = i.seed
+         model: `boxes/`.\n\n{rewards}.\n",
+        seed = i.seed,
+        rewards = reward_line(i.rewards),
     );
     let path = i.out.join("report.md");
     std::fs::write(&path, md).with_context(|| format!("writing {}", path.display()))?;
-    Ok(table)
+    Ok(format!("{table}\n{}.", reward_line(i.rewards)))
 }
 
 #[cfg(test)]
@@ -399,6 +447,46 @@ mod tests {
             data_source: domain,
             extra: Default::default(),
         }
+    }
+
+    /// The mean reward is over every test row, and per domain over that domain's rows.
+    #[test]
+    fn reward_means_are_over_all_rows_and_per_domain() {
+        let trace = |source: &str, overall: f64| qoq_eval::run::Trace {
+            id: "i".into(),
+            line: 1,
+            data_source: source.into(),
+            dataset: "d".into(),
+            problem: "q".into(),
+            answer: "a".into(),
+            response: "r".into(),
+            reasoning: String::new(),
+            predicted: Vec::new(),
+            gold: Vec::new(),
+            exact_match: false,
+            parse_failure: true,
+            boxes: Vec::new(),
+            reward: qoq_core::reward::RewardScore {
+                overall,
+                ..Default::default()
+            },
+            iou: None,
+            tokens: 1,
+            finish: qoq_core::rollout::FinishReason::Stop,
+        };
+        let r = RewardMeans::of(&[trace("ecg", 0.5), trace("ecg", 0.1), trace("derm", 0.9)]);
+        assert!((r.mean - 0.5).abs() < 1e-12, "{r:?}");
+        assert!((r.domains["ecg"] - 0.3).abs() < 1e-12, "{r:?}");
+        assert!((r.domains["derm"] - 0.9).abs() < 1e-12, "{r:?}");
+        let none = RewardMeans {
+            mean: 0.25,
+            domains: BTreeMap::new(),
+        };
+        let line = reward_line(&[none.clone(), r.clone(), none, r]);
+        assert_eq!(
+            line,
+            "Mean reward on the test split (greedy, the reward RL optimises): SFT 0.500, GRPO 0.250, DRPO 0.500"
+        );
     }
 
     /// The prior answers each dataset's most frequent training class: on a balanced test split
