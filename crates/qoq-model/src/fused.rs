@@ -141,14 +141,17 @@ fn rms_bwd_x<T: Float>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
     out
 }
 
-/// `dw_i = Σ_rows g_i·x_i·r`.
-fn rms_bwd_w<T: Float>(x: &[T], g: &[T], dim: usize, eps: f64) -> Vec<T> {
-    let row_sum = |acc: Vec<f64>, (xr, gr): (&[T], &[T])| {
-        let r = inv_rms(xr, eps);
-        let mut acc = acc;
-        for ((a, &xv), &gv) in acc.iter_mut().zip(xr).zip(gr) {
-            *a += gv.to64() * xv.to64() * r;
-        }
+/// Column sums over the rows of `(x, g)` of `width * dim` per-row terms (`row` adds one row's
+/// terms to the accumulator), in f64, in parallel for large tensors.
+fn column_sums<T: Float>(
+    x: &[T],
+    g: &[T],
+    dim: usize,
+    width: usize,
+    row: impl Fn(&mut [f64], &[T], &[T]) + Send + Sync,
+) -> Vec<T> {
+    let fold = |mut acc: Vec<f64>, (xr, gr): (&[T], &[T])| {
+        row(&mut acc, xr, gr);
         acc
     };
     let add = |mut a: Vec<f64>, b: Vec<f64>| {
@@ -157,17 +160,26 @@ fn rms_bwd_w<T: Float>(x: &[T], g: &[T], dim: usize, eps: f64) -> Vec<T> {
         }
         a
     };
+    let n = width * dim;
     let sums = if x.len() >= PAR_MIN_ELEMS {
         x.par_chunks(dim)
             .zip(g.par_chunks(dim))
-            .fold(|| vec![0.0; dim], row_sum)
-            .reduce(|| vec![0.0; dim], add)
+            .fold(|| vec![0.0; n], fold)
+            .reduce(|| vec![0.0; n], add)
     } else {
-        x.chunks(dim)
-            .zip(g.chunks(dim))
-            .fold(vec![0.0; dim], row_sum)
+        x.chunks(dim).zip(g.chunks(dim)).fold(vec![0.0; n], fold)
     };
     sums.into_iter().map(T::of64).collect()
+}
+
+/// `dw_i = Σ_rows g_i·x_i·r`.
+fn rms_bwd_w<T: Float>(x: &[T], g: &[T], dim: usize, eps: f64) -> Vec<T> {
+    column_sums(x, g, dim, 1, |acc, xr, gr| {
+        let r = inv_rms(xr, eps);
+        for ((a, &xv), &gv) in acc.iter_mut().zip(xr).zip(gr) {
+            *a += gv.to64() * xv.to64() * r;
+        }
+    })
 }
 
 fn check_dim(l: &Layout, dim: usize, what: &str) -> Result<()> {
@@ -207,19 +219,44 @@ impl CustomOp2 for RmsNorm {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let dx = x.apply_op3_no_bwd(w, &grad, &RmsNormBwdX { eps: self.eps })?;
-        let dw = x.apply_op2_no_bwd(&grad, &RmsNormBwdW { eps: self.eps })?;
+        let dx = x.apply_op3_no_bwd(
+            w,
+            &grad,
+            &NormBwdX {
+                norm: Norm::Rms,
+                eps: self.eps,
+            },
+        )?;
+        let dw = x.apply_op2_no_bwd(
+            &grad,
+            &NormBwdParams {
+                norm: Norm::Rms,
+                eps: self.eps,
+            },
+        )?;
         Ok((Some(dx), Some(dw.reshape(w.shape())?)))
     }
 }
 
-struct RmsNormBwdX {
+/// Which normalisation a backward op belongs to.
+#[derive(Debug, Clone, Copy)]
+enum Norm {
+    Rms,
+    Layer,
+}
+
+/// The input's gradient of a fused norm: `(x, w, g) -> dx`.
+struct NormBwdX {
+    norm: Norm,
     eps: f64,
 }
 
-impl CustomOp3 for RmsNormBwdX {
+impl CustomOp3 for NormBwdX {
     fn name(&self) -> &'static str {
-        "qoq-rms-norm-bwd-x"
+        match self.norm {
+            Norm::Rms => "qoq-rms-norm-bwd-x",
+            Norm::Layer => "qoq-layer-norm-bwd-x",
+        }
     }
 
     fn cpu_fwd(
@@ -234,21 +271,34 @@ impl CustomOp3 for RmsNormBwdX {
         let dim = l2.shape().elem_count();
         check_dim(l1, dim, "the input")?;
         check_dim(l3, dim, "the gradient")?;
-        let out = float_kernel!(
-            "fused rms_norm backward",
-            x = (s1, l1), w = (s2, l2), g = (s3, l3) => rms_bwd_x(x, w, g, self.eps)
-        );
+        let eps = self.eps;
+        let out = match self.norm {
+            Norm::Rms => float_kernel!(
+                "fused rms_norm backward",
+                x = (s1, l1), w = (s2, l2), g = (s3, l3) => rms_bwd_x(x, w, g, eps)
+            ),
+            Norm::Layer => float_kernel!(
+                "fused layer_norm backward",
+                x = (s1, l1), w = (s2, l2), g = (s3, l3) => ln_bwd_x(x, w, g, eps)
+            ),
+        };
         Ok((out, l1.shape().clone()))
     }
 }
 
-struct RmsNormBwdW {
+/// The affine parameters' gradients of a fused norm: `(x, g) -> dw` (RMSNorm, `(dim,)`) or
+/// `[dw; db]` (LayerNorm, `(2, dim)`).
+struct NormBwdParams {
+    norm: Norm,
     eps: f64,
 }
 
-impl CustomOp2 for RmsNormBwdW {
+impl CustomOp2 for NormBwdParams {
     fn name(&self) -> &'static str {
-        "qoq-rms-norm-bwd-w"
+        match self.norm {
+            Norm::Rms => "qoq-rms-norm-bwd-w",
+            Norm::Layer => "qoq-layer-norm-bwd-wb",
+        }
     }
 
     fn cpu_fwd(
@@ -260,11 +310,23 @@ impl CustomOp2 for RmsNormBwdW {
     ) -> Result<(CpuStorage, Shape)> {
         let dim = *l1.dims().last().unwrap_or(&1);
         check_dim(l2, dim, "the gradient")?;
-        let out = float_kernel!(
-            "fused rms_norm backward",
-            x = (s1, l1), g = (s2, l2) => rms_bwd_w(x, g, dim, self.eps)
-        );
-        Ok((out, Shape::from(dim)))
+        let eps = self.eps;
+        Ok(match self.norm {
+            Norm::Rms => (
+                float_kernel!(
+                    "fused rms_norm backward",
+                    x = (s1, l1), g = (s2, l2) => rms_bwd_w(x, g, dim, eps)
+                ),
+                Shape::from(dim),
+            ),
+            Norm::Layer => (
+                float_kernel!(
+                    "fused layer_norm backward",
+                    x = (s1, l1), g = (s2, l2) => ln_bwd_wb(x, g, dim, eps)
+                ),
+                Shape::from((2, dim)),
+            ),
+        })
     }
 }
 
@@ -325,32 +387,14 @@ fn ln_bwd_x<T: Float>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
 
 /// `(dw, db) = (Σ_rows g · x̂, Σ_rows g)`, as one `(2, dim)` buffer.
 fn ln_bwd_wb<T: Float>(x: &[T], g: &[T], dim: usize, eps: f64) -> Vec<T> {
-    let row_sum = |mut acc: Vec<f64>, (xr, gr): (&[T], &[T])| {
+    column_sums(x, g, dim, 2, |acc, xr, gr| {
         let (mean, r) = mean_rstd(xr, eps);
         let (dw, db) = acc.split_at_mut(dim);
         for (((a, c), &xv), &gv) in dw.iter_mut().zip(db.iter_mut()).zip(xr).zip(gr) {
             *a += gv.to64() * (xv.to64() - mean) * r;
             *c += gv.to64();
         }
-        acc
-    };
-    let add = |mut a: Vec<f64>, b: Vec<f64>| {
-        for (x, y) in a.iter_mut().zip(b) {
-            *x += y;
-        }
-        a
-    };
-    let sums = if x.len() >= PAR_MIN_ELEMS {
-        x.par_chunks(dim)
-            .zip(g.par_chunks(dim))
-            .fold(|| vec![0.0; 2 * dim], row_sum)
-            .reduce(|| vec![0.0; 2 * dim], add)
-    } else {
-        x.chunks(dim)
-            .zip(g.chunks(dim))
-            .fold(vec![0.0; 2 * dim], row_sum)
-    };
-    sums.into_iter().map(T::of64).collect()
+    })
 }
 
 impl CustomOp3 for LayerNorm {
@@ -391,68 +435,26 @@ impl CustomOp3 for LayerNorm {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let dx = x.apply_op3_no_bwd(w, &grad, &LayerNormBwdX { eps: self.eps })?;
-        let dwb = x.apply_op2_no_bwd(&grad, &LayerNormBwdWB { eps: self.eps })?;
+        let dx = x.apply_op3_no_bwd(
+            w,
+            &grad,
+            &NormBwdX {
+                norm: Norm::Layer,
+                eps: self.eps,
+            },
+        )?;
+        let dwb = x.apply_op2_no_bwd(
+            &grad,
+            &NormBwdParams {
+                norm: Norm::Layer,
+                eps: self.eps,
+            },
+        )?;
         Ok((
             Some(dx),
             Some(dwb.get(0)?.reshape(w.shape())?),
             Some(dwb.get(1)?.reshape(b.shape())?),
         ))
-    }
-}
-
-struct LayerNormBwdX {
-    eps: f64,
-}
-
-impl CustomOp3 for LayerNormBwdX {
-    fn name(&self) -> &'static str {
-        "qoq-layer-norm-bwd-x"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let dim = l2.shape().elem_count();
-        check_dim(l1, dim, "the input")?;
-        check_dim(l3, dim, "the gradient")?;
-        let out = float_kernel!(
-            "fused layer_norm backward",
-            x = (s1, l1), w = (s2, l2), g = (s3, l3) => ln_bwd_x(x, w, g, self.eps)
-        );
-        Ok((out, l1.shape().clone()))
-    }
-}
-
-struct LayerNormBwdWB {
-    eps: f64,
-}
-
-impl CustomOp2 for LayerNormBwdWB {
-    fn name(&self) -> &'static str {
-        "qoq-layer-norm-bwd-wb"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let dim = *l1.dims().last().unwrap_or(&1);
-        check_dim(l2, dim, "the gradient")?;
-        let out = float_kernel!(
-            "fused layer_norm backward",
-            x = (s1, l1), g = (s2, l2) => ln_bwd_wb(x, g, dim, self.eps)
-        );
-        Ok((out, Shape::from((2, dim))))
     }
 }
 
