@@ -110,6 +110,8 @@ pub struct EvalOutcome {
     pub generated: usize,
     pub report: MetricsReport,
     pub metrics_path: PathBuf,
+    /// Every trace of the run (resumed and generated), in `traces.jsonl`'s order.
+    pub traces: Vec<Trace>,
 }
 
 /// The reasoning part of a response: inside `<think>...</think>` when present, else the text
@@ -306,6 +308,7 @@ where
         generated,
         report,
         metrics_path: out_dir.join("metrics.json"),
+        traces,
     })
 }
 

@@ -166,6 +166,8 @@ fn an_interrupted_run_resumes_without_redoing_or_losing_rows() {
     let ids: BTreeSet<_> = traces.iter().map(|t| t.id.clone()).collect();
     assert_eq!(traces.len(), 10);
     assert_eq!(ids.len(), 10);
+    // The outcome carries every trace, the resumed ones included, as the file holds them.
+    assert_eq!(out.traces, traces);
 
     // A resumed run's metrics equal an uninterrupted run's.
     let fresh = tempfile::tempdir().unwrap();

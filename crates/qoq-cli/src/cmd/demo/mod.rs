@@ -120,12 +120,18 @@ fn ecg_warmup_config(p: &Preset, seed: u64, world: &Path, model: &Path, out: &Pa
     let mut c = run_config(p, seed, world, model, out, None);
     c.data.train_files = world.join(ECG_MANIFEST).display().to_string();
     c.trainer.max_steps = Some(p.ecg_sft_steps);
-    c.actor.optim.schedule = qoq_rl::optim::LrSchedule::WarmupCosine {
-        warmup_steps: p.sft_warmup.min(p.ecg_sft_steps),
-        total_steps: p.ecg_sft_steps,
-        min_lr_ratio: 0.05,
-    };
+    c.actor.optim.schedule = sft_schedule(p, p.ecg_sft_steps);
     c
+}
+
+/// An SFT phase's learning rate over `steps` steps: warmed up over the preset's
+/// `sft_warmup` steps (fewer in a shorter phase), then half a cosine to 5 %.
+fn sft_schedule(p: &Preset, steps: u64) -> qoq_rl::optim::LrSchedule {
+    qoq_rl::optim::LrSchedule::WarmupCosine {
+        warmup_steps: p.sft_warmup.min(steps),
+        total_steps: steps,
+        min_lr_ratio: 0.05,
+    }
 }
 
 /// Sizes and budgets of one preset.
@@ -402,11 +408,7 @@ fn run_config(
     c.actor.micro_batch_size_per_device_for_experience = p.rl_batch * p.rl_n;
     c.actor.optim.lr = if rl.is_some() { p.rl_lr } else { p.sft_lr };
     if rl.is_none() {
-        c.actor.optim.schedule = qoq_rl::optim::LrSchedule::WarmupCosine {
-            warmup_steps: p.sft_warmup.min(p.sft_steps),
-            total_steps: p.sft_steps,
-            min_lr_ratio: 0.05,
-        };
+        c.actor.optim.schedule = sft_schedule(p, p.sft_steps);
     }
     c.trainer.max_steps = Some(if rl.is_some() {
         p.rl_steps
@@ -796,17 +798,14 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
             &mut |n| bar.inc(n as u64),
         )
         .with_context(|| format!("evaluating the {name} model"))?;
-        let traces_path = eval_dir.join("traces.jsonl");
-        let traces = qoq_eval::run::read_traces(&traces_path)
-            .with_context(|| format!("reading {}", traces_path.display()))?;
         anyhow::ensure!(
-            traces.len() == test.len(),
+            outcome.traces.len() == test.len(),
             "{}: {} traces for {} test rows",
-            traces_path.display(),
-            traces.len(),
+            eval_dir.display(),
+            outcome.traces.len(),
             test.len()
         );
-        let reward = report::RewardMeans::of(&traces);
+        let reward = report::RewardMeans::of(&outcome.traces);
         let o = outcome.report.overall;
         phases.done(
             &bar,
