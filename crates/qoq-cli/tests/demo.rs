@@ -162,11 +162,11 @@ fn demo_writes_every_artefact_and_training_beats_the_untrained_model() {
         // domain's datasets.
         assert!((0.09..=0.34).contains(&f1), "label prior {d}: {f1}");
     }
-    // RL does not collapse: each RL model's mean reward on the test split (greedy decoding, so
-    // fixed per seed) is at least the SFT model's less 0.05, about five of the 72 test answers
-    // turning from right to wrong. This is a guard against a diverging or sign-flipped RL phase,
-    // not the claim that RL improves on SFT, which it does not yet: release build, these
-    // arguments, SFT 0.327, GRPO 0.294, DRPO 0.350 (the full demo's seed 0: 0.472, 0.434, 0.437).
+    // RL does not lose to SFT: each RL model's mean reward on the test split (greedy decoding,
+    // so fixed per seed) is at least the SFT model's less 0.02, about two of the 72 test answers
+    // turning from right to wrong. Release build, these arguments: SFT 0.327, GRPO 0.318, DRPO
+    // 0.343 (before the RL prompts were class-balanced: 0.294 and 0.350; the full demo's seed 0
+    // now 0.472, 0.477, 0.477).
     let reward = |model: &str| {
         m["models"][model]["reward"]["mean"]
             .as_f64()
@@ -174,7 +174,7 @@ fn demo_writes_every_artefact_and_training_beats_the_untrained_model() {
     };
     for rl in ["grpo", "drpo"] {
         assert!(
-            reward(rl) >= reward("sft") - 0.05,
+            reward(rl) >= reward("sft") - 0.02,
             "{rl} loses to SFT on the test reward: {} vs {}",
             reward(rl),
             reward("sft")
@@ -252,8 +252,22 @@ fn run_files_rerun_and_extend_the_phases(out: &Path, tmp: &Path) {
             out.join("sft_model"),
             "{name}"
         );
-        assert_eq!(c.data.train_files, sft.data.train_files);
+        // ... on the training split with each dataset's answers equally frequent.
+        assert_eq!(
+            Path::new(&c.data.train_files),
+            out.join("world/train_rl.jsonl"),
+            "{name}"
+        );
     }
+    let rl_rows = std::fs::read_to_string(out.join("world/train_rl.jsonl")).unwrap();
+    let split = std::fs::read_to_string(&sft.data.train_files).unwrap();
+    let split: std::collections::HashSet<&str> = split.lines().collect();
+    assert!(rl_rows.lines().all(|l| split.contains(l)));
+    let n = (rl_rows.lines().count(), split.len());
+    assert!(
+        n.0.abs_diff(n.1) * 10 < n.1,
+        "{n:?}: about the split's size"
+    );
 
     let train = |args: &[&std::ffi::OsStr]| {
         let o = Command::new(env!("CARGO_BIN_EXE_qoq"))
