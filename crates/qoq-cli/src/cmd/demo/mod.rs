@@ -1009,20 +1009,30 @@ mod tests {
         assert_eq!(preset(&parse(&[])).rl_steps, 64);
     }
 
-    /// The ECG warm-up's manifest holds the training split's ECG rows, as they are, and reads
-    /// as a manifest from the world folder.
-    #[test]
-    fn ecg_manifest_holds_the_ecg_rows() {
+    /// A synthetic world in a temporary folder (kept alive by the returned guard): its folder
+    /// and its training split as read.
+    fn small_world(
+        seed: u64,
+        largest_domain_rows: usize,
+    ) -> (tempfile::TempDir, PathBuf, Vec<ClinicalSample>) {
         let dir = tempfile::tempdir().unwrap();
         let world = dir.path().join("world");
         let cfg = qoq_synth::WorldConfig {
-            seed: 3,
-            largest_domain_rows: 40,
+            seed,
+            largest_domain_rows,
             test_per_class: 1,
             ..qoq_synth::WorldConfig::default()
         };
         qoq_synth::generate(&cfg, &world).unwrap();
         let train = read_samples(&world.join("train.jsonl")).unwrap();
+        (dir, world, train)
+    }
+
+    /// The ECG warm-up's manifest holds the training split's ECG rows, as they are, and reads
+    /// as a manifest from the world folder.
+    #[test]
+    fn ecg_manifest_holds_the_ecg_rows() {
+        let (_dir, world, train) = small_world(3, 40);
         let (path, n) = write_ecg_manifest(&world, &train).unwrap();
         assert_eq!(path, world.join(ECG_MANIFEST));
         let rows = read_samples(&path).unwrap();
@@ -1051,16 +1061,7 @@ mod tests {
     /// rounding), rows taken from the split as they are, majority rows spread over the file.
     #[test]
     fn rl_manifest_balances_each_datasets_answers() {
-        let dir = tempfile::tempdir().unwrap();
-        let world = dir.path().join("world");
-        let cfg = qoq_synth::WorldConfig {
-            seed: 5,
-            largest_domain_rows: 60,
-            test_per_class: 1,
-            ..qoq_synth::WorldConfig::default()
-        };
-        qoq_synth::generate(&cfg, &world).unwrap();
-        let train = read_samples(&world.join("train.jsonl")).unwrap();
+        let (_dir, world, train) = small_world(5, 60);
         let (path, n) = write_rl_manifest(&world, &train).unwrap();
         assert_eq!(path, world.join(RL_MANIFEST));
         let rows = read_samples(&path).unwrap();
