@@ -136,8 +136,8 @@ fn write_ecg_manifest(world: &Path, train: &[ClinicalSample]) -> anyhow::Result<
 }
 
 /// The RL phases' prompts: each dataset's training rows with its answers drawn equally often,
-/// the dataset keeping its size (each of its k answers gets round(n / k) rows, at least one:
-/// the majority answers' rows evenly spaced through the file, a minority answer's rows
+/// the dataset keeping its size (each of its k answers gets round(n / k) rows: the majority
+/// answers' rows evenly spaced through the file, a minority answer's rows
 /// repeated). Domains stay as imbalanced as the split, which is what DRPO's scaling is about;
 /// the answers within a dataset no longer are.
 ///
@@ -161,7 +161,8 @@ fn rl_picks(train: &[ClinicalSample]) -> Vec<&ClinicalSample> {
     let mut picks = Vec::new();
     for answers in by.values() {
         let n: usize = answers.values().map(Vec::len).sum();
-        let per = ((n as f64 / answers.len() as f64).round() as usize).max(1);
+        // n >= k (every answer has a row), so per >= 1
+        let per = (n as f64 / answers.len() as f64).round() as usize;
         for rows in answers.values() {
             // row ⌊j·m/per⌋: evenly spaced when per < m, each row per/m times when per > m
             picks.extend((0..per).map(|j| rows[j * rows.len() / per]));
@@ -849,6 +850,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     };
     let mut reports = Vec::new();
     let mut rewards = Vec::new();
+    let mut drpo_traces = Vec::new();
     for (name, _, dir) in MODELS {
         let t = Instant::now();
         // Evaluation sees the images as training did: the settings exported with the model.
@@ -902,6 +904,9 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         );
         reports.push(outcome.report);
         rewards.push(reward);
+        if name == "drpo" {
+            drpo_traces = outcome.traces;
+        }
         timings.insert(format!("eval_{name}"), t.elapsed().as_secs_f64());
     }
 
@@ -917,6 +922,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         test: &test,
         reports: &reports,
         rewards: &rewards,
+        drpo_traces: &drpo_traces,
         sft_ecg: &ecg_sft_curve,
         sft: &sft_curve,
         grpo: &rl_curves[0],

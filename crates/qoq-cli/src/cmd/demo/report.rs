@@ -32,6 +32,8 @@ pub struct Inputs<'a> {
     pub reports: &'a [MetricsReport],
     /// The models' mean rewards on the test split, in [`MODELS`] order.
     pub rewards: &'a [RewardMeans],
+    /// The DRPO model's evaluation traces (its boxes are drawn).
+    pub drpo_traces: &'a [qoq_eval::run::Trace],
     /// The ECG warm-up's curve (empty without the phase).
     pub sft_ecg: &'a Curve,
     pub sft: &'a Curve,
@@ -304,10 +306,8 @@ fn outline(img: &mut image::RgbImage, b: [f64; 4], color: image::Rgb<u8>) {
 fn write_boxes(i: &Inputs<'_>, dir: &Path) -> anyhow::Result<Vec<String>> {
     const SCALE: u32 = 4;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let traces_path = i.out.join("eval/drpo/traces.jsonl");
-    let traces = qoq_eval::run::read_traces(&traces_path)?;
     let by_id: BTreeMap<&str, &qoq_eval::run::Trace> =
-        traces.iter().map(|t| (t.id.as_str(), t)).collect();
+        i.drpo_traces.iter().map(|t| (t.id.as_str(), t)).collect();
     let mut seen = std::collections::BTreeSet::new();
     let mut written = Vec::new();
     for s in i.test {
