@@ -295,6 +295,164 @@ pub fn export(
     })
 }
 
+/// A tensor of [`export_replacing`]'s output: kept from the source's memory map, or replaced
+/// (its dtype, shape and little-endian bytes).
+enum Exported<'a> {
+    Kept(safetensors::tensor::TensorView<'a>),
+    New(safetensors::Dtype, &'a [usize], Vec<u8>),
+}
+
+impl safetensors::View for Exported<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        match self {
+            Exported::Kept(v) => v.dtype(),
+            Exported::New(d, _, _) => *d,
+        }
+    }
+    fn shape(&self) -> &[usize] {
+        match self {
+            Exported::Kept(v) => v.shape(),
+            Exported::New(_, s, _) => s,
+        }
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self {
+            Exported::Kept(v) => std::borrow::Cow::Borrowed(v.data()),
+            Exported::New(_, _, b) => std::borrow::Cow::Borrowed(b),
+        }
+    }
+    fn data_len(&self) -> usize {
+        match self {
+            Exported::Kept(v) => v.data_len(),
+            Exported::New(_, _, b) => b.len(),
+        }
+    }
+}
+
+/// `t` in the stored dtype `dtype`, as the little-endian bytes a safetensors file holds. (candle
+/// serialises through another version of the `safetensors` crate than this workspace's, so its
+/// `View` cannot be used here.)
+fn stored_bytes(t: &Tensor, dtype: safetensors::Dtype) -> std::result::Result<Vec<u8>, String> {
+    use candle_core::DType;
+    let flat = |d: DType| t.to_dtype(d).and_then(|t| t.flatten_all());
+    let bytes = match dtype {
+        safetensors::Dtype::F32 => flat(DType::F32)
+            .and_then(|t| t.to_vec1::<f32>())
+            .map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        safetensors::Dtype::F64 => flat(DType::F64)
+            .and_then(|t| t.to_vec1::<f64>())
+            .map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        safetensors::Dtype::BF16 => flat(DType::BF16)
+            .and_then(|t| t.to_vec1::<half::bf16>())
+            .map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        safetensors::Dtype::F16 => flat(DType::F16)
+            .and_then(|t| t.to_vec1::<half::f16>())
+            .map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        other => return Err(format!("stored as {other:?}, not a float dtype")),
+    };
+    bytes.map_err(|e| e.to_string())
+}
+
+/// [`export`] for a model that changed a few tensors of the checkpoint at `like` (a model
+/// folder): writes `dir` with `like`'s folder files and the processor settings, and `like`'s
+/// safetensors files under their own names (every shard and the index of a sharded checkpoint,
+/// else `model.safetensors`), with their metadata, in which the tensors named in `replace`
+/// (checkpoint names) hold the given values, converted to the checkpoint's dtype, and every
+/// other tensor its bytes as they are.
+///
+/// Why not [`export`]: that takes every tensor as a loaded `Tensor`, so a caller that trained a
+/// few of them (the ECG encoder of a 7B model) would load the whole checkpoint, a second copy
+/// beside its own, and write a sharded checkpoint as one file. Here the kept tensors are written
+/// from a memory map of each source file, one file at a time: they never enter the process's
+/// heap. A name that is not in the checkpoint, or a replacement of another shape, is an error
+/// naming it, and nothing is written for it.
+#[allow(unsafe_code)]
+pub fn export_replacing(
+    dir: &Path,
+    like: &Path,
+    replace: &HashMap<String, Tensor>,
+    processor: &qoq_processor::ProcessorOptions,
+) -> Result<()> {
+    let files = crate::loading::checkpoint_files(like)?;
+    let bad = |path: &Path, message: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut maps = Vec::with_capacity(files.len());
+    for f in &files {
+        let file = std::fs::File::open(f).map_err(io(f))?;
+        // SAFETY: the file is only read; a checkpoint modified on disk while mapped is undefined
+        // behaviour, the documented contract of loading weights by mmap (as `loading`).
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io(f))?;
+        maps.push(map);
+    }
+    // Every replacement names a tensor of the checkpoint, with its shape: checked before writing.
+    let mut parsed = Vec::with_capacity(files.len());
+    let mut found: HashMap<&str, (safetensors::Dtype, Vec<usize>)> = HashMap::new();
+    for (f, map) in files.iter().zip(&maps) {
+        let st = safetensors::SafeTensors::deserialize(map).map_err(|e| {
+            bad(
+                f,
+                format!("cannot read as safetensors (truncated or corrupt?): {e}"),
+            )
+        })?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(map)
+            .map_err(|e| bad(f, format!("bad header: {e}")))?;
+        for (name, view) in st.iter() {
+            if let Some((key, _)) = replace.get_key_value(name) {
+                found.insert(key.as_str(), (view.dtype(), view.shape().to_vec()));
+            }
+        }
+        parsed.push((st, meta.metadata().clone()));
+    }
+    let mut converted: HashMap<&str, (safetensors::Dtype, Vec<u8>)> =
+        HashMap::with_capacity(replace.len());
+    for (name, t) in replace {
+        let (dtype, shape) = found.get(name.as_str()).ok_or_else(|| {
+            bad(
+                like,
+                format!("{name} is not in the checkpoint: cannot replace it"),
+            )
+        })?;
+        if t.dims() != shape.as_slice() {
+            return Err(bad(
+                like,
+                format!(
+                    "{name}: replacement of shape {:?}, the checkpoint's is {shape:?}",
+                    t.dims()
+                ),
+            ));
+        }
+        let bytes = stored_bytes(t, *dtype).map_err(|e| bad(like, format!("{name}: {e}")))?;
+        converted.insert(name, (*dtype, bytes));
+    }
+
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    for (name, from) in qoq_processor::model_folder_files(like, None) {
+        std::fs::copy(&from, dir.join(name)).map_err(io(&from))?;
+    }
+    processor
+        .write_to_model_dir(dir)
+        .map_err(|e| Error::Config(format!("{}: {e}", dir.display())))?;
+    let index = like.join(crate::loading::INDEX_FILE);
+    if index.is_file() {
+        std::fs::copy(&index, dir.join(crate::loading::INDEX_FILE)).map_err(io(&index))?;
+    }
+    for (f, (st, metadata)) in files.iter().zip(parsed) {
+        let out = dir.join(f.file_name().unwrap_or(f.as_os_str()));
+        let tensors = st.iter().map(|(name, view)| {
+            let t = match converted.remove(name) {
+                Some((dtype, bytes)) => Exported::New(dtype, replace[name].dims(), bytes),
+                None => Exported::Kept(view),
+            };
+            (name, t)
+        });
+        safetensors::serialize_to_file(tensors, metadata, &out)
+            .map_err(|e| bad(&out, e.to_string()))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,6 +521,120 @@ mod tests {
             std::fs::read(out2.join("tokenizer.json")).unwrap(),
             std::fs::read(&other_tok).unwrap()
         );
+    }
+
+    /// `export_replacing` keeps a sharded checkpoint sharded: every shard under its name with its
+    /// metadata, the index, every kept tensor's bytes as they were, the replaced ones in the
+    /// checkpoint's dtype; a name not in the checkpoint or a wrong shape writes nothing.
+    #[test]
+    fn export_replacing_streams_the_kept_tensors_shard_by_shard() {
+        let corpus: Vec<String> = (0..20).map(|i| format!("benign {i} malignant")).collect();
+        let (tok_json, tok) = qoq_processor::bpe::train_bpe(&corpus, 300).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let init = dir.path().join("init");
+        let cfg_json = config_json(&ModelSize::TINY, tok.ids.endoftext as usize);
+        write_initial(&init, &cfg_json, &tok_json, 0).unwrap();
+        // Re-shard the model into two files, the second in bf16, with the "pt" metadata HF writes.
+        let dev = Device::Cpu;
+        let single = init.join(crate::loading::SINGLE_FILE);
+        let all = candle_core::safetensors::load(&single, &dev).unwrap();
+        std::fs::remove_file(&single).unwrap();
+        let mut names: Vec<&String> = all.keys().collect();
+        names.sort();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let mut map = serde_json::Map::new();
+        for (i, n) in names.iter().enumerate() {
+            let (shard, part, t) = if i % 2 == 0 {
+                ("model-00001-of-00002.safetensors", &mut a, all[*n].clone())
+            } else {
+                let t = all[*n].to_dtype(DType::BF16).unwrap();
+                ("model-00002-of-00002.safetensors", &mut b, t)
+            };
+            part.push(((*n).clone(), t));
+            map.insert((*n).clone(), json!(shard));
+        }
+        let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+        for (shard, part) in [
+            ("model-00001-of-00002.safetensors", &a),
+            ("model-00002-of-00002.safetensors", &b),
+        ] {
+            let items = part.iter().map(|(n, t)| {
+                let d = match t.dtype() {
+                    DType::BF16 => safetensors::Dtype::BF16,
+                    _ => safetensors::Dtype::F32,
+                };
+                (
+                    n.as_str(),
+                    Exported::New(d, t.dims(), stored_bytes(t, d).unwrap()),
+                )
+            });
+            safetensors::serialize_to_file(items, meta.clone(), &init.join(shard)).unwrap();
+        }
+        let index = json!({"metadata": {"total_size": 0}, "weight_map": map});
+        std::fs::write(init.join(crate::loading::INDEX_FILE), index.to_string()).unwrap();
+
+        // Replace one tensor of each shard (given in f32).
+        let (ra, rb) = (a[0].0.clone(), b[0].0.clone());
+        let new = |n: &str| (all[n].ones_like().unwrap() * 0.25).unwrap();
+        let replace = HashMap::from([(ra.clone(), new(&ra)), (rb.clone(), new(&rb))]);
+        let out = dir.path().join("out");
+        export_replacing(&out, &init, &replace, &Default::default()).unwrap();
+        crate::loading::load_model(&out, DType::F32, &dev).unwrap();
+        assert!(out.join(qoq_processor::SETTINGS_FILE).is_file());
+        assert!(!out.join(crate::loading::SINGLE_FILE).exists());
+        assert_eq!(
+            std::fs::read(out.join(crate::loading::INDEX_FILE)).unwrap(),
+            std::fs::read(init.join(crate::loading::INDEX_FILE)).unwrap()
+        );
+        for (shard, part) in [
+            ("model-00001-of-00002.safetensors", &a),
+            ("model-00002-of-00002.safetensors", &b),
+        ] {
+            let (src, dst) = (
+                std::fs::read(init.join(shard)).unwrap(),
+                std::fs::read(out.join(shard)).unwrap(),
+            );
+            let (src_st, dst_st) = (
+                safetensors::SafeTensors::deserialize(&src).unwrap(),
+                safetensors::SafeTensors::deserialize(&dst).unwrap(),
+            );
+            let (_, m) = safetensors::SafeTensors::read_metadata(&dst).unwrap();
+            assert_eq!(m.metadata(), &meta, "{shard}");
+            assert_eq!(src_st.len(), dst_st.len(), "{shard}");
+            let loaded = candle_core::safetensors::load(out.join(shard), &dev).unwrap();
+            for (n, t) in part.iter() {
+                let (s, d) = (src_st.tensor(n).unwrap(), dst_st.tensor(n).unwrap());
+                assert_eq!((s.dtype(), s.shape()), (d.dtype(), d.shape()), "{n}");
+                if replace.contains_key(n) {
+                    assert_ne!(s.data(), d.data(), "{n} was not replaced");
+                    let got = loaded[n].to_dtype(DType::F32).unwrap();
+                    let want = replace[n].to_dtype(t.dtype()).unwrap();
+                    let diff = (got - want.to_dtype(DType::F32).unwrap())
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                    assert_eq!(diff, 0.0, "{n}");
+                } else {
+                    assert_eq!(s.data(), d.data(), "{n} changed");
+                }
+            }
+        }
+        // Refused before anything is written: an unknown name, a wrong shape.
+        let bad = dir.path().join("bad");
+        let unknown = HashMap::from([("model.nope.weight".to_string(), new(&ra))]);
+        let e = export_replacing(&bad, &init, &unknown, &Default::default()).unwrap_err();
+        assert!(e.to_string().contains("model.nope.weight"), "{e}");
+        let wrong = HashMap::from([(ra.clone(), Tensor::zeros(7, DType::F32, &dev).unwrap())]);
+        let e = export_replacing(&bad, &init, &wrong, &Default::default()).unwrap_err();
+        assert!(
+            e.to_string().contains(&ra) && e.to_string().contains("shape"),
+            "{e}"
+        );
+        assert!(!bad.exists());
     }
 
     /// A varmap's tensors come out by name with their values, as plain tensors.

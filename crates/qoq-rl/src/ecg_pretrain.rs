@@ -382,25 +382,13 @@ pub fn pretrain_ecg_encoder(
         None => None,
     };
 
-    // The model folder with the new encoder, every other tensor as it was (in its dtype).
-    let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    for f in qoq_model::loading::checkpoint_files(model).map_err(|e| model_err(e.to_string()))? {
-        tensors.extend(candle_core::safetensors::load(&f, &dev).map_err(|e| {
-            EcgPretrainError::Input {
-                path: f.clone(),
-                message: e.to_string(),
-            }
-        })?);
-    }
+    // The model folder with the new encoder (in the checkpoint's dtypes), every other tensor
+    // streamed from the source's files as it was, in their shard layout.
+    let mut replace: HashMap<String, Tensor> = HashMap::with_capacity(encoder.len());
     for (name, var) in &encoder {
-        let key = layout.checkpoint_name(name);
-        let dtype = tensors
-            .get(&key)
-            .map(Tensor::dtype)
-            .ok_or_else(|| model_err(format!("{key} is not in the checkpoint")))?;
-        tensors.insert(key, var.as_tensor().detach().to_dtype(dtype)?);
+        replace.insert(layout.checkpoint_name(name), var.as_tensor().detach());
     }
-    qoq_model::init::export(out, model, None, &tensors, processor)
+    qoq_model::init::export_replacing(out, model, &replace, processor)
         .map_err(|e| out_err(e.to_string()))?;
     let report = EcgPretrainReport {
         options: options.clone(),
