@@ -152,6 +152,15 @@ fn zero_rollouts_are_refused() {
     assert!(err.contains("--n"), "{err}");
 }
 
+/// The first step of a report: finite micro-batch losses and a finite, non-zero gradient norm.
+fn first_step_is_finite(v: &serde_json::Value) {
+    let step = &v["qoq"]["steps"][0];
+    let losses = step["losses"].as_array().unwrap();
+    assert!(losses.iter().all(|l| l.as_f64().unwrap().is_finite()));
+    let norm = step["grad_norm"].as_f64().unwrap();
+    assert!(norm.is_finite() && norm > 0.0, "grad norm {norm}");
+}
+
 #[test]
 fn bf16_compute_and_lora_rows_run_and_skip_the_f32_reference() {
     let (stdout, v) = tiny_run(&["--compute-dtype", "bf16", "--lora-rank", "2"]);
@@ -166,11 +175,40 @@ fn bf16_compute_and_lora_rows_run_and_skip_the_f32_reference() {
         absent.contains("--compute-dtype bf16") && absent.contains("--lora-rank"),
         "{absent}"
     );
-    let step = &v["qoq"]["steps"][0];
-    let losses = step["losses"].as_array().unwrap();
-    assert!(losses.iter().all(|l| l.as_f64().unwrap().is_finite()));
-    let norm = step["grad_norm"].as_f64().unwrap();
-    assert!(norm.is_finite() && norm > 0.0, "grad norm {norm}");
+    first_step_is_finite(&v);
+}
+
+#[test]
+fn bf16_masters_with_adamw_bf16_run_and_mixed_pairing_is_refused() {
+    let (stdout, v) = tiny_run(&[
+        "--compute-dtype",
+        "bf16",
+        "--master-dtype",
+        "bf16",
+        "--strategy",
+        "adamw_bf16",
+        "--gradient-checkpointing",
+    ]);
+    assert!(
+        stdout.contains("bf16 masters and compute, adamw_bf16 (bf16 moments, Kahan)"),
+        "{stdout}"
+    );
+    // The estimate prices the optimiser the run file asked for.
+    assert!(
+        stdout.contains("two bf16 moments + bf16 compensation"),
+        "{stdout}"
+    );
+    assert_eq!(v["master_dtype"], "bf16");
+    assert_eq!(v["strategy"], "adamw_bf16");
+    let absent = v["reference_absent"].as_str().unwrap();
+    assert!(
+        absent.contains("--master-dtype bf16") && absent.contains("--strategy adamw_bf16"),
+        "{absent}"
+    );
+    first_step_is_finite(&v);
+    // bf16 masters under f32 compute is no mixed precision the trainer has: refused by key.
+    let err = refused(&["--master-dtype", "bf16", "--no-reference", "--steps", "1"]);
+    assert!(err.contains("model.compute_dtype"), "{err}");
 }
 
 #[test]

@@ -104,21 +104,25 @@ pub(crate) fn add_to_sum(
     })
 }
 
-/// `sum += g` in place where `sum` is a contiguous host f32 tensor and `g` one of its shape
-/// (returns `None`; `g` is first converted to f32 when it is in another dtype); otherwise the
-/// new sum `sum + g` in `sum`'s dtype.
+/// `sum += g` in place where `sum` is a contiguous host f32 or bf16 tensor and `g` one of its
+/// shape (returns `None`; `g` is first converted to `sum`'s dtype when it is in another one);
+/// otherwise the new sum `sum + g` in `sum`'s dtype.
 pub fn add_into(sum: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-    let host_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous();
-    if host_f32(sum) && sum.dims() == g.dims() {
-        let g = g.to_dtype(DType::F32)?.contiguous()?;
+    let in_place = sum.device().is_cpu()
+        && matches!(sum.dtype(), DType::F32 | DType::BF16)
+        && sum.is_contiguous();
+    if in_place && sum.dims() == g.dims() {
+        let g = g.to_dtype(sum.dtype())?.contiguous()?;
         sum.inplace_op2(&g, &AddAssign)?;
         return Ok(None);
     }
     (sum + g.to_dtype(sum.dtype())?).map(Some)
 }
 
-/// `dst += src` on host f32 tensors of the same shape, in place: the same additions as
-/// `dst + src`.
+/// `dst += src` on host f32 or bf16 tensors of the same shape and dtype, in place: the same
+/// additions as `dst + src` (bf16: each pair added in f32 and rounded, as `half`'s addition
+/// that candle's does). Without it a bf16 sum (bf16 weights) was a new tensor per addition,
+/// two of the largest gradient alive at once.
 struct AddAssign;
 
 impl InplaceOp2 for AddAssign {
@@ -138,20 +142,29 @@ impl InplaceOp2 for AddAssign {
         if l1.shape() != l2.shape() {
             candle_core::bail!("add into a sum: {:?} onto {:?}", l2.dims(), l1.dims());
         }
-        let (CpuStorage::F32(d), Some((d0, d1))) = (s1, l1.contiguous_offsets()) else {
-            candle_core::bail!("add into a sum: expected a contiguous f32 sum");
+        let (Some((d0, d1)), Some((a0, a1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("add into a sum: expected a contiguous sum and addend");
         };
-        let (CpuStorage::F32(s), Some((s0, s1))) = (s2, l2.contiguous_offsets()) else {
-            candle_core::bail!("add into a sum: expected a contiguous f32 addend");
-        };
-        d[d0..d1]
-            .par_chunks_mut(CHUNK)
-            .zip(s[s0..s1].par_chunks(CHUNK))
-            .for_each(|(d, s)| {
-                for (d, s) in d.iter_mut().zip(s) {
-                    *d += *s;
-                }
-            });
+        match (s1, s2) {
+            (CpuStorage::F32(d), CpuStorage::F32(s)) => d[d0..d1]
+                .par_chunks_mut(CHUNK)
+                .zip(s[a0..a1].par_chunks(CHUNK))
+                .for_each(|(d, s)| {
+                    for (d, s) in d.iter_mut().zip(s) {
+                        *d += *s;
+                    }
+                }),
+            (CpuStorage::BF16(d), CpuStorage::BF16(s)) => d[d0..d1]
+                .par_chunks_mut(CHUNK)
+                .zip(s[a0..a1].par_chunks(CHUNK))
+                .for_each(|(d, s)| {
+                    for (d, s) in d.iter_mut().zip(s) {
+                        *d += *s;
+                    }
+                }),
+            _ => candle_core::bail!("add into a sum: expected f32 or bf16 sum and addend alike"),
+        }
         Ok(())
     }
 }
@@ -356,6 +369,54 @@ impl CustomOp1 for Checkpoint {
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
+
+    /// `add_into` adds f32 and bf16 sums in place, to the bit what `sum + g` gives (bf16: each
+    /// pair added in f32 and rounded), converting the addend to the sum's dtype; a sum of
+    /// another shape gets a new tensor.
+    #[test]
+    fn add_into_adds_f32_and_bf16_sums_in_place_as_the_plain_sum() {
+        let dev = Device::Cpu;
+        let n = 3 * (1 << 15) + 7; // several rayon chunks
+        let vals = |k: u32| -> Vec<f32> {
+            (0..n as u32)
+                .map(|i| ((i.wrapping_mul(2_654_435_761 ^ k) >> 9) as f32 / 8_388_608.0) - 0.25)
+                .collect()
+        };
+        let bits = |t: &Tensor| -> Vec<u32> {
+            t.to_dtype(DType::F32)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
+        };
+        for dtype in [DType::F32, DType::BF16] {
+            let sum = Tensor::from_vec(vals(1), n, &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let g = Tensor::from_vec(vals(2), n, &dev).unwrap();
+            let want = (&sum + g.to_dtype(dtype).unwrap()).unwrap();
+            assert!(
+                add_into(&sum, &g).unwrap().is_none(),
+                "{dtype:?} not in place"
+            );
+            assert_eq!(bits(&sum), bits(&want), "{dtype:?}");
+        }
+        // A strided sum cannot be written in place: the sum comes back as a new tensor.
+        let sum = Tensor::zeros((3, 2), DType::BF16, &dev)
+            .unwrap()
+            .t()
+            .unwrap();
+        let g = Tensor::ones((2, 3), DType::F32, &dev).unwrap();
+        let new = add_into(&sum, &g).unwrap().expect("a new sum");
+        assert_eq!(
+            bits(&new.flatten_all().unwrap()),
+            bits(&Tensor::ones(6, DType::F32, &dev).unwrap())
+        );
+        assert_eq!(bits(&sum.flatten_all().unwrap()), vec![0; 6]);
+    }
 
     /// Identity whose backward records what the running backward's sums hold for `master` (its
     /// dtype) and for `copy` (whether present) at that moment.

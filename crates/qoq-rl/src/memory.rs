@@ -10,10 +10,10 @@
 //!   (LoRA runs share the base);
 //! - **optimiser**: AdamW's two moments per trained parameter (f32, or bf16 moments plus a bf16
 //!   compensation buffer with `actor.strategy = "adamw_bf16"`);
-//! - **gradients**: the trained parameters' f32 gradients: the sum over an optimiser step's
-//!   micro-batches, and beside it, at the end of each later micro-batch's backward, that
-//!   micro-batch's own, except (f32 masters) for the parameters whose gradients the backward
-//!   adds to the sums as it goes: those inside checkpointed layers and, on the CPU with f32
+//! - **gradients**: the trained parameters' gradients in the masters' dtype (f32, or bf16 with
+//!   bf16 weights): the sum over an optimiser step's micro-batches, and beside it, at the end of
+//!   each later micro-batch's backward, that micro-batch's own, except for the parameters whose
+//!   gradients the backward adds to the sums as it goes: those inside checkpointed layers and, on the CPU with f32
 //!   compute, the projections' weights and the token embedding; once in all with one
 //!   micro-batch per optimiser step;
 //! - **activations**: what one update micro-batch keeps for its backward. The training forward
@@ -281,10 +281,10 @@ impl MemoryPlan {
             })
             .sum();
         let logits = micro * response as u64 * t.vocab_size as u64 * 4 * LOGIT_COPIES as u64;
-        // The gradients of the trained parameters in f32: the sum over the optimiser step's
-        // micro-batches, and at the end of each later micro-batch's backward its own gradients
-        // beside it, except those the backward adds to the sums as it goes (f32 masters;
-        // `checkpoint::backward_onto`, `backward_onto_copies` for bf16 compute copies): the
+        // The gradients of the trained parameters in the masters' dtype: the sum over the
+        // optimiser step's micro-batches, and at the end of each later micro-batch's backward its
+        // own gradients beside it, except those the backward adds to the sums as it goes
+        // (`checkpoint::backward_onto`, `backward_onto_copies` for bf16 compute copies): the
         // parameters inside checkpointed layers and, on the CPU, the projections' weights and
         // the token embedding (`qoq_model::linear`, `qoq_model::embedding`; the matrices outside
         // the ECG encoder).
@@ -293,13 +293,15 @@ impl MemoryPlan {
             .div_ceil(micro.max(1) as usize);
         let in_segment =
             |n: &str| n.starts_with("model.layers.") || n.starts_with("visual.blocks.");
-        let f32_masters = cfg.model.master_dtype == DtypeName::F32;
         let delivered = |n: &str, shape: &[usize]| {
             (checkpointing && in_segment(n))
-                || (on_cpu
-                    && f32_masters
-                    && shape.len() == 2
-                    && !n.starts_with("time_series_embedding."))
+                || (on_cpu && shape.len() == 2 && !n.starts_with("time_series_embedding."))
+        };
+        let grad_bytes = bytes_of(cfg.model.master_dtype);
+        let grad_dtype = match cfg.model.master_dtype {
+            DtypeName::F32 => "f32",
+            DtypeName::Bf16 => "bf16",
+            DtypeName::F16 => "f16",
         };
         let held_beside: u64 = match &cfg.model.lora {
             // The adapters sit inside the layers and are plain products.
@@ -312,19 +314,25 @@ impl MemoryPlan {
                 .sum(),
         };
         let (held_twice, grads_detail) = if micro_batches <= 1 {
-            (0, "f32, one micro-batch per optimiser step".to_string())
-        } else if f32_masters && held_beside < trained {
+            (
+                0,
+                format!("{grad_dtype}, one micro-batch per optimiser step"),
+            )
+        } else if held_beside < trained {
             (
                 held_beside,
                 format!(
-                    "f32, the sum over {micro_batches} micro-batches, and a micro-batch's for \
-                     the {held_beside} trained parameters whose backward does not add to it"
+                    "{grad_dtype}, the sum over {micro_batches} micro-batches, and a \
+                     micro-batch's for the {held_beside} trained parameters whose backward does \
+                     not add to it"
                 ),
             )
         } else {
             (
                 trained,
-                format!("f32, a micro-batch's and the sum over {micro_batches} micro-batches"),
+                format!(
+                    "{grad_dtype}, a micro-batch's and the sum over {micro_batches} micro-batches"
+                ),
             )
         };
         let update = vec![
@@ -356,7 +364,7 @@ impl MemoryPlan {
             },
             Part {
                 name: "gradients",
-                bytes: (trained + held_twice) * 4,
+                bytes: (trained + held_twice) * grad_bytes,
                 detail: grads_detail,
             },
             Part {
@@ -506,17 +514,17 @@ mod tests {
             (2 * plain.trained - matrices) * 4
         );
         c.model.gradient_checkpointing = true;
-        // bf16 masters accumulate in f32 beside them: twice again.
+        // bf16 masters accumulate in bf16, the backward adding to the sums as with f32.
         c.model.master_dtype = DtypeName::Bf16;
         c.model.compute_dtype = DtypeName::Bf16;
         let bf = MemoryPlan::estimate(&c, &m, 100, &[64]).unwrap();
-        assert_eq!(part(&bf.update, "gradients"), bf.trained * 8);
+        assert_eq!(part(&bf.update, "gradients"), (plain.trained + neither) * 2);
         // One micro-batch per optimiser step: no sum besides it.
         c.actor.global_batch_size = 1;
         c.rollout.n = 2;
         c.actor.micro_batch_size_per_device_for_update = 2;
         let one = MemoryPlan::estimate(&c, &m, 100, &[64]).unwrap();
-        assert_eq!(part(&one.update, "gradients"), one.trained * 4);
+        assert_eq!(part(&one.update, "gradients"), one.trained * 2);
     }
 
     /// The parts follow the settings they count: parameters from the model's shapes, the

@@ -59,13 +59,32 @@ pub enum BenchSize {
     HalfB,
 }
 
-/// Compute dtype of `qoq bench train-step --compute-dtype`.
+/// Dtype of `qoq bench train-step --compute-dtype` and `--master-dtype`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BenchDtype {
-    /// f32 throughout.
+    /// f32.
     F32,
-    /// bf16 compute over f32 master weights.
+    /// bf16.
     Bf16,
+}
+
+/// Optimiser of `qoq bench train-step --strategy` (`actor.strategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchStrategy {
+    /// AdamW with moments in the master weights' dtype.
+    Adamw,
+    /// bf16 moments and a bf16 Kahan compensation buffer (`AnyPrecisionAdamW`).
+    #[value(name = "adamw_bf16")]
+    AdamwBf16,
+}
+
+impl BenchStrategy {
+    fn name(self) -> &'static str {
+        match self {
+            BenchStrategy::Adamw => "adamw",
+            BenchStrategy::AdamwBf16 => "adamw_bf16",
+        }
+    }
 }
 
 impl BenchDtype {
@@ -92,6 +111,12 @@ impl TrainStepArgs {
         if self.compute_dtype != BenchDtype::F32 {
             why.push("--compute-dtype bf16");
         }
+        if self.master_dtype != BenchDtype::F32 {
+            why.push("--master-dtype bf16");
+        }
+        if self.strategy != BenchStrategy::Adamw {
+            why.push("--strategy adamw_bf16");
+        }
         if self.lora_rank.is_some() {
             why.push("--lora-rank");
         }
@@ -103,12 +128,17 @@ impl TrainStepArgs {
         })
     }
 
-    /// The settings line: compute dtype, LoRA.
+    /// The settings line: dtypes, optimiser, LoRA.
     fn precision_label(&self) -> String {
-        let mut s = match self.compute_dtype {
-            BenchDtype::F32 => "f32".to_string(),
-            BenchDtype::Bf16 => "bf16 compute over f32 masters".to_string(),
+        let mut s = match (self.master_dtype, self.compute_dtype) {
+            (BenchDtype::F32, BenchDtype::F32) => "f32".to_string(),
+            (BenchDtype::F32, BenchDtype::Bf16) => "bf16 compute over f32 masters".to_string(),
+            (BenchDtype::Bf16, BenchDtype::Bf16) => "bf16 masters and compute".to_string(),
+            (m, c) => format!("{} compute over {} masters", c.name(), m.name()),
         };
+        if self.strategy == BenchStrategy::AdamwBf16 {
+            s.push_str(", adamw_bf16 (bf16 moments, Kahan)");
+        }
         if let Some(r) = self.lora_rank {
             s.push_str(&format!(", LoRA r={r}"));
         }
@@ -166,6 +196,16 @@ pub struct TrainStepArgs {
     /// PyTorch reference runs the f32 update only, so it is skipped with `bf16`.
     #[arg(long, value_enum, default_value = "f32")]
     pub compute_dtype: BenchDtype,
+    /// Dtype of the qoq side's trained weights and gradients (`model.master_dtype`): `bf16`
+    /// needs `--compute-dtype bf16` (the run file's validation refuses the other pairing), and
+    /// goes with `--strategy adamw_bf16`, the reference recipe's bf16 configuration. The PyTorch
+    /// reference is then skipped.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub master_dtype: BenchDtype,
+    /// Optimiser of the qoq side (`actor.strategy`): `adamw_bf16` keeps bf16 moments and a bf16
+    /// Kahan compensation buffer. The PyTorch reference is then skipped.
+    #[arg(long, value_enum, default_value = "adamw")]
+    pub strategy: BenchStrategy,
     /// Train LoRA adapters of this rank (alpha = 2·rank, on every decoder projection) instead of
     /// every weight (`[model.lora]`). The PyTorch reference (full training) is then skipped.
     #[arg(long, value_name = "RANK")]
@@ -383,6 +423,7 @@ model_path = {model}
 device = "{device}"
 gradient_checkpointing = {ckpt}
 compute_dtype = "{compute}"
+master_dtype = "{master}"
 {lora}
 [rollout]
 n = {n}
@@ -397,6 +438,7 @@ estimator = "grpo"
 use_kl_loss = true
 
 [actor]
+strategy = "{strategy}"
 global_batch_size = {prompts}
 micro_batch_size_per_device_for_update = {micro}
 
@@ -421,6 +463,8 @@ all_reduce = "{all_reduce}"
         all_reduce = a.all_reduce,
         ckpt = a.gradient_checkpointing,
         compute = a.compute_dtype.name(),
+        master = a.master_dtype.name(),
+        strategy = a.strategy.name(),
         lora = match a.lora_rank {
             Some(r) => format!("\n[model.lora]\nrank = {r}\nalpha = {}\n", 2 * r),
             None => String::new(),
@@ -1004,6 +1048,8 @@ pub fn train_step(a: TrainStepArgs) -> anyhow::Result<ExitCode> {
             "steps": a.steps,
             "gradient_checkpointing": a.gradient_checkpointing,
             "compute_dtype": a.compute_dtype.name(),
+            "master_dtype": a.master_dtype.name(),
+            "strategy": a.strategy.name(),
             "lora_rank": a.lora_rank,
             "device": a.device.device.to_string(),
             "all_reduce": a.all_reduce,

@@ -115,7 +115,10 @@ pub struct ModelConfig {
     /// Tokenizer directory when not the model's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokenizer_path: Option<String>,
-    /// Master weights of the actor. Default f32 (FSDP mixed precision keeps fp32 weights).
+    /// Master weights of the actor, and the dtype their gradients are summed in over
+    /// micro-batches. Default f32 (FSDP mixed precision keeps fp32 weights); `bf16` with
+    /// `compute_dtype = "bf16"` and `actor.strategy = "adamw_bf16"` is the reference's bf16
+    /// yaml.
     pub master_dtype: DtypeName,
     /// Compute dtype of the actor forward (training and rollouts) and of the frozen KL
     /// reference model. Equal to `master_dtype`, or `bf16` over f32 masters: mixed precision as

@@ -257,24 +257,39 @@ impl AdamW {
             let (m, v, comp) = self.state_of(i)?;
             let p = &self.params[i];
             let dtype = p.dtype();
+            // The weight's value without its variable: arithmetic on the `Var`'s tensor records
+            // a graph, and the moments and compensation kept from it would hold every f32
+            // temporary of every parameter's update alive (the bf16 0.5B step ran out of 24 GiB).
+            let weight = p.as_tensor().detach();
             if let Some(comp) = comp {
-                let g = (g.to_dtype(DType::F32)? * scale)?;
-                // Decoupled decay in the weight's own dtype, as `p.data.mul_` does.
-                let w = (p.as_tensor().to_dtype(DType::F32)? * (1.0 - lr * self.cfg.weight_decay))?
-                    .to_dtype(dtype)?;
-                let m = ((m.to_dtype(DType::F32)? * b1)? + (&g * (1.0 - b1))?)?;
-                let v = ((v.to_dtype(DType::F32)? * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-                let denom = ((v.sqrt()? / bc2_sqrt)? + self.cfg.eps)?;
-                let c = (comp.to_dtype(DType::F32)? - ((&m / &denom)? * (lr / bc1))?)?
-                    .to_dtype(DType::BF16)?
-                    .to_dtype(DType::F32)?;
-                let before = w.to_dtype(DType::F32)?;
-                let after = (&before + &c)?.to_dtype(dtype)?;
-                let c = (c + (before - after.to_dtype(DType::F32)?)?)?;
-                p.set(&after)?;
-                self.m[i] = Some(m.to_dtype(DType::BF16)?);
-                self.v[i] = Some(v.to_dtype(DType::BF16)?);
-                self.comp[i] = Some(c.to_dtype(DType::BF16)?);
+                // Chunk by chunk along the flattened parameter, each written back in place: the
+                // update's f32 temporaries stay a chunk's size (on whole tensors they were about
+                // ten f32 copies of the largest parameter at once, 5 GiB for the 0.5B's
+                // embedding, more than the state itself). Element-wise, so the same values.
+                let decay = 1.0 - lr * self.cfg.weight_decay;
+                let (wf, gf) = (weight.flatten_all()?, g.flatten_all()?);
+                let (mf, vf, cf) = (m.flatten_all()?, v.flatten_all()?, comp.flatten_all()?);
+                let n = wf.elem_count();
+                for start in (0..n).step_by(KAHAN_CHUNK) {
+                    let len = KAHAN_CHUNK.min(n - start);
+                    let part = |t: &Tensor| t.narrow(0, start, len)?.to_dtype(DType::F32);
+                    let g = (part(&gf)? * scale)?;
+                    // Decoupled decay in the weight's own dtype, as `p.data.mul_` does.
+                    let w = (part(&wf)? * decay)?.to_dtype(dtype)?;
+                    let m = ((part(&mf)? * b1)? + (&g * (1.0 - b1))?)?;
+                    let v = ((part(&vf)? * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+                    let denom = ((v.sqrt()? / bc2_sqrt)? + self.cfg.eps)?;
+                    let c = (part(&cf)? - ((&m / &denom)? * (lr / bc1))?)?
+                        .to_dtype(DType::BF16)?
+                        .to_dtype(DType::F32)?;
+                    let before = w.to_dtype(DType::F32)?;
+                    let after = (&before + &c)?.to_dtype(dtype)?;
+                    let c = (c + (before - after.to_dtype(DType::F32)?)?)?;
+                    wf.slice_set(&after, 0, start)?;
+                    mf.slice_set(&m.to_dtype(DType::BF16)?, 0, start)?;
+                    vf.slice_set(&v.to_dtype(DType::BF16)?, 0, start)?;
+                    cf.slice_set(&c.to_dtype(DType::BF16)?, 0, start)?;
+                }
                 continue;
             }
             if p.device().is_cpu() {
@@ -291,7 +306,7 @@ impl AdamW {
                 continue;
             }
             let g = (g.to_dtype(DType::F32)? * scale)?;
-            let w = p.as_tensor().to_dtype(DType::F32)?;
+            let w = weight.to_dtype(DType::F32)?;
             let w = (w * (1.0 - lr * self.cfg.weight_decay))?;
             let m = ((&m * b1)? + (&g * (1.0 - b1))?)?;
             let v = ((&v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
@@ -423,6 +438,9 @@ impl AdamW {
 
 /// Sums gradients over micro-batches (the reference scales each micro-batch loss by
 /// `1 / gradient_accumulation` before `backward`, so the sum is the mean of micro-batch means).
+/// Each sum is in its parameter's gradient's dtype: f32 for f32 masters (mixed precision
+/// accumulates in f32, as FSDP's f32 `.grad`), bf16 for bf16 weights (as torch sums a bf16
+/// parameter's `.grad`: the reference's `*_bf16.yaml` runs).
 ///
 /// The first micro-batch's gradients are kept as given (no copy); the second is added into a
 /// new buffer per parameter, which the accumulator owns; from the third on, on the CPU, the
@@ -446,14 +464,8 @@ impl GradAccumulator {
     /// dropped once added.
     pub fn add(&mut self, grads: Vec<Option<Tensor>>) -> candle_core::Result<()> {
         if self.sums.is_empty() {
-            self.owned = grads
-                .iter()
-                .map(|g| g.as_ref().is_some_and(|g| g.dtype() != DType::F32))
-                .collect();
-            self.sums = grads
-                .into_iter()
-                .map(|g| g.map(|g| g.to_dtype(DType::F32)).transpose())
-                .collect::<candle_core::Result<_>>()?;
+            self.owned = vec![false; grads.len()];
+            self.sums = grads;
             return Ok(());
         }
         if grads.len() != self.sums.len() {
@@ -465,11 +477,9 @@ impl GradAccumulator {
         }
         for ((s, owned), g) in self.sums.iter_mut().zip(&mut self.owned).zip(grads) {
             let Some(g) = g else { continue };
-            let fresh = g.dtype() != DType::F32;
-            let g = g.to_dtype(DType::F32)?;
             *s = Some(match s.take() {
                 None => {
-                    *owned = fresh;
+                    *owned = false;
                     g
                 }
                 Some(a) if *owned && host_f32(&a) && host_f32(&g) && !shares_buffer(&a, &g) => {
@@ -480,6 +490,7 @@ impl GradAccumulator {
                 }
                 Some(a) => {
                     *owned = true;
+                    let g = g.to_dtype(a.dtype())?;
                     (a + g)?
                 }
             });
@@ -561,6 +572,9 @@ fn shares_buffer(a: &Tensor, b: &Tensor) -> bool {
 /// Elements per rayon task of the element-wise kernels.
 const CHUNK: usize = 1 << 15;
 
+/// Elements per piece of the `adamw_bf16` update (a few MiB of f32 temporaries).
+const KAHAN_CHUNK: usize = 1 << 20;
+
 /// The f32 elements a contiguous layout addresses in a host storage.
 fn f32_of<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
@@ -577,8 +591,9 @@ fn f32_of_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a 
     }
 }
 
-/// Σ g² of one gradient, accumulated in f64 (on CPU: f32 and bf16/f16 values widened one by
-/// one, summed in parallel chunks over the tensor's own buffer, without a copy).
+/// Σ g² of one gradient, accumulated in f64 (on CPU: contiguous f32 and bf16 values widened one
+/// by one, summed in parallel chunks over the tensor's own buffer, without a copy; an f64 copy
+/// of a bf16 gradient and its square were 16 bytes per element, 2 GiB for the 0.5B's embedding).
 fn squared_norm(g: &Tensor) -> candle_core::Result<f64> {
     use rayon::prelude::*;
     let sum = |v: &[f32]| -> f64 {
@@ -590,6 +605,19 @@ fn squared_norm(g: &Tensor) -> candle_core::Result<f64> {
         let (s, l) = g.storage_and_layout();
         if let Storage::Cpu(c) = &*s {
             return Ok(sum(f32_of(c, l)?));
+        }
+    }
+    if g.device().is_cpu() && g.dtype() == DType::BF16 && g.is_contiguous() {
+        let (s, l) = g.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) = (&*s, l.contiguous_offsets()) {
+            return Ok(v[a..b]
+                .par_chunks(1 << 16)
+                .map(|c| {
+                    c.iter()
+                        .map(|&x| f64::from(x.to_f32()) * f64::from(x.to_f32()))
+                        .sum::<f64>()
+                })
+                .sum());
         }
     }
     if g.device().is_cpu() && g.dtype() == DType::F32 {
@@ -1015,7 +1043,8 @@ mod tests {
             assert_eq!(&bits(t), b, "a caller's gradient was written to");
         }
         assert!(acc.take().is_empty());
-        // A bf16 gradient is summed in f32.
+        // A bf16 gradient (of a bf16 parameter) is summed in bf16, as torch sums a bf16
+        // parameter's `.grad`.
         let mut acc = GradAccumulator::new();
         let h = Tensor::new(&[0.5f32, 0.25], &dev)
             .unwrap()
@@ -1025,8 +1054,16 @@ mod tests {
             acc.add(vec![Some(h.clone())]).unwrap();
         }
         let s = acc.take().remove(0).unwrap();
-        assert_eq!(s.dtype(), DType::F32);
-        assert_eq!(s.to_vec1::<f32>().unwrap(), vec![1.5, 0.75]);
+        assert_eq!(s.dtype(), DType::BF16);
+        assert_eq!(
+            s.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(),
+            vec![1.5, 0.75]
+        );
+        assert_eq!(
+            bits(&h.to_dtype(DType::F32).unwrap()),
+            bits(&Tensor::new(&[0.5f32, 0.25], &dev).unwrap()),
+            "a caller's gradient was written to"
+        );
     }
 
     #[test]
@@ -1136,6 +1173,11 @@ mod tests {
             "with compensation the weight moved from {w0} to {kahan}, expected {} within {ulp}",
             w0 - 3e-4
         );
+        // The kept state is plain values: no graph back to the weight (which would keep every
+        // temporary of the update alive).
+        for t in [&o.m[0], &o.v[0], &o.comp[0]] {
+            assert!(!t.as_ref().unwrap().track_op(), "state records a graph");
+        }
         let state = o.state_tensors().unwrap();
         assert_eq!(state["m.p"].dtype(), DType::BF16);
         assert_eq!(state["c.p"].dtype(), DType::BF16);
@@ -1154,6 +1196,116 @@ mod tests {
             .unwrap();
         assert!(((w[0] + c[0]) - (w0 - 3e-4)).abs() < 3e-5, "{w:?} + {c:?}");
         assert!(((w[1] + c[1]) - (-w0 + 3e-4)).abs() < 3e-5, "{w:?} + {c:?}");
+    }
+
+    /// The squared norm of a bf16 gradient (read in place) is the f64 sum of its squared values,
+    /// as the widening path computes it for any other dtype.
+    #[test]
+    fn squared_norm_of_a_bf16_gradient_is_read_in_place() {
+        let g = Tensor::from_vec(
+            seeded(3 * (1 << 16) + 11, 5, 3.0),
+            3 * (1 << 16) + 11,
+            &Device::Cpu,
+        )
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+        let want: f64 = g
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|&x| f64::from(x) * f64::from(x))
+            .sum();
+        let got = squared_norm(&g).unwrap();
+        assert!((got - want).abs() <= 1e-12 * want, "{got} vs {want}");
+        let wide = squared_norm(&g.to_dtype(DType::F16).unwrap()).unwrap();
+        assert!(
+            (got - wide).abs() <= 1e-3 * want,
+            "{got} vs {wide} through f64"
+        );
+    }
+
+    /// The `adamw_bf16` update runs in pieces of `KAHAN_CHUNK` elements written in place: a
+    /// parameter longer than one piece gets, element for element, what its two parts get as
+    /// parameters of their own, and its state buffers stay the same buffers.
+    #[test]
+    fn kahan_update_in_pieces_equals_the_update_of_the_parts() {
+        let dev = Device::Cpu;
+        let n = KAHAN_CHUNK + 5;
+        let bf = |v: Vec<f32>| {
+            Tensor::from_vec(v, n, &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap()
+        };
+        let w0 = bf(seeded(n, 7, 0.1));
+        let cfg = AdamWConfig {
+            lr: 1e-3,
+            weight_decay: 0.01,
+            max_grad_norm: None,
+            ..AdamWConfig::default()
+        };
+        let whole = Var::from_tensor(&w0).unwrap();
+        let head = Var::from_tensor(&w0.narrow(0, 0, KAHAN_CHUNK).unwrap()).unwrap();
+        let tail = Var::from_tensor(&w0.narrow(0, KAHAN_CHUNK, 5).unwrap()).unwrap();
+        let mut a = AdamW::with_precision(
+            vec![("w".into(), whole.clone())],
+            cfg.clone(),
+            Precision::Bf16Kahan,
+        )
+        .unwrap();
+        let mut b = AdamW::with_precision(
+            vec![("h".into(), head.clone()), ("t".into(), tail.clone())],
+            cfg,
+            Precision::Bf16Kahan,
+        )
+        .unwrap();
+        let mut addr = None;
+        for step in 0..3 {
+            let g = Tensor::from_vec(seeded(n, 40 + step, 1.0), n, &dev).unwrap();
+            a.step(&[Some(g.clone())]).unwrap();
+            b.step(&[
+                Some(g.narrow(0, 0, KAHAN_CHUNK).unwrap()),
+                Some(g.narrow(0, KAHAN_CHUNK, 5).unwrap()),
+            ])
+            .unwrap();
+            let now: Vec<Option<usize>> = [&a.m[0], &a.v[0], &a.comp[0]]
+                .iter()
+                .map(|t| buffer_addr(t.as_ref().unwrap()))
+                .collect();
+            assert_eq!(*addr.get_or_insert(now.clone()), now, "state reallocated");
+        }
+        let joined = |x: &Tensor, y: &Tensor| {
+            bits(
+                &Tensor::cat(&[x, y], 0)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap(),
+            )
+        };
+        let f32_bits = |t: &Tensor| bits(&t.to_dtype(DType::F32).unwrap());
+        assert_eq!(
+            f32_bits(whole.as_tensor()),
+            joined(head.as_tensor(), tail.as_tensor())
+        );
+        for (x, y, z) in [
+            (&a.m, &b.m, "m"),
+            (&a.v, &b.v, "v"),
+            (&a.comp, &b.comp, "c"),
+        ] {
+            assert_eq!(
+                f32_bits(x[0].as_ref().unwrap()),
+                joined(y[0].as_ref().unwrap(), y[1].as_ref().unwrap()),
+                "{z}"
+            );
+        }
+        assert_ne!(
+            f32_bits(whole.as_tensor()),
+            f32_bits(&w0),
+            "the weight moved"
+        );
     }
 
     #[test]

@@ -206,13 +206,9 @@ impl Trainer {
             let ckpt = self.cfg.model.gradient_checkpointing;
             // The next micro-batch's backward adds the projections' and embedding's
             // gradients (and with checkpointing every layer parameter's) to the sums as it goes
-            // (`backward_onto`, in place) instead of holding them besides the sums until it
-            // ends (f32 sums need f32 parameters).
-            let continue_sums = self
-                .optimizer_of(learner)?
-                .params()
-                .iter()
-                .all(|p| p.dtype() == DType::F32);
+            // (`backward_onto`: in place for f32 sums) instead of holding them besides the sums
+            // until it ends. The sums are in the parameters' dtype, as the backward's own
+            // gradients are (`GradAccumulator`).
             for &ub in &parts[crate::dist::shard(parts.len(), rank, ranks)] {
                 let (loss, metrics) = qoq_model::checkpoint::scope(ckpt, || loss_of(self, ub))?;
                 for (name, v) in metrics {
@@ -227,11 +223,7 @@ impl Trainer {
                         None => return Err(TrainerError::Config("no value model".into())),
                     },
                 };
-                let sums = if continue_sums {
-                    acc.take_store(opt.params())?
-                } else {
-                    None
-                };
+                let sums = acc.take_store(opt.params())?;
                 let continued = sums.is_some();
                 // The loss (and with it the graph's activations) is dropped with the
                 // statement; the store's other gradients with `store`, once the parameters'
