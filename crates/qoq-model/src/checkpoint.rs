@@ -146,23 +146,18 @@ impl InplaceOp2 for AddAssign {
         else {
             candle_core::bail!("add into a sum: expected a contiguous sum and addend");
         };
+        fn add<T: Copy + Send + Sync + std::ops::AddAssign>(d: &mut [T], s: &[T]) {
+            d.par_chunks_mut(CHUNK)
+                .zip(s.par_chunks(CHUNK))
+                .for_each(|(d, s)| {
+                    for (d, s) in d.iter_mut().zip(s) {
+                        *d += *s;
+                    }
+                });
+        }
         match (s1, s2) {
-            (CpuStorage::F32(d), CpuStorage::F32(s)) => d[d0..d1]
-                .par_chunks_mut(CHUNK)
-                .zip(s[a0..a1].par_chunks(CHUNK))
-                .for_each(|(d, s)| {
-                    for (d, s) in d.iter_mut().zip(s) {
-                        *d += *s;
-                    }
-                }),
-            (CpuStorage::BF16(d), CpuStorage::BF16(s)) => d[d0..d1]
-                .par_chunks_mut(CHUNK)
-                .zip(s[a0..a1].par_chunks(CHUNK))
-                .for_each(|(d, s)| {
-                    for (d, s) in d.iter_mut().zip(s) {
-                        *d += *s;
-                    }
-                }),
+            (CpuStorage::F32(d), CpuStorage::F32(s)) => add(&mut d[d0..d1], &s[a0..a1]),
+            (CpuStorage::BF16(d), CpuStorage::BF16(s)) => add(&mut d[d0..d1], &s[a0..a1]),
             _ => candle_core::bail!("add into a sum: expected f32 or bf16 sum and addend alike"),
         }
         Ok(())
@@ -371,8 +366,8 @@ mod tests {
     use candle_core::{DType, Device};
 
     /// `add_into` adds f32 and bf16 sums in place, to the bit what `sum + g` gives (bf16: each
-    /// pair added in f32 and rounded), converting the addend to the sum's dtype; a sum of
-    /// another shape gets a new tensor.
+    /// pair added in f32 and rounded), converting the addend to the sum's dtype; a strided sum
+    /// gets a new tensor.
     #[test]
     fn add_into_adds_f32_and_bf16_sums_in_place_as_the_plain_sum() {
         let dev = Device::Cpu;

@@ -281,13 +281,7 @@ pub fn export(
     weights: &HashMap<String, Tensor>,
     processor: &qoq_processor::ProcessorOptions,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    for (name, from) in qoq_processor::model_folder_files(like, tokenizer) {
-        std::fs::copy(&from, dir.join(name)).map_err(io(&from))?;
-    }
-    processor
-        .write_to_model_dir(dir)
-        .map_err(|e| Error::Config(format!("{}: {e}", dir.display())))?;
+    write_folder_files(dir, like, tokenizer, processor)?;
     let path = dir.join("model.safetensors");
     candle_core::safetensors::save(weights, &path).map_err(|e| Error::Checkpoint {
         path: path.clone(),
@@ -295,62 +289,56 @@ pub fn export(
     })
 }
 
-/// A tensor of [`export_replacing`]'s output: kept from the source's memory map, or replaced
-/// (its dtype, shape and little-endian bytes).
+/// The files of a model folder besides its weights: `like`'s config, preprocessor config and
+/// tokenizer (or the file `tokenizer` that overrides it, as
+/// [`qoq_processor::model_folder_files`]) and the processor settings
+/// ([`qoq_processor::SETTINGS_FILE`]).
+fn write_folder_files(
+    dir: &Path,
+    like: &Path,
+    tokenizer: Option<&Path>,
+    processor: &qoq_processor::ProcessorOptions,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    for (name, from) in qoq_processor::model_folder_files(like, tokenizer) {
+        std::fs::copy(&from, dir.join(name)).map_err(io(&from))?;
+    }
+    processor
+        .write_to_model_dir(dir)
+        .map_err(|e| Error::Config(format!("{}: {e}", dir.display())))
+}
+
+/// A tensor of [`export_replacing`]'s output: kept from the source's memory map, or replaced.
 enum Exported<'a> {
     Kept(safetensors::tensor::TensorView<'a>),
-    New(safetensors::Dtype, &'a [usize], Vec<u8>),
+    New(&'a Tensor),
 }
 
 impl safetensors::View for Exported<'_> {
     fn dtype(&self) -> safetensors::Dtype {
         match self {
             Exported::Kept(v) => v.dtype(),
-            Exported::New(d, _, _) => *d,
+            Exported::New(t) => safetensors::View::dtype(t),
         }
     }
     fn shape(&self) -> &[usize] {
         match self {
             Exported::Kept(v) => v.shape(),
-            Exported::New(_, s, _) => s,
+            Exported::New(t) => t.dims(),
         }
     }
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
         match self {
             Exported::Kept(v) => std::borrow::Cow::Borrowed(v.data()),
-            Exported::New(_, _, b) => std::borrow::Cow::Borrowed(b),
+            Exported::New(t) => safetensors::View::data(t),
         }
     }
     fn data_len(&self) -> usize {
         match self {
             Exported::Kept(v) => v.data_len(),
-            Exported::New(_, _, b) => b.len(),
+            Exported::New(t) => safetensors::View::data_len(t),
         }
     }
-}
-
-/// `t` in the stored dtype `dtype`, as the little-endian bytes a safetensors file holds. (candle
-/// serialises through another version of the `safetensors` crate than this workspace's, so its
-/// `View` cannot be used here.)
-fn stored_bytes(t: &Tensor, dtype: safetensors::Dtype) -> std::result::Result<Vec<u8>, String> {
-    use candle_core::DType;
-    let flat = |d: DType| t.to_dtype(d).and_then(|t| t.flatten_all());
-    let bytes = match dtype {
-        safetensors::Dtype::F32 => flat(DType::F32)
-            .and_then(|t| t.to_vec1::<f32>())
-            .map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        safetensors::Dtype::F64 => flat(DType::F64)
-            .and_then(|t| t.to_vec1::<f64>())
-            .map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        safetensors::Dtype::BF16 => flat(DType::BF16)
-            .and_then(|t| t.to_vec1::<half::bf16>())
-            .map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        safetensors::Dtype::F16 => flat(DType::F16)
-            .and_then(|t| t.to_vec1::<half::f16>())
-            .map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        other => return Err(format!("stored as {other:?}, not a float dtype")),
-    };
-    bytes.map_err(|e| e.to_string())
 }
 
 /// [`export`] for a model that changed a few tensors of the checkpoint at `like` (a model
@@ -405,8 +393,7 @@ pub fn export_replacing(
         }
         parsed.push((st, meta.metadata().clone()));
     }
-    let mut converted: HashMap<&str, (safetensors::Dtype, Vec<u8>)> =
-        HashMap::with_capacity(replace.len());
+    let mut converted: HashMap<&str, Tensor> = HashMap::with_capacity(replace.len());
     for (name, t) in replace {
         let (dtype, shape) = found.get(name.as_str()).ok_or_else(|| {
             bad(
@@ -423,17 +410,12 @@ pub fn export_replacing(
                 ),
             ));
         }
-        let bytes = stored_bytes(t, *dtype).map_err(|e| bad(like, format!("{name}: {e}")))?;
-        converted.insert(name, (*dtype, bytes));
+        let dtype =
+            candle_core::DType::try_from(*dtype).map_err(|e| bad(like, format!("{name}: {e}")))?;
+        converted.insert(name, t.to_dtype(dtype)?);
     }
 
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    for (name, from) in qoq_processor::model_folder_files(like, None) {
-        std::fs::copy(&from, dir.join(name)).map_err(io(&from))?;
-    }
-    processor
-        .write_to_model_dir(dir)
-        .map_err(|e| Error::Config(format!("{}: {e}", dir.display())))?;
+    write_folder_files(dir, like, None, processor)?;
     let index = like.join(crate::loading::INDEX_FILE);
     if index.is_file() {
         std::fs::copy(&index, dir.join(crate::loading::INDEX_FILE)).map_err(io(&index))?;
@@ -441,8 +423,8 @@ pub fn export_replacing(
     for (f, (st, metadata)) in files.iter().zip(parsed) {
         let out = dir.join(f.file_name().unwrap_or(f.as_os_str()));
         let tensors = st.iter().map(|(name, view)| {
-            let t = match converted.remove(name) {
-                Some((dtype, bytes)) => Exported::New(dtype, replace[name].dims(), bytes),
+            let t = match converted.get(name) {
+                Some(t) => Exported::New(t),
                 None => Exported::Kept(view),
             };
             (name, t)
@@ -558,16 +540,7 @@ mod tests {
             ("model-00001-of-00002.safetensors", &a),
             ("model-00002-of-00002.safetensors", &b),
         ] {
-            let items = part.iter().map(|(n, t)| {
-                let d = match t.dtype() {
-                    DType::BF16 => safetensors::Dtype::BF16,
-                    _ => safetensors::Dtype::F32,
-                };
-                (
-                    n.as_str(),
-                    Exported::New(d, t.dims(), stored_bytes(t, d).unwrap()),
-                )
-            });
+            let items = part.iter().map(|(n, t)| (n.as_str(), t));
             safetensors::serialize_to_file(items, meta.clone(), &init.join(shard)).unwrap();
         }
         let index = json!({"metadata": {"total_size": 0}, "weight_map": map});

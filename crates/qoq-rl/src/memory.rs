@@ -13,8 +13,8 @@
 //! - **gradients**: the trained parameters' gradients in the masters' dtype (f32, or bf16 with
 //!   bf16 weights): the sum over an optimiser step's micro-batches, and beside it, at the end of
 //!   each later micro-batch's backward, that micro-batch's own, except for the parameters whose
-//!   gradients the backward adds to the sums as it goes: those inside checkpointed layers and, on the CPU with f32
-//!   compute, the projections' weights and the token embedding; once in all with one
+//!   gradients the backward adds to the sums as it goes: those inside checkpointed layers and,
+//!   on the CPU, the projections' weights and the token embedding; once in all with one
 //!   micro-batch per optimiser step;
 //! - **activations**: what one update micro-batch keeps for its backward. The training forward
 //!   is composed of candle ops, each of which keeps its output until the backward has passed it:
@@ -298,11 +298,7 @@ impl MemoryPlan {
                 || (on_cpu && shape.len() == 2 && !n.starts_with("time_series_embedding."))
         };
         let grad_bytes = bytes_of(cfg.model.master_dtype);
-        let grad_dtype = match cfg.model.master_dtype {
-            DtypeName::F32 => "f32",
-            DtypeName::Bf16 => "bf16",
-            DtypeName::F16 => "f16",
-        };
+        let grad_dtype = cfg.model.master_dtype.dtype().as_str();
         let held_beside: u64 = match &cfg.model.lora {
             // The adapters sit inside the layers and are plain products.
             Some(_) if checkpointing => 0,

@@ -482,7 +482,8 @@ impl GradAccumulator {
                     *owned = false;
                     g
                 }
-                Some(a) if *owned && host_f32(&a) && host_f32(&g) && !shares_buffer(&a, &g) => {
+                // Added in place where `add_into` can (host f32 or bf16 sums).
+                Some(a) if *owned && !shares_buffer(&a, &g) => {
                     match qoq_model::checkpoint::add_into(&a, &g)? {
                         None => a,
                         Some(sum) => sum,
@@ -596,32 +597,25 @@ fn f32_of_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a 
 /// of a bf16 gradient and its square were 16 bytes per element, 2 GiB for the 0.5B's embedding).
 fn squared_norm(g: &Tensor) -> candle_core::Result<f64> {
     use rayon::prelude::*;
-    let sum = |v: &[f32]| -> f64 {
+    fn sum<T: Copy + Sync>(v: &[T], wide: impl Fn(T) -> f64 + Sync) -> f64 {
         v.par_chunks(1 << 16)
-            .map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())
+            .map(|c| c.iter().map(|&x| wide(x) * wide(x)).sum::<f64>())
             .sum()
-    };
+    }
     if host_f32(g) {
         let (s, l) = g.storage_and_layout();
         if let Storage::Cpu(c) = &*s {
-            return Ok(sum(f32_of(c, l)?));
+            return Ok(sum(f32_of(c, l)?, f64::from));
         }
     }
     if g.device().is_cpu() && g.dtype() == DType::BF16 && g.is_contiguous() {
         let (s, l) = g.storage_and_layout();
         if let (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) = (&*s, l.contiguous_offsets()) {
-            return Ok(v[a..b]
-                .par_chunks(1 << 16)
-                .map(|c| {
-                    c.iter()
-                        .map(|&x| f64::from(x.to_f32()) * f64::from(x.to_f32()))
-                        .sum::<f64>()
-                })
-                .sum());
+            return Ok(sum(&v[a..b], |x| f64::from(x.to_f32())));
         }
     }
     if g.device().is_cpu() && g.dtype() == DType::F32 {
-        return Ok(sum(&g.flatten_all()?.to_vec1::<f32>()?));
+        return Ok(sum(&g.flatten_all()?.to_vec1::<f32>()?, f64::from));
     }
     g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()
 }

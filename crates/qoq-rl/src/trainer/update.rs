@@ -206,7 +206,7 @@ impl Trainer {
             let ckpt = self.cfg.model.gradient_checkpointing;
             // The next micro-batch's backward adds the projections' and embedding's
             // gradients (and with checkpointing every layer parameter's) to the sums as it goes
-            // (`backward_onto`: in place for f32 sums) instead of holding them besides the sums
+            // (`backward_onto`: in place on the CPU) instead of holding them besides the sums
             // until it ends. The sums are in the parameters' dtype, as the backward's own
             // gradients are (`GradAccumulator`).
             for &ub in &parts[crate::dist::shard(parts.len(), rank, ranks)] {
