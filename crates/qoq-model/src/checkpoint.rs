@@ -104,14 +104,16 @@ pub(crate) fn add_to_sum(
     })
 }
 
+/// Whether [`add_into`] adds into `sum` in place (a contiguous host f32 or bf16 tensor).
+pub(crate) fn adds_in_place(sum: &Tensor) -> bool {
+    sum.device().is_cpu() && matches!(sum.dtype(), DType::F32 | DType::BF16) && sum.is_contiguous()
+}
+
 /// `sum += g` in place where `sum` is a contiguous host f32 or bf16 tensor and `g` one of its
 /// shape (returns `None`; `g` is first converted to `sum`'s dtype when it is in another one);
 /// otherwise the new sum `sum + g` in `sum`'s dtype.
 pub fn add_into(sum: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-    let in_place = sum.device().is_cpu()
-        && matches!(sum.dtype(), DType::F32 | DType::BF16)
-        && sum.is_contiguous();
-    if in_place && sum.dims() == g.dims() {
+    if adds_in_place(sum) && sum.dims() == g.dims() {
         let g = g.to_dtype(sum.dtype())?.contiguous()?;
         sum.inplace_op2(&g, &AddAssign)?;
         return Ok(None);

@@ -282,7 +282,7 @@ fn product_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, 
     // The weight's gradient, in the dtype of the sum it goes to (a compute copy's master's).
     let delivered = |w: &Tensor| {
         crate::checkpoint::add_to_sum(w, |sum, dtype| match sum {
-            Some(sum) => crate::checkpoint::add_into(sum, &dw_of()?),
+            Some(sum) => add_weight_grad_into(sum, &g, &x.detach(), WEIGHT_GRAD_BLOCK),
             None => dw_of()?.to_dtype(dtype).map(Some),
         })
     };
@@ -292,6 +292,39 @@ fn product_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, 
         Some(dw_of()?)
     };
     Ok((dx, dw))
+}
+
+/// Elements of one block of a weight gradient added into its sum by [`add_weight_grad_into`].
+const WEIGHT_GRAD_BLOCK: usize = 1 << 22;
+
+/// `sum += gᵀ · x` for a weight's running gradient sum `sum: (out, in)`, the output gradient
+/// `g: (rows, out)` and the input `x: (rows, in)`. Where the sum can be written in place
+/// ([`crate::checkpoint::add_into`]'s condition) the product is computed and added in blocks of
+/// at most `block` elements (whole rows of the weight), each block added into its rows of the
+/// sum: the whole product was a transient the size of the weight beside its sum, the largest
+/// one of the training step (a 0.5B's tied embedding / `lm_head`, 136M elements, sat at the
+/// bf16 recipe's peak). Returns `None` when added in place, otherwise the new sum.
+fn add_weight_grad_into(
+    sum: &Tensor,
+    g: &Tensor,
+    x: &Tensor,
+    block: usize,
+) -> Result<Option<Tensor>> {
+    let (out, inp) = sum.dims2()?;
+    let rows_per_block = (block / inp.max(1)).max(1);
+    if out <= rows_per_block || !crate::checkpoint::adds_in_place(sum) {
+        return crate::checkpoint::add_into(sum, &g.t()?.matmul(x)?);
+    }
+    let gt = g.t()?;
+    for r0 in (0..out).step_by(rows_per_block) {
+        let n = rows_per_block.min(out - r0);
+        let part = gt.narrow(0, r0, n)?.matmul(x)?;
+        // A row block of a contiguous sum is contiguous: always added in place.
+        if crate::checkpoint::add_into(&sum.narrow(0, r0, n)?, &part)?.is_some() {
+            candle_core::bail!("linear: a weight gradient's row block was not added in place");
+        }
+    }
+    Ok(None)
 }
 
 impl CustomOp2 for TrainedLinear {
@@ -436,6 +469,37 @@ mod tests {
             assert!(weight_sized(&gp) > 0);
             assert_eq!(weight_sized(&go), 0);
         }
+    }
+
+    /// A weight gradient added into its sum in row blocks (block sizes that split the rows
+    /// unevenly, one row per block, more than all rows) equals the sum plus the whole product,
+    /// f32 and bf16, in place; a strided sum gets the whole product as a new sum.
+    #[test]
+    fn weight_gradient_added_in_row_blocks_equals_the_whole_product() {
+        let dev = Device::Cpu;
+        let (rows, out, inp) = (6, 37, 5);
+        let g = Tensor::randn(0f32, 1.0, (rows, out), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (rows, inp), &dev).unwrap();
+        let start = Tensor::randn(0f32, 1.0, (out, inp), &dev).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let (g, x) = (g.to_dtype(dtype).unwrap(), x.to_dtype(dtype).unwrap());
+            let whole = g.t().unwrap().matmul(&x).unwrap();
+            let want = (start.to_dtype(dtype).unwrap() + &whole).unwrap();
+            for block in [4 * inp + 3, inp, 1, 1000] {
+                // A copy: f32's `to_dtype` shares `start`'s storage, which the add writes.
+                let sum = start.to_dtype(dtype).unwrap().copy().unwrap();
+                let new = add_weight_grad_into(&sum, &g, &x, block).unwrap();
+                assert!(new.is_none(), "{dtype:?} block {block}: not in place");
+                let d = max_diff(&sum, &want);
+                assert!(d < 1e-6, "{dtype:?} block {block}: {d}");
+            }
+        }
+        let strided = start.t().unwrap().contiguous().unwrap().t().unwrap();
+        let new = add_weight_grad_into(&strided, &g, &x, inp)
+            .unwrap()
+            .expect("a new sum");
+        let want = (&start + g.t().unwrap().matmul(&x).unwrap()).unwrap();
+        assert!(max_diff(&new, &want) < 1e-6);
     }
 
     /// Inference products in both orientations (few rows, wide inputs, many rows with narrow

@@ -186,10 +186,14 @@ impl ClinicalVlm {
 
     /// `lm_head` on hidden states: `(..., hidden)` → `(..., vocab)`.
     pub fn logits_from_hidden(&self, hidden: &Tensor) -> Result<Tensor> {
-        let head = self.lm_head.as_ref().ok_or_else(|| {
+        Ok(crate::linear::linear(self.lm_head()?, hidden)?)
+    }
+
+    /// The `lm_head` projection (the token embedding's matrix where tied).
+    pub fn lm_head(&self) -> Result<&Linear> {
+        self.lm_head.as_ref().ok_or_else(|| {
             Error::Config("this model was built without lm_head (a value-model backbone)".into())
-        })?;
-        Ok(crate::linear::linear(head, hidden)?)
+        })
     }
 
     /// Logits `(b, s, vocab)`.

@@ -22,7 +22,8 @@
 //!   MLP-sized ones and four attention rows of its length per head; the vision tower likewise
 //!   per patch; the chosen-token log-probabilities keep [`LOGIT_COPIES`] copies of the response
 //!   positions' logits. In the compute dtype (the logits in f32). With `model.gradient_checkpointing` a layer keeps only its
-//!   input and one layer at a time is recomputed in full; on the CPU in f32 from
+//!   input and one layer at a time is recomputed in full, and the logits of one chunk of
+//!   response positions exist at a time; on the CPU in f32 from
 //!   [`qoq_model::attention::CHUNKED_MIN_MACS`] score multiply-adds per sequence the attention keeps one
 //!   log-sum-exp per head and query instead of its rows of scores.
 //! - **frozen grads**: candle's backward computes the gradient of every matrix a tracked
@@ -280,7 +281,15 @@ impl MemoryPlan {
                 micro * n * kept(v.depth as u64, vh, per_patch) * compute
             })
             .sum();
-        let logits = micro * response as u64 * t.vocab_size as u64 * 4 * LOGIT_COPIES as u64;
+        // Under checkpointing the log-probs run in checkpointed chunks of positions
+        // (`trainer::LOGITS_CHUNK` logits each): one chunk's logits exist at a time.
+        let positions = if checkpointing {
+            let per_chunk = crate::trainer::LOGITS_CHUNK / (micro as usize * t.vocab_size).max(1);
+            response.min(per_chunk.max(1))
+        } else {
+            response
+        };
+        let logits = micro * positions as u64 * t.vocab_size as u64 * 4 * LOGIT_COPIES as u64;
         // The gradients of the trained parameters in the masters' dtype: the sum over the
         // optimiser step's micro-batches, and at the end of each later micro-batch's backward its
         // own gradients beside it, except those the backward adds to the sums as it goes
@@ -354,7 +363,12 @@ impl MemoryPlan {
                 name: "logits",
                 bytes: logits,
                 detail: format!(
-                    "{micro} rows × {response} response tokens × {} vocabulary × {LOGIT_COPIES}",
+                    "{micro} rows × {positions} response tokens{} × {} vocabulary × {LOGIT_COPIES}",
+                    if positions < response {
+                        format!(" (a checkpointed chunk of {response})")
+                    } else {
+                        String::new()
+                    },
                     t.vocab_size
                 ),
             },
@@ -521,6 +535,28 @@ mod tests {
         c.actor.micro_batch_size_per_device_for_update = 2;
         let one = MemoryPlan::estimate(&c, &m, 100, &[64]).unwrap();
         assert_eq!(part(&one.update, "gradients"), one.trained * 2);
+    }
+
+    /// The logits part prices every response position's logits, and under checkpointing one
+    /// chunk of positions (`trainer::LOGITS_CHUNK` logits) when the response is longer.
+    #[test]
+    fn checkpointing_prices_one_chunk_of_logits() {
+        let mut m = tiny();
+        m.text.vocab_size = 151_936;
+        let mut c = RunConfig::default();
+        c.data.max_response_length = 256;
+        let micro = c.actor.micro_batch_size_per_device_for_update as u64;
+        let per_position = micro * 151_936 * 4 * LOGIT_COPIES as u64;
+        let plain = MemoryPlan::estimate(&c, &m, 100, &[64]).unwrap();
+        assert_eq!(part(&plain.update, "logits"), 256 * per_position);
+        c.model.gradient_checkpointing = true;
+        let ckpt = MemoryPlan::estimate(&c, &m, 100, &[64]).unwrap();
+        let positions = crate::trainer::LOGITS_CHUNK as u64 / (micro * 151_936);
+        assert!((1..256).contains(&positions), "{positions}");
+        assert_eq!(part(&ckpt.update, "logits"), positions * per_position);
+        c.data.max_response_length = 1;
+        let short = MemoryPlan::estimate(&c, &m, 100, &[64]).unwrap();
+        assert_eq!(part(&short.update, "logits"), per_position);
     }
 
     /// The parts follow the settings they count: parameters from the model's shapes, the

@@ -456,6 +456,104 @@ fn a_mixed_precision_rl_loss_tracks_the_f32_one_and_puts_f32_gradients_on_every_
     assert!(checked > 20, "{checked} parameters checked");
 }
 
+/// Under activation checkpointing the response log-probs run in checkpointed chunks of
+/// positions (one chunk's logits at a time): the same log-probs and, through
+/// `checkpoint::backward`, the same gradient on every trainable parameter as the whole
+/// `(b, r_len, vocab)` logits without checkpointing; the chunks really were recomputed.
+#[test]
+fn checkpointed_log_prob_chunks_give_the_whole_logits_values_and_gradients() {
+    use candle_core::Device;
+    use qoq_model::ForwardMode;
+    use qoq_model::checkpoint;
+    use qoq_model::loading::{checkpoint_var_builder, read_config};
+    use qoq_model::train::{Freeze, trainable_var_builder};
+    use qoq_rl::trainer::response_log_probs_chunked;
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = text_manifest(dir.path(), 6);
+    let cfg = config(
+        &model,
+        &manifest,
+        &dir.path().join("run"),
+        2,
+        2,
+        6,
+        1e-3,
+        1,
+        1,
+        true,
+    );
+    let mut t = Trainer::with_reward(cfg, Box::new(Vowels)).unwrap();
+    t.set_capture(true);
+    t.step().unwrap();
+    let captured = t.take_captured().unwrap();
+    let mb = &captured.micro_batches[0];
+    let (b, r_len) = mb.labels.dims2().unwrap();
+    assert!(r_len >= 3, "{r_len} response positions");
+    let mcfg = read_config(&model).unwrap();
+    let (vb, _) = checkpoint_var_builder(&model, DType::F32, &Device::Cpu).unwrap();
+    let (vb, store) = trainable_var_builder(vb, Freeze::default());
+    let policy = qoq_model::ClinicalVlm::new(&mcfg, vb).unwrap();
+    let vocab = policy.lm_head().unwrap().weight().dim(0).unwrap();
+    let lp = |ckpt: bool, chunk: usize| {
+        checkpoint::scope(ckpt, || {
+            response_log_probs_chunked(
+                &policy,
+                &mb.inputs,
+                mb.s,
+                &mb.labels,
+                ForwardMode::Train,
+                1,
+                chunk,
+            )
+            .unwrap()
+        })
+    };
+    // A weighted sum, so that each position's gradient differs.
+    let weights: Vec<f32> = (0..b * r_len).map(|i| 1.0 + i as f32 / 7.0).collect();
+    let weights = candle_core::Tensor::from_vec(weights, (b, r_len), &Device::Cpu).unwrap();
+    let loss = |lp: &candle_core::Tensor| (lp * &weights).unwrap().sum_all().unwrap();
+    let plain = lp(false, usize::MAX);
+    let before = checkpoint::recomputed();
+    // Two positions per chunk: several chunks, the last one shorter when r_len is odd.
+    let chunked = lp(true, 2 * b * vocab);
+    let diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    assert_eq!(chunked.dims(), plain.dims());
+    assert!(diff(&chunked, &plain) <= 1e-5, "log-probs differ");
+    let gp = checkpoint::backward(&loss(&plain)).unwrap();
+    let gc = checkpoint::backward(&loss(&chunked)).unwrap();
+    assert!(
+        checkpoint::recomputed() - before >= r_len.div_ceil(2) as u64,
+        "the chunks were not recomputed"
+    );
+    let mut checked = 0;
+    for (name, var) in store.trainable().unwrap() {
+        let Some(want) = gp.get(var.as_tensor()) else {
+            continue;
+        };
+        let got = gc
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient under checkpointing"));
+        let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        let scale = scale.to_scalar::<f32>().unwrap().max(1.0);
+        let d = diff(got, want);
+        assert!(d <= 1e-5 * scale, "{name}: gradients differ by {d}");
+        checked += 1;
+    }
+    assert!(checked > 20, "{checked} parameters checked");
+}
+
 #[test]
 fn a_lora_resume_on_another_base_is_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -99,7 +99,9 @@ pub use stopping::{
     BEST_CHECKPOINT_FILE, BestCheckpoint, EARLY_STOPPING_BAD, EARLY_STOPPING_BEST,
     EARLY_STOPPING_BEST_STEP, read_best,
 };
-pub use update::{UpdateStats, response_log_probs, sft_target};
+pub use update::{
+    LOGITS_CHUNK, UpdateStats, response_log_probs, response_log_probs_chunked, sft_target,
+};
 pub use value::{CRITIC_GRAD_NORM, CRITIC_LR, CRITIC_SKIPPED_STEPS};
 
 use crate::advantage::{Estimator, StepInputs};

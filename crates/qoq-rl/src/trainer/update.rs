@@ -53,17 +53,56 @@ pub fn response_log_probs(
     mode: ForwardMode,
     step: u64,
 ) -> Result<Tensor> {
+    response_log_probs_chunked(model, inputs, s, labels, mode, step, LOGITS_CHUNK)
+}
+
+/// [`response_log_probs`] with `chunk` elements of logits per checkpointed chunk of positions
+/// (tests force several chunks on a tiny model with it).
+#[doc(hidden)]
+pub fn response_log_probs_chunked(
+    model: &ClinicalVlm,
+    inputs: &ModelInputs,
+    s: usize,
+    labels: &Tensor,
+    mode: ForwardMode,
+    step: u64,
+    chunk: usize,
+) -> Result<Tensor> {
     let r_len = labels.dim(1)?;
     let hidden = model
         .forward_hidden(inputs, mode)
         .map_err(model_err)?
         .narrow(1, s - 1, r_len)?;
-    let logits = model
-        .logits_from_hidden(&hidden)
-        .map_err(model_err)?
-        .to_dtype(DType::F32)?;
-    log_probs_from_logits(&logits, labels).map_err(|source| TrainerError::Loss { step, source })
+    let head = model.lm_head().map_err(model_err)?;
+    let (b, vocab) = (hidden.dim(0)?, head.weight().dim(0)?);
+    let positions = (chunk / (b * vocab).max(1)).max(1);
+    if !qoq_model::checkpoint::active() || r_len <= positions {
+        let logits = qoq_model::linear::linear(head, &hidden)?.to_dtype(DType::F32)?;
+        return log_probs_from_logits(&logits, labels)
+            .map_err(|source| TrainerError::Loss { step, source });
+    }
+    // Activation checkpointing: the logits are activations too, `(b, r_len, vocab)` in f32 plus
+    // their gradient (at 256 response tokens of a 151,936-token vocabulary, about 0.45 GiB of
+    // the bf16 recipe's peak). Each chunk of positions is a checkpointed segment: its forward
+    // keeps its hidden states and log-probs only, its backward recomputes its logits, so one
+    // chunk's logits exist at a time.
+    let mut parts = Vec::with_capacity(r_len.div_ceil(positions));
+    for start in (0..r_len).step_by(positions) {
+        let n = positions.min(r_len - start);
+        let (head, labels) = (head.clone(), labels.narrow(1, start, n)?);
+        let segment: qoq_model::checkpoint::Segment = std::sync::Arc::new(move |h: &Tensor| {
+            let logits = qoq_model::linear::linear(&head, h)?.to_dtype(DType::F32)?;
+            log_probs_from_logits(&logits, &labels).map_err(candle_core::Error::wrap)
+        });
+        let h = hidden.narrow(1, start, n)?;
+        parts.push(qoq_model::checkpoint::checkpointed(&h, segment)?);
+    }
+    Ok(Tensor::cat(&parts, 1)?)
 }
+
+/// Elements of the `(rows, positions, vocab)` logits of one chunk of positions that
+/// [`response_log_probs`] computes at a time under activation checkpointing (32 MiB in f32).
+pub const LOGITS_CHUNK: usize = 1 << 23;
 
 /// What an update loop did: per-metric sums over micro-batches, and the optimiser's steps.
 #[derive(Debug, Clone, Default, PartialEq)]
