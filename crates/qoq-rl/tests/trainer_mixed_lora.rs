@@ -378,21 +378,25 @@ fn actor_loss(
     (out.loss, lp)
 }
 
-#[test]
-fn a_mixed_precision_rl_loss_tracks_the_f32_one_and_puts_f32_gradients_on_every_master() {
-    use candle_core::Device;
-    use qoq_model::loading::{checkpoint_var_builder, read_config};
-    use qoq_model::train::{Freeze, cast_var_builder, trainable_var_builder};
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path());
-    let manifest = text_manifest(dir.path(), 6);
-    // A real RL micro-batch (rollouts, advantages, old log-probs) from one f32 step.
+/// A fresh tiny model in `dir`, the loss settings of an RL run on it (`batch` prompts ×
+/// `batch` rollouts, KL to the reference) and a real micro-batch (rollouts, advantages, old
+/// log-probs) captured from that run's first f32 step.
+fn captured_f32_step(
+    dir: &Path,
+    batch: usize,
+) -> (
+    std::path::PathBuf,
+    qoq_rl::loss::LossConfig,
+    qoq_rl::trainer::CapturedMicroBatch,
+) {
+    let model = tiny_model(dir);
+    let manifest = text_manifest(dir, 6);
     let cfg = config(
         &model,
         &manifest,
-        &dir.path().join("run"),
-        4,
-        4,
+        &dir.join("run"),
+        batch,
+        batch,
         6,
         1e-3,
         1,
@@ -404,7 +408,18 @@ fn a_mixed_precision_rl_loss_tracks_the_f32_one_and_puts_f32_gradients_on_every_
     t.set_capture(true);
     t.step().unwrap();
     let captured = t.take_captured().unwrap();
-    let mb = &captured.micro_batches[0];
+    let mb = captured.micro_batches.into_iter().next().unwrap();
+    (model, loss_cfg, mb)
+}
+
+#[test]
+fn a_mixed_precision_rl_loss_tracks_the_f32_one_and_puts_f32_gradients_on_every_master() {
+    use candle_core::Device;
+    use qoq_model::loading::{checkpoint_var_builder, read_config};
+    use qoq_model::train::{Freeze, cast_var_builder, trainable_var_builder};
+    let dir = tempfile::tempdir().unwrap();
+    let (model, loss_cfg, mb) = captured_f32_step(dir.path(), 4);
+    let mb = &mb;
     // The initial policy in f32, and in bf16 copies of the same f32 masters.
     let mcfg = read_config(&model).unwrap();
     let (vb, _) = checkpoint_var_builder(&model, DType::F32, &Device::Cpu).unwrap();
@@ -469,25 +484,8 @@ fn checkpointed_log_prob_chunks_give_the_whole_logits_values_and_gradients() {
     use qoq_model::train::{Freeze, trainable_var_builder};
     use qoq_rl::trainer::response_log_probs_chunked;
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path());
-    let manifest = text_manifest(dir.path(), 6);
-    let cfg = config(
-        &model,
-        &manifest,
-        &dir.path().join("run"),
-        2,
-        2,
-        6,
-        1e-3,
-        1,
-        1,
-        true,
-    );
-    let mut t = Trainer::with_reward(cfg, Box::new(Vowels)).unwrap();
-    t.set_capture(true);
-    t.step().unwrap();
-    let captured = t.take_captured().unwrap();
-    let mb = &captured.micro_batches[0];
+    let (model, _, mb) = captured_f32_step(dir.path(), 2);
+    let mb = &mb;
     let (b, r_len) = mb.labels.dims2().unwrap();
     assert!(r_len >= 3, "{r_len} response positions");
     let mcfg = read_config(&model).unwrap();
