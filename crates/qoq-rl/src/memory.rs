@@ -284,8 +284,12 @@ impl MemoryPlan {
         // Under checkpointing the log-probs run in checkpointed chunks of positions
         // (`trainer::LOGITS_CHUNK` logits each): one chunk's logits exist at a time.
         let positions = if checkpointing {
-            let per_chunk = crate::trainer::LOGITS_CHUNK / (micro as usize * t.vocab_size).max(1);
-            response.min(per_chunk.max(1))
+            let rows = micro as usize;
+            response.min(crate::trainer::positions_per_chunk(
+                crate::trainer::LOGITS_CHUNK,
+                rows,
+                t.vocab_size,
+            ))
         } else {
             response
         };

@@ -550,6 +550,31 @@ fn checkpointed_log_prob_chunks_give_the_whole_logits_values_and_gradients() {
         checked += 1;
     }
     assert!(checked > 20, "{checked} parameters checked");
+    // A label outside the vocabulary is this step's loss error, as without chunks, not an
+    // error from inside a chunk's forward.
+    let bad = candle_core::Tensor::full(vocab as u32, mb.labels.dims(), &Device::Cpu).unwrap();
+    let e = checkpoint::scope(true, || {
+        response_log_probs_chunked(
+            &policy,
+            &mb.inputs,
+            mb.s,
+            &bad,
+            ForwardMode::Train,
+            1,
+            2 * b * vocab,
+        )
+        .unwrap_err()
+    });
+    assert!(
+        matches!(
+            e,
+            qoq_rl::trainer::TrainerError::Loss {
+                step: 1,
+                source: qoq_rl::loss::LossError::LabelOutOfRange { .. }
+            }
+        ),
+        "{e}"
+    );
 }
 
 #[test]

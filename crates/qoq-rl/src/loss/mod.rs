@@ -68,8 +68,8 @@ pub use kl::{
     kl_penalized_rewards,
 };
 pub use ops::{
-    agg_loss, entropy_from_logits, log_probs_from_logits, log_softmax_last_dim, masked_mean,
-    masked_mean_last_dim, mean_entropy_from_logits,
+    agg_loss, check_labels, entropy_from_logits, log_probs_from_logits, log_softmax_last_dim,
+    masked_mean, masked_mean_last_dim, mean_entropy_from_logits,
 };
 pub use policy::{
     ActorLossInputs, KlTerm, PolicyLossInputs, PolicyLossMetrics, PolicyLossOutput,

@@ -108,6 +108,28 @@ pub fn log_softmax_last_dim(logits: &Tensor) -> Result<Tensor> {
     Ok(shifted.broadcast_sub(&lse)?)
 }
 
+/// Checks that `labels` are token ids of a `vocab`-token vocabulary: an integer tensor (u8, u32
+/// or i64) whose every value is in `0..vocab`.
+pub fn check_labels(labels: &Tensor, vocab: usize) -> Result<()> {
+    if !matches!(labels.dtype(), DType::U8 | DType::U32 | DType::I64) {
+        return Err(LossError::Shape {
+            name: "labels",
+            got: labels.dims().to_vec(),
+            expected: format!("an integer tensor (u8, u32, i64), got {:?}", labels.dtype()),
+        });
+    }
+    if labels.elem_count() > 0 {
+        let as_i64 = labels.to_dtype(DType::I64)?.flatten_all()?;
+        let max = as_i64.max(0)?.to_scalar::<i64>()?;
+        let min = as_i64.min(0)?.to_scalar::<i64>()?;
+        if min < 0 || max as u64 >= vocab as u64 {
+            let id = if min < 0 { min as u64 } else { max as u64 };
+            return Err(LossError::LabelOutOfRange { id, vocab });
+        }
+    }
+    Ok(())
+}
+
 /// Log-probabilities of the chosen tokens: `log_softmax(logits)[..., labels]`.
 ///
 /// # Shapes
@@ -125,29 +147,11 @@ pub fn log_probs_from_logits(logits: &Tensor, labels: &Tensor) -> Result<Tensor>
     }
     let vocab = dims[dims.len() - 1];
     check_shape("labels", labels, &dims[..dims.len() - 1])?;
-    let labels = match labels.dtype() {
-        DType::U8 | DType::U32 | DType::I64 => labels.clone(),
-        _ => {
-            return Err(LossError::Shape {
-                name: "labels",
-                got: labels.dims().to_vec(),
-                expected: format!("an integer tensor (u8, u32, i64), got {:?}", labels.dtype()),
-            });
-        }
-    };
-    if labels.elem_count() > 0 {
-        let as_i64 = labels.to_dtype(DType::I64)?.flatten_all()?;
-        let max = as_i64.max(0)?.to_scalar::<i64>()?;
-        let min = as_i64.min(0)?.to_scalar::<i64>()?;
-        if min < 0 || max as u64 >= vocab as u64 {
-            let id = if min < 0 { min as u64 } else { max as u64 };
-            return Err(LossError::LabelOutOfRange { id, vocab });
-        }
-    }
+    check_labels(labels, vocab)?;
     let x = to_compute(logits)?;
     if qoq_model::fused::available(&x) {
         // One pass per row, without the (b, t, v) log-softmax (same values and gradient).
-        return Ok(qoq_model::fused::chosen_log_probs(&x, &labels)?);
+        return Ok(qoq_model::fused::chosen_log_probs(&x, labels)?);
     }
     let logp = log_softmax_last_dim(&x)?; // (b, t, v)
     let idx = labels.unsqueeze(D::Minus1)?.contiguous()?; // (b, t, 1)

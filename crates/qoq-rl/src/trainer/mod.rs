@@ -100,7 +100,8 @@ pub use stopping::{
     EARLY_STOPPING_BEST_STEP, read_best,
 };
 pub use update::{
-    LOGITS_CHUNK, UpdateStats, response_log_probs, response_log_probs_chunked, sft_target,
+    LOGITS_CHUNK, UpdateStats, positions_per_chunk, response_log_probs, response_log_probs_chunked,
+    sft_target,
 };
 pub use value::{CRITIC_GRAD_NORM, CRITIC_LR, CRITIC_SKIPPED_STEPS};
 

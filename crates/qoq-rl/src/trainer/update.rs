@@ -13,7 +13,7 @@ use super::score::StepRewards;
 use super::{Result, SFT_LOSS, SKIPPED_STEPS, StepOutcome, Trainer, TrainerError, model_err};
 use crate::advantage::TokenAdvantages;
 use crate::loss::{
-    ActorLossInputs, KlTerm, LossConfig, PolicyLossInputs, compute_actor_loss,
+    ActorLossInputs, KlTerm, LossConfig, PolicyLossInputs, check_labels, compute_actor_loss,
     log_probs_from_logits,
 };
 use crate::metrics_log::names;
@@ -75,7 +75,7 @@ pub fn response_log_probs_chunked(
         .narrow(1, s - 1, r_len)?;
     let head = model.lm_head().map_err(model_err)?;
     let (b, vocab) = (hidden.dim(0)?, head.weight().dim(0)?);
-    let positions = (chunk / (b * vocab).max(1)).max(1);
+    let positions = positions_per_chunk(chunk, b, vocab);
     if !qoq_model::checkpoint::active() || r_len <= positions {
         let logits = qoq_model::linear::linear(head, &hidden)?.to_dtype(DType::F32)?;
         return log_probs_from_logits(&logits, labels)
@@ -85,7 +85,9 @@ pub fn response_log_probs_chunked(
     // their gradient (at 256 response tokens of a 151,936-token vocabulary, about 0.45 GiB of
     // the bf16 recipe's peak). Each chunk of positions is a checkpointed segment: its forward
     // keeps its hidden states and log-probs only, its backward recomputes its logits, so one
-    // chunk's logits exist at a time.
+    // chunk's logits exist at a time. The labels are checked here, where a bad one is an error
+    // of this step, not inside a chunk's forward.
+    check_labels(labels, vocab).map_err(|source| TrainerError::Loss { step, source })?;
     let mut parts = Vec::with_capacity(r_len.div_ceil(positions));
     for start in (0..r_len).step_by(positions) {
         let n = positions.min(r_len - start);
@@ -103,6 +105,12 @@ pub fn response_log_probs_chunked(
 /// Elements of the `(rows, positions, vocab)` logits of one chunk of positions that
 /// [`response_log_probs`] computes at a time under activation checkpointing (32 MiB in f32).
 pub const LOGITS_CHUNK: usize = 1 << 23;
+
+/// Response positions per chunk of `chunk` logits for `rows` rows of a `vocab`-token
+/// vocabulary (at least one).
+pub fn positions_per_chunk(chunk: usize, rows: usize, vocab: usize) -> usize {
+    (chunk / (rows * vocab).max(1)).max(1)
+}
 
 /// What an update loop did: per-metric sums over micro-batches, and the optimiser's steps.
 #[derive(Debug, Clone, Default, PartialEq)]
