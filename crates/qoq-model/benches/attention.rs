@@ -5,14 +5,15 @@
 //! Shapes: 2 rows, causal, f32, at 64 to 700 tokens, for Qwen2.5-0.5B's decoder (14 query heads
 //! over 2 key-value heads, head size 64: the 0.5B `qoq bench train-step`, whose sequences are
 //! 351 tokens) and the tiny test model's (4 over 2, head size 16). The eager path is the
-//! model's (`qoq_model::text`): grouped scores, scale, masked fill, softmax, product. Prints
-//! milliseconds per call, each the mean of `QOQ_BENCH_RUNS` (default 10) after a warm-up.
+//! model's (`qoq_model::text`): [`qoq_model::attention::eager_attention`], one graph node that
+//! keeps the probabilities. Prints milliseconds per call, each the mean of `QOQ_BENCH_RUNS`
+//! (default 10) after a warm-up.
 //!
 //! Run: `cargo bench -p qoq-model --bench attention` on a quiet machine.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use qoq_model::attention::{AttentionMask, chunked_attention, with_min_macs};
-use qoq_model::ops::{ForwardMode, softmax_last_dim};
+use qoq_model::attention::{AttentionMask, chunked_attention, eager_attention, with_min_macs};
+use qoq_model::ops::ForwardMode;
 use std::time::Instant;
 
 const ROWS: usize = 2;
@@ -55,27 +56,23 @@ fn main() -> Result<()> {
             let up = Tensor::randn(0f32, 1., (ROWS, heads, s, head_dim), &dev)?;
             let scale = 1.0 / (head_dim as f64).sqrt();
             let causal: Vec<u8> = (0..s * s).map(|i| u8::from(i % s <= i / s)).collect();
-            let allowed = Tensor::from_vec(causal, (s, s), &dev)?;
+            let allowed = Tensor::from_vec(causal, (1, 1, s, s), &dev)?;
+            // The text model's eager path (`text::Attention`).
             let eager = || -> Result<Tensor> {
                 let n_rep = heads / kv_heads;
                 let qq = q
                     .as_tensor()
                     .reshape((ROWS, kv_heads, n_rep * s, head_dim))?;
-                let scores =
-                    (qq.matmul(&k.as_tensor().t()?)? * scale)?.reshape((ROWS, heads, s, s))?;
-                let neg = Tensor::new(f32::MIN, &dev)?.broadcast_as(scores.shape())?;
-                let scores = allowed
-                    .broadcast_as(scores.shape())?
-                    .where_cond(&scores, &neg)?;
-                let probs = softmax_last_dim(&scores, ForwardMode::Train)?.reshape((
-                    ROWS,
-                    kv_heads,
-                    n_rep * s,
-                    s,
-                ))?;
-                probs
-                    .matmul(v.as_tensor())?
-                    .reshape((ROWS, heads, s, head_dim))
+                let mode = ForwardMode::Train;
+                eager_attention(
+                    &qq,
+                    k.as_tensor(),
+                    v.as_tensor(),
+                    scale,
+                    Some(&allowed),
+                    mode,
+                )?
+                .reshape((ROWS, heads, s, head_dim))
             };
             let mask = AttentionMask {
                 causal: true,

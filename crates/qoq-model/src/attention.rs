@@ -31,20 +31,131 @@ use std::sync::{Arc, Mutex};
 /// Multiply-adds of the score product per sequence (`heads · queries · keys · head size`) from
 /// which the training forward uses the chunked op.
 ///
-/// The eager path keeps two `heads · s · t` f32 tensors per layer for the backward and builds
-/// half a dozen more of that size in it (scaled and masked scores, their gradients, each summed
-/// into fresh zeros by candle's backward); the chunked op pays a fixed cost per block of rows
-/// and head, which small heads do not repay. Forward + backward of one layer's attention,
-/// 2 rows, causal (`cargo bench -p qoq-model --bench attention`, 2 threads, quiet machine),
-/// eager / chunked speed: Qwen2.5-0.5B's shapes (14 heads over 2, head 64) 0.53x at 64 tokens
-/// (3.7M multiply-adds), 1.34x at 128 (14.7M), 1.83x at 351 (the 0.5B train-step bench: 151
-/// vs 83 ms), 2.35x at 700; the tiny model's (4 over 2, head 16) 0.40x at 64, 0.53x at 128
-/// (1.0M), 1.82x at 351 (7.9M), 2.70x at 700; but in the tiny model's whole train-step bench
-/// (367 tokens, 8.6M) the chunked op gained nothing (update equal, reference log-probs 15 %
-/// slower), hence the threshold above that. Beyond these lengths the eager path's memory grows
-/// quadratically (7.5 GiB per layer at 8k tokens). Tests compare both paths with
-/// [`with_min_macs`].
+/// The eager path ([`eager_attention`], one graph node) keeps the `heads · s · t` f32
+/// probabilities per layer for the backward; the chunked op keeps none but recomputes the
+/// scores and pays a fixed cost per block of rows and head. Forward + backward of one layer's
+/// attention, 2 rows, causal (`cargo bench -p qoq-model --bench attention`, 2 threads, quiet
+/// machine, two runs, 2026-12-07), chunked / eager speed: Qwen2.5-0.5B's shapes (14 heads over
+/// 2, head 64) 0.64-0.87x at 64 tokens (3.7M multiply-adds), 0.82-0.83x at 128 (14.7M),
+/// 0.57-0.58x at 351 (110M; the 0.5B train-step bench), 1.06-1.09x at 700 (439M); the tiny
+/// model's (4 over 2, head 16) 0.24-0.35x at 64, 0.30-0.39x at 128, 0.52-0.53x at 351 (7.9M),
+/// 1.06-1.18x at 700 (31M). But in the whole 0.5B train-step bench (351 tokens) a threshold of
+/// 2^27 (the eager node for its decoder) gained nothing: update 26.1 / 26.2 s against 25.8 /
+/// 24.7 s with this one, alternated, and 317 MiB more peak (the kept probabilities, 14 MB per
+/// layer and row). So the threshold stays where the tiny model's shapes (367 tokens, 8.6M)
+/// still take the eager node, whose train step it made 28 % faster; beyond these lengths the
+/// eager path's memory grows quadratically (7.5 GiB per layer at 8k tokens). Tests compare
+/// both paths with [`with_min_macs`].
 pub const CHUNKED_MIN_MACS: usize = 12_000_000;
+
+/// `softmax(q kᵀ · scale + mask) v` as one graph node, keeping the probabilities: the eager
+/// path's work and memory without its five nodes (two products, `kᵀ`, the softmax), each of
+/// whose gradients candle's backward would sum into fresh zeros, two of them as large as the
+/// scores. `q: (b, hk, r · s, d)` (grouped-query attention's `r` query heads of a key-value head
+/// stacked as rows, [`crate::ops::attention_probs`]), `k`, `v: (b, hk, t, d)`, `mask: (b or 1,
+/// 1, s, t)` u8 → `(b, hk, r · s, d)`. The backward computes `dP = g vᵀ`, the scores' gradient
+/// from the kept probabilities (scaled, 0 where masked), `dq = dS k`, `dk = dSᵀ q`, `dv = Pᵀ g`.
+/// Off the CPU, or when nothing needs a gradient, the composed ops.
+pub fn eager_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+    mode: crate::ops::ForwardMode,
+) -> Result<Tensor> {
+    let tracked = q.track_op() || k.track_op() || v.track_op();
+    if !tracked || !crate::fused::available(q) {
+        let probs = crate::ops::attention_probs(&q.matmul(&k.t()?)?, scale, mask, mode)?;
+        return probs.matmul(v);
+    }
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    let work = crate::ops::compute_dtype(q.dtype());
+    let p_work = crate::fused::scaled_masked_softmax(&qd.matmul(&kd.t()?)?, scale, mask, work)?;
+    let out = p_work.to_dtype(q.dtype())?.matmul(&vd)?;
+    let op = EagerAttention {
+        p_work,
+        mask: mask.cloned(),
+        scale,
+        out: Mutex::new(Some(out)),
+    };
+    q.apply_op3(k, v, op)
+}
+
+/// The node of [`eager_attention`]: its forward hands over the output computed beforehand.
+struct EagerAttention {
+    /// The probabilities in the compute dtype (f32, f64 for f64).
+    p_work: Tensor,
+    mask: Option<Tensor>,
+    scale: f64,
+    out: Mutex<Option<Tensor>>,
+}
+
+impl CustomOp3 for EagerAttention {
+    fn name(&self) -> &'static str {
+        "qoq-eager-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = self
+            .out
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("eager attention: poisoned lock".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("eager attention: forward ran twice".into()))?;
+        let (s, l) = out.storage_and_layout();
+        match &*s {
+            candle_core::Storage::Cpu(c) => Ok((
+                candle_core::backend::BackendStorage::try_clone(c, l)?,
+                l.shape().clone(),
+            )),
+            _ => candle_core::bail!("eager attention: output off the CPU"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dtype = q.dtype();
+        let track = [q.track_op(), k.track_op(), v.track_op()];
+        let (q, k, v, g) = (q.detach(), k.detach(), v.detach(), g.detach());
+        let dp = g.matmul(&v.t()?)?; // (b, hk, r·s, t)
+        let ds = crate::fused::scaled_masked_softmax_bwd(
+            &self.p_work,
+            &dp,
+            self.scale,
+            self.mask.as_ref(),
+        )?
+        .to_dtype(dtype)?;
+        // Only the inputs that need one get a gradient: candle's backward would keep one for
+        // every `Some`, as large as the input, until the whole backward ends.
+        let dq = if track[0] { Some(ds.matmul(&k)?) } else { None };
+        let dk = if track[1] {
+            Some(ds.t()?.matmul(&q)?)
+        } else {
+            None
+        };
+        let dv = if track[2] {
+            Some(self.p_work.to_dtype(dtype)?.t()?.matmul(&g)?)
+        } else {
+            None
+        };
+        Ok((dq, dk, dv))
+    }
+}
 
 /// Calls of [`chunked_attention`] in this process so far (all threads).
 static CALLS: AtomicU64 = AtomicU64::new(0);
@@ -574,6 +685,22 @@ mod tests {
         };
         let (k, v) = (rep(k), rep(v));
         let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+        let allowed = dense(mask, b, s, t).broadcast_as(scores.shape()).unwrap();
+        let neg = Tensor::new(f64::from(f32::MIN), q.device())
+            .unwrap()
+            .to_dtype(q.dtype())
+            .unwrap()
+            .broadcast_as(scores.shape())
+            .unwrap();
+        let scores = allowed.where_cond(&scores, &neg).unwrap();
+        let max = scores.max_keepdim(D::Minus1).unwrap().detach();
+        let e = scores.broadcast_sub(&max).unwrap().exp().unwrap();
+        let p = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
+        p.matmul(&v).unwrap()
+    }
+
+    /// `(b, 1, s, t)` u8, 1 where query `i` may see key `j`.
+    fn dense(mask: &AttentionMask, b: usize, s: usize, t: usize) -> Tensor {
         let keep: Vec<u8> = match &mask.key_keep {
             Some(m) => m.flatten_all().unwrap().to_vec1().unwrap(),
             None => vec![1; b * t],
@@ -587,21 +714,7 @@ mod tests {
                 }
             }
         }
-        let allowed = Tensor::from_vec(allowed, (b, 1, s, t), q.device())
-            .unwrap()
-            .broadcast_as(scores.shape())
-            .unwrap();
-        let neg = Tensor::new(f64::from(f32::MIN), q.device())
-            .unwrap()
-            .to_dtype(q.dtype())
-            .unwrap()
-            .broadcast_as(scores.shape())
-            .unwrap();
-        let scores = allowed.where_cond(&scores, &neg).unwrap();
-        let max = scores.max_keepdim(D::Minus1).unwrap().detach();
-        let e = scores.broadcast_sub(&max).unwrap().exp().unwrap();
-        let p = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
-        p.matmul(&v).unwrap()
+        Tensor::from_vec(allowed, (b, 1, s, t), &Device::Cpu).unwrap()
     }
 
     fn wave(shape: (usize, usize, usize, usize), f: f64, dtype: DType) -> Var {
@@ -629,8 +742,10 @@ mod tests {
             .unwrap()
     }
 
-    /// Values and gradients of the op against the eager path, `b = 2`, `heads = 4` over
-    /// `kv_heads = 2`, `d = 6`, `s` queries over `t` keys, with left padding in row 1.
+    /// Values and gradients of the chunked op and of [`eager_attention`] (the query heads of a
+    /// key-value head stacked as rows, the dense mask) against the composed eager path,
+    /// `b = 2`, `heads = 4` over `kv_heads = 2`, `d = 6`, `s` queries over `t` keys, with left
+    /// padding in row 1.
     fn check(s: usize, t: usize, causal: bool, pad: usize, dtype: DType, tol: f64) {
         let (b, h, hk, d) = (2, 4, 2, 6);
         let q = wave((b, h, s, d), 0.37, dtype);
@@ -660,15 +775,51 @@ mod tests {
         let (oc, gc) = run(&|| {
             chunked_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale, &mask).unwrap()
         });
-        let what = format!("s {s} t {t} causal {causal} pad {pad} {dtype:?}");
-        assert!(
-            max_diff(&oe, &oc) <= tol,
-            "{what}: values {}",
-            max_diff(&oe, &oc)
-        );
-        for (name, (a, c)) in ["dq", "dk", "dv"].iter().zip(ge.iter().zip(&gc)) {
-            assert!(max_diff(a, c) <= tol, "{what}: {name} {}", max_diff(a, c));
+        let allowed = dense(&mask, b, s, t);
+        let (of, gf) = run(&|| {
+            let stacked = q.as_tensor().reshape((b, hk, h / hk * s, d)).unwrap();
+            let mode = crate::ops::ForwardMode::Train;
+            eager_attention(
+                &stacked,
+                k.as_tensor(),
+                v.as_tensor(),
+                scale,
+                Some(&allowed),
+                mode,
+            )
+            .unwrap()
+            .reshape((b, h, s, d))
+            .unwrap()
+        });
+        for (op, o, g) in [("chunked", &oc, &gc), ("one-node eager", &of, &gf)] {
+            let what = format!("{op}: s {s} t {t} causal {causal} pad {pad} {dtype:?}");
+            assert!(
+                max_diff(&oe, o) <= tol,
+                "{what}: values {}",
+                max_diff(&oe, o)
+            );
+            for (name, (a, c)) in ["dq", "dk", "dv"].iter().zip(ge.iter().zip(g)) {
+                assert!(max_diff(a, c) <= tol, "{what}: {name} {}", max_diff(a, c));
+            }
         }
+    }
+
+    /// [`eager_attention`] gives a gradient to the inputs that track one only (frozen keys and
+    /// values get no entry in the store), and without any tracked input it builds no node.
+    #[test]
+    fn one_node_eager_attention_gives_gradients_to_tracked_inputs_only() {
+        let (b, hk, rs, t, d) = (1, 2, 6, 5, 4);
+        let q = wave((b, hk, rs, d), 0.37, DType::F32);
+        let k = wave((b, hk, t, d), 0.53, DType::F32).as_tensor().detach();
+        let v = wave((b, hk, t, d), 0.71, DType::F32).as_tensor().detach();
+        let mode = crate::ops::ForwardMode::Train;
+        let o = eager_attention(q.as_tensor(), &k, &v, 0.5, None, mode).unwrap();
+        let g = o.sum_all().unwrap().backward().unwrap();
+        assert!(g.get(q.as_tensor()).is_some());
+        assert!(g.get(&k).is_none() && g.get(&v).is_none());
+        let plain = eager_attention(&q.as_tensor().detach(), &k, &v, 0.5, None, mode).unwrap();
+        assert!(!plain.track_op());
+        assert!(max_diff(&plain, &o) == 0.0);
     }
 
     #[test]

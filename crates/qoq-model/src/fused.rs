@@ -172,6 +172,39 @@ fn column_sums<T: Float>(
     sums.into_iter().map(T::of64).collect()
 }
 
+/// Column sums of a `(rows, dim)` tensor (a bias's gradient), accumulated in f64.
+struct RowSum;
+
+impl candle_core::CustomOp1 for RowSum {
+    fn name(&self) -> &'static str {
+        "qoq-row-sum"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let &[_, dim] = l.dims() else {
+            candle_core::bail!("row sum: expected (rows, dim), got {:?}", l.dims());
+        };
+        let out = float_kernel!("row sum", x = (s, l) => column_sums(x, x, dim, 1, |acc, r, _| {
+            for (a, &v) in acc.iter_mut().zip(r) {
+                *a += v.to64();
+            }
+        }));
+        Ok((out, Shape::from(dim)))
+    }
+}
+
+/// `g.sum(0)` of a `(rows, dim)` tensor, without a graph: on the CPU in f32 / f64 one pass over
+/// contiguous rows (candle's sum over the first dimension walks the tensor element by element
+/// with index arithmetic: a bias's gradient cost a tenth of the tiny model's update).
+pub(crate) fn sum_rows(g: &Tensor) -> Result<Tensor> {
+    let g = g.detach();
+    if available(&g) && matches!(g.dtype(), DType::F32 | DType::F64) && g.rank() == 2 {
+        g.contiguous()?.apply_op1_no_bwd(&RowSum)
+    } else {
+        g.sum(0)
+    }
+}
+
 /// `dw_i = Σ_rows g_i·x_i·r`.
 fn rms_bwd_w<T: Float>(x: &[T], g: &[T], dim: usize, eps: f64) -> Vec<T> {
     column_sums(x, g, dim, 1, |acc, xr, gr| {
@@ -458,17 +491,83 @@ impl CustomOp3 for LayerNorm {
     }
 }
 
-/// Softmax over the last dimension (row max subtracted, sums in f64).
-struct Softmax;
+/// Softmax over the last dimension of `scale · x` where a mask allows, the f32 minimum elsewhere
+/// (row max subtracted, sums in f64): attention's scaling, `masked_fill` and softmax in one pass
+/// instead of three, and one backward pass instead of about ten (each composed op's gradient is
+/// summed into fresh zeros by candle's backward). With `scale` 1 and no mask it is a plain
+/// softmax. As a [`candle_core::CustomOp1`] it has no mask; as a [`CustomOp2`] its second input
+/// is the mask ([`MaskRows`]), which receives no gradient.
+struct Softmax {
+    scale: f64,
+}
 
-fn softmax_fwd<T: Float>(x: &[T], dim: usize) -> Vec<T> {
+/// An attention mask `(mb, 1, s, t)` u8 (1 = may attend; `mb` 1 or the scores' batch) read
+/// against scores `(b, heads, q, t)` flattened to rows of `t`, where `q` is a multiple of `s`:
+/// score row `r` of a head is query `r mod s` (grouped-query attention stacks the `n_rep` query
+/// heads of one key-value head as `n_rep · s` rows).
+#[derive(Clone, Copy)]
+struct MaskRows<'a> {
+    data: &'a [u8],
+    /// Score rows per batch row (`heads · q`).
+    per_batch: usize,
+    /// The mask's queries `s`.
+    queries: usize,
+    batched: bool,
+}
+
+impl<'a> MaskRows<'a> {
+    /// The mask `m` (layout `ml`) for scores of layout `sl`, checked.
+    fn new(m: &'a CpuStorage, ml: &Layout, sl: &Layout) -> Result<MaskRows<'a>> {
+        let CpuStorage::U8(data) = m else {
+            candle_core::bail!("fused softmax: the mask must be u8");
+        };
+        let data = slice(data, ml)?;
+        let (sd, md) = (sl.dims(), ml.dims());
+        let ok = sd.len() == 4
+            && md.len() == 4
+            && md[1] == 1
+            && md[2] > 0
+            && sd[2].is_multiple_of(md[2])
+            && md[3] == sd[3]
+            && (md[0] == sd[0] || md[0] == 1);
+        if !ok {
+            candle_core::bail!("fused softmax: mask {md:?} does not fit scores {sd:?}");
+        }
+        Ok(MaskRows {
+            data,
+            per_batch: sd[1] * sd[2],
+            queries: md[2],
+            batched: md[0] != 1,
+        })
+    }
+
+    /// The mask of score row `i` (rows of `t`).
+    fn row(&self, i: usize, t: usize) -> &'a [u8] {
+        let b = if self.batched { i / self.per_batch } else { 0 };
+        let r = b * self.queries + i % self.queries;
+        &self.data[r * t..(r + 1) * t]
+    }
+}
+
+fn softmax_fwd<T: Float>(x: &[T], dim: usize, scale: f64, mask: Option<MaskRows>) -> Vec<T> {
     let mut out = vec![T::of64(0.0); x.len()];
+    // As the composed ops: `x · scale` in the data's type (candle's affine), the f32 minimum where
+    // masked (`mask_scores`).
+    let (mul, neg) = (T::of64(scale), T::of64(f64::from(f32::MIN)));
     rows_mut(&mut out, dim, |i, o| {
         let row = &x[i * dim..(i + 1) * dim];
-        let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v.to64()));
+        match mask {
+            Some(m) => {
+                for ((o, &v), &keep) in o.iter_mut().zip(row).zip(m.row(i, dim)) {
+                    *o = if keep != 0 { v * mul } else { neg };
+                }
+            }
+            None => o.iter_mut().zip(row).for_each(|(o, &v)| *o = v * mul),
+        }
+        let max = o.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v.to64()));
         let mut sum = 0.0;
-        for (o, &v) in o.iter_mut().zip(row) {
-            let e = v.exp_minus(max);
+        for o in o.iter_mut() {
+            let e = o.exp_minus(max);
             sum += e;
             *o = T::of64(e);
         }
@@ -479,18 +578,39 @@ fn softmax_fwd<T: Float>(x: &[T], dim: usize) -> Vec<T> {
     out
 }
 
-/// `dx = y · (g − Σ g·y)` per row.
-fn softmax_bwd<T: Float>(y: &[T], g: &[T], dim: usize) -> Vec<T> {
+/// `dx = scale · y · (g − Σ g·y)` per row, 0 where masked.
+fn softmax_bwd<T: Float>(
+    y: &[T],
+    g: &[T],
+    dim: usize,
+    scale: f64,
+    mask: Option<MaskRows>,
+) -> Vec<T> {
     let mut out = vec![T::of64(0.0); y.len()];
+    let mul = T::of64(scale);
     rows_mut(&mut out, dim, |i, o| {
         let yr = &y[i * dim..(i + 1) * dim];
         let gr = &g[i * dim..(i + 1) * dim];
         let dot: f64 = yr.iter().zip(gr).map(|(&a, &b)| a.to64() * b.to64()).sum();
         for ((o, &yv), &gv) in o.iter_mut().zip(yr).zip(gr) {
-            *o = T::of64(yv.to64() * (gv.to64() - dot));
+            *o = T::of64(yv.to64() * (gv.to64() - dot)) * mul;
+        }
+        if let Some(m) = mask {
+            for (o, &keep) in o.iter_mut().zip(m.row(i, dim)) {
+                if keep == 0 {
+                    *o = T::of64(0.0);
+                }
+            }
         }
     });
     out
+}
+
+impl Softmax {
+    fn run(&self, s: &CpuStorage, l: &Layout, mask: Option<MaskRows>) -> Result<CpuStorage> {
+        let dim = *l.dims().last().unwrap_or(&1);
+        Ok(float_kernel!("fused softmax", x = (s, l) => softmax_fwd(x, dim, self.scale, mask)))
+    }
 }
 
 impl candle_core::CustomOp1 for Softmax {
@@ -499,18 +619,72 @@ impl candle_core::CustomOp1 for Softmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let dim = *l.dims().last().unwrap_or(&1);
-        let out = float_kernel!("fused softmax", x = (s, l) => softmax_fwd(x, dim));
-        Ok((out, l.shape().clone()))
+        Ok((self.run(s, l, None)?, l.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let grad = grad.contiguous()?;
-        Ok(Some(y.apply_op2_no_bwd(&grad, &SoftmaxBwd)?))
+        let op = SoftmaxBwd { scale: self.scale };
+        Ok(Some(y.apply_op2_no_bwd(&grad, &op)?))
     }
 }
 
-struct SoftmaxBwd;
+impl CustomOp2 for Softmax {
+    fn name(&self) -> &'static str {
+        "qoq-masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let mask = MaskRows::new(s2, l2, l1)?;
+        Ok((self.run(s1, l1, Some(mask))?, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        mask: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let op = SoftmaxBwd { scale: self.scale };
+        Ok((Some(y.apply_op3_no_bwd(&grad, mask, &op)?), None))
+    }
+}
+
+/// The backward of [`Softmax`]: `(y, g)` or `(y, g, mask)`.
+struct SoftmaxBwd {
+    scale: f64,
+}
+
+impl SoftmaxBwd {
+    fn run(
+        &self,
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+        mask: Option<MaskRows>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dim = *l1.dims().last().unwrap_or(&1);
+        if l1.dims() != l2.dims() {
+            candle_core::bail!(
+                "fused softmax backward: output {:?}, gradient {:?}",
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let out = float_kernel!(
+            "fused softmax backward",
+            y = (s1, l1), g = (s2, l2) => softmax_bwd(y, g, dim, self.scale, mask)
+        );
+        Ok((out, l1.shape().clone()))
+    }
+}
 
 impl CustomOp2 for SoftmaxBwd {
     fn name(&self) -> &'static str {
@@ -524,26 +698,69 @@ impl CustomOp2 for SoftmaxBwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dim = *l1.dims().last().unwrap_or(&1);
-        if l1.dims() != l2.dims() {
-            candle_core::bail!(
-                "fused softmax backward: output {:?}, gradient {:?}",
-                l1.dims(),
-                l2.dims()
-            );
-        }
-        let out = float_kernel!(
-            "fused softmax backward",
-            y = (s1, l1), g = (s2, l2) => softmax_bwd(y, g, dim)
-        );
-        Ok((out, l1.shape().clone()))
+        self.run((s1, l1), (s2, l2), None)
+    }
+}
+
+impl CustomOp3 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "qoq-masked-softmax-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let mask = MaskRows::new(s3, l3, l1)?;
+        self.run((s1, l1), (s2, l2), Some(mask))
+    }
+}
+
+/// The gradient of [`scaled_masked_softmax`]'s input from its output `y` and the output's
+/// gradient `g` (both in `y`'s dtype, f32 or f64): `scale · y · (g − Σ g·y)` per row, 0 where
+/// `mask` hides the key. No graph.
+pub(crate) fn scaled_masked_softmax_bwd(
+    y: &Tensor,
+    g: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (y, g) = (y.contiguous()?, g.to_dtype(y.dtype())?.contiguous()?);
+    let op = SoftmaxBwd { scale };
+    match mask {
+        Some(m) => y.apply_op3_no_bwd(&g, &m.contiguous()?, &op),
+        None => y.apply_op2_no_bwd(&g, &op),
     }
 }
 
 /// Differentiable softmax over the last dimension in `work` (f32 or f64): one pass forward, one
 /// backward (from the saved output). The caller casts back.
 pub(crate) fn softmax_last_dim(x: &Tensor, work: DType) -> Result<Tensor> {
-    x.to_dtype(work)?.contiguous()?.apply_op1(Softmax)
+    scaled_masked_softmax(x, 1.0, None, work)
+}
+
+/// Differentiable `softmax(masked_fill(x · scale, !mask, f32::MIN))` over the last dimension in
+/// `work` (f32 or f64), `x: (b, heads, q, t)`, `mask: (b or 1, 1, s, t)` u8 with `q` a multiple
+/// of `s` (score row `r` is query `r mod s`, see [`MaskRows`]): attention's probabilities from
+/// its raw scores in one pass forward and one backward. The caller casts back. Without a mask
+/// `x` may have any shape.
+pub(crate) fn scaled_masked_softmax(
+    x: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+    work: DType,
+) -> Result<Tensor> {
+    let x = x.to_dtype(work)?.contiguous()?;
+    let op = Softmax { scale };
+    match mask {
+        Some(m) => x.apply_op2(&m.contiguous()?, op),
+        None => x.apply_op1(op),
+    }
 }
 
 /// `log_softmax(logits)[label]` per row: `x[label] − max − log Σ exp(x − max)`, without the
@@ -1310,6 +1527,160 @@ mod tests {
                 g0[..shape.2].iter().all(|v| v.is_finite() && *v == 0.0),
                 "one-hot row"
             );
+        }
+    }
+
+    /// Attention's scale, mask and softmax in one op against the composed ops it replaces
+    /// (`scores · scale` in the data's type, `where_cond` with the f32 minimum, softmax): value
+    /// and gradient, f64 and f32 (large enough for the parallel path), a mask per batch row and
+    /// one shared, grouped-query rows (`q = n_rep · s`, row `r` reading query `r mod s`), a
+    /// fully masked query (uniform, no gradient), and bf16 scores computed in f32.
+    #[test]
+    fn fused_scaled_masked_softmax_matches_the_composed_ops_and_their_gradient() {
+        let dev = Device::Cpu;
+        // (dtype, (b, heads, q, t), mask batch, mask queries s, tolerance)
+        for (dtype, (b, h, q, t), mb, sq, tol) in [
+            (DType::F64, (2, 2, 6, 7), 2, 3, 1e-12),
+            (DType::F32, (2, 2, 6, 7), 1, 6, 1e-6),
+            (DType::F32, (2, 4, 96, 50), 2, 48, 1e-6),
+            (DType::BF16, (2, 2, 6, 7), 2, 3, 2e-2),
+        ] {
+            let scale = 0.37;
+            // Deterministic data (a seedless random draw made the bf16 case flaky).
+            let wave = |f: f64, amp: f64, off: f64| {
+                let n = b * h * q * t;
+                let v: Vec<f64> = (0..n).map(|i| off + amp * (i as f64 * f).sin()).collect();
+                Tensor::from_vec(v, (b, h, q, t), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let (x, up) = (wave(0.7311, 3.0, 5.0), wave(0.3917, 1.0, 0.0));
+            // Causal over the last `sq` keys, a padded first key in batch row 1, and query 0 of
+            // batch row 0 with no visible key.
+            let mut m = vec![0u8; mb * sq * t];
+            for bi in 0..mb {
+                for i in 0..sq {
+                    for j in 0..t {
+                        let causal = j <= t - sq + i;
+                        let padded = bi == 1 && j == 0;
+                        let blind = bi == 0 && i == 0;
+                        m[(bi * sq + i) * t + j] = u8::from(causal && !padded && !blind);
+                    }
+                }
+            }
+            let mask = Tensor::from_vec(m, (mb, 1, sq, t), &dev).unwrap();
+            let run = |fused: bool| {
+                let xv = Var::from_tensor(&x).unwrap();
+                let y = if fused {
+                    crate::ops::attention_probs(
+                        xv.as_tensor(),
+                        scale,
+                        Some(&mask),
+                        crate::ops::ForwardMode::Train,
+                    )
+                    .unwrap()
+                } else {
+                    let work = crate::ops::compute_dtype(dtype);
+                    let scaled = (xv.as_tensor() * scale)
+                        .unwrap()
+                        .to_dtype(work)
+                        .unwrap()
+                        .reshape((b, h * q / sq, sq, t))
+                        .unwrap();
+                    let neg = Tensor::new(f64::from(f32::MIN), &dev)
+                        .unwrap()
+                        .to_dtype(work)
+                        .unwrap()
+                        .broadcast_as(scaled.shape())
+                        .unwrap();
+                    let masked = mask
+                        .broadcast_as(scaled.shape())
+                        .unwrap()
+                        .where_cond(&scaled, &neg)
+                        .unwrap();
+                    let max = masked.max_keepdim(D::Minus1).unwrap().detach();
+                    let e = masked.broadcast_sub(&max).unwrap().exp().unwrap();
+                    let sum = e.sum_keepdim(D::Minus1).unwrap();
+                    e.broadcast_div(&sum)
+                        .unwrap()
+                        .reshape((b, h, q, t))
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap()
+                };
+                let g = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+                (y, g.get(xv.as_tensor()).unwrap().clone())
+            };
+            let (yf, gf) = run(true);
+            let (yc, gc) = run(false);
+            assert_eq!(yf.dtype(), dtype);
+            assert!(max_rel(&yf, &yc) < tol, "{dtype:?} {mb} value");
+            assert!(max_rel(&gf, &gc) < tol, "{dtype:?} {mb} gradient");
+            let (y, g): (Vec<f64>, Vec<f64>) = (
+                yf.to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap(),
+                gf.to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap(),
+            );
+            let m: Vec<u8> = mask.flatten_all().unwrap().to_vec1().unwrap();
+            for (r, (yr, gr)) in y.chunks(t).zip(g.chunks(t)).enumerate() {
+                let bi = if mb == 1 { 0 } else { r / (h * q) };
+                let mr = &m[(bi * sq + r % sq) * t..][..t];
+                if mr.iter().all(|&k| k == 0) {
+                    // No visible key: uniform, and no gradient.
+                    assert!(
+                        yr.iter().all(|&p| (p - 1.0 / t as f64).abs() < 1e-3),
+                        "row {r}"
+                    );
+                    assert!(gr.iter().all(|&d| d == 0.0), "row {r}");
+                } else {
+                    for ((&p, &d), &k) in yr.iter().zip(gr).zip(mr) {
+                        assert!(k != 0 || (p == 0.0 && d == 0.0), "masked key in row {r}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The mask must fit the scores: a query count that does not divide the rows is refused.
+    #[test]
+    fn fused_masked_softmax_refuses_a_mask_of_another_shape() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((1, 2, 5, 4), DType::F32, &dev).unwrap();
+        let mask = Tensor::ones((1, 1, 3, 4), DType::U8, &dev).unwrap();
+        let e = scaled_masked_softmax(&x, 1.0, Some(&mask), DType::F32).unwrap_err();
+        assert!(e.to_string().contains("does not fit"), "{e}");
+    }
+
+    /// A bias's gradient: the rows' sums as candle's `sum(0)` (f64, f32 serial and parallel), and
+    /// bf16 through candle's own sum.
+    #[test]
+    fn row_sums_equal_candle_sum_over_the_first_dimension() {
+        let dev = Device::Cpu;
+        for (dtype, rows, tol) in [
+            (DType::F64, 7, 1e-12),
+            (DType::F32, 7, 1e-6),
+            (DType::F32, 300, 1e-6),
+            (DType::BF16, 9, 0.0),
+        ] {
+            let g = Tensor::randn(0f64, 1.0, (rows, 96), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let ours = sum_rows(&g).unwrap();
+            assert_eq!(ours.dims(), &[96]);
+            assert_eq!(ours.dtype(), dtype);
+            let e = max_rel(&ours, &g.sum(0).unwrap());
+            assert!(e <= tol, "{dtype:?} {rows}: {e}");
         }
     }
 

@@ -385,7 +385,7 @@ impl CustomOp3 for TrainedLinear {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, dw) = product_grads(x, w, g)?;
         let db = if b.track_op() {
-            Some(g.detach().sum(0)?)
+            Some(crate::fused::sum_rows(g)?)
         } else {
             None
         };

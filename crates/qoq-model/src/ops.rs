@@ -50,6 +50,50 @@ pub fn softmax_last_dim(x: &Tensor, mode: ForwardMode) -> Result<Tensor> {
     y.to_dtype(dtype)
 }
 
+/// Attention probabilities from raw scores: `softmax(masked_fill(scores · scale, !mask,
+/// f32::MIN))` over the last dimension, computed in f32 (f64 for f64 scores) and cast back to the
+/// scores' dtype. `scores: (b, heads, q, t)`, `mask: (b or 1, 1, s, t)` u8, 1 where query `i`
+/// may see key `j`, with `q` a multiple of `s`: score row `r` of a head is query `r mod s`
+/// (grouped-query attention's `n_rep` query heads stacked as `n_rep · s` rows against their
+/// shared keys). Without a mask `scores` may have any shape. A query whose keys are all
+/// masked attends uniformly (the reference's additive `finfo.min` mask), and masked scores pass
+/// no gradient. On the CPU one differentiable fused op in both modes ([`crate::fused`]);
+/// elsewhere the composed ops.
+pub fn attention_probs(
+    scores: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+    mode: ForwardMode,
+) -> Result<Tensor> {
+    let dtype = scores.dtype();
+    let work = compute_dtype(dtype);
+    if crate::fused::available(scores) {
+        return crate::fused::scaled_masked_softmax(scores, scale, mask, work)?.to_dtype(dtype);
+    }
+    let scaled = (scores * scale)?.to_dtype(work)?;
+    let scaled = match mask {
+        Some(m) => {
+            let (b, h, q, t) = scaled.dims4()?;
+            let s = m.dim(2)?;
+            let rows = scaled.reshape((b, h * q / s, s, t))?;
+            mask_scores(&rows, m)?.reshape((b, h, q, t))?
+        }
+        None => scaled,
+    };
+    softmax_last_dim(&scaled, mode)?.to_dtype(dtype)
+}
+
+/// Replace masked attention logits by the f32 minimum (`masked_fill`, as the reference's
+/// additive `finfo.min` mask; f32's also for f64 logits: the value HF uses for f32 models).
+fn mask_scores(scores: &Tensor, allowed: &Tensor) -> Result<Tensor> {
+    let neg = Tensor::new(f64::from(f32::MIN), scores.device())?
+        .to_dtype(scores.dtype())?
+        .broadcast_as(scores.shape())?;
+    allowed
+        .broadcast_as(scores.shape())?
+        .where_cond(scores, &neg)
+}
+
 /// A norm's scale (`weight`, one per feature) from `vb`: a fresh model (a `VarMap`-backed
 /// builder) starts it at one, as PyTorch's `nn.LayerNorm` and `Qwen2RMSNorm` do; a loaded one
 /// takes the file's. (A plain `vb.get` starts it at zero, which silences the normalised input:

@@ -433,19 +433,6 @@ impl KeyMask {
     }
 }
 
-/// Replace masked attention logits by the dtype's minimum (`masked_fill`, as the reference's
-/// additive `finfo.min` mask): a query whose keys are all masked (a left-pad position) attends
-/// uniformly, and masked logits pass no gradient.
-fn mask_scores(scores: &Tensor, allowed: &Tensor) -> Result<Tensor> {
-    // f32's minimum also for f64 logits: the value HF uses for f32 models.
-    let neg = Tensor::new(f64::from(f32::MIN), scores.device())?
-        .to_dtype(scores.dtype())?
-        .broadcast_as(scores.shape())?;
-    allowed
-        .broadcast_as(scores.shape())?
-        .where_cond(scores, &neg)
-}
-
 /// `Qwen2RMSNorm`.
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
@@ -516,7 +503,8 @@ impl Attention {
     /// A training forward (Train mode, no cache) of at least
     /// [`crate::attention::CHUNKED_MIN_MACS`] score multiply-adds per sequence on the CPU (bf16
     /// and f16 computed in f32) uses the chunked attention, which never holds the
-    /// `(b, heads, s, t)` scores; otherwise the eager path.
+    /// `(b, heads, s, t)` scores; otherwise the eager path
+    /// ([`crate::attention::eager_attention`]: one graph node on the CPU).
     pub fn forward_cached(
         &self,
         x: &Tensor,
@@ -552,17 +540,11 @@ impl Attention {
         // key-value head `kv` (repeat_interleave), so the queries of one group are stacked as
         // `n_rep * s` rows against their shared keys.
         let n_rep = self.num_heads / self.num_kv_heads;
-        let t = k.dim(2)?;
         let q = q
             .contiguous()?
             .reshape((b, self.num_kv_heads, n_rep * s, self.head_dim))?;
-        let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, self.num_heads, s, t))?;
-        let work = ops::compute_dtype(x.dtype());
-        let scores = mask_scores(&scores.to_dtype(work)?, &mask.dense()?)?;
-        let probs = ops::softmax_last_dim(&scores, mode)?
-            .to_dtype(x.dtype())?
-            .reshape((b, self.num_kv_heads, n_rep * s, t))?;
-        let out = probs.matmul(&v)?; // (b, nkv, n_rep * s, hd) = (b, nh, s, hd)
+        // Row `r` of a key-value head is query `r mod s`.
+        let out = crate::attention::eager_attention(&q, &k, &v, scale, Some(&mask.dense()?), mode)?; // (b, nkv, n_rep * s, hd) = (b, nh, s, hd)
         let out = out
             .reshape((b, self.num_heads, s, self.head_dim))?
             .transpose(1, 2)?

@@ -225,8 +225,8 @@ impl VisionAttention {
                 let none = crate::attention::AttentionMask::default();
                 crate::attention::chunked_attention(&qs, &ks, &vs, scale, &none)?
             } else {
-                let logits = (qs.matmul(&ks.t()?)? * scale)?; // (count, h, len, len)
-                ops::softmax_last_dim(&logits, mode)?.matmul(&vs)? // (count, h, len, hd)
+                // (count, h, len, hd)
+                crate::attention::eager_attention(&qs, &ks, &vs, scale, None, mode)?
             };
             let o = o.transpose(1, 2)?.reshape((n, d))?;
             outs.push(o);

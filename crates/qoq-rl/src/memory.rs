@@ -45,9 +45,13 @@ use qoq_core::hf_config::QwenVlConfig;
 pub const DECODER_VALUES_PER_TOKEN: usize = 20;
 /// MLP-sized (intermediate) values per token and layer: gate, up, sigmoid, SiLU, product.
 pub const MLP_VALUES_PER_TOKEN: usize = 5;
-/// Attention rows (one per head, of the sequence's length) per token and layer: the masked
-/// scores, their exponentials, the probabilities, and the mask added.
+/// Attention rows (one per head, of the sequence's length) per token and layer of the composed
+/// attention (off the CPU): the masked scores, their exponentials, the probabilities, and the
+/// mask added.
 pub const ATTENTION_ROWS_PER_TOKEN: usize = 4;
+/// The same on the CPU, whose eager attention is one node keeping its probabilities
+/// (`qoq_model::attention::eager_attention`).
+pub const CPU_ATTENTION_ROWS_PER_TOKEN: usize = 1;
 /// Copies of the response positions' logits the log-probability and its gradient hold.
 pub const LOGIT_COPIES: usize = 3;
 /// The program, its allocator and its tokenizer.
@@ -250,6 +254,8 @@ impl MemoryPlan {
                 && heads * keys * keys * head_dim >= qoq_model::attention::CHUNKED_MIN_MACS as u64
             {
                 heads
+            } else if on_cpu {
+                CPU_ATTENTION_ROWS_PER_TOKEN as u64 * heads * keys
             } else {
                 ATTENTION_ROWS_PER_TOKEN as u64 * heads * keys
             }
