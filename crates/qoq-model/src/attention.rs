@@ -77,7 +77,7 @@ pub fn eager_attention(
         p_work,
         mask: mask.cloned(),
         scale,
-        out: Mutex::new(Some(out)),
+        out: crate::checkpoint::Handover::new(out, "eager attention"),
     };
     q.apply_op3(k, v, op)
 }
@@ -88,7 +88,7 @@ struct EagerAttention {
     p_work: Tensor,
     mask: Option<Tensor>,
     scale: f64,
-    out: Mutex<Option<Tensor>>,
+    out: crate::checkpoint::Handover,
 }
 
 impl CustomOp3 for EagerAttention {
@@ -105,18 +105,8 @@ impl CustomOp3 for EagerAttention {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = self
-            .out
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("eager attention: poisoned lock".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("eager attention: forward ran twice".into()))?;
-        let (s, l) = out.storage_and_layout();
-        match &*s {
-            candle_core::Storage::Cpu(c) => Ok((
-                candle_core::backend::BackendStorage::try_clone(c, l)?,
-                l.shape().clone(),
-            )),
+        match self.out.storage()? {
+            (candle_core::Storage::Cpu(c), shape) => Ok((c, shape)),
             _ => candle_core::bail!("eager attention: output off the CPU"),
         }
     }

@@ -261,29 +261,39 @@ pub fn checkpointed(x: &Tensor, f: Segment) -> Result<Tensor> {
     drop(y);
     let op = Checkpoint {
         f,
-        out: Mutex::new(Some(out)),
+        out: Handover::new(out, "checkpoint"),
     };
     x.apply_op1(op)
 }
 
-/// The custom op of one checkpointed segment.
-struct Checkpoint {
-    f: Segment,
-    /// The forward's output, handed to the op's forward once.
+/// An output computed before its custom op exists (a checkpointed segment's,
+/// [`crate::attention::eager_attention`]'s), handed to the op's forward once: the op is then a
+/// graph node whose backward is its own, over a result the forward did not compute again.
+pub(crate) struct Handover {
     out: Mutex<Option<Tensor>>,
+    /// The op's name in errors.
+    what: &'static str,
 }
 
-impl Checkpoint {
-    fn take(&self) -> Result<Tensor> {
-        self.out
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("checkpoint: poisoned lock".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("checkpoint: forward ran twice".into()))
+impl Handover {
+    pub(crate) fn new(out: Tensor, what: &'static str) -> Handover {
+        Handover {
+            out: Mutex::new(Some(out)),
+            what,
+        }
     }
 
-    /// The stashed output's storage (a copy: candle's custom ops return owned storage).
-    fn storage(&self) -> Result<(Storage, Shape)> {
+    fn take(&self) -> Result<Tensor> {
+        let what = self.what;
+        self.out
+            .lock()
+            .map_err(|_| candle_core::Error::Msg(format!("{what}: poisoned lock")))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{what}: forward ran twice")))
+    }
+
+    /// The output's storage (a copy: candle's custom ops return owned storage).
+    pub(crate) fn storage(&self) -> Result<(Storage, Shape)> {
         let out = self.take()?;
         let (s, l) = out.storage_and_layout();
         let owned = match &*s {
@@ -295,27 +305,34 @@ impl Checkpoint {
     }
 }
 
+/// The custom op of one checkpointed segment.
+struct Checkpoint {
+    f: Segment,
+    /// The forward's output.
+    out: Handover,
+}
+
 impl CustomOp1 for Checkpoint {
     fn name(&self) -> &'static str {
         "qoq-checkpoint"
     }
 
     fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
-        match self.storage()? {
+        match self.out.storage()? {
             (Storage::Cpu(c), shape) => Ok((c, shape)),
             _ => candle_core::bail!("checkpoint: output on another device than its input"),
         }
     }
 
     fn cuda_fwd(&self, _s: &CudaStorage, _l: &Layout) -> Result<(CudaStorage, Shape)> {
-        match self.storage()? {
+        match self.out.storage()? {
             (Storage::Cuda(c), shape) => Ok((c, shape)),
             _ => candle_core::bail!("checkpoint: output on another device than its input"),
         }
     }
 
     fn metal_fwd(&self, _s: &MetalStorage, _l: &Layout) -> Result<(MetalStorage, Shape)> {
-        match self.storage()? {
+        match self.out.storage()? {
             (Storage::Metal(c), shape) => Ok((c, shape)),
             _ => candle_core::bail!("checkpoint: output on another device than its input"),
         }

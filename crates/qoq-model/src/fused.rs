@@ -623,9 +623,7 @@ impl candle_core::CustomOp1 for Softmax {
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let grad = grad.contiguous()?;
-        let op = SoftmaxBwd { scale: self.scale };
-        Ok(Some(y.apply_op2_no_bwd(&grad, &op)?))
+        Ok(Some(scaled_masked_softmax_bwd(y, grad, self.scale, None)?))
     }
 }
 
@@ -652,9 +650,8 @@ impl CustomOp2 for Softmax {
         y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let op = SoftmaxBwd { scale: self.scale };
-        Ok((Some(y.apply_op3_no_bwd(&grad, mask, &op)?), None))
+        let dx = scaled_masked_softmax_bwd(y, grad, self.scale, Some(mask))?;
+        Ok((Some(dx), None))
     }
 }
 

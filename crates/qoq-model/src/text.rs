@@ -543,8 +543,10 @@ impl Attention {
         let q = q
             .contiguous()?
             .reshape((b, self.num_kv_heads, n_rep * s, self.head_dim))?;
-        // Row `r` of a key-value head is query `r mod s`.
-        let out = crate::attention::eager_attention(&q, &k, &v, scale, Some(&mask.dense()?), mode)?; // (b, nkv, n_rep * s, hd) = (b, nh, s, hd)
+        // Row `r` of a key-value head is query `r mod s`; the output is (b, nkv, n_rep * s, hd)
+        // = (b, nh, s, hd).
+        let dense = mask.dense()?;
+        let out = crate::attention::eager_attention(&q, &k, &v, scale, Some(&dense), mode)?;
         let out = out
             .reshape((b, self.num_heads, s, self.head_dim))?
             .transpose(1, 2)?
