@@ -42,10 +42,11 @@ pub fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
     if !cpu || (trained && x.dtype() != w.dtype()) {
         return lin.forward(x);
     }
-    let dims = x.dims().to_vec();
-    let k = *dims.last().unwrap_or(&1);
-    let rows = x.elem_count() / k.max(1);
-    let x2 = x.reshape((rows, k))?.contiguous()?;
+    // The ops take `x` with all its leading dimensions (the product is over its rows): a reshape
+    // to rows and back would be two more graph nodes, whose gradients candle's backward adds
+    // into fresh zeroed tensors the activation's size (a third of the elements of such sums in
+    // a demo SFT step).
+    let x2 = x.contiguous()?;
     let y = if trained {
         match lin.bias() {
             Some(b) => x2.apply_op3_arc(w, b, std::sync::Arc::new(Box::new(TrainedLinear)))?,
@@ -60,14 +61,10 @@ pub fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
             None => y,
         }
     };
-    let mut out_dims = dims;
-    if let Some(last) = out_dims.last_mut() {
-        *last = w.dim(0)?;
-    }
-    y.reshape(out_dims)
+    Ok(y)
 }
 
-/// `x (rows, in) → x · Wᵀ (+ b) (rows, out)` for a trained `W: (out, in)` (and `b: (out,)`):
+/// `x (..., in) → x · Wᵀ (+ b) (..., out)` for a trained `W: (out, in)` (and `b: (out,)`):
 /// the op's inputs are `x`, `W` and, when there is one, `b`.
 struct TrainedLinear;
 
@@ -80,26 +77,44 @@ fn product(
     w: &CpuStorage,
     wl: &Layout,
 ) -> Result<(CpuStorage, Shape)> {
-    let (m, k) = xl.shape().dims2()?;
+    let dims = xl.dims();
+    let Some(&k) = dims.last() else {
+        candle_core::bail!("linear: a scalar input");
+    };
+    let m = xl.shape().elem_count() / k.max(1);
+    // `x (..., k)` as rows `(m, k)`: a 2-D layout as it is (any strides), another rank when
+    // contiguous.
+    let xl = &if dims.len() == 2 {
+        xl.clone()
+    } else if xl.is_contiguous() {
+        Layout::contiguous_with_offset((m, k), xl.start_offset())
+    } else {
+        candle_core::bail!("linear: a non-contiguous input {dims:?}");
+    };
     let (n, kw) = wl.shape().dims2()?;
     if k != kw {
-        candle_core::bail!("linear: input {:?} for weight {:?}", xl.dims(), wl.dims());
+        candle_core::bail!("linear: input {dims:?} for weight {:?}", wl.dims());
     }
+    let mut out = dims.to_vec();
+    if let Some(last) = out.last_mut() {
+        *last = n;
+    }
+    let out = Shape::from(out);
     if (1..=FEW_ROWS).contains(&m)
         && let (CpuStorage::F32(xs), CpuStorage::F32(ws)) = (x, w)
         && let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
     {
         let y = few_rows_product(&xs[x0..x1], &ws[w0..w1], m, k, n);
-        return Ok((CpuStorage::F32(y), Shape::from((m, n))));
+        return Ok((CpuStorage::F32(y), out));
     }
     if let (CpuStorage::F32(_), CpuStorage::F32(_)) = (x, w)
         && transposed_is_faster(m, k, n)
         && let CpuStorage::F32(yt) = w.matmul(x, (1, n, m, k), wl, &xl.transpose(0, 1)?)?
     {
-        return Ok((CpuStorage::F32(transpose(&yt, n, m)), Shape::from((m, n))));
+        return Ok((CpuStorage::F32(transpose(&yt, n, m)), out));
     }
     let y = x.matmul(w, (1, m, n, k), xl, &wl.transpose(0, 1)?)?;
-    Ok((y, Shape::from((m, n))))
+    Ok((y, out))
 }
 
 /// Rows of `x` up to which [`few_rows_product`] computes `x · Wᵀ`: decoding (one row per
@@ -272,17 +287,19 @@ fn add_bias(y: &mut CpuStorage, b: &CpuStorage, bl: &Layout) -> Result<()> {
 /// (and the zeros it was added to) alive until the backward ends (a 0.5B step ran out of
 /// 24 GiB that way).
 fn product_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-    let g = g.detach();
+    // As rows: `x (..., in)` and `g (..., out)` (views of detached tensors, no graph).
+    let g = as_rows(&g.detach())?;
+    let xr = as_rows(&x.detach())?;
     let dx = if x.track_op() {
-        Some(g.matmul(&w.detach())?)
+        Some(g.matmul(&w.detach())?.reshape(x.shape())?)
     } else {
         None
     };
-    let dw_of = || g.t()?.matmul(&x.detach());
+    let dw_of = || g.t()?.matmul(&xr);
     // The weight's gradient, in the dtype of the sum it goes to (a compute copy's master's).
     let delivered = |w: &Tensor| {
         crate::checkpoint::add_to_sum(w, |sum, dtype| match sum {
-            Some(sum) => add_weight_grad_into(sum, &g, &x.detach(), WEIGHT_GRAD_BLOCK),
+            Some(sum) => add_weight_grad_into(sum, &g, &xr, WEIGHT_GRAD_BLOCK),
             None => dw_of()?.to_dtype(dtype).map(Some),
         })
     };
@@ -292,6 +309,12 @@ fn product_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, 
         Some(dw_of()?)
     };
     Ok((dx, dw))
+}
+
+/// `t (..., n)` as `(rows, n)`.
+fn as_rows(t: &Tensor) -> Result<Tensor> {
+    let n = t.dims().last().copied().unwrap_or(1);
+    t.reshape((t.elem_count() / n.max(1), n))
 }
 
 /// Elements of one block of a weight gradient added into its sum by [`add_weight_grad_into`].
@@ -368,7 +391,7 @@ impl CustomOp3 for TrainedLinear {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (mut y, shape) = product(s1, l1, s2, l2)?;
-        if l3.dims() != [shape.dims()[1]] {
+        if l3.dims() != [*shape.dims().last().unwrap_or(&0)] {
             candle_core::bail!("linear: bias {:?} for output {:?}", l3.dims(), shape.dims());
         }
         add_bias(&mut y, s3, l3)?;
@@ -385,7 +408,7 @@ impl CustomOp3 for TrainedLinear {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, dw) = product_grads(x, w, g)?;
         let db = if b.track_op() {
-            Some(crate::fused::sum_rows(g)?)
+            Some(crate::fused::sum_rows(&as_rows(&g.detach())?)?)
         } else {
             None
         };
@@ -393,7 +416,7 @@ impl CustomOp3 for TrainedLinear {
     }
 }
 
-/// `x (rows, in) → x · Wᵀ (rows, out)` with `W: (out, in)` frozen.
+/// `x (..., in) → x · Wᵀ (..., out)` with `W: (out, in)` frozen.
 struct FrozenMatmul {
     w: Tensor,
 }
@@ -411,8 +434,8 @@ impl CustomOp1 for FrozenMatmul {
         product(s, l, ws, wl)
     }
 
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        grad.matmul(&self.w).map(Some)
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        as_rows(grad)?.matmul(&self.w)?.reshape(x.shape()).map(Some)
     }
 }
 
