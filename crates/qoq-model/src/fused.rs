@@ -102,10 +102,8 @@ impl Float for f32 {
 /// spent most of its time in libm's scalar `expf` (one call per element; a fifth of the tiny
 /// model's training step, where PyTorch's kernels evaluate `exp` in vector registers).
 ///
-/// Written here because the exponential must be a branch-free expression that the compiler
-/// vectorises inside these row loops, compiled for the vector width chosen at run time as this
-/// crate's other kernels are (SIMD-type crates such as `wide` pick their width when compiled,
-/// SSE2 on the default x86-64 target), with this module's underflow rule: Cephes'
+/// Written here because the exponential must be a branch-free expression the compiler can
+/// vectorise (no crate offers one for plain slices without nightly `std::simd`): Cephes'
 /// single-precision `expf` (range reduction by `ln 2` in two parts, a degree-5 polynomial,
 /// the power of two built in the exponent bits), relative error within 2 ulp of the exact
 /// value on `[-87, 0]`, 0 below (as [`exp_or_zero`]). Sums keep 16 partial f64 sums (so they
@@ -133,7 +131,7 @@ mod vexp {
         p = p * r + 8.333_452e-3;
         p = p * r + 4.166_579_6e-2;
         p = p * r + 1.666_666_5e-1;
-        p = p * r + 0.5; // Cephes: 5.0000001e-1, which is 0.5 in f32
+        p = p * r + 5.000_000_1e-1;
         let y = p * r * r + r + 1.0;
         // n is in [-126, 0] and sits in the low bits of t's mantissa (t = 1.5·2^23 + n): 2^n
         // from integer operations on t's bits (a float-to-integer conversion would not
