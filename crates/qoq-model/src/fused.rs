@@ -50,24 +50,6 @@ trait Float: candle_core::WithDType + Send + Sync {
     /// element) made masked attention logits (`f32::MIN` − max) cost ten times a real one,
     /// and the terms dropped (below 1e-37 against a row maximum's 1) change no sum.
     fn exp_minus(self, m: f64) -> f64;
-    /// The row's maximum, widened.
-    fn row_max(row: &[Self]) -> f64 {
-        row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v.to64()))
-    }
-    /// Replaces each value of `row` by `exp(v − m)` ([`Float::exp_minus`]) and returns their sum.
-    fn exp_row(row: &mut [Self], m: f64) -> f64 {
-        let mut sum = 0.0;
-        for v in row.iter_mut() {
-            let e = v.exp_minus(m);
-            sum += e;
-            *v = Self::of64(e);
-        }
-        sum
-    }
-    /// `Σ exp(v − m)` over `row` ([`Float::exp_minus`]).
-    fn exp_sum(row: &[Self], m: f64) -> f64 {
-        row.iter().map(|&v| v.exp_minus(m)).sum()
-    }
 }
 
 /// `exp(d)` for `d <= 0` in f32, 0 below f32's normal range without calling libm's underflow
@@ -86,176 +68,6 @@ impl Float for f32 {
     }
     fn exp_minus(self, m: f64) -> f64 {
         f64::from(exp_or_zero(self - m as f32))
-    }
-    fn row_max(row: &[Self]) -> f64 {
-        f64::from(vexp::max(row))
-    }
-    fn exp_row(row: &mut [Self], m: f64) -> f64 {
-        vexp::exp_row(row, m as f32)
-    }
-    fn exp_sum(row: &[Self], m: f64) -> f64 {
-        vexp::exp_sum(row, m as f32)
-    }
-}
-
-/// Rows of f32 exponentials for the softmax kernels, vectorised: a softmax or log-softmax row
-/// spent most of its time in libm's scalar `expf` (one call per element; a fifth of the tiny
-/// model's training step, where PyTorch's kernels evaluate `exp` in vector registers).
-///
-/// Written here because the exponential must be a branch-free expression the compiler can
-/// vectorise (no crate offers one for plain slices without nightly `std::simd`): Cephes'
-/// single-precision `expf` (range reduction by `ln 2` in two parts, a degree-5 polynomial,
-/// the power of two built in the exponent bits), relative error within 2 ulp of the exact
-/// value on `[-87, 0]`, 0 below (as [`exp_or_zero`]). Sums keep 16 partial f64 sums (so they
-/// are taken in another order than a plain loop's). Compiled for AVX-512 and AVX2 + FMA,
-/// chosen at run time, as `linear`'s dot products.
-mod vexp {
-    const L: usize = 16;
-
-    /// `exp(d)` for `d <= 0`; 0 below -87 (NaN stays NaN).
-    #[inline(always)]
-    fn exp_le0(d: f32) -> f32 {
-        const LOG2E: f32 = std::f32::consts::LOG2_E;
-        const LN2_HI: f32 = 0.693_359_4;
-        const LN2_LO: f32 = -2.121_944_4e-4;
-        // Adding and subtracting 1.5·2^23 rounds to the nearest integer.
-        const ROUND: f32 = 12_582_912.0;
-        // Arguments below -87 (masked scores) give 0: they are evaluated at 0, since a result
-        // below f32's normal range would cost a slow subnormal multiplication before the select.
-        let x = if d < -87.0 { 0.0 } else { d };
-        let t = x * LOG2E + ROUND;
-        let n = t - ROUND;
-        let r = x - n * LN2_HI - n * LN2_LO;
-        let mut p = 1.987_569_2e-4_f32;
-        p = p * r + 1.398_199_9e-3;
-        p = p * r + 8.333_452e-3;
-        p = p * r + 4.166_579_6e-2;
-        p = p * r + 1.666_666_5e-1;
-        p = p * r + 5.000_000_1e-1;
-        let y = p * r * r + r + 1.0;
-        // n is in [-126, 0] and sits in the low bits of t's mantissa (t = 1.5·2^23 + n): 2^n
-        // from integer operations on t's bits (a float-to-integer conversion would not
-        // vectorise), a normal power of two.
-        let two_n =
-            f32::from_bits((t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127)) << 23);
-        if d < -87.0 { 0.0 } else { y * two_n }
-    }
-
-    #[inline(always)]
-    fn max_lanes(x: &[f32]) -> f32 {
-        let mut acc = [f32::NEG_INFINITY; L];
-        let chunks = x.chunks_exact(L);
-        let tail = chunks.remainder();
-        for c in chunks {
-            for l in 0..L {
-                acc[l] = acc[l].max(c[l]);
-            }
-        }
-        tail.iter()
-            .chain(&acc)
-            .fold(f32::NEG_INFINITY, |m, &v| m.max(v))
-    }
-
-    #[inline(always)]
-    fn exp_row_lanes(x: &mut [f32], shift: f32) -> f64 {
-        let mut acc = [0f64; L];
-        let mut chunks = x.chunks_exact_mut(L);
-        for c in &mut chunks {
-            for l in 0..L {
-                let e = exp_le0(c[l] - shift);
-                c[l] = e;
-                acc[l] += f64::from(e);
-            }
-        }
-        let mut tail = 0f64;
-        for v in chunks.into_remainder() {
-            *v = exp_le0(*v - shift);
-            tail += f64::from(*v);
-        }
-        acc.iter().sum::<f64>() + tail
-    }
-
-    #[inline(always)]
-    fn exp_sum_lanes(x: &[f32], shift: f32) -> f64 {
-        let mut acc = [0f64; L];
-        let chunks = x.chunks_exact(L);
-        let tail = chunks.remainder();
-        for c in chunks {
-            for l in 0..L {
-                acc[l] += f64::from(exp_le0(c[l] - shift));
-            }
-        }
-        let tail: f64 = tail.iter().map(|&v| f64::from(exp_le0(v - shift))).sum();
-        acc.iter().sum::<f64>() + tail
-    }
-
-    /// Defines `$name`, calling `$lanes` compiled for AVX-512, for AVX2 + FMA, or as is.
-    macro_rules! dispatch {
-        ($name:ident, $lanes:ident, ($($a:ident: $t:ty),*) -> $r:ty) => {
-            #[allow(unsafe_code)] // each variant runs only where its features were detected
-            pub(super) fn $name($($a: $t),*) -> $r {
-                #[cfg(target_arch = "x86_64")]
-                {
-                    #[target_feature(enable = "avx512f")]
-                    fn avx512($($a: $t),*) -> $r {
-                        $lanes($($a),*)
-                    }
-                    #[target_feature(enable = "avx2,fma")]
-                    fn avx2($($a: $t),*) -> $r {
-                        $lanes($($a),*)
-                    }
-                    if std::arch::is_x86_feature_detected!("avx512f") {
-                        // SAFETY: the CPU has AVX-512F (checked above).
-                        return unsafe { avx512($($a),*) };
-                    }
-                    if std::arch::is_x86_feature_detected!("avx2")
-                        && std::arch::is_x86_feature_detected!("fma")
-                    {
-                        // SAFETY: the CPU has AVX2 and FMA (checked above).
-                        return unsafe { avx2($($a),*) };
-                    }
-                }
-                $lanes($($a),*)
-            }
-        };
-    }
-
-    dispatch!(max, max_lanes, (x: &[f32]) -> f32);
-    dispatch!(exp_row, exp_row_lanes, (x: &mut [f32], shift: f32) -> f64);
-    dispatch!(exp_sum, exp_sum_lanes, (x: &[f32], shift: f32) -> f64);
-
-    #[cfg(test)]
-    mod tests {
-        /// Against f64's `exp` over `[-87, 0]` (and 0 below), within 2 ulp of f32; the row
-        /// functions agree with element-by-element evaluation, tails included.
-        #[test]
-        fn vector_exp_is_within_two_ulp_and_the_rows_agree() {
-            let mut worst = 0f64;
-            for i in 0..=200_000 {
-                let d = -87.0 * i as f32 / 200_000.0;
-                let exact = f64::from(d).exp();
-                let got = f64::from(super::exp_le0(d));
-                let ulp = f64::from(f32::EPSILON) * exact;
-                worst = worst.max((got - exact).abs() / ulp);
-            }
-            assert!(worst <= 2.0, "worst error {worst} ulp");
-            assert_eq!(super::exp_le0(-87.01), 0.0);
-            assert_eq!(super::exp_le0(f32::MIN), 0.0);
-            assert_eq!(super::exp_le0(f32::NEG_INFINITY), 0.0);
-            assert_eq!(super::exp_le0(0.0), 1.0);
-            for n in [0usize, 5, 16, 37] {
-                let x: Vec<f32> = (0..n).map(|i| ((i * 7 % 11) as f32) * -0.9 + 0.3).collect();
-                let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                assert_eq!(super::max(&x), m, "max of {n}");
-                let mut y = x.clone();
-                let sum = super::exp_row(&mut y, m);
-                let each: Vec<f32> = x.iter().map(|&v| super::exp_le0(v - m)).collect();
-                assert_eq!(y, each, "row of {n}");
-                let plain: f64 = each.iter().map(|&e| f64::from(e)).sum();
-                assert!((sum - plain).abs() <= 1e-12 * plain.max(1.0), "sum of {n}");
-                assert_eq!(super::exp_sum(&x, m), sum, "sum without writing, {n}");
-            }
-        }
     }
 }
 
@@ -752,8 +564,13 @@ fn softmax_fwd<T: Float>(x: &[T], dim: usize, scale: f64, mask: Option<MaskRows>
             }
             None => o.iter_mut().zip(row).for_each(|(o, &v)| *o = v * mul),
         }
-        let max = T::row_max(o);
-        let sum = T::exp_row(o, max);
+        let max = o.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v.to64()));
+        let mut sum = 0.0;
+        for o in o.iter_mut() {
+            let e = o.exp_minus(max);
+            sum += e;
+            *o = T::of64(e);
+        }
         for o in o.iter_mut() {
             *o = T::of64(o.to64() / sum);
         }
@@ -948,8 +765,9 @@ pub(crate) fn scaled_masked_softmax(
 struct ChosenLogProb;
 
 fn lse<T: Float>(row: &[T]) -> (f64, f64) {
-    let max = T::row_max(row);
-    (max, T::exp_sum(row, max).ln())
+    let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v.to64()));
+    let sum: f64 = row.iter().map(|&v| v.exp_minus(max)).sum();
+    (max, sum.ln())
 }
 
 fn chosen_fwd<T: Float>(x: &[T], labels: &[u32], vocab: usize) -> Vec<T> {
@@ -971,10 +789,8 @@ fn chosen_bwd<T: Float>(x: &[T], labels: &[u32], g: &[T], vocab: usize) -> Vec<T
         let row = &x[i * vocab..(i + 1) * vocab];
         let (max, l) = lse(row);
         let gi = g[i].to64();
-        o.copy_from_slice(row);
-        T::exp_row(o, max + l);
-        for o in o.iter_mut() {
-            *o = T::of64(-gi * o.to64());
+        for (o, &v) in o.iter_mut().zip(row) {
+            *o = T::of64(-gi * v.exp_minus(max + l));
         }
         let k = labels[i] as usize;
         o[k] = T::of64(o[k].to64() + gi);
