@@ -286,9 +286,10 @@ fn add_bias(y: &mut CpuStorage, b: &CpuStorage, bl: &Layout) -> Result<()> {
 /// a variable, so every weight's gradient would keep its layer's input and output gradient
 /// (and the zeros it was added to) alive until the backward ends (a 0.5B step ran out of
 /// 24 GiB that way).
+///
+/// `g` is the output gradient as rows `(rows, out)`, detached (taken once per backward, for the
+/// bias's gradient too); `x` has its own shape `(..., in)`, which `dx` takes.
 fn product_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-    // As rows: `x (..., in)` and `g (..., out)` (views of detached tensors, no graph).
-    let g = as_rows(&g.detach())?;
     let xr = as_rows(&x.detach())?;
     let dx = if x.track_op() {
         Some(g.matmul(&w.detach())?.reshape(x.shape())?)
@@ -299,7 +300,7 @@ fn product_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, 
     // The weight's gradient, in the dtype of the sum it goes to (a compute copy's master's).
     let delivered = |w: &Tensor| {
         crate::checkpoint::add_to_sum(w, |sum, dtype| match sum {
-            Some(sum) => add_weight_grad_into(sum, &g, &xr, WEIGHT_GRAD_BLOCK),
+            Some(sum) => add_weight_grad_into(sum, g, &xr, WEIGHT_GRAD_BLOCK),
             None => dw_of()?.to_dtype(dtype).map(Some),
         })
     };
@@ -372,7 +373,7 @@ impl CustomOp2 for TrainedLinear {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        product_grads(x, w, g)
+        product_grads(x, w, &as_rows(&g.detach())?)
     }
 }
 
@@ -406,9 +407,10 @@ impl CustomOp3 for TrainedLinear {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw) = product_grads(x, w, g)?;
+        let g = as_rows(&g.detach())?;
+        let (dx, dw) = product_grads(x, w, &g)?;
         let db = if b.track_op() {
-            Some(crate::fused::sum_rows(&as_rows(&g.detach())?)?)
+            Some(crate::fused::sum_rows(&g)?)
         } else {
             None
         };
