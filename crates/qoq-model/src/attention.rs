@@ -22,7 +22,8 @@
 //! fill, [`crate::text`]). On another device or dtype callers use the eager path
 //! ([`available`]).
 
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use crate::matmul::{matmul, mm, mm_t};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,13 +67,13 @@ pub fn eager_attention(
 ) -> Result<Tensor> {
     let tracked = q.track_op() || k.track_op() || v.track_op();
     if !tracked || !crate::fused::available(q) {
-        let probs = crate::ops::attention_probs(&q.matmul(&k.t()?)?, scale, mask, mode)?;
-        return probs.matmul(v);
+        let probs = crate::ops::attention_probs(&matmul(q, &k.t()?)?, scale, mask, mode)?;
+        return matmul(&probs, v);
     }
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
     let work = crate::ops::compute_dtype(q.dtype());
-    let p_work = crate::fused::scaled_masked_softmax(&qd.matmul(&kd.t()?)?, scale, mask, work)?;
-    let out = p_work.to_dtype(q.dtype())?.matmul(&vd)?;
+    let p_work = crate::fused::scaled_masked_softmax(&matmul(&qd, &kd.t()?)?, scale, mask, work)?;
+    let out = matmul(&p_work.to_dtype(q.dtype())?, &vd)?;
     let op = EagerAttention {
         p_work,
         mask: mask.cloned(),
@@ -122,7 +123,7 @@ impl CustomOp3 for EagerAttention {
         let dtype = q.dtype();
         let track = [q.track_op(), k.track_op(), v.track_op()];
         let (q, k, v, g) = (q.detach(), k.detach(), v.detach(), g.detach());
-        let dp = g.matmul(&v.t()?)?; // (b, hk, r·s, t)
+        let dp = matmul(&g, &v.t()?)?; // (b, hk, r·s, t)
         let ds = crate::fused::scaled_masked_softmax_bwd(
             &self.p_work,
             &dp,
@@ -132,14 +133,18 @@ impl CustomOp3 for EagerAttention {
         .to_dtype(dtype)?;
         // Only the inputs that need one get a gradient: candle's backward would keep one for
         // every `Some`, as large as the input, until the whole backward ends.
-        let dq = if track[0] { Some(ds.matmul(&k)?) } else { None };
+        let dq = if track[0] {
+            Some(matmul(&ds, &k)?)
+        } else {
+            None
+        };
         let dk = if track[1] {
-            Some(ds.t()?.matmul(&q)?)
+            Some(matmul(&ds.t()?, &q)?)
         } else {
             None
         };
         let dv = if track[2] {
-            Some(self.p_work.to_dtype(dtype)?.t()?.matmul(&g)?)
+            Some(matmul(&self.p_work.to_dtype(dtype)?.t()?, &g)?)
         } else {
             None
         };
@@ -316,7 +321,7 @@ impl Geometry {
 }
 
 /// The float types the op runs in.
-trait Float: candle_core::WithDType {
+trait Float: candle_core::WithDType + crate::matmul::Gemm {
     fn to64(self) -> f64;
     fn of64(v: f64) -> Self;
 }
@@ -341,22 +346,6 @@ impl Float for f64 {
 
 /// Query rows per block of the forward and of `dq`; key rows per block of `dk`, `dv`.
 const BLOCK: usize = 64;
-
-/// `a · bᵀ` for `a: (m, k)`, `b: (n, k)` row-major → `(m, n)`, by candle's matrix product.
-fn mm_t<T: Float>(a: &[T], m: usize, b: &[T], n: usize, k: usize) -> Result<Vec<T>> {
-    let dev = Device::Cpu;
-    let a = Tensor::from_slice(a, (m, k), &dev)?;
-    let b = Tensor::from_slice(b, (n, k), &dev)?;
-    a.matmul(&b.t()?)?.flatten_all()?.to_vec1()
-}
-
-/// `a · b` for `a: (m, k)`, `b: (k, n)` row-major → `(m, n)`.
-fn mm<T: Float>(a: &[T], m: usize, b: &[T], k: usize, n: usize) -> Result<Vec<T>> {
-    let dev = Device::Cpu;
-    let a = Tensor::from_slice(a, (m, k), &dev)?;
-    let b = Tensor::from_slice(b, (k, n), &dev)?;
-    a.matmul(&b)?.flatten_all()?.to_vec1()
-}
 
 /// `exp(x)` for `x <= 0`, 0 far below the type's normal range (see [`crate::fused::exp_or_zero`]).
 fn exp_neg<T: Float>(x: f64) -> f64 {
@@ -395,7 +384,7 @@ fn forward<T: Float>(g: &Geometry, q: &[T], k: &[T], v: &[T]) -> Result<(Vec<T>,
                     let (i0, n) = (blk * BLOCK, l.len());
                     let tk = g.last_key(i0 + n - 1) + 1;
                     let r0 = bh * s + i0;
-                    let scores = mm_t(&q[r0 * d..(r0 + n) * d], n, &kh[..tk * d], tk, d)?;
+                    let scores = mm_t(&q[r0 * d..(r0 + n) * d], n, &kh[..tk * d], tk, d);
                     let mut p = vec![T::zero(); n * tk];
                     for (ii, (row, prow)) in scores.chunks(tk).zip(p.chunks_mut(tk)).enumerate() {
                         let last = g.last_key(i0 + ii);
@@ -422,7 +411,7 @@ fn forward<T: Float>(g: &Geometry, q: &[T], k: &[T], v: &[T]) -> Result<(Vec<T>,
                         }
                         l[ii] = max + sum.ln();
                     }
-                    o.copy_from_slice(&mm(&p, n, &vh[..tk * d], tk, d)?);
+                    o.copy_from_slice(&mm(&p, n, &vh[..tk * d], tk, d));
                     for (orow, &li) in o.chunks_mut(d).zip(l.iter()) {
                         if li.is_nan() {
                             // The eager path's finfo.min fill: 1/t to every one of the t keys.
@@ -482,14 +471,14 @@ fn backward<T: Float>(
                     let (i0, n) = (blk * BLOCK, dqb.len() / d);
                     let tk = g.last_key(i0 + n - 1) + 1;
                     let r0 = bh * s + i0;
-                    let scores = mm_t(&q[r0 * d..(r0 + n) * d], n, &kh[..tk * d], tk, d)?;
-                    let dp = mm_t(&go[r0 * d..(r0 + n) * d], n, &vh[..tk * d], tk, d)?;
+                    let scores = mm_t(&q[r0 * d..(r0 + n) * d], n, &kh[..tk * d], tk, d);
+                    let dp = mm_t(&go[r0 * d..(r0 + n) * d], n, &vh[..tk * d], tk, d);
                     let mut dsb = vec![T::zero(); n * tk];
                     for (e, dsv) in dsb.iter_mut().enumerate() {
                         let (ii, j) = (e / tk, e % tk);
                         *dsv = T::of64(ds(r0 + ii, bi, j, scores[e], dp[e]).1);
                     }
-                    dqb.copy_from_slice(&mm(&dsb, n, &kh[..tk * d], tk, d)?);
+                    dqb.copy_from_slice(&mm(&dsb, n, &kh[..tk * d], tk, d));
                     Ok(())
                 })
         })?;
@@ -539,8 +528,8 @@ fn backward<T: Float>(
                         };
                         let (qg, gog) = (gather(q), gather(go));
                         let kr = (bg * t + j0) * d..(bg * t + j0 + nb) * d;
-                        let st = mm_t(&k[kr.clone()], nb, &qg, m, d)?; // (nb, m)
-                        let dpt = mm_t(&v[kr], nb, &gog, m, d)?;
+                        let st = mm_t(&k[kr.clone()], nb, &qg, m, d); // (nb, m)
+                        let dpt = mm_t(&v[kr], nb, &gog, m, d);
                         let mut pt = vec![T::zero(); nb * m];
                         let mut dst = vec![T::zero(); nb * m];
                         for e in 0..nb * m {
@@ -549,8 +538,8 @@ fn backward<T: Float>(
                             pt[e] = T::of64(p);
                             dst[e] = T::of64(dsv);
                         }
-                        dvv = mm(&pt, nb, &gog, m, d)?;
-                        dkv = mm(&dst, nb, &qg, m, d)?;
+                        dvv = mm(&pt, nb, &gog, m, d);
+                        dkv = mm(&dst, nb, &qg, m, d);
                     }
                     dkb.copy_from_slice(&dkv);
                     for (row, vrow) in dvb.chunks_mut(d).zip(dvv.chunks(d)) {

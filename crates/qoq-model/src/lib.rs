@@ -30,6 +30,7 @@ pub mod inputs;
 pub mod linear;
 pub mod loading;
 pub mod lora;
+pub mod matmul;
 pub mod model;
 pub mod splice;
 pub mod text;

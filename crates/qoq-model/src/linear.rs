@@ -27,7 +27,7 @@
 //! Written here because candle has no "no gradient for this operand" switch. CPU only;
 //! elsewhere (and for a trained weight in another dtype than its input) candle's `Linear` runs.
 
-use candle_core::backend::BackendStorage;
+use crate::matmul::matmul;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor,
 };
@@ -109,11 +109,12 @@ fn product(
     }
     if let (CpuStorage::F32(_), CpuStorage::F32(_)) = (x, w)
         && transposed_is_faster(m, k, n)
-        && let CpuStorage::F32(yt) = w.matmul(x, (1, n, m, k), wl, &xl.transpose(0, 1)?)?
+        && let CpuStorage::F32(yt) =
+            crate::matmul::storage_matmul(w, wl, x, &xl.transpose(0, 1)?, (1, n, m, k))?
     {
         return Ok((CpuStorage::F32(transpose(&yt, n, m)), out));
     }
-    let y = x.matmul(w, (1, m, n, k), xl, &wl.transpose(0, 1)?)?;
+    let y = crate::matmul::storage_matmul(x, xl, w, &wl.transpose(0, 1)?, (1, m, n, k))?;
     Ok((y, out))
 }
 
@@ -224,11 +225,15 @@ fn transposed_is_faster(m: usize, k: usize, n: usize) -> bool {
 
 /// The `(cols, rows)` transpose of the row-major `(rows, cols)` matrix `a`, by tiles (each tile's
 /// reads and writes stay in cache), in parallel over the output's row blocks.
+/// Written into memory that is not zeroed first (as [`crate::matmul`]'s products).
+#[allow(unsafe_code)] // `assume_init` of an output whose every element is written
 fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     use rayon::prelude::*;
+    use std::mem::MaybeUninit;
     const TILE: usize = 32;
-    let mut out = vec![0f32; rows * cols];
-    out.par_chunks_mut(TILE * rows)
+    let mut out: Vec<MaybeUninit<f32>> = Vec::with_capacity(rows * cols);
+    out.resize_with(rows * cols, MaybeUninit::uninit);
+    out.par_chunks_mut((TILE * rows).max(1))
         .enumerate()
         .for_each(|(cb, block)| {
             let c0 = cb * TILE;
@@ -237,12 +242,14 @@ fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
                 for r in r0..(r0 + TILE).min(rows) {
                     let src = &a[r * cols..];
                     for c in c0..c1 {
-                        block[(c - c0) * rows + r] = src[c];
+                        block[(c - c0) * rows + r].write(src[c]);
                     }
                 }
             }
         });
-    out
+    // SAFETY: the blocks cover `out` (TILE columns of the input each, the last one the rest),
+    // and each writes its columns' every row.
+    unsafe { crate::matmul::assume_init(out) }
 }
 
 /// Adds `b` (contiguous `(out,)`) to every row of `y` in place.
@@ -292,11 +299,11 @@ fn add_bias(y: &mut CpuStorage, b: &CpuStorage, bl: &Layout) -> Result<()> {
 fn product_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
     let xr = as_rows(&x.detach())?;
     let dx = if x.track_op() {
-        Some(g.matmul(&w.detach())?.reshape(x.shape())?)
+        Some(matmul(g, &w.detach())?.reshape(x.shape())?)
     } else {
         None
     };
-    let dw_of = || g.t()?.matmul(&xr);
+    let dw_of = || matmul(&g.t()?, &xr);
     // The weight's gradient, in the dtype of the sum it goes to (a compute copy's master's).
     let delivered = |w: &Tensor| {
         crate::checkpoint::add_to_sum(w, |sum, dtype| match sum {
@@ -337,12 +344,12 @@ fn add_weight_grad_into(
     let (out, inp) = sum.dims2()?;
     let rows_per_block = (block / inp.max(1)).max(1);
     if out <= rows_per_block || !crate::checkpoint::adds_in_place(sum) {
-        return crate::checkpoint::add_into(sum, &g.t()?.matmul(x)?);
+        return crate::checkpoint::add_into(sum, &matmul(&g.t()?, x)?);
     }
     let gt = g.t()?;
     for r0 in (0..out).step_by(rows_per_block) {
         let n = rows_per_block.min(out - r0);
-        let part = gt.narrow(0, r0, n)?.matmul(x)?;
+        let part = matmul(&gt.narrow(0, r0, n)?, x)?;
         // A row block of a contiguous sum is contiguous: always added in place.
         if crate::checkpoint::add_into(&sum.narrow(0, r0, n)?, &part)?.is_some() {
             candle_core::bail!("linear: a weight gradient's row block was not added in place");
@@ -437,7 +444,9 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        as_rows(grad)?.matmul(&self.w)?.reshape(x.shape()).map(Some)
+        matmul(&as_rows(grad)?, &self.w)?
+            .reshape(x.shape())
+            .map(Some)
     }
 }
 
