@@ -324,6 +324,9 @@ impl Geometry {
 trait Float: candle_core::WithDType + crate::matmul::Gemm {
     fn to64(self) -> f64;
     fn of64(v: f64) -> Self;
+    /// `x ← exp(x)` for every element, `x <= 0`, 0 far below the type's normal range (f32:
+    /// [`crate::expf::exp_or_zero_in_place`]; f64: [`crate::expf::exp_or_zero64`]).
+    fn exp_neg_in_place(xs: &mut [Self]);
 }
 
 impl Float for f32 {
@@ -332,6 +335,9 @@ impl Float for f32 {
     }
     fn of64(v: f64) -> Self {
         v as f32
+    }
+    fn exp_neg_in_place(xs: &mut [f32]) {
+        crate::expf::exp_or_zero_in_place(xs);
     }
 }
 
@@ -342,21 +348,14 @@ impl Float for f64 {
     fn of64(v: f64) -> Self {
         v
     }
+    fn exp_neg_in_place(xs: &mut [f64]) {
+        xs.iter_mut()
+            .for_each(|x| *x = crate::expf::exp_or_zero64(*x));
+    }
 }
 
 /// Query rows per block of the forward and of `dq`; key rows per block of `dk`, `dv`.
 const BLOCK: usize = 64;
-
-/// `exp(x)` for `x <= 0`, 0 far below the type's normal range (see [`crate::fused::exp_or_zero`]).
-fn exp_neg<T: Float>(x: f64) -> f64 {
-    if T::DTYPE == DType::F32 {
-        f64::from(crate::fused::exp_or_zero(x as f32))
-    } else if x < -708.0 {
-        0.0
-    } else {
-        x.exp()
-    }
-}
 
 /// A score `q·k` as the eager path rounds it: scaled in the data's precision.
 fn scaled<T: Float>(dot: T, scale: f64) -> f64 {
@@ -398,14 +397,18 @@ fn forward<T: Float>(g: &Geometry, q: &[T], k: &[T], v: &[T]) -> Result<(Vec<T>,
                             l[ii] = f64::NAN; // no visible key: uniform, below
                             continue;
                         }
-                        let mut sum = 0f64;
-                        for (j, (&sc, pv)) in row.iter().zip(prow.iter_mut()).enumerate() {
-                            if j <= last && g.keeps(bi, j) {
-                                let e = exp_neg::<T>(scaled(sc, g.scale) - max);
-                                sum += e;
-                                *pv = T::of64(e);
-                            }
+                        // The visible keys' terms (masked ones at -inf: 0), then their sum in
+                        // order.
+                        let seen = &mut prow[..=last];
+                        for (j, (&sc, pv)) in row.iter().zip(seen.iter_mut()).enumerate() {
+                            *pv = T::of64(if g.keeps(bi, j) {
+                                scaled(sc, g.scale) - max
+                            } else {
+                                f64::NEG_INFINITY
+                            });
                         }
+                        T::exp_neg_in_place(seen);
+                        let sum = seen.iter().fold(0f64, |a, &e| a + e.to64());
                         for pv in prow.iter_mut() {
                             *pv = T::of64(pv.to64() / sum);
                         }
@@ -449,14 +452,27 @@ fn backward<T: Float>(
         .zip(o.par_chunks(d))
         .map(|(a, b)| a.iter().zip(b).map(|(&x, &y)| x.to64() * y.to64()).sum())
         .collect();
-    // `scale · p (dp − D)` of query row r against key j, 0 where masked or the row is uniform.
-    let ds = |r: usize, bi: usize, j: usize, sc: T, dp: T| -> (f64, f64) {
-        let i = r % s;
-        if lse[r].is_nan() || j > g.last_key(i) || !g.keeps(bi, j) {
-            return (0.0, 0.0);
-        }
-        let p = exp_neg::<T>(scaled(sc, g.scale) - lse[r]);
-        (p, p * (dp.to64() - delta[r]) * g.scale)
+    // Whether query row r (of batch row bi) sees key j: 0 for `p` and `ds` where it does not,
+    // and for every key of a uniform row.
+    let sees = |r: usize, bi: usize, j: usize| {
+        !lse[r].is_nan() && j <= g.last_key(r % s) && g.keeps(bi, j)
+    };
+    // The exponent of `p = exp(·)` from row r's score `sc` against key j (-inf: p = 0). The
+    // probabilities of a block are its exponents through [`Float::exp_neg_in_place`].
+    let exponent = |r: usize, bi: usize, j: usize, sc: T| {
+        T::of64(if sees(r, bi, j) {
+            scaled(sc, g.scale) - lse[r]
+        } else {
+            f64::NEG_INFINITY
+        })
+    };
+    // `scale · p (dp − D)` of query row r against key j, 0 where it does not see it.
+    let ds = |r: usize, bi: usize, j: usize, p: T, dp: T| {
+        T::of64(if sees(r, bi, j) {
+            p.to64() * (dp.to64() - delta[r]) * g.scale
+        } else {
+            0.0
+        })
     };
     let mut dq = vec![T::zero(); q.len()];
     dq.par_chunks_mut(s * d)
@@ -473,10 +489,12 @@ fn backward<T: Float>(
                     let r0 = bh * s + i0;
                     let scores = mm_t(&q[r0 * d..(r0 + n) * d], n, &kh[..tk * d], tk, d);
                     let dp = mm_t(&go[r0 * d..(r0 + n) * d], n, &vh[..tk * d], tk, d);
-                    let mut dsb = vec![T::zero(); n * tk];
-                    for (e, dsv) in dsb.iter_mut().enumerate() {
-                        let (ii, j) = (e / tk, e % tk);
-                        *dsv = T::of64(ds(r0 + ii, bi, j, scores[e], dp[e]).1);
+                    let mut dsb: Vec<T> = (0..n * tk)
+                        .map(|e| exponent(r0 + e / tk, bi, e % tk, scores[e]))
+                        .collect();
+                    T::exp_neg_in_place(&mut dsb);
+                    for (e, x) in dsb.iter_mut().enumerate() {
+                        *x = ds(r0 + e / tk, bi, e % tk, *x, dp[e]);
                     }
                     dqb.copy_from_slice(&mm(&dsb, n, &kh[..tk * d], tk, d));
                     Ok(())
@@ -530,14 +548,13 @@ fn backward<T: Float>(
                         let kr = (bg * t + j0) * d..(bg * t + j0 + nb) * d;
                         let st = mm_t(&k[kr.clone()], nb, &qg, m, d); // (nb, m)
                         let dpt = mm_t(&v[kr], nb, &gog, m, d);
-                        let mut pt = vec![T::zero(); nb * m];
-                        let mut dst = vec![T::zero(); nb * m];
-                        for e in 0..nb * m {
-                            let (jj, c) = (e / m, e % m);
-                            let (p, dsv) = ds(rows[c], bi, j0 + jj, st[e], dpt[e]);
-                            pt[e] = T::of64(p);
-                            dst[e] = T::of64(dsv);
-                        }
+                        let mut pt: Vec<T> = (0..nb * m)
+                            .map(|e| exponent(rows[e % m], bi, j0 + e / m, st[e]))
+                            .collect();
+                        T::exp_neg_in_place(&mut pt);
+                        let dst: Vec<T> = (0..nb * m)
+                            .map(|e| ds(rows[e % m], bi, j0 + e / m, pt[e], dpt[e]))
+                            .collect();
                         dvv = mm(&pt, nb, &gog, m, d);
                         dkv = mm(&dst, nb, &qg, m, d);
                     }

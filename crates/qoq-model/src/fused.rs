@@ -44,12 +44,13 @@ macro_rules! float_kernel {
 trait Float: candle_core::WithDType + Send + Sync {
     fn to64(self) -> f64;
     fn of64(v: f64) -> Self;
-    /// `exp(self − m)` in the type's own precision (f32 `exp` for f32 data: the f64 one is about
-    /// twice as slow), widened for accumulation. Arguments below the type's smallest normal
+    /// `x ← exp(x − m)` for every element of `row`, in the type's own precision (f32 `exp` for
+    /// f32 data, the f64 one being about twice as slow; a vector register of elements at a
+    /// time, [`crate::expf`], with libm's bits). Arguments below the type's smallest normal
     /// result give 0 without calling `exp`: libm's underflow path (errno, a function call per
     /// element) made masked attention logits (`f32::MIN` − max) cost ten times a real one,
     /// and the terms dropped (below 1e-37 against a row maximum's 1) change no sum.
-    fn exp_minus(self, m: f64) -> f64;
+    fn exp_minus_in_place(row: &mut [Self], m: f64);
 }
 
 /// `exp(d)` for `d <= 0` in f32, 0 below f32's normal range without calling libm's underflow
@@ -66,8 +67,10 @@ impl Float for f32 {
     fn of64(v: f64) -> Self {
         v as f32
     }
-    fn exp_minus(self, m: f64) -> f64 {
-        f64::from(exp_or_zero(self - m as f32))
+    fn exp_minus_in_place(row: &mut [f32], m: f64) {
+        let m = m as f32;
+        row.iter_mut().for_each(|v| *v -= m);
+        crate::expf::exp_or_zero_in_place(row);
     }
 }
 
@@ -78,9 +81,9 @@ impl Float for f64 {
     fn of64(v: f64) -> Self {
         v
     }
-    fn exp_minus(self, m: f64) -> f64 {
-        let d = self - m;
-        if d < -708.0 { 0.0 } else { d.exp() }
+    fn exp_minus_in_place(row: &mut [f64], m: f64) {
+        row.iter_mut()
+            .for_each(|v| *v = crate::expf::exp_or_zero64(*v - m));
     }
 }
 
@@ -90,15 +93,31 @@ fn inv_rms<T: Float>(row: &[T], eps: f64) -> f64 {
     1.0 / (ss / row.len() as f64 + eps).sqrt()
 }
 
-/// Runs `f` on every (output row, row index) pair, in parallel when the tensor is large.
-fn rows_mut<T: Float>(out: &mut [T], dim: usize, f: impl Fn(usize, &mut [T]) + Send + Sync) {
-    if out.len() >= PAR_MIN_ELEMS {
-        out.par_chunks_mut(dim)
-            .enumerate()
-            .for_each(|(i, o)| f(i, o));
+/// A new `len`-element output computed by `f` on every (row index, output row) pair of `dim`
+/// elements, in parallel when the output is large. Each row is zeroed just before `f` gets it,
+/// in cache, instead of the whole output up front: `vec![0; len]` is a separate pass over memory
+/// (glibc's `calloc` memsets every recycled block), as large as an attention's scores.
+#[allow(unsafe_code)] // rows written before they are read, and `assume_init` of the whole
+fn rows_new<T: Float>(len: usize, dim: usize, f: impl Fn(usize, &mut [T]) + Send + Sync) -> Vec<T> {
+    use std::mem::MaybeUninit;
+    let mut out: Vec<MaybeUninit<T>> = Vec::with_capacity(len);
+    out.resize_with(len, MaybeUninit::uninit);
+    let row = |(i, o): (usize, &mut [MaybeUninit<T>])| {
+        o.iter_mut().for_each(|v| {
+            v.write(T::of64(0.0));
+        });
+        // SAFETY: every element of `o` was initialised just above; `MaybeUninit<T>` and `T` have
+        // the same layout.
+        let o = unsafe { &mut *(std::ptr::from_mut(o) as *mut [T]) };
+        f(i, o)
+    };
+    if len >= PAR_MIN_ELEMS {
+        out.par_chunks_mut(dim).enumerate().for_each(row);
     } else {
-        out.chunks_mut(dim).enumerate().for_each(|(i, o)| f(i, o));
+        out.chunks_mut(dim).enumerate().for_each(row);
     }
+    // SAFETY: the rows cover `out`, and each was initialised before `f` ran on it.
+    unsafe { crate::matmul::assume_init(out) }
 }
 
 /// RMSNorm `x / sqrt(mean(x²) + eps) · w` over the last dimension.
@@ -108,22 +127,19 @@ struct RmsNorm {
 
 fn rms_fwd<T: Float>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
     let dim = w.len();
-    let mut out = vec![T::of64(0.0); x.len()];
-    rows_mut(&mut out, dim, |i, o| {
+    rows_new(x.len(), dim, |i, o| {
         let row = &x[i * dim..(i + 1) * dim];
         let r = inv_rms(row, eps);
         for ((o, &xv), &wv) in o.iter_mut().zip(row).zip(w) {
             *o = T::of64(xv.to64() * r * wv.to64());
         }
-    });
-    out
+    })
 }
 
 /// `dx_i = r·w_i·g_i − x_i·r³·(Σ_j g_j·w_j·x_j)/n` per row.
 fn rms_bwd_x<T: Float>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
     let dim = w.len();
-    let mut out = vec![T::of64(0.0); x.len()];
-    rows_mut(&mut out, dim, |i, o| {
+    rows_new(x.len(), dim, |i, o| {
         let row = &x[i * dim..(i + 1) * dim];
         let gr = &g[i * dim..(i + 1) * dim];
         let r = inv_rms(row, eps);
@@ -137,8 +153,7 @@ fn rms_bwd_x<T: Float>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
         for (((o, &xv), &gv), &wv) in o.iter_mut().zip(row).zip(gr).zip(w) {
             *o = T::of64(r * wv.to64() * gv.to64() - xv.to64() * c);
         }
-    });
-    out
+    })
 }
 
 /// Column sums over the rows of `(x, g)` of `width * dim` per-row terms (`row` adds one row's
@@ -382,15 +397,13 @@ struct LayerNorm {
 
 fn ln_fwd<T: Float>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
     let dim = w.len();
-    let mut out = vec![T::of64(0.0); x.len()];
-    rows_mut(&mut out, dim, |i, o| {
+    rows_new(x.len(), dim, |i, o| {
         let row = &x[i * dim..(i + 1) * dim];
         let (mean, r) = mean_rstd(row, eps);
         for (((o, &xv), &wv), &bv) in o.iter_mut().zip(row).zip(w).zip(b) {
             *o = T::of64((xv.to64() - mean) * r * wv.to64() + bv.to64());
         }
-    });
-    out
+    })
 }
 
 /// `dx = r · (ĝ − mean(ĝ) − x̂ · mean(ĝ · x̂))` per row, with `ĝ = g · w` and `x̂` the normalised
@@ -398,8 +411,7 @@ fn ln_fwd<T: Float>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
 fn ln_bwd_x<T: Float>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
     let dim = w.len();
     let n = dim as f64;
-    let mut out = vec![T::of64(0.0); x.len()];
-    rows_mut(&mut out, dim, |i, o| {
+    rows_new(x.len(), dim, |i, o| {
         let row = &x[i * dim..(i + 1) * dim];
         let gr = &g[i * dim..(i + 1) * dim];
         let (mean, r) = mean_rstd(row, eps);
@@ -414,8 +426,7 @@ fn ln_bwd_x<T: Float>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
             let xh = (xv.to64() - mean) * r;
             *o = T::of64(r * (gv.to64() * wv.to64() - mg - xh * mgx));
         }
-    });
-    out
+    })
 }
 
 /// `(dw, db) = (Σ_rows g · x̂, Σ_rows g)`, as one `(2, dim)` buffer.
@@ -550,11 +561,10 @@ impl<'a> MaskRows<'a> {
 }
 
 fn softmax_fwd<T: Float>(x: &[T], dim: usize, scale: f64, mask: Option<MaskRows>) -> Vec<T> {
-    let mut out = vec![T::of64(0.0); x.len()];
     // As the composed ops: `x · scale` in the data's type (candle's affine), the f32 minimum where
     // masked (`mask_scores`).
     let (mul, neg) = (T::of64(scale), T::of64(f64::from(f32::MIN)));
-    rows_mut(&mut out, dim, |i, o| {
+    rows_new(x.len(), dim, |i, o| {
         let row = &x[i * dim..(i + 1) * dim];
         match mask {
             Some(m) => {
@@ -565,17 +575,13 @@ fn softmax_fwd<T: Float>(x: &[T], dim: usize, scale: f64, mask: Option<MaskRows>
             None => o.iter_mut().zip(row).for_each(|(o, &v)| *o = v * mul),
         }
         let max = o.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v.to64()));
-        let mut sum = 0.0;
-        for o in o.iter_mut() {
-            let e = o.exp_minus(max);
-            sum += e;
-            *o = T::of64(e);
-        }
+        T::exp_minus_in_place(o, max);
+        // Summed in order, in f64 (as each term was added when computed).
+        let sum = o.iter().fold(0.0, |s, &v| s + v.to64());
         for o in o.iter_mut() {
             *o = T::of64(o.to64() / sum);
         }
-    });
-    out
+    })
 }
 
 /// `dx = scale · y · (g − Σ g·y)` per row, 0 where masked.
@@ -586,9 +592,8 @@ fn softmax_bwd<T: Float>(
     scale: f64,
     mask: Option<MaskRows>,
 ) -> Vec<T> {
-    let mut out = vec![T::of64(0.0); y.len()];
     let mul = T::of64(scale);
-    rows_mut(&mut out, dim, |i, o| {
+    rows_new(y.len(), dim, |i, o| {
         let yr = &y[i * dim..(i + 1) * dim];
         let gr = &g[i * dim..(i + 1) * dim];
         let dot: f64 = yr.iter().zip(gr).map(|(&a, &b)| a.to64() * b.to64()).sum();
@@ -602,8 +607,7 @@ fn softmax_bwd<T: Float>(
                 }
             }
         }
-    });
-    out
+    })
 }
 
 impl Softmax {
@@ -766,7 +770,15 @@ struct ChosenLogProb;
 
 fn lse<T: Float>(row: &[T]) -> (f64, f64) {
     let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v.to64()));
-    let sum: f64 = row.iter().map(|&v| v.exp_minus(max)).sum();
+    // The terms by blocks of a stack buffer (vectorised exponentials), summed in order.
+    let mut buf = [T::of64(0.0); 256];
+    let mut sum = 0.0;
+    for part in row.chunks(buf.len()) {
+        let b = &mut buf[..part.len()];
+        b.copy_from_slice(part);
+        T::exp_minus_in_place(b, max);
+        sum = b.iter().fold(sum, |s, &v| s + v.to64());
+    }
     (max, sum.ln())
 }
 
@@ -784,18 +796,18 @@ fn chosen_fwd<T: Float>(x: &[T], labels: &[u32], vocab: usize) -> Vec<T> {
 }
 
 fn chosen_bwd<T: Float>(x: &[T], labels: &[u32], g: &[T], vocab: usize) -> Vec<T> {
-    let mut out = vec![T::of64(0.0); x.len()];
-    rows_mut(&mut out, vocab, |i, o| {
+    rows_new(x.len(), vocab, |i, o| {
         let row = &x[i * vocab..(i + 1) * vocab];
         let (max, l) = lse(row);
         let gi = g[i].to64();
-        for (o, &v) in o.iter_mut().zip(row) {
-            *o = T::of64(-gi * v.exp_minus(max + l));
+        o.copy_from_slice(row);
+        T::exp_minus_in_place(o, max + l);
+        for o in o.iter_mut() {
+            *o = T::of64(-gi * o.to64());
         }
         let k = labels[i] as usize;
         o[k] = T::of64(o[k].to64() + gi);
-    });
-    out
+    })
 }
 
 fn labels_u32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
@@ -927,8 +939,7 @@ fn rope_kernel<T: Float>(
     sign: f64,
 ) -> Vec<T> {
     let half = d / 2;
-    let mut out = vec![T::of64(0.0); x.len()];
-    rows_mut(&mut out, d, |r, o| {
+    rows_new(x.len(), d, |r, o| {
         let xr = &x[r * d..(r + 1) * d];
         let k = row_of(r) * half;
         let (c, s) = (&cos[k..k + half], &sin[k..k + half]);
@@ -938,8 +949,7 @@ fn rope_kernel<T: Float>(
             o[j] = T::of64(x1 * cj - x2 * sj);
             o[j + half] = T::of64(x2 * cj + x1 * sj);
         }
-    });
-    out
+    })
 }
 
 impl CustomOp3 for Rope {
@@ -1037,15 +1047,13 @@ fn sigmoid<T: Float>(x: T) -> f64 {
 }
 
 fn swiglu_fwd<T: Float>(gate: &[T], up: &[T]) -> Vec<T> {
-    let mut out = vec![T::of64(0.0); gate.len()];
-    rows_mut(&mut out, ELEM_CHUNK, |c, o| {
+    rows_new(gate.len(), ELEM_CHUNK, |c, o| {
         let base = c * ELEM_CHUNK;
         let (g, u) = (&gate[base..base + o.len()], &up[base..base + o.len()]);
         for ((o, &gv), &uv) in o.iter_mut().zip(g).zip(u) {
             *o = T::of64(gv.to64() * sigmoid(gv) * uv.to64());
         }
-    });
-    out
+    })
 }
 
 /// `[dgate; dup]` (twice the input's length) for the output gradient `dy`.

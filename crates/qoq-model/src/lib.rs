@@ -24,6 +24,7 @@ pub mod checkpoint;
 pub mod device;
 pub mod embedding;
 pub mod error;
+pub mod expf;
 pub mod fused;
 pub mod init;
 pub mod inputs;
