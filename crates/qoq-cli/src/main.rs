@@ -68,7 +68,9 @@ fn main() -> std::process::ExitCode {
         )
         .init();
     let cli = Cli::parse();
-    let result = match cli.command {
+    // On a compute thread: the kernels' parallel jobs start there instead of waking the pool
+    // from `main` each time (qoq_model::threads::install).
+    let result = qoq_model::threads::install(|| match cli.command {
         Command::Demo(a) => cmd::demo::run(a),
         Command::Data(c) => cmd::data::run(c),
         Command::Bench(c) => cmd::bench::run(c),
@@ -84,7 +86,7 @@ fn main() -> std::process::ExitCode {
         Command::Serve(a) => cmd::serve::run(a),
         Command::Model(c) => cmd::model::run(c),
         Command::Train(a) => cmd::train::run(a),
-    };
+    });
     match result {
         Ok(code) => code,
         Err(e) => {

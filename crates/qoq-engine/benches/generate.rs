@@ -135,7 +135,9 @@ fn main() {
                 kv_budget: None,
             };
             let t0 = Instant::now();
-            let out = generate(&model, &reqs, &cfg, |_, _, _| {}).expect("generate");
+            // On a compute thread, as `qoq` runs its commands.
+            let out = qoq_model::threads::install(|| generate(&model, &reqs, &cfg, |_, _, _| {}))
+                .expect("generate");
             assert!(out.iter().flatten().all(|g| g.tokens.len() == tokens));
             t0.elapsed().as_secs_f64()
         };

@@ -139,8 +139,8 @@ fn main() {
     let mut times = Vec::new();
     for i in 0..=runs {
         let t0 = Instant::now();
-        let logits = model
-            .forward(&inp, ForwardMode::Inference)
+        // On a compute thread, as `qoq` runs its commands.
+        let logits = qoq_model::threads::install(|| model.forward(&inp, ForwardMode::Inference))
             .expect("forward");
         assert_eq!(logits.dims(), &[1, SEQ, 151_936]);
         if i > 0 {

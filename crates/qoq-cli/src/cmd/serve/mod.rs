@@ -397,7 +397,9 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
     let model_dir = a.model.clone();
     let sched = std::thread::Builder::new()
         .name("qoq-scheduler".into())
-        .spawn(move || scheduler::run(model, model_dir, rx, limits, metrics))
+        .spawn(move || {
+            qoq_model::threads::install(|| scheduler::run(model, model_dir, rx, limits, metrics))
+        })
         .context("starting the scheduler thread")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
