@@ -24,23 +24,25 @@
 pub fn exp_or_zero_in_place(xs: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if !xs.iter().any(|&x| x > 87.0) {
-            if std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY: the CPU has the features the function is compiled for.
-                unsafe { exp_avx512(xs) };
-                return;
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY: as above.
-                unsafe { exp_avx2(xs) };
-                return;
-            }
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has the features the function is compiled for.
+            unsafe { exp_avx512(xs) };
+            return;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: as above.
+            unsafe { exp_avx2(xs) };
+            return;
         }
     }
+    by_libm(xs);
+}
+
+/// Each element through [`crate::fused::exp_or_zero`] (libm).
+fn by_libm(xs: &mut [f32]) {
     for x in xs {
         *x = crate::fused::exp_or_zero(*x);
     }
@@ -70,6 +72,11 @@ fn exp_avx2(xs: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn exp_lanes(xs: &mut [f32]) {
+    // Above 87 (never a score minus its row's maximum) glibc leaves the main path: libm. The
+    // test is a vector OR over the slice, not an early exit (which would compare one by one).
+    if xs.iter().fold(false, |big, &x| big | (x > 87.0)) {
+        return by_libm(xs);
+    }
     for x in xs {
         let low = *x < -87.0;
         let e = expf_fma(if low { 0.0 } else { *x });

@@ -560,6 +560,16 @@ impl<'a> MaskRows<'a> {
     }
 }
 
+/// The positions from the first kept one to the last of a mask row (`0..0` when none is kept):
+/// outside them a softmax row is exactly 0 and its terms in the row's sums are zeros, which
+/// the kernels skip (a causal row keeps a prefix, a window a block).
+fn kept_span(keep: &[u8]) -> std::ops::Range<usize> {
+    match keep.iter().position(|&k| k != 0) {
+        Some(lo) => lo..keep.iter().rposition(|&k| k != 0).map_or(lo, |hi| hi + 1),
+        None => 0..0,
+    }
+}
+
 fn softmax_fwd<T: Float>(x: &[T], dim: usize, scale: f64, mask: Option<MaskRows>) -> Vec<T> {
     // As the composed ops: `x · scale` in the data's type (candle's affine), the f32 minimum where
     // masked (`mask_scores`).
@@ -575,6 +585,17 @@ fn softmax_fwd<T: Float>(x: &[T], dim: usize, scale: f64, mask: Option<MaskRows>
             None => o.iter_mut().zip(row).for_each(|(o, &v)| *o = v * mul),
         }
         let max = o.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v.to64()));
+        // Masked positions outside the kept span are exp(f32::MIN − max) = 0: written as such,
+        // and left out of the sum, where they added zeros. A row with nothing kept is uniform
+        // (every score f32::MIN), computed whole.
+        let span = match mask {
+            Some(m) => kept_span(m.row(i, dim)),
+            None => 0..dim,
+        };
+        let span = if span.is_empty() { 0..dim } else { span };
+        o[..span.start].fill(T::of64(0.0));
+        o[span.end..].fill(T::of64(0.0));
+        let o = &mut o[span];
         T::exp_minus_in_place(o, max);
         // Summed in order, in f64 (as each term was added when computed).
         let sum = o.iter().fold(0.0, |s, &v| s + v.to64());
@@ -594,14 +615,21 @@ fn softmax_bwd<T: Float>(
 ) -> Vec<T> {
     let mul = T::of64(scale);
     rows_new(y.len(), dim, |i, o| {
-        let yr = &y[i * dim..(i + 1) * dim];
-        let gr = &g[i * dim..(i + 1) * dim];
+        // Outside the mask's kept span the output is 0 (as `rows_new` gives it) and `y` is 0,
+        // whose terms the dot product skips.
+        let (keep, span) = match mask {
+            Some(m) => (Some(m.row(i, dim)), kept_span(m.row(i, dim))),
+            None => (None, 0..dim),
+        };
+        let yr = &y[i * dim..(i + 1) * dim][span.clone()];
+        let gr = &g[i * dim..(i + 1) * dim][span.clone()];
         let dot: f64 = yr.iter().zip(gr).map(|(&a, &b)| a.to64() * b.to64()).sum();
+        let o = &mut o[span.clone()];
         for ((o, &yv), &gv) in o.iter_mut().zip(yr).zip(gr) {
             *o = T::of64(yv.to64() * (gv.to64() - dot)) * mul;
         }
-        if let Some(m) = mask {
-            for (o, &keep) in o.iter_mut().zip(m.row(i, dim)) {
+        if let Some(keep) = keep {
+            for (o, &keep) in o.iter_mut().zip(&keep[span]) {
                 if keep == 0 {
                     *o = T::of64(0.0);
                 }
