@@ -383,7 +383,7 @@ fn forward<T: Float>(g: &Geometry, q: &[T], k: &[T], v: &[T]) -> Result<(Vec<T>,
                     let (i0, n) = (blk * BLOCK, l.len());
                     let tk = g.last_key(i0 + n - 1) + 1;
                     let r0 = bh * s + i0;
-                    let scores = mm_t(&q[r0 * d..(r0 + n) * d], n, &kh[..tk * d], tk, d);
+                    let scores = mm_t(&q[r0 * d..(r0 + n) * d], n, &kh[..tk * d], tk, d)?;
                     let mut p = vec![T::zero(); n * tk];
                     for (ii, (row, prow)) in scores.chunks(tk).zip(p.chunks_mut(tk)).enumerate() {
                         let last = g.last_key(i0 + ii);
@@ -414,7 +414,7 @@ fn forward<T: Float>(g: &Geometry, q: &[T], k: &[T], v: &[T]) -> Result<(Vec<T>,
                         }
                         l[ii] = max + sum.ln();
                     }
-                    o.copy_from_slice(&mm(&p, n, &vh[..tk * d], tk, d));
+                    o.copy_from_slice(&mm(&p, n, &vh[..tk * d], tk, d)?);
                     for (orow, &li) in o.chunks_mut(d).zip(l.iter()) {
                         if li.is_nan() {
                             // The eager path's finfo.min fill: 1/t to every one of the t keys.
@@ -487,8 +487,8 @@ fn backward<T: Float>(
                     let (i0, n) = (blk * BLOCK, dqb.len() / d);
                     let tk = g.last_key(i0 + n - 1) + 1;
                     let r0 = bh * s + i0;
-                    let scores = mm_t(&q[r0 * d..(r0 + n) * d], n, &kh[..tk * d], tk, d);
-                    let dp = mm_t(&go[r0 * d..(r0 + n) * d], n, &vh[..tk * d], tk, d);
+                    let scores = mm_t(&q[r0 * d..(r0 + n) * d], n, &kh[..tk * d], tk, d)?;
+                    let dp = mm_t(&go[r0 * d..(r0 + n) * d], n, &vh[..tk * d], tk, d)?;
                     let mut dsb: Vec<T> = (0..n * tk)
                         .map(|e| exponent(r0 + e / tk, bi, e % tk, scores[e]))
                         .collect();
@@ -496,7 +496,7 @@ fn backward<T: Float>(
                     for (e, x) in dsb.iter_mut().enumerate() {
                         *x = ds(r0 + e / tk, bi, e % tk, *x, dp[e]);
                     }
-                    dqb.copy_from_slice(&mm(&dsb, n, &kh[..tk * d], tk, d));
+                    dqb.copy_from_slice(&mm(&dsb, n, &kh[..tk * d], tk, d)?);
                     Ok(())
                 })
         })?;
@@ -546,8 +546,8 @@ fn backward<T: Float>(
                         };
                         let (qg, gog) = (gather(q), gather(go));
                         let kr = (bg * t + j0) * d..(bg * t + j0 + nb) * d;
-                        let st = mm_t(&k[kr.clone()], nb, &qg, m, d); // (nb, m)
-                        let dpt = mm_t(&v[kr], nb, &gog, m, d);
+                        let st = mm_t(&k[kr.clone()], nb, &qg, m, d)?; // (nb, m)
+                        let dpt = mm_t(&v[kr], nb, &gog, m, d)?;
                         let mut pt: Vec<T> = (0..nb * m)
                             .map(|e| exponent(rows[e % m], bi, j0 + e / m, st[e]))
                             .collect();
@@ -555,8 +555,8 @@ fn backward<T: Float>(
                         let dst: Vec<T> = (0..nb * m)
                             .map(|e| ds(rows[e % m], bi, j0 + e / m, pt[e], dpt[e]))
                             .collect();
-                        dvv = mm(&pt, nb, &gog, m, d);
-                        dkv = mm(&dst, nb, &qg, m, d);
+                        dvv = mm(&pt, nb, &gog, m, d)?;
+                        dkv = mm(&dst, nb, &qg, m, d)?;
                     }
                     dkb.copy_from_slice(&dkv);
                     for (row, vrow) in dvb.chunks_mut(d).zip(dvv.chunks(d)) {

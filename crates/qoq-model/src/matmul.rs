@@ -82,19 +82,41 @@ pub(crate) fn storage_matmul(
     }
 }
 
-/// `a · bᵀ` for row-major slices `a: (m, k)`, `b: (n, k)` → `(m, n)` row-major.
-pub(crate) fn mm_t<T: Gemm>(a: &[T], m: usize, b: &[T], n: usize, k: usize) -> Vec<T> {
+/// `a · bᵀ` for row-major slices `a: (m, k)`, `b: (n, k)` → `(m, n)` row-major (in the `mkl`
+/// build MKL's product, through candle).
+pub(crate) fn mm_t<T: Gemm>(a: &[T], m: usize, b: &[T], n: usize, k: usize) -> Result<Vec<T>> {
+    if cfg!(feature = "mkl") {
+        let dev = candle_core::Device::Cpu;
+        let b = Tensor::from_slice(b, (n, k), &dev)?;
+        return Tensor::from_slice(a, (m, k), &dev)?
+            .matmul(&b.t()?)?
+            .flatten_all()?
+            .to_vec1();
+    }
     let ks = k as isize;
-    gemm_batched((a, ks, 1, 0), (b, 1, ks, 0), (1, m, n, k))
+    Ok(gemm_batched((a, ks, 1, 0), (b, 1, ks, 0), (1, m, n, k)))
 }
 
-/// `a · b` for row-major slices `a: (m, k)`, `b: (k, n)` → `(m, n)` row-major.
-pub(crate) fn mm<T: Gemm>(a: &[T], m: usize, b: &[T], k: usize, n: usize) -> Vec<T> {
-    gemm_batched((a, k as isize, 1, 0), (b, n as isize, 1, 0), (1, m, n, k))
+/// `a · b` for row-major slices `a: (m, k)`, `b: (k, n)` → `(m, n)` row-major (in the `mkl`
+/// build MKL's product, through candle).
+pub(crate) fn mm<T: Gemm>(a: &[T], m: usize, b: &[T], k: usize, n: usize) -> Result<Vec<T>> {
+    if cfg!(feature = "mkl") {
+        let dev = candle_core::Device::Cpu;
+        let b = Tensor::from_slice(b, (k, n), &dev)?;
+        return Tensor::from_slice(a, (m, k), &dev)?
+            .matmul(&b)?
+            .flatten_all()?
+            .to_vec1();
+    }
+    Ok(gemm_batched(
+        (a, k as isize, 1, 0),
+        (b, n as isize, 1, 0),
+        (1, m, n, k),
+    ))
 }
 
 /// The element types the `gemm` crate multiplies that this module hands to it.
-pub(crate) trait Gemm: Copy + Send + Sync + 'static {
+pub(crate) trait Gemm: candle_core::WithDType + Copy + Send + Sync + 'static {
     const ZERO: Self;
     const ONE: Self;
 }
@@ -334,7 +356,7 @@ mod tests {
             .unwrap()
             .to_vec1()
             .unwrap();
-        assert_eq!(mm_t(&a, m, &b, n, k), want);
+        assert_eq!(mm_t(&a, m, &b, n, k).unwrap(), want);
         let bk = Tensor::from_slice(&b, (k, n), &dev).unwrap();
         let want: Vec<f32> = at
             .matmul(&bk)
@@ -343,6 +365,6 @@ mod tests {
             .unwrap()
             .to_vec1()
             .unwrap();
-        assert_eq!(mm(&a, m, &b, k, n), want);
+        assert_eq!(mm(&a, m, &b, k, n).unwrap(), want);
     }
 }
