@@ -173,28 +173,8 @@ impl InplaceOp2 for ScatterAdd<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{bits, wave};
     use candle_core::{Device, Var};
-
-    fn wave(shape: &[usize], f: f64, dtype: DType) -> Tensor {
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n).map(|i| ((i as f64) * f + 0.3).sin()).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap()
-    }
-
-    fn bits(t: &Tensor) -> Vec<u64> {
-        t.to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap()
-            .iter()
-            .map(|x| x.to_bits())
-            .collect()
-    }
 
     /// Values and the weight's gradient equal `index_select`'s (a repeated id included), through
     /// a plain backward and through the backward's sums, also for a weight tied to a product

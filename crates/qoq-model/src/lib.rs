@@ -39,6 +39,9 @@ pub mod threads;
 pub mod train;
 pub mod value;
 
+#[cfg(test)]
+mod test_util;
+
 pub use batch::{RolloutTensors, batch_to_inputs, prompt_inputs, rollout_tensors};
 pub use device::{DeviceError, DeviceSpec, parse_device};
 pub use error::{Error, Result};

@@ -453,6 +453,7 @@ impl CustomOp1 for FrozenMatmul {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::wave;
     use candle_core::{DType, Device, Var};
 
     /// The input's gradient equals the plain product's, the forward too, and the frozen weight
@@ -631,15 +632,6 @@ mod tests {
             .max(0)
             .unwrap()
             .to_scalar::<f64>()
-            .unwrap()
-    }
-
-    fn wave(shape: &[usize], f: f64, dtype: DType) -> Tensor {
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n).map(|i| ((i as f64) * f + 0.3).sin()).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
             .unwrap()
     }
 

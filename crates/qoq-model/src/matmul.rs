@@ -253,28 +253,8 @@ pub(crate) unsafe fn assume_init<T>(v: Vec<MaybeUninit<T>>) -> Vec<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{bits, wave};
     use candle_core::{DType, Device};
-
-    fn wave(shape: &[usize], f: f64, dtype: DType) -> Tensor {
-        let n = shape.iter().product::<usize>();
-        let v: Vec<f64> = (0..n).map(|i| ((i as f64) * f).sin()).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap()
-    }
-
-    fn bits(t: &Tensor) -> Vec<u64> {
-        t.to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap()
-            .into_iter()
-            .map(f64::to_bits)
-            .collect()
-    }
 
     /// Every layout the model's products take (contiguous, transposed, narrowed, a batch folded
     /// or not, ranks 2 to 4), with the output in memory that held other values before: the same
