@@ -68,9 +68,29 @@ fn main() -> std::process::ExitCode {
         )
         .init();
     let cli = Cli::parse();
-    // On a compute thread: the kernels' parallel jobs start there instead of waking the pool
-    // from `main` each time (qoq_model::threads::install).
-    let result = qoq_model::threads::install(|| match cli.command {
+    let result = match cli.command {
+        // The server's async runtime waits on sockets, so it stays off the compute threads (it
+        // would hold one of them idle); its scheduler thread runs the model's work on them.
+        Command::Serve(a) => cmd::serve::run(a),
+        // On a compute thread: the kernels' parallel jobs start there instead of waking the
+        // pool from `main` each time (qoq_model::threads::install).
+        command => qoq_model::threads::install(|| run(command)),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs one command (`serve` included, though `main` starts it outside the compute threads).
+fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
+    match command {
         Command::Demo(a) => cmd::demo::run(a),
         Command::Data(c) => cmd::data::run(c),
         Command::Bench(c) => cmd::bench::run(c),
@@ -86,16 +106,6 @@ fn main() -> std::process::ExitCode {
         Command::Serve(a) => cmd::serve::run(a),
         Command::Model(c) => cmd::model::run(c),
         Command::Train(a) => cmd::train::run(a),
-    });
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e}");
-            for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
-            std::process::ExitCode::from(2)
-        }
     }
 }
 
