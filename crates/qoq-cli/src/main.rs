@@ -68,13 +68,14 @@ fn main() -> std::process::ExitCode {
         )
         .init();
     let cli = Cli::parse();
-    let result = match cli.command {
-        // The server's async runtime waits on sockets, so it stays off the compute threads (it
-        // would hold one of them idle); its scheduler thread runs the model's work on them.
-        Command::Serve(a) => cmd::serve::run(a),
-        // On a compute thread: the kernels' parallel jobs start there instead of waking the
-        // pool from `main` each time (qoq_model::threads::install).
-        command => qoq_model::threads::install(|| run(command)),
+    // On a compute thread: the kernels' parallel jobs start there instead of waking the pool
+    // from `main` each time (qoq_model::threads::install). Except the server: its async runtime
+    // waits on sockets and would hold a compute thread idle; its scheduler thread runs the
+    // model's work on them.
+    let result = if matches!(cli.command, Command::Serve(_)) {
+        run(cli.command)
+    } else {
+        qoq_model::threads::install(|| run(cli.command))
     };
     match result {
         Ok(code) => code,
@@ -88,7 +89,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// Runs one command (`serve` included, though `main` starts it outside the compute threads).
+/// Runs one command.
 fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
     match command {
         Command::Demo(a) => cmd::demo::run(a),

@@ -276,7 +276,7 @@ fn raw_logprobs(logits: &[f32]) -> impl Fn(u32) -> f32 + '_ {
             + logits
                 .iter()
                 .filter(|x| x.is_finite())
-                .map(|&x| f64::from(qoq_model::fused::exp_or_zero(x - max)))
+                .map(|&x| f64::from(qoq_model::expf::exp_or_zero(x - max)))
                 .sum::<f64>()
                 .ln()
     };

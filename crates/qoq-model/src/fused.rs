@@ -53,13 +53,6 @@ trait Float: candle_core::WithDType + Send + Sync {
     fn exp_minus_in_place(row: &mut [Self], m: f64);
 }
 
-/// `exp(d)` for `d <= 0` in f32, 0 below f32's normal range without calling libm's underflow
-/// path (errno, a function call per element: about ten times a normal `exp`; masked attention
-/// logits and the tail of a vocabulary land there). The terms dropped are below 1e-37.
-pub fn exp_or_zero(d: f32) -> f32 {
-    if d < -87.0 { 0.0 } else { d.exp() }
-}
-
 impl Float for f32 {
     fn to64(self) -> f64 {
         f64::from(self)
@@ -100,8 +93,7 @@ fn inv_rms<T: Float>(row: &[T], eps: f64) -> f64 {
 #[allow(unsafe_code)] // rows written before they are read, and `assume_init` of the whole
 fn rows_new<T: Float>(len: usize, dim: usize, f: impl Fn(usize, &mut [T]) + Send + Sync) -> Vec<T> {
     use std::mem::MaybeUninit;
-    let mut out: Vec<MaybeUninit<T>> = Vec::with_capacity(len);
-    out.resize_with(len, MaybeUninit::uninit);
+    let mut out = crate::matmul::uninit(len);
     let row = |(i, o): (usize, &mut [MaybeUninit<T>])| {
         o.iter_mut().for_each(|v| {
             v.write(T::of64(0.0));
@@ -584,7 +576,7 @@ fn softmax_fwd<T: Float>(x: &[T], dim: usize, scale: f64, mask: Option<MaskRows>
             }
             None => o.iter_mut().zip(row).for_each(|(o, &v)| *o = v * mul),
         }
-        let max = o.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v.to64()));
+        let max = row_max(o);
         // Masked positions outside the kept span are exp(f32::MIN − max) = 0: written as such,
         // and left out of the sum, where they added zeros. A row with nothing kept is uniform
         // (every score f32::MIN), computed whole.
@@ -617,10 +609,8 @@ fn softmax_bwd<T: Float>(
     rows_new(y.len(), dim, |i, o| {
         // Outside the mask's kept span the output is 0 (as `rows_new` gives it) and `y` is 0,
         // whose terms the dot product skips.
-        let (keep, span) = match mask {
-            Some(m) => (Some(m.row(i, dim)), kept_span(m.row(i, dim))),
-            None => (None, 0..dim),
-        };
+        let keep = mask.map(|m| m.row(i, dim));
+        let span = keep.map_or(0..dim, kept_span);
         let yr = &y[i * dim..(i + 1) * dim][span.clone()];
         let gr = &g[i * dim..(i + 1) * dim][span.clone()];
         let dot: f64 = yr.iter().zip(gr).map(|(&a, &b)| a.to64() * b.to64()).sum();
@@ -796,8 +786,13 @@ pub(crate) fn scaled_masked_softmax(
 /// `(rows, vocab)` log-softmax tensor; the backward writes `g · (onehot(label) − softmax(x))`.
 struct ChosenLogProb;
 
+/// The row's maximum, widened (NaN values ignored).
+fn row_max<T: Float>(row: &[T]) -> f64 {
+    row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v.to64()))
+}
+
 fn lse<T: Float>(row: &[T]) -> (f64, f64) {
-    let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v.to64()));
+    let max = row_max(row);
     // The terms by blocks of a stack buffer (vectorised exponentials), summed in order.
     let mut buf = [T::of64(0.0); 256];
     let mut sum = 0.0;

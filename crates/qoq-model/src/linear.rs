@@ -229,10 +229,8 @@ fn transposed_is_faster(m: usize, k: usize, n: usize) -> bool {
 #[allow(unsafe_code)] // `assume_init` of an output whose every element is written
 fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     use rayon::prelude::*;
-    use std::mem::MaybeUninit;
     const TILE: usize = 32;
-    let mut out: Vec<MaybeUninit<f32>> = Vec::with_capacity(rows * cols);
-    out.resize_with(rows * cols, MaybeUninit::uninit);
+    let mut out = crate::matmul::uninit(rows * cols);
     out.par_chunks_mut((TILE * rows).max(1))
         .enumerate()
         .for_each(|(cb, block)| {

@@ -197,9 +197,7 @@ fn gemm_batched<T: Gemm>(
     } else {
         (b, m)
     };
-    let mut dst: Vec<MaybeUninit<T>> = Vec::with_capacity(len);
-    // SAFETY: `MaybeUninit` elements need no initialisation.
-    unsafe { dst.set_len(len) };
+    let mut dst = uninit(len);
     for step in 0..b {
         let (lhs, rhs) = (&lhs[step * a_skip..], &rhs[step * b_skip..]);
         let out = &mut dst[step * m * n..(step + 1) * m * n];
@@ -235,6 +233,14 @@ fn gemm_batched<T: Gemm>(
     // SAFETY: every element was written above (each step's `m · n` outputs, the steps covering
     // `len`); a `Vec<MaybeUninit<T>>` and a `Vec<T>` have the same layout.
     unsafe { assume_init(dst) }
+}
+
+/// `len` elements not written yet: an output buffer that its writer fills before
+/// [`assume_init`].
+pub(crate) fn uninit<T>(len: usize) -> Vec<MaybeUninit<T>> {
+    let mut v = Vec::with_capacity(len);
+    v.resize_with(len, MaybeUninit::uninit);
+    v
 }
 
 /// `v` as the `Vec<T>` it holds.
