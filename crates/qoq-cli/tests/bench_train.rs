@@ -111,6 +111,36 @@ fn gradient_checkpointing_flag_recomputes_the_layers_and_keeps_the_step() {
     assert!((na - nb).abs() <= 1e-5 * na, "grad norm {na} vs {nb}");
 }
 
+/// `--no-pack` computes each rollout as its own row (the reference's layout); by default the
+/// rollouts of a prompt in a micro-batch share one row: the same losses and gradient norm up to
+/// rounding.
+#[test]
+fn no_pack_flag_computes_one_rollout_per_row_and_keeps_the_step() {
+    let packed = tiny_step(&[]);
+    let plain = tiny_step(&["--no-pack"]);
+    assert_eq!(packed["pack_rollouts"], true);
+    assert_eq!(plain["pack_rollouts"], false);
+    assert_eq!(plain["qoq"]["packed_micro_batches"], 0);
+    assert!(packed["qoq"]["packed_micro_batches"].as_u64().unwrap() > 0);
+    let (a, b) = (&plain["qoq"]["steps"][0], &packed["qoq"]["steps"][0]);
+    let losses = |v: &serde_json::Value| -> Vec<f64> {
+        v["losses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    for (x, y) in losses(a).iter().zip(losses(b)) {
+        assert!((x - y).abs() <= 1e-6, "loss {x} vs {y}");
+    }
+    let (na, nb) = (
+        a["grad_norm"].as_f64().unwrap(),
+        b["grad_norm"].as_f64().unwrap(),
+    );
+    assert!((na - nb).abs() <= 1e-4 * na, "grad norm {na} vs {nb}");
+}
+
 /// `--all-reduce host` is the one-process step unchanged (recorded in the report); `nccl` on
 /// the CPU (or in a build without the feature) is refused naming the key and the way out. The
 /// NCCL run itself needs a GPU: scripts/gpu-check.sh.

@@ -77,6 +77,7 @@ fn main() -> Result<()> {
             let mask = AttentionMask {
                 causal: true,
                 key_keep: Some(Tensor::ones((ROWS, s), DType::U8, &dev)?),
+                segments: None,
             };
             let chunked = || {
                 with_min_macs(0, || {

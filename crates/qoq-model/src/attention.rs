@@ -211,6 +211,91 @@ pub struct AttentionMask {
     pub causal: bool,
     /// `(b, t)`, 1 = a real key, 0 = padding; `None`: every key is real.
     pub key_keep: Option<Tensor>,
+    /// `(b, t)` u32 segments of packed rows ([`crate::ModelInputs::segments`]): the query at
+    /// position `p` sees key `j` only where `segments[j]` is 0 or `segments[p]`; `None`: no
+    /// such rule.
+    pub segments: Option<Tensor>,
+}
+
+impl AttentionMask {
+    /// The rules of `s` queries over `t` keys in `b` rows, on the host.
+    fn resolve(&self, b: usize, s: usize, t: usize) -> Result<Visible> {
+        if self.causal && t < s {
+            candle_core::bail!("attention mask: causal with {s} queries over {t} keys");
+        }
+        let host = |m: &Tensor, what: &str| -> Result<Vec<u32>> {
+            if m.dims2()? != (b, t) {
+                candle_core::bail!(
+                    "attention mask: {what} {:?}, expected ({b}, {t})",
+                    m.shape()
+                );
+            }
+            m.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()
+        };
+        let key_keep = match &self.key_keep {
+            Some(m) => Some(host(m, "key mask")?.into_iter().map(|x| x != 0).collect()),
+            None => None,
+        };
+        let segments = match &self.segments {
+            Some(m) => Some(host(m, "segments")?),
+            None => None,
+        };
+        Ok(Visible {
+            s,
+            t,
+            causal: self.causal,
+            key_keep,
+            segments,
+        })
+    }
+
+    /// `(b, 1, s, t)` u8, 1 where query `i` (position `t - s + i`) sees key `j`: the form of
+    /// [`eager_attention`]'s mask.
+    pub fn dense(&self, b: usize, s: usize, t: usize, dev: &candle_core::Device) -> Result<Tensor> {
+        let vis = self.resolve(b, s, t)?;
+        let mut allowed = vec![0u8; b * s * t];
+        for (r, row) in allowed.chunks_mut(t).enumerate() {
+            let (bi, i) = (r / s, r % s);
+            for (j, a) in row.iter_mut().enumerate().take(vis.last_key(i) + 1) {
+                *a = u8::from(vis.sees(bi, i, j));
+            }
+        }
+        Tensor::from_vec(allowed, (b, 1, s, t), dev)
+    }
+}
+
+/// [`AttentionMask`] resolved for one call: which keys each query sees.
+#[derive(Debug, Clone)]
+struct Visible {
+    s: usize,
+    t: usize,
+    causal: bool,
+    /// `b · t`, true = a real key.
+    key_keep: Option<Vec<bool>>,
+    /// `b · t` segments.
+    segments: Option<Vec<u32>>,
+}
+
+impl Visible {
+    /// Last key query row `i` may see (inclusive) under the causal rule.
+    fn last_key(&self, i: usize) -> usize {
+        if self.causal {
+            self.t - self.s + i
+        } else {
+            self.t - 1
+        }
+    }
+
+    /// Whether query `i` of batch row `bi` sees key `j`.
+    fn sees(&self, bi: usize, i: usize, j: usize) -> bool {
+        let row = bi * self.t;
+        j <= self.last_key(i)
+            && self.key_keep.as_ref().is_none_or(|k| k[row + j])
+            && self.segments.as_ref().is_none_or(|g| {
+                let key = g[row + j];
+                key == 0 || key == g[row + self.t - self.s + i]
+            })
+    }
 }
 
 /// Attention of `q: (b, heads, s, d)` over `k`, `v: (b, kv_heads, t, d)` (`heads` a multiple of
@@ -237,33 +322,12 @@ pub fn chunked_attention(
             v.shape()
         );
     }
-    if mask.causal && t < s {
-        candle_core::bail!("chunked attention: causal with {s} queries over {t} keys");
-    }
     if matches!(q.dtype(), DType::BF16 | DType::F16) {
         let wide = |x: &Tensor| x.to_dtype(DType::F32);
         return chunked_attention(&wide(q)?, &wide(k)?, &wide(v)?, scale, mask)?
             .to_dtype(q.dtype());
     }
-    let key_keep = match &mask.key_keep {
-        Some(m) => {
-            if m.dims2()? != (b, t) {
-                candle_core::bail!(
-                    "chunked attention: key mask {:?}, expected ({b}, {t})",
-                    m.shape()
-                );
-            }
-            Some(
-                m.to_dtype(DType::U8)?
-                    .flatten_all()?
-                    .to_vec1::<u8>()?
-                    .into_iter()
-                    .map(|x| x != 0)
-                    .collect(),
-            )
-        }
-        None => None,
-    };
+    let vis = mask.resolve(b, s, t)?;
     let op = Chunked {
         geo: Geometry {
             b,
@@ -273,8 +337,7 @@ pub fn chunked_attention(
             t,
             d,
             scale,
-            causal: mask.causal,
-            key_keep,
+            vis,
         },
         lse: Default::default(),
     };
@@ -295,23 +358,13 @@ struct Geometry {
     t: usize,
     d: usize,
     scale: f64,
-    causal: bool,
-    /// `b · t`, true = a real key.
-    key_keep: Option<Vec<bool>>,
+    vis: Visible,
 }
 
 impl Geometry {
     /// Last key query row `i` may see (inclusive) under the causal rule.
     fn last_key(&self, i: usize) -> usize {
-        if self.causal {
-            self.t - self.s + i
-        } else {
-            self.t - 1
-        }
-    }
-
-    fn keeps(&self, bi: usize, j: usize) -> bool {
-        self.key_keep.as_ref().is_none_or(|k| k[bi * self.t + j])
+        self.vis.last_key(i)
     }
 
     /// Flat index of key row `j` of the key-value head read by query head `hi` of batch row `bi`.
@@ -386,10 +439,10 @@ fn forward<T: Float>(g: &Geometry, q: &[T], k: &[T], v: &[T]) -> Result<(Vec<T>,
                     let scores = mm_t(&q[r0 * d..(r0 + n) * d], n, &kh[..tk * d], tk, d)?;
                     let mut p = vec![T::zero(); n * tk];
                     for (ii, (row, prow)) in scores.chunks(tk).zip(p.chunks_mut(tk)).enumerate() {
-                        let last = g.last_key(i0 + ii);
+                        let (i, last) = (i0 + ii, g.last_key(i0 + ii));
                         let mut max = f64::NEG_INFINITY;
                         for (j, &sc) in row.iter().enumerate().take(last + 1) {
-                            if g.keeps(bi, j) {
+                            if g.vis.sees(bi, i, j) {
                                 max = max.max(scaled(sc, g.scale));
                             }
                         }
@@ -401,7 +454,7 @@ fn forward<T: Float>(g: &Geometry, q: &[T], k: &[T], v: &[T]) -> Result<(Vec<T>,
                         // order.
                         let seen = &mut prow[..=last];
                         for (j, (&sc, pv)) in row.iter().zip(seen.iter_mut()).enumerate() {
-                            *pv = T::of64(if g.keeps(bi, j) {
+                            *pv = T::of64(if g.vis.sees(bi, i, j) {
                                 scaled(sc, g.scale) - max
                             } else {
                                 f64::NEG_INFINITY
@@ -454,9 +507,7 @@ fn backward<T: Float>(
         .collect();
     // Whether query row r (of batch row bi) sees key j: 0 for `p` and `ds` where it does not,
     // and for every key of a uniform row.
-    let sees = |r: usize, bi: usize, j: usize| {
-        !lse[r].is_nan() && j <= g.last_key(r % s) && g.keeps(bi, j)
-    };
+    let sees = |r: usize, bi: usize, j: usize| !lse[r].is_nan() && g.vis.sees(bi, r % s, j);
     // The exponent of `p = exp(·)` from row r's score `sc` against key j (-inf: p = 0). The
     // probabilities of a block are its exponents through [`Float::exp_neg_in_place`].
     let exponent = |r: usize, bi: usize, j: usize, sc: T| {
@@ -527,7 +578,7 @@ fn backward<T: Float>(
                 .try_for_each(|(blk, (dkb, dvb))| -> Result<()> {
                     let (j0, nb) = (blk * BLOCK, dkb.len() / d);
                     // Query rows before `first` see none of the block's keys (causal).
-                    let first = if g.causal {
+                    let first = if g.vis.causal {
                         j0.saturating_sub(t - s)
                     } else {
                         0
@@ -701,16 +752,30 @@ mod tests {
             Some(m) => m.flatten_all().unwrap().to_vec1().unwrap(),
             None => vec![1; b * t],
         };
+        let seg: Vec<u32> = match &mask.segments {
+            Some(m) => m.flatten_all().unwrap().to_vec1().unwrap(),
+            None => vec![0; b * t],
+        };
         let mut allowed = vec![0u8; b * s * t];
         for bi in 0..b {
             for i in 0..s {
+                let own = seg[bi * t + t - s + i];
                 for j in 0..t {
                     let causal_ok = !mask.causal || j <= t - s + i;
-                    allowed[(bi * s + i) * t + j] = u8::from(causal_ok && keep[bi * t + j] != 0);
+                    let segment_ok = seg[bi * t + j] == 0 || seg[bi * t + j] == own;
+                    allowed[(bi * s + i) * t + j] =
+                        u8::from(causal_ok && segment_ok && keep[bi * t + j] != 0);
                 }
             }
         }
-        Tensor::from_vec(allowed, (b, 1, s, t), &Device::Cpu).unwrap()
+        let dense = Tensor::from_vec(allowed, (b, 1, s, t), &Device::Cpu).unwrap();
+        // The op's own dense form agrees.
+        let ours = mask.dense(b, s, t, &Device::Cpu).unwrap();
+        assert_eq!(
+            ours.flatten_all().unwrap().to_vec1::<u8>().unwrap(),
+            dense.flatten_all().unwrap().to_vec1::<u8>().unwrap()
+        );
+        dense
     }
 
     fn wave(shape: (usize, usize, usize, usize), f: f64, dtype: DType) -> Var {
@@ -743,6 +808,19 @@ mod tests {
     /// `b = 2`, `heads = 4` over `kv_heads = 2`, `d = 6`, `s` queries over `t` keys, with left
     /// padding in row 1.
     fn check(s: usize, t: usize, causal: bool, pad: usize, dtype: DType, tol: f64) {
+        check_segments(s, t, causal, pad, None, dtype, tol)
+    }
+
+    /// [`check`] with `segments` (`b · t`, row after row) in the mask.
+    fn check_segments(
+        s: usize,
+        t: usize,
+        causal: bool,
+        pad: usize,
+        segments: Option<Vec<u32>>,
+        dtype: DType,
+        tol: f64,
+    ) {
         let (b, h, hk, d) = (2, 4, 2, 6);
         let q = wave((b, h, s, d), 0.37, dtype);
         let k = wave((b, hk, t, d), 0.53, dtype);
@@ -754,6 +832,7 @@ mod tests {
         let mask = AttentionMask {
             causal,
             key_keep: Some(Tensor::from_vec(keep, (b, t), &Device::Cpu).unwrap()),
+            segments: segments.map(|g| Tensor::from_vec(g, (b, t), &Device::Cpu).unwrap()),
         };
         let scale = 1.0 / (d as f64).sqrt();
         let w = wave((b, h, s, d), 0.11, dtype);
@@ -788,7 +867,10 @@ mod tests {
             .unwrap()
         });
         for (op, o, g) in [("chunked", &oc, &gc), ("one-node eager", &of, &gf)] {
-            let what = format!("{op}: s {s} t {t} causal {causal} pad {pad} {dtype:?}");
+            let what = format!(
+                "{op}: s {s} t {t} causal {causal} pad {pad} {dtype:?} segments {}",
+                mask.segments.is_some()
+            );
             assert!(
                 max_diff(&oe, o) <= tol,
                 "{what}: values {}",
@@ -829,6 +911,19 @@ mod tests {
             check(6, 10, false, 0, dtype, tol);
             check(4, 11, false, 4, dtype, tol);
         }
+        // Packed rows: a 4-key prompt (segment 0) and responses of 3, 2 and 4 tokens (segments
+        // 1, 2, 3); row 1 left-padded by 2 with responses of 4 and 5 (its padding segment 0).
+        let segments = [
+            vec![0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 3, 3],
+            vec![0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2],
+        ]
+        .concat();
+        for dtype in [DType::F64, DType::F32] {
+            let tol = if dtype == DType::F64 { 1e-12 } else { 1e-6 };
+            check_segments(13, 13, true, 2, Some(segments.clone()), dtype, tol);
+            // The last 7 positions as queries over all 13 keys.
+            check_segments(7, 13, true, 2, Some(segments.clone()), dtype, tol);
+        }
         // bf16 and f16, computed in f32 against the eager path in the half type itself.
         for dtype in [DType::BF16, DType::F16] {
             check(7, 7, true, 3, dtype, 3e-2);
@@ -855,8 +950,13 @@ mod tests {
                 t: s,
                 d,
                 scale: 0.5,
-                causal: true,
-                key_keep: None,
+                vis: Visible {
+                    s,
+                    t: s,
+                    causal: true,
+                    key_keep: None,
+                    segments: None,
+                },
             },
             lse: lse.clone(),
         }));

@@ -94,6 +94,8 @@ pub struct RolloutTensors {
     pub inputs: ModelInputs,
     /// Prompt length of the collated batch.
     pub s: usize,
+    /// Where the hidden states predicting the response tokens are.
+    pub at: ResponseAt,
     /// Response tokens `(b, r_len)`, `pad` after each response's end.
     pub labels: Tensor,
     /// Loss mask `(b, r_len)`: 1 on response tokens, 0 on padding and sampled placeholders.
@@ -126,6 +128,200 @@ pub fn rollout_tensors(
     let responses: Vec<&[u32]> = cleaned.iter().map(Vec::as_slice).collect();
     let r_len = responses.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
     let inputs = batch_to_inputs(batch, &responses, r_len, pad, dev)?;
+    per_token(
+        inputs,
+        batch.seq_len(),
+        ResponseAt::After(batch.seq_len()),
+        rollouts,
+        r_len,
+        placeholders,
+        pad,
+        dev,
+    )
+}
+
+/// Where the hidden states that predict a micro-batch's response tokens are (the hidden state
+/// at position p predicts token p + 1).
+#[derive(Debug, Clone)]
+pub enum ResponseAt {
+    /// Row `i` is rollout `i` after its prompt of `s` positions: positions `s - 1 .. s - 1 +
+    /// r_len`.
+    After(usize),
+    /// Packed rows ([`rollout_tensors_packed`]): `(b · r_len)` u32 indices into the hidden states
+    /// flattened to `(rows · t, hidden)`, rollout after rollout.
+    Gather(Tensor),
+}
+
+impl ResponseAt {
+    /// The `(b, r_len, hidden)` hidden states predicting the response tokens, from a forward's
+    /// `(rows, t, hidden)` (differentiable).
+    pub fn hidden(&self, hidden: &Tensor, r_len: usize) -> candle_core::Result<Tensor> {
+        match self {
+            ResponseAt::After(s) => hidden.narrow(1, s - 1, r_len),
+            ResponseAt::Gather(idx) => {
+                let (rows, t, h) = hidden.dims3()?;
+                let b = idx.dim(0)? / r_len.max(1);
+                hidden
+                    .reshape((rows * t, h))?
+                    .index_select(idx, 0)?
+                    .reshape((b, r_len, h))
+            }
+        }
+    }
+}
+
+/// Whether packing pays: rows of `prompts[i].0` prompt tokens answered `prompts[i].1` times,
+/// responses of `r_len` positions, in a decoder `hidden` wide. The work of a row of `t` tokens is
+/// counted as `t · (1 + t / (6 · hidden))`: the projections' work per token (about `24 ·
+/// hidden²` multiply-adds per layer for Qwen2's MLP ratio) and the attention's per pair of
+/// tokens (`4 · hidden` forward and backward, not halved for causality since the packed rows'
+/// skipped responses are computed and masked). A packed row is one prompt and all its
+/// responses; unpacked, each response is a row after its own prompt. Long responses after a
+/// short prompt make the packed row's attention grow with the square of their number: then the
+/// rows stay apart.
+pub fn packing_pays(prompts: &[(usize, usize)], r_len: usize, hidden: usize) -> bool {
+    let c = 6.0 * hidden.max(1) as f64;
+    let work = |t: usize| t as f64 * (1.0 + t as f64 / c);
+    let packed: f64 = prompts.iter().map(|&(s, k)| work(s + k * r_len)).sum();
+    let apart: f64 = prompts
+        .iter()
+        .map(|&(s, k)| k as f64 * work(s + r_len))
+        .sum();
+    packed < apart
+}
+
+/// Micro-batches packed by [`rollout_tensors_packed`] in this process (tests: a setting's
+/// path really ran).
+pub fn packed_batches() -> u64 {
+    PACKED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static PACKED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// [`rollout_tensors`] with the rollouts of one prompt packed into one row: `batch` holds each
+/// distinct prompt once, `rows[i]` is the row of rollout `i`'s prompt. Row `p` is its prompt (and
+/// image, ECG) once, then each of its rollouts' responses (right-padded to `r_len`), each a
+/// segment ([`ModelInputs::segments`]: 0 for the prompt, 1, 2, ... for the responses) that sees
+/// the prompt and itself, as if it followed the prompt alone: the same positions, the same
+/// attention, so the same log-probs up to rounding, while the prompt's tokens and image are
+/// computed once instead of once per rollout. Rows with fewer rollouts are left-padded further.
+/// The per-token tensors are in rollout order, as [`rollout_tensors`]'s.
+pub fn rollout_tensors_packed(
+    batch: &ProcessedBatch,
+    rows: &[usize],
+    rollouts: &[&Rollout],
+    placeholders: &[u32],
+    pad: u32,
+    dev: &Device,
+) -> Result<RolloutTensors> {
+    let (n, s) = (batch.batch_size(), batch.seq_len());
+    if rows.len() != rollouts.len() || rows.iter().any(|&p| p >= n) {
+        return Err(Error::Input {
+            field: "input_ids",
+            message: format!(
+                "rollout_tensors_packed: {} rollouts with {} prompt rows for a batch of {n}",
+                rollouts.len(),
+                rows.len()
+            ),
+        });
+    }
+    let r_len = rollouts
+        .iter()
+        .map(|r| r.token_ids.len())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    // The slot of each rollout in its row, and each row's count.
+    let mut count = vec![0usize; n];
+    let slot: Vec<usize> = rows
+        .iter()
+        .map(|&p| {
+            count[p] += 1;
+            count[p] - 1
+        })
+        .collect();
+    let most = count.iter().copied().max().unwrap_or(0);
+    let t = s + most * r_len;
+    let mut ids = vec![pad; n * t];
+    let mut mask = vec![0u32; n * t];
+    let mut seg = vec![0u32; n * t];
+    // Padding positions are 1 (as the collated prompt's).
+    let mut pos = vec![1i64; 3 * n * t];
+    let extra: Vec<usize> = count.iter().map(|&c| (most - c) * r_len).collect();
+    let mut next = vec![0i64; n];
+    for p in 0..n {
+        let at = p * t + extra[p];
+        ids[at..at + s].copy_from_slice(&batch.input_ids[p]);
+        mask[at..at + s].copy_from_slice(&batch.attention_mask[p]);
+        let mut max_pos = i64::MIN;
+        for a in 0..3 {
+            let src = &batch.position_ids[a * n * s + p * s..a * n * s + (p + 1) * s];
+            pos[a * n * t + at..a * n * t + at + s].copy_from_slice(src);
+            for (k, &v) in src.iter().enumerate() {
+                if batch.attention_mask[p][k] != 0 {
+                    max_pos = max_pos.max(v);
+                }
+            }
+        }
+        next[p] = max_pos.max(-1) + 1;
+    }
+    let mut gather = Vec::with_capacity(rollouts.len() * r_len);
+    for ((&p, &k), r) in rows.iter().zip(&slot).zip(rollouts) {
+        let start = p * t + extra[p] + s + k * r_len;
+        for j in 0..r_len {
+            let tok = r.token_ids.get(j).copied().unwrap_or(pad);
+            ids[start + j] = if placeholders.contains(&tok) {
+                pad
+            } else {
+                tok
+            };
+            mask[start + j] = u32::from(j < r.token_ids.len());
+            seg[start + j] = k as u32 + 1;
+            for a in 0..3 {
+                pos[a * n * t + start + j] = next[p] + j as i64;
+            }
+        }
+        // Token 0 is predicted by the prompt's last position, token j by the response's j - 1.
+        gather.push((p * t + extra[p] + s - 1) as u32);
+        gather.extend((0..r_len - 1).map(|j| (start + j) as u32));
+    }
+    let mut inputs = ModelInputs::text(
+        Tensor::from_vec(ids, (n, t), dev)?,
+        Some(Tensor::from_vec(mask, (n, t), dev)?),
+        Tensor::from_vec(pos, (3, n, t), dev)?,
+    );
+    inputs.segments = Some(Tensor::from_vec(seg, (n, t), dev)?);
+    let prompts = prompt_inputs(batch, dev)?;
+    inputs.pixel_values = prompts.pixel_values;
+    inputs.image_grid_thw = prompts.image_grid_thw;
+    inputs.time_series_data = prompts.time_series_data;
+    let gather = Tensor::from_vec(gather, rollouts.len() * r_len, dev)?;
+    PACKED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    per_token(
+        inputs,
+        s,
+        ResponseAt::Gather(gather),
+        rollouts,
+        r_len,
+        placeholders,
+        pad,
+        dev,
+    )
+}
+
+/// The per-token tensors of `rollouts` (labels, loss mask, the sampler's log-probs) beside
+/// their `inputs`.
+#[allow(clippy::too_many_arguments)]
+fn per_token(
+    inputs: ModelInputs,
+    s: usize,
+    at: ResponseAt,
+    rollouts: &[&Rollout],
+    r_len: usize,
+    placeholders: &[u32],
+    pad: u32,
+    dev: &Device,
+) -> Result<RolloutTensors> {
     let b = rollouts.len();
     let mut labels = vec![pad; b * r_len];
     let mut mask = vec![0f32; b * r_len];
@@ -139,7 +335,8 @@ pub fn rollout_tensors(
     }
     Ok(RolloutTensors {
         inputs,
-        s: batch.seq_len(),
+        s,
+        at,
         labels: Tensor::from_vec(labels, (b, r_len), dev)?,
         mask: Tensor::from_vec(mask, (b, r_len), dev)?,
         old: Tensor::from_vec(old, (b, r_len), dev)?,
@@ -199,6 +396,18 @@ mod tests {
         assert_eq!(m.position_ids.dims(), &[3, 2, 3]);
         let r: &[u32] = &[1];
         assert!(batch_to_inputs(&batch(), &[r], 1, 99, &Device::Cpu).is_err());
+    }
+
+    #[test]
+    fn packing_pays_for_long_prompts_and_not_for_many_long_responses() {
+        // The tiny bench: 335-token prompts, 2 rollouts of 32 tokens per micro-batch.
+        assert!(packing_pays(&[(335, 2)], 32, 64));
+        // One rollout per prompt: nothing shared.
+        assert!(!packing_pays(&[(335, 1), (300, 1)], 32, 64));
+        // 7B-wide, 1,000-token prompts and 8 responses of 1,000: still the projections win.
+        assert!(packing_pays(&[(1000, 8)], 1000, 3584));
+        // 100-token prompts and 8 responses of 2,000: the packed attention would cost more.
+        assert!(!packing_pays(&[(100, 8)], 2000, 3584));
     }
 
     #[test]

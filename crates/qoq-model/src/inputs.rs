@@ -24,6 +24,11 @@ pub struct ModelInputs {
     pub video_grid_thw: Vec<[usize; 3]>,
     /// `(b, 8, 2500)` ECG of each sample (one `<|time_series_pad|>` token per sample).
     pub time_series_data: Option<Tensor>,
+    /// `(b, s)` u32 segments of packed rows ([`crate::batch::rollout_tensors_packed`]): a token
+    /// sees the earlier tokens of segment 0 (a prompt shared by several responses) and of its own
+    /// segment (one response), as causality and padding allow; `None`: every earlier token.
+    /// Full forwards only ([`crate::ClinicalVlm::forward_hidden`]; the kv-cache paths refuse it).
+    pub segments: Option<Tensor>,
 }
 
 impl ModelInputs {
@@ -38,6 +43,7 @@ impl ModelInputs {
             pixel_values_videos: None,
             video_grid_thw: Vec::new(),
             time_series_data: None,
+            segments: None,
         }
     }
 
@@ -62,6 +68,18 @@ impl ModelInputs {
             return Err(bad(
                 "attention_mask",
                 format!("must be ({b}, {s}), got {:?}", m.shape()),
+            ));
+        }
+        if let Some(g) = &self.segments
+            && (g.dims() != [b, s] || g.dtype() != DType::U32)
+        {
+            return Err(bad(
+                "segments",
+                format!(
+                    "must be ({b}, {s}) u32, got {:?} {:?}",
+                    g.shape(),
+                    g.dtype()
+                ),
             ));
         }
         if self.position_ids.dims() != [3, b, s] {
@@ -168,6 +186,9 @@ mod tests {
                 .to_string()
                 .contains("time_series_data")
         );
+        let mut m = base();
+        m.segments = Some(Tensor::zeros((2, 4), DType::U32, &dev).unwrap());
+        assert!(m.validate().unwrap_err().to_string().contains("segments"));
         let mut m = base();
         m.input_ids = Tensor::zeros((2, 5), DType::F32, &dev).unwrap();
         assert!(m.validate().unwrap_err().to_string().contains("input_ids"));

@@ -42,7 +42,10 @@ pub mod value;
 #[cfg(test)]
 mod test_util;
 
-pub use batch::{RolloutTensors, batch_to_inputs, prompt_inputs, rollout_tensors};
+pub use batch::{
+    ResponseAt, RolloutTensors, batch_to_inputs, prompt_inputs, rollout_tensors,
+    rollout_tensors_packed,
+};
 pub use device::{DeviceError, DeviceSpec, parse_device};
 pub use error::{Error, Result};
 pub use inputs::ModelInputs;

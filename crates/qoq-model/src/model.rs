@@ -179,9 +179,13 @@ impl ClinicalVlm {
             .as_ref()
             .map(|m| m.to_dtype(DType::F32))
             .transpose()?;
-        Ok(self
-            .model
-            .forward_embeds(&embeds, &inputs.position_ids, mask.as_ref(), mode)?)
+        Ok(self.model.forward_embeds(
+            &embeds,
+            &inputs.position_ids,
+            mask.as_ref(),
+            inputs.segments.as_ref(),
+            mode,
+        )?)
     }
 
     /// `lm_head` on hidden states: `(..., hidden)` → `(..., vocab)`.
@@ -213,6 +217,12 @@ impl ClinicalVlm {
     ) -> Result<Tensor> {
         if !cache.is_empty() {
             return Err(Error::Config("prefill needs an empty kv cache".into()));
+        }
+        if inputs.segments.is_some() {
+            return Err(Error::Input {
+                field: "segments",
+                message: "packed rows are for full forwards, not a kv-cache prefill".into(),
+            });
         }
         let embeds = self.embed_inputs(inputs, mode)?;
         self.prefill_chunk(

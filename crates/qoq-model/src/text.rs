@@ -372,30 +372,19 @@ impl KvCache {
 /// Attention mask `(b, 1, s, past + s)` as u8 for `s` new queries after `past` cached keys: query
 /// `i` may see key `j` when `j <= past + i` and key `j` is not padding.
 pub fn causal_padding_mask_with_past(key_mask: &Tensor, s: usize) -> Result<Tensor> {
-    let (b, total) = key_mask.dims2()?;
-    let past = total - s;
-    let keep = key_mask.to_dtype(DType::U8)?.to_vec2::<u8>()?;
-    let mut data = vec![0u8; b * s * total];
-    for bi in 0..b {
-        for i in 0..s {
-            for j in 0..=(past + i) {
-                if keep[bi][j] != 0 {
-                    data[(bi * s + i) * total + j] = 1;
-                }
-            }
-        }
-    }
-    Tensor::from_vec(data, (b, 1, s, total), key_mask.device())
+    KeyMask::new(key_mask.clone(), s).dense()
 }
 
 /// Which keys the queries of one forward see: the last `s` of `t` positions, causally, and not
-/// the padding keys of `key_keep: (b, t)` u8 (1 = real). The eager attention's dense `(b, 1, s,
-/// t)` form ([`causal_padding_mask_with_past`]) is built on first use and shared by the layers;
-/// the chunked attention ([`crate::attention`]) needs only `key_keep`.
+/// the padding keys of `key_keep: (b, t)` u8 (1 = real), nor, in packed rows, the keys of
+/// other responses ([`KeyMask::with_segments`]). The eager attention's dense `(b, 1, s, t)` form
+/// ([`crate::attention::AttentionMask::dense`]) is built on first use and shared by the layers;
+/// the chunked attention ([`crate::attention`]) takes the rules themselves.
 #[derive(Debug, Clone)]
 pub struct KeyMask {
     key_keep: Tensor,
     s: usize,
+    segments: Option<Tensor>,
     dense: std::sync::Arc<std::sync::Mutex<Option<Tensor>>>,
 }
 
@@ -406,8 +395,17 @@ impl KeyMask {
         KeyMask {
             key_keep,
             s,
+            segments: None,
             dense: Default::default(),
         }
+    }
+
+    /// The mask with the segments `(b, t)` u32 of packed rows
+    /// ([`crate::ModelInputs::segments`]).
+    pub fn with_segments(mut self, segments: Option<Tensor>) -> KeyMask {
+        self.segments = segments;
+        self.dense = Default::default();
+        self
     }
 
     /// `(b, 1, s, t)` u8, 1 where query `i` may see key `j`.
@@ -419,7 +417,8 @@ impl KeyMask {
         if let Some(m) = d.as_ref() {
             return Ok(m.clone());
         }
-        let m = causal_padding_mask_with_past(&self.key_keep, self.s)?;
+        let (b, t) = self.key_keep.dims2()?;
+        let m = self.chunked().dense(b, self.s, t, self.key_keep.device())?;
         *d = Some(m.clone());
         Ok(m)
     }
@@ -429,6 +428,7 @@ impl KeyMask {
         crate::attention::AttentionMask {
             causal: true,
             key_keep: Some(self.key_keep.clone()),
+            segments: self.segments.clone(),
         }
     }
 }
@@ -678,13 +678,15 @@ impl TextModel {
         crate::embedding::embedding(self.embed_tokens.embeddings(), input_ids)
     }
 
-    /// `inputs_embeds: (b, s, hidden)`, `position_ids: (3, b, s)`, `attention_mask: (b, s)` →
-    /// last hidden states after the final norm, `(b, s, hidden)`.
+    /// `inputs_embeds: (b, s, hidden)`, `position_ids: (3, b, s)`, `attention_mask: (b, s)`,
+    /// `segments: (b, s)` of packed rows ([`crate::ModelInputs::segments`]) → last hidden states
+    /// after the final norm, `(b, s, hidden)`.
     pub fn forward_embeds(
         &self,
         inputs_embeds: &Tensor,
         position_ids: &Tensor,
         attention_mask: Option<&Tensor>,
+        segments: Option<&Tensor>,
         mode: ForwardMode,
     ) -> Result<Tensor> {
         let (b, s, _) = inputs_embeds.dims3()?;
@@ -693,7 +695,7 @@ impl TextModel {
             Some(m) => m.ne(0.0)?.to_dtype(DType::U8)?,
             None => Tensor::ones((b, s), DType::U8, inputs_embeds.device())?,
         };
-        let mask = KeyMask::new(key_keep, s);
+        let mask = KeyMask::new(key_keep, s).with_segments(segments.cloned());
         let mut x = inputs_embeds.clone();
         for layer in &self.layers {
             x = if mode == ForwardMode::Train {

@@ -17,7 +17,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use qoq_core::hf_config::QwenVlConfig;
 use qoq_model::train::{Freeze, ParamStore, trainable_var_builder};
-use qoq_model::{ForwardMode, ModelInputs, ValueModel};
+use qoq_model::{ForwardMode, ModelInputs, ResponseAt, ValueModel};
 use std::collections::HashMap;
 
 /// Errors of the critic, each naming what failed.
@@ -97,14 +97,14 @@ impl Critic {
     }
 
     /// Predicted values of the response tokens, `(b, r_len)` f32, times `mask` (graph attached).
-    pub fn predict(&self, inputs: &ModelInputs, s: usize, mask: &Tensor) -> Result<Tensor> {
+    pub fn predict(&self, inputs: &ModelInputs, at: &ResponseAt, mask: &Tensor) -> Result<Tensor> {
         let r_len = mask.dim(1)?;
         let hidden = self
             .model
             .body()
             .forward_hidden(inputs, ForwardMode::Train)
-            .map_err(model_err)?
-            .narrow(1, s - 1, r_len)?; // (b, r_len, hidden)
+            .map_err(model_err)?;
+        let hidden = at.hidden(&hidden, r_len)?; // (b, r_len, hidden)
         let v = self.model.values_from_hidden(&hidden).map_err(model_err)?; // (b, r_len)
         Ok(v.mul(&mask.to_dtype(v.dtype())?)?)
     }
@@ -113,12 +113,12 @@ impl Critic {
     pub fn micro_loss(
         &self,
         inputs: &ModelInputs,
-        s: usize,
+        at: &ResponseAt,
         mask: &Tensor,
         old_values: &Tensor,
         returns: &Tensor,
     ) -> Result<ValueLossOutput> {
-        let vpreds = self.predict(inputs, s, mask)?;
+        let vpreds = self.predict(inputs, at, mask)?;
         Ok(compute_value_loss(
             &ValueLossInputs {
                 vpreds: &vpreds,

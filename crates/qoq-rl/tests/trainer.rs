@@ -914,6 +914,59 @@ fn gradient_checkpointing_gives_the_same_ppo_critic_and_sft_steps() {
     );
 }
 
+/// `actor.pack_rollouts`: the rollouts of a prompt in a micro-batch as one packed row give the
+/// update of one rollout per row up to rounding: the RL step on the multimodal mini manifest
+/// (images, video, ECG; the KL to the reference in the loss), with two PPO epochs (the old
+/// log-probs), and PPO's critic.
+#[test]
+fn packed_rollouts_give_the_step_of_one_rollout_per_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let manifest = repo().join("examples/mini/manifest.jsonl");
+    let run = |pack: bool, gae: bool| {
+        let out = dir.path().join(format!("pack-{pack}-{gae}"));
+        let mut cfg = config(&model, &manifest, &out, 4, 2, 6, 1e-3, 1, 1, !gae);
+        cfg.actor.pack_rollouts = pack;
+        if gae {
+            cfg.algorithm.estimator = qoq_rl::config::EstimatorKind::Gae;
+            cfg.critic.optim.lr = 1e-3;
+        } else {
+            cfg.actor.ppo_epochs = 2;
+        }
+        let mut t = Trainer::with_reward(cfg, Box::new(Vowels)).unwrap();
+        let packed = qoq_model::batch::packed_batches();
+        let o = t.step().unwrap();
+        (qoq_model::batch::packed_batches() - packed, o.metrics)
+    };
+    for gae in [false, true] {
+        let (n_plain, plain) = run(false, gae);
+        let (n_packed, packed) = run(true, gae);
+        assert_eq!(n_plain, 0, "packed without the setting");
+        assert!(n_packed > 0, "nothing was packed");
+        let mut compared = 0;
+        for (k, a) in &plain {
+            if k.starts_with("perf/") || k.starts_with("timing_s/") {
+                continue;
+            }
+            let b = packed[k];
+            assert!(
+                (a - b).abs() <= 1e-4 * a.abs().max(1e-2),
+                "gae {gae}: {k}: {a} one rollout per row, {b} packed"
+            );
+            compared += 1;
+        }
+        for k in ["actor/pg_loss", "actor/grad_norm"] {
+            assert!(plain.contains_key(k), "{k}");
+        }
+        if gae {
+            assert!(plain.contains_key("critic/vf_loss"));
+        } else {
+            assert!(plain.contains_key("actor/kl_loss"));
+        }
+        assert!(compared > 10, "{compared} metrics compared");
+    }
+}
+
 /// The processor options are built once: a `data.format_prompt` template file removed after
 /// the trainer starts is not read again by a checkpoint or an export, which both carry the
 /// template the run trains with.

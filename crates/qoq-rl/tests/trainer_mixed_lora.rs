@@ -353,12 +353,13 @@ fn actor_loss(
 ) -> (candle_core::Tensor, candle_core::Tensor) {
     use qoq_model::ForwardMode;
     use qoq_rl::trainer::response_log_probs;
+    let at = qoq_model::ResponseAt::After(mb.s);
     let lp =
-        response_log_probs(policy, &mb.inputs, mb.s, &mb.labels, ForwardMode::Train, 1).unwrap();
+        response_log_probs(policy, &mb.inputs, &at, &mb.labels, ForwardMode::Train, 1).unwrap();
     let rl = response_log_probs(
         reference,
         &mb.inputs,
-        mb.s,
+        &at,
         &mb.labels,
         ForwardMode::Inference,
         1,
@@ -493,12 +494,13 @@ fn checkpointed_log_prob_chunks_give_the_whole_logits_values_and_gradients() {
     let (vb, store) = trainable_var_builder(vb, Freeze::default());
     let policy = qoq_model::ClinicalVlm::new(&mcfg, vb).unwrap();
     let vocab = policy.lm_head().unwrap().weight().dim(0).unwrap();
+    let at = qoq_model::ResponseAt::After(mb.s);
     let lp = |ckpt: bool, chunk: usize| {
         checkpoint::scope(ckpt, || {
             response_log_probs_chunked(
                 &policy,
                 &mb.inputs,
-                mb.s,
+                &at,
                 &mb.labels,
                 ForwardMode::Train,
                 1,
@@ -557,7 +559,7 @@ fn checkpointed_log_prob_chunks_give_the_whole_logits_values_and_gradients() {
         response_log_probs_chunked(
             &policy,
             &mb.inputs,
-            mb.s,
+            &at,
             &bad,
             ForwardMode::Train,
             1,

@@ -188,6 +188,11 @@ pub struct TrainStepArgs {
     /// compare the update's peak memory with and without it (the reference runs without).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Compute each rollout of the qoq side as its own row (`actor.pack_rollouts = false`, as
+    /// the PyTorch reference does) instead of packing the rollouts of a prompt in a
+    /// micro-batch after one copy of it.
+    #[arg(long)]
+    pub no_pack: bool,
     /// Write the results as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -439,6 +444,7 @@ use_kl_loss = true
 
 [actor]
 strategy = "{strategy}"
+pack_rollouts = {pack}
 global_batch_size = {prompts}
 micro_batch_size_per_device_for_update = {micro}
 
@@ -462,6 +468,7 @@ all_reduce = "{all_reduce}"
         device = a.device.device,
         all_reduce = a.all_reduce,
         ckpt = a.gradient_checkpointing,
+        pack = !a.no_pack,
         compute = a.compute_dtype.name(),
         master = a.master_dtype.name(),
         strategy = a.strategy.name(),
@@ -679,7 +686,7 @@ fn worker(a: &TrainStepArgs, dir: &Path) -> anyhow::Result<()> {
     trainer.set_capture(true);
     let size = a.size_label();
     eprintln!(
-        "train-step: {size} model, {} prompts x {} rollouts x {} tokens, micro-batch {}, {} step(s), {}, {threads} thread(s), gradient checkpointing {}",
+        "train-step: {size} model, {} prompts x {} rollouts x {} tokens, micro-batch {}, {} step(s), {}, {threads} thread(s), gradient checkpointing {}, rollouts {}",
         a.prompts,
         a.n,
         a.response_len,
@@ -690,6 +697,11 @@ fn worker(a: &TrainStepArgs, dir: &Path) -> anyhow::Result<()> {
             "on"
         } else {
             "off"
+        },
+        if a.no_pack {
+            "one per row"
+        } else {
+            "of a prompt packed in a row"
         }
     );
     let mut outs = Vec::with_capacity(a.steps);
@@ -734,6 +746,7 @@ fn worker(a: &TrainStepArgs, dir: &Path) -> anyhow::Result<()> {
         "threads": threads,
         // Layers and blocks the update's backward recomputed (0 without checkpointing).
         "recomputed_segments": qoq_model::checkpoint::recomputed(),
+        "packed_micro_batches": qoq_model::batch::packed_batches(),
         "phases": phase_json(&summarise(&outs.iter().map(|o| o.phases.clone()).collect::<Vec<_>>())),
         "steps": outs.iter().map(|o| json!({
             "phases": phase_json(&o.phases), "losses": o.losses, "grad_norm": o.grad_norm,
@@ -1047,6 +1060,7 @@ pub fn train_step(a: TrainStepArgs) -> anyhow::Result<ExitCode> {
             "micro_batch": a.micro_batch,
             "steps": a.steps,
             "gradient_checkpointing": a.gradient_checkpointing,
+            "pack_rollouts": !a.no_pack,
             "compute_dtype": a.compute_dtype.name(),
             "master_dtype": a.master_dtype.name(),
             "strategy": a.strategy.name(),

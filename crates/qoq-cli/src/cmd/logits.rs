@@ -128,6 +128,7 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<std::process::ExitCode> {
         pixel_values_videos: None,
         video_grid_thw: Vec::new(),
         time_series_data,
+        segments: None,
     };
     let logits = model
         .forward(&inputs, ForwardMode::Inference)?

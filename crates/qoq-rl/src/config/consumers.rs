@@ -315,6 +315,11 @@ pub const CONSUMERS: &[(&str, &str, &str)] = &[
         ".micro_batch_size_per_device_for_experience",
     ),
     ("actor.ppo_epochs", TRAINER_UPDATE, "actor.ppo_epochs"),
+    (
+        "actor.pack_rollouts",
+        TRAINER_UPDATE,
+        "cfg.actor.pack_rollouts",
+    ),
     ("actor.strategy", TRAINER_BUILD, "cfg.actor.strategy"),
     ("actor.optim", TRAINER_BUILD, "cfg.actor.optim.clone()"),
     ("actor.optim.lr", OPTIM, "self.cfg.lr"),

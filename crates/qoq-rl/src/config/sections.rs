@@ -454,6 +454,15 @@ pub struct ActorConfig {
     pub micro_batch_size_per_device_for_experience: usize,
     /// Passes over each rollout batch. Default 1.
     pub ppo_epochs: usize,
+    /// Rollouts of one prompt in a micro-batch (of the update, the old and reference
+    /// log-probs, the critic) are one row: the prompt once, then each response, each seeing the
+    /// prompt and itself only, at the positions it has after the prompt alone. The same values up
+    /// to rounding, with the prompt's tokens, image and ECG computed once per micro-batch instead
+    /// of once per rollout; a micro-batch whose packed rows would cost more (many long responses
+    /// after a short prompt: `qoq_model::batch::packing_pays`) stays one rollout per row.
+    /// Default true; false computes each rollout as its own row, as verl does (the last bits of
+    /// the log-probs, and so a run's trajectory, differ between the two).
+    pub pack_rollouts: bool,
     /// Optimiser implementation. Default `adamw`.
     pub strategy: OptimizerStrategy,
     /// AdamW (lr 1e-6, betas 0.9/0.999, eps 1e-8, wd 1e-2, grad clip 1.0, constant schedule).
@@ -469,6 +478,7 @@ impl Default for ActorConfig {
             micro_batch_size_per_device_for_update: 2,
             micro_batch_size_per_device_for_experience: 8,
             ppo_epochs: 1,
+            pack_rollouts: true,
             strategy: OptimizerStrategy::Adamw,
             optim: AdamWConfig::default(),
             policy_loss: PolicyLossConfig::default(),

@@ -281,8 +281,14 @@ impl Trainer {
         let mut tokens: Vec<Vec<f64>> = Vec::with_capacity(flat.len());
         for ub in flat.chunks(micro) {
             let t = self.rollout_tensors(step, prompts, ub)?;
-            let rf =
-                response_log_probs(rm, &t.inputs, t.s, &t.labels, ForwardMode::Inference, step)?;
+            let rf = response_log_probs(
+                rm,
+                &t.inputs,
+                &t.at,
+                &t.labels,
+                ForwardMode::Inference,
+                step,
+            )?;
             let kld = crate::loss::compute_kl(&t.old, &rf, self.cfg.algorithm.kl.kl_penalty)
                 .map_err(|source| TrainerError::Loss { step, source })?
                 .mul(&t.mask)?

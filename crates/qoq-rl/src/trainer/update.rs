@@ -20,7 +20,7 @@ use crate::metrics_log::names;
 use crate::optim::{AdamW, GradAccumulator};
 use candle_core::{DType, Tensor};
 use qoq_core::Rollout;
-use qoq_model::{ClinicalVlm, ForwardMode, ModelInputs, RolloutTensors};
+use qoq_model::{ClinicalVlm, ForwardMode, ModelInputs, ResponseAt, RolloutTensors};
 use qoq_processor::processor::ProcessedSample;
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -44,16 +44,17 @@ pub fn sft_target(answer: &str, bbox: Option<[f64; 4]>) -> String {
 
 /// Log-probabilities `(b, r_len)` of the response tokens `labels` under `model`: the hidden state
 /// at position p predicts token p + 1, so positions `s - 1 .. s - 1 + r_len` of a prompt of
-/// length `s` followed by the response.
+/// length `s` followed by the response ([`ResponseAt::After`]), or the packed rows' positions
+/// ([`ResponseAt::Gather`]).
 pub fn response_log_probs(
     model: &ClinicalVlm,
     inputs: &ModelInputs,
-    s: usize,
+    at: &ResponseAt,
     labels: &Tensor,
     mode: ForwardMode,
     step: u64,
 ) -> Result<Tensor> {
-    response_log_probs_chunked(model, inputs, s, labels, mode, step, LOGITS_CHUNK)
+    response_log_probs_chunked(model, inputs, at, labels, mode, step, LOGITS_CHUNK)
 }
 
 /// [`response_log_probs`] with `chunk` elements of logits per checkpointed chunk of positions
@@ -62,17 +63,17 @@ pub fn response_log_probs(
 pub fn response_log_probs_chunked(
     model: &ClinicalVlm,
     inputs: &ModelInputs,
-    s: usize,
+    at: &ResponseAt,
     labels: &Tensor,
     mode: ForwardMode,
     step: u64,
     chunk: usize,
 ) -> Result<Tensor> {
     let r_len = labels.dim(1)?;
-    let hidden = model
-        .forward_hidden(inputs, mode)
-        .map_err(model_err)?
-        .narrow(1, s - 1, r_len)?;
+    let hidden = at.hidden(
+        &model.forward_hidden(inputs, mode).map_err(model_err)?,
+        r_len,
+    )?;
     let head = model.lm_head().map_err(model_err)?;
     let (b, vocab) = (hidden.dim(0)?, head.weight().dim(0)?);
     let positions = positions_per_chunk(chunk, b, vocab);
@@ -499,7 +500,7 @@ impl Trainer {
                 response_log_probs(
                     &t.model,
                     &rt.inputs,
-                    rt.s,
+                    &rt.at,
                     &rt.labels,
                     ForwardMode::Train,
                     step,
@@ -531,18 +532,69 @@ impl Trainer {
         Ok(out)
     }
 
-    /// [`qoq_model::rollout_tensors`] of the rollouts `ub` (with the index of their prompt),
-    /// their prompts collated.
+    /// The tensors of the rollouts `ub` (with the index of their prompt): with
+    /// `actor.pack_rollouts`, a prompt answered more than once in `ub` and packing paying
+    /// ([`qoq_model::batch::packing_pays`]), each distinct prompt collated once and its rollouts
+    /// packed after it ([`qoq_model::rollout_tensors_packed`]), otherwise one rollout per row
+    /// after its prompt ([`qoq_model::rollout_tensors`]).
     pub(super) fn rollout_tensors<X>(
         &self,
         step: u64,
         prompts: &[Prompt],
         ub: &[(usize, &Rollout, X)],
     ) -> Result<RolloutTensors> {
-        let batch_prompts: Vec<ProcessedSample> = ub
+        self.rollout_tensors_as(step, prompts, ub, self.cfg.actor.pack_rollouts)
+    }
+
+    /// [`Trainer::rollout_tensors`], packed or not as `pack` says.
+    pub(super) fn rollout_tensors_as<X>(
+        &self,
+        step: u64,
+        prompts: &[Prompt],
+        ub: &[(usize, &Rollout, X)],
+        pack: bool,
+    ) -> Result<RolloutTensors> {
+        // Each distinct prompt, in order of first appearance, and each rollout's row among them.
+        let mut distinct: Vec<usize> = Vec::new();
+        let rows: Vec<usize> = ub
             .iter()
-            .map(|(gi, _, _)| prompts[*gi].processed.clone())
+            .map(|(gi, _, _)| match distinct.iter().position(|d| d == gi) {
+                Some(r) => r,
+                None => {
+                    distinct.push(*gi);
+                    distinct.len() - 1
+                }
+            })
             .collect();
+        let pack = pack && distinct.len() < ub.len() && {
+            // Each distinct prompt's real tokens and rollouts, against the longest response.
+            let r_len = ub
+                .iter()
+                .map(|(_, r, _)| r.token_ids.len())
+                .max()
+                .unwrap_or(0)
+                .max(1);
+            let rows: Vec<(usize, usize)> = distinct
+                .iter()
+                .enumerate()
+                .map(|(d, gi)| {
+                    let s = prompts[*gi].processed.input_ids.len();
+                    (s, rows.iter().filter(|&&r| r == d).count())
+                })
+                .collect();
+            let hidden = self.model.config().text.hidden_size;
+            qoq_model::batch::packing_pays(&rows, r_len, hidden)
+        };
+        let batch_prompts: Vec<ProcessedSample> = if pack {
+            distinct
+                .iter()
+                .map(|gi| prompts[*gi].processed.clone())
+                .collect()
+        } else {
+            ub.iter()
+                .map(|(gi, _, _)| prompts[*gi].processed.clone())
+                .collect()
+        };
         let batch =
             self.processor
                 .collate(&batch_prompts, None)
@@ -552,13 +604,22 @@ impl Trainer {
                     message: e.to_string(),
                 })?;
         let rollouts: Vec<&Rollout> = ub.iter().map(|(_, r, _)| *r).collect();
-        Ok(qoq_model::rollout_tensors(
-            &batch,
-            &rollouts,
-            &self.placeholder_ids(),
+        let (placeholders, pad) = (
+            self.placeholder_ids(),
             self.processor.tokenizer.ids.endoftext,
-            &self.device,
-        )?)
+        );
+        Ok(if pack {
+            qoq_model::rollout_tensors_packed(
+                &batch,
+                &rows,
+                &rollouts,
+                &placeholders,
+                pad,
+                &self.device,
+            )?
+        } else {
+            qoq_model::rollout_tensors(&batch, &rollouts, &placeholders, pad, &self.device)?
+        })
     }
 
     /// The actor loss of one micro-batch of `(prompt index, rollout, advantage)` (graph attached
@@ -573,6 +634,7 @@ impl Trainer {
         let RolloutTensors {
             inputs,
             s,
+            at,
             labels,
             mask,
             old,
@@ -596,10 +658,10 @@ impl Trainer {
         } else {
             old
         };
-        let lp = response_log_probs(&self.model, &inputs, s, &labels, ForwardMode::Train, step)?;
+        let lp = response_log_probs(&self.model, &inputs, &at, &labels, ForwardMode::Train, step)?;
         let ref_lp = match &self.ref_model {
             Some(rm) => Some(super::perf::Perf::timed(&self.perf.ref_s, || {
-                response_log_probs(rm, &inputs, s, &labels, ForwardMode::Inference, step)
+                response_log_probs(rm, &inputs, &at, &labels, ForwardMode::Inference, step)
                     .map(|t| t.detach())
             })?),
             None => None,
@@ -615,9 +677,20 @@ impl Trainer {
         };
         let out = compute_actor_loss(&loss_in, loss_cfg)
             .map_err(|source| TrainerError::Loss { step, source })?;
+        // The capture is the micro-batch one rollout per row (as the PyTorch reference runs it).
+        let unpacked = match (&at, self.perf.capture) {
+            (ResponseAt::Gather(_), true) => {
+                Some(self.rollout_tensors_as(step, prompts, ub, false)?)
+            }
+            _ => None,
+        };
         self.perf.record(|c| {
+            let (inputs, s) = match unpacked {
+                Some(t) => (t.inputs, t.s),
+                None => (inputs.clone(), s),
+            };
             c.micro_batches.push(CapturedMicroBatch {
-                inputs: inputs.clone(),
+                inputs,
                 s,
                 labels: labels.clone(),
                 mask: mask.clone(),
@@ -716,8 +789,8 @@ impl Trainer {
         }
         let labels = Tensor::from_vec(labels, (b, r_len), &self.device)?;
         let mask = Tensor::from_vec(mask, (b, r_len), &self.device)?;
-        let s = batch.seq_len();
-        let lp = response_log_probs(&self.model, &inputs, s, &labels, ForwardMode::Train, step)?;
+        let at = ResponseAt::After(batch.seq_len());
+        let lp = response_log_probs(&self.model, &inputs, &at, &labels, ForwardMode::Train, step)?;
         // The run's `actor.policy_loss.loss_agg_mode` (and Dr.GRPO's scale factor) reduce the
         // target tokens' negative log-likelihoods as they reduce the policy loss.
         let agg = &self.cfg.actor.policy_loss;

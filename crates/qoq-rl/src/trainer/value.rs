@@ -41,7 +41,7 @@ impl Trainer {
         let micro = self.cfg.actor.micro_batch_size_per_device_for_update;
         self.per_rollout(step, prompts, &flat, mini, micro, |_, t| {
             Ok(critic
-                .predict(&t.inputs, t.s, &t.mask)
+                .predict(&t.inputs, &t.at, &t.mask)
                 .map_err(model_err)?
                 .detach())
         })
@@ -77,7 +77,7 @@ impl Trainer {
                     let old = padded(ub.iter().map(|(_, _, (v, _))| *v), b, r_len, &t.device)?;
                     let ret = padded(ub.iter().map(|(_, _, (_, r))| *r), b, r_len, &t.device)?;
                     let out = critic
-                        .micro_loss(&rt.inputs, rt.s, &rt.mask, &old, &ret)
+                        .micro_loss(&rt.inputs, &rt.at, &rt.mask, &old, &ret)
                         .map_err(model_err)?;
                     Ok((out.loss, out.metrics.entries()))
                 })?,
