@@ -64,6 +64,13 @@ pub fn batch_to_inputs(
         Some(Tensor::from_vec(mask, (n, t), dev)?),
         Tensor::from_vec(pos, (3, n, t), dev)?,
     );
+    attach_features(&mut m, b, dev)?;
+    Ok(m)
+}
+
+/// The image patches and ECGs of the collated batch `b` (one ECG per row) on `m`.
+fn attach_features(m: &mut ModelInputs, b: &ProcessedBatch, dev: &Device) -> Result<()> {
+    let n = b.batch_size();
     if !b.pixel_values.is_empty() {
         m.pixel_values = Some(Tensor::from_vec(
             b.pixel_values.clone(),
@@ -79,7 +86,7 @@ pub fn batch_to_inputs(
             dev,
         )?);
     }
-    Ok(m)
+    Ok(())
 }
 
 /// Tensors of the prompts alone ([`batch_to_inputs`] without responses).
@@ -291,10 +298,7 @@ pub fn rollout_tensors_packed(
         Tensor::from_vec(pos, (3, n, t), dev)?,
     );
     inputs.segments = Some(Tensor::from_vec(seg, (n, t), dev)?);
-    let prompts = prompt_inputs(batch, dev)?;
-    inputs.pixel_values = prompts.pixel_values;
-    inputs.image_grid_thw = prompts.image_grid_thw;
-    inputs.time_series_data = prompts.time_series_data;
+    attach_features(&mut inputs, batch, dev)?;
     let gather = Tensor::from_vec(gather, rollouts.len() * r_len, dev)?;
     PACKED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     per_token(
