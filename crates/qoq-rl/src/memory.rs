@@ -243,7 +243,28 @@ impl MemoryPlan {
             t.num_attention_heads as u64,
             t.num_hidden_layers as u64,
         );
-        let s = seq as u64;
+        // `actor.pack_rollouts`: a micro-batch's rollouts of one prompt are one row, the prompt
+        // once and then each response, where that pays (as the trainer decides it,
+        // `qoq_model::batch::packing_pays`). Micro-batches that straddle two groups hold one
+        // row more.
+        let group = cfg.rollout.n.max(1);
+        let k = (micro as usize).min(group);
+        let packed = cfg.actor.pack_rollouts
+            && k > 1
+            && qoq_model::batch::packing_pays(&[(prompt_tokens, k)], response, t.hidden_size);
+        let (rows_u, seq_u) = if packed {
+            let m = micro as usize;
+            let aligned = group.is_multiple_of(m) || m.is_multiple_of(group);
+            let r = if aligned {
+                m / k
+            } else {
+                ((m - 1).div_ceil(k) + 1).min(m)
+            };
+            (r as u64, prompt_tokens + k * response)
+        } else {
+            (micro, seq)
+        };
+        let s = seq_u as u64;
         let checkpointing = cfg.model.gradient_checkpointing;
         // Per token and layer; from `CHUNKED_MIN_MACS` score multiply-adds per sequence the
         // training attention keeps one log-sum-exp per head instead of its rows of scores (the
@@ -272,7 +293,7 @@ impl MemoryPlan {
         let per_token = DECODER_VALUES_PER_TOKEN as u64 * h
             + MLP_VALUES_PER_TOKEN as u64 * i
             + attention(heads, s, h / heads.max(1));
-        let decoder = micro * s * kept(layers, h, per_token) * compute;
+        let decoder = rows_u * s * kept(layers, h, per_token) * compute;
         let v = &model.vision;
         let p: u64 = image_patches.iter().map(|&n| n as u64).sum();
         // Each image attends within itself.
@@ -284,7 +305,7 @@ impl MemoryPlan {
                 let per_patch = DECODER_VALUES_PER_TOKEN as u64 * vh
                     + MLP_VALUES_PER_TOKEN as u64 * v.intermediate_size as u64
                     + attention(v.num_heads as u64, n, vh / (v.num_heads as u64).max(1));
-                micro * n * kept(v.depth as u64, vh, per_patch) * compute
+                rows_u * n * kept(v.depth as u64, vh, per_patch) * compute
             })
             .sum();
         // Under checkpointing the log-probs run in checkpointed chunks of positions
@@ -355,7 +376,12 @@ impl MemoryPlan {
                 name: "activations",
                 bytes: decoder + vision,
                 detail: format!(
-                    "{micro} rows × {seq} tokens × {layers} layers{}, {:?}{}",
+                    "{rows_u} rows × {seq_u} tokens{} × {layers} layers{}, {:?}{}",
+                    if packed {
+                        format!(" (a prompt and {k} responses per row)")
+                    } else {
+                        String::new()
+                    },
                     if p > 0 {
                         format!(" + {p} image patches × {} vision blocks", v.depth)
                     } else {
@@ -572,6 +598,47 @@ mod tests {
     /// The parts follow the settings they count: parameters from the model's shapes, the
     /// reference only with a KL term, bf16 moments at 6 bytes, the kv cache capped by
     /// `rollout.kv_cache_mib`, frozen components without optimiser state.
+    #[test]
+    fn packed_rollouts_price_a_prompt_once_per_micro_batch() {
+        let m = tiny();
+        let mut c = RunConfig::default();
+        c.rollout.n = 4;
+        c.actor.micro_batch_size_per_device_for_update = 2;
+        c.data.max_response_length = 32;
+        let detail = |p: &MemoryPlan| {
+            p.update
+                .iter()
+                .find(|x| x.name == "activations")
+                .unwrap()
+                .detail
+                .clone()
+        };
+        let packed = MemoryPlan::estimate(&c, &m, 300, &[64]).unwrap();
+        assert!(
+            detail(&packed).starts_with("1 rows × 364 tokens (a prompt and 2 responses per row)"),
+            "{}",
+            detail(&packed)
+        );
+        c.actor.pack_rollouts = false;
+        let apart = MemoryPlan::estimate(&c, &m, 300, &[64]).unwrap();
+        assert!(
+            detail(&apart).starts_with("2 rows × 332 tokens × "),
+            "{}",
+            detail(&apart)
+        );
+        assert!(part(&packed.update, "activations") < part(&apart.update, "activations"));
+        // Micro-batches of 3 over groups of 2 straddle groups: two rows of a prompt and 2.
+        c.actor.pack_rollouts = true;
+        c.rollout.n = 2;
+        c.actor.micro_batch_size_per_device_for_update = 3;
+        let straddling = MemoryPlan::estimate(&c, &m, 300, &[64]).unwrap();
+        assert!(
+            detail(&straddling).starts_with("2 rows × 364 tokens"),
+            "{}",
+            detail(&straddling)
+        );
+    }
+
     #[test]
     fn the_parts_follow_the_run_file() {
         let m = tiny();
