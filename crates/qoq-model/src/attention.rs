@@ -17,7 +17,8 @@
 //! Grouped-query attention reads key-value head `h / n_rep` for query head `h` (transformers'
 //! `repeat_kv`) without a per-head copy of the keys. The mask is causal (query `i` of `s` sees keys
 //! `j <= t - s + i`: the queries are the last `s` positions) and/or a key padding mask `(b, t)`,
-//! as [`crate::text::causal_padding_mask_with_past`]; a query with no visible key attends
+//! and in packed rows keeps each response to the prompt and itself ([`AttentionMask::segments`]),
+//! as [`crate::text::KeyMask`] builds it; a query with no visible key attends
 //! uniformly to all `t` keys and passes no gradient to `q`, `k` (the eager path's `finfo.min`
 //! fill, [`crate::text`]). On another device or dtype callers use the eager path
 //! ([`available`]).

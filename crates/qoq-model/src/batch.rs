@@ -38,23 +38,14 @@ pub fn batch_to_inputs(
     for i in 0..n {
         ids.extend_from_slice(&b.input_ids[i]);
         mask.extend_from_slice(&b.attention_mask[i]);
-        let mut max_pos = i64::MIN;
-        for a in 0..3 {
-            let src = &b.position_ids[a * n * s + i * s..a * n * s + (i + 1) * s];
-            pos[a * n * t + i * t..a * n * t + i * t + s].copy_from_slice(src);
-            for (k, &p) in src.iter().enumerate() {
-                if b.attention_mask[i][k] != 0 {
-                    max_pos = max_pos.max(p);
-                }
-            }
-        }
+        let next = place_positions(b, i, &mut pos, n * t, i * t);
         if r_len > 0 {
             let resp = responses[i];
             for j in 0..r_len {
                 ids.push(resp.get(j).copied().unwrap_or(pad));
                 mask.push(u32::from(j < resp.len()));
                 for a in 0..3 {
-                    pos[a * n * t + i * t + s + j] = max_pos.max(-1) + 1 + j as i64;
+                    pos[a * n * t + i * t + s + j] = next + j as i64;
                 }
             }
         }
@@ -66,6 +57,35 @@ pub fn batch_to_inputs(
     );
     attach_features(&mut m, b, dev)?;
     Ok(m)
+}
+
+/// Copies the position ids of row `i` of the collated batch `b` into `pos` (three axes of `axis`
+/// values each, a row's positions at `row · t + column`) from offset `at` of every axis, and
+/// returns the position a response after the prompt starts at: one past its largest real
+/// position on any axis (spec §5.5).
+fn place_positions(b: &ProcessedBatch, i: usize, pos: &mut [i64], axis: usize, at: usize) -> i64 {
+    let (n, s) = (b.batch_size(), b.seq_len());
+    let mut max_pos = i64::MIN;
+    for a in 0..3 {
+        let src = &b.position_ids[a * n * s + i * s..a * n * s + (i + 1) * s];
+        pos[a * axis + at..a * axis + at + s].copy_from_slice(src);
+        for (&p, &m) in src.iter().zip(&b.attention_mask[i]) {
+            if m != 0 {
+                max_pos = max_pos.max(p);
+            }
+        }
+    }
+    max_pos.max(-1) + 1
+}
+
+/// A sampled token as the forward is fed it: a sampled placeholder would be taken for a
+/// feature slot, so it is fed as `pad` (and left out of the loss mask, [`per_token`]).
+fn fed(token: u32, placeholders: &[u32], pad: u32) -> u32 {
+    if placeholders.contains(&token) {
+        pad
+    } else {
+        token
+    }
 }
 
 /// The image patches and ECGs of the collated batch `b` (one ECG per row) on `m`.
@@ -128,7 +148,7 @@ pub fn rollout_tensors(
         .map(|r| {
             r.token_ids
                 .iter()
-                .map(|t| if placeholders.contains(t) { pad } else { *t })
+                .map(|&t| fed(t, placeholders, pad))
                 .collect()
         })
         .collect();
@@ -260,28 +280,17 @@ pub fn rollout_tensors_packed(
         let at = p * t + extra[p];
         ids[at..at + s].copy_from_slice(&batch.input_ids[p]);
         mask[at..at + s].copy_from_slice(&batch.attention_mask[p]);
-        let mut max_pos = i64::MIN;
-        for a in 0..3 {
-            let src = &batch.position_ids[a * n * s + p * s..a * n * s + (p + 1) * s];
-            pos[a * n * t + at..a * n * t + at + s].copy_from_slice(src);
-            for (k, &v) in src.iter().enumerate() {
-                if batch.attention_mask[p][k] != 0 {
-                    max_pos = max_pos.max(v);
-                }
-            }
-        }
-        next[p] = max_pos.max(-1) + 1;
+        next[p] = place_positions(batch, p, &mut pos, n * t, at);
     }
     let mut gather = Vec::with_capacity(rollouts.len() * r_len);
     for ((&p, &k), r) in rows.iter().zip(&slot).zip(rollouts) {
         let start = p * t + extra[p] + s + k * r_len;
         for j in 0..r_len {
-            let tok = r.token_ids.get(j).copied().unwrap_or(pad);
-            ids[start + j] = if placeholders.contains(&tok) {
-                pad
-            } else {
-                tok
-            };
+            ids[start + j] = fed(
+                r.token_ids.get(j).copied().unwrap_or(pad),
+                placeholders,
+                pad,
+            );
             mask[start + j] = u32::from(j < r.token_ids.len());
             seg[start + j] = k as u32 + 1;
             for a in 0..3 {

@@ -369,12 +369,6 @@ impl KvCache {
     }
 }
 
-/// Attention mask `(b, 1, s, past + s)` as u8 for `s` new queries after `past` cached keys: query
-/// `i` may see key `j` when `j <= past + i` and key `j` is not padding.
-pub fn causal_padding_mask_with_past(key_mask: &Tensor, s: usize) -> Result<Tensor> {
-    KeyMask::new(key_mask.clone(), s).dense()
-}
-
 /// Which keys the queries of one forward see: the last `s` of `t` positions, causally, and not
 /// the padding keys of `key_keep: (b, t)` u8 (1 = real), nor, in packed rows, the keys of
 /// other responses ([`KeyMask::with_segments`]). The eager attention's dense `(b, 1, s, t)` form
