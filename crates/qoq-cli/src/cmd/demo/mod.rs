@@ -51,7 +51,7 @@ pub struct DemoArgs {
     /// Run directory (created; a previous demo's files there are replaced).
     #[arg(long, default_value = "runs/demo")]
     out: PathBuf,
-    /// The small preset: a smaller world and fewer steps (about 3 minutes on 2 cores).
+    /// The small preset: a smaller world and fewer steps (under 2 minutes on 2 cores).
     #[arg(long)]
     quick: bool,
     /// Seed of the world, the weights, the data order and the sampling.
