@@ -212,20 +212,6 @@ fn findings_are_visible_structures_with_exact_masks() {
     }
 }
 
-/// Width and height of the smallest box around a mask's pixels.
-fn mask_extent(m: &Mask) -> (usize, usize) {
-    let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0, 0);
-    for y in 0..m.height {
-        for x in 0..m.width {
-            if m.data[y * m.width + x] {
-                (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x), y1.max(y));
-            }
-        }
-    }
-    assert!(x0 <= x1, "empty mask");
-    (x1 - x0 + 1, y1 - y0 + 1)
-}
-
 #[test]
 fn mammography_masses_span_more_than_a_quarter_of_a_merged_token() {
     // At the demo's 56 pixels a merged vision token covers 28 x 28: a mass of 3-5 pixels could be
@@ -235,7 +221,11 @@ fn mammography_masses_span_more_than_a_quarter_of_a_merged_token() {
         for seed in 0..32 {
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
             let (_, mask) = render::mammography(&mut rng, s, class);
-            let (w, h) = mask_extent(&mask.expect("a mass has a mask"));
+            let [x0, y0, x1, y1] = mask
+                .expect("a mass has a mask")
+                .bbox()
+                .expect("a mass's mask has pixels");
+            let (w, h) = (x1 - x0 + 1, y1 - y0 + 1);
             for side in [w, h] {
                 assert!(
                     side * 100 >= 15 * s && side * 100 <= 40 * s,

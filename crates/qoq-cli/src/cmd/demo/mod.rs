@@ -224,7 +224,7 @@ struct Preset {
     /// were enlarged): nine-domain macro-F1 of SFT / GRPO / DRPO at seeds 0, 1, 2 62.0 / 60.5 /
     /// 61.3, 64.5 / 64.7 / 63.7, 64.3 / 62.7 / 67.7 against 64.2 / 61.6 / 59.0, 56.8 / 58.1 /
     /// 58.4, 57.7 / 59.2 / 60.1 with 1,000: the best model of every seed above 60 and every
-    /// domain above its prior (ultrasound at seed 1 was at it), for 500 steps (150-190 s on 2
+    /// domain above its prior (ultrasound at seed 1 was at it), for 500 steps (130-190 s on 2
     /// cores). RL made longer instead (128 and 192 steps from the 1,000-step SFT model, seed 1)
     /// lost macro-F1.
     sft_steps: u64,
