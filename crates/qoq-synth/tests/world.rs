@@ -237,6 +237,33 @@ fn mammography_masses_span_more_than_a_quarter_of_a_merged_token() {
 }
 
 #[test]
+fn fundus_findings_can_be_boxed_at_the_demo_resolution() {
+    // A box covers a finding only where its mask fills the box: retinopathy's mask is the lesion
+    // cluster's region (its dots alone filled about 5 % of their bounding box), glaucoma's the
+    // optic disc; both at least 20 % of the 56-pixel side across and filling at least 60 % of
+    // their bounding box.
+    let s = 56;
+    for class in [1, 2] {
+        for seed in 0..32 {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let (_, mask) = render::fundus(&mut rng, s, class);
+            let m = mask.expect("a finding has a mask");
+            let [x0, y0, x1, y1] = m.bbox().expect("a finding's mask has pixels");
+            let (w, h) = (x1 - x0 + 1, y1 - y0 + 1);
+            assert!(
+                w.min(h) * 100 >= 20 * s,
+                "class {class} seed {seed}: finding {w} x {h} pixels in {s}"
+            );
+            let fill = m.count() as f64 / (w * h) as f64;
+            assert!(
+                fill >= 0.6,
+                "class {class} seed {seed}: mask fills {fill:.2} of its box"
+            );
+        }
+    }
+}
+
+#[test]
 fn glaucoma_has_a_larger_cup_and_retinopathy_has_lesions() {
     // Brightest (cup) area in the disc region grows with glaucoma.
     let cup_area = |class| {
