@@ -288,8 +288,8 @@ pub fn dermoscopy<R: Rng>(rng: &mut R, s: usize, class: usize) -> Rendered {
 /// haemorrhages and hard exudates left of the disc; the mask is the cluster's region, so that a box
 /// can cover it: the union of the lesions alone fills about 5 % of its bounding box, which caps a
 /// box's IoU there), 2 "Glaucoma" (cup-to-disc ratio about 0.8; the mask is the optic disc). The
-/// disc is 22 % of the side across, so that at the demo's 56 pixels the cup's size is told by
-/// several pixels (a disc of 17 % left the glaucoma cup 7 pixels across against 3).
+/// disc is 22 % of the side across, so that at the demo's 56 pixels the glaucoma cup is 9-10
+/// pixels across against 3-5 (with a disc of 17 %: 7-8 against 2-4).
 pub fn fundus<R: Rng>(rng: &mut R, s: usize, class: usize) -> Rendered {
     let f = s as f32;
     let mut c = Canvas::new(s, s, 3, [0.0; 3]);
