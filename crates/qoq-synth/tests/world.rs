@@ -212,26 +212,35 @@ fn findings_are_visible_structures_with_exact_masks() {
     }
 }
 
+/// The findings of classes 1 and 2 of `render` at the demo's 56 pixels, seeds 0 to 31: `(class,
+/// seed, mask pixels, box width, box height)`.
+fn demo_findings(
+    render: fn(&mut ChaCha8Rng, usize, usize) -> render::Rendered,
+) -> Vec<(usize, u64, usize, usize, usize)> {
+    let s = 56;
+    let mut out = Vec::new();
+    for class in [1, 2] {
+        for seed in 0..32 {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let (_, mask) = render(&mut rng, s, class);
+            let m = mask.unwrap_or_else(|| panic!("class {class} seed {seed}: no mask"));
+            let [x0, y0, x1, y1] = m.bbox().expect("a finding's mask has pixels");
+            out.push((class, seed, m.count(), x1 - x0 + 1, y1 - y0 + 1));
+        }
+    }
+    out
+}
+
 #[test]
 fn mammography_masses_span_more_than_a_quarter_of_a_merged_token() {
     // At the demo's 56 pixels a merged vision token covers 28 x 28: a mass of 3-5 pixels could be
     // classified but not boxed. Both masses are at least 15 % of the side across, at most 40 %.
-    let s = 56;
-    for class in [1, 2] {
-        for seed in 0..32 {
-            let mut rng = ChaCha8Rng::seed_from_u64(seed);
-            let (_, mask) = render::mammography(&mut rng, s, class);
-            let [x0, y0, x1, y1] = mask
-                .expect("a mass has a mask")
-                .bbox()
-                .expect("a mass's mask has pixels");
-            let (w, h) = (x1 - x0 + 1, y1 - y0 + 1);
-            for side in [w, h] {
-                assert!(
-                    side * 100 >= 15 * s && side * 100 <= 40 * s,
-                    "class {class} seed {seed}: mass {w} x {h} pixels in {s}"
-                );
-            }
+    for (class, seed, _, w, h) in demo_findings(render::mammography) {
+        for side in [w, h] {
+            assert!(
+                side * 100 >= 15 * 56 && side * 100 <= 40 * 56,
+                "class {class} seed {seed}: mass {w} x {h} pixels in 56"
+            );
         }
     }
 }
@@ -242,24 +251,16 @@ fn fundus_findings_can_be_boxed_at_the_demo_resolution() {
     // cluster's region (its dots alone filled about 5 % of their bounding box), glaucoma's the
     // optic disc; both at least 20 % of the 56-pixel side across and filling at least 60 % of
     // their bounding box.
-    let s = 56;
-    for class in [1, 2] {
-        for seed in 0..32 {
-            let mut rng = ChaCha8Rng::seed_from_u64(seed);
-            let (_, mask) = render::fundus(&mut rng, s, class);
-            let m = mask.expect("a finding has a mask");
-            let [x0, y0, x1, y1] = m.bbox().expect("a finding's mask has pixels");
-            let (w, h) = (x1 - x0 + 1, y1 - y0 + 1);
-            assert!(
-                w.min(h) * 100 >= 20 * s,
-                "class {class} seed {seed}: finding {w} x {h} pixels in {s}"
-            );
-            let fill = m.count() as f64 / (w * h) as f64;
-            assert!(
-                fill >= 0.6,
-                "class {class} seed {seed}: mask fills {fill:.2} of its box"
-            );
-        }
+    for (class, seed, pixels, w, h) in demo_findings(render::fundus) {
+        assert!(
+            w.min(h) * 100 >= 20 * 56,
+            "class {class} seed {seed}: finding {w} x {h} pixels in 56"
+        );
+        let fill = pixels as f64 / (w * h) as f64;
+        assert!(
+            fill >= 0.6,
+            "class {class} seed {seed}: mask fills {fill:.2} of its box"
+        );
     }
 }
 
