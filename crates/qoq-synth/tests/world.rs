@@ -212,17 +212,19 @@ fn findings_are_visible_structures_with_exact_masks() {
     }
 }
 
-/// The findings of classes 1 and 2 of `render` at the demo's 56 pixels, seeds 0 to 31: `(class,
+/// Side of the demo's images, in pixels.
+const DEMO_SIDE: usize = 56;
+
+/// The findings of classes 1 and 2 of `render` at [`DEMO_SIDE`] pixels, seeds 0 to 31: `(class,
 /// seed, mask pixels, box width, box height)`.
 fn demo_findings(
     render: fn(&mut ChaCha8Rng, usize, usize) -> render::Rendered,
 ) -> Vec<(usize, u64, usize, usize, usize)> {
-    let s = 56;
     let mut out = Vec::new();
     for class in [1, 2] {
         for seed in 0..32 {
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
-            let (_, mask) = render(&mut rng, s, class);
+            let (_, mask) = render(&mut rng, DEMO_SIDE, class);
             let m = mask.unwrap_or_else(|| panic!("class {class} seed {seed}: no mask"));
             let [x0, y0, x1, y1] = m.bbox().expect("a finding's mask has pixels");
             out.push((class, seed, m.count(), x1 - x0 + 1, y1 - y0 + 1));
@@ -238,8 +240,8 @@ fn mammography_masses_span_more_than_a_quarter_of_a_merged_token() {
     for (class, seed, _, w, h) in demo_findings(render::mammography) {
         for side in [w, h] {
             assert!(
-                side * 100 >= 15 * 56 && side * 100 <= 40 * 56,
-                "class {class} seed {seed}: mass {w} x {h} pixels in 56"
+                side * 100 >= 15 * DEMO_SIDE && side * 100 <= 40 * DEMO_SIDE,
+                "class {class} seed {seed}: mass {w} x {h} pixels in {DEMO_SIDE}"
             );
         }
     }
@@ -253,8 +255,8 @@ fn fundus_findings_can_be_boxed_at_the_demo_resolution() {
     // their bounding box.
     for (class, seed, pixels, w, h) in demo_findings(render::fundus) {
         assert!(
-            w.min(h) * 100 >= 20 * 56,
-            "class {class} seed {seed}: finding {w} x {h} pixels in 56"
+            w.min(h) * 100 >= 20 * DEMO_SIDE,
+            "class {class} seed {seed}: finding {w} x {h} pixels in {DEMO_SIDE}"
         );
         let fill = pixels as f64 / (w * h) as f64;
         assert!(
